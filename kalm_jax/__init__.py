@@ -1,3 +1,19 @@
-"""kalm-jax: a JAX/Flax reimplementation of the KaLM-Reranker-V1 passage reranker."""
+"""kalm-jax: a JAX/Flax reimplementation of the KaLM-Reranker-V1 passage reranker.
+
+Model code (`config`, `layers`, `model`, `mep`, `scoring`, `hf`) imports nothing from training, data or
+evaluation. Submodules are imported lazily so `import kalm_jax` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = {"config", "layers", "model", "mep", "scoring", "hf", "prompts", "tokenizer"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kalm_jax.{name}")
+    raise AttributeError(f"module 'kalm_jax' has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""Matryoshka Embedding Pooling: mask-aware means of consecutive r-token windows, and exact re-pooling.
+
+`pool` follows the released `pool_encoder_chunks`: windows aligned at position 0, ceil(n/r) of them, the
+last partial window averaged over its valid tokens, windows without valid tokens masked out. It also
+returns the per-window token counts, which make `repool` exact: a cache at ratio r serves every k·r.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_ratio(ratio) -> int:
+    if isinstance(ratio, bool) or not isinstance(ratio, int):
+        try:
+            as_int = int(ratio)
+        except (TypeError, ValueError):
+            raise ValueError(f"pooling ratio must be a positive integer, got {ratio!r}") from None
+        if as_int != ratio:
+            raise ValueError(f"pooling ratio must be a positive integer, got {ratio!r}")
+        ratio = as_int
+    if ratio < 1:
+        raise ValueError(f"pooling ratio must be >= 1, got {ratio}")
+    return ratio
+
+
+def _windows(x: jax.Array, r: int) -> jax.Array:
+    """[B, N, ...] -> [B, ceil(N/r), r, ...], right-padded with zeros."""
+    b, n = x.shape[:2]
+    c = -(-n // r)
+    pad = [(0, 0), (0, c * r - n)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, pad).reshape(b, c, r, *x.shape[2:])
+
+
+def pool(states: jax.Array, mask: jax.Array, ratio: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mask-aware mean of consecutive `ratio`-token windows.
+
+    Args:
+      states: [B, N, H] encoder states (final norm applied).
+      mask: [B, N] 0/1 token mask (right padded).
+      ratio: window size r >= 1.
+    Returns:
+      pooled [B, ceil(N/r), H] (dtype of `states`; sums in fp32), pooled_mask [B, C] int32 (1 where the
+      window has a valid token), counts [B, C] int32 (valid tokens per window).
+    """
+    r = _check_ratio(ratio)
+    if states.ndim != 3 or mask.shape != states.shape[:2]:
+        raise ValueError(f"pool expects states [B, N, H] and mask [B, N]; got {states.shape} and {mask.shape}")
+    m = _windows(jnp.asarray(mask, jnp.int32), r)
+    h = _windows(jnp.asarray(states).astype(jnp.float32), r)
+    counts = m.sum(axis=2)
+    sums = jnp.einsum("bcr,bcrh->bch", m.astype(jnp.float32), h)
+    pooled = sums / jnp.maximum(counts, 1)[..., None].astype(jnp.float32)
+    return pooled.astype(states.dtype), (counts > 0).astype(jnp.int32), counts.astype(jnp.int32)
+
+
+def repool(pooled: jax.Array, counts: jax.Array, factor: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Turns states pooled at ratio r into ratio factor·r exactly (count-weighted mean of `factor` windows).
+
+    Args:
+      pooled: [B, C, H] pooled states at ratio r.
+      counts: [B, C] valid-token counts per window (from `pool` or an earlier `repool`).
+      factor: k >= 1.
+    Returns:
+      pooled [B, ceil(C/k), H], pooled_mask [B, ceil(C/k)] int32, counts [B, ceil(C/k)] int32.
+    """
+    k = _check_ratio(factor)
+    if pooled.ndim != 3 or counts.shape != pooled.shape[:2]:
+        raise ValueError(f"repool expects pooled [B, C, H] and counts [B, C]; got {pooled.shape}, {counts.shape}")
+    c = _windows(jnp.asarray(counts, jnp.int32), k)
+    h = _windows(jnp.asarray(pooled).astype(jnp.float32), k)
+    total = c.sum(axis=2)
+    sums = jnp.einsum("bck,bckh->bch", c.astype(jnp.float32), h)
+    out = sums / jnp.maximum(total, 1)[..., None].astype(jnp.float32)
+    return out.astype(pooled.dtype), (total > 0).astype(jnp.int32), total.astype(jnp.int32)
+
+
+__all__ = ["pool", "repool"]

@@ -1,0 +1,71 @@
+"""MEP pooling against a straightforward loop reference, and exact re-pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kalm_jax import mep
+
+
+def _loop_reference(states, mask, r):
+    b, n, h = states.shape
+    c = -(-n // r)
+    out = np.zeros((b, c, h)); omask = np.zeros((b, c), int); counts = np.zeros((b, c), int)
+    for i in range(b):
+        for j in range(c):
+            rows = [t for t in range(j * r, min(n, (j + 1) * r)) if mask[i, t]]
+            counts[i, j] = len(rows)
+            if rows:
+                out[i, j] = states[i, rows].mean(0)
+                omask[i, j] = 1
+    return out, omask, counts
+
+
+def _ragged(seed, b=5, n=37, h=8):
+    rng = np.random.default_rng(seed)
+    states = rng.normal(size=(b, n, h)).astype(np.float32)
+    lengths = rng.integers(1, n + 1, b)
+    lengths[0] = n
+    mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
+    return states, mask
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 8, 32])
+def test_pool_matches_loop_reference(r):
+    states, mask = _ragged(r)
+    pooled, pmask, counts = mep.pool(states, mask, r)
+    ref, ref_mask, ref_counts = _loop_reference(states, mask, r)
+    assert pooled.shape == (5, -(-37 // r), 8)
+    np.testing.assert_allclose(np.asarray(pooled), ref, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pmask), ref_mask)
+    np.testing.assert_array_equal(np.asarray(counts), ref_counts)
+
+
+@pytest.mark.parametrize("r,k", [(1, 2), (1, 4), (2, 2), (2, 4), (4, 8), (3, 3), (1, 32)])
+def test_repool_equals_direct_pool(r, k):
+    states, mask = _ragged(10 * r + k)
+    pooled, _, counts = mep.pool(states, mask, r)
+    coarse, cmask, ccounts = mep.repool(pooled, counts, k)
+    direct, dmask, dcounts = mep.pool(states, mask, k * r)
+    assert coarse.shape == direct.shape
+    np.testing.assert_allclose(np.asarray(coarse), np.asarray(direct), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cmask), np.asarray(dmask))
+    np.testing.assert_array_equal(np.asarray(ccounts), np.asarray(dcounts))
+
+
+def test_repool_chains():
+    states, mask = _ragged(3)
+    p2, _, c2 = mep.pool(states, mask, 2)
+    p4, _, c4 = mep.repool(p2, c2, 2)
+    p16, m16, c16 = mep.repool(p4, c4, 4)
+    d16, dm16, dc16 = mep.pool(states, mask, 16)
+    np.testing.assert_allclose(np.asarray(p16), np.asarray(d16), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c16), np.asarray(dc16))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "4x", None])
+def test_bad_ratio_is_a_clear_error(bad):
+    states, mask = _ragged(0)
+    with pytest.raises(ValueError, match="ratio"):
+        mep.pool(states, mask, bad)
