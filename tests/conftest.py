@@ -27,3 +27,10 @@ def scifact_texts(data_dir) -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer(scifact_texts, tmp_path_factory) -> Tokenizer:
     return Tokenizer.train(scifact_texts, tmp_path_factory.mktemp("spm"), vocab_size=4000)
+
+
+@pytest.fixture(scope="session")
+def scifact_index(data_dir):
+    from kalm_jax.data.bm25 import BM25Index
+
+    return BM25Index.build(load_corpus(data_dir / "scifact" / "corpus.jsonl.gz"), show_progress=False)
