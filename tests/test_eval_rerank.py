@@ -1,16 +1,15 @@
-"""rerank: ids stay aligned (oracle scorer reaches the ideal nDCG) and cached scores equal scores from text."""
+"""rerank: ids stay aligned through batching, lookup and cascades (an oracle scorer reaches the ideal nDCG).
+
+Scores through the store vs from text: tests/test_eval_store.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kalm_jax import prompts, scoring
-from kalm_jax.config import get_preset
 from kalm_jax.data.beir import load_beir
 from kalm_jax.data.trec import read_run
 from kalm_jax.evaluation import metrics, rerank
-from kalm_jax.model import init_model
 from kalm_jax.passage_states import PassageStates
 
 
@@ -78,27 +77,3 @@ def test_top_k_and_unknown_docs(dl19, tokenizer):
     bad = {q: {**run[q], "no-such-doc": 99.0} for q in rows}
     with pytest.raises(KeyError, match="no-such-doc"):
         rerank.rerank(OracleMargins(ds.qrels, rows, docs), rows, bad, source, 1, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return init_model(get_preset("tiny"), seed=3)
-
-
-def test_cached_scores_equal_scores_from_text(data_dir, tokenizer, tiny_model):
-    """rerank_run over stored ratio-1 states (re-pooled to r, sharded over 8 devices) == encode+score from text."""
-    ds = load_beir(data_dir / "scifact", "test")
-    queries = dict(list(ds.queries.items())[:3])
-    docs = list(ds.corpus)[:12]
-    run = {q: {d: float(-i) for i, d in enumerate(docs)} for q in queries}
-    ids, mask = prompts.tokenize_documents(tokenizer, [ds.passage(d) for d in docs], 96)
-    st, pm, cn = scoring.encode_passages(tiny_model, ids, mask, 1)
-    cache = PassageStates(st, pm.astype(np.int8), cn, 1, docs)
-    for ratio in (1, 4):
-        got = rerank.rerank_run(tiny_model, tokenizer, queries, run, cache, ratio, batch_pairs=16)
-        s, m, _ = scoring.encode_passages(tiny_model, ids, mask, ratio)
-        for q, text in queries.items():
-            dec, dmask = prompts.tokenize_decoder_prompts(tokenizer, [text] * len(docs))
-            direct = scoring.score(tiny_model, dec, dmask, s, m, tokenizer.yes_id, tokenizer.no_id)
-            np.testing.assert_allclose([got[q][d] for d in docs], direct, atol=5e-5, rtol=0)
-            assert np.ptp(direct) > 1e-3  # the random model does tell passages apart

@@ -187,11 +187,11 @@ def read_results(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def _append(output_dir: Path, row: Mapping[str, Any]) -> None:
     path = output_dir / RESULTS
     with open(path, "a+b") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell():  # after a torn write, start on a fresh line
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):  # a torn, unparseable last line from a kill: drop it
+            f.truncate(data.rfind(b"\n") + 1)
+            log.warning("%s: removed a torn last line left by an interrupted write", path)
         f.write((json.dumps(row, sort_keys=True) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
