@@ -111,6 +111,18 @@ def _to_hf(name: str, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return t
 
 
+def hf_shape(name: str, ours: Sequence[int]) -> tuple[int, ...]:
+    """PyTorch shape of one layer's parameter `name` whose (unstacked) NNX shape is `ours`."""
+    ours = tuple(int(x) for x in ours)
+    if name in ("q", "k", "v") and len(ours) == 3:
+        return (ours[1] * ours[2], ours[0])
+    if name == "o" and len(ours) == 3:
+        return (ours[2], ours[0] * ours[1])
+    if name in ("gate", "up", "down"):
+        return ours[::-1]
+    return ours
+
+
 def canonical_name(name: str) -> str:
     """Maps in-memory transformers names (`model.encoder.text_model.*`) to the Hub layout."""
     return name.replace("model.encoder.text_model.", "model.encoder.", 1)
@@ -673,4 +685,4 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 __all__ = ["load", "save", "read_config", "tensor_specs", "check_tensors", "export_problems", "hf_tensor",
            "iter_hf_tensors", "SafetensorsDir", "TensorSpec", "read_safetensors_header", "find_tokenizer_files",
-           "parse_size", "LAYER_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES", "TOKENIZER_FILES"]
+           "parse_size", "hf_shape", "LAYER_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES", "TOKENIZER_FILES"]
