@@ -443,7 +443,7 @@ def _write_safetensors(path: Path, entries: Sequence[_Entry], bar) -> None:
                 if data.nbytes != e.nbytes or tuple(data.shape) != e.shape:
                     raise RuntimeError(f"{e.name}: produced shape {data.shape} ({data.nbytes} bytes), "
                                        f"planned {e.shape} ({e.nbytes} bytes)")
-                if data.dtype.kind == "f" and not np.isfinite(data.astype(np.float32, copy=False)).all():
+                if e.st_dtype in ("F32", "BF16", "F16", "F64") and not np.isfinite(data.astype(np.float32, copy=False)).all():
                     raise ValueError(f"tensor {e.name} holds non-finite values (NaN/inf); refusing to export it")
                 data.tofile(f)
             else:
