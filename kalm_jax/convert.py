@@ -47,7 +47,8 @@ def to_hf(args) -> int:
         found = hf.find_tokenizer_files(*_tokenizer_dirs(src))
         tokenizer = next(iter(found.values())).parent if found else None
     out = hf.save(model, model.config, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                  tokenizer=tokenizer, overwrite=args.overwrite, vision_from=args.vision_from, progress=True)
+                  tokenizer=tokenizer, overwrite=args.overwrite,
+                  vision_from=False if args.text_only else args.vision_from, progress=True)
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out}: {', '.join(files)}")
     return 0
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--vision-from", default=None,
                    help="HF directory whose vision tower/projector tensors are carried (default: the source "
                         "recorded at import)")
+    a.add_argument("--text-only", action="store_true",
+                   help="export without vision tower/projector tensors even if the source had them")
     a.add_argument("--overwrite", action="store_true")
     a.set_defaults(func=to_hf)
     b = sub.add_parser("from-hf", help="HF directory -> kalm-jax model checkpoint (Orbax)")

@@ -529,7 +529,7 @@ def _vision_config(source: Path) -> dict | None:
 
 def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike, *, dtype="bfloat16",
          max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES, tokenizer=None, overwrite: bool = False,
-         vision_from: str | os.PathLike | None = None, merge_lora: bool = True,
+         vision_from: str | os.PathLike | bool | None = None, merge_lora: bool = True,
          progress: bool | None = None) -> Path:
     """Writes `model` as a Hugging Face `t5gemma2` checkpoint that `T5Gemma2ForConditionalGeneration` loads.
 
@@ -551,8 +551,8 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
         files; None copies the tokenizer files found beside the model's HF source, if any.
       vision_from: HF directory whose vision-tower/projector tensors (and `vision_config`) are carried
         byte-for-byte; None uses the tensors recorded at import (`model.hf_passthrough` from
-        `model.hf_source`). A model without them is exported text-only (transformers then initialises
-        its unused vision tower randomly, with a warning).
+        `model.hf_source`); False exports text only. A text-only checkpoint loads in transformers, which
+        then initialises the unused vision tower randomly (with a warning); text outputs are unaffected.
       progress: per-tensor progress bar (default: for exports over 1 GiB).
     Returns:
       The output directory.
@@ -579,8 +579,12 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
     hf_config = cfg.to_hf()
     ModelConfig.from_hf(hf_config, source="the config.json to be written")  # must read back
 
-    source = Path(vision_from) if vision_from is not None else (
-        Path(model.hf_source) if getattr(model, "hf_source", None) else None)
+    if vision_from is False:
+        source = None
+    elif vision_from is not None:
+        source = Path(vision_from)
+    else:
+        source = Path(model.hf_source) if getattr(model, "hf_source", None) else None
     passthrough: list[str] = []
     st_src = None
     if source is not None:
@@ -595,7 +599,8 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
             passthrough = list(model.hf_passthrough)
             if not source.is_dir():
                 raise FileNotFoundError(f"{source}: the HF checkpoint this model was imported from is gone, so its "
-                                        f"{len(passthrough)} vision tensors cannot be carried; pass vision_from=")
+                                        f"{len(passthrough)} vision tensors cannot be carried; pass vision_from= "
+                                        f"(--vision-from) another copy, or vision_from=False (--text-only)")
             st_src = SafetensorsDir(source)
             missing = [n for n in passthrough if n not in st_src.files]
             if missing:

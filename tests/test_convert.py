@@ -253,6 +253,9 @@ def test_hf_with_vision_through_orbax_and_back_is_bit_exact(tiny_hf, tmp_path):
     assert convert.main(["from-hf", str(src), str(tmp_path / "ckpt")]) == 0
     assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     _assert_bit_exact(src, tmp_path / "hf")
+    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "text"), "--text-only"]) == 0
+    names = set(_raw(tmp_path / "text"))
+    assert names == {s.hf_name for s in hf.tensor_specs(hf.read_config(src))}
 
 
 # ---------------------------------------------------------------------- inspect, bad input, interruption
