@@ -232,6 +232,12 @@ class Tokenizer:
             out.append(self.sp.decode(run))
         return "".join(out)
 
+    def __getstate__(self) -> dict:
+        return {"model_proto": self._proto_bytes, "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"], path=state["path"])
+
     def __repr__(self) -> str:
         return f"Tokenizer(path={self.path}, vocab_size={self.vocab_size}, special={self._special})"
 
