@@ -335,3 +335,27 @@ def test_interrupted_write_leaves_no_complete_looking_directory(monkeypatch, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with pytest.raises(FileExistsError, match="overwrite"):
         hf.save(model, None, first)
+
+
+@pytest.mark.slow
+def test_train_py_checkpoint_to_hf_and_back(data_dir, tmp_path):
+    """A real `train.py` run (one step) -> to-hf -> from-hf gives the trained parameters bit for bit."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    env = dict(os.environ, KALM_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'train.py'}:tiny",
+                    f"--workdir={workdir}", "--config.total_steps=1", "--config.checkpoint.every=1",
+                    "--config.eval.num_queries=2", "--config.log_every=1"],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
+    assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    _, trained = checkpointing.load_any(workdir)
+    _, back = checkpointing.load_model(tmp_path / "back")
+    if trained.has_lora:
+        trained.merge_lora()
+    a, b = checkpointing.param_tree(trained), checkpointing.param_tree(back)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(y), np.asarray(x)), a, b)
