@@ -129,6 +129,8 @@ class Reranker:
           **kwargs: the other `Reranker` arguments (batch_size, instruction, devices, show_progress, ...).
         """
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: checkpoint path does not exist")
         if dtype is None or str(dtype) in ("float16", "fp16", "half"):
             raise ValueError(f"dtype={dtype!r}: use 'bfloat16' or 'float32' (fp16 gives non-finite logits)")
         parse_dtype(dtype)
