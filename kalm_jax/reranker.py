@@ -13,7 +13,7 @@ limit 1024 tokens (``<Document>: `` prefix included), batch 32, bf16, the defaul
 
 Throughput: documents are tokenized, sorted by length and batched longest first; every batch is padded to
 shape buckets (batch: powers of two / multiples of 64, rounded to the device count; length: multiples of
-128; windows: multiples of 16) so calls reuse compiled programs; a device out-of-memory error retries the
+128; decoder prompt: multiples of 32; windows: multiples of 16) so calls reuse compiled programs; a device out-of-memory error retries the
 batch at 3/4 of its size; with several local devices each batch is sharded over a 1-D ``data`` mesh with
 the weights replicated.
 """
@@ -44,6 +44,7 @@ DEFAULT_RATIO = 4
 DEFAULT_BATCH_SIZE = 32
 LENGTH_MULTIPLE = 128
 WINDOW_MULTIPLE = 16
+DECODER_MULTIPLE = 32
 PROGRESS_MIN_ITEMS = 256
 """With ``show_progress=None`` a progress bar appears for lists at least this long."""
 
@@ -344,7 +345,7 @@ class Reranker:
             pmask[b:, 0] = 1  # padding rows attend to one (zero) window and are dropped
             dec, dmask = prompts.pad_batch([prompt_ids[i] for i in prompt_of[pairs]] +
                                            [[self.tokenizer.pad_id]] * (rows - b),
-                                           self.tokenizer.pad_id, pad_to_multiple_of=8)
+                                           self.tokenizer.pad_id, pad_to_multiple_of=DECODER_MULTIPLE)
             args = self._put(dec, dmask, states, pmask)
             margins = scoring.score_pairs(self._graphdef, self._state, *args, yes_no)
             out[pairs] = np.asarray(margins[:b], np.float32)
