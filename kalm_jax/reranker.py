@@ -12,9 +12,9 @@ Defaults follow the released KaLM code (research/paper.md §6): ratio 4, query l
 limit 1024 tokens (``<Document>: `` prefix included), batch 32, bf16, the default task instruction.
 
 Throughput: documents are tokenized, sorted by length and batched longest first; every batch is padded to
-shape buckets (batch: powers of two / multiples of 64, rounded to the device count; length: multiples of
-128; decoder prompt: multiples of 32; windows: multiples of 16) so calls reuse compiled programs; a device out-of-memory error retries the
-batch at 3/4 of its size; with several local devices each batch is sharded over a 1-D ``data`` mesh with
+shape buckets (batch: powers of two / multiples of 64, rounded to the device count; document length:
+multiples of 128; decoder prompt: multiples of 32; windows: multiples of 16) so calls reuse compiled
+programs; a device out-of-memory error retries the batch at 3/4 of its size; with several local devices each batch is sharded over a 1-D ``data`` mesh with
 the weights replicated.
 """
 
@@ -280,7 +280,8 @@ class Reranker:
             mask[rows, :w] = pmask
             counts[rows, :w] = cnt
 
-        self._run_batches(len(texts), self.batch_size if batch_size is None else batch_size, run, "encoding passages", show_progress)
+        self._run_batches(len(texts), self.batch_size if batch_size is None else batch_size, run,
+                          "encoding passages", show_progress)
         out = PassageStates(states, mask, counts, ratio, ids, meta=self.passage_meta)
         return out.to_storage(storage)
 
@@ -438,7 +439,8 @@ class Reranker:
 
     def __repr__(self) -> str:
         c = self.model.config
-        return (f"Reranker(hidden={c.hidden_size}, layers={c.num_encoder_layers}+{c.num_decoder_layers}, dtype={jnp.dtype(self.model.dtype)}, "
+        return (f"Reranker(hidden={c.hidden_size}, layers={c.num_encoder_layers}+{c.num_decoder_layers}, "
+                f"dtype={jnp.dtype(self.model.dtype)}, "
                 f"ratio={self.ratio}, max_query_tokens={self.max_query_tokens}, "
                 f"max_document_tokens={self.max_document_tokens}, batch_size={self.batch_size}, "
                 f"devices={len(self.devices)})")

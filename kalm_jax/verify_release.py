@@ -56,6 +56,8 @@ HIDDEN_TO_VARIANT = {640: "nano", 1152: "small", 2560: "large"}
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One (case, document) comparison; passes when |margin - ref_margin| <= tolerance."""
+
     case: str
     document: str
     ref_score: float

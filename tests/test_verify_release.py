@@ -34,7 +34,8 @@ def table(margins, scale=1.0):
     """A reference table in the published shape: margins for the default case, P(yes) only for the other."""
     m0 = tuple(x * scale for x in margins[None])
     p1 = tuple(float(1 / (1 + np.exp(-x * scale))) for x in margins[WEB_INSTRUCTION])
-    return {"tiny": (Reference("default instruction", None, tuple(float(1 / (1 + np.exp(-x))) for x in m0), m0, "torch"),
+    p0 = tuple(float(1 / (1 + np.exp(-x))) for x in m0)
+    return {"tiny": (Reference("default instruction", None, p0, m0, "torch"),
                      Reference("web-search instruction", WEB_INSTRUCTION, p1, None, "torch"))}
 
 
