@@ -68,9 +68,35 @@ def decoder_masks(dec_mask: jax.Array, enc_mask: jax.Array, window: int) -> tupl
     return jnp.concatenate([causal, cross], axis=-1), jnp.concatenate([sliding, cross], axis=-1)
 
 
+# Attention kernel used when the program is lowered for TPU: "flash" (Pallas TPU kernel,
+# kalm_jax/tpu_attention.py) or "xla" (the einsum path below, as on CPU and GPU).
+TPU_ATTENTION_IMPL = "flash"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
               softcap: float | None = None) -> jax.Array:
-    """Grouped-query softmax attention.
+    """Grouped-query softmax attention, q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D].
+
+    Selected by the platform the program is lowered for (`jax.lax.platform_dependent`, so an AOT
+    lowering for a TPU topology on a CPU host takes the TPU branch): the Pallas TPU flash kernel on TPU
+    (when `TPU_ATTENTION_IMPL == "flash"` and there is no logit soft-cap), `xla_attention` elsewhere.
+    """
+    if TPU_ATTENTION_IMPL == "flash" and softcap is None:
+        from kalm_jax import tpu_attention
+
+        def tpu(q, k, v, mask):
+            return tpu_attention.flash_attention(q, k, v, mask, scale)
+
+        def default(q, k, v, mask):
+            return xla_attention(q, k, v, mask, scale)
+
+        return jax.lax.platform_dependent(q, k, v, mask, tpu=tpu, default=default)
+    return xla_attention(q, k, v, mask, scale, softcap)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                  softcap: float | None = None) -> jax.Array:
+    """Grouped-query softmax attention in plain XLA (einsums).
 
     q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D]. Scores and softmax in fp32.
     Fully masked rows give a uniform average (as HF's additive finfo.min mask does).
