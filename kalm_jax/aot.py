@@ -354,12 +354,18 @@ def lower_proxy_train(preset: str, mesh, rules, w: Workload, *, remat: bool = Tr
     tx = optax.adamw(1e-5, weight_decay=0.01)
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    # Optimizer leaves (Adam moments) take the sharding of the parameter whose path ends theirs;
+    # anything else (the step count) is replicated.
+    by_path = {jax.tree_util.keystr(k): v.sharding for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     replicated = NamedSharding(mesh, P())
-    opt_shardings = jax.tree.map(  # moments follow their parameter; scalars (step count) are replicated
-        lambda sh: sh if isinstance(sh, NamedSharding) else replicated,
-        jax.jit(tx.init).lower(params).compile().output_shardings)
-    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             jax.eval_shape(tx.init, params), opt_shardings)
+
+    def opt_leaf(path, leaf):
+        key = jax.tree_util.keystr(path)
+        sharding = next((sh for pk, sh in by_path.items() if key.endswith(pk)), replicated)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    opt_state = jax.tree_util.tree_map_with_path(opt_leaf, jax.eval_shape(tx.init, params))
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
     n = w.batch_queries * w.group_size
     batch = {
         "passage_ids": batch_input((n, w.passage_len), jnp.int32, mesh, rules),
