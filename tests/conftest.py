@@ -1,4 +1,5 @@
-"""Shared fixtures: the dataset directory and tiny PyTorch reference checkpoints."""
+"""Shared fixtures: the BEIR data directory, a SentencePiece model trained on scifact, and tiny PyTorch
+reference checkpoints."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kalm_jax.data.beir import load_corpus, passage_text  # noqa: E402
+from kalm_jax.tokenizer import Tokenizer  # noqa: E402
+
 
 def _default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -24,6 +28,25 @@ def data_dir() -> Path:
     if not (path / "scifact").is_dir():
         raise RuntimeError(f"dataset directory {path} has no scifact/; set KALM_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def scifact_texts(data_dir) -> list[str]:
+    corpus = load_corpus(data_dir / "scifact" / "corpus.jsonl.gz")
+    return [passage_text(d) for d in list(corpus.values())[:3000]]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(scifact_texts, tmp_path_factory) -> Tokenizer:
+    """A SentencePiece model (vocab 4000, Gemma special-id layout) trained on 3000 scifact passages."""
+    return Tokenizer.train(scifact_texts, tmp_path_factory.mktemp("spm"), vocab_size=4000)
+
+
+@pytest.fixture(scope="session")
+def scifact_index(data_dir):
+    from kalm_jax.data.bm25 import BM25Index
+
+    return BM25Index.build(load_corpus(data_dir / "scifact" / "corpus.jsonl.gz"), show_progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""Training configs: `--config=configs/train.py:<name>`.
+
+Model-size presets: tiny (CPU demo, from scratch), nano / small / large (T5Gemma 2 shapes; fine-tune
+released checkpoints with `--config.init_from=DIR`). KaLM pipeline stages, optionally with a size:
+`stage1` (general reranking, no instruction), `stage2` (task instructions), `stage3` (distillation from
+teacher scores written by `python -m kalm_jax.training.label`), e.g. `configs/train.py:stage2,small`.
+"""
+
+from kalm_jax.training.config import default_config
+
+SIZES = ("tiny", "nano", "small", "large")
+STAGES = ("stage1", "stage2", "stage3")
+
+
+def _size(c, size):
+    c.model.preset = size
+    if size == "tiny":
+        # From scratch on CPU in a few minutes: small groups and lengths, a tokenizer trained on the data.
+        c.total_steps = 300
+        c.data.batch_size = 8
+        c.data.group_size = 8
+        c.data.passage_max_tokens = 128
+        c.data.query_max_tokens = 32
+        c.mep.ratios = (1, 4, 16)
+        c.optimizer.lr = 1e-3
+        c.optimizer.warmup_steps = 30
+        c.optimizer.weight_decay = 0.0
+        c.tokenizer_vocab_size = 8000
+        c.checkpoint.every = 100
+        c.eval.every = 150
+        c.eval.num_queries = 100
+        c.eval.depth = 20
+        c.log_every = 25
+        return
+    # Paper recipe (research/paper.md §3.4): LoRA r=96 alpha=48 on q/k/v/o, lr 2e-4, global batch 128 of
+    # groups of 16, query 128 / passage 512 tokens, bf16 compute with fp32 master weights.
+    c.lora.enabled = True
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = size != "nano"
+    c.data.batch_size = 128
+    c.data.group_size = 16
+    c.data.passage_max_tokens = 512
+    c.data.query_max_tokens = 128
+    c.data.decoder_length = 192  # fixed for AOT compilation; prompt overhead + 128 query tokens fits
+    c.optimizer.lr = 2e-4
+    c.optimizer.warmup_steps = 100
+    c.total_steps = 10_000
+    c.checkpoint.every = 500
+    c.eval.every = 500
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    if size == "large":
+        c.mesh.tensor = 4
+
+
+def _stage(c, stage):
+    if stage == "stage1":
+        c.data.instruction = ""          # no <Instruct> line
+        c.data.use_example_prompt = False
+    elif stage == "stage2":
+        c.data.instruction = "default"   # per-example `prompt` fields win
+        c.data.use_example_prompt = True
+    elif stage == "stage3":
+        c.data.instruction = "default"
+        c.loss.pointwise = 0.0
+        c.loss.distill = 1.0             # needs pos_scores/neg_scores (python -m kalm_jax.training.label)
+
+
+def get_config(arg: str = "tiny"):
+    c = default_config()
+    parts = [p.strip() for p in (arg or "tiny").split(",") if p.strip()]
+    unknown = [p for p in parts if p not in SIZES + STAGES]
+    if unknown:
+        raise ValueError(f"unknown config preset(s) {unknown}; valid: sizes {SIZES}, stages {STAGES} "
+                         "(combine as 'stage2,small')")
+    size = next((p for p in parts if p in SIZES), "nano" if any(p in STAGES for p in parts) else "tiny")
+    _size(c, size)
+    for p in parts:
+        if p in STAGES:
+            _stage(c, p)
+    return c

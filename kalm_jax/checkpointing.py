@@ -1,0 +1,160 @@
+"""Model checkpoints in Orbax format, and loading a model from any supported checkpoint path.
+
+A *model checkpoint* directory holds:
+  `kalm_model.json`  {"format": "kalm-jax-model", "version": 1, "config": <HF config.json dict>,
+                      "param_dtype": "float32", "lora": null | {"rank", "alpha", "targets", "stacks"}}
+  `params/`          an Orbax StandardCheckpointer tree of the model's `nnx.Param` state (LoRA factors incl.)
+
+Training runs (`train.py`) keep Orbax CheckpointManager steps in `<workdir>/checkpoints/<step>/` whose
+`params` and `kalm_model` items have this same content, so `load_any` accepts an HF directory, a model
+checkpoint, a training step directory or a training workdir (latest step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from kalm_jax.config import ModelConfig, parse_dtype
+from kalm_jax.model import T5Gemma2
+
+META_FILE = "kalm_model.json"
+FORMAT = "kalm-jax-model"
+
+
+def model_meta(model: T5Gemma2) -> dict[str, Any]:
+    """JSON-serialisable description needed to rebuild `model`'s structure."""
+    lora = None
+    if model.has_lora:
+        stacks = [s for s in ("encoder", "decoder") if getattr(model, s).lora_targets]
+        first = getattr(model, stacks[0])
+        a = getattr(first, f"{first.lora_targets[0]}_lora_a").get_value()
+        lora = {"rank": int(a.shape[-1]), "alpha": first.lora_scale * int(a.shape[-1]),
+                "targets": list(first.lora_targets), "stacks": stacks}
+    dtype = str(jax.numpy.dtype(model.embedding.get_value().dtype))
+    return {"format": FORMAT, "version": 1, "config": model.config.to_hf(), "param_dtype": dtype,
+            "compute_dtype": str(jax.numpy.dtype(model.dtype)), "lora": lora}
+
+
+def build_abstract(meta: dict[str, Any], *, param_dtype=None, compute_dtype=None) -> T5Gemma2:
+    """The abstract (shape-only) model described by `meta` (see `model_meta`)."""
+    cfg = ModelConfig.from_hf(meta["config"], source=META_FILE)
+    pdt = parse_dtype(param_dtype or meta.get("param_dtype", "float32"))
+    cdt = parse_dtype(compute_dtype) if compute_dtype else None
+    lora = meta.get("lora")
+
+    def make():
+        m = T5Gemma2(cfg, param_dtype=pdt, dtype=cdt, rngs=nnx.Rngs(0))
+        if lora:
+            m.add_lora(lora["rank"], lora["alpha"], tuple(lora["targets"]), stacks=tuple(lora["stacks"]))
+        return m
+
+    return nnx.eval_shape(make)
+
+
+def param_tree(model: T5Gemma2) -> dict:
+    """The parameters (incl. LoRA factors) as a nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Writes a model checkpoint atomically (temporary directory, then rename). Returns the path."""
+    out = Path(directory).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", param_tree(model))
+        ckptr.wait_until_finished()
+        (tmp / META_FILE).write_text(json.dumps(model_meta(model), indent=1, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def restore_params(model: T5Gemma2, params_dir: str | os.PathLike) -> T5Gemma2:
+    """Restores an Orbax param tree into the (abstract or concrete) `model`, in the model's dtypes."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), param_tree(model))
+    restored = ocp.StandardCheckpointer().restore(Path(params_dir).absolute(), target)
+    nnx.update(model, restored)
+    return model
+
+
+def load_model(directory: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tuple[ModelConfig, T5Gemma2]:
+    """Loads a model checkpoint written by `save_model` (or a training step directory)."""
+    d = Path(directory)
+    meta_path = _find_meta(d)
+    if meta_path is None:
+        raise FileNotFoundError(f"{d}: no {META_FILE} (not a kalm-jax model checkpoint)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    model = build_abstract(meta, param_dtype=dtype, compute_dtype=compute_dtype)
+    restore_params(model, d / "params")
+    return model.config, model
+
+
+def _find_meta(d: Path) -> Path | None:
+    for candidate in (d / META_FILE, d / "kalm_model" / META_FILE, d / "kalm_model" / "metadata"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def latest_step_dir(workdir: str | os.PathLike) -> Path | None:
+    """The newest finished step directory under `<workdir>/checkpoints/`, or None."""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted((int(p.name), p) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    return steps[-1][1] if steps else None
+
+
+def load_any(path: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tuple[ModelConfig, T5Gemma2]:
+    """Loads an HF directory, a model checkpoint, a training step directory or a training workdir."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: checkpoint path does not exist")
+    if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
+        from kalm_jax import hf
+
+        return hf.load(p, dtype=dtype or "float32", compute_dtype=compute_dtype)
+    if _find_meta(p) is not None:
+        return load_model(p, dtype=dtype, compute_dtype=compute_dtype)
+    step = latest_step_dir(p)
+    if step is not None and _find_meta(step) is not None:
+        return load_model(step, dtype=dtype, compute_dtype=compute_dtype)
+    raise ValueError(f"{p}: not an HF checkpoint (config.json + *.safetensors), a kalm-jax model checkpoint "
+                     f"({META_FILE} + params/) or a training workdir with checkpoints/<step>/")
+
+
+def fingerprint(model: T5Gemma2) -> str:
+    """A content hash of the model's parameters and config (for cache keys); costs one pass over params."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(model.config.to_hf(), sort_keys=True).encode())
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(param_tree(model))[0], key=lambda x: str(x[0])):
+        arr = np.asarray(leaf)
+        h.update(str(path).encode())
+        h.update(str(arr.dtype).encode())
+        h.update(np.ascontiguousarray(arr).view(np.uint8).tobytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["save_model", "load_model", "load_any", "restore_params", "build_abstract", "model_meta",
+           "param_tree", "latest_step_dir", "fingerprint", "META_FILE"]

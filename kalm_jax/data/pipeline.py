@@ -1,0 +1,278 @@
+"""Grain training input pipeline over a prepared TFDS dataset: fixed-shape numpy batches of query groups.
+
+Per host, each batch holds B queries (``batch_size`` is per host; the global batch is B * process_count),
+each with a group of G passages: one positive at g=0 and G-1 negatives. Records are split across hosts
+by `jax.process_index()` / `jax.process_count()` (contiguous index ranges of the prepared dataset, which
+TFDS shuffled when it was written), shuffled per epoch from the seed, and the iterator state
+(`get_state` / `set_state`) resumes on exactly the next batch.
+
+Group sampling, from an rng Grain derives from (seed, position in the sampled stream), so it is
+deterministic and differs between epochs:
+  * the positive is one of the example's positives, uniformly;
+  * with at least G-1 negatives, G-1 distinct ones are drawn without replacement;
+  * with fewer, every negative is used once and the remaining slots are drawn with replacement.
+
+Batch (numpy, shapes fixed for a given config; S = passage_max_tokens, T = `decoder_length`):
+  enc_ids, enc_mask   int32 [B*G, S]  unique passages of the batch (rows after the last unique one are padding)
+  passage_index       int32 [B, G]    row of enc_ids holding pair (b, g); duplicates share a row
+  dec_ids, dec_mask   int32 [B, T]    decoder prompt per query
+  labels              float32 [B, G]  1.0 at g=0, 0.0 elsewhere
+  teacher             float32 [B, G]  teacher P(yes) from pos_scores/neg_scores, NaN where absent
+  teacher_mask        float32 [B, G]  1.0 where teacher is present
+  example_id          int32 [B]       position of the example in the input JSONL (for debugging / checks)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from kalm_jax import prompts
+from kalm_jax.data.tfds_builder import data_source
+from kalm_jax.tokenizer import Tokenizer
+
+BATCH_KEYS = ("enc_ids", "enc_mask", "passage_index", "dec_ids", "dec_mask", "labels", "teacher", "teacher_mask",
+              "example_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Input pipeline settings.
+
+    Attributes:
+      batch_size: queries per batch on this host (B).
+      group_size: passages per query (G = 1 positive + G-1 negatives).
+      passage_max_tokens: S, encoder length (the ``<Document>: `` prefix included).
+      query_max_tokens: query truncation before it is put into the prompt.
+      decoder_length: T; None derives it from the template, `query_max_tokens` and a margin (see
+        `decoder_length`).
+      seed: shuffling and group-sampling seed.
+      num_epochs: passes over this host's shard; None repeats forever.
+      shuffle: shuffle record order each epoch.
+      instruction: task instruction (None: default; False: stage-1 prompt without instruction).
+      system: system instruction (None: default).
+      use_example_prompt: an example's ``prompt`` field, when present, overrides `instruction`.
+      worker_count: Grain worker processes (0: in the main process).
+      worker_buffer_size: batches buffered per worker.
+      shard_drop_remainder: drop the records that do not split evenly across hosts (otherwise hosts
+        differ by at most one record and the union of shards is the whole dataset).
+    """
+
+    batch_size: int = 16
+    group_size: int = 16
+    passage_max_tokens: int = prompts.TRAIN_DOCUMENT_MAX_TOKENS
+    query_max_tokens: int = prompts.TRAIN_QUERY_MAX_TOKENS
+    decoder_length: int | None = None
+    seed: int = 0
+    num_epochs: int | None = None
+    shuffle: bool = True
+    instruction: str | bool | None = None
+    system: str | None = None
+    use_example_prompt: bool = True
+    worker_count: int = 0
+    worker_buffer_size: int = 1
+    shard_drop_remainder: bool = False
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (one positive and at least one negative), got {self.group_size}")
+        if self.batch_size < 1 or self.passage_max_tokens < 1 or self.query_max_tokens < 1:
+            raise ValueError(f"batch_size, passage_max_tokens and query_max_tokens must be positive: {self}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> PipelineConfig:
+        """From a dict or `ml_collections.ConfigDict`; unknown keys raise."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(cfg) - fields
+        if unknown:
+            raise ValueError(f"unknown pipeline config keys {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**dict(cfg))
+
+
+def decoder_length(tokenizer: Tokenizer, config: PipelineConfig) -> int:
+    """T: `config.decoder_length`, or template tokens + query_max_tokens + 8 rounded up to a multiple of 8.
+
+    The margin absorbs re-tokenization of a truncated query in context; a longer prompt (e.g. a long
+    per-example instruction) gets its query cut further to fit, never a changed shape.
+    """
+    if config.decoder_length is not None:
+        return config.decoder_length
+    overhead = prompts.decoder_template_tokens(tokenizer, config.instruction, config.system)
+    return -(-(overhead + config.query_max_tokens + 8) // 8) * 8
+
+
+def batch_shapes(config: PipelineConfig, dec_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every batch entry (for ahead-of-time compilation)."""
+    b, g, s = config.batch_size, config.group_size, config.passage_max_tokens
+    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
+    return {
+        "enc_ids": ((b * g, s), i32), "enc_mask": ((b * g, s), i32), "passage_index": ((b, g), i32),
+        "dec_ids": ((b, dec_len), i32), "dec_mask": ((b, dec_len), i32),
+        "labels": ((b, g), f32), "teacher": ((b, g), f32), "teacher_mask": ((b, g), f32),
+        "example_id": ((b,), i32),
+    }
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def sample_group(num_pos: int, num_neg: int, group_size: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """(positive index, negative indices [G-1]) following the module's sampling rule."""
+    pos = int(rng.integers(num_pos))
+    need = group_size - 1
+    if num_neg >= need:
+        neg = rng.choice(num_neg, size=need, replace=False)
+    else:
+        extra = rng.integers(num_neg, size=need - num_neg)
+        neg = np.concatenate([rng.permutation(num_neg), extra])
+    return pos, neg.astype(np.int64)
+
+
+class SampleAndTokenize(grain.transforms.RandomMap):
+    """One stored example -> one tokenized group (numpy arrays, fixed shapes)."""
+
+    def __init__(self, tokenizer: Tokenizer, config: PipelineConfig, dec_len: int):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.dec_len = dec_len
+
+    def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        cfg, tok = self.config, self.tokenizer
+        pos = [_text(p) for p in element["pos"]]
+        neg = [_text(n) for n in element["neg"]]
+        source = _text(element["source"])
+        if not pos or not neg:
+            raise ValueError(f"{source}: example has {len(pos)} positives and {len(neg)} negatives; need >= 1 each")
+        p, n = sample_group(len(pos), len(neg), cfg.group_size, rng)
+        passages = [pos[p]] + [neg[i] for i in n]
+        enc_ids, enc_mask = prompts.tokenize_documents(tok, passages, cfg.passage_max_tokens,
+                                                       length=cfg.passage_max_tokens)
+        instruction = cfg.instruction
+        if cfg.use_example_prompt and bool(element["has_prompt"]):
+            instruction = _text(element["prompt"])
+        try:
+            dec_ids, dec_mask = prompts.tokenize_decoder_prompts(
+                tok, [_text(element["query"])], instruction, cfg.system, cfg.query_max_tokens, length=self.dec_len)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+        teacher = np.full(cfg.group_size, np.nan, np.float32)
+        if bool(element["has_scores"]):
+            pos_scores = np.asarray(element["pos_scores"], np.float32)
+            neg_scores = np.asarray(element["neg_scores"], np.float32)
+            teacher[0] = pos_scores[p]
+            teacher[1:] = neg_scores[n]
+        labels = np.zeros(cfg.group_size, np.float32)
+        labels[0] = 1.0
+        return {
+            "enc_ids": enc_ids, "enc_mask": enc_mask, "dec_ids": dec_ids[0], "dec_mask": dec_mask[0],
+            "labels": labels, "teacher": teacher, "teacher_mask": np.isfinite(teacher).astype(np.float32),
+            "example_id": np.int32(element["example_id"]),
+        }
+
+
+class CollateGroups:
+    """Stacks B groups and deduplicates their passages into ``enc_ids [B*G, S]`` + ``passage_index [B, G]``."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, groups: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        b = len(groups)
+        g, s = groups[0]["enc_ids"].shape
+        rows = np.concatenate([x["enc_ids"] for x in groups]).reshape(b * g, s)
+        masks = np.concatenate([x["enc_mask"] for x in groups]).reshape(b * g, s)
+        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        enc_ids = np.full((b * g, s), self.pad_id, np.int32)
+        enc_mask = np.zeros((b * g, s), np.int32)
+        enc_ids[: order.size] = rows[first[order]]
+        enc_mask[: order.size] = masks[first[order]]
+        out = {
+            "enc_ids": enc_ids, "enc_mask": enc_mask,
+            "passage_index": rank[inverse.reshape(-1)].reshape(b, g).astype(np.int32),
+        }
+        for key in ("dec_ids", "dec_mask", "labels", "teacher", "teacher_mask", "example_id"):
+            out[key] = np.stack([x[key] for x in groups])
+        return out
+
+
+def make_loader(
+    source: Any,
+    tokenizer: Tokenizer,
+    config: PipelineConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DataLoader:
+    """A Grain DataLoader over a random-access `source` for this host's shard.
+
+    `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if len(source) < process_count * config.batch_size:
+        raise ValueError(f"{len(source)} examples are fewer than one batch of {config.batch_size} "
+                         f"on each of {process_count} hosts")
+    shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
+                                        drop_remainder=config.shard_drop_remainder)
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=config.shuffle,
+                                          num_epochs=config.num_epochs, seed=config.seed)
+    if config.worker_count > 0:
+        _allow_grain_workers_outside_absl_app()
+    dec_len = decoder_length(tokenizer, config)
+    operations = [
+        SampleAndTokenize(tokenizer, config, dec_len),
+        grain.transforms.Batch(config.batch_size, drop_remainder=True, batch_fn=CollateGroups(tokenizer.pad_id)),
+    ]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
+
+
+def _allow_grain_workers_outside_absl_app() -> None:
+    """Grain's worker processes read absl flags; outside `absl.app.run` they are unparsed, so use defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def training_iterator(
+    data_dir: str | Path,
+    tokenizer: Tokenizer,
+    config: PipelineConfig,
+    *,
+    name: str = "default",
+    split: str = "train",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    state: bytes | None = None,
+):
+    """Iterator of training batches over a prepared dataset; pass a saved `state` to resume.
+
+    The returned iterator has ``get_state() -> bytes`` and ``set_state(bytes)``.
+    """
+    loader = make_loader(data_source(data_dir, name, split), tokenizer, config,
+                         process_index=process_index, process_count=process_count)
+    it = iter(loader)
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
+def steps_per_epoch(num_records: int, config: PipelineConfig, process_count: int) -> int:
+    """Batches every host yields per epoch (the smallest shard decides; run this many steps per epoch)."""
+    per_host = num_records // process_count
+    return per_host // config.batch_size

@@ -1,0 +1,1 @@
+"""Training: losses, optimiser, sharding, the jitted train step, checkpoints and the train loop."""

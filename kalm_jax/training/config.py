@@ -1,0 +1,146 @@
+"""The training configuration (an `ml_collections.ConfigDict`): defaults, and validation of user keys.
+
+`configs/train.py` builds the presets (tiny/nano/small/large) and the KaLM stage configs on top of
+`default_config()`. `validate(config)` rejects unknown keys with the list of valid ones, so a typo in a
+config file or an override never passes silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from kalm_jax.training.sharding import DEFAULT_RULES
+
+DEFAULT_RATIOS = (1, 2, 4, 8, 16, 32)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    # An HF T5Gemma 2 / KaLM directory, a kalm-jax model checkpoint or a training workdir; "" = from scratch.
+    c.init_from = ""
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"           # from-scratch shape (ignored with init_from)
+    c.model.param_dtype = "float32"   # master weights
+    c.model.compute_dtype = "float32"  # "bfloat16" on accelerators
+    c.model.remat = False
+
+    # SentencePiece model; "" = <init_from>/tokenizer.model if present, else trained on the training corpus.
+    c.tokenizer = ""
+    c.tokenizer_vocab_size = 8000
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = False
+    c.lora.rank = 96
+    c.lora.alpha = 48.0
+    c.lora.targets = ("q", "k", "v", "o")
+    c.lora.stacks = ("encoder", "decoder")
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ""          # BEIR datasets root; "" = $KALM_DATA_DIR
+    c.data.dataset = "scifact"    # BEIR dataset to mine training groups from when train_jsonl is empty
+    c.data.split = "train"
+    c.data.train_jsonl = ()       # FlagEmbedding-style JSONL files; () = mine from data.dataset
+    c.data.num_negatives = 15
+    c.data.negatives_depth = 100
+    c.data.batch_size = 16        # global queries per step (split over hosts and batch shards)
+    c.data.group_size = 16
+    c.data.passage_max_tokens = 512
+    c.data.query_max_tokens = 128
+    c.data.decoder_length = 0     # 0 = derived from the tokenizer and query_max_tokens
+    c.data.instruction = "default"  # "default" = DEFAULT_INSTRUCTION, "" = none (stage 1), else the text
+    c.data.use_example_prompt = True
+    c.data.worker_count = 0
+
+    c.mep = ml_collections.ConfigDict()
+    c.mep.ratios = DEFAULT_RATIOS
+    c.mep.weights = ()            # () = 1.0 per ratio
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.pointwise = 1.0        # 2-way yes/no NLL
+    c.loss.full_vocab = 0.0       # full-vocabulary NLL
+    c.loss.distill = 0.0          # BCE against teacher P(yes)
+    c.loss.listwise = 0.0         # group softmax CE over margins
+    c.loss.listwise_temperature = 1.0
+    c.loss.teacher_format = "prob"  # teacher scores are P(yes) ("prob") or margins/logits ("logit")
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 2e-4
+    c.optimizer.warmup_steps = 100
+    c.optimizer.end_lr_ratio = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.clip_norm = 1.0
+    c.optimizer.grad_accum_steps = 1
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.logical_axis_rules = DEFAULT_RULES
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100
+    c.checkpoint.keep = 3
+    c.checkpoint.keep_best = 1
+    c.checkpoint.best_metric = "dev_ndcg@10"
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0              # 0 = only before and after training
+    c.eval.dataset = "scifact"
+    c.eval.split = "test"
+    c.eval.num_queries = 50
+    c.eval.depth = 20
+    c.eval.ratio = 4
+    c.eval.batch_size = 64
+
+    c.log_every = 10
+    c.tensorboard = True
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = a guess from the device kind
+    return c
+
+
+def _keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        name = f"{prefix}{k}"
+        out[name] = v
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_keys(v, name + "."))
+    return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming every unknown key (with the valid keys of its section)."""
+    known = _keys(default_config())
+    problems = []
+    for name in _keys(config):
+        if name not in known:
+            section = name.rsplit(".", 1)[0] if "." in name else ""
+            valid = sorted(k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == section)
+            problems.append(f"unknown config key {name!r}; valid keys{' in ' + section if section else ''}: {valid}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    ratios = tuple(int(r) for r in config.mep.ratios)
+    if not ratios or min(ratios) < 1:
+        raise ValueError(f"mep.ratios must be positive integers, got {config.mep.ratios}")
+    if config.mep.weights and len(config.mep.weights) != len(ratios):
+        raise ValueError(f"mep.weights has {len(config.mep.weights)} entries for {len(ratios)} ratios")
+    if not any(float(config.loss[k]) for k in ("pointwise", "full_vocab", "distill", "listwise")):
+        raise ValueError("every loss weight is zero (loss.pointwise/full_vocab/distill/listwise)")
+
+
+def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float], ...]:
+    ratios = tuple(int(r) for r in config.mep.ratios)
+    weights = tuple(float(w) for w in config.mep.weights) or (1.0,) * len(ratios)
+    return tuple(zip(ratios, weights))
+
+
+__all__ = ["default_config", "validate", "ratio_weights", "DEFAULT_RATIOS"]

@@ -1,0 +1,330 @@
+"""`train_and_evaluate(config, workdir)`: the training run behind `train.py`.
+
+Order of work: validate the config; find or build the training data (the given JSONL files, or hard
+negatives mined with BM25 from a BEIR split), the tokenizer (given, next to `init_from`, or trained on the
+training corpus and saved as `<workdir>/tokenizer.model`), the TFDS/Grain pipeline; build or load the model;
+build the mesh and the sharded train step; resume from `<workdir>/checkpoints` when it holds a step; run
+the steps with metrics (console, `<workdir>/metrics.jsonl`, TensorBoard), periodic dev nDCG@10 and
+checkpoints; save on SIGTERM; stop on a non-finite loss without saving it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from kalm_jax import checkpointing, prompts
+from kalm_jax.config import get_preset
+from kalm_jax.data import pipeline
+from kalm_jax.model import init_model
+from kalm_jax.tokenizer import Tokenizer
+from kalm_jax.training import sharding
+from kalm_jax.training.checkpoints import Checkpointer
+from kalm_jax.training.config import ratio_weights, validate
+from kalm_jax.training.state import configure_for_training
+from kalm_jax.training.step import STEP_BATCH_KEYS, TrainStep, make_train_step
+
+log = logging.getLogger(__name__)
+
+# bf16 peak FLOP/s per device, for the MFU estimate (override with config.peak_flops_per_device).
+PEAK_FLOPS = {"v4": 275e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12, "v6": 918e12, "h100": 989e12,
+              "h200": 989e12, "a100": 312e12}
+
+
+def data_root(config) -> Path:
+    root = config.data.data_dir or os.environ.get("KALM_DATA_DIR", "")
+    if not root:
+        raise ValueError("no BEIR data directory: set --config.data.data_dir or KALM_DATA_DIR")
+    return Path(root)
+
+
+def instruction_of(config) -> str | bool | None:
+    text = str(config.data.instruction)
+    return None if text == "default" else (prompts.NO_INSTRUCTION if text == "" else text)
+
+
+def training_files(config, workdir: Path) -> list[Path]:
+    """The training JSONL files: `data.train_jsonl`, or `<workdir>/data/train.jsonl` mined from BEIR."""
+    if config.data.train_jsonl:
+        files = [Path(f) for f in config.data.train_jsonl]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.train_jsonl: no such files {missing}")
+        return files
+    out = workdir / "data" / f"{config.data.dataset}-{config.data.split}.jsonl"
+    if not out.is_file():
+        from kalm_jax.data.beir import load_beir
+        from kalm_jax.data.bm25 import BM25Index
+        from kalm_jax.data.negatives import mine_hard_negatives
+        from kalm_jax.data.training_jsonl import write_training_jsonl
+
+        ds = load_beir(data_root(config) / config.data.dataset, config.data.split)
+        log.info("mining hard negatives: %s/%s, %d judged queries", config.data.dataset, config.data.split,
+                 len(ds.qrels))
+        index = BM25Index.build(ds.corpus, show_progress=False)
+        run = index.search(ds.queries, k=int(config.data.negatives_depth), show_progress=False)
+        examples = mine_hard_negatives(ds, run, num_negatives=int(config.data.num_negatives), seed=int(config.seed),
+                                       sample_end=int(config.data.negatives_depth), show_progress=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_training_jsonl(examples, out)
+        log.info("wrote %d training groups to %s", len(examples), out)
+    return [out]
+
+
+def load_tokenizer(config, workdir: Path, files: list[Path]) -> Tokenizer:
+    """Given tokenizer, else <workdir>/tokenizer.model, else one next to init_from, else train one."""
+    if config.tokenizer:
+        return Tokenizer.load(config.tokenizer)
+    mine = workdir / "tokenizer.model"
+    if mine.is_file():
+        return Tokenizer.load(mine)
+    if config.init_from:
+        src = Path(config.init_from)
+        for cand in (src / "tokenizer.model", src.parent / "tokenizer.model", src.parent.parent / "tokenizer.model"):
+            if cand.is_file():
+                tok = Tokenizer.load(cand)
+                mine.write_bytes(cand.read_bytes())
+                return tok
+        raise FileNotFoundError(f"init_from {src}: no tokenizer.model next to it; set --config.tokenizer")
+    from kalm_jax.data.training_jsonl import read_training_jsonl
+
+    texts: list[str] = []
+    for f in files:
+        for ex in read_training_jsonl(f):
+            texts.append(ex.query)
+            texts.extend(ex.pos)
+            texts.extend(ex.neg)
+    texts = list(dict.fromkeys(texts))
+    log.info("training a SentencePiece tokenizer (vocab %d) on %d texts", config.tokenizer_vocab_size, len(texts))
+    tok = Tokenizer.train(texts, workdir, vocab_size=int(config.tokenizer_vocab_size))
+    return Tokenizer.load(mine)
+
+
+def build_model(config, tok: Tokenizer):
+    if config.init_from:
+        model_cfg, model = checkpointing.load_any(config.init_from, dtype=config.model.param_dtype)
+    else:
+        model_cfg = get_preset(config.model.preset)
+        model = init_model(model_cfg, seed=int(config.seed), param_dtype=config.model.param_dtype)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer vocabulary ({tok.vocab_size}) is larger than the model's ({model_cfg.vocab_size})")
+    return model_cfg, configure_for_training(model, config, seed=int(config.seed))
+
+
+def global_batch(local: dict, ts: TrainStep) -> dict:
+    """Process-local numpy batch -> global sharded arrays (passage_index made global across hosts)."""
+    if jax.process_count() == 1:
+        return ts.place_batch(local)
+    local = dict(local)
+    local["passage_index"] = local["passage_index"] + jax.process_index() * local["enc_ids"].shape[0]
+    return {k: jax.make_array_from_process_local_data(ts.batch_shardings[k], np.asarray(local[k]))
+            for k in STEP_BATCH_KEYS}
+
+
+def flops_per_step(model_cfg, config, dec_len: int) -> float:
+    """6·N·tokens estimate: encoder params × encoder tokens + decoder params × decoder tokens × ratios."""
+    counts = model_cfg.param_counts()
+    b, g = int(config.data.batch_size), int(config.data.group_size)
+    enc_tokens = b * g * int(config.data.passage_max_tokens)
+    dec_tokens = b * g * dec_len * len(ratio_weights(config))
+    return 6.0 * (counts["encoder"] * enc_tokens + counts["decoder"] * dec_tokens)
+
+
+def peak_flops(config) -> float:
+    if float(config.peak_flops_per_device) > 0:
+        return float(config.peak_flops_per_device)
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per step) + TensorBoard; only process 0 writes."""
+
+    def __init__(self, workdir: Path, tensorboard: bool, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # drop lines past the resumed step (they were not checkpointed)
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (then saves and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading_main():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint after this step and exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
+    """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics."""
+    validate(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
+
+    files = training_files(config, workdir)
+    tok = load_tokenizer(config, workdir, files)
+    tfds_dir = workdir / "tfds"
+    from kalm_jax.data.tfds_builder import prepare
+
+    prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
+    if int(config.data.batch_size) % jax.process_count():
+        raise ValueError(f"data.batch_size {config.data.batch_size} does not split over {jax.process_count()} hosts")
+    pcfg = pipeline.PipelineConfig(
+        batch_size=int(config.data.batch_size) // jax.process_count(), group_size=int(config.data.group_size),
+        passage_max_tokens=int(config.data.passage_max_tokens), query_max_tokens=int(config.data.query_max_tokens),
+        decoder_length=int(config.data.decoder_length) or None, seed=int(config.seed),
+        instruction=instruction_of(config), use_example_prompt=bool(config.data.use_example_prompt),
+        worker_count=int(config.data.worker_count))
+    dec_len = pipeline.decoder_length(tok, pcfg)
+
+    model_cfg, model = build_model(config, tok)
+    mesh = sharding.make_mesh(config.mesh)
+    ts = make_train_step(model_cfg, config, mesh, yes_id=tok.yes_id, no_id=tok.no_id, decoder_length=dec_len)
+    log.info("model %s; trainable: %s\n%s", config.model.preset if not config.init_from else config.init_from,
+             "LoRA factors" if config.lora.enabled else "all parameters",
+             sharding.summary(ts.abstract_state["params"], ts.param_axes, ts.state_shardings["params"], mesh))
+    if jax.process_index() == 0:
+        print(sharding.summary(ts.abstract_state["params"], ts.param_axes, ts.state_shardings["params"], mesh),
+              flush=True)
+
+    it = pipeline.training_iterator(tfds_dir, tok, pcfg, name="train")
+    ckpt = Checkpointer(workdir, config.checkpoint)
+    restored = ckpt.restore(ts.abstract_state, it)
+    if restored is not None:
+        state, start = restored
+        log.info("resumed from %s/checkpoints/%d", workdir, start)
+    else:
+        state, start = ts.init_state(model), 0
+    del model
+    meta = checkpointing.model_meta(ts.model(state))
+
+    dev = None
+    if int(config.eval.num_queries) > 0:
+        from kalm_jax.training.dev_eval import DevSet
+
+        dev = DevSet.build(data_root(config) / config.eval.dataset, config.eval.split, tok,
+                           num_queries=int(config.eval.num_queries), depth=int(config.eval.depth),
+                           passage_max_tokens=int(config.data.passage_max_tokens),
+                           query_max_tokens=int(config.data.query_max_tokens), instruction=instruction_of(config))
+
+    def evaluate() -> dict[str, float]:
+        if dev is None:
+            return {}
+        return dev.evaluate(ts.model(state), tok, ratio=int(config.eval.ratio), batch_size=int(config.eval.batch_size))
+
+    writer = MetricsWriter(workdir, bool(config.tensorboard), start)
+    total = int(config.total_steps)
+    flops = flops_per_step(model_cfg, config, dec_len)
+    peak = peak_flops(config) * jax.device_count()
+    result: dict[str, float] = {}
+    if start == 0 and dev is not None:
+        result = {f"initial_{k}": v for k, v in evaluate().items()}
+        log.info("before training: %s", result)
+        writer.write(0, result)
+    last_saved = start if restored is not None else None
+    bar = tqdm(total=total, initial=start, desc="train", disable=not sys.stderr.isatty() or jax.process_index() != 0)
+    every_ckpt, every_eval, every_log = int(config.checkpoint.every), int(config.eval.every), int(config.log_every)
+    try:
+        with _Preemption() as preempt:
+            step = start
+            while step < total:
+                t0 = time.perf_counter()
+                local = next(it)
+                tokens = float(np.sum(local["enc_mask"]) + np.sum(local["dec_mask"]) * local["labels"].shape[1]
+                               ) * jax.process_count()
+                state, metrics = ts.fn(state, global_batch(local, ts))
+                step += 1
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(
+                        f"non-finite loss {m['loss']} at step {step} ({ {k: v for k, v in m.items() if 'loss' in k} }); "
+                        f"stopping without saving this state. Last good checkpoint: "
+                        f"{f'{ckpt.root}/{last_saved}' if last_saved is not None else 'none'}. "
+                        "Lower optimizer.lr, check the data, or raise optimizer.warmup_steps.")
+                m.update(step_time_s=dt, tokens_per_s=tokens / dt)
+                if peak:
+                    m["mfu"] = flops / dt / peak
+                if dev is not None and every_eval and step % every_eval == 0 and step < total:
+                    m.update(evaluate())
+                if step == total and dev is not None:
+                    m.update(evaluate())
+                writer.write(step, m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                if step % every_log == 0 or step == total or step == start + 1:
+                    log.info("step %d/%d loss %.4f %s grad_norm %.3f lr %.2e %.3fs/step %.0f tok/s%s", step, total,
+                             m["loss"], " ".join(f"r{r}={m[f'loss/r{r}']:.3f}" for r, _ in ratio_weights(config)),
+                             m["grad_norm"], m["lr"], dt, m["tokens_per_s"],
+                             f" mfu {m['mfu']:.1%}" if "mfu" in m else "")
+                if (every_ckpt and step % every_ckpt == 0) or step == total or preempt.requested:
+                    if ckpt.save(state, meta, it, metrics=m, force=True):
+                        last_saved = step
+                result.update(m)
+                if preempt.requested:
+                    log.warning("preempted at step %d: checkpoint saved, exiting", step)
+                    break
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    return result
+
+
+__all__ = ["train_and_evaluate", "training_files", "load_tokenizer", "flops_per_step"]

@@ -1,0 +1,244 @@
+"""The sharded, jitted train step (multi-ratio MEP loss) and the abstract state/batch for AOT compilation.
+
+    ts = make_train_step(model_cfg, train_cfg, mesh, yes_id=tok.yes_id, no_id=tok.no_id)
+    state = ts.init_state(model)                 # placed by the sharding rules
+    state, metrics = ts.fn(state, batch)         # donates `state`
+    ts.lower().compile()                         # AOT: ts.fn.lower(ts.abstract_state, ts.abstract_batch)
+
+One step: the encoder runs once over the batch's deduplicated passages `enc_ids [B*G, S]`; its states are
+pooled at every ratio of `mep.ratios`; for each ratio the pooled passages are gathered per (query,
+passage) pair by `passage_index [B, G]` and the decoder scores all B*G pairs; the weighted losses of all
+ratios are summed. Metrics: total loss, loss per ratio (`loss/r{r}`), each loss term averaged over
+ratios, group accuracy, gradient norm, learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kalm_jax import mep
+from kalm_jax.config import ModelConfig
+from kalm_jax.model import T5Gemma2
+from kalm_jax.training import losses, optim, sharding
+from kalm_jax.training.config import ratio_weights
+from kalm_jax.training.state import build_model, merge_params, param_tree, split_params, trainable_predicate
+
+# Batch entries the step consumes (the pipeline's `example_id` is host-side only).
+STEP_BATCH_KEYS = ("enc_ids", "enc_mask", "passage_index", "dec_ids", "dec_mask", "labels", "teacher",
+                   "teacher_mask")
+
+
+def batch_structs(batch_size: int, group_size: int, passage_len: int, decoder_len: int) -> dict[str, tuple]:
+    """(shape, dtype) of each step input for a global batch of `batch_size` queries."""
+    b, g = batch_size, group_size
+    i32, f32 = jnp.int32, jnp.float32
+    return {"enc_ids": ((b * g, passage_len), i32), "enc_mask": ((b * g, passage_len), i32),
+            "passage_index": ((b, g), i32), "dec_ids": ((b, decoder_len), i32),
+            "dec_mask": ((b, decoder_len), i32), "labels": ((b, g), f32), "teacher": ((b, g), f32),
+            "teacher_mask": ((b, g), f32)}
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """A compiled-on-first-call train step and everything needed to feed, lower or checkpoint it.
+
+    Attributes:
+      fn: jitted `(state, batch) -> (state, metrics)` with explicit in/out shardings; donates `state`.
+      abstract_state: the state as `jax.ShapeDtypeStruct`s carrying their shardings.
+      abstract_batch: the batch as `jax.ShapeDtypeStruct`s carrying their shardings.
+      state_shardings / batch_shardings: NamedSharding trees of the same structures.
+      param_axes: logical axis names of every parameter (pure-dict layout).
+      graphdef: the model's NNX graph definition (merge with `state["params"]` to get the model).
+      tx: the optax optimiser (over the trainable subset).
+      trainable: path predicate selecting the trainable parameters.
+      mesh, rules: the mesh and the logical -> mesh rules.
+    """
+
+    fn: Callable
+    abstract_state: dict
+    abstract_batch: dict
+    state_shardings: dict
+    batch_shardings: dict
+    param_axes: dict
+    graphdef: Any
+    tx: optax.GradientTransformation
+    trainable: Callable[[tuple[str, ...]], bool]
+    mesh: Mesh
+    rules: dict
+
+    def lower(self):
+        """`fn.lower(abstract_state, abstract_batch)` (call `.compile()` on the result)."""
+        return self.fn.lower(self.abstract_state, self.abstract_batch)
+
+    def init_state(self, model: T5Gemma2) -> dict:
+        """A fresh train state from a concrete model, placed by the sharding rules."""
+        params = jax.device_put(param_tree(model), self.state_shardings["params"])
+        trainable, _ = split_params(params, self.trainable)
+        opt_init = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+        return {"step": step, "params": params, "opt_state": opt_init(trainable)}
+
+    def model(self, state: dict) -> T5Gemma2:
+        """The model holding `state["params"]` (shares the arrays)."""
+        return nnx.merge(self.graphdef, state["params"])
+
+    def place_batch(self, batch: dict) -> dict:
+        """Host numpy batch (global, single process) -> sharded device arrays of the step's keys."""
+        return {k: jax.device_put(np.asarray(batch[k]), self.batch_shardings[k]) for k in STEP_BATCH_KEYS}
+
+
+def pair_scores(model: T5Gemma2, batch: dict, ratio: int, yes_id: int, no_id: int, *, full_vocab: bool,
+                constrain: Callable[[jax.Array], jax.Array], enc_states: jax.Array):
+    """Margins [B, G] fp32 at one MEP ratio, and (with `full_vocab`) log p(yes), log p(no) [B, G].
+
+    enc_states [B*G, S, H] are the encoder states of the batch's unique passages.
+    """
+    b, g = batch["passage_index"].shape
+    pooled, pmask, _ = mep.pool(enc_states, batch["enc_mask"], ratio)
+    idx = batch["passage_index"].reshape(-1)
+    p_states = constrain(jnp.take(pooled, idx, axis=0))
+    p_mask = jnp.take(pmask, idx, axis=0)
+    dec_ids = jnp.repeat(batch["dec_ids"], g, axis=0)
+    dec_mask = jnp.repeat(batch["dec_mask"], g, axis=0)
+    h = constrain(model.decode(dec_ids, dec_mask, p_states, p_mask))
+    last = jnp.maximum(jnp.sum(dec_mask, axis=1) - 1, 0)
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    table = model.embedding.get_value()
+    rows = jnp.take(table, jnp.asarray([yes_id, no_id]), axis=0).astype(model.dtype)
+    yn = model._softcap(jnp.einsum("bh,vh->bv", h_last, rows, preferred_element_type=jnp.float32))
+    margins = (yn[:, 0] - yn[:, 1]).reshape(b, g)
+    if not full_vocab:
+        return margins, None
+    logits = model._softcap(jnp.einsum("bh,vh->bv", h_last, table.astype(model.dtype),
+                                       preferred_element_type=jnp.float32))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return margins, ((yn[:, 0] - lse).reshape(b, g), (yn[:, 1] - lse).reshape(b, g))
+
+
+def loss_terms(margins, logps, batch, loss_cfg) -> dict[str, jax.Array]:
+    """Every loss term with a non-zero weight, for one ratio."""
+    terms = {}
+    if float(loss_cfg.pointwise):
+        terms["pointwise"] = losses.pointwise_nll(margins, batch["labels"])
+    if float(loss_cfg.full_vocab):
+        terms["full_vocab"] = losses.full_vocab_nll(logps[0], logps[1], batch["labels"])
+    if float(loss_cfg.distill):
+        t = losses.teacher_probability(batch["teacher"], str(loss_cfg.teacher_format))
+        terms["distill"] = losses.distill_bce(margins, t, batch["teacher_mask"])
+    if float(loss_cfg.listwise):
+        terms["listwise"] = losses.listwise_ce(margins, batch["labels"], float(loss_cfg.listwise_temperature))
+    return terms
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_id: int, no_id: int,
+                    decoder_length: int | None = None, donate: bool = True) -> TrainStep:
+    """Builds the sharded train step for `model_cfg` under `train_cfg` (see `training/config.py`).
+
+    Args:
+      model_cfg: the model shape (a preset or the `ModelConfig` of the checkpoint being fine-tuned).
+      train_cfg: the training ConfigDict (sections model, lora, data, mep, loss, optimizer,
+        logical_axis_rules; `total_steps` for the schedule).
+      mesh: a Mesh with axes ("data", "fsdp", "tensor") (`sharding.make_mesh`).
+      yes_id, no_id: token ids of "yes" and "no".
+      decoder_length: T of the decoder prompts; default `train_cfg.data.decoder_length` (must be > 0).
+      donate: donate the input state buffers.
+    Raises:
+      ValueError: before any compilation, if the global batch does not split over the batch shards or
+        the decoder length is unknown.
+    """
+    rules = sharding.rules_dict(train_cfg.logical_axis_rules)
+    b, g = int(train_cfg.data.batch_size), int(train_cfg.data.group_size)
+    sharding.check_batch(b, mesh, rules)
+    t = int(decoder_length or train_cfg.data.decoder_length or 0)
+    if t <= 0:
+        raise ValueError("decoder length unknown: pass decoder_length= or set data.decoder_length > 0")
+    s = int(train_cfg.data.passage_max_tokens)
+    for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
+        if not 0 <= int(tok) < model_cfg.vocab_size:
+            raise ValueError(f"{name}={tok} is outside the model vocabulary [0, {model_cfg.vocab_size})")
+    yes_id, no_id = int(yes_id), int(no_id)
+    ratios = ratio_weights(train_cfg)
+    loss_cfg = train_cfg.loss
+    full_vocab = bool(float(loss_cfg.full_vocab))
+    weights = {k: float(loss_cfg[k]) for k in losses.LOSS_NAMES}
+    accum = max(1, int(train_cfg.optimizer.grad_accum_steps))
+
+    abstract = build_model(model_cfg, train_cfg)
+    graphdef, abs_state = nnx.split(abstract)
+    abs_params = nnx.to_pure_dict(abs_state)
+    param_axes = sharding.logical_axes(abs_state)
+    param_shardings = sharding.tree_shardings(abs_params, param_axes, mesh, rules)
+    trainable = trainable_predicate(bool(train_cfg.lora.enabled))
+    abs_trainable, _ = split_params(abs_params, trainable)
+    if not jax.tree.leaves(abs_trainable):
+        raise ValueError("no trainable parameters (LoRA enabled with no targets/stacks?)")
+    trainable_shardings, _ = split_params(param_shardings, trainable)
+
+    tx = optim.make_optimizer(train_cfg.optimizer, int(train_cfg.total_steps))
+    sched = optim.schedule(train_cfg.optimizer, int(train_cfg.total_steps))
+    replicated = NamedSharding(mesh, P())
+    abs_opt = jax.eval_shape(tx.init, abs_trainable)
+    opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, abs_opt, trainable_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    abs_state_tree = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params, "opt_state": abs_opt}
+    abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                  abs_state_tree, state_shardings)
+
+    structs = batch_structs(b, g, s, t)
+    batch_shardings = {k: NamedSharding(mesh, sharding.batch_spec(len(shape), mesh, rules))
+                       for k, (shape, _) in structs.items()}
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_shardings[k])
+                      for k, (shape, dt) in structs.items()}
+    act_sharding = NamedSharding(mesh, P(rules.get(sharding.BATCH), None, None))
+
+    def constrain(x):
+        return jax.lax.with_sharding_constraint(x, act_sharding)
+
+    def loss_fn(train_params, frozen_params, batch):
+        model = nnx.merge(graphdef, merge_params(train_params, frozen_params))
+        enc_states = constrain(model.encode(batch["enc_ids"], batch["enc_mask"]))
+        total = jnp.zeros((), jnp.float32)
+        metrics: dict[str, jax.Array] = {}
+        term_sums: dict[str, jax.Array] = {}
+        wsum = sum(w for _, w in ratios)
+        for r, w in ratios:
+            margins, logps = pair_scores(model, batch, r, yes_id, no_id, full_vocab=full_vocab,
+                                         constrain=constrain, enc_states=enc_states)
+            terms = loss_terms(margins, logps, batch, loss_cfg)
+            loss_r = losses.combine(terms, weights)
+            metrics[f"loss/r{r}"] = loss_r
+            metrics[f"accuracy/r{r}"] = jnp.mean((jnp.argmax(margins, axis=-1) == 0).astype(jnp.float32))
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + w * v / wsum
+            total = total + w * loss_r
+        metrics.update({f"loss_{k}": v for k, v in term_sums.items()})
+        return total, metrics
+
+    def step_fn(state, batch):
+        train_params, frozen_params = split_params(state["params"], trainable)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params, frozen_params, batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], train_params)
+        new_train = optax.apply_updates(train_params, updates)
+        new_state = {"step": state["step"] + 1, "params": merge_params(new_train, frozen_params),
+                     "opt_state": opt_state}
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                       lr=sched(state["step"] // accum).astype(jnp.float32))
+        return new_state, metrics
+
+    fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
+    return TrainStep(fn=fn, abstract_state=abstract_state, abstract_batch=abstract_batch,
+                     state_shardings=state_shardings, batch_shardings=batch_shardings, param_axes=param_axes,
+                     graphdef=graphdef, tx=tx, trainable=trainable, mesh=mesh, rules=rules)
+
+
+__all__ = ["make_train_step", "TrainStep", "batch_structs", "pair_scores", "loss_terms", "STEP_BATCH_KEYS"]

@@ -1,0 +1,104 @@
+"""Prompt strings against the literal released strings (research/paper.md §1.2, §1.3, §6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kalm_jax import prompts
+
+SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+          'Note that the answer can only be "yes" or "no".')
+EXPECTED_DEFAULT = (
+    "<bos><start_of_turn>user\n"
+    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    'Note that the answer can only be "yes" or "no".\n\n'
+    "<Instruct>: Given a query, retrieve documents that answer the query.\n"
+    "<Query>: What is the capital of China?<end_of_turn>\n"
+    "<start_of_turn>model\n\n\n\n"
+)
+
+
+def test_constants_are_the_released_strings():
+    assert prompts.DEFAULT_SYSTEM_INSTRUCTION == SYSTEM
+    assert prompts.DEFAULT_INSTRUCTION == "Given a query, retrieve documents that answer the query."
+
+
+def test_document_text():
+    assert prompts.document_text("The capital of China is Beijing.") == "<Document>: The capital of China is Beijing."
+    assert prompts.document_text("") == "<Document>: "
+
+
+def test_decoder_text_default():
+    assert prompts.decoder_text("What is the capital of China?") == EXPECTED_DEFAULT
+    assert prompts.decoder_text("What is the capital of China?", None, None) == EXPECTED_DEFAULT
+
+
+def test_decoder_text_custom_instruction_and_system():
+    got = prompts.decoder_text("q?", "Given a web search query, retrieve passages that answer the query.", "Sys.")
+    assert got == ("<bos><start_of_turn>user\nSys.\n\n"
+                   "<Instruct>: Given a web search query, retrieve passages that answer the query.\n"
+                   "<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+
+
+def test_stage1_without_instruction():
+    assert prompts.decoder_text("q?", instruction=prompts.NO_INSTRUCTION) == (
+        "<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+    assert prompts.decoder_text("q?", instruction="") == (
+        "<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Instruct>: \n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+
+
+def test_long_query_truncated_before_insertion(tokenizer):
+    # Digits are split into single tokens, so a 600-digit query truncated to 128 tokens is its first 128 digits.
+    query = "1234567890" * 60
+    assert len(tokenizer.encode(query)) == 600
+    expected = ("<bos><start_of_turn>user\n" + SYSTEM + "\n\n"
+                "<Instruct>: Given a query, retrieve documents that answer the query.\n"
+                "<Query>: " + ("1234567890" * 13)[:128] + "<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+    short = prompts.truncate_query(tokenizer, query, 128)
+    assert prompts.decoder_text(short) == expected
+    ids, mask = prompts.tokenize_decoder_prompts(tokenizer, [query], query_max_tokens=128)
+    # Prompt tokens do not count toward the query limit.
+    n = int(mask.sum())
+    assert n == 128 + prompts.decoder_template_tokens(tokenizer)
+    assert tokenizer.decode(ids[0, :n].tolist()) == expected
+    assert prompts.truncate_query(tokenizer, "short query", 128) == "short query"
+
+
+def test_truncation_of_words(tokenizer):
+    query = "What is the role of tumour necrosis factor in the progression of chronic inflammatory diseases?" * 5
+    short = prompts.truncate_query(tokenizer, query, 10)
+    assert query.startswith(short) and len(tokenizer.encode(short)) == 10
+
+
+def test_tokenize_decoder_prompts_padding(tokenizer):
+    ids, mask = prompts.tokenize_decoder_prompts(tokenizer, ["What is the capital of China?", "x"])
+    assert ids.dtype == np.int32 and mask.dtype == np.int32
+    assert ids.shape[1] % 8 == 0
+    for row, q in enumerate(["What is the capital of China?", "x"]):
+        expect = tokenizer.encode(prompts.decoder_text(q))
+        n = len(expect)
+        assert ids[row, :n].tolist() == expect and ids[row, 0] == tokenizer.bos_id
+        assert mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert (ids[row, n:] == tokenizer.pad_id).all()
+    fixed, fmask = prompts.tokenize_decoder_prompts(tokenizer, ["x"], length=160)
+    assert fixed.shape == (1, 160) and fmask.sum() == len(tokenizer.encode(prompts.decoder_text("x")))
+    # Fixed length shorter than the query allows: the query is cut further so the prompt fits.
+    tight = prompts.decoder_template_tokens(tokenizer) + 5
+    cut, cmask = prompts.tokenize_decoder_prompts(tokenizer, ["1234567890" * 3], length=tight)
+    assert cmask.sum() == tight and tokenizer.decode(cut[0].tolist()).count("<Query>: 12345<end_of_turn>") == 1
+    with pytest.raises(ValueError, match="template alone"):
+        prompts.tokenize_decoder_prompts(tokenizer, ["x"], length=8)
+
+
+def test_tokenize_documents(tokenizer):
+    docs = ["The capital of China is Beijing.", "Gravity attracts bodies toward one another. " * 50]
+    ids, mask = prompts.tokenize_documents(tokenizer, docs, max_length=64)
+    assert ids.shape == (2, 64) and mask[1].sum() == 64
+    first = tokenizer.encode("<Document>: The capital of China is Beijing.")
+    assert ids[0, : len(first)].tolist() == first and mask[0].sum() == len(first)
+    assert tokenizer.bos_id not in ids[0].tolist()[: len(first)]
+    ids8, _ = prompts.tokenize_documents(tokenizer, docs[:1], max_length=1024, pad_to_multiple_of=8)
+    assert ids8.shape[1] == -(-len(first) // 8) * 8
+    fixed, _ = prompts.tokenize_documents(tokenizer, docs[:1], max_length=32, length=32)
+    assert fixed.shape == (1, 32)

@@ -1,0 +1,47 @@
+"""Train a KaLM reranker: `python train.py --config=configs/train.py:tiny --workdir=DIR [--config.x=y ...]`.
+
+Resumes from DIR when it holds checkpoints. See docs/training.md.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/train.py:tiny",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, tensorboard, tokenizer.model)")
+flags.DEFINE_bool("jax_distributed", None, "call jax.distributed.initialize() (default: when "
+                  "JAX_COORDINATOR_ADDRESS is set)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+    """Drops INFO records of Orbax and Grain (they log every file operation)."""
+
+    def filter(self, record):
+        path = record.pathname.replace("\\", "/")
+        return record.levelno > 20 or not ("/orbax/" in path or "/grain/" in path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import logging as std_logging
+
+    import jax
+
+    for handler in std_logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
+
+    if FLAGS.jax_distributed or (FLAGS.jax_distributed is None and os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        jax.distributed.initialize()
+    from kalm_jax.training.loop import train_and_evaluate
+
+    logging.info("JAX process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
