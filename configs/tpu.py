@@ -9,6 +9,8 @@ sharded over `fsdp` (ZeRO-3 style) and the batch over data x fsdp; no tensor par
 
 import ml_collections
 
+from kalm_jax.training.config import default_config
+
 # (preset, topology) -> (data, fsdp, tensor)
 MESH = {
     ("tiny", "v5e-4"): (1, 4, 1),
@@ -23,12 +25,12 @@ MESH = {
 
 def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
     preset, _, topology = arg.partition(",")
-    c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(preset=preset, param_dtype="float32", compute_dtype="bfloat16",
-                                             remat=True))
-    c.data = ml_collections.ConfigDict(dict(batch_size=128, group_size=16, passage_max_tokens=512,
-                                            query_max_tokens=128))
-    c.eval = ml_collections.ConfigDict(dict(ratio=4, batch_size=2048))
+    c = default_config()  # the training config (kalm_jax.training.config), full fine-tuning
+    c.model.update(preset=preset, param_dtype="float32", compute_dtype="bfloat16", remat=True)
+    c.lora.enabled = False
+    c.data.update(batch_size=128, group_size=16, passage_max_tokens=512, query_max_tokens=128,
+                  decoder_length=192)  # prompt overhead + 128 query tokens, as configs/train.py
+    c.eval.update(ratio=4, batch_size=2048)
     data, fsdp, tensor = MESH.get((preset, topology), (-1, 1, 1))
     # Every weight gets one dimension on fsdp: the first of embed / vocab / mlp / head_dim that the fsdp
     # size divides (embed 640 or 1152 does not split 256 ways; mlp and head_dim do).
@@ -38,6 +40,7 @@ def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
     )
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
     if preset == "tiny":  # a CPU-test-sized workload
-        c.data.update(batch_size=4, group_size=2, passage_max_tokens=64, query_max_tokens=16)
+        c.data.update(batch_size=4, group_size=2, passage_max_tokens=64, query_max_tokens=16, decoder_length=16)
+        c.mep.ratios = (1, 4)
         c.eval.batch_size = 8
     return c

@@ -452,14 +452,25 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
 
 
 def _lower_train(cfg, preset, mesh, rules, w, remat, out):
+    """The real training step (`kalm_jax.training.step.make_train_step`) when `cfg` is a full training
+    config; otherwise the stand-in step `lower_proxy_train` (same memory profile, single MEP ratio)."""
     try:
-        from kalm_jax.training import step as train_step  # noqa: F401  (branch `train`)
+        from kalm_jax.training import step as train_step
+        from kalm_jax.training.config import validate
     except ImportError:
-        out("train: kalm_jax.training.step is not available; compiling the stand-in full fine-tuning step "
-            "(aot.lower_proxy_train)")
-        return lower_proxy_train(preset, mesh, rules, w, remat=remat)
-    raise NotImplementedError("wiring of kalm_jax.training.step.make_train_step into the AOT check is "
-                              "not done yet")
+        train_step = None
+    if train_step is not None and "loss" in cfg and "optimizer" in cfg:
+        from kalm_jax.config import get_preset
+
+        validate(cfg)
+        ts = train_step.make_train_step(get_preset(preset), cfg, mesh, yes_id=1, no_id=2,
+                                        decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len)
+        out(f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
+            f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)})")
+        return ts.lower
+    out("train: not a full training config (or kalm_jax.training is absent); compiling the stand-in "
+        "full fine-tuning step (aot.lower_proxy_train)")
+    return lower_proxy_train(preset, mesh, rules, w, remat=remat)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -117,3 +117,14 @@ def test_aot_reports_does_not_fit(libtpu_env, capsys):
     assert rc == 1
     assert "does not fit: encode needs" in text and "HBM is 16 GiB" in text
     assert "RESOURCE_EXHAUSTED" in text
+
+
+def test_aot_tiny_v5e4_train_step(libtpu_env, capsys):
+    """The real sharded train step (kalm_jax.training.step.make_train_step, full fine-tuning, two MEP
+    ratios) AOT-compiles for v5e-4 and fits."""
+    config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
+    rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=train"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "make_train_step (lora=False, ratios=(1, 4)" in text
+    assert "stand-in" not in text
