@@ -3,8 +3,9 @@
 Keys follow the training config (`configs/train.py`, kalm_jax.training.config): model.*, data.*, mesh.*,
 eval.*. Global batch 128 queries x group 16 (2048 passages of 512 tokens, prompts of 128 tokens).
 Mesh choice: the models are small next to a slice's HBM, so parameters and optimizer state are fully
-sharded over `fsdp` (ZeRO-3 style) and the batch over data x fsdp; no tensor parallelism
-(kv_heads = 1 for nano/small does not split).
+sharded over `fsdp` (ZeRO-3 style) and the batch over data x fsdp. The train step splits the batch by
+query, so at most 128 batch shards: v5e-256 uses fsdp 128 x tensor 2 (query heads split in two;
+kv_heads = 1 for nano/small stays replicated), v5p-128 (64 chips) uses fsdp 64.
 """
 
 import ml_collections
@@ -14,11 +15,11 @@ from kalm_jax.training.config import default_config
 # (preset, topology) -> (data, fsdp, tensor)
 MESH = {
     ("tiny", "v5e-4"): (1, 4, 1),
-    ("nano", "v5e-256"): (1, 256, 1),
+    ("nano", "v5e-256"): (1, 128, 2),
     ("nano", "v5p-128"): (1, 64, 1),
-    ("small", "v5e-256"): (1, 256, 1),
+    ("small", "v5e-256"): (1, 128, 2),
     ("small", "v5p-128"): (1, 64, 1),
-    ("large", "v5e-256"): (1, 256, 1),
+    ("large", "v5e-256"): (1, 128, 2),
     ("large", "v5p-128"): (1, 64, 1),
 }
 
