@@ -68,22 +68,32 @@ def decoder_masks(dec_mask: jax.Array, enc_mask: jax.Array, window: int) -> tupl
     return jnp.concatenate([causal, cross], axis=-1), jnp.concatenate([sliding, cross], axis=-1)
 
 
-ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "tpu_flash")
+
+# Attention kernel used by "auto" when a program is lowered for TPU: "flash" (Pallas TPU kernel,
+# kalm_jax/tpu_attention.py) or "xla" (the einsum reference, as on CPU).
+TPU_ATTENTION_IMPL = "flash"
 
 
 def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | None = None) -> str:
-    """The concrete attention implementation for `impl` ("auto" -> "cudnn" on GPU for bf16, else "xla").
+    """The concrete attention implementation for `impl`.
 
-    "xla" is the einsum reference (the CPU/TPU default, bit-for-bit the parity-tested numerics);
-    "dot_product" is `jax.nn.dot_product_attention` with XLA; "cudnn" is its cuDNN flash kernel (GPU, bf16,
-    head_dim <= 256 on Hopper). Attention logit soft-capping is only supported by "xla".
+    "xla" is the einsum reference (the parity-tested numerics); "dot_product" is
+    `jax.nn.dot_product_attention` with XLA; "cudnn" is its cuDNN flash kernel (GPU, bf16, head_dim <= 256);
+    "tpu_flash" is the Pallas TPU kernel. "auto" resolves to "cudnn" on a GPU backend in bf16, else to
+    "platform": the TPU kernel when the program is lowered for TPU (also AOT from a CPU host, via
+    `jax.lax.platform_dependent`) and "xla" everywhere else. Logit soft-capping needs "xla".
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; valid: {list(ATTENTION_IMPLS)}")
     if impl == "auto":
+        if softcap is not None:
+            return "xla"
         on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
         flash_ok = jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0 and head_dim <= 256
-        impl = "cudnn" if on_gpu and flash_ok and softcap is None else "xla"
+        if on_gpu and flash_ok:
+            return "cudnn"
+        return "platform" if TPU_ATTENTION_IMPL == "flash" else "xla"
     if impl != "xla" and softcap is not None:
         raise ValueError(f"attention implementation {impl!r} does not support attn_logit_softcapping; use 'xla'")
     return impl
@@ -91,18 +101,39 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | Non
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
               softcap: float | None = None, impl: str = "xla") -> jax.Array:
-    """Grouped-query softmax attention.
+    """Grouped-query softmax attention, q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D].
 
-    q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D]. Scores and softmax in fp32.
-    Fully masked rows give a uniform average (as HF's additive finfo.min mask does) with "xla".
-    `impl` picks the kernel (see `resolve_attention_impl`; "auto" is resolved here). The fused kernels
-    take the mask once per batch row ([B, 1, T, S], broadcast over heads), never per head.
+    `impl` picks the kernel (see `resolve_attention_impl`). The fused kernels take the mask once per batch
+    row ([B, 1, T, S], broadcast over heads), never per head.
     """
     impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], softcap)
-    if impl != "xla":
+    if impl in ("dot_product", "cudnn"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask[:, None], scale=scale,
             implementation="cudnn" if impl == "cudnn" else "xla").astype(q.dtype)
+    if impl in ("tpu_flash", "platform"):
+        from kalm_jax import tpu_attention
+
+        def tpu(q, k, v, mask):
+            return tpu_attention.flash_attention(q, k, v, mask, scale)
+
+        if impl == "tpu_flash":
+            return tpu(q, k, v, mask)
+
+        def default(q, k, v, mask):
+            return xla_attention(q, k, v, mask, scale)
+
+        return jax.lax.platform_dependent(q, k, v, mask, tpu=tpu, default=default)
+    return xla_attention(q, k, v, mask, scale, softcap)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                  softcap: float | None = None) -> jax.Array:
+    """Grouped-query softmax attention in plain XLA (einsums).
+
+    q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D]. Scores and softmax in fp32.
+    Fully masked rows give a uniform average (as HF's additive finfo.min mask does).
+    """
     b, t, n, d = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, d)
