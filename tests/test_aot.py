@@ -69,7 +69,10 @@ def test_tpu_flash_attention_matches_xla(s):
 
 @pytest.fixture()
 def libtpu_env(monkeypatch):
-    pytest.importorskip("libtpu", reason="TPU AOT needs the libtpu wheel: pip install 'kalm-jax[tpu]'")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        pytest.fail("TPU AOT tests need the libtpu wheel: pip install -e '.[test]' (or 'kalm-jax[tpu]')")
     for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         monkeypatch.setenv(key, value)
