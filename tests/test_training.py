@@ -328,3 +328,11 @@ def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path):
             margin = model.score_margin(dec, dmask, pooled, pmask, tokenizer.yes_id, tokenizer.no_id)
             assert got == pytest.approx(float(jax.nn.sigmoid(margin[0])), abs=1e-5)
     assert src.read_text().count("pos_scores") == 0  # input untouched
+
+
+def test_cli_override_typo_lists_valid_keys(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={REPO}/configs/train.py:tiny",
+                        f"--workdir={tmp_path}", "--config.optimizer.lrr=1"], env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "optimizer has no 'lrr'" in r.stderr and "'lr'" in r.stderr and "'warmup_steps'" in r.stderr
