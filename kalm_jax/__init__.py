@@ -10,10 +10,15 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"config", "layers", "model", "mep", "scoring", "hf", "prompts", "tokenizer"}
+_SUBMODULES = {"config", "layers", "model", "mep", "scoring", "hf", "prompts", "tokenizer", "hf_tokenizer",
+               "checkpointing", "passage_states", "reranker", "data", "evaluation", "training", "bench"}
 
 
 def __getattr__(name: str):
+    if name == "Reranker":
+        return importlib.import_module("kalm_jax.reranker").Reranker
+    if name == "PassageStates":
+        return importlib.import_module("kalm_jax.passage_states").PassageStates
     if name in _SUBMODULES:
         return importlib.import_module(f"kalm_jax.{name}")
     raise AttributeError(f"module 'kalm_jax' has no attribute {name!r}")

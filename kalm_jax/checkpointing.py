@@ -41,8 +41,13 @@ def model_meta(model: T5Gemma2) -> dict[str, Any]:
         lora = {"rank": int(a.shape[-1]), "alpha": first.lora_scale * int(a.shape[-1]),
                 "targets": list(first.lora_targets), "stacks": stacks}
     dtype = str(jax.numpy.dtype(model.embedding.get_value().dtype))
-    return {"format": FORMAT, "version": 1, "config": model.config.to_hf(), "param_dtype": dtype,
+    meta = {"format": FORMAT, "version": 1, "config": model.config.to_hf(), "param_dtype": dtype,
             "compute_dtype": str(jax.numpy.dtype(model.dtype)), "lora": lora}
+    if getattr(model, "hf_source", None):
+        # Where the model was imported from, so an HF export can carry that checkpoint's vision tensors.
+        meta["hf_source"] = str(model.hf_source)
+        meta["hf_passthrough"] = list(getattr(model, "hf_passthrough", ()))
+    return meta
 
 
 def build_abstract(meta: dict[str, Any], *, param_dtype=None, compute_dtype=None) -> T5Gemma2:
@@ -66,8 +71,12 @@ def param_tree(model: T5Gemma2) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Writes a model checkpoint atomically (temporary directory, then rename). Returns the path."""
+def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool = False,
+               extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
+    """Writes a model checkpoint atomically (temporary directory, then rename). Returns the path.
+
+    `extra_files` ({name in the checkpoint: source path}, e.g. the tokenizer) are copied in before the rename.
+    """
     out = Path(directory).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
@@ -77,6 +86,8 @@ def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", param_tree(model))
         ckptr.wait_until_finished()
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
         (tmp / META_FILE).write_text(json.dumps(model_meta(model), indent=1, sort_keys=True))
         if out.exists():
             shutil.rmtree(out)
@@ -106,6 +117,9 @@ def load_model(directory: str | os.PathLike, *, dtype=None, compute_dtype=None) 
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     model = build_abstract(meta, param_dtype=dtype, compute_dtype=compute_dtype)
     restore_params(model, d / "params")
+    if meta.get("hf_source"):
+        model.hf_source = meta["hf_source"]
+        model.hf_passthrough = tuple(meta.get("hf_passthrough", ()))
     return model.config, model
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import struct
+import sys
+import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from kalm_jax.config import ModelConfig, parse_dtype
-from kalm_jax.model import T5Gemma2, abstract_model
+from kalm_jax.model import T5Gemma2, _lora_delta, abstract_model, stack_param_shapes
 
 # HF per-layer suffix -> our stacked-parameter name.
 LAYER_NAMES: dict[str, str] = {
@@ -107,6 +111,18 @@ def _to_hf(name: str, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return t
 
 
+def hf_shape(name: str, ours: Sequence[int]) -> tuple[int, ...]:
+    """PyTorch shape of one layer's parameter `name` whose (unstacked) NNX shape is `ours`."""
+    ours = tuple(int(x) for x in ours)
+    if name in ("q", "k", "v") and len(ours) == 3:
+        return (ours[1] * ours[2], ours[0])
+    if name == "o" and len(ours) == 3:
+        return (ours[2], ours[0] * ours[1])
+    if name in ("gate", "up", "down"):
+        return ours[::-1]
+    return ours
+
+
 def canonical_name(name: str) -> str:
     """Maps in-memory transformers names (`model.encoder.text_model.*`) to the Hub layout."""
     return name.replace("model.encoder.text_model.", "model.encoder.", 1)
@@ -161,6 +177,25 @@ class SafetensorsDir:
 
     def get(self, name: str) -> np.ndarray:
         return self._handle(self.files[name]).get_tensor(name)
+
+    def raw_entry(self, name: str) -> tuple[str, tuple[int, ...], int]:
+        """(safetensors dtype string, shape, byte length) of `name`, read from the file header only."""
+        header, _ = read_safetensors_header(self.files[name])
+        e = header[name]
+        begin, end = e["data_offsets"]
+        return e["dtype"], tuple(e["shape"]), end - begin
+
+    def raw_bytes(self, name: str) -> bytes:
+        """The stored bytes of `name`, untouched (no dtype decoding): for byte-exact carrying."""
+        file = self.files[name]
+        header, data_start = read_safetensors_header(file)
+        begin, end = header[name]["data_offsets"]
+        with open(file, "rb") as f:
+            f.seek(data_start + begin)
+            data = f.read(end - begin)
+        if len(data) != end - begin:
+            raise ValueError(f"{file}: tensor {name} is truncated ({len(data)} of {end - begin} bytes)")
+        return data
 
     def close(self):
         self._handles.clear()
@@ -274,16 +309,385 @@ def _set(model, path: tuple[str, ...], value: np.ndarray) -> None:
     _get(model, path).set_value(jnp.asarray(value))
 
 
-def iter_hf_tensors(model: T5Gemma2, dtype="bfloat16") -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (Hub name, PyTorch-layout numpy tensor in `dtype`) for every text tensor, one at a time."""
-    cfg = model.config
-    np_dtype = _np_dtype(parse_dtype(dtype))
+def read_safetensors_header(file: str | os.PathLike) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data buffer starts."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{file}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError(f"{file}: not a safetensors file (header length {n})")
+        raw = f.read(n)
+    try:
+        return json.loads(raw), 8 + n
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: corrupt safetensors header ({e})") from None
+
+
+# ---------------------------------------------------------------------- export
+ST_DTYPES: dict[np.dtype, str] = {
+    np.dtype(jnp.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16",
+    np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
+}
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+"""Hub convention: shards of at most 5 GB (a tensor larger than the limit gets a shard of its own)."""
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+"""Tokenizer files copied beside an exported checkpoint when they exist beside its source."""
+
+
+def _ours_shape(spec: TensorSpec, cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of the NNX variable `spec` lives in (stacked: with the leading layers axis)."""
+    h = cfg.hidden_size
+    name = spec.path[-1]
+    if spec.layer is not None:
+        stack = spec.path[0]
+        return stack_param_shapes(cfg, len(getattr(cfg, f"{stack}_layer_types")))[name]
+    return (cfg.vocab_size, h) if name == "embedding" else (h,)
+
+
+def export_problems(model: T5Gemma2, config: ModelConfig | None = None) -> list[str]:
+    """Every model variable whose shape does not match `config` (default `model.config`), incl. LoRA factors.
+
+    Reads shapes only, so it works on abstract models and costs nothing.
+    """
+    cfg = config or model.config
+    problems = []
+    seen = set()
     for spec in tensor_specs(cfg):
-        value = _get(model, spec.path).get_value()
-        if spec.layer is not None:
-            value = value[spec.layer]
-        yield spec.hf_name, np.ascontiguousarray(spec.to_hf(np.asarray(value), cfg).astype(np_dtype))
+        if spec.path in seen:
+            continue
+        seen.add(spec.path)
+        want = _ours_shape(spec, cfg)
+        try:
+            got = tuple(_get(model, spec.path).get_value().shape)
+        except AttributeError:
+            problems.append(f"model has no parameter {'.'.join(spec.path)} (needed for {spec.hf_name})")
+            continue
+        if got != want:
+            problems.append(f"parameter {'.'.join(spec.path)} has shape {got}, but the config needs {want} "
+                            f"(exported as {spec.hf_name.replace('.0.', '.{i}.')})")
+    for stack in ("encoder", "decoder"):
+        ls = getattr(model, stack)
+        for name in ls.lora_targets:
+            w = tuple(getattr(ls, name).get_value().shape)
+            a = tuple(getattr(ls, f"{name}_lora_a").get_value().shape)
+            b = tuple(getattr(ls, f"{name}_lora_b").get_value().shape)
+            n_in = len(a) - 2
+            if a[0] != w[0] or b[0] != w[0] or a[1:-1] != w[1:1 + n_in] or b[2:] != w[1 + n_in:] or a[-1] != b[1]:
+                problems.append(f"LoRA factors of {stack}.{name}: A {a} and B {b} do not fit the weight {w}")
+    return problems
 
 
-__all__ = ["load", "read_config", "tensor_specs", "check_tensors", "iter_hf_tensors", "SafetensorsDir",
-           "TensorSpec", "LAYER_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES"]
+def hf_tensor(model: T5Gemma2, spec: TensorSpec, dtype=None, *, merge_lora: bool = True) -> np.ndarray:
+    """One Hub-layout tensor of `model` as a contiguous numpy array (LoRA delta folded in when present).
+
+    The LoRA fold follows `LayerStack.merge_lora` exactly: (w in fp32 + scale·A@B) cast back to w's dtype,
+    then to `dtype` (default: the parameter dtype). Only this one layer's slice is materialised on the host.
+    """
+    cfg = model.config
+    value = _get(model, spec.path).get_value()
+    if spec.layer is not None:
+        value = value[spec.layer]
+        stack = getattr(model, spec.path[0])
+        name = spec.path[-1]
+        if merge_lora and name in stack.lora_targets:
+            a = getattr(stack, f"{name}_lora_a").get_value()[spec.layer][None]
+            b = getattr(stack, f"{name}_lora_b").get_value()[spec.layer][None]
+            delta = _lora_delta(a, b, (1, *value.shape), stack.lora_scale)[0]
+            value = (value.astype(jnp.float32) + delta).astype(value.dtype)
+    out = spec.to_hf(np.asarray(value), cfg)
+    if dtype is not None:
+        out = out.astype(_np_dtype(parse_dtype(dtype)), copy=False)
+    return np.ascontiguousarray(out)
+
+
+def iter_hf_tensors(model: T5Gemma2, dtype="bfloat16", *, merge_lora: bool = True,
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (Hub name, PyTorch-layout numpy tensor in `dtype`) for every text tensor, one at a time.
+
+    LoRA adapters are folded into their base weights on the fly (the model itself is not changed).
+    """
+    for spec in tensor_specs(model.config):
+        yield spec.hf_name, hf_tensor(model, spec, dtype, merge_lora=merge_lora)
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One tensor of the export plan: its name, safetensors dtype/shape/size and how to produce its bytes."""
+
+    name: str
+    st_dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    produce: Callable[[], np.ndarray | bytes]
+
+
+def _write_safetensors(path: Path, entries: Sequence[_Entry], bar) -> None:
+    """Writes a safetensors file tensor by tensor: the header is known in advance, so no shard is ever
+    held in memory whole (the `safetensors` library's writers need every tensor of a file at once)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.st_dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for e in entries:
+            data = e.produce()
+            if isinstance(data, np.ndarray):
+                if data.nbytes != e.nbytes or tuple(data.shape) != e.shape:
+                    raise RuntimeError(f"{e.name}: produced shape {data.shape} ({data.nbytes} bytes), "
+                                       f"planned {e.shape} ({e.nbytes} bytes)")
+                if e.st_dtype in ("F32", "BF16", "F16", "F64") and not np.isfinite(data.astype(np.float32, copy=False)).all():
+                    raise ValueError(f"tensor {e.name} holds non-finite values (NaN/inf); refusing to export it")
+                data.tofile(f)
+            else:
+                if len(data) != e.nbytes:
+                    raise RuntimeError(f"{e.name}: {len(data)} bytes, planned {e.nbytes}")
+                f.write(data)
+            bar.update(1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _shard(entries: Sequence[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """Greedy in-order packing into shards of at most `max_bytes` (an oversized tensor gets its own shard)."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def parse_size(size: int | str) -> int:
+    """Byte count from an int or a string like '5GB', '500MB', '2GiB', '1000'."""
+    if isinstance(size, int):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+        for unit, mult in units.items():
+            if text.endswith(unit):
+                try:
+                    value = int(float(text[: -len(unit)]) * mult)
+                except ValueError:
+                    raise ValueError(f"cannot parse size {size!r} (e.g. '5GB', '500MB', '2GiB')") from None
+                break
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"cannot parse size {size!r} (e.g. '5GB', '500MB', '2GiB')") from None
+    if value <= 0:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+def find_tokenizer_files(*dirs: str | os.PathLike | None) -> dict[str, Path]:
+    """Tokenizer files (`TOKENIZER_FILES`) found in the first of `dirs` that has any."""
+    for d in dirs:
+        if d is None or not Path(d).is_dir():
+            continue
+        found = {n: Path(d) / n for n in TOKENIZER_FILES if (Path(d) / n).is_file()}
+        if found:
+            return found
+    return {}
+
+
+def _tokenizer_files(tokenizer) -> dict[str, Path | bytes]:
+    """`tokenizer` (a kalm_jax Tokenizer, a tokenizer.model file or a directory) -> files to write."""
+    if hasattr(tokenizer, "_proto_bytes"):
+        return {"tokenizer.model": tokenizer._proto_bytes}
+    p = Path(tokenizer)
+    if p.is_file():
+        return {"tokenizer.model" if p.suffix == ".model" else p.name: p}
+    if p.is_dir():
+        found = find_tokenizer_files(p)
+        if found:
+            return dict(found)
+        raise FileNotFoundError(f"{p}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+    raise FileNotFoundError(f"{p}: tokenizer not found")
+
+
+def _vision_config(source: Path) -> dict | None:
+    try:
+        enc = json.loads((source / "config.json").read_text()).get("encoder", {})
+    except (OSError, json.JSONDecodeError):
+        return None
+    return enc.get("vision_config")
+
+
+def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike, *, dtype="bfloat16",
+         max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES, tokenizer=None, overwrite: bool = False,
+         vision_from: str | os.PathLike | bool | None = None, merge_lora: bool = True,
+         progress: bool | None = None) -> Path:
+    """Writes `model` as a Hugging Face `t5gemma2` checkpoint that `T5Gemma2ForConditionalGeneration` loads.
+
+    Output: `config.json` (`config.to_hf()`, dtype set to `dtype`), `generation_config.json`, Hub-layout
+    safetensors (tied aliases omitted, PyTorch [out, in] layout) in one `model.safetensors` or in
+    `model-0000i-of-0000n.safetensors` shards of at most `max_shard_bytes` with
+    `model.safetensors.index.json`, and tokenizer files when known.
+
+    Args:
+      model: the NNX model (concrete). LoRA adapters are folded into the exported weights on the fly;
+        `model` is not modified.
+      config: the config to write (None: `model.config`); its shapes must match the model's parameters.
+      out_dir: target directory. Written as a temporary sibling directory and renamed into place at the
+        end, so an interrupted export never leaves a complete-looking directory (and an existing one is
+        replaced only once the new one is complete).
+      dtype: 'bfloat16' (default, the released checkpoints' dtype) or 'float32' for the text tensors.
+      max_shard_bytes: shard size limit (int or '5GB'-style string).
+      tokenizer: a `kalm_jax.tokenizer.Tokenizer`, a `tokenizer.model` file or a directory with tokenizer
+        files; None copies the tokenizer files found beside the model's HF source, if any.
+      vision_from: HF directory whose vision-tower/projector tensors (and `vision_config`) are carried
+        byte-for-byte; None uses the tensors recorded at import (`model.hf_passthrough` from
+        `model.hf_source`); False exports text only. A text-only checkpoint loads in transformers, which
+        then initialises the unused vision tower randomly (with a warning); text outputs are unaffected.
+      progress: per-tensor progress bar (default: for exports over 1 GiB).
+    Returns:
+      The output directory.
+    Raises:
+      FileExistsError (out_dir exists, overwrite False), ValueError naming every mis-shaped parameter or
+      a missing passthrough tensor, all before anything is written.
+    """
+    cfg = config or model.config
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"config must be a kalm_jax ModelConfig, got {type(cfg).__name__}")
+    np_dtype = _np_dtype(parse_dtype(dtype))
+    max_bytes = parse_size(max_shard_bytes)
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+
+    # ---- validate everything before writing anything
+    problems = export_problems(model, cfg)
+    if problems:
+        raise ValueError(f"cannot export to {out}: the model does not match the config "
+                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+    hf_config = cfg.to_hf()
+    ModelConfig.from_hf(hf_config, source="the config.json to be written")  # must read back
+
+    if vision_from is False:
+        source = None
+    elif vision_from is not None:
+        source = Path(vision_from)
+    else:
+        source = Path(model.hf_source) if getattr(model, "hf_source", None) else None
+    passthrough: list[str] = []
+    st_src = None
+    if source is not None:
+        if vision_from is not None:
+            if not source.is_dir():
+                raise FileNotFoundError(f"vision_from={source}: not a directory")
+            st_src = SafetensorsDir(source)
+            passthrough = sorted(n for n in st_src.names() if canonical_name(n).startswith(PASSTHROUGH_PREFIXES))
+            if not passthrough:
+                raise ValueError(f"vision_from={source}: has no vision tower / projector tensors")
+        elif getattr(model, "hf_passthrough", ()):
+            passthrough = list(model.hf_passthrough)
+            if not source.is_dir():
+                raise FileNotFoundError(f"{source}: the HF checkpoint this model was imported from is gone, so its "
+                                        f"{len(passthrough)} vision tensors cannot be carried; pass vision_from= "
+                                        f"(--vision-from) another copy, or vision_from=False (--text-only)")
+            st_src = SafetensorsDir(source)
+            missing = [n for n in passthrough if n not in st_src.files]
+            if missing:
+                raise ValueError(f"{source}: vision tensors recorded at import are missing now: {missing[:5]}")
+        if passthrough:
+            vision = _vision_config(source)
+            if vision is not None:
+                hf_config["encoder"]["vision_config"] = vision
+    hf_config["dtype"] = str(np_dtype)
+    if "torch_dtype" in hf_config:
+        hf_config["torch_dtype"] = str(np_dtype)
+
+    tok_files: dict[str, Path | bytes] = {}
+    if tokenizer is not None:
+        tok_files = _tokenizer_files(tokenizer)
+    elif source is not None:
+        tok_files = dict(find_tokenizer_files(source))
+    gen_src = source / "generation_config.json" if source is not None else None
+
+    st_name = ST_DTYPES[np_dtype]
+    entries: list[_Entry] = []
+    for spec in tensor_specs(cfg):
+        entries.append(_Entry(spec.hf_name, st_name, spec.hf_shape, int(np.prod(spec.hf_shape)) * np_dtype.itemsize,
+                              lambda spec=spec: hf_tensor(model, spec, np_dtype, merge_lora=merge_lora)))
+    for name in passthrough:
+        st_dt, shape, nbytes = st_src.raw_entry(name)
+        entries.append(_Entry(name, st_dt, shape, nbytes, lambda name=name: st_src.raw_bytes(name)))
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors export needs a little-endian host")
+
+    shards = _shard(entries, max_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = sum(e.nbytes for e in entries)
+    show = progress if progress is not None else total > (1 << 30)
+
+    # ---- write into a temporary sibling, then rename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with tqdm(total=len(entries), desc=f"writing {out.name}", unit="tensor", disable=not show) as bar:
+            for fname, shard in zip(names, shards):
+                _write_safetensors(tmp / fname, shard, bar)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total,
+                                  "total_parameters": sum(int(np.prod(e.shape)) for e in entries)},
+                     "weight_map": {e.name: f for f, shard in zip(names, shards) for e in sorted(shard, key=lambda e: e.name)}}
+            index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for fname, src in tok_files.items():
+            if isinstance(src, bytes):
+                (tmp / fname).write_bytes(src)
+            else:
+                shutil.copyfile(src, tmp / fname)
+        if gen_src is not None and gen_src.is_file():
+            shutil.copyfile(gen_src, tmp / "generation_config.json")
+        else:
+            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                   "pad_token_id": cfg.pad_token_id}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        # config.json last: a directory without it is never mistaken for a checkpoint.
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if st_src is not None:
+            st_src.close()
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Renames `tmp` to `out`; an existing `out` is moved aside first and deleted only afterwards."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["load", "save", "read_config", "tensor_specs", "check_tensors", "export_problems", "hf_tensor",
+           "iter_hf_tensors", "SafetensorsDir", "TensorSpec", "read_safetensors_header", "find_tokenizer_files",
+           "parse_size", "hf_shape", "LAYER_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES", "TOKENIZER_FILES"]

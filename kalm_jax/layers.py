@@ -68,13 +68,41 @@ def decoder_masks(dec_mask: jax.Array, enc_mask: jax.Array, window: int) -> tupl
     return jnp.concatenate([causal, cross], axis=-1), jnp.concatenate([sliding, cross], axis=-1)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
+
+
+def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | None = None) -> str:
+    """The concrete attention implementation for `impl` ("auto" -> "cudnn" on GPU for bf16, else "xla").
+
+    "xla" is the einsum reference (the CPU/TPU default, bit-for-bit the parity-tested numerics);
+    "dot_product" is `jax.nn.dot_product_attention` with XLA; "cudnn" is its cuDNN flash kernel (GPU, bf16,
+    head_dim <= 256 on Hopper). Attention logit soft-capping is only supported by "xla".
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; valid: {list(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+        flash_ok = jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0 and head_dim <= 256
+        impl = "cudnn" if on_gpu and flash_ok and softcap is None else "xla"
+    if impl != "xla" and softcap is not None:
+        raise ValueError(f"attention implementation {impl!r} does not support attn_logit_softcapping; use 'xla'")
+    return impl
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-              softcap: float | None = None) -> jax.Array:
+              softcap: float | None = None, impl: str = "xla") -> jax.Array:
     """Grouped-query softmax attention.
 
     q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D]. Scores and softmax in fp32.
-    Fully masked rows give a uniform average (as HF's additive finfo.min mask does).
+    Fully masked rows give a uniform average (as HF's additive finfo.min mask does) with "xla".
+    `impl` picks the kernel (see `resolve_attention_impl`; "auto" is resolved here). The fused kernels
+    take the mask once per batch row ([B, 1, T, S], broadcast over heads), never per head.
     """
+    impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], softcap)
+    if impl != "xla":
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale,
+            implementation="cudnn" if impl == "cudnn" else "xla").astype(q.dtype)
     b, t, n, d = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, d)
@@ -98,19 +126,19 @@ def mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Ar
     return jnp.einsum("bti,ih->bth", gelu_tanh(g) * u, down)
 
 
-def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig):
+def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xla"):
     """Encoder attention sub-block (pre-norm → attention → post-norm); returns the residual update [B,T,H]."""
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
     q = rms_norm(jnp.einsum("bth,hnd->btnd", h, w["q"]), w["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(jnp.einsum("bth,hkd->btkd", h, w["k"]), w["k_norm"], cfg.rms_norm_eps)
     v = jnp.einsum("bth,hkd->btkd", h, w["v"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = attention(q, k, v, mask, cfg.attn_scale)
+    o = attention(q, k, v, mask, cfg.attn_scale, impl=impl)
     o = jnp.einsum("btnd,ndh->bth", o, w["o"])
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
-def merged_attention_block(x, enc, w, mask, cos, sin, cfg: ModelConfig):
+def merged_attention_block(x, enc, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xla"):
     """Decoder merged attention: one softmax over [self keys (RoPE) ; passage keys (k_norm, no RoPE)].
 
     x [B, T, H] decoder stream, enc [B, S, H] passage states, mask bool [B, T, T+S].
@@ -122,7 +150,8 @@ def merged_attention_block(x, enc, w, mask, cos, sin, cfg: ModelConfig):
     q, ks = apply_rope(q, cos, sin), apply_rope(ks, cos, sin)
     kc = rms_norm(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), w["k_norm"], cfg.rms_norm_eps)
     vc = jnp.einsum("bsh,hkd->bskd", enc, w["v"])
-    o = attention(q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, cfg.attn_scale)
+    o = attention(q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, cfg.attn_scale,
+                  impl=impl)
     o = jnp.einsum("btnd,ndh->bth", o, w["o"])
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 

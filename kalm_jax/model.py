@@ -137,6 +137,11 @@ class T5Gemma2(nnx.Module):
       config: the model hyper-parameters.
       param_dtype: storage dtype of the parameters (fp32 master weights for training; bf16 for serving).
       dtype: compute dtype (defaults to param_dtype). Norms, softmax and margins always run in fp32.
+
+    Attributes (plain, so changing one re-traces the jitted entry points):
+      remat: rematerialise each layer in the backward pass.
+      attention_impl: "auto" (cuDNN flash attention on GPU in bf16, else the einsum reference), "xla",
+        "dot_product" or "cudnn"; see `layers.resolve_attention_impl`.
     """
 
     def __init__(self, config: ModelConfig, *, param_dtype="float32", dtype=None, rngs: nnx.Rngs):
@@ -144,6 +149,7 @@ class T5Gemma2(nnx.Module):
         param_dtype = parse_dtype(param_dtype)
         self.dtype = parse_dtype(dtype) if dtype is not None else param_dtype
         self.remat = False
+        self.attention_impl = "auto"
         h = config.hidden_size
         self.embedding = _param(nnx.initializers.normal(stddev=1.0)(rngs.params(), (config.vocab_size, h),
                                                                       param_dtype), ("vocab", "embed"))
@@ -197,7 +203,7 @@ class T5Gemma2(nnx.Module):
         masks = layers.encoder_masks(mask, c.sliding_window)
 
         def block(h, w, m, cos, sin):
-            return layers.self_attention_block(h, w, m, cos, sin, c)
+            return layers.self_attention_block(h, w, m, cos, sin, c, impl=self.attention_impl)
 
         x = self._run_stack(self.encoder, x, block, masks, self._rope(ids.shape[1]))
         return layers.rms_norm(x, self.encoder_norm.get_value(), c.rms_norm_eps)
@@ -215,7 +221,7 @@ class T5Gemma2(nnx.Module):
         masks = layers.decoder_masks(mask, enc_mask, c.sliding_window)
 
         def block(h, w, m, cos, sin):
-            return layers.merged_attention_block(h, enc, w, m, cos, sin, c)
+            return layers.merged_attention_block(h, enc, w, m, cos, sin, c, impl=self.attention_impl)
 
         x = self._run_stack(self.decoder, x, block, masks, self._rope(ids.shape[1]))
         return layers.rms_norm(x, self.decoder_norm.get_value(), c.rms_norm_eps)

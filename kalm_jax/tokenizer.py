@@ -264,3 +264,41 @@ def _ensure_single_pieces(model_bytes: bytes, words: Sequence[str]) -> bytes:
         proto.pieces[idx].score = top
         proto.pieces[idx].type = normal
     return proto.SerializeToString()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import itertools
+
+    p = argparse.ArgumentParser(description="Train a SentencePiece tokenizer with the Gemma special-token layout.")
+    p.add_argument("--out", required=True, help="output directory (tokenizer.model is written there)")
+    p.add_argument("--beir", nargs="*", default=[], help="BEIR dataset directories whose corpus passages to use")
+    p.add_argument("--text", nargs="*", default=[], help="text files, one training text per line (.gz ok)")
+    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--max_texts", type=int, default=200_000)
+    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--no_gemma_layout", action="store_true", help="put the turn markers at 4/5, not 105/106")
+    args = p.parse_args(argv)
+    if not args.beir and not args.text:
+        p.error("give --beir and/or --text")
+
+    from kalm_jax.data.beir import load_corpus, passage_text
+    from kalm_jax.data.textfile import iter_lines
+
+    def texts():
+        for d in args.beir:
+            corpus_file = next((Path(d) / n for n in ("corpus.jsonl.gz", "corpus.jsonl") if (Path(d) / n).is_file()),
+                               None)
+            if corpus_file is None:
+                raise FileNotFoundError(f"{d}: no corpus.jsonl[.gz]")
+            yield from (passage_text(doc) for doc in load_corpus(corpus_file).values())
+        for f in args.text:
+            yield from (line for _, line in iter_lines(f))
+
+    tok = Tokenizer.train(itertools.islice(texts(), args.max_texts), args.out, args.vocab_size,
+                          model_type=args.model_type, gemma_layout=not args.no_gemma_layout)
+    print(f"{tok.path}: vocab {tok.vocab_size}, special ids {tok.special_ids}, sha256 {tok.fingerprint()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -95,3 +95,12 @@ def test_missing_turn_marker_is_rejected(scifact_texts, tmp_path):
     path = _raw_spm(scifact_texts[:1000], tmp_path / "tokenizer.model", 800, ["<start_of_turn>", "yes", "no"])
     with pytest.raises(TokenizerError, match="<end_of_turn>"):
         Tokenizer.load(path)
+
+
+def test_cli_trains_from_beir(data_dir, tmp_path, capsys):
+    from kalm_jax.tokenizer import main
+
+    main(["--out", str(tmp_path), "--beir", str(data_dir / "med"), "--vocab_size", "1500"])
+    tok = Tokenizer.load(tmp_path)
+    assert tok.vocab_size == 1500 and tok.start_of_turn_id == 105
+    assert "vocab 1500" in capsys.readouterr().out

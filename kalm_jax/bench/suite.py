@@ -1,0 +1,215 @@
+"""Benchmark rows: encode, score, online-cost ratio and train step of kalm-jax with random weights.
+
+Every row is a plain dict (JSON-ready) with `kind`, `shape` and, where they apply, `n` (passage tokens)
+and `r` (MEP ratio), plus the measured figures. Work is timed through the library's own jitted entry
+points (`scoring.encode_pool`, `scoring.score_pairs`), compiled ahead of time so compile time is
+reported apart from run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kalm_jax import scoring
+from kalm_jax.bench import flops
+from kalm_jax.bench.timing import Timing, compile_aot, compiled_bytes, device_peak_bytes, time_calls
+from kalm_jax.config import ModelConfig, get_preset, parse_dtype
+from kalm_jax.layers import resolve_attention_impl
+from kalm_jax.model import init_model
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What to run. Defaults are the issue's grid (meant for a GPU; pass smaller grids on CPU)."""
+
+    shapes: tuple[str, ...] = ("nano", "small", "large")
+    encode_lengths: tuple[int, ...] = (256, 512, 1024, 4096)
+    score_lengths: tuple[int, ...] = (256, 512, 4096)
+    ratios: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    candidates: int = 100  # pairs scored per query
+    prompt_len: int = 64  # decoder prompt tokens: system + instruction + a 16-token query (Gemma tokenizer)
+    encode_tokens: int = 32768  # passage tokens per encode call (batch = max(1, encode_tokens // n))
+    score_batch: int = 100  # pairs per score call; halved automatically when memory runs out
+    dtype: str = "bfloat16"
+    attention_impl: str = "auto"
+    warmup: int = 2
+    repeats: int = 5
+    rotations: int = 3  # distinct input sets cycled through, so no call reuses the last call's buffers
+    seed: int = 0
+    train: bool = True
+    train_n: int = 512
+    train_r: int = 4
+    train_batch: int = 8
+
+
+@dataclasses.dataclass
+class ShapeContext:
+    """A random-weight model of one preset, split for the jitted entry points."""
+
+    name: str
+    cfg: ModelConfig
+    model: Any
+    graphdef: Any
+    state: Any
+    impl: str
+
+
+def build_model(name: str, settings: BenchSettings) -> ShapeContext:
+    cfg = get_preset(name)
+    dtype = parse_dtype(settings.dtype)
+    model = init_model(cfg, seed=settings.seed, param_dtype=dtype, dtype=dtype)
+    model.attention_impl = settings.attention_impl
+    graphdef, state = nnx.split(model)
+    impl = resolve_attention_impl(settings.attention_impl, dtype, cfg.head_dim)
+    return ShapeContext(name, cfg, model, graphdef, state, impl)
+
+
+def _is_oom(err: Exception) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _token_ids(rng: np.random.Generator, cfg: ModelConfig, shape) -> np.ndarray:
+    # Ordinary text tokens: avoid pad/eos/bos and the image/eoi ids at the top of the vocabulary.
+    return rng.integers(3, cfg.boi_token_index, shape, dtype=np.int32)
+
+
+def _base_row(kind: str, ctx: ShapeContext, settings: BenchSettings) -> dict[str, Any]:
+    return {"kind": kind, "shape": ctx.name, "dtype": settings.dtype, "attention_impl": ctx.impl,
+            "backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind}
+
+
+def _timing_fields(t: Timing) -> dict[str, Any]:
+    return {"median_s": t.median_s, "min_s": t.min_s, "max_s": t.max_s, "repeats": t.repeats,
+            "compile_s": t.compile_s}
+
+
+def _with_oom_halving(batch: int, run: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    """Runs `run(batch)`, halving the batch on device out-of-memory (chunks when memory requires)."""
+    while True:
+        try:
+            return run(batch)
+        except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
+            if not _is_oom(err) or batch == 1:
+                raise
+            batch //= 2
+
+
+def encode_row(ctx: ShapeContext, n: int, settings: BenchSettings, peak_flops: float | None) -> dict[str, Any]:
+    """Passage encoding (+ MEP at r = 1) of full n-token passages: tokens/s and MFU."""
+    rng = np.random.default_rng(settings.seed + n)
+
+    def run(batch: int) -> dict[str, Any]:
+        inputs = [(jnp.asarray(_token_ids(rng, ctx.cfg, (batch, n))), jnp.ones((batch, n), jnp.int32))
+                  for _ in range(settings.rotations)]
+        compiled, compile_s = compile_aot(scoring.encode_pool, ctx.graphdef, ctx.state, *inputs[0], ratio=1)
+        timing = time_calls(lambda ids, mask: compiled(ctx.state, ids, mask), inputs,
+                            warmup=settings.warmup, repeats=settings.repeats, compile_s=compile_s)
+        tokens_per_s = batch * n / timing.median_s
+        achieved = flops.encoder_flops(ctx.cfg, n) * batch / timing.median_s
+        return {**_base_row("encode", ctx, settings), "n": n, "r": 1, "batch": batch,
+                "tokens_per_s": tokens_per_s, "s_per_passage": timing.median_s / batch,
+                "flops_per_s": achieved, "mfu": achieved / peak_flops if peak_flops else None,
+                **_timing_fields(timing), "program_bytes": compiled_bytes(compiled),
+                "peak_bytes": device_peak_bytes(),
+                "cache_bytes_per_passage": flops.cache_bytes(ctx.cfg, n, 1,
+                                                             jnp.dtype(settings.dtype).itemsize)}
+
+    return _with_oom_halving(max(1, settings.encode_tokens // n), run)
+
+
+def score_row(ctx: ShapeContext, n: int, r: int, settings: BenchSettings,
+              peak_flops: float | None) -> dict[str, Any]:
+    """Scoring of `candidates` (prompt, cached passage) pairs at ratio r: pairs/s and MFU."""
+    rng = np.random.default_rng(settings.seed + 7 * n + r)
+    c = flops.cached_states(n, r)
+    t = settings.prompt_len
+    dtype = parse_dtype(settings.dtype)
+    yes_no = jnp.asarray([rng.integers(3, 1000), rng.integers(1000, 2000)], jnp.int32)
+
+    def run(batch: int) -> dict[str, Any]:
+        inputs = []
+        for _ in range(settings.rotations):
+            states = rng.standard_normal((batch, c, ctx.cfg.hidden_size), dtype=np.float32)
+            inputs.append((jnp.asarray(_token_ids(rng, ctx.cfg, (batch, t))), jnp.ones((batch, t), jnp.int32),
+                           jnp.asarray(states, dtype), jnp.ones((batch, c), jnp.int32)))
+        compiled, compile_s = compile_aot(scoring.score_pairs, ctx.graphdef, ctx.state, *inputs[0], yes_no)
+        timing = time_calls(lambda *a: compiled(ctx.state, *a, yes_no), inputs,
+                            warmup=settings.warmup, repeats=settings.repeats, compile_s=compile_s)
+        achieved = flops.decoder_flops(ctx.cfg, t, c) * batch / timing.median_s
+        return {**_base_row("score", ctx, settings), "n": n, "r": r, "cached_states": c, "prompt_len": t,
+                "batch": batch, "pairs_per_s": batch / timing.median_s, "s_per_pair": timing.median_s / batch,
+                "flops_per_s": achieved, "mfu": achieved / peak_flops if peak_flops else None,
+                **_timing_fields(timing), "program_bytes": compiled_bytes(compiled),
+                "peak_bytes": device_peak_bytes(),
+                "cache_bytes_per_passage": flops.cache_bytes(ctx.cfg, n, r, dtype.itemsize)}
+
+    return _with_oom_halving(min(settings.candidates, settings.score_batch), run)
+
+
+def online_ratio_row(ctx: ShapeContext, encode: dict[str, Any], score: dict[str, Any],
+                     settings: BenchSettings) -> dict[str, Any]:
+    """Per-pair time without a cache (encode + score) over time with it (score only), beside the FLOP ratio."""
+    n, r, t = score["n"], score["r"], settings.prompt_len
+    measured = (encode["s_per_passage"] + score["s_per_pair"]) / score["s_per_pair"]
+    analytic = flops.online_ratio(ctx.cfg, n, r, t)
+    return {**_base_row("online_ratio", ctx, settings), "n": n, "r": r, "prompt_len": t,
+            "encode_s_per_pair": encode["s_per_passage"], "score_s_per_pair": score["s_per_pair"],
+            "measured_ratio": measured, "analytic_ratio": analytic, "measured_over_analytic": measured / analytic,
+            "cross_encoder_analytic_ratio": flops.cross_encoder_ratio(ctx.cfg, n, r, t)}
+
+
+def train_rows(ctx: ShapeContext, settings: BenchSettings, peak_flops: float | None) -> list[dict[str, Any]]:
+    """Train-step rows (full fine-tuning and LoRA) through `kalm_jax.bench.train_hook`; a `skipped` row
+    with the reason when the training code is absent or its interface does not match."""
+    from kalm_jax.bench import train_hook
+
+    rows = []
+    for mode in ("full", "lora"):
+        base = {**_base_row("train", ctx, settings), "mode": mode, "n": settings.train_n, "r": settings.train_r,
+                "prompt_len": settings.prompt_len, "batch": settings.train_batch}
+        step = train_hook.build_step(ctx.cfg, settings, mode)
+        if isinstance(step, str):
+            rows.append({**base, "skipped": step})
+            continue
+        timing = time_calls(step.fn, step.inputs, warmup=settings.warmup, repeats=settings.repeats,
+                            compile_s=step.compile_s)
+        per_example = flops.train_flops(ctx.cfg, settings.train_n, settings.train_r, settings.prompt_len,
+                                        lora=mode == "lora")
+        achieved = per_example * settings.train_batch / timing.median_s
+        tokens = settings.train_batch * (settings.train_n + settings.prompt_len)
+        rows.append({**base, "step_s": timing.median_s, "tokens_per_s": tokens / timing.median_s,
+                     "flops_per_s": achieved, "mfu": achieved / peak_flops if peak_flops else None,
+                     **_timing_fields(timing), "peak_bytes": device_peak_bytes()})
+    return rows
+
+
+def shape_rows(name: str, settings: BenchSettings, peak_flops: float | None,
+               progress: Callable[[str], None] = lambda _: None) -> Iterator[dict[str, Any]]:
+    """All kalm-jax rows of one preset: encode per n, score per (n, r), online ratio per (n, r), train."""
+    ctx = build_model(name, settings)
+    encodes: dict[int, dict[str, Any]] = {}
+    for n in sorted(set(settings.encode_lengths) | set(settings.score_lengths)):
+        progress(f"{name} encode n={n}")
+        encodes[n] = encode_row(ctx, n, settings, peak_flops)
+        if n in settings.encode_lengths:
+            yield encodes[n]
+    for n in settings.score_lengths:
+        for r in settings.ratios:
+            progress(f"{name} score n={n} r={r}")
+            row = score_row(ctx, n, r, settings, peak_flops)
+            yield row
+            yield online_ratio_row(ctx, encodes[n], row, settings)
+    if settings.train:
+        progress(f"{name} train")
+        yield from train_rows(ctx, settings, peak_flops)
+
+
+__all__ = ["BenchSettings", "ShapeContext", "build_model", "encode_row", "score_row", "online_ratio_row",
+           "train_rows", "shape_rows"]

@@ -1,0 +1,229 @@
+"""Checkpoint conversion CLI: kalm-jax Orbax checkpoints ⇄ Hugging Face `t5gemma2` safetensors.
+
+    python -m kalm_jax.convert to-hf   SRC OUT [--dtype bfloat16|float32] [--max-shard-size 5GB]
+                                                [--tokenizer PATH] [--vision-from HF_DIR] [--overwrite]
+    python -m kalm_jax.convert from-hf SRC OUT [--dtype float32|bfloat16] [--overwrite]
+    python -m kalm_jax.convert inspect PATH [--against hf|orbax] [--config config.json] [--summary]
+
+`to-hf` SRC: a model checkpoint (`kalm_model.json` + `params/`), a training step directory
+(`<workdir>/checkpoints/<step>/`), a training workdir (latest step) or an HF directory (re-export, e.g.
+to change dtype or sharding). `from-hf` writes a model checkpoint that `train.py --config.init_from=` and
+`eval.py` load. `inspect` lists tensors, shapes, dtypes and parameter counts, and with `--against`
+names every tensor the target format would miss, not expect, or get with the wrong shape (exit code 1).
+The work is done by `kalm_jax.hf` and `kalm_jax.checkpointing`; this module only parses flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kalm_jax import checkpointing, hf
+from kalm_jax.config import ModelConfig
+
+LORA_SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def _tokenizer_dirs(src: Path) -> list[Path]:
+    """Where a tokenizer of SRC may live: SRC, and for step dirs / workdirs the workdir."""
+    dirs = [src]
+    step = checkpointing.latest_step_dir(src)
+    if step is not None:
+        dirs.append(step)
+    if src.parent.name == "checkpoints":
+        dirs.append(src.parent.parent)
+    return dirs
+
+
+def to_hf(args) -> int:
+    src = Path(args.src)
+    _, model = checkpointing.load_any(src)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        found = hf.find_tokenizer_files(*_tokenizer_dirs(src))
+        tokenizer = next(iter(found.values())).parent if found else None
+    out = hf.save(model, model.config, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                  tokenizer=tokenizer, overwrite=args.overwrite,
+                  vision_from=False if args.text_only else args.vision_from, progress=True)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out}: {', '.join(files)}")
+    return 0
+
+
+def from_hf(args) -> int:
+    src = Path(args.src)
+    _, model = hf.load(src, dtype=args.dtype, progress=True)
+    extra = {name: path for name, path in hf.find_tokenizer_files(src).items()}
+    out = checkpointing.save_model(model, args.out, overwrite=args.overwrite, extra_files=extra)
+    print(f"wrote {out} (params in {args.dtype}; tokenizer files: {sorted(extra) or 'none found'})")
+    if model.hf_passthrough:
+        print(f"note: {len(model.hf_passthrough)} vision-tower/projector tensors are not converted; `to-hf` "
+              f"carries them from {src} (recorded in {checkpointing.META_FILE}) or from --vision-from")
+    return 0
+
+
+# ---------------------------------------------------------------------- inspect
+def _hf_listing(path: Path, config_path: str | None):
+    """(rows [(name, shape, dtype)], config or None) of an HF directory or a single .safetensors file."""
+    if path.is_file():
+        header, _ = hf.read_safetensors_header(path)
+        rows = [(n, tuple(e["shape"]), e["dtype"]) for n, e in header.items() if n != "__metadata__"]
+        cfg_file = Path(config_path) if config_path else path.parent / "config.json"
+    else:
+        st = hf.SafetensorsDir(path)
+        rows = []
+        for n in st.names():
+            dtype, shape, _ = st.raw_entry(n)
+            rows.append((n, shape, dtype))
+        st.close()
+        cfg_file = Path(config_path) if config_path else path / "config.json"
+    cfg = None
+    if cfg_file.is_file():
+        cfg = hf.read_config(cfg_file.parent) if cfg_file.name == "config.json" else \
+            ModelConfig.from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
+    return sorted(rows), cfg
+
+
+def _orbax_listing(path: Path):
+    """(rows [(dotted name, shape, dtype)], config) of a model checkpoint, step dir or workdir (no loading)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    step = path if checkpointing._find_meta(path) is not None else checkpointing.latest_step_dir(path)
+    meta_path = checkpointing._find_meta(step) if step is not None else None
+    if meta_path is None:
+        raise ValueError(f"{path}: not an HF directory/.safetensors file nor a kalm-jax checkpoint")
+    meta = json.loads(meta_path.read_text())
+    cfg = ModelConfig.from_hf(meta["config"], source=str(meta_path))
+    md = ocp.StandardCheckpointer().metadata((step / "params").absolute()).item_metadata
+    tree = md.tree if hasattr(md, "tree") else md
+    rows = []
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = ".".join(str(getattr(k, "key", k)) for k in keys)
+        rows.append((name, tuple(leaf.shape), str(leaf.dtype)))
+    return sorted(rows), cfg
+
+
+def _orbax_as_hf(rows, cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], list[str], list[str]]:
+    """HF {name: shape} that `to-hf` would write from Orbax leaves; plus LoRA leaves and unknown leaves."""
+    by_path = {tuple(n.split(".")): shape for n, shape, _ in rows}
+    known = {spec.path for spec in hf.tensor_specs(cfg)}
+    out: dict[str, tuple[int, ...]] = {}
+    for path, shape in by_path.items():
+        if path not in known:
+            continue
+        if path[0] in hf.STACKS:
+            prefix = hf.STACKS[path[0]]
+            suffix = {v: k for k, v in hf.LAYER_NAMES.items()}[path[-1]]
+            for layer in range(shape[0]):
+                out[f"{prefix}.{layer}.{suffix}"] = hf.hf_shape(path[-1], shape[1:])
+        else:
+            name = {v[0]: k for k, v in hf.TOP_NAMES.items()}[path[0]]
+            out[name] = tuple(shape)
+    lora = sorted(".".join(p) for p in by_path if p[-1].endswith(LORA_SUFFIXES))
+    unknown = sorted(".".join(p) for p in by_path if p not in known and not p[-1].endswith(LORA_SUFFIXES))
+    return out, lora, unknown
+
+
+def inspect(args) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: does not exist")
+    is_hf = path.is_file() or (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
+    rows, cfg = _hf_listing(path, args.config) if is_hf else _orbax_listing(path)
+    kind = "Hugging Face safetensors" if is_hf else "kalm-jax Orbax checkpoint"
+    if not args.summary:
+        width = max((len(n) for n, _, _ in rows), default=4)
+        print(f"{'tensor':<{width}}  {'shape':<22} {'dtype':<9} {'params':>12}")
+        for name, shape, dtype in rows:
+            print(f"{name:<{width}}  {str(list(shape)):<22} {dtype:<9} {int(np.prod(shape)):>12,}")
+    groups: dict[str, int] = {}
+    for name, shape, _ in rows:
+        canon = hf.canonical_name(name)
+        group = ("vision tower + projector" if canon.startswith(hf.PASSTHROUGH_PREFIXES) else
+                 "LoRA factors" if name.endswith(LORA_SUFFIXES) else "text")
+        groups[group] = groups.get(group, 0) + int(np.prod(shape))
+    dtypes = sorted({d for _, _, d in rows})
+    print(f"\n{path}: {kind}, {len(rows)} tensors, dtypes {dtypes}")
+    for group, n in groups.items():
+        print(f"  {group:<26} {n:>15,} parameters")
+    print(f"  {'total':<26} {sum(groups.values()):>15,} parameters")
+    if cfg is not None:
+        print(f"  config: hidden {cfg.hidden_size}, {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
+              f"vocab {cfg.vocab_size}; text parameters expected: {cfg.param_counts()['total']:,}")
+    if args.against is None:
+        return 0
+    if cfg is None:
+        raise ValueError(f"{path}: no config.json to check against; pass --config")
+    if is_hf:
+        problems, passthrough = hf.check_tensors(cfg, {n: s for n, s, _ in rows})
+        notes = ([f"{len(passthrough)} vision/projector tensors are not converted to {args.against} "
+                  f"(to-hf carries them from this directory)"] if passthrough and args.against == "orbax" else [])
+    else:
+        as_hf, lora, unknown = _orbax_as_hf(rows, cfg)
+        problems, _ = hf.check_tensors(cfg, as_hf)
+        problems += [f"unexpected parameter {n} (not part of the {args.against} layout)" for n in unknown]
+        notes = [f"{len(lora)} LoRA factors are folded into their base weights on export"] if lora else []
+    for note in notes:
+        print(f"note: {note}")
+    if problems:
+        print(f"\n{len(problems)} problems against the {args.against} layout of this config:")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print(f"OK: matches the {args.against} layout of its config")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kalm_jax.convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("to-hf", help="model checkpoint / training step / workdir / HF dir -> HF directory")
+    a.add_argument("src")
+    a.add_argument("out")
+    a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a.add_argument("--max-shard-size", default=str(hf.DEFAULT_MAX_SHARD_BYTES),
+                   help="shard size limit, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    a.add_argument("--tokenizer", default=None,
+                   help="tokenizer.model or a directory of tokenizer files (default: found beside SRC)")
+    a.add_argument("--vision-from", default=None,
+                   help="HF directory whose vision tower/projector tensors are carried (default: the source "
+                        "recorded at import)")
+    a.add_argument("--text-only", action="store_true",
+                   help="export without vision tower/projector tensors even if the source had them")
+    a.add_argument("--overwrite", action="store_true")
+    a.set_defaults(func=to_hf)
+    b = sub.add_parser("from-hf", help="HF directory -> kalm-jax model checkpoint (Orbax)")
+    b.add_argument("src")
+    b.add_argument("out")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter dtype (float32 master weights for training; exact for bf16 sources)")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=from_hf)
+    c = sub.add_parser("inspect", help="list tensors, shapes, dtypes, parameter counts; check against a format")
+    c.add_argument("path", help="HF directory, .safetensors file, model checkpoint, step dir or workdir")
+    c.add_argument("--against", choices=["hf", "orbax"], default=None,
+                   help="report tensors that format would miss, not expect, or get mis-shaped")
+    c.add_argument("--config", default=None, help="config.json to check a lone .safetensors file against")
+    c.add_argument("--summary", action="store_true", help="counts only, no per-tensor listing")
+    c.set_defaults(func=inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Reranking first-stage candidates with the jitted scorer over cached passage states.
+
+The online path of the reranker: each query's decoder prompt is tokenized once, its candidates' pooled
+states are looked up by doc id (from an in-memory `PassageStates` or a `PassageStore`), and (prompt,
+passage) pairs of several queries are scored together by `scoring.score_pairs`, sharded over the batch
+axis of a one-axis ``data`` mesh of the local devices (parameters replicated). No passage is encoded here.
+
+`rerank_run(model, tokenizer, queries, run, states, ratio, instruction)` returns the reranked run (the
+helper the training loop uses for dev nDCG); `rerank` also returns timings. A cascade scores the whole
+candidate list at a coarse ratio and rescores only its top K at the fine ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kalm_jax import prompts, scoring
+from kalm_jax.model import T5Gemma2, _check_tokens
+from kalm_jax.passage_states import PassageStates
+from kalm_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Run = dict[str, dict[str, float]]
+MarginFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""(decoder ids [B,T], decoder mask [B,T], passage states [B,C,H] float32, passage mask [B,C]) -> margins [B]."""
+
+
+class StateSource(Protocol):
+    """Anything that returns cached passage states by doc id at a requested ratio."""
+
+    def lookup(self, doc_ids: Sequence[str], ratio: int) -> PassageStates:
+        """States of `doc_ids` (in that order) pooled at `ratio`; KeyError naming an unknown id."""
+
+    def __contains__(self, doc_id: str) -> bool: ...
+
+
+class InMemoryStates:
+    """A `StateSource` over one `PassageStates` with ids; coarser ratios are re-pooled once and kept."""
+
+    def __init__(self, states: PassageStates):
+        if states.ids is None:
+            raise ValueError("PassageStates without ids cannot be looked up by doc id")
+        self._by_ratio = {states.ratio: states}
+        self._base = states
+        self._row = {d: i for i, d in enumerate(states.ids)}
+        if len(self._row) != len(states.ids):
+            raise ValueError("PassageStates ids are not unique")
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._row
+
+    def at_ratio(self, ratio: int) -> PassageStates:
+        if ratio not in self._by_ratio:
+            self._by_ratio[ratio] = self._base.to_ratio(ratio)
+        return self._by_ratio[ratio]
+
+    def lookup(self, doc_ids: Sequence[str], ratio: int) -> PassageStates:
+        missing = [d for d in doc_ids if d not in self._row]
+        if missing:
+            raise KeyError(f"{len(missing)} doc ids have no cached states, e.g. {missing[:3]}")
+        return self.at_ratio(ratio).select([self._row[d] for d in doc_ids])
+
+
+def as_source(states) -> StateSource:
+    """Wraps a `PassageStates` as a `StateSource`; a store or another source passes through."""
+    return InMemoryStates(states) if isinstance(states, PassageStates) else states
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+class ShardedMargins:
+    """The jitted margin function with the pair batch sharded over the local devices.
+
+    Batches are padded to bucketed shapes (batch: power of two / multiple of 64 and of the device count;
+    decoder length: multiple of 8; windows: multiple of `window_multiple`) so a sweep compiles a handful of
+    programs. `compiles` counts calls that compiled a new program (their time is not online cost).
+    """
+
+    def __init__(self, model: T5Gemma2, yes_id: int, no_id: int, *, devices: Sequence[jax.Device] | None = None,
+                 window_multiple: int = 16):
+        self.model = model
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        self.mesh = Mesh(np.asarray(self.devices), ("data",))
+        self.graphdef, state = nnx.split(model)
+        self.state = jax.device_put(state, NamedSharding(self.mesh, P()))
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.yes_no = jax.device_put(jnp.asarray([yes_id, no_id], jnp.int32), NamedSharding(self.mesh, P()))
+        self.window_multiple = window_multiple
+        self.pad_id = model.config.pad_token_id
+        self.compiles = 0
+
+    def rows(self, b: int) -> int:
+        return scoring.bucket(scoring.batch_bucket(b), len(self.devices))
+
+    def __call__(self, dec_ids, dec_mask, states, pmask) -> np.ndarray:
+        _check_tokens(dec_ids, dec_mask, self.model.config, "decoder_input_ids")
+        b = dec_ids.shape[0]
+        rows, t, c = self.rows(b), scoring.bucket(dec_ids.shape[1], 8), scoring.bucket(states.shape[1],
+                                                                                         self.window_multiple)
+        dec_p = scoring._pad_to(np.asarray(dec_ids, np.int32), rows, t, self.pad_id)
+        dmask_p = scoring._pad_to(np.asarray(dec_mask, np.int32), rows, t)
+        dmask_p[b:, 0] = 1
+        states_p = scoring._pad_to(np.asarray(states), rows, c)
+        pmask_p = scoring._pad_to(np.asarray(pmask, np.int32), rows, c)
+        pmask_p[b:, 0] = 1
+        put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
+        before = scoring.score_pairs._cache_size()
+        margins = scoring.score_pairs(self.graphdef, self.state, put(dec_p), put(dmask_p),
+                                      put(jnp.asarray(states_p, self.model.dtype)), put(pmask_p), self.yes_no)
+        out = np.asarray(margins, np.float32)[:b]
+        self.compiles += int(scoring.score_pairs._cache_size() > before)
+        return out
+
+
+@dataclasses.dataclass
+class RerankOutput:
+    """A reranked run plus what it cost.
+
+    online_seconds: wall time of prompt lookup, state gathering and scoring, compilation excluded
+      (a batch that compiled is timed again once compiled). compile_seconds: the excluded part.
+    """
+
+    run: Run
+    queries: int
+    pairs: int
+    online_seconds: float
+    compile_seconds: float
+
+    @property
+    def seconds_per_query(self) -> float:
+        return self.online_seconds / max(1, self.queries)
+
+
+def _candidates(run: Mapping[str, Mapping[str, float]], qid: str, top_k: int | None) -> list[str]:
+    ranked = sorted(run.get(qid, {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    return [d for d, _ in (ranked if top_k is None else ranked[:top_k])]
+
+
+def _batches(items: list[tuple[str, list[str]]], batch_pairs: int):
+    """Groups (qid, docs) into batches of about `batch_pairs` pairs; a long candidate list is split."""
+    batch, size = [], 0
+    for qid, docs in items:
+        for start in range(0, len(docs), batch_pairs):
+            part = docs[start:start + batch_pairs]
+            if size and size + len(part) > batch_pairs:
+                yield batch
+                batch, size = [], 0
+            batch.append((qid, part))
+            size += len(part)
+    if batch:
+        yield batch
+
+
+def score_candidates(margin_fn: MarginFn, prompt_rows: Mapping[str, np.ndarray], source: StateSource,
+                     candidates: Mapping[str, list[str]], ratio: int, *, batch_pairs: int = 256,
+                     progress: bool = False, desc: str = "rerank") -> tuple[Run, int, float, float]:
+    """Scores every (query, candidate) pair; returns ({qid: {doc: margin}}, pairs, online s, compile s)."""
+    from tqdm.auto import tqdm
+
+    items = [(q, docs) for q, docs in candidates.items() if docs]
+    out: Run = {q: {} for q in candidates}
+    total_pairs = sum(len(d) for _, d in items)
+    online = compile_s = 0.0
+    counter = getattr(margin_fn, "compiles", None)
+    with tqdm(total=total_pairs, desc=desc, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in _batches(items, batch_pairs):
+            def run_batch():
+                qids = [q for q, docs in batch for _ in docs]
+                docs = [d for _, ds in batch for d in ds]
+                width = max(len(prompt_rows[q]) for q, _ in batch)
+                dec = np.full((len(qids), width), 0, np.int32)
+                dmask = np.zeros((len(qids), width), np.int32)
+                for i, q in enumerate(qids):
+                    row = prompt_rows[q]
+                    dec[i, :len(row)] = row
+                    dmask[i, :len(row)] = 1
+                st = source.lookup(docs, ratio)
+                margins = margin_fn(dec, dmask, st.dense(np.float32), np.asarray(st.mask))
+                return qids, docs, np.asarray(margins, np.float32)
+
+            t0 = time.perf_counter()
+            before = getattr(margin_fn, "compiles", 0)
+            qids, docs, margins = run_batch()
+            elapsed = time.perf_counter() - t0
+            if counter is not None and margin_fn.compiles > before:
+                t0 = time.perf_counter()
+                qids, docs, margins = run_batch()
+                second = time.perf_counter() - t0
+                compile_s += max(0.0, elapsed - second)
+                elapsed = second
+            online += elapsed
+            for q, d, m in zip(qids, docs, margins):
+                out[q][d] = float(m)
+            bar.update(len(docs))
+    return out, total_pairs, online, compile_s
+
+
+def tokenize_prompts(tokenizer: Tokenizer, queries: Mapping[str, str], instruction: str | bool | None = None, *,
+                     system: str | None = None,
+                     query_max_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS) -> dict[str, np.ndarray]:
+    """Decoder prompt token ids per query id (unpadded int32 rows)."""
+    return {q: np.asarray(prompts.encode_decoder_prompt(tokenizer, text, instruction, system, query_max_tokens),
+                          np.int32) for q, text in queries.items()}
+
+
+def rerank(margin_fn: MarginFn, prompt_rows: Mapping[str, np.ndarray], run: Mapping[str, Mapping[str, float]],
+           source, ratio: int, *, top_k: int | None = 100, cascade: tuple[int, int] | None = None,
+           batch_pairs: int = 256, progress: bool = True, desc: str = "rerank") -> RerankOutput:
+    """Reranks the top `top_k` candidates of every query of `prompt_rows` with `margin_fn`.
+
+    Args:
+      margin_fn: pair scorer (`ShardedMargins`, or a test double with the same signature).
+      prompt_rows: {qid: decoder prompt ids}; only these queries are reranked (others are left out).
+      run: first-stage {qid: {doc: score}}; a query absent from it gets an empty ranking.
+      source: `StateSource` (or `PassageStates` with ids) holding every candidate.
+      ratio: MEP ratio of the final scores.
+      top_k: candidates per query taken from the first stage (by its score); None takes all.
+      cascade: (coarse_ratio, keep): score all candidates at `coarse_ratio`, rescore the top `keep` at
+        `ratio`; the rest keep their coarse order below the rescored ones (their scores are shifted
+        under the lowest fine score so the run file ranks them there).
+    Returns:
+      `RerankOutput` whose run maps qid -> {doc: margin} over the reranked candidates.
+    """
+    source = as_source(source)
+    candidates = {q: _candidates(run, q, top_k) for q in prompt_rows}
+    unknown = sorted({d for docs in candidates.values() for d in docs if d not in source})
+    if unknown:
+        raise KeyError(f"{len(unknown)} candidate docs have no cached passage states, e.g. {unknown[:5]}; "
+                       "encode them into the store first")
+    if cascade is None:
+        scores, pairs, online, comp = score_candidates(margin_fn, prompt_rows, source, candidates, ratio,
+                                                       batch_pairs=batch_pairs, progress=progress, desc=desc)
+        return RerankOutput(scores, len(prompt_rows), pairs, online, comp)
+    coarse_ratio, keep = cascade
+    coarse, pairs, online, comp = score_candidates(margin_fn, prompt_rows, source, candidates, coarse_ratio,
+                                                   batch_pairs=batch_pairs, progress=progress,
+                                                   desc=f"{desc} (cascade r={coarse_ratio})")
+    top = {q: [d for d, _ in sorted(s.items(), key=lambda kv: (-kv[1], kv[0]))[:keep]] for q, s in coarse.items()}
+    fine, pairs2, online2, comp2 = score_candidates(margin_fn, prompt_rows, source, top, ratio,
+                                                    batch_pairs=batch_pairs, progress=progress, desc=desc)
+    merged: Run = {}
+    for q, s in coarse.items():
+        f = fine.get(q, {})
+        rest = {d: v for d, v in s.items() if d not in f}
+        if f and rest:
+            shift = min(f.values()) - max(rest.values()) - 1.0
+            rest = {d: v + shift for d, v in rest.items()}
+        merged[q] = {**f, **rest}
+    return RerankOutput(merged, len(prompt_rows), pairs + pairs2, online + online2, comp + comp2)
+
+
+def rerank_run(model: T5Gemma2, tokenizer: Tokenizer, queries: Mapping[str, str],
+               run: Mapping[str, Mapping[str, float]], states, ratio: int,
+               instruction: str | bool | None = None, *, system: str | None = None, top_k: int | None = 100,
+               cascade: tuple[int, int] | None = None, batch_pairs: int = 256,
+               query_max_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS, progress: bool = False,
+               margin_fn: MarginFn | None = None) -> Run:
+    """Reranks `run` for `queries` with `model` over cached `states` and returns {qid: {doc: margin}}.
+
+    `states` is a `PassageStates` with ids (at `ratio` or a divisor of it) or a `store.PassageStore`;
+    instruction None is `prompts.DEFAULT_INSTRUCTION`, False drops the ``<Instruct>`` line.
+    Feed the result to `metrics.evaluate(qrels, run)` for dev nDCG@10.
+    """
+    fn = margin_fn or ShardedMargins(model, tokenizer.yes_id, tokenizer.no_id)
+    rows = tokenize_prompts(tokenizer, queries, instruction, system=system, query_max_tokens=query_max_tokens)
+    return rerank(fn, rows, run, states, ratio, top_k=top_k, cascade=cascade, batch_pairs=batch_pairs,
+                  progress=progress).run
+
+
+__all__ = ["rerank_run", "rerank", "RerankOutput", "ShardedMargins", "InMemoryStates", "StateSource", "as_source",
+           "score_candidates", "tokenize_prompts"]

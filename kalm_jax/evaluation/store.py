@@ -1,0 +1,302 @@
+"""The passage-state store: every candidate passage encoded once, kept on disk, served at any coarser ratio.
+
+A store directory belongs to one *key*: (model fingerprint, tokenizer fingerprint, max length, finest
+ratio, pooling version, storage dtype). Layout::
+
+    STORE/manifest.json          {"format": "kalm-jax-passage-store", "version": 1, "key": {...},
+                                  "shards": [{"name": "shard-00000", "count": 4096}, ...]}
+    STORE/r<ratio>/shard-00000/  a `PassageStates` directory (memory-mapped on read; ids.json inside)
+
+Shards at the finest ratio come from the jitted encoder (`scoring.encode_pool`, batch sharded over the
+local devices) in length-sorted, bucketed batches; shards at a coarser ratio are derived from them by exact
+count-weighted re-pooling (`PassageStates.to_ratio`) the first time that ratio is asked for, and saved.
+Opening a store whose key differs (another checkpoint, tokenizer, max length, ...) raises `StaleStoreError`
+naming the differences, or, with ``on_stale="reencode"``, deletes it and starts over: never a silent reuse.
+New passages are appended as new shards; the manifest is rewritten atomically after each finished shard,
+so an interrupted encode keeps every shard it finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kalm_jax import checkpointing, mep, prompts, scoring
+from kalm_jax.model import T5Gemma2
+from kalm_jax.passage_states import STORAGE, PassageStates
+from kalm_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kalm-jax-passage-store"
+MANIFEST = "manifest.json"
+POOLING_VERSION = "mep-v1"
+OnStale = Literal["error", "reencode"]
+
+
+class StaleStoreError(ValueError):
+    """The store on disk was written for another model / tokenizer / max length / ratio / storage."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreKey:
+    """What a store's contents depend on; any difference makes a stored state stale."""
+
+    model: str
+    tokenizer: str
+    max_length: int
+    ratio: int
+    storage: str = "float32"
+    pooling: str = POOLING_VERSION
+
+    @classmethod
+    def for_model(cls, model: T5Gemma2, tokenizer: Tokenizer, max_length: int, ratio: int,
+                  storage: str = "float32") -> "StoreKey":
+        if storage not in STORAGE:
+            raise ValueError(f"unknown storage {storage!r}; choose from {STORAGE}")
+        return cls(checkpointing.fingerprint(model), tokenizer.fingerprint(), int(max_length),
+                   mep._check_ratio(ratio), storage)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ShardedEncoder:
+    """The jitted encoder + MEP with the passage batch sharded over the local devices.
+
+    Lengths are padded to multiples of lcm(128, ratio) and batches to power-of-two / device-count buckets,
+    as in `scoring.encode_passages`, whose results this reproduces (trimmed to the batch's longest passage).
+    """
+
+    def __init__(self, model: T5Gemma2, devices: Sequence[jax.Device] | None = None, length_multiple: int = 128):
+        self.model = model
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        mesh = Mesh(np.asarray(self.devices), ("data",))
+        self.graphdef, state = nnx.split(model)
+        self.state = jax.device_put(state, NamedSharding(mesh, P()))
+        self.batch_sharding = NamedSharding(mesh, P("data"))
+        self.length_multiple = length_multiple
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, ratio: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """([B,S] ids, [B,S] mask) -> pooled [B,ceil(S/r),H] float32, mask [B,C], counts [B,C] (numpy)."""
+        from kalm_jax.model import _check_tokens
+
+        _check_tokens(ids, mask, self.model.config, "input_ids")
+        b, s = ids.shape
+        rows = scoring.bucket(scoring.batch_bucket(b), len(self.devices))
+        width = scoring.bucket(s, int(np.lcm(self.length_multiple, ratio)))
+        ids_p = scoring._pad_to(ids.astype(np.int32), rows, width, self.model.config.pad_token_id)
+        mask_p = scoring._pad_to(mask.astype(np.int32), rows, width)
+        mask_p[b:, 0] = 1
+        put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
+        pooled, pmask, counts = scoring.encode_pool(self.graphdef, self.state, put(ids_p), put(mask_p), ratio)
+        c = -(-s // ratio)
+        return (np.asarray(pooled[:b, :c], np.float32), np.asarray(pmask[:b, :c]), np.asarray(counts[:b, :c]))
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class PassageStore:
+    """Sharded on-disk passage states for one `StoreKey` (a `rerank.StateSource`).
+
+    Use `open` (checks the key), `ensure` (encodes what is missing), `lookup(doc_ids, ratio)` and `sizes`.
+    """
+
+    def __init__(self, root: Path, key: StoreKey, shards: list[dict[str, Any]]):
+        self.root = root
+        self.key = key
+        self.shards = shards
+        self._index: dict[str, tuple[int, int]] | None = None
+        self._loaded: dict[int, list[PassageStates]] = {}
+        self.encoded = 0
+        """Passages this object encoded (0 when everything was already stored)."""
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, root: str | os.PathLike, key: StoreKey, *, on_stale: OnStale = "error") -> "PassageStore":
+        """Opens (or creates) the store at `root` for `key`.
+
+        A store written for a different key raises `StaleStoreError` naming every differing field, or is
+        deleted and recreated with ``on_stale="reencode"``.
+        """
+        if on_stale not in ("error", "reencode"):
+            raise ValueError(f"on_stale must be 'error' or 'reencode', got {on_stale!r}")
+        root = Path(root).absolute()
+        manifest = root / MANIFEST
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"{manifest}: format {data.get('format')!r}, expected {FORMAT!r}")
+            stored = data.get("key", {})
+            diff = {k: (stored.get(k), v) for k, v in key.as_dict().items() if stored.get(k) != v}
+            if not diff:
+                return cls(root, key, list(data.get("shards", [])))
+            details = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            if on_stale == "error":
+                raise StaleStoreError(
+                    f"{root}: passage-state store was written for a different setting ({details}). "
+                    "Use another store directory, or on_stale='reencode' to delete and re-encode it.")
+            log.warning("%s: stale passage-state store (%s); deleting it and re-encoding", root, details)
+            shutil.rmtree(root)
+        elif root.exists() and any(root.iterdir()):
+            raise ValueError(f"{root}: exists, is not empty and has no {MANIFEST}; refusing to use it as a store")
+        root.mkdir(parents=True, exist_ok=True)
+        store = cls(root, key, [])
+        store._write_manifest()
+        return store
+
+    def _write_manifest(self) -> None:
+        _write_json_atomic(self.root / MANIFEST, {"format": FORMAT, "version": 1, "key": self.key.as_dict(),
+                                                  "shards": self.shards})
+
+    # ------------------------------------------------------------------ contents
+    @property
+    def index(self) -> dict[str, tuple[int, int]]:
+        """doc id -> (shard number, row)."""
+        if self._index is None:
+            index = {}
+            for s, shard in enumerate(self.shards):
+                ids = json.loads((self._shard_dir(self.key.ratio, shard["name"]) / "ids.json").read_text())
+                index.update({d: (s, i) for i, d in enumerate(ids)})
+            self._index = index
+        return self._index
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self.index
+
+    def __len__(self) -> int:
+        return sum(int(s["count"]) for s in self.shards)
+
+    def missing(self, doc_ids: Iterable[str]) -> list[str]:
+        """Doc ids (deduplicated, in first-seen order) that have no stored states."""
+        index = self.index
+        return list(dict.fromkeys(d for d in doc_ids if d not in index))
+
+    def _shard_dir(self, ratio: int, name: str) -> Path:
+        return self.root / f"r{ratio}" / name
+
+    # ------------------------------------------------------------------ encoding
+    def ensure(self, model: T5Gemma2, tokenizer: Tokenizer, texts: Mapping[str, str], doc_ids: Iterable[str], *,
+               batch_size: int = 64, shard_size: int = 4096, progress: bool = True,
+               encoder: ShardedEncoder | None = None) -> int:
+        """Encodes the passages of `doc_ids` that are not stored yet; returns how many were encoded.
+
+        Args:
+          texts: doc id -> passage text (`BeirDataset.passage`); `prompts.document_text` is applied here.
+          batch_size: passages per encoder call (length-sorted, so batches are nearly padding-free).
+          shard_size: passages per shard directory.
+        """
+        todo = self.missing(doc_ids)
+        absent = [d for d in todo if d not in texts]
+        if absent:
+            raise KeyError(f"{len(absent)} doc ids to encode have no text, e.g. {absent[:5]}")
+        if not todo:
+            return 0
+        from tqdm.auto import tqdm
+
+        enc = encoder or ShardedEncoder(model)
+        tokens = {d: prompts.encode_document(tokenizer, texts[d], self.key.max_length)
+                  for d in tqdm(todo, desc="tokenize passages", unit="doc", disable=not progress, dynamic_ncols=True)}
+        empty = [d for d in todo if not tokens[d]]
+        if empty:
+            raise ValueError(f"{len(empty)} passages tokenize to nothing, e.g. {empty[:5]}")
+        order = sorted(todo, key=lambda d: (-len(tokens[d]), d))
+        with tqdm(total=len(order), desc=f"encode passages (r={self.key.ratio})", unit="doc",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(order), shard_size):
+                shard_ids = order[start:start + shard_size]
+                parts = []
+                for b in range(0, len(shard_ids), batch_size):
+                    batch = shard_ids[b:b + batch_size]
+                    ids, mask = prompts.pad_batch([tokens[d] for d in batch], tokenizer.pad_id)
+                    st, pm, cn = enc(ids, mask, self.key.ratio)
+                    parts.append(PassageStates(st, pm.astype(np.int8), cn.astype(np.int32), self.key.ratio,
+                                               list(batch)).to_storage(self.key.storage))
+                    bar.update(len(batch))
+                self._add_shard(PassageStates.concatenate(parts))
+        self.encoded += len(order)
+        return len(order)
+
+    def _add_shard(self, states: PassageStates) -> None:
+        name = f"shard-{len(self.shards):05d}"
+        states.meta = {**self.key.as_dict(), "shard": name}
+        states.save(self._shard_dir(self.key.ratio, name), overwrite=True)
+        self.shards.append({"name": name, "count": len(states)})
+        self._write_manifest()
+        self._index = None
+        self._loaded.pop(self.key.ratio, None)
+
+    # ------------------------------------------------------------------ reading
+    def shards_at(self, ratio: int) -> list[PassageStates]:
+        """Memory-mapped shards at `ratio` (derived from the finest ratio and saved if not yet on disk)."""
+        ratio = mep._check_ratio(ratio)
+        if ratio % self.key.ratio:
+            raise ValueError(f"{self.root}: ratio {ratio} cannot be derived from the stored ratio {self.key.ratio} "
+                             f"(it must be a multiple of it)")
+        if ratio in self._loaded and len(self._loaded[ratio]) == len(self.shards):
+            return self._loaded[ratio]
+        expect = self.key.as_dict()
+        out = []
+        for shard in self.shards:
+            d = self._shard_dir(ratio, shard["name"])
+            if not (d / "manifest.json").is_file():
+                base = PassageStates.load(self._shard_dir(self.key.ratio, shard["name"]), expect_meta=expect)
+                base.to_ratio(ratio).save(d, overwrite=True)
+            states = PassageStates.load(d, expect_meta=expect)
+            if states.ratio != ratio or len(states) != shard["count"]:
+                raise ValueError(f"{d}: holds {len(states)} passages at ratio {states.ratio}, manifest says "
+                                 f"{shard['count']} at ratio {ratio}")
+            out.append(states)
+        self._loaded[ratio] = out
+        return out
+
+    def lookup(self, doc_ids: Sequence[str], ratio: int) -> PassageStates:
+        """States of `doc_ids` (in that order) at `ratio`, read from the memory-mapped shards."""
+        index = self.index
+        missing = [d for d in doc_ids if d not in index]
+        if missing:
+            raise KeyError(f"{self.root}: {len(missing)} doc ids are not in the store, e.g. {missing[:3]}")
+        shards = self.shards_at(ratio)
+        where = np.asarray([index[d] for d in doc_ids], np.int64).reshape(-1, 2)
+        parts, positions = [], []
+        for s in np.unique(where[:, 0]):
+            pos = np.flatnonzero(where[:, 0] == s)
+            parts.append(shards[int(s)].select(where[pos, 1]))
+            positions.append(pos)
+        merged = PassageStates.concatenate(parts)
+        inverse = np.empty(len(doc_ids), np.int64)
+        inverse[np.concatenate(positions)] = np.arange(len(doc_ids))
+        return merged.select(inverse)
+
+    def sizes(self, ratio: int) -> dict[str, float]:
+        """Cache cost at `ratio`: ``passages``, ``bytes`` (on disk), ``bytes_per_passage`` (on disk) and
+        ``state_bytes_per_passage`` (states of the windows passages use: mean ceil(L/r) × H × itemsize,
+        plus mask/count/scale bytes)."""
+        shards = self.shards_at(ratio)
+        n = sum(len(s) for s in shards)
+        total = sum(_dir_bytes(self._shard_dir(ratio, sh["name"])) for sh in self.shards)
+        used = sum(s.bytes_per_passage * len(s) for s in shards)
+        return {"passages": float(n), "bytes": float(total), "bytes_per_passage": total / max(1, n),
+                "state_bytes_per_passage": used / max(1, n)}
+
+
+__all__ = ["PassageStore", "StoreKey", "StaleStoreError", "ShardedEncoder", "POOLING_VERSION"]

@@ -1,0 +1,479 @@
+"""Resumable evaluation sweeps: datasets × checkpoints × instructions × ratios.
+
+`run_sweep(config)` evaluates the first stage of every dataset (always), then, per checkpoint, encodes the
+candidate passages once into a `PassageStore` and reranks every (instruction, ratio) cell over it. Each
+finished cell is appended at once (flushed and fsynced) to ``OUT/results.jsonl``; a rerun skips cells
+already there, so an interrupted sweep finishes only what is missing and never overwrites a finished
+result. ``OUT/sweep_config.json`` records the settings results depend on; an output directory holding
+results of different settings is refused (the grid lists themselves may grow between runs).
+
+Each line of results.jsonl: ``dataset``, ``split``, ``stage`` ("first_stage" | "rerank"), ``checkpoint``
+(null for the first stage), ``ratio`` (null for the first stage), ``instruction``, ``metrics`` (trec_eval
+measure names → floats, plus ``roc_auc``), and for rerank rows ``cost`` (cache bytes, online seconds per
+query, ...). Run files land in ``OUT/runs/<dataset>/<cell>.trec.gz``; the report in ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kalm_jax import checkpointing, prompts
+from kalm_jax.data.beir import BeirDataset, load_beir
+from kalm_jax.data.trec import read_run, write_run
+from kalm_jax.evaluation import metrics, rerank, store as store_lib
+from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+CONFIG_FILE = "sweep_config.json"
+DEFAULT_LABEL, NONE_LABEL = "default", "none"
+
+#: Settings the numbers depend on: an output dir whose results used other values is refused.
+IDENTITY_FIELDS = ("split", "first_stage", "top_k", "max_queries", "doc_max_length", "query_max_tokens", "storage",
+                   "store_ratio", "system", "cascade", "dtype", "relevance_level", "on_unknown_docs")
+
+
+class SweepConfigError(ValueError):
+    """The sweep's settings are invalid or disagree with the output directory's earlier results."""
+
+
+# ------------------------------------------------------------------------------------------- settings
+def _list(value, sep: str = ",") -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(sep) if v.strip()]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+@dataclasses.dataclass
+class Settings:
+    """The parsed sweep configuration (see `configs/eval.py` for every field's meaning)."""
+
+    data_dir: Path
+    datasets: list[str]
+    output_dir: Path
+    checkpoints: list[str]
+    ratios: list[int]
+    instructions: list[str]
+    split: str = "test"
+    first_stage: str = "bm25"
+    top_k: int = 100
+    max_queries: int = 0
+    tokenizer: str = ""
+    doc_max_length: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS
+    query_max_tokens: int = prompts.INFERENCE_QUERY_MAX_TOKENS
+    storage: str = "float32"
+    store_dir: Path | None = None
+    store_ratio: int = 0
+    on_stale: str = "error"
+    system: str = ""
+    cascade: str = ""
+    dtype: str = "float32"
+    relevance_level: int = 0
+    on_unknown_docs: str = "error"
+    batch_pairs: int = 256
+    encode_batch_size: int = 64
+    shard_size: int = 4096
+    progress: bool = True
+    report: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "Settings":
+        """From an ml_collections ConfigDict (or a dict); list fields accept lists or comma-separated strings
+        (instructions: a list, or a string separated by ``|`` since instructions contain commas)."""
+        c = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+        checkpoints = _list(c.get("checkpoints")) + _list(c.get("checkpoint"))
+        try:
+            ratios = [int(r) for r in _list(c.get("ratios", "1"))]
+        except ValueError:
+            raise SweepConfigError(f"ratios must be integers, got {c.get('ratios')!r}") from None
+        if not ratios or any(r < 1 for r in ratios):
+            raise SweepConfigError(f"ratios must be positive integers, got {c.get('ratios')!r}")
+        for name in ("data_dir", "output_dir"):
+            if not c.get(name):
+                raise SweepConfigError(f"config.{name} is required")
+        datasets = _list(c.get("datasets"))
+        if not datasets:
+            raise SweepConfigError("config.datasets is empty: name at least one dataset folder under data_dir")
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in c.items() if k in known and k not in (
+            "data_dir", "datasets", "output_dir", "checkpoints", "ratios", "instructions", "store_dir")}
+        s = cls(data_dir=Path(c["data_dir"]), datasets=datasets, output_dir=Path(c["output_dir"]),
+                checkpoints=list(dict.fromkeys(checkpoints)), ratios=sorted(set(ratios)),
+                instructions=_list(c.get("instructions", DEFAULT_LABEL), "|") or [DEFAULT_LABEL],
+                store_dir=Path(c["store_dir"]) if c.get("store_dir") else None, **extra)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if not (self.first_stage == "bm25" or self.first_stage.startswith("run:")):
+            raise SweepConfigError(f"first_stage must be 'bm25' or 'run:<path>', got {self.first_stage!r}")
+        if self.storage not in store_lib.STORAGE:
+            raise SweepConfigError(f"storage must be one of {store_lib.STORAGE}, got {self.storage!r}")
+        if self.on_stale not in ("error", "reencode"):
+            raise SweepConfigError(f"on_stale must be 'error' or 'reencode', got {self.on_stale!r}")
+        if self.on_unknown_docs not in ("error", "drop"):
+            raise SweepConfigError(f"on_unknown_docs must be 'error' or 'drop', got {self.on_unknown_docs!r}")
+        if self.top_k < 1:
+            raise SweepConfigError(f"top_k must be >= 1, got {self.top_k}")
+        finest = self.finest_ratio
+        bad = [r for r in self.ratios + ([self.cascade_pair[0]] if self.cascade_pair else []) if r % finest]
+        if bad:
+            raise SweepConfigError(f"ratios {bad} are not multiples of the store ratio {finest}")
+
+    @property
+    def finest_ratio(self) -> int:
+        """The ratio passages are encoded at: `store_ratio`, else the gcd of all ratios (incl. the cascade's)."""
+        if self.store_ratio:
+            return int(self.store_ratio)
+        return math.gcd(*self.ratios, *([self.cascade_pair[0]] if self.cascade_pair else []))
+
+    @property
+    def cascade_pair(self) -> tuple[int, int] | None:
+        if not self.cascade:
+            return None
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.cascade))
+        if not m:
+            raise SweepConfigError(f"cascade must be 'COARSE_RATIO:KEEP' (e.g. '16:20'), got {self.cascade!r}")
+        return int(m.group(1)), int(m.group(2))
+
+    def identity(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        d["store_ratio"] = self.finest_ratio
+        return d
+
+    def instruction_value(self, label: str) -> str | bool | None:
+        """The prompt instruction for a label: 'default' -> None (the default), 'none' -> False (no line)."""
+        return {DEFAULT_LABEL: None, NONE_LABEL: False}.get(label, label)
+
+
+# ------------------------------------------------------------------------------------------- results
+def cell_key(row: Mapping[str, Any]) -> tuple:
+    return (row["dataset"], row["split"], row["stage"], row.get("checkpoint"), row.get("ratio"), row.get("instruction"))
+
+
+def read_results(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of OUT/results.jsonl; a torn last line (a crash while appending) is ignored with a warning."""
+    path = Path(output_dir) / RESULTS
+    if not path.is_file():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                log.warning("%s:%d: ignoring a torn last line (interrupted write); the cell will be redone", path, i)
+                continue
+            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+    return rows
+
+
+def _append(output_dir: Path, row: Mapping[str, Any]) -> None:
+    path = output_dir / RESULTS
+    with open(path, "a+b") as f:
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):  # a torn, unparseable last line from a kill: drop it
+            f.truncate(data.rfind(b"\n") + 1)
+            log.warning("%s: removed a torn last line left by an interrupted write", path)
+        f.write((json.dumps(row, sort_keys=True) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_output_dir(settings: Settings) -> None:
+    out = settings.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_FILE
+    ident = settings.identity()
+    if path.is_file():
+        stored = json.loads(path.read_text()).get("identity", {})
+        diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
+        if diff:
+            details = "; ".join(f"{k}: results used {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise SweepConfigError(f"{out} holds results of a different configuration ({details}); "
+                                   "use a new output_dir (finished results are never overwritten)")
+    elif (out / RESULTS).exists():
+        raise SweepConfigError(f"{out} has {RESULTS} but no {CONFIG_FILE}: cannot tell which settings produced "
+                               "it; use a new output_dir")
+    else:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"identity": ident}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return s[-limit:] or "x"
+
+
+def checkpoint_slug(path: str) -> str:
+    """A directory-safe name for a checkpoint path: its tail plus a short hash of the full path."""
+    return f"{_slug(Path(path).name or path, 32)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+
+
+def instruction_slug(label: str) -> str:
+    return label if label in (DEFAULT_LABEL, NONE_LABEL) else f"i{hashlib.sha256(label.encode()).hexdigest()[:8]}"
+
+
+def find_tokenizer(checkpoint: str | os.PathLike, explicit: str = "") -> Path:
+    """`explicit`, else ``tokenizer.model`` in the checkpoint dir, its parent or grandparent (training step
+    dirs live in ``<workdir>/checkpoints/<step>/``)."""
+    if explicit:
+        p = Path(explicit)
+        p = p / MODEL_FILENAME if p.is_dir() else p
+        if not p.is_file():
+            raise FileNotFoundError(f"config.tokenizer: {p} does not exist")
+        return p
+    base = Path(checkpoint)
+    tried = [base / MODEL_FILENAME, base.parent / MODEL_FILENAME, base.parent.parent / MODEL_FILENAME]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"no {MODEL_FILENAME} for checkpoint {checkpoint}: looked at "
+                            f"{', '.join(map(str, tried))}; pass --config.tokenizer=PATH")
+
+
+# ------------------------------------------------------------------------------------------- datasets
+@dataclasses.dataclass
+class Prepared:
+    """One dataset ready to rerank: its (possibly subset) queries and qrels, and the first-stage run."""
+
+    name: str
+    data: BeirDataset
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    run: dict[str, dict[str, float]]
+    relevance_level: int
+    warnings: dict[str, int]
+
+    @property
+    def candidates(self) -> list[str]:
+        return list(dict.fromkeys(d for q in self.queries for d in self.run.get(q, {})))
+
+
+def _first_stage_path(settings: Settings, dataset: str) -> Path | None:
+    if settings.first_stage == "bm25":
+        return None
+    p = Path(settings.first_stage[len("run:"):])
+    return p if p.is_absolute() else settings.data_dir / dataset / p
+
+
+def check_inputs(settings: Settings) -> None:
+    """Fails fast, before any heavy work, on missing dataset files, run files or checkpoints."""
+    problems = []
+    for name in settings.datasets:
+        d = settings.data_dir / name
+        if not d.is_dir():
+            problems.append(f"dataset {name!r}: {d} is not a directory")
+            continue
+        for stem in ("corpus.jsonl", "queries.jsonl"):
+            if not ((d / stem).is_file() or (d / f"{stem}.gz").is_file()):
+                problems.append(f"dataset {name!r}: {d} has neither {stem} nor {stem}.gz")
+        if not (d / "qrels" / f"{settings.split}.tsv").is_file():
+            problems.append(f"dataset {name!r}: {d / 'qrels' / (settings.split + '.tsv')} does not exist")
+        rp = _first_stage_path(settings, name)
+        if rp is not None and not rp.is_file():
+            problems.append(f"dataset {name!r}: first-stage run {rp} does not exist")
+    for ck in settings.checkpoints:
+        if not Path(ck).exists():
+            problems.append(f"checkpoint {ck} does not exist")
+    if problems:
+        raise FileNotFoundError("cannot start the sweep:\n  " + "\n  ".join(problems))
+
+
+def prepare_dataset(settings: Settings, name: str) -> Prepared:
+    """Loads a dataset split, its first `max_queries` queries and the first-stage run (cached in OUT/runs)."""
+    data = load_beir(settings.data_dir / name, settings.split, on_missing="keep")
+    warnings = {k: v for k, v in data.skipped.counts.items() if v}
+    queries = dict(data.queries)
+    if settings.max_queries:
+        queries = dict(list(queries.items())[:settings.max_queries])
+    qrels = {q: data.qrels[q] for q in queries if q in data.qrels}
+    level = settings.relevance_level or metrics.relevance_level_for(name)
+    cached = settings.output_dir / "runs" / name / "first_stage.trec.gz"
+    if cached.is_file():
+        run = read_run(cached)
+    elif settings.first_stage == "bm25":
+        from kalm_jax.data.bm25 import BM25Index
+
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
+        index = BM25Index.build(data.corpus, show_progress=settings.progress)
+        run = index.search(queries, settings.top_k, show_progress=settings.progress)
+        write_run(run, cached, tag="bm25")
+    else:
+        path = _first_stage_path(settings, name)
+        full = read_run(path)
+        run = {q: full.get(q, {}) for q in queries}
+        unknown = sorted({d for docs in run.values() for d in docs if d not in data.corpus})
+        if unknown:
+            msg = (f"{path}: {len(unknown)} docs of the run are not in {name}'s corpus, e.g. {unknown[:5]}")
+            if settings.on_unknown_docs == "error":
+                raise ValueError(msg + "; set on_unknown_docs='drop' to drop them (they cannot be reranked)")
+            log.warning("%s; dropping them", msg)
+            warnings["run docs not in corpus"] = len(unknown)
+            run = {q: {d: s for d, s in docs.items() if d in data.corpus} for q, docs in run.items()}
+        run = {q: dict(sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))[:settings.top_k]) for q, docs in run.items()}
+        write_run(run, cached, tag="first_stage")
+    empty = [q for q in queries if not run.get(q)]
+    if empty:
+        log.warning("%s: %d of %d queries have no first-stage candidates (they score 0), e.g. %s", name, len(empty),
+                    len(queries), empty[:3])
+        warnings["queries without candidates"] = len(empty)
+    for reason, count in warnings.items():
+        log.warning("%s/%s: %d × %s", name, settings.split, count, reason)
+    return Prepared(name, data, queries, qrels, run, level, warnings)
+
+
+def _metrics(settings: Settings, prep: Prepared, run: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    cutoffs = sorted({10, 100, settings.top_k})
+    m = metrics.evaluate(prep.qrels, run, relevance_level=prep.relevance_level, recall_cutoffs=cutoffs)
+    m["roc_auc"] = metrics.roc_auc(prep.qrels, run, relevance_level=prep.relevance_level)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+ModelLoader = Callable[[str, Settings], tuple[Any, Tokenizer]]
+
+
+def load_checkpoint(path: str, settings: Settings):
+    """(model, tokenizer) for a checkpoint path (HF dir, model checkpoint, training step dir or workdir)."""
+    tok_path = find_tokenizer(path, settings.tokenizer)
+    tokenizer = Tokenizer.load(tok_path)
+    cfg, model = checkpointing.load_any(path, dtype=settings.dtype)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} pieces but checkpoint {path} has a "
+                         f"vocabulary of {cfg.vocab_size}")
+    return model, tokenizer
+
+
+def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
+    """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards."""
+    from tqdm.auto import tqdm
+
+    settings = config if isinstance(config, Settings) else Settings.from_config(config)
+    check_inputs(settings)
+    _check_output_dir(settings)
+    out = settings.output_dir
+    done = {cell_key(r) for r in read_results(out)}
+    split = settings.split
+
+    def todo_cells(ds: str, ck: str) -> list[tuple[str, int]]:
+        return [(ins, r) for ins in settings.instructions for r in settings.ratios
+                if (ds, split, "rerank", ck, r, ins) not in done]
+
+    n_cells = len(settings.datasets) * (1 + len(settings.checkpoints) * len(settings.instructions) *
+                                        len(settings.ratios))
+    bar = tqdm(total=n_cells, desc="sweep cells", unit="cell", disable=not settings.progress, dynamic_ncols=True,
+               position=0)
+    bar.update(sum(1 for k in done if k[0] in settings.datasets and k[1] == split))
+    prepared: dict[str, Prepared] = {}
+    try:
+        for ds in settings.datasets:
+            prep = prepared[ds] = prepare_dataset(settings, ds)
+            key = (ds, split, "first_stage", None, None, None)
+            if key not in done:
+                row = {"dataset": ds, "split": split, "stage": "first_stage", "checkpoint": None, "ratio": None,
+                       "instruction": None, "metrics": _metrics(settings, prep, prep.run),
+                       "first_stage": settings.first_stage, "queries": len(prep.queries),
+                       "relevance_level": prep.relevance_level, "warnings": prep.warnings,
+                       "run_file": f"runs/{ds}/first_stage.trec.gz", "finished": _now()}
+                _append(out, row)
+                done.add(key)
+                bar.update(1)
+        for ck in settings.checkpoints:
+            if not any(todo_cells(ds, ck) for ds in settings.datasets):
+                continue
+            model, tokenizer = loader(ck, settings)
+            margin_fn = rerank.ShardedMargins(model, tokenizer.yes_id, tokenizer.no_id)
+            encoder = store_lib.ShardedEncoder(model)
+            key = store_lib.StoreKey.for_model(model, tokenizer, settings.doc_max_length, settings.finest_ratio,
+                                               settings.storage)
+            for ds in settings.datasets:
+                cells = todo_cells(ds, ck)
+                if not cells:
+                    continue
+                prep = prepared[ds]
+                root = (settings.store_dir or out / "store") / checkpoint_slug(ck) / ds
+                st = store_lib.PassageStore.open(root, key, on_stale=settings.on_stale)
+                encoded = st.ensure(model, tokenizer, _Texts(prep.data), prep.candidates,
+                                    batch_size=settings.encode_batch_size, shard_size=settings.shard_size,
+                                    progress=settings.progress, encoder=encoder)
+                for ins in dict.fromkeys(i for i, _ in cells):
+                    rows = rerank.tokenize_prompts(tokenizer, prep.queries, settings.instruction_value(ins),
+                                                   system=settings.system or None,
+                                                   query_max_tokens=settings.query_max_tokens)
+                    for _, ratio in (c for c in cells if c[0] == ins):
+                        res = rerank.rerank(margin_fn, rows, prep.run, st, ratio, top_k=settings.top_k,
+                                            cascade=settings.cascade_pair, batch_pairs=settings.batch_pairs,
+                                            progress=settings.progress, desc=f"{ds} r={ratio}")
+                        run_file = f"runs/{ds}/{checkpoint_slug(ck)}.{instruction_slug(ins)}.r{ratio}.trec.gz"
+                        write_run(res.run, out / run_file, tag=f"kalm_r{ratio}")
+                        size = st.sizes(ratio)
+                        cost = {"cache_bytes": size["bytes"], "cache_bytes_per_passage": size["bytes_per_passage"],
+                                "state_bytes_per_passage": size["state_bytes_per_passage"],
+                                "cached_passages": size["passages"], "storage": settings.storage,
+                                "online_seconds_per_query": res.seconds_per_query,
+                                "online_seconds": res.online_seconds, "compile_seconds": res.compile_seconds,
+                                "pairs": res.pairs, "devices": len(margin_fn.devices),
+                                "encoded_passages": encoded}
+                        row = {"dataset": ds, "split": split, "stage": "rerank", "checkpoint": ck, "ratio": ratio,
+                               "instruction": ins, "metrics": _metrics(settings, prep, res.run), "cost": cost,
+                               "queries": len(prep.queries), "relevance_level": prep.relevance_level,
+                               "model_fingerprint": key.model, "store": str(root), "run_file": run_file,
+                               "finished": _now()}
+                        _append(out, row)
+                        done.add(cell_key(row))
+                        encoded = 0  # the encode cost belongs to the first cell that needed it
+                        bar.update(1)
+    finally:
+        bar.close()
+    rows = read_results(out)
+    if settings.report:
+        from kalm_jax.evaluation import report
+
+        report.write_report(out, rows)
+    return rows
+
+
+class _Texts(Mapping):
+    """doc id -> `passage_text`, computed on access (no copy of the corpus)."""
+
+    def __init__(self, data: BeirDataset):
+        self.data = data
+
+    def __getitem__(self, key):
+        return self.data.passage(key)
+
+    def __contains__(self, key):
+        return key in self.data.corpus
+
+    def __iter__(self):
+        return iter(self.data.corpus)
+
+    def __len__(self):
+        return len(self.data.corpus)
+
+
+__all__ = ["run_sweep", "Settings", "read_results", "cell_key", "find_tokenizer", "load_checkpoint",
+           "prepare_dataset", "check_inputs", "checkpoint_slug", "SweepConfigError", "RESULTS", "CONFIG_FILE"]

@@ -1,0 +1,157 @@
+"""Hugging Face ``tokenizer.json`` tokenizers behind the `kalm_jax.tokenizer.Tokenizer` interface.
+
+Released T5Gemma 2 / KaLM-Reranker-V1 Hub repositories may ship only ``tokenizer.json`` (a `tokenizers`
+model) and no SentencePiece ``tokenizer.model``. `HFTokenizer` wraps such a file with the same attributes
+and methods the rest of kalm-jax uses (``encode``/``encode_batch``/``decode``, the special ids,
+``vocab_size``, ``fingerprint``), and `load_tokenizer` picks whichever file a directory has, preferring
+``tokenizer.model``.
+
+Encoding never adds special tokens (``add_special_tokens=False``, as in the released code). Tokens the
+file declares as *added tokens* (``<bos>``, ``<start_of_turn>``, …) are matched literally inside a text,
+which is how `transformers` tokenizes the KaLM prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Union
+
+from kalm_jax.tokenizer import (BOS, END_OF_TURN, EOS, MODEL_FILENAME, NO, PAD, START_OF_TURN, UNK, YES, Tokenizer,
+                                TokenizerError)
+
+JSON_FILENAME = "tokenizer.json"
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` loaded from ``tokenizer.json`` with the special ids the reranker needs.
+
+    Attributes:
+      hf: the underlying `tokenizers.Tokenizer`.
+      path: the ``tokenizer.json`` file it was loaded from.
+    """
+
+    def __init__(self, data: bytes, path: Path | None = None):
+        import tokenizers
+
+        where = str(path) if path is not None else "<in-memory tokenizer.json>"
+        try:
+            self.hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{where}: not a Hugging Face tokenizers file ({e})") from e
+        self._bytes = data
+        self.path = path
+        self._special: dict[str, int] = {}
+        for name in (PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN):
+            idx = self.hf.token_to_id(name)
+            if idx is None:
+                raise TokenizerError(f"{where}: special token {name!r} is not in the vocabulary")
+            self._special[name] = idx
+        for word in (YES, NO):
+            enc = self.hf.encode(word, add_special_tokens=False)
+            if len(enc.ids) != 1:
+                raise TokenizerError(
+                    f"{where}: {word!r} must encode to exactly one token (the score is "
+                    f"logit('yes') - logit('no')), got {len(enc.ids)}: {enc.tokens}")
+            self._special[word] = enc.ids[0]
+
+    @classmethod
+    def load(cls, path: str | Path) -> HFTokenizer:
+        """Loads a ``tokenizer.json`` file, or the one inside a directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / JSON_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no Hugging Face tokenizer found (expected a {JSON_FILENAME} file)")
+        return cls(path.read_bytes(), path=path)
+
+    @property
+    def pad_id(self) -> int:
+        return self._special[PAD]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special[EOS]
+
+    @property
+    def bos_id(self) -> int:
+        return self._special[BOS]
+
+    @property
+    def unk_id(self) -> int:
+        return self._special[UNK]
+
+    @property
+    def start_of_turn_id(self) -> int:
+        return self._special[START_OF_TURN]
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self._special[END_OF_TURN]
+
+    @property
+    def yes_id(self) -> int:
+        return self._special[YES]
+
+    @property
+    def no_id(self) -> int:
+        return self._special[NO]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the largest id + 1 for a contiguous vocabulary)."""
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Name -> id for pad, eos, bos, unk, the turn markers, "yes" and "no"."""
+        return dict(self._special)
+
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the ``tokenizer.json`` bytes, for cache keys."""
+        return hashlib.sha256(self._bytes).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added; literal added-token strings map to their ids."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` for each text (the Rust tokenizer parallelises the batch)."""
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, keeping special tokens as their strings (``skip_special_tokens=False``)."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(path={self.path}, vocab_size={self.vocab_size}, special={self._special})"
+
+
+AnyTokenizer = Union[Tokenizer, HFTokenizer]
+
+
+def load_tokenizer(path: str | Path) -> AnyTokenizer:
+    """The tokenizer at `path`: a ``tokenizer.model`` / ``tokenizer.json`` file, or a directory holding one.
+
+    A directory with both uses ``tokenizer.model`` (SentencePiece, this project's native format).
+    """
+    p = Path(path)
+    if p.is_file():
+        return HFTokenizer.load(p) if p.suffix == ".json" else Tokenizer.load(p)
+    if (p / MODEL_FILENAME).is_file():
+        return Tokenizer.load(p / MODEL_FILENAME)
+    if (p / JSON_FILENAME).is_file():
+        return HFTokenizer.load(p / JSON_FILENAME)
+    raise FileNotFoundError(f"{p}: no tokenizer found (expected {MODEL_FILENAME} or {JSON_FILENAME})")
+
+
+def check_vocab(tokenizer: AnyTokenizer, model_vocab_size: int, where: str = "tokenizer") -> None:
+    """Raises if the tokenizer can produce ids the model's embedding table does not have."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise TokenizerError(
+            f"{where}: tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has only "
+            f"{model_vocab_size}; this tokenizer was not made for this checkpoint")
+
+
+__all__ = ["HFTokenizer", "AnyTokenizer", "load_tokenizer", "check_vocab", "JSON_FILENAME"]

@@ -1,0 +1,171 @@
+"""The benchmark suite: CLI contract at the tiny shape, the FLOP model against a hand count, attention
+implementations against the einsum reference, and the PyTorch peer doing the same work as kalm-jax."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kalm_jax import layers, scoring
+from kalm_jax.bench import flops
+from kalm_jax.config import get_preset
+from kalm_jax.model import init_model
+
+TINY = get_preset("tiny")
+
+
+def test_cli_tiny_writes_contract_json(tmp_path, capsys):
+    from kalm_jax.bench.__main__ import main
+
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    rc = main(["--shapes=tiny", "--encode_lengths=32", "--score_lengths=32", "--ratios=1,4", "--candidates=4",
+               "--prompt_len=16", "--encode_tokens=128", "--warmup=1", "--repeats=2", "--rotations=2",
+               "--peak_sizes=128", "--peer_on_cpu", f"--out={out}", f"--markdown={md}"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"encode", "score", "online_ratio", "peer", "train"}, kinds
+    assert all(r["shape"] == "tiny" for r in rows)
+
+    (enc,) = [r for r in rows if r["kind"] == "encode"]
+    assert (enc["n"], enc["r"], enc["batch"]) == (32, 1, 4)
+    assert enc["tokens_per_s"] == pytest.approx(4 * 32 / enc["median_s"])
+    assert enc["mfu"] == pytest.approx(flops.encoder_flops(TINY, 32) * 4 / enc["median_s"] / enc["peak_flops"])
+    assert enc["min_s"] <= enc["median_s"] <= enc["max_s"] and enc["compile_s"] > 0
+
+    scores = {r["r"]: r for r in rows if r["kind"] == "score"}
+    assert sorted(scores) == [1, 4]
+    assert scores[4]["cached_states"] == 8 and scores[4]["cache_bytes_per_passage"] == 8 * 64 * 2 + 8 * 4
+    for r, s in scores.items():
+        assert s["n"] == 32 and s["batch"] == 4 and s["pairs_per_s"] == pytest.approx(4 / s["median_s"])
+
+    ratios = {r["r"]: r for r in rows if r["kind"] == "online_ratio"}
+    assert sorted(ratios) == [1, 4]
+    for r, row in ratios.items():
+        assert row["n"] == 32
+        assert row["analytic_ratio"] == pytest.approx(flops.online_ratio(TINY, 32, r, 16))
+        per_pair = scores[r]["median_s"] / 4
+        assert row["measured_ratio"] == pytest.approx((enc["median_s"] / 4 + per_pair) / per_pair)
+        assert row["measured_ratio"] > 1
+
+    peers = {(r["op"], r["r"]): r for r in rows if r["kind"] == "peer"}
+    assert set(peers) == {("encode", 1), ("score", 1), ("score", 4)}
+    assert peers[("score", 4)]["speedup"] == pytest.approx(
+        scores[4]["pairs_per_s"] / peers[("score", 4)]["peer_pairs_per_s"])
+
+    train = [r for r in rows if r["kind"] == "train"]
+    assert {r["mode"] for r in train} == {"full", "lora"}
+    try:
+        import kalm_jax.training  # noqa: F401
+    except ImportError:
+        assert all("kalm_jax.training" in r["skipped"] for r in train)
+
+    printed = capsys.readouterr().out
+    for title in ("encode", "score", "online_ratio", "peer"):
+        assert title in printed
+    assert "| shape | n | r | measured | analytic |" in md.read_text()
+
+
+def _count(mask) -> int:
+    return int(np.asarray(mask).sum())
+
+
+def test_flop_model_matches_hand_count():
+    # tiny: H=64, I=128, N=2, K=1, D=32, W=16; layers (sliding, full) in both stacks.
+    linear = 2 * 64 * 2 * 32 + 2 * 64 * 1 * 32 * 2 + 2 * 2 * 32 * 64 + 3 * 2 * 64 * 128  # q, k+v, o, GeGLU
+    pair = 2 * 2 * 32 * 2  # scores + weighted values, per head
+    assert flops.token_linear_flops(TINY) == linear == 73728
+    assert flops.attention_pair_flops(TINY) == pair == 256
+
+    n = 40  # longer than the window, so the sliding layer sees fewer keys
+    full, sliding = layers.encoder_masks(jnp.ones((1, n), jnp.int32), TINY.sliding_window)
+    assert _count(full) == n * n
+    assert _count(sliding) == 40 * 16 - (7 * 8 // 2 + 8 * 9 // 2)  # W keys per query, minus the clipped edges
+    assert flops.encoder_flops(TINY, n) == 2 * n * linear + (_count(sliding) + _count(full)) * pair
+
+    t, c = 20, 10  # prompt longer than the window (16): the sliding layer sees fewer keys
+    dfull, dslide = layers.decoder_masks(jnp.ones((1, t), jnp.int32), jnp.ones((1, c), jnp.int32),
+                                         TINY.sliding_window)
+    assert _count(dfull) == t * (t + 1) // 2 + t * c
+    kv = 2 * 2 * 64 * 1 * 32
+    expect = 2 * (t * linear + c * kv) + (_count(dfull) + _count(dslide)) * pair + 2 * 2 * 64
+    assert flops.decoder_flops(TINY, t, c) == expect
+
+    assert flops.online_ratio(TINY, 64, 4, t) == pytest.approx(
+        (flops.encoder_flops(TINY, 64) + flops.decoder_flops(TINY, t, 16)) / flops.decoder_flops(TINY, t, 16))
+    length = t + 64
+    ce_full, ce_slide = layers.decoder_masks(jnp.ones((1, length), jnp.int32), jnp.ones((1, 1), jnp.int32),
+                                             TINY.sliding_window)
+    ce = 2 * length * linear + (_count(ce_full) + _count(ce_slide) - 2 * length) * pair + 2 * 2 * 64
+    assert flops.cross_encoder_flops(TINY, 64, t) == ce
+
+
+def _random_mask(rng, b, t, s):
+    mask = rng.random((b, t, s)) < 0.6
+    mask[..., 0] = True  # no fully masked rows
+    return jnp.asarray(mask)
+
+
+def test_attention_implementations_agree_on_cpu():
+    rng = np.random.default_rng(0)
+    b, t, s, n, k, d = 2, 7, 13, 4, 2, 16
+    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                for shape in ((b, t, n, d), (b, s, k, d), (b, s, k, d)))
+    mask = _random_mask(rng, b, t, s)
+    ref = layers.attention(q, kk, v, mask, 0.25, impl="xla")
+    # Independent NumPy reference (float64, GQA by repeating kv heads).
+    kr, vr = np.repeat(np.asarray(kk, np.float64), n // k, 2), np.repeat(np.asarray(v, np.float64), n // k, 2)
+    sc = np.einsum("btnd,bsnd->bnts", np.asarray(q, np.float64), kr) * 0.25
+    sc = np.where(np.asarray(mask)[:, None], sc, -np.inf)
+    p = np.exp(sc - sc.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(ref), np.einsum("bnts,bsnd->btnd", p, vr), atol=1e-5)
+    fused = layers.attention(q, kk, v, mask, 0.25, impl="dot_product")
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=1e-5)
+    assert layers.attention(q, kk, v, mask, 0.25, impl="auto").dtype == q.dtype
+    if jax.default_backend() == "cpu":
+        assert layers.resolve_attention_impl("auto", jnp.bfloat16, 256) == "xla"
+    with pytest.raises(ValueError, match="valid"):
+        layers.resolve_attention_impl("flash", jnp.bfloat16, 256)
+    with pytest.raises(ValueError, match="softcapping"):
+        layers.resolve_attention_impl("cudnn", jnp.bfloat16, 256, softcap=50.0)
+
+
+def test_model_attention_impl_switch_keeps_margins():
+    model = init_model(TINY, seed=1)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 8000, (3, 40)); mask = np.ones_like(ids); mask[1, 25:] = 0; ids[mask == 0] = 0
+    dec = rng.integers(3, 8000, (3, 9)); dmask = np.ones_like(dec); dmask[2, 6:] = 0; dec[dmask == 0] = 0
+    out = {}
+    for impl in ("xla", "dot_product"):
+        model.attention_impl = impl
+        states, pmask, _ = scoring.encode_passages(model, ids, mask, 4)
+        out[impl] = (states, scoring.score(model, dec, dmask, states, pmask, 7, 9))
+    np.testing.assert_allclose(out["dot_product"][0], out["xla"][0], atol=1e-5)
+    np.testing.assert_allclose(out["dot_product"][1], out["xla"][1], atol=1e-5)
+
+
+def test_peer_pipeline_scores_what_kalm_jax_scores(tmp_path):
+    """The PyTorch peer (released path: pool -> model(encoder_outputs=pooled) -> yes/no at the last token)
+    gives kalm-jax's margins for the same weights, so the speed comparison is like for like."""
+    torch = pytest.importorskip("torch")
+    from kalm_jax import hf
+    from kalm_jax.bench import peer as peer_lib
+
+    p = peer_lib.build("tiny", "cpu", "float32", seed=3)
+    p.model.save_pretrained(tmp_path)
+    _, model = hf.load(tmp_path)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, 8000, (2, 24)); mask = np.ones_like(ids); mask[0, 17:] = 0; ids[mask == 0] = 0
+    dec = rng.integers(3, 8000, (2, 8)); dmask = np.ones_like(dec)
+    t = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+    pooled, pmask = peer_lib.encode_fn(p, 4)(t(ids), t(mask))
+    margins = peer_lib.score_fn(p, 7, 9)(t(dec), t(dmask), pooled, pmask).numpy()
+    states, ours_mask, _ = scoring.encode_passages(model, ids, mask, 4)
+    np.testing.assert_array_equal(pmask.numpy(), ours_mask)
+    np.testing.assert_allclose(pooled.numpy(), states, atol=1e-4)
+    np.testing.assert_allclose(margins, scoring.score(model, dec, dmask, states, ours_mask, 7, 9), atol=1e-4)

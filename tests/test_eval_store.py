@@ -1,0 +1,134 @@
+"""PassageStore: encoded once and reused, exact re-pooling, stale-store detection, storage options, and scores
+through the store equal to scores computed from text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kalm_jax import prompts, scoring
+from kalm_jax.config import get_preset
+from kalm_jax.data.beir import load_beir
+from kalm_jax.evaluation import rerank, store as store_lib
+from kalm_jax.model import init_model
+
+MAX_LEN = 96
+
+
+@pytest.fixture(scope="module")
+def scifact(data_dir):
+    return load_beir(data_dir / "scifact", "test")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(get_preset("tiny"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def texts(scifact):
+    ids = list(scifact.corpus)[:40]
+    return {d: scifact.passage(d) for d in ids}
+
+
+@pytest.fixture
+def count_encoder(monkeypatch):
+    calls = {"n": 0, "rows": 0}
+    real = scoring.encode_pool
+
+    def counting(graphdef, state, ids, mask, ratio):
+        calls["n"] += 1
+        return real(graphdef, state, ids, mask, ratio)
+
+    monkeypatch.setattr(scoring, "encode_pool", counting)
+    return calls
+
+
+def _key(model, tokenizer, storage="float32", ratio=1):
+    return store_lib.StoreKey.for_model(model, tokenizer, MAX_LEN, ratio, storage)
+
+
+def test_written_once_then_reused_and_extended(tmp_path, model, tokenizer, texts, count_encoder):
+    ids = list(texts)
+    st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
+    assert st.ensure(model, tokenizer, texts, ids[:30], batch_size=8, shard_size=16, progress=False) == 30
+    assert count_encoder["n"] == 4 and len(st.shards) == 2
+    calls = count_encoder["n"]
+    again = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
+    assert len(again) == 30 and again.ensure(model, tokenizer, texts, ids[:30], progress=False) == 0
+    again.lookup(ids[:30], 4)  # coarser ratios come from re-pooling, not the encoder
+    assert count_encoder["n"] == calls
+    assert again.ensure(model, tokenizer, texts, ids, batch_size=8, progress=False) == 10  # only the new ones
+    assert count_encoder["n"] == calls + 2 and len(again.shards) == 3
+    assert store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer)).missing(ids) == []
+
+
+def test_repooled_states_equal_directly_pooled(tmp_path, model, tokenizer, texts):
+    ids = list(texts)
+    st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
+    st.ensure(model, tokenizer, texts, ids, batch_size=16, shard_size=25, progress=False)
+    tok, mask = prompts.tokenize_documents(tokenizer, [texts[d] for d in ids], MAX_LEN)
+    order = ids[::-1]  # lookup order differs from storage order and crosses shards
+    for ratio in (4, 8):
+        got = st.lookup(order, ratio)
+        direct, dmask, dcounts = scoring.encode_passages(model, tok, mask, ratio)
+        rows = [ids.index(d) for d in order]
+        width = got.mask.shape[1]
+        assert width == int(dmask[rows].sum(0).nonzero()[0].max()) + 1
+        np.testing.assert_array_equal(got.mask, dmask[rows][:, :width])
+        np.testing.assert_array_equal(got.counts, dcounts[rows][:, :width])
+        np.testing.assert_allclose(got.dense(), direct[rows][:, :width] * dmask[rows][:, :width, None], atol=2e-5)
+        assert got.ids == order
+    assert (tmp_path / "s" / "r8" / "shard-00001" / "manifest.json").is_file()  # derived shards are saved
+
+
+def test_stale_store_is_an_error_or_a_reencode(tmp_path, model, tokenizer, texts, count_encoder):
+    ids = list(texts)[:8]
+    st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
+    st.ensure(model, tokenizer, texts, ids, progress=False)
+    other = init_model(get_preset("tiny"), seed=6)
+    with pytest.raises(store_lib.StaleStoreError, match=r"model: stored '[0-9a-f]+', now '[0-9a-f]+'"):
+        store_lib.PassageStore.open(tmp_path / "s", _key(other, tokenizer))
+    with pytest.raises(store_lib.StaleStoreError, match="max_length: stored 96, now 64"):
+        store_lib.PassageStore.open(tmp_path / "s", store_lib.StoreKey.for_model(model, tokenizer, 64, 1))
+    fresh = store_lib.PassageStore.open(tmp_path / "s", _key(other, tokenizer), on_stale="reencode")
+    assert len(fresh) == 0
+    assert fresh.ensure(other, tokenizer, texts, ids, progress=False) == 8
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and has no manifest.json"):
+        store_lib.PassageStore.open(tmp_path / "junk", _key(model, tokenizer))
+    assert (tmp_path / "junk" / "x.txt").read_text() == "mine"
+
+
+def test_storage_options_shrink_the_cache(tmp_path, model, tokenizer, texts):
+    ids = list(texts)[:16]
+    out = {}
+    for storage in ("float32", "bfloat16", "int8"):
+        st = store_lib.PassageStore.open(tmp_path / storage, _key(model, tokenizer, storage))
+        st.ensure(model, tokenizer, texts, ids, progress=False)
+        out[storage] = (st.sizes(4), st.lookup(ids, 4).dense())
+    f32, bf16, i8 = (out[k][0]["state_bytes_per_passage"] for k in ("float32", "bfloat16", "int8"))
+    assert bf16 < 0.55 * f32 and i8 < 0.35 * f32
+    assert out["float32"][0]["bytes"] > out["bfloat16"][0]["bytes"] > out["int8"][0]["bytes"]
+    ref = out["float32"][1]
+    scale = np.abs(ref).max()
+    assert np.abs(out["bfloat16"][1] - ref).max() < 1e-2 * scale
+    assert np.abs(out["int8"][1] - ref).max() < 2e-2 * scale
+
+
+def test_scores_through_the_store_equal_scores_from_text(tmp_path, model, tokenizer, texts, scifact):
+    queries = dict(list(scifact.queries.items())[:2])
+    ids = list(texts)[:12]
+    run = {q: {d: float(-i) for i, d in enumerate(ids)} for q in queries}
+    st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
+    st.ensure(model, tokenizer, texts, ids, batch_size=5, progress=False)
+    tok, mask = prompts.tokenize_documents(tokenizer, [texts[d] for d in ids], MAX_LEN)
+    for ratio in (4,):  # stored at ratio 1, re-pooled to 4
+        got = rerank.rerank_run(model, tokenizer, queries, run, st, ratio, batch_pairs=16)
+        states, smask, _ = scoring.encode_passages(model, tok, mask, ratio)
+        for q, text in queries.items():
+            dec, dmask = prompts.tokenize_decoder_prompts(tokenizer, [text] * len(ids))
+            direct = scoring.score(model, dec, dmask, states, smask, tokenizer.yes_id, tokenizer.no_id)
+            np.testing.assert_allclose([got[q][d] for d in ids], direct, atol=5e-5, rtol=0)
+            assert np.ptp(direct) > 1e-3  # the random model does tell passages apart
