@@ -336,3 +336,35 @@ def test_cli_override_typo_lists_valid_keys(tmp_path):
                        text=True, timeout=120)
     assert r.returncode != 0
     assert "optimizer has no 'lrr'" in r.stderr and "'lr'" in r.stderr and "'warmup_steps'" in r.stderr
+
+
+def test_sigterm_saves_and_exits(train_jsonl, tokenizer, data_dir, tmp_path):
+    w = tmp_path / "term"
+    proc = subprocess.Popen(cli(w, train_jsonl, tokenizer, data_dir, steps=200), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = w / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM received" in err
+    done = len(metrics.read_text().splitlines())
+    assert 2 <= done < 200
+    assert checkpointing.latest_step_dir(w).name == str(done)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train_jsonl, tokenizer, data_dir, tmp_path):
+    w = tmp_path / "nan"
+    args = cli(w, train_jsonl, tokenizer, data_dir, steps=6) + [
+        "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0", "--config.optimizer.clip_norm=0",
+        "--config.checkpoint.every=1"]
+    r = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "non-finite loss" in r.stderr and "Last good checkpoint" in r.stderr
+    bad = int(r.stderr.split("non-finite loss")[1].split("at step ")[1].split()[0])
+    steps = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == bad - 1
+    params = final_params(w)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
