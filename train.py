@@ -43,5 +43,35 @@ def main(argv):
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Exits with the valid keys when a `--config.a.b=...` override names a key the config lacks
+    (before absl parses the flags and ml_collections raises a bare KeyError)."""
+    import importlib.util
+    import sys
+
+    spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if spec_arg is None or not overrides:
+        return
+    path, _, arg = spec_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("_train_config", path)
+    if spec is None or not os.path.isfile(path):
+        sys.exit(f"--config: no such config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for key in overrides:
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                section = ".".join(parts[:i]) or "<top level>"
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                sys.exit(f"unknown config key --config.{key}: {section} has no {part!r}; valid keys there: {valid}")
+            node = node[part]
+
+
 if __name__ == "__main__":
+    import sys
+
+    check_overrides(sys.argv[1:])
     app.run(main)

@@ -16,18 +16,18 @@ def _size(c, size):
     c.model.preset = size
     if size == "tiny":
         # From scratch on CPU in a few minutes: small groups and lengths, a tokenizer trained on the data.
-        c.total_steps = 300
+        c.total_steps = 150
         c.data.batch_size = 8
         c.data.group_size = 8
         c.data.passage_max_tokens = 128
         c.data.query_max_tokens = 32
         c.mep.ratios = (1, 4, 16)
         c.optimizer.lr = 1e-3
-        c.optimizer.warmup_steps = 30
+        c.optimizer.warmup_steps = 15
         c.optimizer.weight_decay = 0.0
         c.tokenizer_vocab_size = 8000
-        c.checkpoint.every = 100
-        c.eval.every = 150
+        c.checkpoint.every = 50
+        c.eval.every = 0
         c.eval.num_queries = 100
         c.eval.depth = 20
         c.log_every = 25

@@ -47,7 +47,8 @@ class Checkpointer:
                                        n=int(self.cfg.keep_best), keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=bool(self.cfg.async_save),
-            preservation_policy=policies.AnyPreservationPolicy(keep), create=True)
+            preservation_policy=policies.AnyPreservationPolicy(keep), create=True,
+            cleanup_tmp_directories=True)
         handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
                     "kalm_model": ocp.JsonCheckpointHandler(filename="kalm_model.json"),
                     "data_iter": grain.checkpoint.CheckpointHandler()}

@@ -1,6 +1,7 @@
-"""Periodic dev evaluation during training: nDCG@10 of reranking BM25 candidates (pytrec_eval).
+"""Periodic dev evaluation during training: nDCG@10 of reranking BM25 candidates.
 
-A stand-in until `kalm_jax.evaluation` (branch `eval`) lands; the lead may consolidate the two. The dev set
+Metrics come from `kalm_jax.evaluation.metrics.evaluate` (pytrec_eval, averaged over all judged queries).
+The dev set
 is built once (BM25 top-`depth` candidates of the first `num_queries` judged queries, tokenized), then each
 evaluation encodes the candidate passages once at the evaluation ratio and scores every pair.
 """
@@ -12,7 +13,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pytrec_eval
 
 from kalm_jax import prompts, scoring
 from kalm_jax.data.beir import load_beir
@@ -77,9 +77,9 @@ class DevSet:
         return run
 
     def ndcg10(self, run: dict[str, dict[str, float]]) -> float:
-        evaluator = pytrec_eval.RelevanceEvaluator(self.qrels, {"ndcg_cut.10"})
-        per_query = evaluator.evaluate(run)
-        return float(np.mean([per_query[q]["ndcg_cut_10"] for q in self.qrels])) if per_query else 0.0
+        from kalm_jax.evaluation.metrics import evaluate
+
+        return float(evaluate(self.qrels, run)["ndcg_cut_10"])
 
     def evaluate(self, model: T5Gemma2, tokenizer: Tokenizer, *, ratio: int, batch_size: int = 64) -> dict[str, float]:
         """{"dev_ndcg@10": reranked, "dev_bm25_ndcg@10": first stage}."""

@@ -60,6 +60,8 @@ class TrainStep:
       tx: the optax optimiser (over the trainable subset).
       trainable: path predicate selecting the trainable parameters.
       mesh, rules: the mesh and the logical -> mesh rules.
+      grad_fn: jitted `(state, batch) -> (loss, metrics, grads)` (grads of the trainable subset, sharded
+        like it); the step's forward/backward without the update, for checks and debugging.
     """
 
     fn: Callable
@@ -73,6 +75,7 @@ class TrainStep:
     trainable: Callable[[tuple[str, ...]], bool]
     mesh: Mesh
     rules: dict
+    grad_fn: Callable | None = None
 
     def lower(self):
         """`fn.lower(abstract_state, abstract_batch)` (call `.compile()` on the result)."""
@@ -234,11 +237,19 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
                        lr=sched(state["step"] // accum).astype(jnp.float32))
         return new_state, metrics
 
+    def grad_only(state, batch):
+        train_params, frozen_params = split_params(state["params"], trainable)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params, frozen_params, batch)
+        return loss, metrics, grads
+
+    grad_fn = jax.jit(grad_only, in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(replicated, replicated, trainable_shardings))
     fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
     return TrainStep(fn=fn, abstract_state=abstract_state, abstract_batch=abstract_batch,
                      state_shardings=state_shardings, batch_shardings=batch_shardings, param_axes=param_axes,
-                     graphdef=graphdef, tx=tx, trainable=trainable, mesh=mesh, rules=rules)
+                     graphdef=graphdef, tx=tx, trainable=trainable, mesh=mesh, rules=rules,
+                     grad_fn=grad_fn)
 
 
 __all__ = ["make_train_step", "TrainStep", "batch_structs", "pair_scores", "loss_terms", "STEP_BATCH_KEYS"]
