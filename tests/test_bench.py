@@ -60,10 +60,9 @@ def test_cli_tiny_writes_contract_json(tmp_path, capsys):
 
     train = [r for r in rows if r["kind"] == "train"]
     assert {r["mode"] for r in train} == {"full", "lora"}
-    try:
-        import kalm_jax.training  # noqa: F401
-    except ImportError:
-        assert all("kalm_jax.training" in r["skipped"] for r in train)
+    for r in train:
+        assert "skipped" not in r, r.get("skipped")
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] > 0
 
     printed = capsys.readouterr().out
     for title in ("encode", "score", "online_ratio", "peer"):
