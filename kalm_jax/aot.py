@@ -111,21 +111,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with at most one -1 filled so the product is `num_devices`."""
-    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
-    fill = [i for i, s in enumerate(shape) if s == -1]
-    if len(fill) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: sizes must be positive, at most one -1 (fill)")
-    known = math.prod(s for s in shape if s != -1)
-    if fill:
-        if num_devices % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: fixed axes ({known}) do not divide "
-                             f"{num_devices} devices")
-        shape[fill[0]] = num_devices // known
-    if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices; the topology "
-                         f"has {num_devices}")
-    return tuple(shape)  # type: ignore[return-value]
+    """(data, fsdp, tensor) with at most one -1 filled so the product is `num_devices` (missing axes = 1)."""
+    from kalm_jax.training.sharding import mesh_shape
+
+    return mesh_shape({a: int(sizes.get(a, 1)) for a in MESH_AXES}, num_devices)
 
 
 def build_mesh(devices: Sequence, sizes: Mapping[str, int], num_slices: int = 1):

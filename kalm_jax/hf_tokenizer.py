@@ -18,13 +18,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Union
 
-from kalm_jax.tokenizer import (BOS, END_OF_TURN, EOS, MODEL_FILENAME, NO, PAD, START_OF_TURN, UNK, YES, Tokenizer,
+from kalm_jax.tokenizer import (SpecialIds, BOS, END_OF_TURN, EOS, MODEL_FILENAME, NO, PAD, START_OF_TURN, UNK, YES, Tokenizer,
                                 TokenizerError)
 
 JSON_FILENAME = "tokenizer.json"
 
 
-class HFTokenizer:
+class HFTokenizer(SpecialIds):
     """A `tokenizers.Tokenizer` loaded from ``tokenizer.json`` with the special ids the reranker needs.
 
     Attributes:
@@ -67,46 +67,9 @@ class HFTokenizer:
         return cls(path.read_bytes(), path=path)
 
     @property
-    def pad_id(self) -> int:
-        return self._special[PAD]
-
-    @property
-    def eos_id(self) -> int:
-        return self._special[EOS]
-
-    @property
-    def bos_id(self) -> int:
-        return self._special[BOS]
-
-    @property
-    def unk_id(self) -> int:
-        return self._special[UNK]
-
-    @property
-    def start_of_turn_id(self) -> int:
-        return self._special[START_OF_TURN]
-
-    @property
-    def end_of_turn_id(self) -> int:
-        return self._special[END_OF_TURN]
-
-    @property
-    def yes_id(self) -> int:
-        return self._special[YES]
-
-    @property
-    def no_id(self) -> int:
-        return self._special[NO]
-
-    @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (the largest id + 1 for a contiguous vocabulary)."""
         return self.hf.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        """Name -> id for pad, eos, bos, unk, the turn markers, "yes" and "no"."""
-        return dict(self._special)
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the ``tokenizer.json`` bytes, for cache keys."""

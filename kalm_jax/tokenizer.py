@@ -39,7 +39,50 @@ class TokenizerError(ValueError):
     """A tokenizer model lacks a required special token or single-piece answer word."""
 
 
-class Tokenizer:
+class SpecialIds:
+    """Special-token id properties over `self._special` (name -> id), shared by the tokenizer adapters."""
+
+    _special: dict[str, int]
+
+    @property
+    def pad_id(self) -> int:
+        return self._special[PAD]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special[EOS]
+
+    @property
+    def bos_id(self) -> int:
+        return self._special[BOS]
+
+    @property
+    def unk_id(self) -> int:
+        return self._special[UNK]
+
+    @property
+    def start_of_turn_id(self) -> int:
+        return self._special[START_OF_TURN]
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self._special[END_OF_TURN]
+
+    @property
+    def yes_id(self) -> int:
+        return self._special[YES]
+
+    @property
+    def no_id(self) -> int:
+        return self._special[NO]
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Name -> id for pad, eos, bos, unk, the turn markers, "yes" and "no"."""
+        return dict(self._special)
+
+
+class Tokenizer(SpecialIds):
     """A `sentencepiece.SentencePieceProcessor` plus the special ids the reranker needs.
 
     Attributes:
@@ -153,45 +196,8 @@ class Tokenizer:
         return cls(data, path=path)
 
     @property
-    def pad_id(self) -> int:
-        return self._special[PAD]
-
-    @property
-    def eos_id(self) -> int:
-        return self._special[EOS]
-
-    @property
-    def bos_id(self) -> int:
-        return self._special[BOS]
-
-    @property
-    def unk_id(self) -> int:
-        return self._special[UNK]
-
-    @property
-    def start_of_turn_id(self) -> int:
-        return self._special[START_OF_TURN]
-
-    @property
-    def end_of_turn_id(self) -> int:
-        return self._special[END_OF_TURN]
-
-    @property
-    def yes_id(self) -> int:
-        return self._special[YES]
-
-    @property
-    def no_id(self) -> int:
-        return self._special[NO]
-
-    @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
-
-    @property
-    def special_ids(self) -> dict[str, int]:
-        """Name -> id for pad, eos, bos, unk, the turn markers, "yes" and "no"."""
-        return dict(self._special)
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the serialized model, for cache keys."""
