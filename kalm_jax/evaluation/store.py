@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +115,19 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _length_shards(order: list[str], tokens: Mapping[str, list[int]], shard_size: int) -> Iterator[list[str]]:
+    """Splits length-sorted (longest first) ids into shards of at most `shard_size` whose shortest passage
+    is at least 3/4 of their longest (each shard is padded to its longest passage on disk)."""
+    shard: list[str] = []
+    for d in order:
+        if shard and (len(shard) >= shard_size or 4 * len(tokens[d]) < 3 * len(tokens[shard[0]])):
+            yield shard
+            shard = []
+        shard.append(d)
+    if shard:
+        yield shard
+
+
 class PassageStore:
     """Sharded on-disk passage states for one `StoreKey` (a `rerank.StateSource`).
 
@@ -203,7 +216,8 @@ class PassageStore:
         Args:
           texts: doc id -> passage text (`BeirDataset.passage`); `prompts.document_text` is applied here.
           batch_size: passages per encoder call (length-sorted, so batches are nearly padding-free).
-          shard_size: passages per shard directory.
+          shard_size: at most this many passages per shard directory; a shard also ends where passages
+            get shorter than 3/4 of its longest, so padding to the longest costs at most a third.
         """
         todo = self.missing(doc_ids)
         absent = [d for d in todo if d not in texts]
@@ -222,8 +236,7 @@ class PassageStore:
         order = sorted(todo, key=lambda d: (-len(tokens[d]), d))
         with tqdm(total=len(order), desc=f"encode passages (r={self.key.ratio})", unit="doc",
                   disable=not progress, dynamic_ncols=True) as bar:
-            for start in range(0, len(order), shard_size):
-                shard_ids = order[start:start + shard_size]
+            for shard_ids in _length_shards(order, tokens, shard_size):
                 parts = []
                 for b in range(0, len(shard_ids), batch_size):
                     batch = shard_ids[b:b + batch_size]
