@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kalm_jax.atomic import atomic_directory
 from kalm_jax.config import ModelConfig, parse_dtype
 from kalm_jax.model import T5Gemma2
 
@@ -78,23 +78,13 @@ def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool
     `extra_files` ({name in the checkpoint: source path}, e.g. the tokenizer) are copied in before the rename.
     """
     out = Path(directory).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", param_tree(model))
         ckptr.wait_until_finished()
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         (tmp / META_FILE).write_text(json.dumps(model_meta(model), indent=1, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,16 +14,15 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from kalm_jax.atomic import atomic_directory
 from kalm_jax.config import ModelConfig, parse_dtype
 from kalm_jax.model import T5Gemma2, _lora_delta, abstract_model, stack_param_shapes
 
@@ -638,54 +637,34 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
     show = progress if progress is not None else total > (1 << 30)
 
     # ---- write into a temporary sibling, then rename
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with tqdm(total=len(entries), desc=f"writing {out.name}", unit="tensor", disable=not show) as bar:
-            for fname, shard in zip(names, shards):
-                _write_safetensors(tmp / fname, shard, bar)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total,
-                                  "total_parameters": sum(int(np.prod(e.shape)) for e in entries)},
-                     "weight_map": {e.name: f for f, shard in zip(names, shards) for e in sorted(shard, key=lambda e: e.name)}}
-            index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for fname, src in tok_files.items():
-            if isinstance(src, bytes):
-                (tmp / fname).write_bytes(src)
+        with atomic_directory(out, overwrite=True) as tmp:
+            with tqdm(total=len(entries), desc=f"writing {out.name}", unit="tensor", disable=not show) as bar:
+                for fname, shard in zip(names, shards):
+                    _write_safetensors(tmp / fname, shard, bar)
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": total,
+                                      "total_parameters": sum(int(np.prod(e.shape)) for e in entries)},
+                         "weight_map": {e.name: f for f, shard in zip(names, shards) for e in sorted(shard, key=lambda e: e.name)}}
+                index["weight_map"] = dict(sorted(index["weight_map"].items()))
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for fname, src in tok_files.items():
+                if isinstance(src, bytes):
+                    (tmp / fname).write_bytes(src)
+                else:
+                    shutil.copyfile(src, tmp / fname)
+            if gen_src is not None and gen_src.is_file():
+                shutil.copyfile(gen_src, tmp / "generation_config.json")
             else:
-                shutil.copyfile(src, tmp / fname)
-        if gen_src is not None and gen_src.is_file():
-            shutil.copyfile(gen_src, tmp / "generation_config.json")
-        else:
-            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                   "pad_token_id": cfg.pad_token_id}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        # config.json last: a directory without it is never mistaken for a checkpoint.
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                       "pad_token_id": cfg.pad_token_id}
+                (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            # config.json last: a directory without it is never mistaken for a checkpoint.
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     finally:
         if st_src is not None:
             st_src.close()
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Renames `tmp` to `out`; an existing `out` is moved aside first and deleted only afterwards."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["load", "save", "read_config", "tensor_specs", "check_tensors", "export_problems", "hf_tensor",

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from kalm_jax import mep
+from kalm_jax.atomic import atomic_directory
 
 FORMAT = "kalm-jax-passage-states"
 STORAGE = ("float32", "bfloat16", "int8")
@@ -139,11 +138,7 @@ class PassageStates:
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Writes the directory atomically (temporary directory, then rename)."""
         out = Path(directory).absolute()
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
             states = self.states.view(np.uint16) if self.storage == "bfloat16" else self.states
             np.save(tmp / "states.npy", np.ascontiguousarray(states))
             np.save(tmp / "mask.npy", np.asarray(self.mask, np.int8))
@@ -155,12 +150,6 @@ class PassageStates:
             manifest = {"format": FORMAT, "version": 1, "ratio": self.ratio, "storage": self.storage,
                         "shape": list(self.states.shape), "has_ids": self.ids is not None, "meta": self.meta}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod

@@ -3,7 +3,6 @@ against the XLA attention), and AOT compiles of the tiny preset for a v5e-4 slic
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax

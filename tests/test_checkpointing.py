@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kalm_jax import checkpointing, hf
+from kalm_jax import checkpointing
 from kalm_jax.config import get_preset
 from kalm_jax.model import init_model
 
