@@ -33,6 +33,19 @@ def _windows(x: jax.Array, r: int) -> jax.Array:
     return jnp.pad(x, pad).reshape(b, c, r, *x.shape[2:])
 
 
+def _weighted_window_mean(values: jax.Array, weights: jax.Array, size: int):
+    """Per window of `size` rows: sum(w·v) / max(1, sum(w)) in fp32; also (sum(w) > 0) and sum(w), int32.
+
+    values [B, N, H], integer weights [B, N] (a 0/1 token mask for `pool`, window counts for `repool`).
+    """
+    w = _windows(jnp.asarray(weights, jnp.int32), size)
+    v = _windows(jnp.asarray(values).astype(jnp.float32), size)
+    total = w.sum(axis=2)
+    sums = jnp.einsum("bck,bckh->bch", w.astype(jnp.float32), v)
+    mean = sums / jnp.maximum(total, 1)[..., None].astype(jnp.float32)
+    return mean.astype(values.dtype), (total > 0).astype(jnp.int32), total.astype(jnp.int32)
+
+
 def pool(states: jax.Array, mask: jax.Array, ratio: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mask-aware mean of consecutive `ratio`-token windows.
 
@@ -47,12 +60,7 @@ def pool(states: jax.Array, mask: jax.Array, ratio: int) -> tuple[jax.Array, jax
     r = _check_ratio(ratio)
     if states.ndim != 3 or mask.shape != states.shape[:2]:
         raise ValueError(f"pool expects states [B, N, H] and mask [B, N]; got {states.shape} and {mask.shape}")
-    m = _windows(jnp.asarray(mask, jnp.int32), r)
-    h = _windows(jnp.asarray(states).astype(jnp.float32), r)
-    counts = m.sum(axis=2)
-    sums = jnp.einsum("bcr,bcrh->bch", m.astype(jnp.float32), h)
-    pooled = sums / jnp.maximum(counts, 1)[..., None].astype(jnp.float32)
-    return pooled.astype(states.dtype), (counts > 0).astype(jnp.int32), counts.astype(jnp.int32)
+    return _weighted_window_mean(states, mask, r)
 
 
 def repool(pooled: jax.Array, counts: jax.Array, factor: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -68,12 +76,7 @@ def repool(pooled: jax.Array, counts: jax.Array, factor: int) -> tuple[jax.Array
     k = _check_ratio(factor)
     if pooled.ndim != 3 or counts.shape != pooled.shape[:2]:
         raise ValueError(f"repool expects pooled [B, C, H] and counts [B, C]; got {pooled.shape}, {counts.shape}")
-    c = _windows(jnp.asarray(counts, jnp.int32), k)
-    h = _windows(jnp.asarray(pooled).astype(jnp.float32), k)
-    total = c.sum(axis=2)
-    sums = jnp.einsum("bck,bckh->bch", c.astype(jnp.float32), h)
-    out = sums / jnp.maximum(total, 1)[..., None].astype(jnp.float32)
-    return out.astype(pooled.dtype), (total > 0).astype(jnp.int32), total.astype(jnp.int32)
+    return _weighted_window_mean(pooled, counts, k)
 
 
 __all__ = ["pool", "repool"]
