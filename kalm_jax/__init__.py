@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"config", "layers", "model", "mep", "scoring", "hf", "prompts", "tokenizer", "hf_tokenizer",
-               "checkpointing", "passage_states", "reranker", "data", "evaluation", "training", "bench"}
+               "checkpointing", "mesh", "passage_states", "reranker", "data", "evaluation", "training", "bench"}
 
 
 def __getattr__(name: str):

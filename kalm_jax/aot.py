@@ -112,7 +112,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with at most one -1 filled so the product is `num_devices` (missing axes = 1)."""
-    from kalm_jax.training.sharding import mesh_shape
+    from kalm_jax.mesh import mesh_shape
 
     return mesh_shape({a: int(sizes.get(a, 1)) for a in MESH_AXES}, num_devices)
 

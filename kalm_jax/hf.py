@@ -1,21 +1,17 @@
-"""Hugging Face `t5gemma2` checkpoints ⇄ the NNX model: the name/layout mapping as data, and `load`.
+"""Hugging Face `t5gemma2` checkpoints ⇄ the NNX model: `load` and `save`.
 
-On-disk (Hub) names: `model.encoder.embed_tokens.{weight,eoi_embedding}`, `model.encoder.layers.{i}.*`,
-`model.encoder.norm.weight`, `model.decoder.layers.{i}.*`, `model.decoder.norm.weight`; the decoder
-embedding and `lm_head.out_proj.weight` are tied aliases. PyTorch Linear weights are [out, in]; ours are
-einsum kernels ([H, N, D] for q, [N, D, H] for o, [H, I] for gate/up, [I, H] for down).
+The name/layout map lives in `kalm_jax.hf_layout` (data) and the safetensors reading/writing in
+`kalm_jax.safetensors_io`; this module joins them to the model. Names of both are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-import struct
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,180 +20,11 @@ from tqdm.auto import tqdm
 
 from kalm_jax.atomic import atomic_directory
 from kalm_jax.config import ModelConfig, parse_dtype
+from kalm_jax.hf_layout import (LAYER_NAMES, PASSTHROUGH_PREFIXES, STACKS, TIED_ALIASES, TOP_NAMES, TensorSpec,
+                                canonical_name, hf_shape, tensor_specs)
 from kalm_jax.model import T5Gemma2, _lora_delta, abstract_model, stack_param_shapes
-
-# HF per-layer suffix -> our stacked-parameter name.
-LAYER_NAMES: dict[str, str] = {
-    "self_attn.q_proj.weight": "q",
-    "self_attn.k_proj.weight": "k",
-    "self_attn.v_proj.weight": "v",
-    "self_attn.o_proj.weight": "o",
-    "self_attn.q_norm.weight": "q_norm",
-    "self_attn.k_norm.weight": "k_norm",
-    "pre_self_attn_layernorm.weight": "pre_attn_norm",
-    "post_self_attn_layernorm.weight": "post_attn_norm",
-    "pre_feedforward_layernorm.weight": "pre_ffw_norm",
-    "post_feedforward_layernorm.weight": "post_ffw_norm",
-    "mlp.gate_proj.weight": "gate",
-    "mlp.up_proj.weight": "up",
-    "mlp.down_proj.weight": "down",
-}
-TOP_NAMES: dict[str, tuple[str, ...]] = {
-    "model.encoder.embed_tokens.weight": ("embedding",),
-    "model.encoder.embed_tokens.eoi_embedding": ("eoi_embedding",),
-    "model.encoder.norm.weight": ("encoder_norm",),
-    "model.decoder.norm.weight": ("decoder_norm",),
-}
-TIED_ALIASES = ("model.decoder.embed_tokens.weight", "model.decoder.embed_tokens.eoi_embedding",
-                "lm_head.out_proj.weight")
-PASSTHROUGH_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
-STACKS = {"encoder": "model.encoder.layers", "decoder": "model.decoder.layers"}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One HF tensor: its name, PyTorch shape and where it lives in the NNX model."""
-
-    hf_name: str
-    hf_shape: tuple[int, ...]
-    path: tuple[str, ...]          # attribute path in the model, e.g. ("encoder", "q")
-    layer: int | None              # index into the stacked leading axis, or None
-
-    def to_ours(self, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-        return _to_ours(self.path[-1], t, cfg)
-
-    def to_hf(self, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-        return _to_hf(self.path[-1], t, cfg)
-
-
-def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """All text tensors of the Hub layout for `cfg`, in a stable order (tied aliases omitted)."""
-    h, n, k, d, i, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.intermediate_size, cfg.vocab_size)
-    shapes = {"q": (n * d, h), "k": (k * d, h), "v": (k * d, h), "o": (h, n * d), "q_norm": (d,),
-              "k_norm": (d,), "pre_attn_norm": (h,), "post_attn_norm": (h,), "pre_ffw_norm": (h,),
-              "post_ffw_norm": (h,), "gate": (i, h), "up": (i, h), "down": (h, i)}
-    specs = [TensorSpec("model.encoder.embed_tokens.weight", (v, h), ("embedding",), None),
-             TensorSpec("model.encoder.embed_tokens.eoi_embedding", (h,), ("eoi_embedding",), None)]
-    for stack, prefix in STACKS.items():
-        for layer in range(len(getattr(cfg, f"{stack}_layer_types"))):
-            for suffix, ours in LAYER_NAMES.items():
-                specs.append(TensorSpec(f"{prefix}.{layer}.{suffix}", shapes[ours], (stack, ours), layer))
-        specs.append(TensorSpec(f"model.{stack}.norm.weight", (h,), (f"{stack}_norm",), None))
-    return specs
-
-
-def _to_ours(name: str, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    h, d = cfg.hidden_size, cfg.head_dim
-    if name == "q":
-        return t.T.reshape(h, cfg.num_heads, d)
-    if name in ("k", "v"):
-        return t.T.reshape(h, cfg.num_kv_heads, d)
-    if name == "o":
-        return t.T.reshape(cfg.num_heads, d, h)
-    if name in ("gate", "up", "down"):
-        return t.T
-    return t
-
-
-def _to_hf(name: str, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    if name in ("q", "k", "v"):
-        return t.reshape(t.shape[0], -1).T
-    if name == "o":
-        return t.reshape(-1, t.shape[-1]).T
-    if name in ("gate", "up", "down"):
-        return t.T
-    return t
-
-
-def hf_shape(name: str, ours: Sequence[int]) -> tuple[int, ...]:
-    """PyTorch shape of one layer's parameter `name` whose (unstacked) NNX shape is `ours`."""
-    ours = tuple(int(x) for x in ours)
-    if name in ("q", "k", "v") and len(ours) == 3:
-        return (ours[1] * ours[2], ours[0])
-    if name == "o" and len(ours) == 3:
-        return (ours[2], ours[0] * ours[1])
-    if name in ("gate", "up", "down"):
-        return ours[::-1]
-    return ours
-
-
-def canonical_name(name: str) -> str:
-    """Maps in-memory transformers names (`model.encoder.text_model.*`) to the Hub layout."""
-    return name.replace("model.encoder.text_model.", "model.encoder.", 1)
-
-
-# ---------------------------------------------------------------------- safetensors access
-class SafetensorsDir:
-    """Read access to the safetensors of an HF checkpoint directory (single file or sharded index)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.root = Path(path)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: not a checkpoint directory")
-        index = self.root / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-            self.files = {name: self.root / f for name, f in weight_map.items()}
-            missing = sorted({str(p) for p in self.files.values() if not p.exists()})
-            if missing:
-                raise FileNotFoundError(f"{index} names shard files that do not exist: {missing[:5]}")
-        else:
-            shards = sorted(self.root.glob("*.safetensors"))
-            if not shards:
-                raise FileNotFoundError(f"{self.root}: no *.safetensors files (and no model.safetensors.index.json)")
-            from safetensors import safe_open
-            self.files = {}
-            for shard in shards:
-                with safe_open(shard, framework="np") as f:
-                    for name in f.keys():
-                        self.files[name] = shard
-        from safetensors import safe_open
-        self._safe_open = safe_open
-        self._handles: dict[Path, object] = {}
-        self._shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = self._safe_open(file, framework="np")
-        return self._handles[file]
-
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
-        if name not in self._shapes:
-            sl = self._handle(self.files[name]).get_slice(name)
-            self._shapes[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
-        return self._shapes[name]
-
-    def get(self, name: str) -> np.ndarray:
-        return self._handle(self.files[name]).get_tensor(name)
-
-    def raw_entry(self, name: str) -> tuple[str, tuple[int, ...], int]:
-        """(safetensors dtype string, shape, byte length) of `name`, read from the file header only."""
-        header, _ = read_safetensors_header(self.files[name])
-        e = header[name]
-        begin, end = e["data_offsets"]
-        return e["dtype"], tuple(e["shape"]), end - begin
-
-    def raw_bytes(self, name: str) -> bytes:
-        """The stored bytes of `name`, untouched (no dtype decoding): for byte-exact carrying."""
-        file = self.files[name]
-        header, data_start = read_safetensors_header(file)
-        begin, end = header[name]["data_offsets"]
-        with open(file, "rb") as f:
-            f.seek(data_start + begin)
-            data = f.read(end - begin)
-        if len(data) != end - begin:
-            raise ValueError(f"{file}: tensor {name} is truncated ({len(data)} of {end - begin} bytes)")
-        return data
-
-    def close(self):
-        self._handles.clear()
+from kalm_jax.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, Entry, SafetensorsDir, parse_size,
+                                     plan_shards, read_safetensors_header, write_safetensors)
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -308,29 +135,7 @@ def _set(model, path: tuple[str, ...], value: np.ndarray) -> None:
     _get(model, path).set_value(jnp.asarray(value))
 
 
-def read_safetensors_header(file: str | os.PathLike) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data buffer starts."""
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{file}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError(f"{file}: not a safetensors file (header length {n})")
-        raw = f.read(n)
-    try:
-        return json.loads(raw), 8 + n
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: corrupt safetensors header ({e})") from None
-
-
 # ---------------------------------------------------------------------- export
-ST_DTYPES: dict[np.dtype, str] = {
-    np.dtype(jnp.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16",
-    np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
-}
-DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
-"""Hub convention: shards of at most 5 GB (a tensor larger than the limit gets a shard of its own)."""
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 """Tokenizer files copied beside an exported checkpoint when they exist beside its source."""
@@ -410,86 +215,6 @@ def iter_hf_tensors(model: T5Gemma2, dtype="bfloat16", *, merge_lora: bool = Tru
     """
     for spec in tensor_specs(model.config):
         yield spec.hf_name, hf_tensor(model, spec, dtype, merge_lora=merge_lora)
-
-
-@dataclasses.dataclass
-class _Entry:
-    """One tensor of the export plan: its name, safetensors dtype/shape/size and how to produce its bytes."""
-
-    name: str
-    st_dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    produce: Callable[[], np.ndarray | bytes]
-
-
-def _write_safetensors(path: Path, entries: Sequence[_Entry], bar) -> None:
-    """Writes a safetensors file tensor by tensor: the header is known in advance, so no shard is ever
-    held in memory whole (the `safetensors` library's writers need every tensor of a file at once)."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        header[e.name] = {"dtype": e.st_dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for e in entries:
-            data = e.produce()
-            if isinstance(data, np.ndarray):
-                if data.nbytes != e.nbytes or tuple(data.shape) != e.shape:
-                    raise RuntimeError(f"{e.name}: produced shape {data.shape} ({data.nbytes} bytes), "
-                                       f"planned {e.shape} ({e.nbytes} bytes)")
-                if e.st_dtype in ("F32", "BF16", "F16", "F64") and not np.isfinite(data.astype(np.float32, copy=False)).all():
-                    raise ValueError(f"tensor {e.name} holds non-finite values (NaN/inf); refusing to export it")
-                data.tofile(f)
-            else:
-                if len(data) != e.nbytes:
-                    raise RuntimeError(f"{e.name}: {len(data)} bytes, planned {e.nbytes}")
-                f.write(data)
-            bar.update(1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _shard(entries: Sequence[_Entry], max_bytes: int) -> list[list[_Entry]]:
-    """Greedy in-order packing into shards of at most `max_bytes` (an oversized tensor gets its own shard)."""
-    shards: list[list[_Entry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    return shards
-
-
-def parse_size(size: int | str) -> int:
-    """Byte count from an int or a string like '5GB', '500MB', '2GiB', '1000'."""
-    if isinstance(size, int):
-        value = size
-    else:
-        text = str(size).strip().upper().replace(" ", "")
-        units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
-                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-        for unit, mult in units.items():
-            if text.endswith(unit):
-                try:
-                    value = int(float(text[: -len(unit)]) * mult)
-                except ValueError:
-                    raise ValueError(f"cannot parse size {size!r} (e.g. '5GB', '500MB', '2GiB')") from None
-                break
-        else:
-            try:
-                value = int(text)
-            except ValueError:
-                raise ValueError(f"cannot parse size {size!r} (e.g. '5GB', '500MB', '2GiB')") from None
-    if value <= 0:
-        raise ValueError(f"shard size must be positive, got {size!r}")
-    return value
 
 
 def find_tokenizer_files(*dirs: str | os.PathLike | None) -> dict[str, Path]:
@@ -620,17 +345,17 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
     gen_src = source / "generation_config.json" if source is not None else None
 
     st_name = ST_DTYPES[np_dtype]
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     for spec in tensor_specs(cfg):
-        entries.append(_Entry(spec.hf_name, st_name, spec.hf_shape, int(np.prod(spec.hf_shape)) * np_dtype.itemsize,
+        entries.append(Entry(spec.hf_name, st_name, spec.hf_shape, int(np.prod(spec.hf_shape)) * np_dtype.itemsize,
                               lambda spec=spec: hf_tensor(model, spec, np_dtype, merge_lora=merge_lora)))
     for name in passthrough:
         st_dt, shape, nbytes = st_src.raw_entry(name)
-        entries.append(_Entry(name, st_dt, shape, nbytes, lambda name=name: st_src.raw_bytes(name)))
+        entries.append(Entry(name, st_dt, shape, nbytes, lambda name=name: st_src.raw_bytes(name)))
     if sys.byteorder != "little":
         raise RuntimeError("safetensors export needs a little-endian host")
 
-    shards = _shard(entries, max_bytes)
+    shards = plan_shards(entries, max_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     total = sum(e.nbytes for e in entries)
@@ -641,7 +366,7 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
         with atomic_directory(out, overwrite=True) as tmp:
             with tqdm(total=len(entries), desc=f"writing {out.name}", unit="tensor", disable=not show) as bar:
                 for fname, shard in zip(names, shards):
-                    _write_safetensors(tmp / fname, shard, bar)
+                    write_safetensors(tmp / fname, shard, bar)
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total,
                                       "total_parameters": sum(int(np.prod(e.shape)) for e in entries)},
@@ -669,4 +394,5 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
 
 __all__ = ["load", "save", "read_config", "tensor_specs", "check_tensors", "export_problems", "hf_tensor",
            "iter_hf_tensors", "SafetensorsDir", "TensorSpec", "read_safetensors_header", "find_tokenizer_files",
-           "parse_size", "hf_shape", "LAYER_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES", "TOKENIZER_FILES"]
+           "parse_size", "hf_shape", "LAYER_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES", "TOKENIZER_FILES",
+           "TOP_NAMES", "STACKS", "canonical_name", "DEFAULT_MAX_SHARD_BYTES", "ST_DTYPES"]

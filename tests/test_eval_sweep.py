@@ -16,7 +16,7 @@ import pytest
 from kalm_jax import checkpointing, scoring
 from kalm_jax.config import get_preset
 from kalm_jax.data.trec import read_run
-from kalm_jax.evaluation import metrics, rerank, store as store_lib, sweep
+from kalm_jax.evaluation import metrics, rerank, results as results_lib, store as store_lib, sweep
 from kalm_jax.model import init_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_second_run_encodes_and_scores_nothing_and_grid_growth_reuses_the_store(
 def test_crash_midway_then_rerun_finishes_only_missing_cells(tmp_path, data_dir, ckpt, counters, monkeypatch,
                                                              finished):
     out = tmp_path / "out"
-    real_append, appended = sweep._append, []
+    real_append, appended = results_lib.append, []
 
     def crashing(output_dir, row):
         if len(appended) == 4:
@@ -115,14 +115,14 @@ def test_crash_midway_then_rerun_finishes_only_missing_cells(tmp_path, data_dir,
         real_append(output_dir, row)
         appended.append(row)
 
-    monkeypatch.setattr(sweep, "_append", crashing)
+    monkeypatch.setattr(results_lib, "append", crashing)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(_config(data_dir, out, ckpt, store_dir=str(tmp_path / "store")))
     before = sweep.read_results(out)
     assert len(before) == 4 and counters["rerank"] == [1, 4, 8]  # 2 first stages, scifact r=1,4; r=8 lost
     with open(out / "results.jsonl", "a") as f:
         f.write('{"dataset": "scif')  # a torn line from the kill
-    monkeypatch.setattr(sweep, "_append", real_append)
+    monkeypatch.setattr(results_lib, "append", real_append)
     counters["rerank"].clear()
     counters["encode"] = 0
     after = sweep.run_sweep(_config(data_dir, out, ckpt, store_dir=str(tmp_path / "store")))

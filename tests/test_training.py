@@ -20,7 +20,8 @@ import torch
 
 from kalm_jax import checkpointing, scoring
 from kalm_jax.config import get_preset
-from kalm_jax.training import losses, sharding
+from kalm_jax import mesh as sharding
+from kalm_jax.training import losses
 from kalm_jax.training.checkpoints import Checkpointer
 from kalm_jax.training.config import default_config, validate
 from kalm_jax.training.state import build_model, split_params

@@ -40,7 +40,7 @@ def _make(training, cfg, settings, mode: str) -> TrainStep:
 
     from kalm_jax.bench.timing import compile_aot
     from kalm_jax.training import config as train_config
-    from kalm_jax.training import sharding
+    from kalm_jax import mesh as sharding
     from kalm_jax.training.state import build_model
     from kalm_jax.training.step import make_train_step
 

@@ -157,7 +157,7 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[
 
 def write_report(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Writes OUT/summary.md, OUT/results.csv and OUT/plots/*.png; returns their paths."""
-    from kalm_jax.evaluation.sweep import read_results
+    from kalm_jax.evaluation.results import read_results
 
     out = Path(output_dir)
     rows = list(rows) if rows is not None else read_results(out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import logging
 import math
 import os
@@ -27,197 +26,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kalm_jax import checkpointing, prompts
+from kalm_jax import checkpointing
 from kalm_jax.data.beir import BeirDataset, load_beir
 from kalm_jax.data.trec import read_run, write_run
-from kalm_jax.evaluation import metrics, rerank, store as store_lib
+from kalm_jax.evaluation import metrics, rerank, results as results_lib, store as store_lib
+from kalm_jax.evaluation.results import CONFIG_FILE, RESULTS, cell_key, read_results
+from kalm_jax.evaluation.settings import DEFAULT_LABEL, NONE_LABEL, Settings, SweepConfigError
 from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.jsonl"
-CONFIG_FILE = "sweep_config.json"
-DEFAULT_LABEL, NONE_LABEL = "default", "none"
 
-#: Settings the numbers depend on: an output dir whose results used other values is refused.
-IDENTITY_FIELDS = ("split", "first_stage", "top_k", "max_queries", "doc_max_length", "query_max_tokens", "storage",
-                   "store_ratio", "system", "cascade", "dtype", "relevance_level", "on_unknown_docs")
-
-
-class SweepConfigError(ValueError):
-    """The sweep's settings are invalid or disagree with the output directory's earlier results."""
-
-
-# ------------------------------------------------------------------------------------------- settings
-def _list(value, sep: str = ",") -> list[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(sep) if v.strip()]
-    return [str(v).strip() for v in value if str(v).strip()]
-
-
-@dataclasses.dataclass
-class Settings:
-    """The parsed sweep configuration (see `configs/eval.py` for every field's meaning)."""
-
-    data_dir: Path
-    datasets: list[str]
-    output_dir: Path
-    checkpoints: list[str]
-    ratios: list[int]
-    instructions: list[str]
-    split: str = "test"
-    first_stage: str = "bm25"
-    top_k: int = 100
-    max_queries: int = 0
-    tokenizer: str = ""
-    doc_max_length: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS
-    query_max_tokens: int = prompts.INFERENCE_QUERY_MAX_TOKENS
-    storage: str = "float32"
-    store_dir: Path | None = None
-    store_ratio: int = 0
-    on_stale: str = "error"
-    system: str = ""
-    cascade: str = ""
-    dtype: str = "float32"
-    relevance_level: int = 0
-    on_unknown_docs: str = "error"
-    batch_pairs: int = 256
-    encode_batch_size: int = 64
-    shard_size: int = 4096
-    progress: bool = True
-    report: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Settings":
-        """From an ml_collections ConfigDict (or a dict); list fields accept lists or comma-separated strings
-        (instructions: a list, or a string separated by ``|`` since instructions contain commas)."""
-        c = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-        checkpoints = _list(c.get("checkpoints")) + _list(c.get("checkpoint"))
-        try:
-            ratios = [int(r) for r in _list(c.get("ratios", "1"))]
-        except ValueError:
-            raise SweepConfigError(f"ratios must be integers, got {c.get('ratios')!r}") from None
-        if not ratios or any(r < 1 for r in ratios):
-            raise SweepConfigError(f"ratios must be positive integers, got {c.get('ratios')!r}")
-        for name in ("data_dir", "output_dir"):
-            if not c.get(name):
-                raise SweepConfigError(f"config.{name} is required")
-        datasets = _list(c.get("datasets"))
-        if not datasets:
-            raise SweepConfigError("config.datasets is empty: name at least one dataset folder under data_dir")
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = {k: v for k, v in c.items() if k in known and k not in (
-            "data_dir", "datasets", "output_dir", "checkpoints", "ratios", "instructions", "store_dir")}
-        s = cls(data_dir=Path(c["data_dir"]), datasets=datasets, output_dir=Path(c["output_dir"]),
-                checkpoints=list(dict.fromkeys(checkpoints)), ratios=sorted(set(ratios)),
-                instructions=_list(c.get("instructions", DEFAULT_LABEL), "|") or [DEFAULT_LABEL],
-                store_dir=Path(c["store_dir"]) if c.get("store_dir") else None, **extra)
-        s.validate()
-        return s
-
-    def validate(self) -> None:
-        if not (self.first_stage == "bm25" or self.first_stage.startswith("run:")):
-            raise SweepConfigError(f"first_stage must be 'bm25' or 'run:<path>', got {self.first_stage!r}")
-        if self.storage not in store_lib.STORAGE:
-            raise SweepConfigError(f"storage must be one of {store_lib.STORAGE}, got {self.storage!r}")
-        if self.on_stale not in ("error", "reencode"):
-            raise SweepConfigError(f"on_stale must be 'error' or 'reencode', got {self.on_stale!r}")
-        if self.on_unknown_docs not in ("error", "drop"):
-            raise SweepConfigError(f"on_unknown_docs must be 'error' or 'drop', got {self.on_unknown_docs!r}")
-        if self.top_k < 1:
-            raise SweepConfigError(f"top_k must be >= 1, got {self.top_k}")
-        finest = self.finest_ratio
-        bad = [r for r in self.ratios + ([self.cascade_pair[0]] if self.cascade_pair else []) if r % finest]
-        if bad:
-            raise SweepConfigError(f"ratios {bad} are not multiples of the store ratio {finest}")
-
-    @property
-    def finest_ratio(self) -> int:
-        """The ratio passages are encoded at: `store_ratio`, else the gcd of all ratios (incl. the cascade's)."""
-        if self.store_ratio:
-            return int(self.store_ratio)
-        return math.gcd(*self.ratios, *([self.cascade_pair[0]] if self.cascade_pair else []))
-
-    @property
-    def cascade_pair(self) -> tuple[int, int] | None:
-        if not self.cascade:
-            return None
-        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.cascade))
-        if not m:
-            raise SweepConfigError(f"cascade must be 'COARSE_RATIO:KEEP' (e.g. '16:20'), got {self.cascade!r}")
-        return int(m.group(1)), int(m.group(2))
-
-    def identity(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in IDENTITY_FIELDS}
-        d["store_ratio"] = self.finest_ratio
-        return d
-
-    def instruction_value(self, label: str) -> str | bool | None:
-        """The prompt instruction for a label: 'default' -> None (the default), 'none' -> False (no line)."""
-        return {DEFAULT_LABEL: None, NONE_LABEL: False}.get(label, label)
-
-
-# ------------------------------------------------------------------------------------------- results
-def cell_key(row: Mapping[str, Any]) -> tuple:
-    return (row["dataset"], row["split"], row["stage"], row.get("checkpoint"), row.get("ratio"), row.get("instruction"))
-
-
-def read_results(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of OUT/results.jsonl; a torn last line (a crash while appending) is ignored with a warning."""
-    path = Path(output_dir) / RESULTS
-    if not path.is_file():
-        return []
-    rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                log.warning("%s:%d: ignoring a torn last line (interrupted write); the cell will be redone", path, i)
-                continue
-            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-    return rows
-
-
-def _append(output_dir: Path, row: Mapping[str, Any]) -> None:
-    path = output_dir / RESULTS
-    with open(path, "a+b") as f:
-        f.seek(0)
-        data = f.read()
-        if data and not data.endswith(b"\n"):  # a torn, unparseable last line from a kill: drop it
-            f.truncate(data.rfind(b"\n") + 1)
-            log.warning("%s: removed a torn last line left by an interrupted write", path)
-        f.write((json.dumps(row, sort_keys=True) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_output_dir(settings: Settings) -> None:
-    out = settings.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG_FILE
-    ident = settings.identity()
-    if path.is_file():
-        stored = json.loads(path.read_text()).get("identity", {})
-        diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
-        if diff:
-            details = "; ".join(f"{k}: results used {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise SweepConfigError(f"{out} holds results of a different configuration ({details}); "
-                                   "use a new output_dir (finished results are never overwritten)")
-    elif (out / RESULTS).exists():
-        raise SweepConfigError(f"{out} has {RESULTS} but no {CONFIG_FILE}: cannot tell which settings produced "
-                               "it; use a new output_dir")
-    else:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"identity": ident}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-
-
+# ------------------------------------------------------------------------------------------- naming
 def _slug(text: str, limit: int = 48) -> str:
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
     return s[-limit:] or "x"
@@ -373,7 +193,7 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
 
     settings = config if isinstance(config, Settings) else Settings.from_config(config)
     check_inputs(settings)
-    _check_output_dir(settings)
+    results_lib.check_output_dir(settings)
     out = settings.output_dir
     done = {cell_key(r) for r in read_results(out)}
     split = settings.split
@@ -398,7 +218,7 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
                        "first_stage": settings.first_stage, "queries": len(prep.queries),
                        "relevance_level": prep.relevance_level, "warnings": prep.warnings,
                        "run_file": f"runs/{ds}/first_stage.trec.gz", "finished": _now()}
-                _append(out, row)
+                results_lib.append(out, row)
                 done.add(key)
                 bar.update(1)
         for ck in settings.checkpoints:
@@ -442,7 +262,7 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
                                "queries": len(prep.queries), "relevance_level": prep.relevance_level,
                                "model_fingerprint": key.model, "store": str(root), "run_file": run_file,
                                "finished": _now()}
-                        _append(out, row)
+                        results_lib.append(out, row)
                         done.add(cell_key(row))
                         encoded = 0  # the encode cost belongs to the first cell that needed it
                         bar.update(1)

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from kalm_jax.training.sharding import DEFAULT_RULES
+from kalm_jax.mesh import DEFAULT_RULES
 
 DEFAULT_RATIOS = (1, 2, 4, 8, 16, 32)
 

@@ -29,7 +29,7 @@ from kalm_jax.config import get_preset
 from kalm_jax.data import pipeline
 from kalm_jax.model import init_model
 from kalm_jax.tokenizer import Tokenizer
-from kalm_jax.training import sharding
+from kalm_jax import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer
 from kalm_jax.training.config import ratio_weights, validate
 from kalm_jax.training.state import configure_for_training
