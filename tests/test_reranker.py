@@ -274,20 +274,6 @@ def test_dtype_default_float32_on_cpu_and_bfloat16(ckpt, rr, docs, queries):
 # ---------------------------------------------------------------------------------------- tokenizer.json
 
 
-@pytest.fixture(scope="module")
-def tokenizer_json(tokenizer, tmp_path_factory):
-    """tokenizer.json converted from the trained SentencePiece model by transformers' Gemma converter."""
-    import types
-
-    from transformers.convert_slow_tokenizer import GemmaConverter
-
-    orig = types.SimpleNamespace(vocab_file=str(tokenizer.path), pad_token="<pad>", eos_token="<eos>",
-                                 bos_token="<bos>", unk_token="<unk>", add_prefix_space=False, legacy=False)
-    d = tmp_path_factory.mktemp("tokjson")
-    GemmaConverter(orig).converted().save(str(d / "tokenizer.json"))
-    return d / "tokenizer.json"
-
-
 def test_hf_tokenizer_matches_sentencepiece(tokenizer, tokenizer_json, scifact_texts, queries):
     hf = HFTokenizer.load(tokenizer_json)
     assert hf.special_ids == tokenizer.special_ids and hf.vocab_size == tokenizer.vocab_size
