@@ -215,3 +215,31 @@ def test_a_sweep_holds_one_copy_of_the_weights_per_device(hub_checkpoint, mini_b
                      "first_stage": "run:run.trec", "doc_max_length": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
                      "progress": False, "report": False})
     assert seen and all(set(s.values()) == {1} for s in seen), seen
+
+
+def test_rerun_with_a_replaced_checkpoint_or_changed_data_refuses(hub_checkpoint, mini_beir, tmp_path):
+    import shutil
+
+    from kalm_jax.evaluation import sweep
+
+    ck = tmp_path / "ckpt"
+    shutil.copytree(hub_checkpoint[0], ck)
+    data = tmp_path / "data"
+    shutil.copytree(mini_beir[0].parent, data)
+    cfg = {"checkpoint": str(ck), "data_dir": str(data), "datasets": "mini", "ratios": "4",
+           "first_stage": "run:run.trec", "doc_max_length": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
+           "progress": False, "report": False}
+    rows = sweep.run_sweep(cfg)
+    assert all(r["data_identity"] for r in rows) and rows[-1]["checkpoint_identity"]
+    assert sweep.run_sweep(cfg) == rows  # unchanged inputs: resumes, nothing to do
+    os.utime(ck / "model.safetensors", ns=(1, 1))  # the checkpoint replaced at the same path
+    with pytest.raises(sweep.SweepConfigError, match=r"checkpoint .*ckpt: replaced since"):
+        sweep.run_sweep({**cfg, "ratios": "4,8"})
+    shutil.rmtree(ck)
+    shutil.copytree(hub_checkpoint[0], ck, copy_function=shutil.copy2)
+    shutil.copystat(hub_checkpoint[0], ck)
+    qrels = data / "mini" / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text().replace("q2\td3\t1", "q2\td4\t1"))  # the data changed under one name
+    with pytest.raises(sweep.SweepConfigError, match="dataset 'mini': its files changed"):
+        sweep.run_sweep({**cfg, "ratios": "4,8"})
+    assert sweep.read_results(tmp_path / "o") == rows  # nothing was added or lost
