@@ -82,7 +82,17 @@ class PassageStates:
             scale=np.asarray(self.scale[rows, :width]) if self.scale is not None else None, meta=dict(self.meta))
 
     def repool(self, factor: int) -> "PassageStates":
-        """Exact count-weighted re-pooling to ratio `factor`·ratio (stored in the same storage dtype)."""
+        """Count-weighted re-pooling to ratio `factor`·ratio, returned in the same storage dtype.
+
+        What it guarantees: the result is the exact count-weighted mean, computed in fp32, of the *stored*
+        windows (dequantised). With float32 storage that equals pooling the encoder states at the coarser
+        ratio directly (up to fp32 summation order, ~1e-6 relative). With bfloat16 / int8 storage the finer
+        windows were already rounded when stored, so the result differs from direct pooling by at most that
+        rounding (bf16: 2^-8 relative per element; int8: half a quantisation step of the window's scale), plus
+        one more rounding to the storage dtype here. The inference engine's scoring path re-pools on the device
+        and keeps the fp32 result (no second rounding); store float32 states when bit-level agreement with
+        direct encoding at every ratio matters.
+        """
         factor = mep._check_ratio(factor)
         pooled, pmask, counts = mep.repool(self.dense(np.float32), self.counts, factor)
         out = PassageStates(np.asarray(pooled), np.asarray(pmask, np.int8), np.asarray(counts, np.int32),

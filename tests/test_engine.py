@@ -126,3 +126,18 @@ def test_bad_arguments_name_themselves(rr):
     with pytest.raises(ValueError, match="hidden size 3"):
         rr.engine.margins([[2, 3]], [0], type(states)(np.zeros((1, 1, 3), np.float32), np.ones((1, 1), np.int8),
                                                      np.ones((1, 1), np.int32), 4), [0])
+
+
+def test_repool_guarantee_per_storage(rr, docs):
+    fine = rr.encode_passages(docs[:12], ratio=1, storage="float32")
+    direct = rr.encode_passages(docs[:12], ratio=4, storage="float32").dense()
+    np.testing.assert_allclose(fine.repool(4).dense(), direct, rtol=1e-5, atol=1e-6)  # float32: exact
+    bf16 = fine.to_storage("bfloat16").repool(4)
+    assert bf16.storage == "bfloat16"
+    # bf16: one rounding of the stored finer windows plus one of the result, each <= 2^-8 relative.
+    bound = 2 * 2.0**-8 * np.abs(fine.dense()).max()
+    assert np.abs(bf16.dense() - direct).max() <= bound
+    int8 = fine.to_storage("int8")
+    got = int8.repool(4).dense()
+    step = float(np.max(int8.scale))  # one quantisation step of the coarsest window scale
+    assert np.abs(got - direct).max() <= step

@@ -105,7 +105,7 @@ def test_train_py_fine_tunes_from_a_hub_checkpoint_with_its_tokenizer_json(hub_c
     work = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config=configs/train.py:tiny", f"--workdir={work}",
-         f"--config.init_from={hub}", "--config.total_steps=2", "--config.checkpoint.every=2",
+         f"--config.init_from={hub}", "--config.epochs=0.004", "--config.checkpoint.every=2",
          "--config.eval.num_queries=0", "--config.data.batch_size=2", "--config.data.group_size=2",
          "--config.data.passage_max_tokens=32", "--config.data.query_max_tokens=8", "--config.mep.ratios=(1,4)",
          "--config.optimizer.warmup_steps=1", f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"],
@@ -113,9 +113,13 @@ def test_train_py_fine_tunes_from_a_hub_checkpoint_with_its_tokenizer_json(hub_c
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "tokenizer.json").read_bytes() == (hub / "tokenizer.json").read_bytes()
     assert not (work / "tokenizer.model").exists()  # the checkpoint's tokenizer, never a newly trained one
-    losses = [json.loads(line)["loss"] for line in (work / "metrics.jsonl").read_text().splitlines()
-              if "loss" in line]
-    assert losses and all(np.isfinite(losses))
+    metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert metrics and all(np.isfinite(m["loss"]) for m in metrics)
+    import tensorflow_datasets as tfds
+
+    info = tfds.builder_from_directory(str(next((work / "tfds").rglob("dataset_info.json")).parent)).info
+    groups = info.splits["train"].num_examples
+    assert metrics[-1]["step"] == int(np.ceil(0.004 * groups / 2)) >= 2  # one stage of 0.004 epochs
     trained = loader.load(work)
     assert isinstance(trained.tokenizer, HFTokenizer) and trained.config.vocab_size == 4096
 

@@ -7,6 +7,7 @@ config file or an override never passes silently.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -14,12 +15,18 @@ import ml_collections
 from kalm_jax.mesh import DEFAULT_RULES
 
 DEFAULT_RATIOS = (1, 2, 4, 8, 16, 32)
+"""Every ratio the released serving code offers (r = 1..32), each trained: the default."""
+PAPER_V3_RATIOS = (2, 8, 32, 128)
+"""The ratio set the paper documents (v3 report: the SFT loss summed over r in {2, 8, 32, 128}, weight 1 each)."""
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
+    # Stage length in passes over the training groups; > 0 derives total_steps = ceil(epochs x groups /
+    # data.batch_size) once the data is prepared (the paper trains one epoch per stage); 0 = use total_steps.
+    c.epochs = 0.0
     # An HF T5Gemma 2 / KaLM directory, a kalm-jax model checkpoint or a training workdir; "" = from scratch.
     c.init_from = ""
 
@@ -137,10 +144,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("every loss weight is zero (loss.pointwise/full_vocab/distill/listwise)")
 
 
+def resolve_total_steps(config: ml_collections.ConfigDict, num_groups: int) -> int:
+    """Training steps of the run: `total_steps`, or ceil(epochs x num_groups / data.batch_size) when epochs > 0."""
+    epochs = float(config.epochs)
+    if epochs <= 0:
+        return int(config.total_steps)
+    if num_groups < 1:
+        raise ValueError("epochs > 0 but the training data holds no groups")
+    return max(1, math.ceil(epochs * num_groups / int(config.data.batch_size)))
+
+
 def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float], ...]:
     ratios = tuple(int(r) for r in config.mep.ratios)
     weights = tuple(float(w) for w in config.mep.weights) or (1.0,) * len(ratios)
     return tuple(zip(ratios, weights))
 
 
-__all__ = ["default_config", "validate", "ratio_weights", "DEFAULT_RATIOS"]
+__all__ = ["default_config", "validate", "ratio_weights", "resolve_total_steps", "DEFAULT_RATIOS", "PAPER_V3_RATIOS"]

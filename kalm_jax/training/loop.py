@@ -32,7 +32,7 @@ from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab, load_tokenizer as l
 from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
 from kalm_jax import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer
-from kalm_jax.training.config import ratio_weights, validate
+from kalm_jax.training.config import ratio_weights, resolve_total_steps, validate
 from kalm_jax.training.state import configure_for_training
 from kalm_jax.training.step import STEP_BATCH_KEYS, TrainStep, make_train_step
 
@@ -223,7 +223,16 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
     tfds_dir = workdir / "tfds"
     from kalm_jax.data.tfds_builder import prepare
 
-    prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
+    prepared = prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
+    if float(config.epochs) > 0:
+        import tensorflow_datasets as tfds
+
+        groups = tfds.builder_from_directory(str(prepared)).info.splits["train"].num_examples
+        steps = resolve_total_steps(config, groups)
+        log.info("epochs=%s over %d training groups at batch %d: %d steps", config.epochs, groups,
+                 int(config.data.batch_size), steps)
+        with config.unlocked():
+            config.total_steps = steps
     if int(config.data.batch_size) % jax.process_count():
         raise ValueError(f"data.batch_size {config.data.batch_size} does not split over {jax.process_count()} hosts")
     pcfg = pipeline.PipelineConfig(
