@@ -137,10 +137,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("every loss weight is zero (loss.pointwise/full_vocab/distill/listwise)")
 
 
+def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings a saved train state depends on ({dotted key: value}); recorded in every checkpoint.
+
+    Resuming a run whose checkpoint recorded different values is refused (`checkpoints.SettingsMismatch`):
+    the parameter/optimiser tree would not match, or would silently mean something else.
+    """
+    out: dict[str, Any] = {"model.param_dtype": str(config.model.param_dtype),
+                           "optimizer.grad_accum_steps": int(config.optimizer.grad_accum_steps),
+                           "optimizer.clip_norm > 0": float(config.optimizer.clip_norm) > 0,
+                           "lora.enabled": bool(config.lora.enabled)}
+    if not config.init_from:
+        out["model.preset"] = str(config.model.preset)
+    if config.lora.enabled:
+        out.update({"lora.rank": int(config.lora.rank), "lora.alpha": float(config.lora.alpha),
+                    "lora.targets": [str(t) for t in config.lora.targets],
+                    "lora.stacks": [str(t) for t in config.lora.stacks]})
+    return out
+
+
 def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float], ...]:
     ratios = tuple(int(r) for r in config.mep.ratios)
     weights = tuple(float(w) for w in config.mep.weights) or (1.0,) * len(ratios)
     return tuple(zip(ratios, weights))
 
 
-__all__ = ["default_config", "validate", "ratio_weights", "DEFAULT_RATIOS"]
+__all__ = ["default_config", "validate", "ratio_weights", "train_settings", "DEFAULT_RATIOS"]
