@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kalm_jax import integrity
-from kalm_jax.atomic import atomic_directory
+from kalm_jax.atomic import atomic_directory, recover
 from kalm_jax.config import ModelConfig, parse_dtype
 from kalm_jax.model import T5Gemma2
 
@@ -174,6 +174,7 @@ def load_any(path: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tupl
     that cannot be loaded (corrupt, truncated) is skipped with a warning for the previous complete one.
     """
     p = Path(path)
+    recover(p)  # finish an atomic replace of this checkpoint that a kill interrupted
     if not p.exists():
         raise FileNotFoundError(f"{p}: checkpoint path does not exist")
     p = _checkpoint_dir(p)

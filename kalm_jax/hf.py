@@ -36,6 +36,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (RecursionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not a readable JSON config ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
     return ModelConfig.from_hf(raw, source=str(cfg_path))
 
 

@@ -162,7 +162,7 @@ class Checkpointer:
                         f"{e}\nNo older checkpoint to fall back to; {self.root / str(step)} is left in place. Move "
                         "it aside to start this run from scratch, or use a new --workdir.") from None
                 dest = self._quarantine(step)
-                log.warning("checkpoint %s/%d is corrupt (%s); moved it to %s, resuming from step %d",
+                log.warning("checkpoint %s/%d cannot be restored, it is corrupt (%s); moved it to %s, resuming from step %d",
                             self.root, step, e, dest, older[-1])
 
     def _quarantine(self, step: int) -> Path:
