@@ -188,7 +188,15 @@ def load_checkpoint(path: str, settings: Settings):
 
 
 def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
-    """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards."""
+    """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards.
+
+    Holds OUT's lock throughout (`results.output_lock`): a second run on the same directory fails clearly."""
+    settings = config if isinstance(config, Settings) else Settings.from_config(config)
+    with results_lib.output_lock(settings.output_dir):
+        return _run_sweep_locked(settings, loader=loader)
+
+
+def _run_sweep_locked(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     settings = config if isinstance(config, Settings) else Settings.from_config(config)
