@@ -181,9 +181,9 @@ def load_checkpoint(path: str, settings: Settings):
     tok_path = find_tokenizer(path, settings.tokenizer)
     tokenizer = Tokenizer.load(tok_path)
     cfg, model = checkpointing.load_any(path, dtype=settings.dtype)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} pieces but checkpoint {path} has a "
-                         f"vocabulary of {cfg.vocab_size}")
+    from kalm_jax.hf_tokenizer import check_vocab
+
+    check_vocab(tokenizer, cfg.vocab_size, where=f"{tok_path} (for checkpoint {path})")
     return model, tokenizer
 
 

@@ -117,8 +117,9 @@ def build_model(config, tok: Tokenizer):
     else:
         model_cfg = get_preset(config.model.preset)
         model = init_model(model_cfg, seed=int(config.seed), param_dtype=config.model.param_dtype)
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer vocabulary ({tok.vocab_size}) is larger than the model's ({model_cfg.vocab_size})")
+    from kalm_jax.hf_tokenizer import check_vocab
+
+    check_vocab(tok, model_cfg.vocab_size, where=str(getattr(tok, "path", None) or "tokenizer"))
     return model_cfg, configure_for_training(model, config, seed=int(config.seed))
 
 
