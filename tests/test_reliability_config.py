@@ -86,3 +86,49 @@ def test_valid_config_round_trips(hf_dict, tmp_path):
         ModelConfig(**{**{f: getattr(get_preset("tiny"), f) for f in ("vocab_size", "hidden_size",
                     "intermediate_size", "num_kv_heads", "head_dim", "encoder_layer_types", "decoder_layer_types",
                     "sliding_window")}, "num_heads": 0})
+
+
+# ---------------------------------------------------------------------- training config, qrels, devices
+@pytest.mark.parametrize("key,value", [("total_steps", -1), ("total_steps", 0), ("optimizer.lr", -1e-4),
+                                       ("optimizer.grad_accum_steps", 0), ("data.batch_size", 0),
+                                       ("checkpoint.keep", 0), ("optimizer.b2", 1.5), ("log_every", 0),
+                                       ("loss.listwise_temperature", 0.0), ("optimizer.lr", float("nan"))])
+def test_training_config_ranges_are_named(key, value):
+    from kalm_jax.training.config import default_config, validate
+
+    c = default_config()
+    section, _, leaf = key.rpartition(".")
+    (c[section] if section else c)[leaf] = value
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(c)
+
+
+@pytest.mark.parametrize("rows,needle", [
+    ("q1\td1\t0.9\n", r"qrels.tsv:2: relevance '0.9' is not an integer grade"),
+    ("q1\td1\tinf\n", r"qrels.tsv:2: relevance 'inf' is not an integer grade"),
+    ("q1\td1\tnan\n", r"qrels.tsv:2: relevance 'nan'"),
+    ("q1\td1\t1\nq1\td2\t0\nq1\td1\t2\n", r"qrels.tsv:4: query 'q1' doc 'd1' judged 2 here but 1 on line 2"),
+])
+def test_bad_qrels_name_file_and_line(tmp_path, rows, needle):
+    from kalm_jax.data.beir import load_qrels
+
+    path = tmp_path / "qrels.tsv"
+    path.write_text("query-id\tcorpus-id\tscore\n" + rows)
+    with pytest.raises(ValueError, match=needle):
+        load_qrels(path)
+
+
+def test_identical_duplicate_and_float_grades_are_accepted(tmp_path):
+    from kalm_jax.data.beir import load_qrels
+
+    path = tmp_path / "qrels.tsv"
+    path.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2.0\nq1\td1\t2\n")
+    assert load_qrels(path) == {"q1": {"d1": 2}}
+
+
+def test_empty_device_list_is_a_named_error():
+    from kalm_jax.evaluation.store import ShardedEncoder
+    from kalm_jax.model import init_model
+
+    with pytest.raises(ValueError, match="devices is empty"):
+        ShardedEncoder(init_model(get_preset("tiny"), seed=0), devices=[])

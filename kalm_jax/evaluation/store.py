@@ -102,6 +102,8 @@ class ShardedEncoder:
     def __init__(self, model: T5Gemma2, devices: Sequence[jax.Device] | None = None, length_multiple: int = 128):
         self.model = model
         self.devices = list(devices) if devices is not None else jax.local_devices()
+        if not self.devices:
+            raise ValueError("devices is empty: pass None (all local devices) or at least one jax.Device")
         mesh = Mesh(np.asarray(self.devices), ("data",))
         self.graphdef, state = nnx.split(model)
         self.state = jax.device_put(state, NamedSharding(mesh, P()))
