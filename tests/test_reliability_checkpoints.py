@@ -168,3 +168,18 @@ def test_torn_metrics_line_does_not_break_resume(tmp_path):
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         MetricsWriter(tmp_path, tensorboard=False, resume_step=2)
+
+
+def test_truncated_params_without_checksums_give_a_short_message(base, tmp_path):
+    c, ts, state = base
+    out = checkpointing.save_model(ts.model(state), tmp_path / "m")
+    (out / integrity.CHECKSUMS).unlink()  # an older checkpoint: nothing to verify against
+    for f in (out / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[:37])
+    with pytest.raises(checkpointing.CheckpointError, match="cannot restore the parameters") as e:
+        checkpointing.load_model(out)
+    assert len(str(e.value)) < 800
+    (out / checkpointing.META_FILE).write_text('{"format": ')
+    with pytest.raises(checkpointing.CheckpointError, match="kalm_model.json: not valid JSON"):
+        checkpointing.load_model(out)

@@ -76,3 +76,12 @@ def test_bad_settings_are_named(tmp_path, field, value):
     cfg = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4", field: value}
     with pytest.raises(SweepConfigError, match=field):
         Settings.from_config(cfg)
+
+
+def test_unreadable_sweep_config_is_named(tmp_path):
+    s = Settings.from_config({"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"),
+                              "ratios": "4"})
+    results.check_output_dir(s)
+    (tmp_path / "o" / results.CONFIG_FILE).write_text("{truncated")
+    with pytest.raises(SweepConfigError, match="sweep_config.json: not a valid sweep config"):
+        results.check_output_dir(s)

@@ -126,7 +126,11 @@ def check_output_dir(settings: Settings) -> None:
     path = out / CONFIG_FILE
     ident = settings.identity()
     if path.is_file():
-        stored = json.loads(path.read_text()).get("identity", {})
+        try:
+            stored = json.loads(path.read_text()).get("identity", {})
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise SweepConfigError(f"{path}: not a valid sweep config ({type(e).__name__}: {e}); it records which "
+                                   f"settings produced {RESULTS}: restore it or use a new output_dir") from None
         diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
         if diff:
             details = "; ".join(f"{k}: results used {a!r}, now {b!r}" for k, (a, b) in diff.items())
