@@ -109,33 +109,33 @@ class Checkpointer:
         self._join_sealer()
         started = self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean, force=force)
         if started and jax.process_index() == 0:
-            # Checksums are written once the (async) save has committed, in the background.
-            self._sealer = threading.Thread(target=self._seal_after_commit, name="checkpoint-checksums", daemon=True)
+            # `manager.save` waited for the previous (async) save, so every older step is committed: hash them
+            # in the background (file reads only; no Orbax calls off the main thread). This step is sealed by
+            # the next save or by `wait`/`close`.
+            self._sealer = threading.Thread(target=self.seal, kwargs={"exclude": step}, daemon=True,
+                                            name="checkpoint-checksums")
             self._sealer.start()
         return started
-
-    def _seal_after_commit(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-            self.seal()
-        except Exception as e:  # noqa: BLE001 - a missing checksums file only means "not verifiable"
-            log.warning("could not write checkpoint checksums under %s: %s", self.root, e)
 
     def _join_sealer(self) -> None:
         if self._sealer is not None:
             self._sealer.join()
             self._sealer = None
 
-    def seal(self) -> None:
+    def seal(self, exclude: int | None = None) -> None:
         """Writes `<step>/checksums.json` for every committed step that has none (process 0 only)."""
-        if jax.process_index() != 0:
+        if jax.process_index() != 0 or not self.root.is_dir():
             return
-        for step in self.steps():
-            d = self.root / str(step)
-            if d.is_dir() and not integrity.has_checksums(d):
-                integrity.write(d, SEALED_ITEMS)
+        for p in sorted(self.root.iterdir()):
+            if not p.name.isdigit() or int(p.name) == exclude or integrity.has_checksums(p):
+                continue
+            try:
+                integrity.write(p, SEALED_ITEMS)
+            except OSError as e:  # e.g. the step was just removed by the keep policy: nothing to seal
+                log.warning("could not write checksums for %s: %s", p, e)
 
     def wait(self) -> None:
+        """Waits for the pending save, then writes the checksums of every committed step."""
         self.manager.wait_until_finished()
         self._join_sealer()
         self.seal()
