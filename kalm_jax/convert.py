@@ -39,9 +39,30 @@ def _tokenizer_dirs(src: Path) -> list[Path]:
     return dirs
 
 
+def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Raises ValueError when the output directory is an input (or holds one): writing it would replace the
+    input (also through symlinks and relative paths)."""
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if not path:
+            continue
+        i = Path(path).resolve()
+        if i == o or o in i.parents:
+            raise ValueError(f"output {out} {'is' if i == o else 'contains'} the {what} {path}: writing it would "
+                             "destroy the input; choose another output directory")
+
+
 def to_hf(args) -> int:
     src = Path(args.src)
+    if args.text_only and args.vision_from:
+        raise ValueError("--text-only and --vision-from contradict each other (no vision tensors vs vision "
+                         "tensors from a directory); pass one of them")
+    refuse_overwriting_inputs(args.out, {"source checkpoint": src, "--vision-from directory": args.vision_from,
+                                         "--tokenizer": args.tokenizer})
     _, model = checkpointing.load_any(src)
+    if not args.text_only and not args.vision_from:
+        refuse_overwriting_inputs(args.out, {"HF checkpoint the model was imported from (its vision tensors are "
+                                             "carried over)": getattr(model, "hf_source", None)})
     tokenizer = args.tokenizer
     if tokenizer is None:
         found = hf.find_tokenizer_files(*_tokenizer_dirs(src))
@@ -56,6 +77,7 @@ def to_hf(args) -> int:
 
 def from_hf(args) -> int:
     src = Path(args.src)
+    refuse_overwriting_inputs(args.out, {"source HF directory": src})
     _, model = hf.load(src, dtype=args.dtype, progress=True)
     extra = {name: path for name, path in hf.find_tokenizer_files(src).items()}
     out = checkpointing.save_model(model, args.out, overwrite=args.overwrite, extra_files=extra)
@@ -222,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a CLI prints one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:500]
+        print(f"error: {type(e).__name__}: {first}", file=sys.stderr)
         return 2
 
 

@@ -206,7 +206,15 @@ def load_checkpoint(path: str, settings: Settings):
 
 
 def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
-    """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards."""
+    """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards.
+
+    Holds OUT's lock throughout (`results.output_lock`): a second run on the same directory fails clearly."""
+    settings = config if isinstance(config, Settings) else Settings.from_config(config)
+    with results_lib.output_lock(settings.output_dir):
+        return _run_sweep_locked(settings, load_model=load_model)
+
+
+def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     settings = config if isinstance(config, Settings) else Settings.from_config(config)
