@@ -127,8 +127,8 @@ def test_identical_duplicate_and_float_grades_are_accepted(tmp_path):
 
 
 def test_empty_device_list_is_a_named_error():
-    from kalm_jax.evaluation.store import ShardedEncoder
+    from kalm_jax.engine import InferenceEngine
     from kalm_jax.model import init_model
 
     with pytest.raises(ValueError, match="devices is empty"):
-        ShardedEncoder(init_model(get_preset("tiny"), seed=0), devices=[])
+        InferenceEngine(init_model(get_preset("tiny"), seed=0), devices=[])
