@@ -7,6 +7,8 @@ does not grow with depth. Every parameter carries logical axis names (`vocab`, `
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,33 @@ def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float
     return (scale * d).reshape(shape)
 
 
+# Initial values of the plain (non-parameter) attributes of every new `T5Gemma2`.
+_DEFAULTS: dict = {"attention_impl": "auto", "scan_unroll": 1}
+
+
+@contextlib.contextmanager
+def construction_defaults(**values):
+    """Within the block, new `T5Gemma2` modules start with these attribute values (`attention_impl`,
+    `scan_unroll`); used where the module is built by code that cannot be handed the attributes (the
+    train step builds its own abstract model)."""
+    unknown = sorted(set(values) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown T5Gemma2 construction defaults {unknown}; valid: {sorted(_DEFAULTS)}")
+    saved = dict(_DEFAULTS)
+    _DEFAULTS.update(values)
+    try:
+        yield
+    finally:
+        _DEFAULTS.clear()
+        _DEFAULTS.update(saved)
+
+
+def analysis_defaults():
+    """The cost-analysis variant: layers fully unrolled (XLA's cost analysis counts a while-loop body
+    once) and the einsum attention (a Pallas custom call has no cost model: optimal_seconds = -2)."""
+    return construction_defaults(attention_impl="xla", scan_unroll=True)
+
+
 class T5Gemma2(nnx.Module):
     """T5Gemma 2 text encoder-decoder with tied embeddings and merged decoder attention.
 
@@ -142,6 +171,9 @@ class T5Gemma2(nnx.Module):
       remat: rematerialise each layer in the backward pass.
       attention_impl: "auto" (cuDNN flash attention on GPU in bf16, else the einsum reference), "xla",
         "dot_product" or "cudnn"; see `layers.resolve_attention_impl`.
+      scan_unroll: `unroll` of the `lax.scan` over layers (1 = a loop; True = fully unrolled, which the
+        AOT cost analysis needs because XLA counts a while-loop body once).
+    Their initial values come from `construction_defaults` (see `analysis_defaults`).
     """
 
     def __init__(self, config: ModelConfig, *, param_dtype="float32", dtype=None, rngs: nnx.Rngs):
@@ -149,7 +181,8 @@ class T5Gemma2(nnx.Module):
         param_dtype = parse_dtype(param_dtype)
         self.dtype = parse_dtype(dtype) if dtype is not None else param_dtype
         self.remat = False
-        self.attention_impl = "auto"
+        self.attention_impl = _DEFAULTS["attention_impl"]
+        self.scan_unroll = _DEFAULTS["scan_unroll"]
         h = config.hidden_size
         self.embedding = _param(nnx.initializers.normal(stddev=1.0)(rngs.params(), (config.vocab_size, h),
                                                                       param_dtype), ("vocab", "embed"))
@@ -189,7 +222,7 @@ class T5Gemma2(nnx.Module):
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, _ = jax.lax.scan(body, x, stack.scan_inputs(self.dtype))
+        x, _ = jax.lax.scan(body, x, stack.scan_inputs(self.dtype), unroll=self.scan_unroll)
         return x
 
     # ------------------------------------------------------------------ public API

@@ -107,6 +107,13 @@ def train_flops(cfg: ModelConfig, n: int, r: int, t: int, *, lora: bool) -> int:
     return (2 if lora else 3) * no_cache_flops(cfg, n, r, t)
 
 
+def train_step_flops(cfg: ModelConfig, n: int, ratios: tuple[int, ...], t: int, *, lora: bool) -> int:
+    """Useful FLOPs per training pair of the real step (`kalm_jax.training.step`): the passage is encoded
+    once and scored once per MEP ratio in `ratios`; × 3 for full fine-tuning, × 2 for LoRA (as `train_flops`)."""
+    forward = encoder_flops(cfg, n) + sum(decoder_flops(cfg, t, cached_states(n, r)) for r in ratios)
+    return (2 if lora else 3) * forward
+
+
 def cache_bytes(cfg: ModelConfig, n: int, r: int, itemsize: int = 2) -> int:
     """Bytes of one cached passage: ceil(n/r) states × H × itemsize (+ int32 counts per window)."""
     c = cached_states(n, r)
@@ -115,4 +122,4 @@ def cache_bytes(cfg: ModelConfig, n: int, r: int, itemsize: int = 2) -> int:
 
 __all__ = ["token_linear_flops", "attention_pair_flops", "kv_projection_flops", "encoder_flops",
            "decoder_flops", "no_cache_flops", "online_ratio", "cross_encoder_flops", "cross_encoder_ratio",
-           "train_flops", "cache_bytes", "cached_states", "bidirectional_visible_keys", "causal_visible_keys"]
+           "train_flops", "train_step_flops", "cache_bytes", "cached_states", "bidirectional_visible_keys", "causal_visible_keys"]
