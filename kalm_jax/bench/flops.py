@@ -59,15 +59,21 @@ def encoder_flops(cfg: ModelConfig, n: int) -> int:
 def decoder_flops(cfg: ModelConfig, t: int, c: int) -> int:
     """Forward FLOPs to score one (prompt of t tokens, c cached states) pair.
 
-    Every decoder layer pays the prompt's linear work, the k/v projection of the c cached states (the
-    cache holds pre-projection hidden states) and merged attention over t causal keys + c passage keys;
-    the head multiplies the last state by the two yes/no rows (2·2·H).
+    Every decoder layer but the last pays the prompt's linear work, the k/v projection of the c cached
+    states (the cache holds pre-projection hidden states) and merged attention over t causal keys + c
+    passage keys. Only the last position is read, so the last layer needs the k/v projections of all t
+    prompt tokens and of the c states, but q/o, attention and the MLP for one query; the head multiplies
+    that state by the two yes/no rows (2·2·H).
     """
     total = 4 * cfg.hidden_size
-    for kind in cfg.decoder_layer_types:
+    kinds = cfg.decoder_layer_types
+    for kind in kinds[:-1]:
         self_keys = causal_visible_keys(t, cfg.sliding_window, kind == SLIDING)
         total += (t * token_linear_flops(cfg) + c * kv_projection_flops(cfg)
                   + (self_keys + t * c) * attention_pair_flops(cfg))
+    last_keys = min(t, cfg.sliding_window) if kinds[-1] == SLIDING else t
+    total += ((t + c) * kv_projection_flops(cfg) + token_linear_flops(cfg) - kv_projection_flops(cfg)
+              + (last_keys + c) * attention_pair_flops(cfg))
     return total
 
 
