@@ -20,19 +20,18 @@ import datetime
 import hashlib
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kalm_jax import checkpointing
+from kalm_jax import loader
 from kalm_jax.data.beir import BeirDataset, load_beir
 from kalm_jax.data.trec import read_run, write_run
 from kalm_jax.evaluation import metrics, rerank, results as results_lib, store as store_lib
 from kalm_jax.evaluation.results import CONFIG_FILE, RESULTS, cell_key, read_results
 from kalm_jax.evaluation.settings import DEFAULT_LABEL, NONE_LABEL, Settings, SweepConfigError
-from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
+from kalm_jax.engine import InferenceEngine
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +49,6 @@ def checkpoint_slug(path: str) -> str:
 
 def instruction_slug(label: str) -> str:
     return label if label in (DEFAULT_LABEL, NONE_LABEL) else f"i{hashlib.sha256(label.encode()).hexdigest()[:8]}"
-
-
-def find_tokenizer(checkpoint: str | os.PathLike, explicit: str = "") -> Path:
-    """`explicit`, else ``tokenizer.model`` in the checkpoint dir, its parent or grandparent (training step
-    dirs live in ``<workdir>/checkpoints/<step>/``)."""
-    if explicit:
-        p = Path(explicit)
-        p = p / MODEL_FILENAME if p.is_dir() else p
-        if not p.is_file():
-            raise FileNotFoundError(f"config.tokenizer: {p} does not exist")
-        return p
-    base = Path(checkpoint)
-    tried = [base / MODEL_FILENAME, base.parent / MODEL_FILENAME, base.parent.parent / MODEL_FILENAME]
-    for p in tried:
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"no {MODEL_FILENAME} for checkpoint {checkpoint}: looked at "
-                            f"{', '.join(map(str, tried))}; pass --config.tokenizer=PATH")
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -172,22 +153,59 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+# ------------------------------------------------------------------------------------------- identities
+def path_identity(path: str | Path) -> str:
+    """A cheap identity of a file or directory tree: sha256 over (relative path, size, mtime) of its files.
+
+    A checkpoint or dataset replaced at the same path gets another identity (a copy that preserves
+    modification times and sizes of every file is, by design, the same data).
+    """
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def data_identity(settings: Settings, dataset: str) -> str:
+    """Identity of one dataset's files (and of an external first-stage run file) under `settings.data_dir`."""
+    ident = path_identity(settings.data_dir / dataset)
+    run = _first_stage_path(settings, dataset)
+    if run is not None and not run.resolve().is_relative_to((settings.data_dir / dataset).resolve()):
+        ident = hashlib.sha256(f"{ident}{path_identity(run)}".encode()).hexdigest()[:16]
+    return ident
+
+
+def check_identities(out: Path, rows, identities: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuses to add results for a dataset or checkpoint whose files changed since earlier rows were written."""
+    problems = []
+    for row in rows:
+        ds, ck = row.get("dataset"), row.get("checkpoint")
+        now = identities["data"].get(ds)
+        if now is not None and row.get("data_identity") not in (None, now):
+            problems.append(f"dataset {ds!r}: its files changed since {row.get('finished')} (data_dir or contents)")
+        now = identities["checkpoint"].get(ck)
+        if ck and now is not None and row.get("checkpoint_identity") not in (None, now):
+            problems.append(f"checkpoint {ck}: replaced since its results of {row.get('finished')}")
+    if problems:
+        raise SweepConfigError(f"{out} holds results of other data or models under the same names:\n  "
+                               + "\n  ".join(dict.fromkeys(problems))
+                               + "\nuse a new output_dir (finished results are never overwritten or mixed)")
+
+
 # ------------------------------------------------------------------------------------------- the sweep
-ModelLoader = Callable[[str, Settings], tuple[Any, Tokenizer]]
+ModelLoader = Callable[[str, Settings], tuple[Any, Any]]
 
 
 def load_checkpoint(path: str, settings: Settings):
-    """(model, tokenizer) for a checkpoint path (HF dir, model checkpoint, training step dir or workdir)."""
-    tok_path = find_tokenizer(path, settings.tokenizer)
-    tokenizer = Tokenizer.load(tok_path)
-    cfg, model = checkpointing.load_any(path, dtype=settings.dtype)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} pieces but checkpoint {path} has a "
-                         f"vocabulary of {cfg.vocab_size}")
+    """(model, tokenizer) for a checkpoint path, through the one loader (`kalm_jax.loader.load`)."""
+    _, model, tokenizer = loader.load(path, dtype=settings.dtype, tokenizer=settings.tokenizer or None)
     return model, tokenizer
 
 
-def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
+def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
     """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards."""
     from tqdm.auto import tqdm
 
@@ -195,7 +213,11 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
     check_inputs(settings)
     results_lib.check_output_dir(settings)
     out = settings.output_dir
-    done = {cell_key(r) for r in read_results(out)}
+    existing = read_results(out)
+    identities = {"data": {ds: data_identity(settings, ds) for ds in settings.datasets},
+                  "checkpoint": {ck: path_identity(ck) for ck in settings.checkpoints}}
+    check_identities(out, existing, identities)
+    done = {cell_key(r) for r in existing}
     split = settings.split
 
     def todo_cells(ds: str, ck: str) -> list[tuple[str, int]]:
@@ -217,18 +239,19 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
                        "instruction": None, "metrics": _metrics(settings, prep, prep.run),
                        "first_stage": settings.first_stage, "queries": len(prep.queries),
                        "relevance_level": prep.relevance_level, "warnings": prep.warnings,
-                       "run_file": f"runs/{ds}/first_stage.trec.gz", "finished": _now()}
+                       "run_file": f"runs/{ds}/first_stage.trec.gz", "data_identity": identities["data"][ds],
+                       "finished": _now()}
                 results_lib.append(out, row)
                 done.add(key)
                 bar.update(1)
         for ck in settings.checkpoints:
             if not any(todo_cells(ds, ck) for ds in settings.datasets):
                 continue
-            model, tokenizer = loader(ck, settings)
-            margin_fn = rerank.ShardedMargins(model, tokenizer.yes_id, tokenizer.no_id)
-            encoder = store_lib.ShardedEncoder(model)
-            key = store_lib.StoreKey.for_model(model, tokenizer, settings.doc_max_length, settings.finest_ratio,
-                                               settings.storage)
+            model, tokenizer = load_model(ck, settings)
+            engine = InferenceEngine(model, tokenizer, batch_size=settings.encode_batch_size,
+                                     max_document_tokens=settings.doc_max_length,
+                                     max_query_tokens=settings.query_max_tokens, show_progress=False)
+            key = store_lib.StoreKey.for_engine(engine, settings.finest_ratio, settings.storage)
             for ds in settings.datasets:
                 cells = todo_cells(ds, ck)
                 if not cells:
@@ -236,15 +259,13 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
                 prep = prepared[ds]
                 root = (settings.store_dir or out / "store") / checkpoint_slug(ck) / ds
                 st = store_lib.PassageStore.open(root, key, on_stale=settings.on_stale)
-                encoded = st.ensure(model, tokenizer, _Texts(prep.data), prep.candidates,
-                                    batch_size=settings.encode_batch_size, shard_size=settings.shard_size,
-                                    progress=settings.progress, encoder=encoder)
+                encoded = st.ensure(engine, _Texts(prep.data), prep.candidates, shard_size=settings.shard_size,
+                                    progress=settings.progress)
                 for ins in dict.fromkeys(i for i, _ in cells):
-                    rows = rerank.tokenize_prompts(tokenizer, prep.queries, settings.instruction_value(ins),
-                                                   system=settings.system or None,
-                                                   query_max_tokens=settings.query_max_tokens)
+                    rows = rerank.tokenize_prompts(engine, prep.queries, settings.instruction_value(ins),
+                                                   system=settings.system or None)
                     for _, ratio in (c for c in cells if c[0] == ins):
-                        res = rerank.rerank(margin_fn, rows, prep.run, st, ratio, top_k=settings.top_k,
+                        res = rerank.rerank(engine, rows, prep.run, st, ratio, top_k=settings.top_k,
                                             cascade=settings.cascade_pair, batch_pairs=settings.batch_pairs,
                                             progress=settings.progress, desc=f"{ds} r={ratio}")
                         run_file = f"runs/{ds}/{checkpoint_slug(ck)}.{instruction_slug(ins)}.r{ratio}.trec.gz"
@@ -255,12 +276,14 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
                                 "cached_passages": size["passages"], "storage": settings.storage,
                                 "online_seconds_per_query": res.seconds_per_query,
                                 "online_seconds": res.online_seconds, "compile_seconds": res.compile_seconds,
-                                "pairs": res.pairs, "devices": len(margin_fn.devices),
+                                "pairs": res.pairs, "devices": len(engine.devices),
                                 "encoded_passages": encoded}
                         row = {"dataset": ds, "split": split, "stage": "rerank", "checkpoint": ck, "ratio": ratio,
                                "instruction": ins, "metrics": _metrics(settings, prep, res.run), "cost": cost,
                                "queries": len(prep.queries), "relevance_level": prep.relevance_level,
                                "model_fingerprint": key.model, "store": str(root), "run_file": run_file,
+                               "data_identity": identities["data"][ds],
+                               "checkpoint_identity": identities["checkpoint"][ck],
                                "finished": _now()}
                         results_lib.append(out, row)
                         done.add(cell_key(row))
@@ -295,5 +318,5 @@ class _Texts(Mapping):
         return len(self.data.corpus)
 
 
-__all__ = ["run_sweep", "Settings", "read_results", "cell_key", "find_tokenizer", "load_checkpoint",
+__all__ = ["run_sweep", "Settings", "read_results", "cell_key", "load_checkpoint",
            "prepare_dataset", "check_inputs", "checkpoint_slug", "SweepConfigError", "RESULTS", "CONFIG_FILE"]
