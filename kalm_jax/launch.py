@@ -116,7 +116,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     status = 0
     try:
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # poll every process (any() would stop early)
             failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed:
                 i, rc = failed[0]
@@ -126,7 +126,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
                 for p in procs:
                     _signal_group(p, signal.SIGTERM)
                 deadline = time.monotonic() + grace
-                while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                while [p.poll() for p in procs].count(None) and time.monotonic() < deadline:
                     time.sleep(0.1)
                 for p in procs:
                     _signal_group(p, signal.SIGKILL)
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds the others get after SIGTERM when one process failed, before SIGKILL")
     args = p.parse_args(argv[:cut])
+    if args.num_processes < 1:
+        p.error(f"-n must be >= 1, got {args.num_processes}")
     m = args.devices_per_process or max(1, 8 // args.num_processes)
     try:
         return launch(argv[cut + 1:], args.num_processes, m, port=args.port, grace=args.grace)
