@@ -1,4 +1,7 @@
-"""Device mesh with axes (data, fsdp, tensor) and logical -> mesh sharding rules (MaxText/T5X style).
+"""The one mesh module: device meshes and logical -> mesh sharding rules (MaxText/T5X style).
+
+Training, the inference engine, ahead-of-time compilation and the TPU attention kernels all build their
+meshes here: `make_mesh` for the (data, fsdp, tensor) training mesh, `data_mesh` for inference.
 
 Every parameter carries logical axis names as Variable metadata (`out_sharding`, e.g.
 ("layers", "embed", "heads", "head_dim")); the rules in the config map each logical name to a mesh axis,
@@ -67,6 +70,15 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     except Exception:  # fake CPU devices or shapes mesh_utils does not know: plain row-major order
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-axis ``("data",)`` mesh over `devices` (default: this process's local devices): the inference
+    engine's mesh (weights replicated, batches split over ``data``)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("cannot build a mesh over an empty device list")
+    return Mesh(np.asarray(devices), ("data",))
 
 
 def rules_dict(rules: Sequence[Sequence[Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -163,5 +175,5 @@ def summary(params: Any, axes: Any, shardings: Any, mesh: Mesh) -> str:
     return "\n".join(lines + [header] + list(seen.values()))
 
 
-__all__ = ["MESH_AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "rules_dict", "logical_to_spec",
+__all__ = ["MESH_AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "data_mesh", "rules_dict", "logical_to_spec",
            "logical_axes", "tree_shardings", "batch_spec", "check_batch", "summary"]

@@ -144,25 +144,47 @@ def encode_decoder_prompt(
     system: str | None = None,
     query_max_tokens: int | None = INFERENCE_QUERY_MAX_TOKENS,
     max_length: int | None = None,
+    *,
+    cut_instruction: bool = False,
 ) -> list[int]:
     """Token ids of the decoder prompt for `query` (truncated to `query_max_tokens` first).
 
-    With `max_length`, a prompt that would still be longer (template plus a query whose re-tokenization
-    in context grew) gets its query cut further, token by token, until it fits; if even an empty query
-    does not fit, ValueError.
+    With `max_length`, a prompt that is still longer is made to fit: with `cut_instruction`, a custom
+    instruction is cut first (with a warning); then the query is cut further, token by token. If even an
+    empty query does not fit (e.g. a system instruction longer than the budget), ValueError.
     """
     q = truncate_query(tokenizer, query, query_max_tokens)
     ids = tokenizer.encode(decoder_text(q, instruction, system))
     if max_length is None or len(ids) <= max_length:
         return ids
+    if cut_instruction and isinstance(instruction, str) and instruction:
+        import warnings
+
+        ins_ids = tokenizer.encode(instruction)
+        keep = len(ins_ids) - (len(ids) - max_length)
+        while keep > 0:
+            cut = tokenizer.decode(ins_ids[:keep])
+            ids = tokenizer.encode(decoder_text(q, cut, system))
+            if len(ids) <= max_length:
+                warnings.warn(f"instruction of {len(ins_ids)} tokens cut to {keep} tokens so the decoder prompt "
+                              f"fits max_prompt_tokens={max_length}", UserWarning, stacklevel=3)
+                return ids
+            keep -= max(1, len(ids) - max_length)
+        warnings.warn(f"instruction of {len(ins_ids)} tokens dropped: the decoder prompt must fit "
+                      f"max_prompt_tokens={max_length}", UserWarning, stacklevel=3)
+        instruction = ""
+        ids = tokenizer.encode(decoder_text(q, instruction, system))
+        if len(ids) <= max_length:
+            return ids
     q_ids = tokenizer.encode(q)
     budget = len(q_ids) - (len(ids) - max_length)
     while budget >= 0:
         ids = tokenizer.encode(decoder_text(tokenizer.decode(q_ids[:budget]), instruction, system))
         if len(ids) <= max_length:
             return ids
-        budget -= 1
-    raise ValueError(f"the decoder prompt template alone has {len(ids)} tokens, more than max_length={max_length}")
+        budget -= max(1, len(ids) - max_length)
+    raise ValueError(f"the decoder prompt template alone (system and instruction included) has {len(ids)} tokens, "
+                     f"more than max_length={max_length}; shorten the system instruction or raise the limit")
 
 
 def tokenize_decoder_prompts(

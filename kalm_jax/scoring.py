@@ -10,12 +10,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from kalm_jax import mep
-from kalm_jax.model import T5Gemma2, _check_passages, _check_tokens
+from kalm_jax.model import T5Gemma2
 
 
 def bucket(n: int, multiple: int) -> int:
@@ -54,66 +53,41 @@ def score_pairs(graphdef, state, decoder_input_ids, decoder_attention_mask, pass
                               yes_no[0], yes_no[1])
 
 
-def encode_passages(model: T5Gemma2, input_ids, attention_mask, ratio: int = 4, *,
-                    length_multiple: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encodes passages once and pools them at `ratio`.
+@functools.partial(jax.jit, static_argnames=("factor", "dtype"))
+def repool_states(states, counts, factor: int, dtype):
+    """Pure jitted exact re-pooling of cached states to `factor` x their ratio, cast to the compute `dtype`:
+    ([B,C,H] fp32, [B,C] counts) -> (pooled [B,ceil(C/factor),H] dtype, mask [B,ceil(C/factor)] int32)."""
+    pooled, pmask, _ = mep.repool(states, counts, factor)
+    return pooled.astype(dtype), pmask
 
-    Args:
-      input_ids, attention_mask: [B, S] right-padded token ids of `prompts.document_text(...)`.
-      ratio: MEP ratio r >= 1.
-      length_multiple: S is padded up to a multiple of lcm(this, r) for shape bucketing.
-    Returns:
-      numpy (states [B, ceil(S/r), H], mask [B, ceil(S/r)], counts [B, ceil(S/r)]) with windows beyond the
-      longest passage trimmed, so bucketing padding never changes the result.
+
+def encode_passages(model: T5Gemma2, input_ids, attention_mask, ratio: int = 4) -> tuple[np.ndarray, np.ndarray,
+                                                                                           np.ndarray]:
+    """Array-level encode + MEP through a one-device `InferenceEngine` (see `InferenceEngine.encode_batch`).
+
+    Returns numpy (states [B, ceil(S/r), H] float32, mask [B, C], counts [B, C]).
     """
-    ratio = mep._check_ratio(ratio)
-    ids = np.asarray(input_ids)
-    mask = np.asarray(attention_mask)
-    _check_tokens(ids, mask, model.config, "input_ids")
-    b, s = ids.shape
-    multiple = int(np.lcm(length_multiple, ratio))
-    ids_p = _pad_to(ids.astype(np.int32), batch_bucket(b), bucket(s, multiple), model.config.pad_token_id)
-    mask_p = _pad_to(mask.astype(np.int32), batch_bucket(b), bucket(s, multiple))
-    mask_p[b:, 0] = 1  # padding rows get one token so no row is all-masked; they are dropped below
-    graphdef, state = nnx.split(model)
-    pooled, pmask, counts = encode_pool(graphdef, state, ids_p, mask_p, ratio)
-    windows = -(-s // ratio)
-    return (np.asarray(pooled[:b, :windows]), np.asarray(pmask[:b, :windows]), np.asarray(counts[:b, :windows]))
+    from kalm_jax.engine import InferenceEngine
+
+    return InferenceEngine(model, devices=jax.local_devices()[:1], share_weights=False).encode_batch(
+        input_ids, attention_mask, ratio)
 
 
 def score(model: T5Gemma2, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask,
-          yes_id: int, no_id: int, *, window_multiple: int = 16) -> np.ndarray:
-    """FBNL margins (fp32, [B]) for B (decoder prompt, cached passage) pairs; P(yes) = sigmoid(margin).
+          yes_id: int, no_id: int) -> np.ndarray:
+    """Array-level FBNL margins (fp32, [B]) through a one-device `InferenceEngine` (`score_batch`)."""
+    from kalm_jax.engine import InferenceEngine
 
-    Decoder length is padded to a multiple of 8 and passage windows to `window_multiple`; padding never
-    changes a margin (padded keys are masked, padded rows are dropped).
-    """
-    dec = np.asarray(decoder_input_ids)
-    dmask = np.asarray(decoder_attention_mask)
-    states = np.asarray(passage_states)
-    pmask = np.asarray(passage_mask)
-    _check_tokens(dec, dmask, model.config, "decoder_input_ids")
-    _check_passages(states, pmask, dec, model.config)
-    for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
-        if not 0 <= int(tok) < model.config.vocab_size:
-            raise ValueError(f"{name}={tok} is outside the vocabulary [0, {model.config.vocab_size})")
-    b = dec.shape[0]
-    rows = batch_bucket(b)
-    dec_p = _pad_to(dec.astype(np.int32), rows, bucket(dec.shape[1], 8), model.config.pad_token_id)
-    dmask_p = _pad_to(dmask.astype(np.int32), rows, bucket(dec.shape[1], 8))
-    dmask_p[b:, 0] = 1
-    states_p = _pad_to(states, rows, bucket(states.shape[1], window_multiple))
-    pmask_p = _pad_to(pmask.astype(np.int32), rows, bucket(states.shape[1], window_multiple))
-    pmask_p[b:, 0] = 1
-    graphdef, state = nnx.split(model)
-    margins = score_pairs(graphdef, state, dec_p, dmask_p, jnp.asarray(states_p).astype(model.dtype), pmask_p,
-                          jnp.asarray([yes_id, no_id], jnp.int32))
-    return np.asarray(margins[:b], dtype=np.float32)
+    engine = InferenceEngine(model, devices=jax.local_devices()[:1], share_weights=False, yes_id=yes_id, no_id=no_id)
+    return engine.score_batch(decoder_input_ids, decoder_attention_mask, passage_states, passage_mask)
 
 
 def probability(margins) -> np.ndarray:
-    """P(yes) = sigmoid(margin) = softmax([z_yes, z_no])[0], in fp32."""
-    return np.asarray(jax.nn.sigmoid(jnp.asarray(margins, jnp.float32)))
+    """P(yes) = sigmoid(margin) in fp32 (host-side; see `engine.probability`)."""
+    from kalm_jax.engine import probability as _probability
+
+    return _probability(margins)
 
 
-__all__ = ["encode_passages", "score", "encode_pool", "score_pairs", "probability", "bucket", "batch_bucket"]
+__all__ = ["encode_pool", "score_pairs", "repool_states", "encode_passages", "score", "probability", "bucket",
+           "batch_bucket"]

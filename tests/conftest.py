@@ -59,3 +59,35 @@ def tiny_hf(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_hf")
     model = build_tiny_hf(d, heads=4, kv_heads=2, window=4)
     return d, model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tokenizer, tmp_path_factory):
+    """tokenizer.json converted from the trained SentencePiece model by transformers' Gemma converter (the
+    only tokenizer file released T5Gemma 2 / KaLM-Reranker-V1 Hub repositories ship)."""
+    import types
+
+    from transformers.convert_slow_tokenizer import GemmaConverter
+
+    orig = types.SimpleNamespace(vocab_file=str(tokenizer.path), pad_token="<pad>", eos_token="<eos>",
+                                 bos_token="<bos>", unk_token="<unk>", add_prefix_space=False, legacy=False)
+    d = tmp_path_factory.mktemp("tokjson")
+    GemmaConverter(orig).converted().save(str(d / "tokenizer.json"))
+    return d / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tokenizer_json, tmp_path_factory):
+    """A Hub-style checkpoint directory as released repositories ship it: config.json, model.safetensors and
+    tokenizer.json only (no tokenizer.model); tiny random T5Gemma 2 weights whose vocabulary fits the
+    scifact tokenizer. Returns (directory, torch model)."""
+    import shutil
+
+    from torch_reference import build_tiny_hf
+
+    d = tmp_path_factory.mktemp("hub") / "KaLM-Reranker-V1-Tiny"
+    d.mkdir()
+    torch_model = build_tiny_hf(d, vocab=4096, eoi=4093, heads=4, kv_heads=2, window=4)
+    shutil.copy(tokenizer_json, d / "tokenizer.json")
+    assert not (d / "tokenizer.model").exists()
+    return d, torch_model

@@ -22,13 +22,16 @@ class OracleMargins:
         self.by_prompt = {tuple(row.tolist()): q for q, row in prompt_rows.items()}
         self.qrels, self.doc_ids, self.calls = qrels, doc_ids, 0
 
-    def __call__(self, dec, dmask, states, pmask):
+    compiles = 0
+
+    def margins(self, prompt_rows, prompt_of, states, passage_of, **kwargs):
         self.calls += 1
-        assert dec.shape[0] == states.shape[0] == pmask.shape[0]
+        assert len(prompt_of) == len(passage_of)
+        dense, mask = states.dense(), np.asarray(states.mask).astype(bool)
         out = []
-        for row, m, st, pm in zip(dec, dmask, states, pmask):
-            q = self.by_prompt[tuple(row[m.astype(bool)].tolist())]
-            idx = st[pm.astype(bool), 0]
+        for p, s in zip(prompt_of, passage_of):
+            q = self.by_prompt[tuple(np.asarray(prompt_rows[p]).tolist())]
+            idx = dense[s][mask[s], 0]
             assert np.all(idx == idx[0])
             out.append(self.qrels[q].get(self.doc_ids[int(idx[0])], 0))
         return np.asarray(out, np.float32)

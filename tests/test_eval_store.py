@@ -9,6 +9,7 @@ import pytest
 from kalm_jax import prompts, scoring
 from kalm_jax.config import get_preset
 from kalm_jax.data.beir import load_beir
+from kalm_jax.engine import InferenceEngine
 from kalm_jax.evaluation import rerank, store as store_lib
 from kalm_jax.model import init_model
 
@@ -44,21 +45,25 @@ def count_encoder(monkeypatch):
     return calls
 
 
+def _engine(model, tokenizer, max_len=MAX_LEN):
+    return InferenceEngine(model, tokenizer, max_document_tokens=max_len, show_progress=False)
+
+
 def _key(model, tokenizer, storage="float32", ratio=1):
-    return store_lib.StoreKey.for_model(model, tokenizer, MAX_LEN, ratio, storage)
+    return store_lib.StoreKey.for_engine(_engine(model, tokenizer), ratio, storage)
 
 
 def test_written_once_then_reused_and_extended(tmp_path, model, tokenizer, texts, count_encoder):
     ids = list(texts)
     st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
-    assert st.ensure(model, tokenizer, texts, ids[:30], batch_size=8, shard_size=16, progress=False) == 30
+    assert st.ensure(_engine(model, tokenizer), texts, ids[:30], batch_size=8, shard_size=16, progress=False) == 30
     assert count_encoder["n"] == 4 and len(st.shards) == 2
     calls = count_encoder["n"]
     again = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
-    assert len(again) == 30 and again.ensure(model, tokenizer, texts, ids[:30], progress=False) == 0
+    assert len(again) == 30 and again.ensure(_engine(model, tokenizer), texts, ids[:30], progress=False) == 0
     again.lookup(ids[:30], 4)  # coarser ratios come from re-pooling, not the encoder
     assert count_encoder["n"] == calls
-    assert again.ensure(model, tokenizer, texts, ids, batch_size=8, progress=False) == 10  # only the new ones
+    assert again.ensure(_engine(model, tokenizer), texts, ids, batch_size=8, progress=False) == 10  # only the new ones
     assert count_encoder["n"] == calls + 2 and len(again.shards) == 3
     assert store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer)).missing(ids) == []
 
@@ -66,7 +71,7 @@ def test_written_once_then_reused_and_extended(tmp_path, model, tokenizer, texts
 def test_repooled_states_equal_directly_pooled(tmp_path, model, tokenizer, texts):
     ids = list(texts)
     st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
-    st.ensure(model, tokenizer, texts, ids, batch_size=16, shard_size=25, progress=False)
+    st.ensure(_engine(model, tokenizer), texts, ids, batch_size=16, shard_size=25, progress=False)
     tok, mask = prompts.tokenize_documents(tokenizer, [texts[d] for d in ids], MAX_LEN)
     order = ids[::-1]  # lookup order differs from storage order and crosses shards
     for ratio in (4, 8):
@@ -85,15 +90,15 @@ def test_repooled_states_equal_directly_pooled(tmp_path, model, tokenizer, texts
 def test_stale_store_is_an_error_or_a_reencode(tmp_path, model, tokenizer, texts, count_encoder):
     ids = list(texts)[:8]
     st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
-    st.ensure(model, tokenizer, texts, ids, progress=False)
+    st.ensure(_engine(model, tokenizer), texts, ids, progress=False)
     other = init_model(get_preset("tiny"), seed=6)
     with pytest.raises(store_lib.StaleStoreError, match=r"model: stored '[0-9a-f]+', now '[0-9a-f]+'"):
         store_lib.PassageStore.open(tmp_path / "s", _key(other, tokenizer))
     with pytest.raises(store_lib.StaleStoreError, match="max_length: stored 96, now 64"):
-        store_lib.PassageStore.open(tmp_path / "s", store_lib.StoreKey.for_model(model, tokenizer, 64, 1))
+        store_lib.PassageStore.open(tmp_path / "s", store_lib.StoreKey.for_engine(_engine(model, tokenizer, 64), 1))
     fresh = store_lib.PassageStore.open(tmp_path / "s", _key(other, tokenizer), on_stale="reencode")
     assert len(fresh) == 0
-    assert fresh.ensure(other, tokenizer, texts, ids, progress=False) == 8
+    assert fresh.ensure(_engine(other, tokenizer), texts, ids, progress=False) == 8
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and has no manifest.json"):
@@ -106,7 +111,7 @@ def test_storage_options_shrink_the_cache(tmp_path, model, tokenizer, texts):
     out = {}
     for storage in ("float32", "bfloat16", "int8"):
         st = store_lib.PassageStore.open(tmp_path / storage, _key(model, tokenizer, storage))
-        st.ensure(model, tokenizer, texts, ids, progress=False)
+        st.ensure(_engine(model, tokenizer), texts, ids, progress=False)
         out[storage] = (st.sizes(4), st.lookup(ids, 4).dense())
     f32, bf16, i8 = (out[k][0]["state_bytes_per_passage"] for k in ("float32", "bfloat16", "int8"))
     assert bf16 < 0.55 * f32 and i8 < 0.35 * f32
@@ -122,10 +127,10 @@ def test_scores_through_the_store_equal_scores_from_text(tmp_path, model, tokeni
     ids = list(texts)[:12]
     run = {q: {d: float(-i) for i, d in enumerate(ids)} for q in queries}
     st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
-    st.ensure(model, tokenizer, texts, ids, batch_size=5, progress=False)
+    st.ensure(_engine(model, tokenizer), texts, ids, batch_size=5, progress=False)
     tok, mask = prompts.tokenize_documents(tokenizer, [texts[d] for d in ids], MAX_LEN)
     for ratio in (4,):  # stored at ratio 1, re-pooled to 4
-        got = rerank.rerank_run(model, tokenizer, queries, run, st, ratio, batch_pairs=16)
+        got = rerank.rerank_run(_engine(model, tokenizer), queries, run, st, ratio, batch_pairs=16)
         states, smask, _ = scoring.encode_passages(model, tok, mask, ratio)
         for q, text in queries.items():
             dec, dmask = prompts.tokenize_decoder_prompts(tokenizer, [text] * len(ids))

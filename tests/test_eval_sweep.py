@@ -47,9 +47,9 @@ def counters(monkeypatch):
         calls["encode"] += 1
         return real_encode(*a, **k)
 
-    def rr(margin_fn, rows, run, source, ratio, **k):
+    def rr(scorer, rows, run, source, ratio, **k):
         calls["rerank"].append(ratio)
-        return real_rerank(margin_fn, rows, run, source, ratio, **k)
+        return real_rerank(scorer, rows, run, source, ratio, **k)
 
     monkeypatch.setattr(scoring, "encode_pool", encode)
     monkeypatch.setattr(rerank, "rerank", rr)

@@ -100,7 +100,7 @@ def test_instruction_changes_prompt(rr, tokenizer, docs, queries):
 def test_single_device_matches_data_parallel(ckpt, rr, docs, queries):
     assert len(jax.local_devices()) == 8 and rr.mesh is not None  # conftest's 8 host devices
     one = Reranker.from_pretrained(ckpt[0], dtype="float32", devices=jax.local_devices()[:1])
-    assert one.mesh is None
+    assert len(one.devices) == 1 and one.mesh.devices.size == 1
     np.testing.assert_allclose(one.score(queries[0], docs, return_margin=True),
                                rr.score(queries[0], docs, return_margin=True), atol=1e-5)
 
@@ -241,8 +241,8 @@ def test_out_of_memory_backs_off_to_three_quarters(rr, docs, monkeypatch):
     with pytest.warns(RuntimeWarning) as caught:
         got = rr.encode_passages(docs, batch_size=32)
     assert [str(w.message) for w in caught] == [
-        "encoding passages: device out of memory with a batch of 12; retrying with batch size 9",
-        "encoding passages: device out of memory with a batch of 9; retrying with batch size 6"]
+        "encoding passages: out of memory with a batch of 12; retrying with batch size 9",
+        "encoding passages: out of memory with a batch of 9; retrying with batch size 6"]
     assert seen[:3] == [16, 16, 8]  # 12 rows (bucket 16) -> 9 (bucket 16) -> 6 (bucket 8)
     np.testing.assert_allclose(got.states, want.states, atol=1e-6)
 
@@ -256,8 +256,9 @@ def test_orbax_checkpoint_with_separate_tokenizer(rr, ckpt, docs, queries, tmp_p
     np.testing.assert_allclose(other.score(queries[0], docs[:4]), rr.score(queries[0], docs[:4]), atol=1e-6)
 
 
-def test_bfloat16_default(ckpt, rr, docs, queries):
-    bf = Reranker.from_pretrained(ckpt[0])
+def test_dtype_default_float32_on_cpu_and_bfloat16(ckpt, rr, docs, queries):
+    assert jax.default_backend() == "cpu" and Reranker.from_pretrained(ckpt[0]).model.dtype == np.float32
+    bf = Reranker.from_pretrained(ckpt[0], dtype="bfloat16")
     states = bf.encode_passages(docs)
     assert states.storage == "bfloat16" and states.meta["compute_dtype"] == "bfloat16"
     m32 = rr.score(queries[0], docs, return_margin=True)
@@ -271,20 +272,6 @@ def test_bfloat16_default(ckpt, rr, docs, queries):
 
 
 # ---------------------------------------------------------------------------------------- tokenizer.json
-
-
-@pytest.fixture(scope="module")
-def tokenizer_json(tokenizer, tmp_path_factory):
-    """tokenizer.json converted from the trained SentencePiece model by transformers' Gemma converter."""
-    import types
-
-    from transformers.convert_slow_tokenizer import GemmaConverter
-
-    orig = types.SimpleNamespace(vocab_file=str(tokenizer.path), pad_token="<pad>", eos_token="<eos>",
-                                 bos_token="<bos>", unk_token="<unk>", add_prefix_space=False, legacy=False)
-    d = tmp_path_factory.mktemp("tokjson")
-    GemmaConverter(orig).converted().save(str(d / "tokenizer.json"))
-    return d / "tokenizer.json"
 
 
 def test_hf_tokenizer_matches_sentencepiece(tokenizer, tokenizer_json, scifact_texts, queries):

@@ -2,11 +2,11 @@
 
 The online path of the reranker: each query's decoder prompt is tokenized once, its candidates' pooled
 states are looked up by doc id (from an in-memory `PassageStates` or a `PassageStore`), and (prompt,
-passage) pairs of several queries are scored together by `scoring.score_pairs`, sharded over the batch
-axis of a one-axis ``data`` mesh of the local devices (parameters replicated). No passage is encoded here.
+passage) pairs of several queries are scored together by the inference engine
+(`kalm_jax.engine.InferenceEngine.margins`). No passage is encoded here.
 
-`rerank_run(model, tokenizer, queries, run, states, ratio, instruction)` returns the reranked run (the
-helper the training loop uses for dev nDCG); `rerank` also returns timings. A cascade scores the whole
+`rerank_run(engine, queries, run, states, ratio, instruction)` returns the reranked run; `rerank` also
+returns timings. A cascade scores the whole
 candidate list at a coarse ratio and rescores only its top K at the fine ratio.
 """
 
@@ -15,25 +15,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kalm_jax import prompts, scoring
-from kalm_jax.model import T5Gemma2, _check_tokens
+from kalm_jax import prompts
 from kalm_jax.passage_states import PassageStates
-from kalm_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 Run = dict[str, dict[str, float]]
-MarginFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-"""(decoder ids [B,T], decoder mask [B,T], passage states [B,C,H] float32, passage mask [B,C]) -> margins [B]."""
+
+
+class Scorer(Protocol):
+    """What `rerank` scores with: `kalm_jax.engine.InferenceEngine` (or a test double of its `margins`)."""
+
+    compiles: int
+
+    def margins(self, prompt_rows: Sequence[Sequence[int]], prompt_of, states: PassageStates, passage_of, *,
+                batch_size: int | None = None, show_progress: bool | None = None) -> np.ndarray:
+        """fp32 margins [N] for pairs (prompt_rows[prompt_of[i]], states row passage_of[i])."""
 
 
 class StateSource(Protocol):
@@ -77,51 +79,6 @@ def as_source(states) -> StateSource:
     return InMemoryStates(states) if isinstance(states, PassageStates) else states
 
 
-# ---------------------------------------------------------------------------------------------- scoring
-class ShardedMargins:
-    """The jitted margin function with the pair batch sharded over the local devices.
-
-    Batches are padded to bucketed shapes (batch: power of two / multiple of 64 and of the device count;
-    decoder length: multiple of 8; windows: multiple of `window_multiple`) so a sweep compiles a handful of
-    programs. `compiles` counts calls that compiled a new program (their time is not online cost).
-    """
-
-    def __init__(self, model: T5Gemma2, yes_id: int, no_id: int, *, devices: Sequence[jax.Device] | None = None,
-                 window_multiple: int = 16):
-        self.model = model
-        self.devices = list(devices) if devices is not None else jax.local_devices()
-        self.mesh = Mesh(np.asarray(self.devices), ("data",))
-        self.graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, NamedSharding(self.mesh, P()))
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        self.yes_no = jax.device_put(jnp.asarray([yes_id, no_id], jnp.int32), NamedSharding(self.mesh, P()))
-        self.window_multiple = window_multiple
-        self.pad_id = model.config.pad_token_id
-        self.compiles = 0
-
-    def rows(self, b: int) -> int:
-        return scoring.bucket(scoring.batch_bucket(b), len(self.devices))
-
-    def __call__(self, dec_ids, dec_mask, states, pmask) -> np.ndarray:
-        _check_tokens(dec_ids, dec_mask, self.model.config, "decoder_input_ids")
-        b = dec_ids.shape[0]
-        rows, t, c = self.rows(b), scoring.bucket(dec_ids.shape[1], 8), scoring.bucket(states.shape[1],
-                                                                                         self.window_multiple)
-        dec_p = scoring._pad_to(np.asarray(dec_ids, np.int32), rows, t, self.pad_id)
-        dmask_p = scoring._pad_to(np.asarray(dec_mask, np.int32), rows, t)
-        dmask_p[b:, 0] = 1
-        states_p = scoring._pad_to(np.asarray(states), rows, c)
-        pmask_p = scoring._pad_to(np.asarray(pmask, np.int32), rows, c)
-        pmask_p[b:, 0] = 1
-        put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
-        before = scoring.score_pairs._cache_size()
-        margins = scoring.score_pairs(self.graphdef, self.state, put(dec_p), put(dmask_p),
-                                      put(jnp.asarray(states_p, self.model.dtype)), put(pmask_p), self.yes_no)
-        out = np.asarray(margins, np.float32)[:b]
-        self.compiles += int(scoring.score_pairs._cache_size() > before)
-        return out
-
-
 @dataclasses.dataclass
 class RerankOutput:
     """A reranked run plus what it cost.
@@ -161,38 +118,35 @@ def _batches(items: list[tuple[str, list[str]]], batch_pairs: int):
         yield batch
 
 
-def score_candidates(margin_fn: MarginFn, prompt_rows: Mapping[str, np.ndarray], source: StateSource,
+def score_candidates(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], source: StateSource,
                      candidates: Mapping[str, list[str]], ratio: int, *, batch_pairs: int = 256,
                      progress: bool = False, desc: str = "rerank") -> tuple[Run, int, float, float]:
     """Scores every (query, candidate) pair; returns ({qid: {doc: margin}}, pairs, online s, compile s)."""
     from tqdm.auto import tqdm
 
+    if isinstance(batch_pairs, bool) or not isinstance(batch_pairs, (int, np.integer)) or batch_pairs < 1:
+        raise ValueError(f"batch_pairs must be a positive integer, got {batch_pairs!r}")
     items = [(q, docs) for q, docs in candidates.items() if docs]
     out: Run = {q: {} for q in candidates}
     total_pairs = sum(len(d) for _, d in items)
     online = compile_s = 0.0
-    counter = getattr(margin_fn, "compiles", None)
     with tqdm(total=total_pairs, desc=desc, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for batch in _batches(items, batch_pairs):
             def run_batch():
-                qids = [q for q, docs in batch for _ in docs]
+                qids = list(dict.fromkeys(q for q, _ in batch))
+                row_of = {q: i for i, q in enumerate(qids)}
+                prompt_of = np.asarray([row_of[q] for q, docs in batch for _ in docs], np.int64)
                 docs = [d for _, ds in batch for d in ds]
-                width = max(len(prompt_rows[q]) for q, _ in batch)
-                dec = np.full((len(qids), width), 0, np.int32)
-                dmask = np.zeros((len(qids), width), np.int32)
-                for i, q in enumerate(qids):
-                    row = prompt_rows[q]
-                    dec[i, :len(row)] = row
-                    dmask[i, :len(row)] = 1
                 st = source.lookup(docs, ratio)
-                margins = margin_fn(dec, dmask, st.dense(np.float32), np.asarray(st.mask))
-                return qids, docs, np.asarray(margins, np.float32)
+                margins = scorer.margins([prompt_rows[q] for q in qids], prompt_of, st, np.arange(len(docs)),
+                                         batch_size=len(docs), show_progress=False)
+                return [qids[i] for i in prompt_of], docs, np.asarray(margins, np.float32)
 
             t0 = time.perf_counter()
-            before = getattr(margin_fn, "compiles", 0)
+            before = scorer.compiles
             qids, docs, margins = run_batch()
             elapsed = time.perf_counter() - t0
-            if counter is not None and margin_fn.compiles > before:
+            if scorer.compiles > before:  # time it again, compiled: compilation is not online cost
                 t0 = time.perf_counter()
                 qids, docs, margins = run_batch()
                 second = time.perf_counter() - t0
@@ -205,21 +159,27 @@ def score_candidates(margin_fn: MarginFn, prompt_rows: Mapping[str, np.ndarray],
     return out, total_pairs, online, compile_s
 
 
-def tokenize_prompts(tokenizer: Tokenizer, queries: Mapping[str, str], instruction: str | bool | None = None, *,
+def tokenize_prompts(prompter, queries: Mapping[str, str], instruction: str | bool | None = None, *,
                      system: str | None = None,
                      query_max_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS) -> dict[str, np.ndarray]:
-    """Decoder prompt token ids per query id (unpadded int32 rows)."""
-    return {q: np.asarray(prompts.encode_decoder_prompt(tokenizer, text, instruction, system, query_max_tokens),
+    """Decoder prompt token ids per query id (unpadded int32 rows).
+
+    `prompter` is an `InferenceEngine` (its query limit and prompt budget apply; `query_max_tokens` is
+    ignored) or a bare tokenizer (then `query_max_tokens` cuts the query).
+    """
+    if hasattr(prompter, "prompt_ids"):
+        return {q: np.asarray(prompter.prompt_ids(text, instruction, system, warn=False), np.int32) for q, text in queries.items()}
+    return {q: np.asarray(prompts.encode_decoder_prompt(prompter, text, instruction, system, query_max_tokens),
                           np.int32) for q, text in queries.items()}
 
 
-def rerank(margin_fn: MarginFn, prompt_rows: Mapping[str, np.ndarray], run: Mapping[str, Mapping[str, float]],
+def rerank(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], run: Mapping[str, Mapping[str, float]],
            source, ratio: int, *, top_k: int | None = 100, cascade: tuple[int, int] | None = None,
            batch_pairs: int = 256, progress: bool = True, desc: str = "rerank") -> RerankOutput:
     """Reranks the top `top_k` candidates of every query of `prompt_rows` with `margin_fn`.
 
     Args:
-      margin_fn: pair scorer (`ShardedMargins`, or a test double with the same signature).
+      scorer: the inference engine (or a test double with the same `margins`).
       prompt_rows: {qid: decoder prompt ids}; only these queries are reranked (others are left out).
       run: first-stage {qid: {doc: score}}; a query absent from it gets an empty ranking.
       source: `StateSource` (or `PassageStates` with ids) holding every candidate.
@@ -238,15 +198,15 @@ def rerank(margin_fn: MarginFn, prompt_rows: Mapping[str, np.ndarray], run: Mapp
         raise KeyError(f"{len(unknown)} candidate docs have no cached passage states, e.g. {unknown[:5]}; "
                        "encode them into the store first")
     if cascade is None:
-        scores, pairs, online, comp = score_candidates(margin_fn, prompt_rows, source, candidates, ratio,
+        scores, pairs, online, comp = score_candidates(scorer, prompt_rows, source, candidates, ratio,
                                                        batch_pairs=batch_pairs, progress=progress, desc=desc)
         return RerankOutput(scores, len(prompt_rows), pairs, online, comp)
     coarse_ratio, keep = cascade
-    coarse, pairs, online, comp = score_candidates(margin_fn, prompt_rows, source, candidates, coarse_ratio,
+    coarse, pairs, online, comp = score_candidates(scorer, prompt_rows, source, candidates, coarse_ratio,
                                                    batch_pairs=batch_pairs, progress=progress,
                                                    desc=f"{desc} (cascade r={coarse_ratio})")
     top = {q: [d for d, _ in sorted(s.items(), key=lambda kv: (-kv[1], kv[0]))[:keep]] for q, s in coarse.items()}
-    fine, pairs2, online2, comp2 = score_candidates(margin_fn, prompt_rows, source, top, ratio,
+    fine, pairs2, online2, comp2 = score_candidates(scorer, prompt_rows, source, top, ratio,
                                                     batch_pairs=batch_pairs, progress=progress, desc=desc)
     merged: Run = {}
     for q, s in coarse.items():
@@ -259,23 +219,19 @@ def rerank(margin_fn: MarginFn, prompt_rows: Mapping[str, np.ndarray], run: Mapp
     return RerankOutput(merged, len(prompt_rows), pairs + pairs2, online + online2, comp + comp2)
 
 
-def rerank_run(model: T5Gemma2, tokenizer: Tokenizer, queries: Mapping[str, str],
-               run: Mapping[str, Mapping[str, float]], states, ratio: int,
+def rerank_run(engine, queries: Mapping[str, str], run: Mapping[str, Mapping[str, float]], states, ratio: int,
                instruction: str | bool | None = None, *, system: str | None = None, top_k: int | None = 100,
-               cascade: tuple[int, int] | None = None, batch_pairs: int = 256,
-               query_max_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS, progress: bool = False,
-               margin_fn: MarginFn | None = None) -> Run:
-    """Reranks `run` for `queries` with `model` over cached `states` and returns {qid: {doc: margin}}.
+               cascade: tuple[int, int] | None = None, batch_pairs: int = 256, progress: bool = False) -> Run:
+    """Reranks `run` for `queries` with `engine` (an `InferenceEngine`) over cached `states`; {qid: {doc: margin}}.
 
     `states` is a `PassageStates` with ids (at `ratio` or a divisor of it) or a `store.PassageStore`;
     instruction None is `prompts.DEFAULT_INSTRUCTION`, False drops the ``<Instruct>`` line.
-    Feed the result to `metrics.evaluate(qrels, run)` for dev nDCG@10.
+    Feed the result to `metrics.evaluate(qrels, run)`.
     """
-    fn = margin_fn or ShardedMargins(model, tokenizer.yes_id, tokenizer.no_id)
-    rows = tokenize_prompts(tokenizer, queries, instruction, system=system, query_max_tokens=query_max_tokens)
-    return rerank(fn, rows, run, states, ratio, top_k=top_k, cascade=cascade, batch_pairs=batch_pairs,
+    rows = tokenize_prompts(engine, queries, instruction, system=system)
+    return rerank(engine, rows, run, states, ratio, top_k=top_k, cascade=cascade, batch_pairs=batch_pairs,
                   progress=progress).run
 
 
-__all__ = ["rerank_run", "rerank", "RerankOutput", "ShardedMargins", "InMemoryStates", "StateSource", "as_source",
+__all__ = ["rerank_run", "rerank", "RerankOutput", "Scorer", "InMemoryStates", "StateSource", "as_source",
            "score_candidates", "tokenize_prompts"]

@@ -7,8 +7,8 @@ ratio, pooling version, storage dtype). Layout::
                                   "shards": [{"name": "shard-00000", "count": 4096}, ...]}
     STORE/r<ratio>/shard-00000/  a `PassageStates` directory (memory-mapped on read; ids.json inside)
 
-Shards at the finest ratio come from the jitted encoder (`scoring.encode_pool`, batch sharded over the
-local devices) in length-sorted, bucketed batches; shards at a coarser ratio are derived from them by exact
+Shards at the finest ratio come from the inference engine (`InferenceEngine.encode_ids`: length-sorted,
+bucketed batches sharded over the local devices); shards at a coarser ratio are derived from them by exact
 count-weighted re-pooling (`PassageStates.to_ratio`) the first time that ratio is asked for, and saved.
 Opening a store whose key differs (another checkpoint, tokenizer, max length, ...) raises `StaleStoreError`
 naming the differences, or, with ``on_stale="reencode"``, deletes it and starts over: never a silent reuse.
@@ -27,15 +27,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kalm_jax import checkpointing, mep, prompts, scoring
-from kalm_jax.model import T5Gemma2
+from kalm_jax import mep
 from kalm_jax.passage_states import STORAGE, PassageStates
-from kalm_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +56,15 @@ class StoreKey:
     pooling: str = POOLING_VERSION
 
     @classmethod
-    def for_model(cls, model: T5Gemma2, tokenizer: Tokenizer, max_length: int, ratio: int,
-                  storage: str = "float32") -> "StoreKey":
+    def for_engine(cls, engine, ratio: int, storage: str = "float32") -> "StoreKey":
+        """The key of states encoded by `engine` (an `InferenceEngine`) at `ratio`, stored as `storage`."""
         if storage not in STORAGE:
             raise ValueError(f"unknown storage {storage!r}; choose from {STORAGE}")
-        return cls(checkpointing.fingerprint(model), tokenizer.fingerprint(), int(max_length),
+        return cls(engine.model_fingerprint, engine.tokenizer.fingerprint(), int(engine.max_document_tokens),
                    mep._check_ratio(ratio), storage)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class ShardedEncoder:
-    """The jitted encoder + MEP with the passage batch sharded over the local devices.
-
-    Lengths are padded to multiples of lcm(128, ratio) and batches to power-of-two / device-count buckets,
-    as in `scoring.encode_passages`, whose results this reproduces (trimmed to the batch's longest passage).
-    """
-
-    def __init__(self, model: T5Gemma2, devices: Sequence[jax.Device] | None = None, length_multiple: int = 128):
-        self.model = model
-        self.devices = list(devices) if devices is not None else jax.local_devices()
-        mesh = Mesh(np.asarray(self.devices), ("data",))
-        self.graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, NamedSharding(mesh, P()))
-        self.batch_sharding = NamedSharding(mesh, P("data"))
-        self.length_multiple = length_multiple
-
-    def __call__(self, ids: np.ndarray, mask: np.ndarray, ratio: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """([B,S] ids, [B,S] mask) -> pooled [B,ceil(S/r),H] float32, mask [B,C], counts [B,C] (numpy)."""
-        from kalm_jax.model import _check_tokens
-
-        _check_tokens(ids, mask, self.model.config, "input_ids")
-        b, s = ids.shape
-        rows = scoring.bucket(scoring.batch_bucket(b), len(self.devices))
-        width = scoring.bucket(s, int(np.lcm(self.length_multiple, ratio)))
-        ids_p = scoring._pad_to(ids.astype(np.int32), rows, width, self.model.config.pad_token_id)
-        mask_p = scoring._pad_to(mask.astype(np.int32), rows, width)
-        mask_p[b:, 0] = 1
-        put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
-        pooled, pmask, counts = scoring.encode_pool(self.graphdef, self.state, put(ids_p), put(mask_p), ratio)
-        c = -(-s // ratio)
-        return (np.asarray(pooled[:b, :c], np.float32), np.asarray(pmask[:b, :c]), np.asarray(counts[:b, :c]))
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -208,17 +170,22 @@ class PassageStore:
         return self.root / f"r{ratio}" / name
 
     # ------------------------------------------------------------------ encoding
-    def ensure(self, model: T5Gemma2, tokenizer: Tokenizer, texts: Mapping[str, str], doc_ids: Iterable[str], *,
-               batch_size: int = 64, shard_size: int = 4096, progress: bool = True,
-               encoder: ShardedEncoder | None = None) -> int:
+    def ensure(self, engine, texts: Mapping[str, str], doc_ids: Iterable[str], *, batch_size: int | None = None,
+               shard_size: int = 4096, progress: bool = True) -> int:
         """Encodes the passages of `doc_ids` that are not stored yet; returns how many were encoded.
 
         Args:
-          texts: doc id -> passage text (`BeirDataset.passage`); `prompts.document_text` is applied here.
-          batch_size: passages per encoder call (length-sorted, so batches are nearly padding-free).
+          engine: the `InferenceEngine` of the store's model (its fingerprint and document limit must match
+            the store's key).
+          texts: doc id -> passage text (`BeirDataset.passage`); the document prefix is added by the engine.
+          batch_size: passages per encoder call (default: the engine's).
           shard_size: at most this many passages per shard directory; a shard also ends where passages
             get shorter than 3/4 of its longest, so padding to the longest costs at most a third.
         """
+        if engine.model_fingerprint != self.key.model or int(engine.max_document_tokens) != self.key.max_length:
+            raise ValueError(f"{self.root}: this engine (model {engine.model_fingerprint}, max_document_tokens "
+                             f"{engine.max_document_tokens}) does not match the store's key (model {self.key.model}, "
+                             f"max_length {self.key.max_length})")
         todo = self.missing(doc_ids)
         absent = [d for d in todo if d not in texts]
         if absent:
@@ -227,9 +194,12 @@ class PassageStore:
             return 0
         from tqdm.auto import tqdm
 
-        enc = encoder or ShardedEncoder(model)
-        tokens = {d: prompts.encode_document(tokenizer, texts[d], self.key.max_length)
-                  for d in tqdm(todo, desc="tokenize passages", unit="doc", disable=not progress, dynamic_ncols=True)}
+        tokens: dict[str, list[int]] = {}
+        step = 1024
+        for start in tqdm(range(0, len(todo), step), desc="tokenize passages", unit="batch", disable=not progress,
+                          dynamic_ncols=True):
+            chunk = todo[start:start + step]
+            tokens.update(zip(chunk, engine.document_ids([texts[d] for d in chunk], warn=False)))
         empty = [d for d in todo if not tokens[d]]
         if empty:
             raise ValueError(f"{len(empty)} passages tokenize to nothing, e.g. {empty[:5]}")
@@ -237,15 +207,10 @@ class PassageStore:
         with tqdm(total=len(order), desc=f"encode passages (r={self.key.ratio})", unit="doc",
                   disable=not progress, dynamic_ncols=True) as bar:
             for shard_ids in _length_shards(order, tokens, shard_size):
-                parts = []
-                for b in range(0, len(shard_ids), batch_size):
-                    batch = shard_ids[b:b + batch_size]
-                    ids, mask = prompts.pad_batch([tokens[d] for d in batch], tokenizer.pad_id)
-                    st, pm, cn = enc(ids, mask, self.key.ratio)
-                    parts.append(PassageStates(st, pm.astype(np.int8), cn.astype(np.int32), self.key.ratio,
-                                               list(batch)).to_storage(self.key.storage))
-                    bar.update(len(batch))
-                self._add_shard(PassageStates.concatenate(parts))
+                states = engine.encode_ids([tokens[d] for d in shard_ids], self.key.ratio, ids=list(shard_ids),
+                                           storage=self.key.storage, batch_size=batch_size, show_progress=False)
+                self._add_shard(states)
+                bar.update(len(shard_ids))
         self.encoded += len(order)
         return len(order)
 
@@ -312,4 +277,4 @@ class PassageStore:
                 "state_bytes_per_passage": used / max(1, n)}
 
 
-__all__ = ["PassageStore", "StoreKey", "StaleStoreError", "ShardedEncoder", "POOLING_VERSION"]
+__all__ = ["PassageStore", "StoreKey", "StaleStoreError", "POOLING_VERSION"]

@@ -20,19 +20,18 @@ import datetime
 import hashlib
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kalm_jax import checkpointing
+from kalm_jax import loader
 from kalm_jax.data.beir import BeirDataset, load_beir
 from kalm_jax.data.trec import read_run, write_run
 from kalm_jax.evaluation import metrics, rerank, results as results_lib, store as store_lib
 from kalm_jax.evaluation.results import CONFIG_FILE, RESULTS, cell_key, read_results
 from kalm_jax.evaluation.settings import DEFAULT_LABEL, NONE_LABEL, Settings, SweepConfigError
-from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
+from kalm_jax.engine import InferenceEngine
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +49,6 @@ def checkpoint_slug(path: str) -> str:
 
 def instruction_slug(label: str) -> str:
     return label if label in (DEFAULT_LABEL, NONE_LABEL) else f"i{hashlib.sha256(label.encode()).hexdigest()[:8]}"
-
-
-def find_tokenizer(checkpoint: str | os.PathLike, explicit: str = "") -> Path:
-    """`explicit`, else ``tokenizer.model`` in the checkpoint dir, its parent or grandparent (training step
-    dirs live in ``<workdir>/checkpoints/<step>/``)."""
-    if explicit:
-        p = Path(explicit)
-        p = p / MODEL_FILENAME if p.is_dir() else p
-        if not p.is_file():
-            raise FileNotFoundError(f"config.tokenizer: {p} does not exist")
-        return p
-    base = Path(checkpoint)
-    tried = [base / MODEL_FILENAME, base.parent / MODEL_FILENAME, base.parent.parent / MODEL_FILENAME]
-    for p in tried:
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"no {MODEL_FILENAME} for checkpoint {checkpoint}: looked at "
-                            f"{', '.join(map(str, tried))}; pass --config.tokenizer=PATH")
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -173,21 +154,16 @@ def _now() -> str:
 
 
 # ------------------------------------------------------------------------------------------- the sweep
-ModelLoader = Callable[[str, Settings], tuple[Any, Tokenizer]]
+ModelLoader = Callable[[str, Settings], tuple[Any, Any]]
 
 
 def load_checkpoint(path: str, settings: Settings):
-    """(model, tokenizer) for a checkpoint path (HF dir, model checkpoint, training step dir or workdir)."""
-    tok_path = find_tokenizer(path, settings.tokenizer)
-    tokenizer = Tokenizer.load(tok_path)
-    cfg, model = checkpointing.load_any(path, dtype=settings.dtype)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} pieces but checkpoint {path} has a "
-                         f"vocabulary of {cfg.vocab_size}")
+    """(model, tokenizer) for a checkpoint path, through the one loader (`kalm_jax.loader.load`)."""
+    _, model, tokenizer = loader.load(path, dtype=settings.dtype, tokenizer=settings.tokenizer or None)
     return model, tokenizer
 
 
-def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
+def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
     """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards."""
     from tqdm.auto import tqdm
 
@@ -224,11 +200,11 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
         for ck in settings.checkpoints:
             if not any(todo_cells(ds, ck) for ds in settings.datasets):
                 continue
-            model, tokenizer = loader(ck, settings)
-            margin_fn = rerank.ShardedMargins(model, tokenizer.yes_id, tokenizer.no_id)
-            encoder = store_lib.ShardedEncoder(model)
-            key = store_lib.StoreKey.for_model(model, tokenizer, settings.doc_max_length, settings.finest_ratio,
-                                               settings.storage)
+            model, tokenizer = load_model(ck, settings)
+            engine = InferenceEngine(model, tokenizer, batch_size=settings.encode_batch_size,
+                                     max_document_tokens=settings.doc_max_length,
+                                     max_query_tokens=settings.query_max_tokens, show_progress=False)
+            key = store_lib.StoreKey.for_engine(engine, settings.finest_ratio, settings.storage)
             for ds in settings.datasets:
                 cells = todo_cells(ds, ck)
                 if not cells:
@@ -236,15 +212,13 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
                 prep = prepared[ds]
                 root = (settings.store_dir or out / "store") / checkpoint_slug(ck) / ds
                 st = store_lib.PassageStore.open(root, key, on_stale=settings.on_stale)
-                encoded = st.ensure(model, tokenizer, _Texts(prep.data), prep.candidates,
-                                    batch_size=settings.encode_batch_size, shard_size=settings.shard_size,
-                                    progress=settings.progress, encoder=encoder)
+                encoded = st.ensure(engine, _Texts(prep.data), prep.candidates, shard_size=settings.shard_size,
+                                    progress=settings.progress)
                 for ins in dict.fromkeys(i for i, _ in cells):
-                    rows = rerank.tokenize_prompts(tokenizer, prep.queries, settings.instruction_value(ins),
-                                                   system=settings.system or None,
-                                                   query_max_tokens=settings.query_max_tokens)
+                    rows = rerank.tokenize_prompts(engine, prep.queries, settings.instruction_value(ins),
+                                                   system=settings.system or None)
                     for _, ratio in (c for c in cells if c[0] == ins):
-                        res = rerank.rerank(margin_fn, rows, prep.run, st, ratio, top_k=settings.top_k,
+                        res = rerank.rerank(engine, rows, prep.run, st, ratio, top_k=settings.top_k,
                                             cascade=settings.cascade_pair, batch_pairs=settings.batch_pairs,
                                             progress=settings.progress, desc=f"{ds} r={ratio}")
                         run_file = f"runs/{ds}/{checkpoint_slug(ck)}.{instruction_slug(ins)}.r{ratio}.trec.gz"
@@ -255,7 +229,7 @@ def run_sweep(config, *, loader: ModelLoader = load_checkpoint) -> list[dict[str
                                 "cached_passages": size["passages"], "storage": settings.storage,
                                 "online_seconds_per_query": res.seconds_per_query,
                                 "online_seconds": res.online_seconds, "compile_seconds": res.compile_seconds,
-                                "pairs": res.pairs, "devices": len(margin_fn.devices),
+                                "pairs": res.pairs, "devices": len(engine.devices),
                                 "encoded_passages": encoded}
                         row = {"dataset": ds, "split": split, "stage": "rerank", "checkpoint": ck, "ratio": ratio,
                                "instruction": ins, "metrics": _metrics(settings, prep, res.run), "cost": cost,
@@ -295,5 +269,5 @@ class _Texts(Mapping):
         return len(self.data.corpus)
 
 
-__all__ = ["run_sweep", "Settings", "read_results", "cell_key", "find_tokenizer", "load_checkpoint",
+__all__ = ["run_sweep", "Settings", "read_results", "cell_key", "load_checkpoint",
            "prepare_dataset", "check_inputs", "checkpoint_slug", "SweepConfigError", "RESULTS", "CONFIG_FILE"]

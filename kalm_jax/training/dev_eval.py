@@ -3,7 +3,8 @@
 Metrics come from `kalm_jax.evaluation.metrics.evaluate` (pytrec_eval, averaged over all judged queries).
 The dev set
 is built once (BM25 top-`depth` candidates of the first `num_queries` judged queries, tokenized), then each
-evaluation encodes the candidate passages once at the evaluation ratio and scores every pair.
+evaluation encodes the candidate passages once at the evaluation ratio and scores every pair, both through
+the inference engine (`kalm_jax.engine.InferenceEngine`) over the current weights.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kalm_jax import prompts, scoring
+from kalm_jax import prompts
 from kalm_jax.data.beir import load_beir
 from kalm_jax.data.bm25 import BM25Index
+from kalm_jax.engine import InferenceEngine
+from kalm_jax.hf_tokenizer import AnyTokenizer
 from kalm_jax.model import T5Gemma2
-from kalm_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +32,14 @@ class DevSet:
     qrels: dict[str, dict[str, int]]
     first_stage: dict[str, dict[str, float]]
     doc_ids: list[str]
-    enc_ids: np.ndarray   # [P, S]
-    enc_mask: np.ndarray  # [P, S]
+    doc_tokens: list[list[int]]      # encoder token ids per passage (prefix included, cut to the limit)
     query_ids: list[str]
-    dec_ids: np.ndarray   # [Q, T]
-    dec_mask: np.ndarray  # [Q, T]
-    pairs: np.ndarray     # [N, 2] (query row, passage row)
+    prompt_tokens: list[list[int]]   # decoder prompt token ids per query
+    pairs: np.ndarray                # [N, 2] (query row, passage row)
+    passage_max_tokens: int = 512
 
     @classmethod
-    def build(cls, dataset_dir: str | Path, split: str, tokenizer: Tokenizer, *, num_queries: int, depth: int,
+    def build(cls, dataset_dir: str | Path, split: str, tokenizer: AnyTokenizer, *, num_queries: int, depth: int,
               passage_max_tokens: int, query_max_tokens: int, instruction: str | bool | None = None) -> DevSet:
         ds = load_beir(dataset_dir, split)
         qids = sorted(ds.qrels)[:num_queries]
@@ -46,31 +47,20 @@ class DevSet:
         run = index.search({q: ds.queries[q] for q in qids}, k=depth, show_progress=False)
         doc_ids = sorted({d for q in qids for d in run.get(q, {})})
         row = {d: i for i, d in enumerate(doc_ids)}
-        enc_ids, enc_mask = prompts.tokenize_documents(tokenizer, [ds.passage(d) for d in doc_ids],
-                                                       passage_max_tokens, pad_to_multiple_of=8)
-        dec_ids, dec_mask = prompts.tokenize_decoder_prompts(tokenizer, [ds.queries[q] for q in qids], instruction,
-                                                             query_max_tokens=query_max_tokens)
-        pairs = np.asarray([(i, row[d]) for i, q in enumerate(qids) for d in run.get(q, {})], np.int64)
-        return cls({q: ds.qrels[q] for q in qids}, {q: run.get(q, {}) for q in qids}, doc_ids, enc_ids, enc_mask,
-                   qids, dec_ids, dec_mask, pairs)
+        doc_tokens = [prompts.encode_document(tokenizer, ds.passage(d), passage_max_tokens) for d in doc_ids]
+        prompt_tokens = [prompts.encode_decoder_prompt(tokenizer, ds.queries[q], instruction, None, query_max_tokens)
+                         for q in qids]
+        pairs = np.asarray([(i, row[d]) for i, q in enumerate(qids) for d in run.get(q, {})], np.int64).reshape(-1, 2)
+        return cls({q: ds.qrels[q] for q in qids}, {q: run.get(q, {}) for q in qids}, doc_ids, doc_tokens, qids,
+                   prompt_tokens, pairs, passage_max_tokens)
 
-    def rerank(self, model: T5Gemma2, tokenizer: Tokenizer, *, ratio: int, batch_size: int = 64
+    def rerank(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64
                ) -> dict[str, dict[str, float]]:
-        """The reranked run {qid: {docid: margin}}."""
-        states, pmask = [], []
-        for i in range(0, len(self.doc_ids), batch_size):
-            s, m, _ = scoring.encode_passages(model, self.enc_ids[i:i + batch_size], self.enc_mask[i:i + batch_size],
-                                              ratio)
-            states.append(s)
-            pmask.append(m)
-        width = max(s.shape[1] for s in states)
-        states = np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0))) for s in states])
-        pmask = np.concatenate([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in pmask])
-        margins = np.empty(len(self.pairs), np.float32)
-        for i in range(0, len(self.pairs), batch_size):
-            q, p = self.pairs[i:i + batch_size, 0], self.pairs[i:i + batch_size, 1]
-            margins[i:i + batch_size] = scoring.score(model, self.dec_ids[q], self.dec_mask[q], states[p], pmask[p],
-                                                      tokenizer.yes_id, tokenizer.no_id)
+        """The reranked run {qid: {docid: margin}}, scored through a fresh `InferenceEngine` of `model`."""
+        engine = InferenceEngine(model, tokenizer, batch_size=batch_size, max_document_tokens=self.passage_max_tokens,
+                                 share_weights=False, show_progress=False)
+        states = engine.encode_ids(self.doc_tokens, ratio, storage="float32")
+        margins = engine.margins(self.prompt_tokens, self.pairs[:, 0], states, self.pairs[:, 1])
         run: dict[str, dict[str, float]] = {q: {} for q in self.query_ids}
         for (q, p), m in zip(self.pairs, margins):
             run[self.query_ids[q]][self.doc_ids[p]] = float(m)
@@ -81,7 +71,8 @@ class DevSet:
 
         return float(evaluate(self.qrels, run)["ndcg_cut_10"])
 
-    def evaluate(self, model: T5Gemma2, tokenizer: Tokenizer, *, ratio: int, batch_size: int = 64) -> dict[str, float]:
+    def evaluate(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64
+                 ) -> dict[str, float]:
         """{"dev_ndcg@10": reranked, "dev_bm25_ndcg@10": first stage}."""
         return {"dev_ndcg@10": self.ndcg10(self.rerank(model, tokenizer, ratio=ratio, batch_size=batch_size)),
                 "dev_bm25_ndcg@10": self.ndcg10(self.first_stage)}

@@ -1,17 +1,16 @@
 """Export a trained model: LoRA merged into the base weights, written as a kalm-jax model checkpoint.
 
 CLI: ``python -m kalm_jax.training.export --from WORKDIR_OR_STEP --out DIR [--keep_lora]``
-(HF safetensors export of the result: `kalm_jax.hf` / the convert tool.) The run's tokenizer.model is
-copied next to the exported checkpoint when it is found.
+(HF safetensors export of the result: `kalm_jax.hf` / the convert tool.) The run's tokenizer (tokenizer.model
+or tokenizer.json) is copied next to the exported checkpoint when it is found.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-from kalm_jax import checkpointing
+from kalm_jax import checkpointing, loader
 
 
 def export(source: str | Path, out_dir: str | Path, *, merge_lora: bool = True, overwrite: bool = False) -> Path:
@@ -20,11 +19,10 @@ def export(source: str | Path, out_dir: str | Path, *, merge_lora: bool = True, 
     if merge_lora and model.has_lora:
         model.merge_lora()
     out = checkpointing.save_model(model, out_dir, overwrite=overwrite)
-    src = Path(source)
-    for cand in (src / "tokenizer.model", src.parent / "tokenizer.model", src.parent.parent / "tokenizer.model"):
-        if cand.is_file():
-            shutil.copyfile(cand, out / "tokenizer.model")
-            break
+    try:
+        loader.copy_tokenizer(loader.find_tokenizer(source), out)
+    except FileNotFoundError:
+        pass  # a checkpoint without a tokenizer exports without one; pass it when loading
     return out
 
 

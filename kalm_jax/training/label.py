@@ -20,53 +20,46 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import checkpointing, distributed, prompts, scoring
+from kalm_jax import distributed, loader
 from kalm_jax.data.training_jsonl import read_training_jsonl, write_training_jsonl
-from kalm_jax.tokenizer import Tokenizer
+from kalm_jax.engine import InferenceEngine, probability
 
 
 def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, *, tokenizer: str | Path | None = None,
           ratio: int = 4, fmt: str = "prob", passage_max_tokens: int = 512, query_max_tokens: int = 128,
-          batch_size: int = 64, examples_per_batch: int = 16, show_progress: bool = True) -> int:
-    """Writes `output_path` = `input_path` with teacher pos_scores/neg_scores; returns the example count."""
+          batch_size: int = 64, examples_per_batch: int = 16, dtype: str | None = None,
+          show_progress: bool = True) -> int:
+    """Writes `output_path` = `input_path` with teacher pos_scores/neg_scores; returns the example count.
+
+    The teacher and its tokenizer come from `kalm_jax.loader.load` (any checkpoint: HF directory with
+    tokenizer.model or tokenizer.json, export, training workdir or step); scoring goes through the
+    inference engine.
+    """
     if fmt not in ("prob", "logit"):
         raise ValueError(f"--format must be 'prob' or 'logit', got {fmt!r}")
     if Path(output_path).absolute() == Path(input_path).absolute():
         raise ValueError("--output must differ from --input (the input is never overwritten)")
-    _, model = checkpointing.load_any(teacher)
-    tok_path = Path(tokenizer) if tokenizer else None
-    if tok_path is None:
-        t = Path(teacher)
-        tok_path = next((c for c in (t / "tokenizer.model", t.parent / "tokenizer.model",
-                                     t.parent.parent / "tokenizer.model") if c.is_file()), None)
-        if tok_path is None:
-            raise FileNotFoundError(f"{teacher}: no tokenizer.model next to the teacher; pass --tokenizer")
-    tok = Tokenizer.load(tok_path)
     examples = read_training_jsonl(input_path)
+    _, model, tok = loader.load(teacher, dtype=dtype, tokenizer=tokenizer)
+    engine = InferenceEngine(model, tok, batch_size=batch_size, max_document_tokens=passage_max_tokens,
+                             max_query_tokens=query_max_tokens, show_progress=False)
     out = []
     for start in tqdm(range(0, len(examples), examples_per_batch), desc="labelling", disable=not show_progress):
         chunk = examples[start:start + examples_per_batch]
         texts = list(dict.fromkeys(p for ex in chunk for p in ex.pos + ex.neg))
         row = {t: i for i, t in enumerate(texts)}
-        states, masks = [], []
-        for i in range(0, len(texts), batch_size):
-            ids, mask = prompts.tokenize_documents(tok, texts[i:i + batch_size], passage_max_tokens, pad_to_multiple_of=8)
-            s, m, _ = scoring.encode_passages(model, ids, mask, ratio)
-            states.append(s)
-            masks.append(m)
-        width = max(s.shape[1] for s in states)
-        states = np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0))) for s in states])
-        masks = np.concatenate([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in masks])
+        states = engine.encode(texts, ratio, storage="float32")
+        prompt_rows = [engine.prompt_ids(ex.query, ex.prompt if ex.prompt else None, warn=False) for ex in chunk]
+        prompt_of = np.asarray([i for i, ex in enumerate(chunk) for _ in ex.pos + ex.neg], np.int64)
+        passage_of = np.asarray([row[p] for ex in chunk for p in ex.pos + ex.neg], np.int64)
+        margins = engine.margins(prompt_rows, prompt_of, states, passage_of)
+        scores = probability(margins) if fmt == "prob" else margins
+        at = 0
         for ex in chunk:
-            passages = ex.pos + ex.neg
-            instruction = ex.prompt if ex.prompt else None
-            dec_ids, dec_mask = prompts.tokenize_decoder_prompts(tok, [ex.query] * len(passages), instruction,
-                                                                 query_max_tokens=query_max_tokens)
-            rows = np.asarray([row[p] for p in passages])
-            margins = scoring.score(model, dec_ids, dec_mask, states[rows], masks[rows], tok.yes_id, tok.no_id)
-            scores = scoring.probability(margins) if fmt == "prob" else margins
-            scores = [float(x) for x in scores]
-            out.append(dataclasses.replace(ex, pos_scores=scores[:len(ex.pos)], neg_scores=scores[len(ex.pos):]))
+            n = len(ex.pos) + len(ex.neg)
+            s = [float(x) for x in scores[at:at + n]]
+            at += n
+            out.append(dataclasses.replace(ex, pos_scores=s[:len(ex.pos)], neg_scores=s[len(ex.pos):]))
     return write_training_jsonl(out, output_path)
 
 
@@ -75,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint: HF dir, model checkpoint or training workdir")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: next to the teacher)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: the teacher's own)")
     p.add_argument("--ratio", type=int, default=4, help="MEP ratio the teacher scores at")
     p.add_argument("--format", dest="fmt", default="prob", choices=["prob", "logit"])
     p.add_argument("--passage_max_tokens", type=int, default=512)

@@ -25,11 +25,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import checkpointing, prompts
+from kalm_jax import checkpointing, loader, prompts
 from kalm_jax.config import get_preset
 from kalm_jax.data import pipeline
 from kalm_jax.model import init_model
-from kalm_jax.tokenizer import Tokenizer
+from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab, load_tokenizer as load_tokenizer_file
+from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
 from kalm_jax import distributed
 from kalm_jax import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer
@@ -84,21 +85,22 @@ def training_files(config, workdir: Path) -> list[Path]:
     return [out]
 
 
-def load_tokenizer(config, workdir: Path, files: list[Path]) -> Tokenizer:
-    """Given tokenizer, else <workdir>/tokenizer.model, else one next to init_from, else train one."""
+def load_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
+    """The run's tokenizer: `config.tokenizer`, else the workdir's (a resumed run), else the init_from
+    checkpoint's own (``tokenizer.model`` or ``tokenizer.json``, via `kalm_jax.loader`), else one trained on
+    the training texts (only when training from scratch). The chosen file is kept in the workdir."""
     if config.tokenizer:
-        return Tokenizer.load(config.tokenizer)
-    mine = workdir / "tokenizer.model"
-    if mine.is_file():
-        return Tokenizer.load(mine)
-    if config.init_from:
-        src = Path(config.init_from)
-        for cand in (src / "tokenizer.model", src.parent / "tokenizer.model", src.parent.parent / "tokenizer.model"):
-            if cand.is_file():
-                tok = Tokenizer.load(cand)
-                mine.write_bytes(cand.read_bytes())
-                return tok
-        raise FileNotFoundError(f"init_from {src}: no tokenizer.model next to it; set --config.tokenizer")
+        tok = load_tokenizer_file(config.tokenizer)
+    elif any((workdir / name).is_file() for name in loader.TOKENIZER_FILENAMES):
+        return load_tokenizer_file(workdir)
+    elif config.init_from:
+        tok = loader.find_tokenizer(config.init_from)
+    else:
+        tok = None
+    if tok is not None:
+        if jax.process_index() == 0:
+            loader.copy_tokenizer(tok, workdir)
+        return tok
     from kalm_jax.data.training_jsonl import read_training_jsonl
 
     texts: list[str] = []
@@ -109,18 +111,17 @@ def load_tokenizer(config, workdir: Path, files: list[Path]) -> Tokenizer:
             texts.extend(ex.neg)
     texts = list(dict.fromkeys(texts))
     log.info("training a SentencePiece tokenizer (vocab %d) on %d texts", config.tokenizer_vocab_size, len(texts))
-    tok = Tokenizer.train(texts, workdir, vocab_size=int(config.tokenizer_vocab_size))
-    return Tokenizer.load(mine)
+    Tokenizer.train(texts, workdir, vocab_size=int(config.tokenizer_vocab_size))
+    return Tokenizer.load(workdir / MODEL_FILENAME)
 
 
-def build_model(config, tok: Tokenizer):
+def build_model(config, tok: AnyTokenizer):
     if config.init_from:
-        model_cfg, model = checkpointing.load_any(config.init_from, dtype=config.model.param_dtype)
+        model_cfg, model, _ = loader.load(config.init_from, dtype=config.model.param_dtype, tokenizer=tok)
     else:
         model_cfg = get_preset(config.model.preset)
         model = init_model(model_cfg, seed=int(config.seed), param_dtype=config.model.param_dtype)
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer vocabulary ({tok.vocab_size}) is larger than the model's ({model_cfg.vocab_size})")
+        check_vocab(tok, model_cfg.vocab_size, where="the run's tokenizer")
     return model_cfg, configure_for_training(model, config, seed=int(config.seed))
 
 

@@ -1,0 +1,254 @@
+"""The one config entry for every command line: an ml_collections config file + ``--config.KEY=VALUE``.
+
+Every CLI (train.py, eval.py, ``python -m kalm_jax.training.label``, ``kalm_jax.convert``, ``kalm_jax.aot``,
+``kalm_jax.bench``) is configured the same way:
+
+    --config=configs/NAME.py[:ARG]     a file with ``get_config(arg)`` returning an ml_collections ConfigDict
+                                       (each CLI has a default file in configs/, so this flag is optional)
+    --config.a.b=VALUE                 override one field; VALUE is parsed as the field's type (bool, int,
+                                       float, str, tuple); an unknown key exits with the valid keys there
+
+Every default lives once, in its configs/ file. A CLI may also take a few plain flags that are not settings of
+the run (``--workdir``, the multi-process flags) and positional arguments mapped onto config fields
+(``convert to-hf SRC OUT`` sets ``command``, ``source`` and ``output``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file, override key or override value is invalid (the message names it)."""
+
+
+def config_file(name: str) -> Path:
+    """A file of the project's configs/ directory (``configs/<name>``)."""
+    return CONFIG_DIR / name
+
+
+def load_file(spec: str | Path) -> ml_collections.ConfigDict:
+    """Loads ``path[:arg]``: the file's ``get_config(arg)`` (``get_config()`` without an arg)."""
+    spec = str(spec)
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"--config: no such config file {path!r}")
+    module_spec = importlib.util.spec_from_file_location(f"_kalm_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken config file is reported with its path
+        raise ConfigError(f"--config: {path} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} has no get_config()")
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--config={spec}: {e}") from None
+
+
+def _parse_bool(raw: str, key: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"--config.{key}={raw!r}: expected a boolean (true/false)")
+
+
+def _parse_scalar(raw: str, kind: type, key: str):
+    if kind is bool:
+        return _parse_bool(raw, key)
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={raw!r}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={raw!r}: expected a number") from None
+    return raw
+
+
+def parse_value(raw: str, current: Any, key: str):
+    """`raw` (the text after ``=``) as the type of the field's `current` value."""
+    if isinstance(current, (bool, int, float)) and not isinstance(current, ml_collections.ConfigDict):
+        return _parse_scalar(raw, type(current), key)
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, (tuple, list)):
+        text = raw.strip()
+        if text.startswith(("(", "[")):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"--config.{key}={raw!r}: not a valid tuple literal") from None
+            items = list(value) if isinstance(value, (tuple, list)) else [value]
+        else:
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            kind = type(current[0]) if current else None
+            if kind is None:
+                items = []
+                for p in parts:
+                    try:
+                        items.append(ast.literal_eval(p))
+                    except (ValueError, SyntaxError):
+                        items.append(p)
+            else:
+                items = [_parse_scalar(p, kind, key) for p in parts]
+        return type(current)(items)
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+    """Sets ``config.<key>`` from the text `raw`; an unknown key raises `ConfigError` listing the valid ones."""
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            section = ".".join(parts[:i]) or "<top level>"
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key --config.{key}: {section} has no {part!r}; valid keys there: "
+                              f"{valid}")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{key} is a section ({sorted(current.keys())}); set one of its keys")
+    value = parse_value(raw, current, key)
+    try:
+        with node.unlocked():
+            node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--config.{key}={raw!r}: {e}") from None
+
+
+@dataclasses.dataclass
+class Flag:
+    """A plain flag of a CLI (not a run setting): ``--name=VALUE``."""
+
+    name: str
+    default: Any = None
+    help: str = ""
+    type: Callable[[str], Any] = str
+
+
+def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (),
+          positional: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """Parses a command line: ``--config``, ``--config.*`` overrides, `flags` and `positional` fields.
+
+    Returns (config, {flag name: value}). Raises `ConfigError` naming what is wrong.
+    """
+    spec = str(config_file(default_config)) if default_config else None
+    overrides: list[tuple[str, str]] = []
+    values = {f.name: f.default for f in flags}
+    by_name = {f.name: f for f in flags}
+    rest: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(args):
+            spec = args[i + 1]
+            i += 1
+        elif a.startswith("--config."):
+            key, sep, raw = a[len("--config."):].partition("=")
+            if not sep:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"--config.{key} needs a value (--config.{key}=VALUE)")
+                raw = args[i + 1]
+                i += 1
+            overrides.append((key, raw))
+        elif a.startswith("--") and a[2:].split("=", 1)[0].replace("-", "_") in by_name:
+            name, sep, raw = a[2:].partition("=")
+            flag = by_name[name.replace("-", "_")]
+            if not sep:
+                if flag.type is bool:
+                    raw = "true"
+                elif i + 1 < len(args):
+                    raw = args[i + 1]
+                    i += 1
+                else:
+                    raise ConfigError(f"--{name} needs a value")
+            try:
+                values[flag.name] = _parse_bool(raw, name) if flag.type is bool else flag.type(raw)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"--{name}={raw!r}: {e}") from None
+        elif a in ("-h", "--help"):
+            raise SystemExit(_usage(default_config, flags, positional))
+        elif a.startswith("-") and a != "-":
+            known = ["--config", "--config.KEY"] + [f"--{f.name}" for f in flags]
+            raise ConfigError(f"unknown flag {a.split('=', 1)[0]}; this command takes {', '.join(known)}")
+        else:
+            rest.append(a)
+        i += 1
+    if spec is None:
+        raise ConfigError("--config is required (e.g. --config=configs/train.py:tiny)")
+    config = load_file(spec)
+    if len(rest) > len(positional):
+        raise ConfigError(f"unexpected arguments {rest[len(positional):]}"
+                          + (f"; this command takes {' '.join(p.upper() for p in positional)}" if positional else ""))
+    for name, raw in zip(positional, rest):
+        apply_override(config, name, raw)
+    for key, raw in overrides:
+        apply_override(config, key, raw)
+    return config, values
+
+
+def _usage(default_config: str, flags: Sequence[Flag], positional: Sequence[str]) -> str:
+    lines = [f"usage: {Path(sys.argv[0]).name} {' '.join(p.upper() for p in positional)} "
+             f"[--config=FILE[:ARG]] [--config.KEY=VALUE ...]"
+             + "".join(f" [--{f.name}=...]" for f in flags),
+             f"  --config: default {config_file(default_config) if default_config else '(required)'}"]
+    lines += [f"  --{f.name}: {f.help}" for f in flags]
+    try:
+        cfg = load_file(config_file(default_config)) if default_config else None
+    except ConfigError:
+        cfg = None
+    if cfg is not None:
+        lines.append("settings (--config.KEY=VALUE):")
+        lines += [f"  {line}" for line in str(cfg).splitlines()]
+    return "\n".join(lines)
+
+
+def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[str] | None = None,
+        flags: Sequence[Flag] = (), positional: Sequence[str] = (),
+        errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parses the command line and calls ``main(config, **flag_values)``; returns its exit status.
+
+    A `ConfigError` exits with status 2 and its message; so do `errors` raised by `main` (one line, no
+    traceback), for the user errors a CLI wants reported plainly.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config, values = parse(argv, default_config, flags=flags, positional=positional)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        status = main(config, **values)
+    except errors as e:  # type: ignore[misc]
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return int(status or 0)
+
+
+__all__ = ["run", "parse", "load_file", "apply_override", "parse_value", "config_file", "Flag", "ConfigError",
+           "CONFIG_DIR"]

@@ -1,0 +1,444 @@
+"""The one inference engine: weights placed once, one bucketing policy, encode and score over it.
+
+Every client that encodes passages or scores (prompt, passage) pairs — `Reranker`, the evaluation store and
+sweep, dev evaluation during training, the `label` command, the benchmark — goes through an
+`InferenceEngine`. It owns:
+  * weight placement: once, replicated over a 1-axis ``("data",)`` mesh of this process's devices
+    (`kalm_jax.mesh.data_mesh`); batches are sharded over that axis;
+  * the bucketing policy (`Buckets`): batch rows (powers of two up to 64, then multiples of 64, rounded to
+    the device count), document length (multiple of 128, then of the ratio only where needed), decoder
+    prompt length (multiple of 32), passage windows (multiple of 16). Similar calls reuse compiled programs;
+    `compiles` counts the programs this engine caused to be compiled;
+  * length sorting (longest first) and padding; padding never changes a result (padded keys are masked,
+    padded rows dropped);
+  * out-of-memory back-off: a batch that runs out of device (or host, on CPU) memory is retried at 3/4 of
+    its size;
+  * host -> device transfer, and re-pooling cached states to a coarser ratio on the device (bucketed, so it
+    compiles a handful of programs, not one per shape).
+The pure jitted functions themselves stay in `kalm_jax.scoring`.
+
+Multi-process runs build one engine per process over its local devices; work is split above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from kalm_jax import checkpointing, mep, prompts, scoring
+from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab
+from kalm_jax.mesh import data_mesh
+from kalm_jax.model import T5Gemma2, _check_passages, _check_tokens
+from kalm_jax.passage_states import STORAGE, PassageStates
+
+DEFAULT_BATCH_SIZE = 32
+PROGRESS_MIN_ITEMS = 256
+"""With ``show_progress=None`` a progress bar appears for work of at least this many items."""
+DEFAULT_MAX_PROMPT_TOKENS = 2048
+"""Budget for a whole decoder prompt (system + instruction + query + template)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The shape-bucketing policy (all sizes are multiples; see the module docstring)."""
+
+    length: int = 128
+    windows: int = 16
+    decoder: int = 32
+
+    @staticmethod
+    def rows(n: int, devices: int) -> int:
+        return scoring.bucket(scoring.batch_bucket(n), devices)
+
+    def document_length(self, longest: int, ratio: int) -> int:
+        """Padded encoder length: a multiple of `length`, rounded up to a multiple of `ratio` only when the
+        ratio does not divide it (ratio 31 pads 200 tokens to 279, not to lcm(128, 31) = 3968)."""
+        return scoring.bucket(scoring.bucket(longest, self.length), ratio)
+
+    def window_count(self, windows: int) -> int:
+        return scoring.bucket(windows, self.windows)
+
+    def decoder_length(self, longest: int) -> int:
+        return scoring.bucket(longest, self.decoder)
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for a device or host out-of-memory error (XLA's RESOURCE_EXHAUSTED, CPU "Out of memory")."""
+    if isinstance(err, MemoryError):
+        return True
+    if not isinstance(err, (jax.errors.JaxRuntimeError, RuntimeError)):
+        return False
+    text = str(err).lower()
+    return "resource_exhausted" in text or "out of memory" in text or "failed to allocate" in text
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class InferenceEngine:
+    """Encoding and FBNL scoring for one model on this process's devices.
+
+    Args:
+      model: the encoder-decoder (its weights are placed once; the model is updated to share them, so no
+        second copy stays on the device).
+      tokenizer: needed for text inputs and for the "yes"/"no" ids; may be None with explicit `yes_id` and
+        `no_id` for token-level use.
+      devices: devices to run on (default: all local devices of this process).
+      batch_size: documents / pairs per device step before any out-of-memory back-off.
+      max_document_tokens: encoder inputs (``<Document>: `` prefix included) are cut to this many tokens.
+      max_query_tokens: queries are cut to this many tokens before entering the prompt (None: no cut).
+      max_prompt_tokens: budget of the whole decoder prompt; a longer instruction is cut to fit (warning).
+      show_progress: progress bars: True, False or None (only for work of >= 256 items).
+    """
+
+    def __init__(self, model: T5Gemma2, tokenizer: AnyTokenizer | None = None, *,
+                 devices: Sequence[jax.Device] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS,
+                 max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, show_progress: bool | None = None,
+                 yes_id: int | None = None, no_id: int | None = None, buckets: Buckets = Buckets(),
+                 share_weights: bool = True):
+        if tokenizer is not None:
+            check_vocab(tokenizer, model.config.vocab_size, where=str(getattr(tokenizer, "path", None) or "tokenizer"))
+            yes_id = tokenizer.yes_id if yes_id is None else yes_id
+            no_id = tokenizer.no_id if no_id is None else no_id
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.max_document_tokens = _positive_int(max_document_tokens, "max_document_tokens")
+        if max_query_tokens is not None:
+            if isinstance(max_query_tokens, bool) or not isinstance(max_query_tokens, (int, np.integer)) \
+                    or max_query_tokens < 0:
+                raise ValueError(f"max_query_tokens must be a non-negative integer or None, got {max_query_tokens!r}")
+            max_query_tokens = int(max_query_tokens)
+        self.max_query_tokens = max_query_tokens
+        self.max_prompt_tokens = _positive_int(max_prompt_tokens, "max_prompt_tokens")
+        self.show_progress = show_progress
+        self.buckets = buckets
+        self.devices = list(jax.local_devices() if devices is None else devices)
+        if not self.devices:
+            raise ValueError("devices is empty: give at least one device (default: all local devices)")
+        self.mesh = data_mesh(self.devices)
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, self._replicated)
+        if share_weights:
+            nnx.update(model, state)  # the model now holds the placed arrays: one copy of the weights
+        self._graphdef, self._state = graphdef, state
+        self._yes_no = None
+        if yes_id is not None and no_id is not None:
+            for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
+                if not 0 <= int(tok) < model.config.vocab_size:
+                    raise ValueError(f"{name}={tok} is outside the vocabulary [0, {model.config.vocab_size})")
+            self._yes_no = jax.device_put(jnp.asarray([int(yes_id), int(no_id)], jnp.int32), self._replicated)
+        self.compiles = 0
+
+    # ------------------------------------------------------------------ identity
+    @functools.cached_property
+    def model_fingerprint(self) -> str:
+        """Content hash of the weights and config (computed once, on first use)."""
+        return checkpointing.fingerprint(self.model)
+
+    @property
+    def passage_meta(self) -> dict[str, Any]:
+        """What `encode` writes into `PassageStates.meta` (fingerprints, document limit, prefix, dtype)."""
+        return {"model": self.model_fingerprint,
+                "tokenizer": self.tokenizer.fingerprint() if self.tokenizer is not None else None,
+                "max_length": self.max_document_tokens, "document_prefix": prompts.DOCUMENT_PREFIX,
+                "compute_dtype": str(jnp.dtype(self.model.dtype))}
+
+    @property
+    def state_dtype(self):
+        """Host dtype of encoded states: bfloat16 for a bf16 model, else float32."""
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16 if self.model.dtype == jnp.bfloat16 else np.float32
+
+    # ------------------------------------------------------------------ plumbing
+    def rows(self, n: int) -> int:
+        """Padded batch rows for `n` items (the batch bucket, rounded up to a multiple of the device count)."""
+        return self.buckets.rows(n, len(self.devices))
+
+    def _put(self, *arrays: np.ndarray):
+        return [jax.device_put(a, self._batch) for a in arrays]
+
+    def _call(self, fn, *args, **kwargs):
+        """Calls a jitted function of `scoring`, counting the programs it compiles."""
+        size = getattr(fn, "_cache_size", None)
+        before = size() if size else 0
+        out = fn(*args, **kwargs)
+        if size:
+            self.compiles += max(0, size() - before)
+        return out
+
+    def _progress(self, total: int, desc: str, unit: str, show: bool | None):
+        show = self.show_progress if show is None else show
+        if show is None:
+            show = total >= PROGRESS_MIN_ITEMS
+        return tqdm(total=total, desc=desc, unit=unit, disable=not show, dynamic_ncols=True)
+
+    def run_batches(self, n: int, batch_size: int | None, run: Callable[[int, int], None], desc: str,
+                    unit: str = "item", show_progress: bool | None = None) -> None:
+        """Calls ``run(start, stop)`` over [0, n) in batches; on out-of-memory retries at 3/4 of the size."""
+        bs = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
+        start = 0
+        with self._progress(n, desc, unit, show_progress) as bar:
+            while start < n:
+                stop = min(n, start + bs)
+                try:
+                    run(start, stop)
+                except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                    if not is_oom(err) or stop - start == 1:
+                        raise
+                    bs = max(1, (stop - start) * 3 // 4)
+                    warnings.warn(f"{desc}: out of memory with a batch of {stop - start}; retrying with batch size "
+                                  f"{bs}", RuntimeWarning, stacklevel=3)
+                    continue
+                bar.update(stop - start)
+                start = stop
+
+    def _need_yes_no(self):
+        if self._yes_no is None:
+            raise ValueError("this engine has no yes/no token ids: give it a tokenizer (or yes_id and no_id)")
+        return self._yes_no
+
+    def _need_tokenizer(self) -> AnyTokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: text inputs need one")
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ array-level steps
+    def encode_batch(self, input_ids, attention_mask, ratio: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encoder + MEP for one batch of right-padded token arrays [B, S].
+
+        Returns numpy (states [B, C, H] float32, mask [B, C] int32, counts [B, C] int32), C = ceil(S/ratio)
+        with S the longest real row (windows beyond it trimmed, so bucketing padding never shows).
+        """
+        ratio = mep._check_ratio(ratio)
+        ids = np.asarray(input_ids)
+        mask = np.asarray(attention_mask)
+        _check_tokens(ids, mask, self.model.config, "input_ids")
+        b, longest = ids.shape
+        rows, width = self.rows(b), self.buckets.document_length(longest, ratio)
+        ids_p = np.full((rows, width), self.model.config.pad_token_id, np.int32)
+        mask_p = np.zeros((rows, width), np.int32)
+        ids_p[:b, :longest] = ids[:, :longest]
+        mask_p[:b, :longest] = mask[:, :longest]
+        mask_p[b:, 0] = 1  # padding rows get one token so no row is all-masked; they are dropped below
+        pooled, pmask, counts = self._call(scoring.encode_pool, self._graphdef, self._state, *self._put(ids_p, mask_p),
+                                           ratio)
+        c = -(-longest // ratio)
+        return (np.asarray(pooled[:b, :c], np.float32), np.asarray(pmask[:b, :c]), np.asarray(counts[:b, :c]))
+
+    def score_batch(self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask) -> np.ndarray:
+        """fp32 margins [B] for B (decoder prompt [B, T], passage states [B, C, H] + mask [B, C]) pairs."""
+        dec = np.asarray(decoder_input_ids)
+        dmask = np.asarray(decoder_attention_mask)
+        states = np.asarray(passage_states)
+        pmask = np.asarray(passage_mask)
+        _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
+        _check_passages(states, pmask, dec, self.model.config)
+        b = dec.shape[0]
+        rows = self.rows(b)
+        t, c = self.buckets.decoder_length(dec.shape[1]), self.buckets.window_count(states.shape[1])
+        dec_p = np.full((rows, t), self.model.config.pad_token_id, np.int32)
+        dmask_p = np.zeros((rows, t), np.int32)
+        dec_p[:b, :dec.shape[1]] = dec
+        dmask_p[:b, :dec.shape[1]] = dmask
+        dmask_p[b:, 0] = 1
+        states_p = np.zeros((rows, c, states.shape[2]), self.state_dtype)
+        states_p[:b, :states.shape[1]] = states
+        pmask_p = np.zeros((rows, c), np.int32)
+        pmask_p[:b, :states.shape[1]] = pmask
+        pmask_p[b:, 0] = 1
+        margins = self._call(scoring.score_pairs, self._graphdef, self._state, *self._put(dec_p, dmask_p, states_p,
+                                                                                          pmask_p), self._need_yes_no())
+        return np.asarray(margins[:b], np.float32)
+
+    # ------------------------------------------------------------------ tokens
+    def document_ids(self, texts: Sequence[str], *, warn: bool = True) -> list[list[int]]:
+        """Encoder token ids of raw documents (``<Document>: `` prefix added), cut to `max_document_tokens`."""
+        tok = self._need_tokenizer()
+        ids = tok.encode_batch([prompts.document_text(t) for t in texts])
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        over = lengths > self.max_document_tokens
+        if warn and over.any():
+            cut = lengths[over] - self.max_document_tokens
+            warnings.warn(
+                f"{int(over.sum())} of {len(texts)} documents exceed max_document_tokens={self.max_document_tokens} "
+                f"(the '{prompts.DOCUMENT_PREFIX}' prefix included) and were truncated: {int(cut.max())} tokens cut "
+                f"from the longest ({int(lengths.max())} tokens), {cut.mean():.1f} on average", UserWarning,
+                stacklevel=3)
+        return [x[: self.max_document_tokens] for x in ids]
+
+    def prompt_ids(self, query: str, instruction: str | bool | None = None, system: str | None = None, *,
+                   warn: bool = True) -> list[int]:
+        """Decoder prompt token ids for `query`: the query is cut to `max_query_tokens` (a warning says so
+        unless `warn` is False) and the whole prompt to `max_prompt_tokens` (the instruction is cut first; a
+        system prompt that alone overflows is an error)."""
+        tok = self._need_tokenizer()
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}: {query!r:.80}")
+        if instruction is not None and not isinstance(instruction, (str, bool)):
+            raise TypeError(f"instruction must be a str, None or False, got {type(instruction).__name__}")
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a str or None, got {type(system).__name__}")
+        if warn and self.max_query_tokens is not None:
+            n = len(tok.encode(query))
+            if n > self.max_query_tokens:
+                warnings.warn(f"query of {n} tokens truncated to max_query_tokens={self.max_query_tokens} "
+                              f"({n - self.max_query_tokens} tokens cut)", UserWarning, stacklevel=3)
+        return prompts.encode_decoder_prompt(tok, query, instruction, system, self.max_query_tokens,
+                                             max_length=self.max_prompt_tokens, cut_instruction=True)
+
+    # ------------------------------------------------------------------ encoding
+    def encode_ids(self, seqs: Sequence[Sequence[int]], ratio: int, *, ids: Sequence[str] | None = None,
+                   storage: str | None = None, meta: dict[str, Any] | None = None, batch_size: int | None = None,
+                   show_progress: bool | None = None, desc: str = "encoding passages") -> PassageStates:
+        """Encodes tokenized documents (length-sorted, bucketed batches) and pools them at `ratio`.
+
+        Returns `PassageStates` in input order: states [P, C, H] in `storage` (default: float32, or bfloat16
+        for a bf16 model), mask / counts [P, C], C = ceil(longest / ratio); ``meta`` = `meta` or
+        `passage_meta`.
+        """
+        ratio = mep._check_ratio(ratio)
+        if storage is None:
+            storage = "bfloat16" if self.model.dtype == jnp.bfloat16 else "float32"
+        if storage not in STORAGE:
+            raise ValueError(f"unknown storage {storage!r}; choose from {STORAGE}")
+        seqs = [list(s) for s in seqs]
+        if ids is not None:
+            ids = list(ids)
+            if len(ids) != len(seqs):
+                raise ValueError(f"{len(ids)} ids for {len(seqs)} passages")
+        meta = dict(self.passage_meta if meta is None else meta)
+        hidden = self.model.config.hidden_size
+        if not seqs:
+            return PassageStates(np.zeros((0, 0, hidden), np.float32), np.zeros((0, 0), np.int8),
+                                 np.zeros((0, 0), np.int32), ratio, ids, meta=meta).to_storage(storage)
+        empty = [i for i, s in enumerate(seqs) if not s]
+        if empty:
+            raise ValueError(f"{len(empty)} passages have no tokens (rows {empty[:5]})")
+        lengths = np.array([len(s) for s in seqs])
+        order = np.argsort(-lengths, kind="stable")
+        width = -(-int(lengths.max()) // ratio)
+        states = np.zeros((len(seqs), width, hidden), self.state_dtype)
+        mask = np.zeros((len(seqs), width), np.int8)
+        counts = np.zeros((len(seqs), width), np.int32)
+
+        def run(start: int, stop: int) -> None:
+            rows = order[start:stop]
+            batch_ids, batch_mask = prompts.pad_batch([seqs[i] for i in rows], self.model.config.pad_token_id)
+            pooled, pmask, cnt = self.encode_batch(batch_ids, batch_mask, ratio)
+            w = pooled.shape[1]
+            states[rows, :w] = pooled
+            mask[rows, :w] = pmask
+            counts[rows, :w] = cnt
+
+        self.run_batches(len(seqs), batch_size, run, desc, "doc", show_progress)
+        return PassageStates(states, mask, counts, ratio, ids, meta=meta).to_storage(storage)
+
+    def encode(self, texts: Sequence[str], ratio: int, *, ids: Sequence[str] | None = None, storage: str | None = None,
+               batch_size: int | None = None, show_progress: bool | None = None) -> PassageStates:
+        """`encode_ids` of raw documents (see `document_ids`)."""
+        return self.encode_ids(self.document_ids(texts), ratio, ids=ids, storage=storage, batch_size=batch_size,
+                               show_progress=show_progress)
+
+    # ------------------------------------------------------------------ scoring
+    def margins(self, prompt_rows: Sequence[Sequence[int]], prompt_of, states: PassageStates, passage_of, *,
+                ratio: int | None = None, batch_size: int | None = None, show_progress: bool | None = None,
+                desc: str = "scoring") -> np.ndarray:
+        """fp32 margins [N] for pairs (prompt_rows[prompt_of[i]], states row passage_of[i]).
+
+        Args:
+          prompt_rows: decoder prompt token lists (e.g. from `prompt_ids`).
+          prompt_of, passage_of: int [N] pair -> prompt row / passage row.
+          states: cached passage states at `states.ratio`.
+          ratio: score at this ratio (a multiple of `states.ratio`; default `states.ratio`). Coarser ratios
+            are re-pooled exactly (count-weighted, fp32) on the device, batch by batch.
+        """
+        prompt_of = np.asarray(prompt_of, np.int64).reshape(-1)
+        passage_of = np.asarray(passage_of, np.int64).reshape(-1)
+        if len(prompt_of) != len(passage_of):
+            raise ValueError(f"{len(prompt_of)} prompt indices for {len(passage_of)} passage indices")
+        n = len(prompt_of)
+        out = np.zeros((n,), np.float32)
+        if n == 0:
+            return out
+        for name, idx, size in (("prompt_of", prompt_of, len(prompt_rows)), ("passage_of", passage_of, len(states))):
+            if idx.min() < 0 or idx.max() >= size:
+                raise IndexError(f"{name} holds indices outside [0, {size})")
+        if states.states.shape[2] != self.model.config.hidden_size:
+            raise ValueError(f"passage states have hidden size {states.states.shape[2]}, the model's is "
+                             f"{self.model.config.hidden_size}")
+        ratio = states.ratio if ratio is None else mep._check_ratio(ratio)
+        if ratio % states.ratio:
+            raise ValueError(f"cannot score at ratio {ratio} from states pooled at ratio {states.ratio}: it must be a "
+                             f"multiple of {states.ratio}")
+        factor = ratio // states.ratio
+        yes_no = self._need_yes_no()
+        pad_id = self.model.config.pad_token_id
+        windows = -(-np.asarray(states.mask).sum(axis=1) // factor)
+        prompt_len = np.array([len(p) for p in prompt_rows])
+        order = np.lexsort((-prompt_len[prompt_of], -windows[passage_of]))
+        compute = self.state_dtype
+
+        def run(start: int, stop: int) -> None:
+            pairs = order[start:stop]
+            b, rows = len(pairs), self.rows(len(pairs))
+            chunk = states.select(passage_of[pairs])
+            fine = chunk.mask.shape[1]
+            if factor > 1:
+                width = self.buckets.window_count(-(-fine // factor)) * factor
+                dense = np.zeros((rows, width, chunk.states.shape[2]), np.float32)
+                dense[:b, :fine] = chunk.dense(np.float32)
+                cnt = np.zeros((rows, width), np.int32)
+                cnt[:b, :fine] = chunk.counts
+                cnt[b:, 0] = 1
+                st_d, pm_d = self._call(scoring.repool_states, *self._put(dense, cnt), factor, jnp.dtype(compute))
+            else:
+                width = self.buckets.window_count(fine)
+                dense = np.zeros((rows, width, chunk.states.shape[2]), compute)
+                dense[:b, :fine] = chunk.dense(np.float32)
+                pm = np.zeros((rows, width), np.int32)
+                pm[:b, :fine] = chunk.mask
+                pm[b:, 0] = 1  # padding rows attend to one (zero) window and are dropped
+                st_d, pm_d = self._put(dense, pm)
+            dec, dmask = prompts.pad_batch([prompt_rows[i] for i in prompt_of[pairs]] + [[pad_id]] * (rows - b),
+                                           pad_id, pad_to_multiple_of=self.buckets.decoder)
+            _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
+            dec_d, dmask_d = self._put(dec, dmask)
+            margins = self._call(scoring.score_pairs, self._graphdef, self._state, dec_d, dmask_d, st_d, pm_d, yes_no)
+            out[pairs] = np.asarray(margins[:b], np.float32)
+
+        self.run_batches(n, batch_size, run, desc, "pair", show_progress)
+        return out
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (f"InferenceEngine(hidden={c.hidden_size}, dtype={jnp.dtype(self.model.dtype)}, "
+                f"devices={len(self.devices)}, batch_size={self.batch_size}, compiles={self.compiles})")
+
+
+def probability(margins) -> np.ndarray:
+    """P(yes) = sigmoid(margin) in fp32, computed on the host (no compilation per list length)."""
+    m = np.asarray(margins, np.float32)
+    e = np.exp(-np.abs(m))
+    return np.where(m >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+__all__ = ["InferenceEngine", "Buckets", "is_oom", "probability", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_PROMPT_TOKENS"]
