@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FLAG_HELP = {
     "coordinator_address": "HOST:PORT of process 0's coordinator (jax.distributed.initialize); default: "
@@ -137,6 +138,40 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))))
 
 
+def primary_first(fn: Callable[[], T], name: str) -> T:
+    """`fn()` on process 0, then (after barrier `name`) on the others: for steps that create shared files
+    the others then read (a cached run file, a store manifest). Every process must call it."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    out = fn() if is_primary() else None
+    barrier(f"{name}:primary_done")
+    if not is_primary():
+        out = fn()
+    barrier(f"{name}:all_done")
+    return out  # type: ignore[return-value]
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable `obj`, in process order, on every process (a collective)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray(data.size, np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(rows[i, :int(n)].tobytes().decode()) for i, n in enumerate(sizes)]
+
+
 # ------------------------------------------------------------------------------------------- CLI flags
 def define_flags(flag_values: Any = None) -> None:
     """Defines --coordinator_address, --num_processes, --process_id as absl flags (default: absl FLAGS)."""
@@ -162,5 +197,5 @@ def initialize_from(values: Any) -> bool:
                       getattr(values, "process_id", None))
 
 
-__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "any_process", "define_flags", "add_arguments",
-           "initialize_from"]
+__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "any_process", "primary_first", "allgather_json",
+           "define_flags", "add_arguments", "initialize_from"]
