@@ -12,13 +12,17 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kalm_jax import distributed
+
 config_flags.DEFINE_config_file("config", str(Path(__file__).resolve().parent / "configs" / "eval.py"), "Evaluation sweep configuration.", lock_config=True)
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from(FLAGS)
     from kalm_jax.evaluation import sweep
 
     rows = sweep.run_sweep(FLAGS.config)

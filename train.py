@@ -1,6 +1,8 @@
 """Train a KaLM reranker: `python train.py --config=configs/train.py:tiny --workdir=DIR [--config.x=y ...]`.
 
-Resumes from DIR when it holds checkpoints. See docs/training.md.
+Resumes from DIR when it holds checkpoints. See docs/training.md. Multi-process: the same command on every
+host (auto-detected on TPU pods / SLURM), or `--coordinator_address=H:P --num_processes=N --process_id=I`,
+or `python -m kalm_jax.launch -n N -- train.py ...` on one machine (docs/multihost.md).
 """
 
 import os
@@ -8,12 +10,13 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kalm_jax import distributed
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file, e.g. configs/train.py:tiny",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, tensorboard, tokenizer.model)")
-flags.DEFINE_bool("jax_distributed", None, "call jax.distributed.initialize() (default: when "
-                  "JAX_COORDINATOR_ADDRESS is set)")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,8 +38,7 @@ def main(argv):
     for handler in std_logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
 
-    if FLAGS.jax_distributed or (FLAGS.jax_distributed is None and os.environ.get("JAX_COORDINATOR_ADDRESS")):
-        jax.distributed.initialize()
+    distributed.initialize_from(FLAGS)
     from kalm_jax.training.loop import train_and_evaluate
 
     logging.info("JAX process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())

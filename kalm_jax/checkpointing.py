@@ -98,8 +98,10 @@ def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool
 
 
 def restore_params(model: T5Gemma2, params_dir: str | os.PathLike) -> T5Gemma2:
-    """Restores an Orbax param tree into the (abstract or concrete) `model`, in the model's dtypes."""
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), param_tree(model))
+    """Restores an Orbax param tree into the (abstract or concrete) `model`, in the model's dtypes, onto
+    this process's first device (whatever devices or processes wrote it: a pod's checkpoint loads here)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), param_tree(model))
     params_dir = Path(params_dir).absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing (the checkpoint has no parameters)")

@@ -1,9 +1,12 @@
 """Grain training input pipeline over a prepared TFDS dataset: fixed-shape numpy batches of query groups.
 
 Per host, each batch holds B queries (``batch_size`` is per host; the global batch is B * process_count),
-each with a group of G passages: one positive at g=0 and G-1 negatives. Records are split across hosts
-by `jax.process_index()` / `jax.process_count()` (contiguous index ranges of the prepared dataset, which
-TFDS shuffled when it was written), shuffled per epoch from the seed, and the iterator state
+each with a group of G passages: one positive at g=0 and G-1 negatives. The records are split into
+D = ``batch_shards`` * process_count data shards (Grain `ShardOptions`: disjoint index ranges of the
+prepared dataset, which TFDS shuffled when it was written; together the whole dataset), each shuffled per
+epoch from the seed. Data shard d feeds the d-th of the D equal row blocks of every global batch, and host
+p holds shards [p*k, (p+1)*k) with k = ``batch_shards``: the global batch depends only on D, not on how
+many processes read it (1 process x 8 batch shards == 2 processes x 4). The iterator state
 (`get_state` / `set_state`) resumes on exactly the next batch.
 
 Group sampling, from an rng Grain derives from (seed, position in the sampled stream), so it is
@@ -13,8 +16,12 @@ deterministic and differs between epochs:
   * with fewer, every negative is used once and the remaining slots are drawn with replacement.
 
 Batch (numpy, shapes fixed for a given config; S = passage_max_tokens, T = `decoder_length`):
-  enc_ids, enc_mask   int32 [B*G, S]  unique passages of the batch (rows after the last unique one are padding)
-  passage_index       int32 [B, G]    row of enc_ids holding pair (b, g); duplicates share a row
+  enc_ids, enc_mask   int32 [B*G, S]  unique passages, deduplicated within each of the k row blocks
+                                      (block c: rows [c*B*G/k, (c+1)*B*G/k), its padding rows after its
+                                      last unique passage)
+  passage_index       int32 [B, G]    row of enc_ids holding pair (b, g); duplicates in one block share a
+                                      row, and a pair's row always lies in its own block (the per-pair
+                                      gather stays on the batch shard: `step.gather_rows`)
   dec_ids, dec_mask   int32 [B, T]    decoder prompt per query
   labels              float32 [B, G]  1.0 at g=0, 0.0 elsewhere
   teacher             float32 [B, G]  teacher P(yes) from pos_scores/neg_scores, NaN where absent
@@ -59,8 +66,10 @@ class PipelineConfig:
       use_example_prompt: an example's ``prompt`` field, when present, overrides `instruction`.
       worker_count: Grain worker processes (0: in the main process).
       worker_buffer_size: batches buffered per worker.
-      shard_drop_remainder: drop the records that do not split evenly across hosts (otherwise hosts
-        differ by at most one record and the union of shards is the whole dataset).
+      shard_drop_remainder: drop the records that do not split evenly across the data shards
+        (otherwise shards differ by at most one record and their union is the whole dataset).
+      batch_shards: k, the batch shards (row blocks of the batch on distinct devices) on this host; each
+        reads its own data shard and deduplicates its own passages. Must divide `batch_size`.
     """
 
     batch_size: int = 16
@@ -77,12 +86,15 @@ class PipelineConfig:
     worker_count: int = 0
     worker_buffer_size: int = 1
     shard_drop_remainder: bool = False
+    batch_shards: int = 1
 
     def __post_init__(self):
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (one positive and at least one negative), got {self.group_size}")
         if self.batch_size < 1 or self.passage_max_tokens < 1 or self.query_max_tokens < 1:
             raise ValueError(f"batch_size, passage_max_tokens and query_max_tokens must be positive: {self}")
+        if self.batch_shards < 1 or self.batch_size % self.batch_shards:
+            raise ValueError(f"batch_shards={self.batch_shards} must be >= 1 and divide batch_size={self.batch_size}")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> PipelineConfig:
@@ -177,31 +189,84 @@ class SampleAndTokenize(grain.transforms.RandomMap):
 
 
 class CollateGroups:
-    """Stacks B groups and deduplicates their passages into ``enc_ids [B*G, S]`` + ``passage_index [B, G]``."""
+    """Stacks B groups; deduplicates the passages of each of `shards` equal row blocks separately into
+    ``enc_ids [B*G, S]`` + ``passage_index [B, G]`` (block c's pairs point into block c's rows)."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, shards: int = 1):
         self.pad_id = pad_id
+        self.shards = shards
 
     def __call__(self, groups: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         b = len(groups)
         g, s = groups[0]["enc_ids"].shape
+        if b % self.shards:
+            raise ValueError(f"batch of {b} groups does not split into {self.shards} shards")
         rows = np.concatenate([x["enc_ids"] for x in groups]).reshape(b * g, s)
         masks = np.concatenate([x["enc_mask"] for x in groups]).reshape(b * g, s)
-        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-        order = np.argsort(first)
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
         enc_ids = np.full((b * g, s), self.pad_id, np.int32)
         enc_mask = np.zeros((b * g, s), np.int32)
-        enc_ids[: order.size] = rows[first[order]]
-        enc_mask[: order.size] = masks[first[order]]
-        out = {
-            "enc_ids": enc_ids, "enc_mask": enc_mask,
-            "passage_index": rank[inverse.reshape(-1)].reshape(b, g).astype(np.int32),
-        }
+        index = np.empty(b * g, np.int32)
+        block = b * g // self.shards
+        for lo in range(0, b * g, block):
+            _, first, inverse = np.unique(rows[lo:lo + block], axis=0, return_index=True, return_inverse=True)
+            order = np.argsort(first)
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            enc_ids[lo:lo + order.size] = rows[lo + first[order]]
+            enc_mask[lo:lo + order.size] = masks[lo + first[order]]
+            index[lo:lo + block] = lo + rank[inverse.reshape(-1)]
+        out = {"enc_ids": enc_ids, "enc_mask": enc_mask, "passage_index": index.reshape(b, g)}
         for key in ("dec_ids", "dec_mask", "labels", "teacher", "teacher_mask", "example_id"):
             out[key] = np.stack([x[key] for x in groups])
         return out
+
+
+class ShardedBatchSampler:
+    """Grain sampler of one host: its k data shards interleaved so that each batch of B = k*b records
+    holds b consecutive records of each shard, in shard order.
+
+    Data shard d (of D = k * process_count) is Grain's `IndexSampler` over `ShardOptions(d, D)` (its own
+    per-epoch shuffle; record rng from (seed, position)); shard d's i-th record is that sampler's element
+    d + i*D. With k = 1 this is exactly `IndexSampler(ShardOptions(process_index, process_count))`.
+    """
+
+    def __init__(self, num_records: int, config: PipelineConfig, process_index: int, process_count: int):
+        k = config.batch_shards
+        self.per_shard = config.batch_size // k
+        self.k, self.num_shards = k, k * process_count
+        self.first_shard = process_index * k
+        self._shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
+        self.process_count = process_count
+        self.shards = [grain.samplers.IndexSampler(
+            num_records=num_records, shuffle=config.shuffle, num_epochs=config.num_epochs, seed=config.seed,
+            shard_options=grain.sharding.ShardOptions(shard_index=d, shard_count=self.num_shards,
+                                                      drop_remainder=config.shard_drop_remainder))
+            for d in range(self.first_shard, self.first_shard + k)]
+        if config.num_epochs is None:
+            self._len = None
+        else:  # whole batches only: the shortest shard decides
+            steps = min(-(-(len(smp) - d) // self.num_shards) for d, smp in
+                        zip(range(self.first_shard, self.first_shard + k), self.shards)) // self.per_shard
+            self._len = steps * config.batch_size * process_count
+
+    def __len__(self) -> int:
+        import sys
+
+        return sys.maxsize if self._len is None else self._len
+
+    def __getitem__(self, index: int):
+        if index < 0 or (self._len is not None and index >= self._len):
+            raise IndexError(f"sampler index {index} out of range [0, {len(self)})")
+        local = index // self.process_count  # the DataLoader visits process_index + m * process_count
+        step, j = divmod(local, self.k * self.per_shard)
+        c, within = divmod(j, self.per_shard)
+        d = self.first_shard + c
+        meta = self.shards[c][d + (step * self.per_shard + within) * self.num_shards]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+    def __repr__(self) -> str:
+        return (f"ShardedBatchSampler(shards {self.first_shard}..{self.first_shard + self.k - 1} of "
+                f"{self.num_shards}, {self.per_shard} records each per batch, {self.shards[0]!r})")
 
 
 def make_loader(
@@ -212,7 +277,7 @@ def make_loader(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DataLoader:
-    """A Grain DataLoader over a random-access `source` for this host's shard.
+    """A Grain DataLoader over a random-access `source` for this host's data shards (`ShardedBatchSampler`).
 
     `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
     """
@@ -226,16 +291,13 @@ def make_loader(
     if len(source) < process_count * config.batch_size:
         raise ValueError(f"{len(source)} examples are fewer than one batch of {config.batch_size} "
                          f"on each of {process_count} hosts")
-    shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                        drop_remainder=config.shard_drop_remainder)
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=config.shuffle,
-                                          num_epochs=config.num_epochs, seed=config.seed)
+    sampler = ShardedBatchSampler(len(source), config, process_index, process_count)
     if config.worker_count > 0:
         _allow_grain_workers_outside_absl_app()
     dec_len = decoder_length(tokenizer, config)
     operations = [
         SampleAndTokenize(tokenizer, config, dec_len),
-        grain.transforms.Batch(config.batch_size, drop_remainder=True, batch_fn=CollateGroups(tokenizer.pad_id)),
+        grain.transforms.Batch(config.batch_size, drop_remainder=True, batch_fn=CollateGroups(tokenizer.pad_id, config.batch_shards)),
     ]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)

@@ -14,6 +14,12 @@ Opening a store whose key differs (another checkpoint, tokenizer, max length, ..
 naming the differences, or, with ``on_stale="reencode"``, deletes it and starts over: never a silent reuse.
 New passages are appended as new shards; the manifest is rewritten atomically after each finished shard,
 so an interrupted encode keeps every shard it finished.
+
+With several JAX processes (docs/multihost.md) every process calls `open` after process 0 (who creates
+or replaces the store), then `ensure` together: each shard is split into one part per process, named
+`shard-<n>-p<process>`, encoded and saved by that process; process 0 commits the manifest once after a
+barrier. A store written by N processes opens in one like any other. Coarser ratios: call `shards_at` on
+process 0 first (`distributed.primary_first`), as the sweep does.
 """
 
 from __future__ import annotations
@@ -232,6 +238,11 @@ class PassageStore:
         if empty:
             raise ValueError(f"{len(empty)} passages tokenize to nothing, e.g. {empty[:5]}")
         order = sorted(todo, key=lambda d: (-len(tokens[d]), d))
+        import jax
+
+        if jax.process_count() > 1:
+            return self._ensure_split(engine, tokens, list(_length_shards(order, tokens, shard_size)), batch_size,
+                                      progress)
         with tqdm(total=len(order), desc=f"encode passages (r={self.key.ratio})", unit="doc",
                   disable=not progress, dynamic_ncols=True) as bar:
             for shard_ids in _length_shards(order, tokens, shard_size):
@@ -241,6 +252,57 @@ class PassageStore:
                 bar.update(len(shard_ids))
         self.encoded += len(order)
         return len(order)
+
+    def _ensure_split(self, engine, tokens: Mapping[str, list[int]], plan: list[list[str]], batch_size: int | None,
+                      progress: bool) -> int:
+        """Multi-process `ensure` (every process calls it with the same plan): shard j of the plan is split
+        into one contiguous part per process; process p encodes and saves its part as `shard-{n}-p{p}` (n:
+        the shard's number in the store, so names never collide); after a barrier process 0 commits the
+        manifest once. A part already saved by an interrupted run (same ids, same key) is kept."""
+        from kalm_jax import distributed
+        import jax
+
+        rank, nproc = jax.process_index(), jax.process_count()
+        base = len(self.shards)
+        parts: list[dict[str, Any]] = []
+        mine = 0
+        for j, shard_ids in enumerate(plan):
+            bounds = np.linspace(0, len(shard_ids), nproc + 1).round().astype(int)
+            for p in range(nproc):
+                ids = shard_ids[bounds[p]:bounds[p + 1]]
+                if not ids:
+                    continue
+                name = f"shard-{base + j:05d}-p{p}"
+                parts.append({"name": name, "count": len(ids)})
+                if p != rank or self._holds(name, ids):
+                    continue
+                states = engine.encode_ids([tokens[d] for d in ids], self.key.ratio, ids=list(ids),
+                                           storage=self.key.storage, batch_size=batch_size, show_progress=False)
+                states.meta = {**self.key.as_dict(), "shard": name}
+                states.save(self._shard_dir(self.key.ratio, name), overwrite=True)
+                mine += len(ids)
+        log.info("%s: process %d encoded %d of %d passages", self.root, rank, mine, sum(p["count"] for p in parts))
+        distributed.barrier(f"passage_store_encoded:{self.root}")
+        self.shards.extend(parts)
+        if distributed.is_primary():
+            self._write_manifest()
+        distributed.barrier(f"passage_store_manifest:{self.root}")
+        self._index = None
+        self._loaded.pop(self.key.ratio, None)
+        encoded = sum(p["count"] for p in parts)
+        self.encoded += encoded
+        return encoded
+
+    def _holds(self, name: str, ids: Sequence[str]) -> bool:
+        """Whether shard directory `name` is complete, for this key and exactly these ids."""
+        d = self._shard_dir(self.key.ratio, name)
+        if not (d / "manifest.json").is_file():
+            return False
+        try:
+            states = PassageStates.load(d, expect_meta=self.key.as_dict())
+        except (ValueError, OSError):
+            return False
+        return states.ids is not None and list(states.ids) == list(ids)
 
     def _add_shard(self, states: PassageStates) -> None:
         name = f"shard-{len(self.shards):05d}"

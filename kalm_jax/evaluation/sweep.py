@@ -11,6 +11,11 @@ Each line of results.jsonl: ``dataset``, ``split``, ``stage`` ("first_stage" | "
 (null for the first stage), ``ratio`` (null for the first stage), ``instruction``, ``metrics`` (trec_eval
 measure names → floats, plus ``roc_auc``), and for rerank rows ``cost`` (cache bytes, online seconds per
 query, ...). Run files land in ``OUT/runs/<dataset>/<cell>.trec.gz``; the report in ``OUT/summary.md``.
+
+With several JAX processes (`eval.py --num_processes=N ...`, docs/multihost.md) every process runs the same
+sweep: each builds an engine over its local devices, encodes its part of every store shard, and reranks
+its contiguous block of the queries (`query_block`); the blocks' runs are gathered (`gather_blocks`) and
+process 0 alone writes results.jsonl, run files, the store manifest and the report.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kalm_jax import loader
+import jax
+
+from kalm_jax import distributed, loader
 from kalm_jax.data.beir import BeirDataset, load_beir
 from kalm_jax.data.trec import read_run, write_run
 from kalm_jax.evaluation import metrics, rerank, results as results_lib, store as store_lib
@@ -219,7 +226,7 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
 
     settings = config if isinstance(config, Settings) else Settings.from_config(config)
     check_inputs(settings)
-    results_lib.check_output_dir(settings)
+    distributed.primary_first(lambda: results_lib.check_output_dir(settings), "sweep_output_dir")
     out = settings.output_dir
     existing = read_results(out)
     identities = {"data": {ds: data_identity(settings, ds) for ds in settings.datasets},
@@ -234,13 +241,14 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
 
     n_cells = len(settings.datasets) * (1 + len(settings.checkpoints) * len(settings.instructions) *
                                         len(settings.ratios))
-    bar = tqdm(total=n_cells, desc="sweep cells", unit="cell", disable=not settings.progress, dynamic_ncols=True,
-               position=0)
+    primary = distributed.is_primary()
+    bar = tqdm(total=n_cells, desc="sweep cells", unit="cell", disable=not settings.progress or not primary,
+               dynamic_ncols=True, position=0)
     bar.update(sum(1 for k in done if k[0] in settings.datasets and k[1] == split))
     prepared: dict[str, Prepared] = {}
     try:
         for ds in settings.datasets:
-            prep = prepared[ds] = prepare_dataset(settings, ds)
+            prep = prepared[ds] = distributed.primary_first(lambda: prepare_dataset(settings, ds), f"sweep_prepare:{ds}")
             key = (ds, split, "first_stage", None, None, None)
             if key not in done:
                 row = {"dataset": ds, "split": split, "stage": "first_stage", "checkpoint": None, "ratio": None,
@@ -249,7 +257,8 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                        "relevance_level": prep.relevance_level, "warnings": prep.warnings,
                        "run_file": f"runs/{ds}/first_stage.trec.gz", "data_identity": identities["data"][ds],
                        "finished": _now()}
-                results_lib.append(out, row)
+                if primary:
+                    results_lib.append(out, row)
                 done.add(key)
                 bar.update(1)
         for ck in settings.checkpoints:
@@ -266,26 +275,32 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                     continue
                 prep = prepared[ds]
                 root = (settings.store_dir or out / "store") / checkpoint_slug(ck) / ds
-                st = store_lib.PassageStore.open(root, key, on_stale=settings.on_stale)
+                st = distributed.primary_first(
+                    lambda: store_lib.PassageStore.open(root, key, on_stale=settings.on_stale), f"sweep_store:{root}")
                 encoded = st.ensure(engine, _Texts(prep.data), prep.candidates, shard_size=settings.shard_size,
-                                    progress=settings.progress)
+                                    progress=settings.progress and primary)
+                block = query_block(list(prep.queries))
                 for ins in dict.fromkeys(i for i, _ in cells):
-                    rows = rerank.tokenize_prompts(engine, prep.queries, settings.instruction_value(ins),
-                                                   system=settings.system or None)
+                    rows = rerank.tokenize_prompts(engine, {q: prep.queries[q] for q in block},
+                                                   settings.instruction_value(ins), system=settings.system or None)
                     for _, ratio in (c for c in cells if c[0] == ins):
+                        for r in dict.fromkeys([ratio, *(settings.cascade_pair[:1] if settings.cascade_pair else [])]):
+                            distributed.primary_first(lambda: st.shards_at(r), f"sweep_ratio:{root}:{r}")
                         res = rerank.rerank(engine, rows, prep.run, st, ratio, top_k=settings.top_k,
                                             cascade=settings.cascade_pair, batch_pairs=settings.batch_pairs,
-                                            progress=settings.progress, desc=f"{ds} r={ratio}")
+                                            progress=settings.progress and primary, desc=f"{ds} r={ratio}")
+                        res = gather_blocks(res, list(prep.queries))
                         run_file = f"runs/{ds}/{checkpoint_slug(ck)}.{instruction_slug(ins)}.r{ratio}.trec.gz"
-                        write_run(res.run, out / run_file, tag=f"kalm_r{ratio}")
+                        if primary:
+                            write_run(res.run, out / run_file, tag=f"kalm_r{ratio}")
                         size = st.sizes(ratio)
                         cost = {"cache_bytes": size["bytes"], "cache_bytes_per_passage": size["bytes_per_passage"],
                                 "state_bytes_per_passage": size["state_bytes_per_passage"],
                                 "cached_passages": size["passages"], "storage": settings.storage,
                                 "online_seconds_per_query": res.seconds_per_query,
                                 "online_seconds": res.online_seconds, "compile_seconds": res.compile_seconds,
-                                "pairs": res.pairs, "devices": len(engine.devices),
-                                "encoded_passages": encoded}
+                                "pairs": res.pairs, "devices": len(engine.devices) * jax.process_count(),
+                                "processes": jax.process_count(), "encoded_passages": encoded}
                         row = {"dataset": ds, "split": split, "stage": "rerank", "checkpoint": ck, "ratio": ratio,
                                "instruction": ins, "metrics": _metrics(settings, prep, res.run), "cost": cost,
                                "queries": len(prep.queries), "relevance_level": prep.relevance_level,
@@ -293,18 +308,39 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                                "data_identity": identities["data"][ds],
                                "checkpoint_identity": identities["checkpoint"][ck],
                                "finished": _now()}
-                        results_lib.append(out, row)
+                        if primary:
+                            results_lib.append(out, row)
                         done.add(cell_key(row))
                         encoded = 0  # the encode cost belongs to the first cell that needed it
                         bar.update(1)
     finally:
         bar.close()
+    distributed.barrier("sweep_done")
     rows = read_results(out)
-    if settings.report:
+    if settings.report and primary:
         from kalm_jax.evaluation import report
 
         report.write_report(out, rows)
     return rows
+
+
+def query_block(qids: list[str]) -> list[str]:
+    """This process's contiguous block of `qids` (all of them with one process)."""
+    n, p = jax.process_count(), jax.process_index()
+    return qids[len(qids) * p // n:len(qids) * (p + 1) // n]
+
+
+def gather_blocks(res: rerank.RerankOutput, qids: list[str]) -> rerank.RerankOutput:
+    """Every process's `RerankOutput` of its query block -> the whole run (in `qids` order) on every process;
+    pairs add up, online and compile seconds are the slowest process's (wall time)."""
+    if jax.process_count() == 1:
+        return res
+    parts = distributed.allgather_json({"run": res.run, "pairs": res.pairs, "online": res.online_seconds,
+                                        "compile": res.compile_seconds})
+    merged = {q: d for part in parts for q, d in part["run"].items()}
+    return rerank.RerankOutput({q: merged[q] for q in qids if q in merged}, len(qids),
+                               sum(p["pairs"] for p in parts), max(p["online"] for p in parts),
+                               max(p["compile"] for p in parts))
 
 
 class _Texts(Mapping):

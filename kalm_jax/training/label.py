@@ -2,6 +2,7 @@
 
     python -m kalm_jax.training.label --teacher CKPT --input train.jsonl --output train.teacher.jsonl
         [--tokenizer tokenizer.model] [--ratio 4] [--format prob|logit]
+        [--coordinator_address H:P --num_processes N --process_id I]   (process 0 labels; see docs/multihost.md)
 
 For every example, each positive and negative passage is scored against the example's decoder prompt
 (its own `prompt` as instruction when present, else the default instruction) with the teacher's FBNL
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import loader
+from kalm_jax import distributed, loader
 from kalm_jax.data.training_jsonl import read_training_jsonl, write_training_jsonl
 from kalm_jax.engine import InferenceEngine, probability
 
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", dest="fmt", default="prob", choices=["prob", "logit"])
     p.add_argument("--passage_max_tokens", type=int, default=512)
     p.add_argument("--query_max_tokens", type=int, default=128)
+    distributed.add_arguments(p)
     args = p.parse_args(argv)
+    distributed.initialize_from(args)
+    if not distributed.is_primary():  # labelling is not split across processes: process 0 does all of it
+        print("labelling runs on process 0 only; this process has nothing to do")
+        return
     n = label(args.teacher, args.input, args.output, tokenizer=args.tokenizer, ratio=args.ratio, fmt=args.fmt,
               passage_max_tokens=args.passage_max_tokens, query_max_tokens=args.query_max_tokens)
     print(f"labelled {n} examples -> {args.output}")

@@ -10,6 +10,7 @@ checkpoints; save on SIGTERM; stop on a non-finite loss without saving it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from kalm_jax.data import pipeline
 from kalm_jax.model import init_model
 from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab, load_tokenizer as load_tokenizer_file
 from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
+from kalm_jax import distributed
 from kalm_jax import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer
 from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
@@ -123,12 +125,47 @@ def build_model(config, tok: AnyTokenizer):
     return model_cfg, configure_for_training(model, config, seed=int(config.seed))
 
 
+def local_batch_shards(ts: TrainStep) -> int:
+    """k: the batch shards (row blocks of the global batch on distinct devices) this process holds.
+
+    Raises ValueError unless they are the contiguous rows [p*B/P, (p+1)*B/P) of the global batch B, i.e.
+    the mesh's batch axes split the batch across the P processes in process order.
+    """
+    b, g = ts.abstract_batch["passage_index"].shape
+    index_sharding = ts.batch_shardings["passage_index"]
+    rows = index_sharding.shard_shape((b, g))[0]
+    starts = sorted({idx[0].start or 0 for idx in index_sharding.addressable_devices_indices_map((b, g)).values()})
+    p, n = jax.process_index(), jax.process_count()
+    per_process = b // n
+    expected = [p * per_process + c * rows for c in range(max(1, per_process // rows))]
+    if rows * n > b or starts != expected:
+        raise ValueError(f"process {p} of {n} holds batch rows starting at {starts} (shards of {rows} rows) of the "
+                         f"global batch {b}; each process must hold its own contiguous {per_process} rows: use a mesh "
+                         f"whose batch axes ({ts.rules.get(sharding.BATCH)}) span all {jax.device_count()} "
+                         f"devices' processes in order (e.g. mesh.fsdp=-1)")
+    return len(starts)
+
+
 def global_batch(local: dict, ts: TrainStep) -> dict:
-    """Process-local numpy batch -> global sharded arrays (passage_index made global across hosts)."""
+    """Process-local numpy batch (this process's k batch shards) -> global sharded arrays.
+
+    `passage_index` is made global (offset by this process's first row) and checked to stay within each
+    batch shard's own rows, as the step's shard-local gather requires.
+    """
+    local = dict(local)
+    b_local, g = local["passage_index"].shape
+    rows = local["enc_ids"].shape[0]
+    local["passage_index"] = local["passage_index"] + jax.process_index() * rows
+    blocks = ts.passage_shards // jax.process_count()
+    if ts.passage_shards > 1:
+        index = local["passage_index"].reshape(blocks, -1) - jax.process_index() * rows
+        lo = (np.arange(blocks) * (rows // blocks))[:, None]
+        if ((index < lo) | (index >= lo + rows // blocks)).any():
+            raise ValueError(f"batch passage_index points outside its batch shard ({blocks} shards of "
+                             f"{b_local // blocks} queries on this process): the pipeline's batch_shards must "
+                             f"equal the local batch shards")
     if jax.process_count() == 1:
         return ts.place_batch(local)
-    local = dict(local)
-    local["passage_index"] = local["passage_index"] + jax.process_index() * local["enc_ids"].shape[0]
     return {k: jax.make_array_from_process_local_data(ts.batch_shardings[k], np.asarray(local[k]))
             for k in STEP_BATCH_KEYS}
 
@@ -233,14 +270,19 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
     """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics."""
     validate(config)
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    files = training_files(config, workdir)
-    tok = load_tokenizer(config, workdir, files)
     tfds_dir = workdir / "tfds"
     from kalm_jax.data.tfds_builder import prepare
 
-    prepared = prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
+    # Process 0 writes the shared files (workdir on a shared filesystem), then the others read them.
+    for turn in ("primary", "others"):
+        if (turn == "primary") == distributed.is_primary():
+            workdir.mkdir(parents=True, exist_ok=True)
+            if turn == "primary":
+                (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
+            files = training_files(config, workdir)
+            tok = load_tokenizer(config, workdir, files)
+            prepared = prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
+        distributed.barrier(f"kalm_train_inputs_{turn}")
     if float(config.epochs) > 0:
         import tensorflow_datasets as tfds
 
@@ -262,7 +304,9 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
 
     model_cfg, model = build_model(config, tok)
     mesh = sharding.make_mesh(config.mesh)
-    ts = make_train_step(model_cfg, config, mesh, yes_id=tok.yes_id, no_id=tok.no_id, decoder_length=dec_len)
+    ts = make_train_step(model_cfg, config, mesh, yes_id=tok.yes_id, no_id=tok.no_id, decoder_length=dec_len,
+                         shard_local_passages=True)
+    pcfg = dataclasses.replace(pcfg, batch_shards=local_batch_shards(ts))
     log.info("model %s; trainable: %s\n%s", config.model.preset if not config.init_from else config.init_from,
              "LoRA factors" if config.lora.enabled else "all parameters",
              sharding.summary(ts.abstract_state["params"], ts.param_axes, ts.state_shardings["params"], mesh))
@@ -341,11 +385,12 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
                              m["loss"], " ".join(f"r{r}={m[f'loss/r{r}']:.3f}" for r, _ in ratio_weights(config)),
                              m["grad_norm"], m["lr"], dt, m["tokens_per_s"],
                              f" mfu {m['mfu']:.1%}" if "mfu" in m else "")
-                if (every_ckpt and step % every_ckpt == 0) or step == total or preempt.requested:
+                stop = distributed.any_process(preempt.requested)  # every process stops at the same step
+                if (every_ckpt and step % every_ckpt == 0) or step == total or stop:
                     if ckpt.save(state, meta, it, metrics=m, force=True):
                         last_saved = step
                 result.update(m)
-                if preempt.requested:
+                if stop:
                     log.warning("preempted at step %d: checkpoint saved, exiting", step)
                     break
     finally:

@@ -63,6 +63,8 @@ class TrainStep:
       mesh, rules: the mesh and the logical -> mesh rules.
       grad_fn: jitted `(state, batch) -> (loss, metrics, grads)` (grads of the trainable subset, sharded
         like it); the step's forward/backward without the update, for checks and debugging.
+      passage_shards: blocks the per-pair gather is split into (`gather_rows`; 1 unless
+        `shard_local_passages`).
     """
 
     fn: Callable
@@ -77,6 +79,7 @@ class TrainStep:
     mesh: Mesh
     rules: dict
     grad_fn: Callable | None = None
+    passage_shards: int = 1
 
     def lower(self):
         """`fn.lower(abstract_state, abstract_batch)` (call `.compile()` on the result)."""
@@ -99,17 +102,35 @@ class TrainStep:
         return {k: jax.device_put(np.asarray(batch[k]), self.batch_shardings[k]) for k in STEP_BATCH_KEYS}
 
 
+def gather_rows(table: jax.Array, index: jax.Array, shards: int = 1) -> jax.Array:
+    """`table[index]` along axis 0: table [R, ...], index [N] int -> [N, ...].
+
+    With `shards` > 1 the rows and the indices split into `shards` equal blocks (the batch shards) and
+    every index of block c must point into block c of `table` (the pipeline's per-shard deduplication):
+    the gather is then batched over the blocks, so a batch-sharded table is never all-gathered. An index
+    outside its block reads NaN (floats) / the dtype's fill value.
+    """
+    if shards == 1:
+        return jnp.take(table, index, axis=0)
+    rows = table.shape[0] // shards
+    blocks = table.reshape(shards, rows, *table.shape[1:])
+    local = index.reshape(shards, -1) - (jnp.arange(shards, dtype=index.dtype) * rows)[:, None]
+    out = jax.vmap(lambda t, i: jnp.take(t, i, axis=0, mode="fill"))(blocks, local)
+    return out.reshape(index.shape[0], *table.shape[1:])
+
+
 def pair_scores(model: T5Gemma2, batch: dict, ratio: int, yes_id: int, no_id: int, *, full_vocab: bool,
-                constrain: Callable[[jax.Array], jax.Array], enc_states: jax.Array):
+                constrain: Callable[[jax.Array], jax.Array], enc_states: jax.Array, passage_shards: int = 1):
     """Margins [B, G] fp32 at one MEP ratio, and (with `full_vocab`) log p(yes), log p(no) [B, G].
 
-    enc_states [B*G, S, H] are the encoder states of the batch's unique passages.
+    enc_states [B*G, S, H] are the encoder states of the batch's unique passages; `passage_shards`: see
+    `gather_rows` (1: `passage_index` may point anywhere in the batch).
     """
     b, g = batch["passage_index"].shape
     pooled, pmask, _ = mep.pool(enc_states, batch["enc_mask"], ratio)
     idx = batch["passage_index"].reshape(-1)
-    p_states = constrain(jnp.take(pooled, idx, axis=0))
-    p_mask = jnp.take(pmask, idx, axis=0)
+    p_states = constrain(gather_rows(pooled, idx, passage_shards))
+    p_mask = gather_rows(pmask, idx, passage_shards)
     dec_ids = jnp.repeat(batch["dec_ids"], g, axis=0)
     dec_mask = jnp.repeat(batch["dec_mask"], g, axis=0)
     h = constrain(model.decode(dec_ids, dec_mask, p_states, p_mask))
@@ -143,7 +164,8 @@ def loss_terms(margins, logps, batch, loss_cfg) -> dict[str, jax.Array]:
 
 
 def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_id: int, no_id: int,
-                    decoder_length: int | None = None, donate: bool = True) -> TrainStep:
+                    decoder_length: int | None = None, donate: bool = True,
+                    shard_local_passages: bool = False) -> TrainStep:
     """Builds the sharded train step for `model_cfg` under `train_cfg` (see `training/config.py`).
 
     Args:
@@ -154,6 +176,10 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
       yes_id, no_id: token ids of "yes" and "no".
       decoder_length: T of the decoder prompts; default `train_cfg.data.decoder_length` (must be > 0).
       donate: donate the input state buffers.
+      shard_local_passages: the batch's `passage_index` points, for every batch shard, into that shard's
+        own rows of `enc_ids` (the pipeline with `batch_shards` = the local batch shards, as training
+        feeds it): the per-pair gather then stays on each shard (`gather_rows`) instead of all-gathering
+        the pooled passages. False: indices may point anywhere in the global batch.
     Raises:
       ValueError: before any compilation, if the global batch does not split over the batch shards or
         the decoder length is unknown.
@@ -203,6 +229,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_shardings[k])
                       for k, (shape, dt) in structs.items()}
     act_sharding = NamedSharding(mesh, P(rules.get(sharding.BATCH), None, None))
+    passage_shards = b // batch_shardings["passage_index"].shard_shape((b, g))[0] if shard_local_passages else 1
 
     def constrain(x):
         return jax.lax.with_sharding_constraint(x, act_sharding)
@@ -216,7 +243,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
         wsum = sum(w for _, w in ratios)
         for r, w in ratios:
             margins, logps = pair_scores(model, batch, r, yes_id, no_id, full_vocab=full_vocab,
-                                         constrain=constrain, enc_states=enc_states)
+                                         constrain=constrain, enc_states=enc_states, passage_shards=passage_shards)
             terms = loss_terms(margins, logps, batch, loss_cfg)
             loss_r = losses.combine(terms, weights)
             metrics[f"loss/r{r}"] = loss_r
@@ -250,7 +277,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
     return TrainStep(fn=fn, abstract_state=abstract_state, abstract_batch=abstract_batch,
                      state_shardings=state_shardings, batch_shardings=batch_shardings, param_axes=param_axes,
                      graphdef=graphdef, tx=tx, trainable=trainable, mesh=mesh, rules=rules,
-                     grad_fn=grad_fn)
+                     grad_fn=grad_fn, passage_shards=passage_shards)
 
 
-__all__ = ["make_train_step", "TrainStep", "batch_structs", "pair_scores", "loss_terms", "STEP_BATCH_KEYS"]
+__all__ = ["make_train_step", "TrainStep", "batch_structs", "gather_rows", "pair_scores", "loss_terms",
+           "STEP_BATCH_KEYS"]

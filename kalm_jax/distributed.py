@@ -1,0 +1,201 @@
+"""Multi-process (multi-controller) start-up on JAX's own distributed runtime.
+
+One JAX process per host (TPU pod worker, GPU node) or, for development, N processes on one machine
+with fake CPU devices (`python -m kalm_jax.launch`). Every CLI calls `initialize` first, before any JAX
+computation:
+
+    initialize("10.0.0.1:1234", num_processes=4, process_id=i)   # explicit: jax.distributed.initialize(...)
+    initialize()          # auto: a cluster environment (see `cluster_env`) -> jax.distributed.initialize();
+                          #       otherwise one process and nothing is called
+
+CPU collectives across processes use gloo (`jax_cpu_collectives_implementation`), set before the
+runtime starts; it only concerns the CPU backend, so it is harmless on TPU and GPU.
+
+The three flags `--coordinator_address`, `--num_processes`, `--process_id` come from `define_flags`
+(absl) or `add_arguments` (argparse); `initialize_from(values)` takes either parsed result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FLAG_HELP = {
+    "coordinator_address": "HOST:PORT of process 0's coordinator (jax.distributed.initialize); default: "
+                           "auto-detected on TPU pods / SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, else one process",
+    "num_processes": "number of JAX processes in the job (with --coordinator_address)",
+    "process_id": "this process's index in [0, num_processes) (with --coordinator_address)",
+}
+
+
+def _int_env(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "") or 0)
+    except ValueError:
+        return 0
+
+
+def cluster_env() -> str | None:
+    """Name of the multi-process environment this process runs in, or None (single process).
+
+    Checked, in order: JAX_COORDINATOR_ADDRESS (set by hand or by a scheduler), SLURM with more than one
+    task, Open MPI with more than one rank, a TPU VM (GKE: TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES;
+    Cloud TPU VM: JAX's metadata-server detection). JAX's own cluster detection then fills in the values.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if os.environ.get("SLURM_JOB_ID") and max(_int_env("SLURM_NTASKS"), _int_env("SLURM_NPROCS")) > 1:
+        return "slurm"
+    if _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+        return "openmpi"
+    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES"):
+        return "tpu"
+    try:  # private, but it is the only way to tell a Cloud TPU VM without querying its metadata server
+        from jax._src.clusters.cloud_tpu_cluster import running_in_cloud_tpu_vm
+    except ImportError:
+        return None
+    return "tpu" if running_in_cloud_tpu_vm else None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Starts JAX's distributed runtime when the job has several processes; returns whether it did.
+
+    Explicit values (all three, or a coordinator with num_processes=1) are passed to
+    `jax.distributed.initialize`. With none given, a detected cluster environment (`cluster_env`) gets
+    `jax.distributed.initialize()` and JAX's own detection; otherwise nothing happens (one process).
+    Must run before any JAX computation. Idempotent.
+
+    Raises:
+      ValueError: some but not all of the three values given, or process_id outside [0, num_processes).
+    """
+    import jax
+
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    if any(v is not None for v in given.values()):
+        missing = [f"--{k}" for k, v in given.items() if v is None]
+        if missing:
+            raise ValueError(f"multi-process start needs --coordinator_address, --num_processes and --process_id; "
+                             f"missing {', '.join(missing)}")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
+        if ":" not in str(coordinator_address):
+            raise ValueError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT")
+    if _initialized():
+        return jax.process_count() > 1
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address is not None:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=int(num_processes),
+                                   process_id=int(process_id))
+    else:
+        env = cluster_env()
+        if env is None:
+            return False
+        log.info("multi-process environment detected (%s): jax.distributed.initialize()", env)
+        jax.distributed.initialize()
+    log.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    return True
+
+
+def _initialized() -> bool:
+    from jax._src import distributed as _dist  # the runtime's own record of initialize() having run
+
+    return getattr(_dist.global_state, "client", None) is not None
+
+
+def is_primary() -> bool:
+    """True on process 0 (the one that writes shared files: metrics, reports, manifests)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Blocks until every process reaches the barrier `name` (no-op with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on at least one process (a max-reduce; every process must call it)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))))
+
+
+def primary_first(fn: Callable[[], T], name: str) -> T:
+    """`fn()` on process 0, then (after barrier `name`) on the others: for steps that create shared files
+    the others then read (a cached run file, a store manifest). Every process must call it."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    out = fn() if is_primary() else None
+    barrier(f"{name}:primary_done")
+    if not is_primary():
+        out = fn()
+    barrier(f"{name}:all_done")
+    return out  # type: ignore[return-value]
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serialisable `obj`, in process order, on every process (a collective)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray(data.size, np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(rows[i, :int(n)].tobytes().decode()) for i, n in enumerate(sizes)]
+
+
+# ------------------------------------------------------------------------------------------- CLI flags
+def define_flags(flag_values: Any = None) -> None:
+    """Defines --coordinator_address, --num_processes, --process_id as absl flags (default: absl FLAGS)."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_string("coordinator_address", None, FLAG_HELP["coordinator_address"], flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, FLAG_HELP["num_processes"], flag_values=fv)
+    flags.DEFINE_integer("process_id", None, FLAG_HELP["process_id"], flag_values=fv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds --coordinator_address, --num_processes, --process_id to an argparse parser."""
+    group = parser.add_argument_group("multi-process (jax.distributed)")
+    group.add_argument("--coordinator_address", default=None, help=FLAG_HELP["coordinator_address"])
+    group.add_argument("--num_processes", type=int, default=None, help=FLAG_HELP["num_processes"])
+    group.add_argument("--process_id", type=int, default=None, help=FLAG_HELP["process_id"])
+
+
+def initialize_from(values: Any) -> bool:
+    """`initialize` with the three values read from absl FLAGS or an argparse Namespace."""
+    return initialize(getattr(values, "coordinator_address", None), getattr(values, "num_processes", None),
+                      getattr(values, "process_id", None))
+
+
+__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "any_process", "primary_first", "allgather_json",
+           "define_flags", "add_arguments", "initialize_from"]

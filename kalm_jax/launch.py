@@ -1,0 +1,179 @@
+"""Development launcher: one command as N JAX processes on this machine, with fake CPU devices.
+
+    python -m kalm_jax.launch -n 2 [--devices_per_process 4] -- train.py --config=configs/train.py:tiny --workdir=W
+    python -m kalm_jax.launch -n 2 -- eval.py --config.output_dir=OUT ...
+    python -m kalm_jax.launch -n 2 -- -m kalm_jax.training.label --teacher T --input I --output O
+
+Process i runs the command (a `.py` file or `-m module` gets this Python) with
+`--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i` appended (PORT: a free port),
+JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=M. Each output line is prefixed
+with `[pI]`. SIGINT / SIGTERM to the launcher are forwarded to every process (a training run saves and
+exits). When one process fails, the others get SIGTERM, then SIGKILL after `--grace` seconds, and the
+launcher exits with the failing status (128 + signal for a killed process). This is JAX's own runtime
+(`kalm_jax.distributed.initialize`); on a real cluster run the command once per host instead (see
+docs/multihost.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_command(command: list[str]) -> list[str]:
+    """A `.py` script or `-m module` runs under this Python; anything else is an executable."""
+    if command and (command[0] == "-m" or command[0].endswith(".py")):
+        return [sys.executable, *command]
+    return list(command)
+
+
+def child_env(devices_per_process: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of one process: CPU platform, M fake devices, unbuffered output."""
+    env = dict(os.environ if base is None else base)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _die_with_parent() -> None:
+    """Child pre-exec: own session (terminal signals reach only the launcher) and SIGKILL if it dies."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _pump(stream, prefix: str, lock: threading.Lock) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        with lock:
+            sys.stdout.write(f"{prefix}{line}\n")
+            sys.stdout.flush()
+    stream.close()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def exit_status(rc: int) -> int:
+    """A Popen return code as a shell exit status (killed by signal s -> 128 + s)."""
+    return 128 - rc if rc < 0 else rc
+
+
+def launch(command: list[str], num_processes: int, devices_per_process: int, *, port: int | None = None,
+           grace: float = 10.0) -> int:
+    """Runs `command` as `num_processes` JAX processes; returns the job's exit status (0: all succeeded)."""
+    if num_processes < 1 or devices_per_process < 1:
+        raise ValueError(f"-n ({num_processes}) and --devices_per_process ({devices_per_process}) must be >= 1")
+    if not command:
+        raise ValueError("no command given after --")
+    address = f"127.0.0.1:{port or free_port()}"
+    env = child_env(devices_per_process)
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
+    for i in range(num_processes):
+        argv = child_command(command) + [f"--coordinator_address={address}", f"--num_processes={num_processes}",
+                                         f"--process_id={i}"]
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             preexec_fn=_die_with_parent)
+        procs.append(p)
+        t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", lock), daemon=True)
+        t.start()
+        pumps.append(t)
+    with lock:
+        print(f"[launch] {num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
+              f"{' '.join(command)}", flush=True)
+
+    def forward(signum, frame):
+        with lock:
+            print(f"[launch] {signal.Signals(signum).name}: forwarding to all processes", flush=True)
+        for p in procs:
+            _signal_group(p, signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        while [p.poll() for p in procs].count(None):  # poll every process (any() would stop early)
+            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                i, rc = failed[0]
+                status = exit_status(rc)
+                with lock:
+                    print(f"[launch] process {i} failed (exit status {status}); stopping the others", flush=True)
+                for p in procs:
+                    _signal_group(p, signal.SIGTERM)
+                deadline = time.monotonic() + grace
+                while [p.poll() for p in procs].count(None) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                for p in procs:
+                    _signal_group(p, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        for p in procs:
+            p.wait()
+    finally:
+        for p in procs:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+        for s, h in old.items():
+            signal.signal(s, h)
+        for t in pumps:
+            t.join(timeout=5)
+    if status == 0:
+        bad = [exit_status(p.returncode) for p in procs if p.returncode != 0]
+        status = bad[0] if bad else 0
+    with lock:
+        print(f"[launch] done, exit status {status}", flush=True)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print("usage: python -m kalm_jax.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
+              "(script.py | -m module | executable) ARGS...", file=sys.stderr)
+        return 2
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(prog="python -m kalm_jax.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", "--num_processes", type=int, required=True, help="processes to start")
+    p.add_argument("--devices_per_process", type=int, default=None,
+                   help="fake CPU devices per process (default: 8 // N, at least 1)")
+    p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds the others get after SIGTERM when one process failed, before SIGKILL")
+    args = p.parse_args(argv[:cut])
+    if args.num_processes < 1:
+        p.error(f"-n must be >= 1, got {args.num_processes}")
+    m = args.devices_per_process or max(1, 8 // args.num_processes)
+    try:
+        return launch(argv[cut + 1:], args.num_processes, m, port=args.port, grace=args.grace)
+    except ValueError as e:
+        p.error(str(e))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""train.py as 2 JAX processes x 4 CPU devices (kalm_jax.launch) against 1 process x 8 devices.
+
+Five short runs of the tiny preset (6 steps, global batch 8): one process straight; two processes
+straight; two processes stopped by a SIGTERM to process 1 after step 2 (both save at the same step),
+resumed, SIGKILLed (process 1) after the step-4 checkpoint, and resumed again. The per-step losses of every two-process run
+match the one-process run within 1e-5; the interrupted run ends bit-identical to the straight one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from kalm_jax import checkpointing
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+TIMEOUT = 400
+
+
+@pytest.fixture(scope="module")
+def train_jsonl(data_dir, tmp_path_factory):
+    """40 scifact training queries, each with its judged passage and 3 random negatives."""
+    from kalm_jax.data.beir import load_beir, passage_text
+    from kalm_jax.data.training_jsonl import TrainingExample, write_training_jsonl
+
+    ds = load_beir(data_dir / "scifact", "train")
+    ids = sorted(ds.corpus)
+    rng = np.random.default_rng(0)
+    examples = []
+    for q in sorted(ds.qrels)[:40]:
+        pos = [d for d, rel in ds.qrels[q].items() if rel > 0 and d in ds.corpus][:1]
+        neg = [d for d in rng.choice(ids, 3, replace=False) if d not in ds.qrels[q]]
+        examples.append(TrainingExample(query=ds.queries[q], pos=[passage_text(ds.corpus[d]) for d in pos],
+                                        neg=[passage_text(ds.corpus[d]) for d in neg]))
+    path = tmp_path_factory.mktemp("mh_train") / "train.jsonl"
+    write_training_jsonl(examples, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_env(tmp_path_factory):
+    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def train_args(train_jsonl, tokenizer, data_dir):
+    return [f"--config={REPO}/configs/train.py:tiny", f"--config.total_steps={STEPS}", "--config.checkpoint.every=2",
+            "--config.eval.num_queries=0", f"--config.data.train_jsonl=('{train_jsonl}',)",
+            f"--config.tokenizer={tokenizer.path}", "--config.data.batch_size=8", "--config.data.group_size=2",
+            "--config.data.passage_max_tokens=32", "--config.data.query_max_tokens=8", "--config.mep.ratios=(1,4)",
+            "--config.optimizer.warmup_steps=2", f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"]
+
+
+def launcher(workdir: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "4", "--grace", "3", "--",
+            "train.py", *args, f"--workdir={workdir}"]
+
+
+def losses(workdir: Path) -> list[float]:
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, STEPS + 1))
+    return [x["loss"] for x in lines]
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+def final_params(workdir: Path) -> list[np.ndarray]:
+    _, model = checkpointing.load_any(workdir)
+    return jax.tree.leaves(checkpointing.param_tree(model))
+
+
+def child_pid(launcher_pid: int, process_id: int) -> int:
+    """PID of the launcher's child started with --process_id=`process_id`."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in children:
+        if f"--process_id={process_id}" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " "):
+            return int(pid)
+    raise AssertionError(f"no child with --process_id={process_id} among {children}")
+
+
+def wait_for(cond, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"launcher ended (rc {proc.returncode}) before {what}:\n{out[-4000:]}")
+        time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the launcher stops its processes
+        out, _ = proc.communicate(timeout=30)
+        raise
+    return out
+
+
+def popen(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def single(train_args, run_env, tmp_path_factory):
+    w = tmp_path_factory.mktemp("one_process")
+    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "train.py", *train_args, f"--workdir={w}"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return w
+
+
+@pytest.fixture(scope="module")
+def straight(train_args, run_env, tmp_path_factory):
+    w = tmp_path_factory.mktemp("two_processes")
+    out = finish(popen(launcher(w, train_args), run_env))
+    assert "[launch] done, exit status 0" in out, out[-4000:]
+    return w, out
+
+
+def test_two_processes_log_the_same_losses_as_one(single, straight):
+    w, out = straight
+    np.testing.assert_allclose(losses(w), losses(single), rtol=0, atol=1e-5)
+    assert "[p0] mesh {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 cpu devices" in out
+    assert checkpoint_steps(w) == [2, 4, 6]
+    for step in (2, 4, 6):  # every process saved its own data-iterator position into the shared step
+        names = sorted(p.name for p in (w / "checkpoints" / str(step) / "data_iter").glob("process_*.json"))
+        assert names == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_sigterm_stop_sigkill_and_resume(single, straight, train_args, run_env, tmp_path):
+    w = tmp_path / "interrupted"
+    # 1. SIGTERM to process 1 only, once step 2 is logged: both processes save the same step (2, or 3 when
+    #    process 1 had already passed its step-2 stop check) and exit 0.
+    proc = popen(launcher(w, train_args), run_env)
+    wait_for(lambda: (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").read_text().count("\n") >= 2, proc,
+             "step 2")
+    os.kill(child_pid(proc.pid, 1), signal.SIGTERM)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    stops = {m.group(1): int(m.group(2)) for m in re.finditer(r"\[(p\d)\].*preempted at step (\d+)", out)}
+    assert set(stops) == {"p0", "p1"} and len(set(stops.values())) == 1, stops
+    stop = stops["p0"]
+    assert 2 <= stop < 4, f"stopped at step {stop}"
+    assert checkpoint_steps(w)[-1] == stop
+    # 2. Resume; SIGKILL process 1 once the step-4 checkpoint is complete: the launcher stops the job.
+    proc = popen(launcher(w, train_args), run_env)
+    wait_for(lambda: 4 in checkpoint_steps(w), proc, "the step-4 checkpoint")
+    os.kill(child_pid(proc.pid, 1), signal.SIGKILL)
+    out = finish(proc)
+    assert proc.returncode == 128 + signal.SIGKILL, out[-4000:]
+    assert "[launch] process 1 failed (exit status 137); stopping the others" in out
+    assert STEPS not in checkpoint_steps(w), "the run finished before it could be killed"
+    # 3. Rerun: resumes from the last complete checkpoint and ends where the straight run ended, bit for bit.
+    out = finish(popen(launcher(w, train_args), run_env))
+    assert "[launch] done, exit status 0" in out, out[-4000:]
+    assert re.search(r"\[p1\].*resumed from .*/checkpoints/4", out), out[-4000:]
+    np.testing.assert_allclose(losses(w), losses(single), rtol=0, atol=1e-5)
+    for x, y in zip(final_params(straight[0]), final_params(w)):
+        np.testing.assert_array_equal(x, y)
