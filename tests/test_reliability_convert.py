@@ -38,7 +38,7 @@ def test_from_hf_onto_its_own_input_is_refused(hf_copy, tmp_path, capsys):
     link = tmp_path / "link"
     link.symlink_to(hf_copy)
     for out in (hf_copy, link, tmp_path / "hf" / ".." / "hf", tmp_path):
-        assert convert.main(["from-hf", str(hf_copy), str(out), "--overwrite"]) == 2
+        assert convert.main(["from-hf", str(hf_copy), str(out), "--config.overwrite=true"]) == 2
         assert "destroy the input" in capsys.readouterr().err
     assert snapshot(hf_copy) == before
 
@@ -47,12 +47,12 @@ def test_to_hf_onto_its_own_input_and_contradictory_flags_are_refused(hf_copy, t
     ck = tmp_path / "ck"
     assert convert.main(["from-hf", str(hf_copy), str(ck)]) == 0
     before = snapshot(ck)
-    assert convert.main(["to-hf", str(ck), str(ck), "--overwrite"]) == 2
+    assert convert.main(["to-hf", str(ck), str(ck), "--config.overwrite=true"]) == 2
     assert "destroy the input" in capsys.readouterr().err
-    assert convert.main(["to-hf", str(ck), str(hf_copy), "--overwrite"]) == 2  # the model's own HF source
+    assert convert.main(["to-hf", str(ck), str(hf_copy), "--config.overwrite=true"]) == 2  # the model's own HF source
     assert "destroy the input" in capsys.readouterr().err
-    assert convert.main(["to-hf", str(ck), str(tmp_path / "o"), "--text-only", "--vision-from", str(hf_copy)]) == 2
-    assert "--text-only and --vision-from" in capsys.readouterr().err
+    assert convert.main(["to-hf", str(ck), str(tmp_path / "o"), "--config.text_only=true", "--config.vision_from", str(hf_copy)]) == 2
+    assert "text_only and vision_from" in capsys.readouterr().err
     assert snapshot(ck) == before and not (tmp_path / "o").exists()
 
 

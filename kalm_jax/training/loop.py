@@ -277,8 +277,6 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
     for turn in ("primary", "others"):
         if (turn == "primary") == distributed.is_primary():
             workdir.mkdir(parents=True, exist_ok=True)
-            if turn == "primary":
-                (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
             files = training_files(config, workdir)
             tok = load_tokenizer(config, workdir, files)
             prepared = prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
@@ -322,7 +320,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
         log.info("resumed from %s/checkpoints/%d", workdir, start)
     else:
         state, start = ts.init_state(model), 0
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
+    if distributed.is_primary():  # only after the resume check: a refused run keeps the original record
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
     del model
     meta = checkpointing.model_meta(ts.model(state))
 
