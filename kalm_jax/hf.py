@@ -342,7 +342,7 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
             if not source.is_dir():
                 raise FileNotFoundError(f"{source}: the HF checkpoint this model was imported from is gone, so its "
                                         f"{len(passthrough)} vision tensors cannot be carried; pass vision_from= "
-                                        f"(--vision-from) another copy, or vision_from=False (--text-only)")
+                                        f"(--config.vision_from) another copy, or vision_from=False (--config.text_only=true)")
             st_src = SafetensorsDir(source)
             missing = [n for n in passthrough if n not in st_src.files]
             if missing:
