@@ -268,7 +268,7 @@ def setup_logging() -> None:
             path = record.pathname.replace("\\", "/")
             return record.levelno > logging.INFO or not ("/orbax/" in path or "/grain/" in path)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
 
