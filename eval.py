@@ -1,35 +1,34 @@
 """Evaluation sweeps: datasets × checkpoints × instructions × MEP ratios, resumable, with reports.
 
-  python eval.py --config=configs/eval.py --config.checkpoint=CKPT --config.data_dir=DATA \
+  python eval.py --config.checkpoint=CKPT --config.data_dir=DATA \
       --config.datasets=scifact,trec-dl-2019-passage --config.ratios=1,4,8 --config.output_dir=OUT
 
-Without a checkpoint only the first stage is evaluated. Rerunning the same command resumes: finished cells
-in OUT/results.jsonl are kept and skipped. See docs/evaluation.md.
+Settings: configs/eval.py plus `--config.KEY=VALUE` overrides (`kalm_jax.cli`). Without a checkpoint only the
+first stage is evaluated. Rerunning the same command resumes: finished cells in OUT/results.jsonl are kept and
+skipped. Multi-process: see docs/multihost.md. See docs/evaluation.md.
 """
 
-from pathlib import Path
+import logging
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from kalm_jax import distributed
-
-config_flags.DEFINE_config_file("config", str(Path(__file__).resolve().parent / "configs" / "eval.py"), "Evaluation sweep configuration.", lock_config=True)
-distributed.define_flags()
-FLAGS = flags.FLAGS
+from kalm_jax import cli
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.initialize_from(FLAGS)
+def main(config, coordinator_address=None, num_processes=None, process_id=None) -> int:
+    cli.setup_logging()
+    from kalm_jax import distributed
+
+    distributed.initialize(coordinator_address, num_processes, process_id)
     from kalm_jax.evaluation import sweep
 
-    rows = sweep.run_sweep(FLAGS.config)
-    logging.info("%d results in %s/%s", len(rows), FLAGS.config.output_dir, sweep.RESULTS)
-    print(f"{len(rows)} results in {FLAGS.config.output_dir}/{sweep.RESULTS}; summary in "
-          f"{FLAGS.config.output_dir}/summary.md")
+    rows = sweep.run_sweep(config)
+    logging.info("%d results in %s/%s", len(rows), config.output_dir, sweep.RESULTS)
+    if distributed.is_primary():
+        print(f"{len(rows)} results in {config.output_dir}/{sweep.RESULTS}; summary in {config.output_dir}/summary.md")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from kalm_jax.evaluation.settings import SweepConfigError
+
+    sys.exit(cli.run(main, "eval.py", flags=cli.DISTRIBUTED_FLAGS, errors=(SweepConfigError, FileNotFoundError)))

@@ -1,38 +1,50 @@
-"""AOT/TPU launch settings per (model preset, TPU slice): `--config=configs/tpu.py:<preset>,<topology>`.
+"""AOT/TPU launch settings per (model preset, TPU slice): `--config=configs/tpu.py:<preset>,<topology>[,<slices>]`.
 
 Keys follow the training config (`configs/train.py`, kalm_jax.training.config): model.*, data.*, mesh.*,
 eval.*. Global batch 128 queries x group 16 (2048 passages of 512 tokens, prompts of 128 tokens).
-Mesh choice: the models are small next to a slice's HBM, so parameters and optimizer state are fully
-sharded over `fsdp` (ZeRO-3 style) and the batch over data x fsdp. The train step splits the batch by
-query, so at most 128 batch shards: v5e-256 uses fsdp 128 x tensor 2 (query heads split in two;
-kv_heads = 1 for nano/small stays replicated), v5p-128 (64 chips) uses fsdp 64.
+
+Mesh choice (`derive_mesh`, any v4/v5e/v5p/v6e slice): the models are small next to a slice's HBM, so
+parameters and optimizer state are fully sharded over `fsdp` (ZeRO-3 style) and the batch over
+data x fsdp. The train step splits the batch by query, so at most `data.batch_size` (128) batch shards:
+`fsdp` spans the slice up to that, and larger slices split the query heads over `tensor`
+(v5e-256: fsdp 128 x tensor 2; v5p-128, i.e. 64 chips: fsdp 64; v5e-16: fsdp 16). With several slices
+(the optional third argument, the same number as aot's `--num_slices`), `data` spans the slices (DCN)
+and each slice is meshed as above.
 """
 
 import ml_collections
 
 from kalm_jax.training.config import default_config
 
-# (preset, topology) -> (data, fsdp, tensor)
-MESH = {
-    ("tiny", "v5e-4"): (1, 4, 1),
-    ("nano", "v5e-256"): (1, 128, 2),
-    ("nano", "v5p-128"): (1, 64, 1),
-    ("small", "v5e-256"): (1, 128, 2),
-    ("small", "v5p-128"): (1, 64, 1),
-    ("large", "v5e-256"): (1, 128, 2),
-    ("large", "v5p-128"): (1, 64, 1),
-}
+BATCH_QUERIES = 128
+
+
+def derive_mesh(chips: int, batch_shards: int = BATCH_QUERIES, num_slices: int = 1) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) for `num_slices` slices of `chips` devices each: fsdp over the slice up to the
+    number of batch shards the global batch allows (per slice), then tensor for the rest of the slice."""
+    per_slice = max(1, batch_shards // num_slices)
+    fsdp = 1
+    while fsdp * 2 <= min(chips, per_slice) and chips % (fsdp * 2) == 0:
+        fsdp *= 2
+    return num_slices, fsdp, chips // fsdp
 
 
 def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
-    preset, _, topology = arg.partition(",")
+    from kalm_jax.aot import tpu_slice
+
+    preset, topology, *rest = [a.strip() for a in arg.split(",")] + [""]
+    num_slices = int(rest[0]) if rest and rest[0] else 1
     c = default_config()  # the training config (kalm_jax.training.config), full fine-tuning
     c.model.update(preset=preset, param_dtype="float32", compute_dtype="bfloat16", remat=True)
     c.lora.enabled = False
-    c.data.update(batch_size=128, group_size=16, passage_max_tokens=512, query_max_tokens=128,
+    c.data.update(batch_size=BATCH_QUERIES, group_size=16, passage_max_tokens=512, query_max_tokens=128,
                   decoder_length=192)  # prompt overhead + 128 query tokens, as configs/train.py
     c.eval.update(ratio=4, batch_size=2048)
-    data, fsdp, tensor = MESH.get((preset, topology), (-1, 1, 1))
+    if preset == "tiny":  # a CPU-test-sized workload
+        c.data.update(batch_size=4, group_size=2, passage_max_tokens=64, query_max_tokens=16, decoder_length=16)
+        c.mep.ratios = (1, 4)
+        c.eval.batch_size = 8
+    data, fsdp, tensor = derive_mesh(tpu_slice(topology).chips, int(c.data.batch_size), num_slices)
     # Every weight gets one dimension on fsdp: the first of embed / vocab / mlp / head_dim that the fsdp
     # size divides (embed 640 or 1152 does not split 256 ways; mlp and head_dim do).
     c.logical_axis_rules = (
@@ -40,8 +52,4 @@ def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
         ("head_dim", "fsdp"), ("heads", "tensor"), ("kv_heads", None), ("layers", None), ("lora_rank", None),
     )
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
-    if preset == "tiny":  # a CPU-test-sized workload
-        c.data.update(batch_size=4, group_size=2, passage_max_tokens=64, query_max_tokens=16, decoder_length=16)
-        c.mep.ratios = (1, 4)
-        c.eval.batch_size = 8
     return c

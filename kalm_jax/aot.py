@@ -23,6 +23,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 GiB = 2**30
@@ -103,62 +104,7 @@ def topology_devices(sl: TpuSlice, num_slices: int = 1) -> list:
 
 
 # ---------------------------------------------------------------------- mesh and shardings
-MESH_AXES = ("data", "fsdp", "tensor")
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
-    ("kv_heads", None), ("head_dim", None), ("mlp", "tensor"), ("layers", None), ("lora_rank", None),
-)
-
-
-def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with at most one -1 filled so the product is `num_devices` (missing axes = 1)."""
-    from kalm_jax.mesh import mesh_shape
-
-    return mesh_shape({a: int(sizes.get(a, 1)) for a in MESH_AXES}, num_devices)
-
-
-def build_mesh(devices: Sequence, sizes: Mapping[str, int], num_slices: int = 1):
-    """Mesh ("data", "fsdp", "tensor") over topology devices; with several slices, `data` spans them (DCN)."""
-    import numpy as np
-    from jax.experimental import mesh_utils
-    from jax.sharding import Mesh
-
-    shape = resolve_mesh_shape(sizes, len(devices))
-    if num_slices > 1:
-        if shape[0] % num_slices:
-            raise ValueError(f"mesh data={shape[0]} must be a multiple of num_slices={num_slices} "
-                             "(data parallelism spans the slices over DCN)")
-        ici = (shape[0] // num_slices, shape[1], shape[2])
-        arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices=devices)
-    else:
-        try:
-            arr = mesh_utils.create_device_mesh(shape, devices=devices)
-        except (AssertionError, NotImplementedError, ValueError):
-            arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES)
-
-
-def _rules(rules) -> dict[str, Any]:
-    items = DEFAULT_RULES if rules is None else (rules.items() if isinstance(rules, Mapping) else rules)
-    return {str(k): v for k, v in items}
-
-
-def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh, rules: Mapping[str, Any]):
-    """PartitionSpec from logical axis names; dims the mapped mesh axes do not divide are replicated."""
-    from jax.sharding import PartitionSpec as P
-
-    used: set[str] = set()
-    spec: list[Any] = []
-    for name, size in zip(logical, shape):
-        target = rules.get(name) if name is not None else None
-        names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        names = tuple(a for a in names if a not in used and mesh.shape[a] > 1)
-        if not names or size % math.prod(mesh.shape[a] for a in names):
-            spec.append(None)
-            continue
-        used.update(names)
-        spec.append(names[0] if len(names) == 1 else names)
-    return P(*spec)
+# Axes, rules and mesh building live in the one mesh module, `kalm_jax.mesh` (training and the engine use it too).
 
 
 def abstract_state(state, mesh, rules: Mapping[str, Any]):
@@ -166,6 +112,8 @@ def abstract_state(state, mesh, rules: Mapping[str, Any]):
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding
+
+    from kalm_jax.mesh import logical_to_spec
 
     def one(var):
         value = var.get_value()
@@ -179,15 +127,12 @@ def abstract_state(state, mesh, rules: Mapping[str, Any]):
 def batch_input(shape: Sequence[int], dtype, mesh, rules: Mapping[str, Any]):
     """A sharded abstract batch array: leading dim on the "batch" rule (ValueError if it does not split)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
 
-    target = rules.get("batch")
-    names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    n = math.prod(mesh.shape[a] for a in names)
-    if shape[0] % n:
-        raise ValueError(f"batch dimension {shape[0]} of input {tuple(shape)} does not split over the {n} "
-                         f"batch shards (mesh axes {names} of {dict(mesh.shape)})")
-    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, P(target, *[None] * (len(shape) - 1))))
+    from kalm_jax.mesh import batch_spec, check_batch
+
+    check_batch(int(shape[0]), mesh, rules)
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, batch_spec(len(shape), mesh, rules)))
 
 
 # ---------------------------------------------------------------------- memory report
@@ -274,111 +219,204 @@ class Workload:
     batch_queries: int = 128   # training queries per step
     group_size: int = 16       # passages per query (1 positive + negatives)
     passage_len: int = 512
-    query_len: int = 128       # decoder prompt length
+    query_len: int = 128       # decoder prompt length of the score program
     ratio: int = 4             # MEP ratio of the passage states the decoder reads
     eval_batch: int = 2048     # passages per encode call and pairs per score call
 
 
-def _model(preset: str, param_dtype: str, dtype: str, remat: bool):
+def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False):
+    """(graphdef, abstract state) of the preset; `analysis` builds the cost-analysis variant
+    (`model.analysis_defaults`: layers unrolled, einsum attention)."""
+    import contextlib
+
     from flax import nnx
 
     from kalm_jax.config import get_preset
-    from kalm_jax.model import abstract_model
+    from kalm_jax.model import abstract_model, analysis_defaults
 
-    model = abstract_model(get_preset(preset), param_dtype=param_dtype, dtype=dtype)
-    model.remat = remat
+    with analysis_defaults() if analysis else contextlib.nullcontext():
+        model = abstract_model(get_preset(preset), param_dtype=param_dtype, dtype=dtype)
     return nnx.split(model)
 
 
-def lower_encode(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16"):
+def lower_encode(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False):
     """Lowering of `scoring.encode_pool` over [eval_batch, passage_len] passages (bf16 serving weights)."""
     import jax.numpy as jnp
 
     from kalm_jax import scoring
 
-    graphdef, state = _model(preset, dtype, dtype, remat=False)
+    graphdef, state = _model(preset, dtype, dtype, analysis=analysis)
     params = abstract_state(state, mesh, rules)
     ids = batch_input((w.eval_batch, w.passage_len), jnp.int32, mesh, rules)
     return lambda: scoring.encode_pool.lower(graphdef, params, ids, ids, w.ratio)
 
 
-def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16"):
+def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False):
     """Lowering of `scoring.score_pairs`: [eval_batch, query_len] prompts against cached passage states."""
+    import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from kalm_jax import scoring
     from kalm_jax.config import get_preset
 
-    graphdef, state = _model(preset, dtype, dtype, remat=False)
+    graphdef, state = _model(preset, dtype, dtype, analysis=analysis)
     params = abstract_state(state, mesh, rules)
     windows = -(-w.passage_len // w.ratio)
     h = get_preset(preset).hidden_size
     dec = batch_input((w.eval_batch, w.query_len), jnp.int32, mesh, rules)
     states = batch_input((w.eval_batch, windows, h), jnp.dtype(dtype), mesh, rules)
     pmask = batch_input((w.eval_batch, windows), jnp.int32, mesh, rules)
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     yes_no = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
     return lambda: scoring.score_pairs.lower(graphdef, params, dec, dec, states, pmask, yes_no)
 
 
-def lower_proxy_train(preset: str, mesh, rules, w: Workload, *, remat: bool = True):
-    """Lowering of a stand-in full fine-tuning step (fp32 master weights, bf16 compute, AdamW).
+def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, out=print):
+    """Lowering of the real training step, `kalm_jax.training.step.make_train_step` (the config must be a
+    full training config: `configs/tpu.py` or `configs/train.py`)."""
+    import contextlib
 
-    One step = encode B·G passages, MEP-pool at `ratio`, score each against its query prompt, listwise
-    softmax cross-entropy over the group, gradients, AdamW update (params and optimizer state donated).
-    It has the memory profile of the real step in `kalm_jax.training.step` (weights, two Adam moments,
-    gradients, activations) and is used when that module is not available.
+    from kalm_jax.config import get_preset
+    from kalm_jax.model import analysis_defaults
+    from kalm_jax.training import step as train_step
+    from kalm_jax.training.config import validate
+
+    missing = [k for k in ("loss", "optimizer", "mep", "lora", "data") if k not in cfg]
+    if missing:
+        raise ValueError(f"the train program needs a full training config; sections {missing} are missing "
+                         "(use configs/tpu.py or configs/train.py)")
+    validate(cfg)
+    with analysis_defaults() if analysis else contextlib.nullcontext():
+        ts = train_step.make_train_step(get_preset(preset), cfg, mesh, yes_id=1, no_id=2,
+                                        decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len)
+    if not analysis:
+        out(f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
+            f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)})")
+
+    def lower():
+        with analysis_defaults() if analysis else contextlib.nullcontext():
+            return ts.lower()
+
+    return lower
+
+
+# ---------------------------------------------------------------------- the compiler's cost model
+# Dense bf16 peak per JAX device (one chip), FLOP/s: the datasheet figures MFU is quoted against.
+PEAK_BF16: dict[str, float] = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
+    """Analytic useful FLOPs (`kalm_jax.bench.flops`) of one call of `program`, whole batch (all chips)."""
+    from kalm_jax.bench import flops
+    from kalm_jax.config import get_preset
+
+    mc = get_preset(preset)
+    if program == "encode":
+        return w.eval_batch * flops.encoder_flops(mc, w.passage_len)
+    if program == "score":
+        return w.eval_batch * flops.decoder_flops(mc, w.query_len, flops.cached_states(w.passage_len, w.ratio))
+    if program == "train":
+        t = int(_get(cfg, "data.decoder_length", 0)) or w.query_len
+        ratios = tuple(int(r) for r in _get(cfg, "mep.ratios", (w.ratio,)))
+        return w.batch_queries * w.group_size * flops.train_step_flops(
+            mc, w.passage_len, ratios, t, lora=bool(_get(cfg, "lora.enabled", False)))
+    raise ValueError(f"unknown program {program!r}; valid: {list(PROGRAMS)}")
+
+
+# XLA:TPU lowers an all-gather of fsdp-sharded weights to async slices joined by a `ConcatBitcast` custom
+# call. That instruction has no cost model: each one adds -1 to `optimal_seconds` (checked: nano encode on
+# v5e-4 reports -3.991 with 4 of them, i.e. 0.009 s of modelled work). `cost_fields` adds them back.
+UNKNOWN_COST_CALLS = ("ConcatBitcast",)
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def cost_fields(compiled) -> dict[str, float]:
+    """flops, bytes accessed and optimal_seconds from `compiled.cost_analysis()` (per device).
+
+    `optimal_seconds` is the compiler's roofline of the modelled instructions: the -1 that each
+    `UNKNOWN_COST_CALLS` instruction contributes is added back (their count is `unknown_cost_ops`, the raw
+    figure `optimal_seconds_raw`); a result that is still not positive becomes -1 (unknown).
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = dict(ca or {})
+    raw = float(ca.get("optimal_seconds", -1.0))
+    unknown = sum(1 for t in _CUSTOM_CALL.findall(compiled.as_text()) if t in UNKNOWN_COST_CALLS)
+    secs = raw + unknown
+    return {"xla_flops": float(ca.get("flops", -1.0)), "bytes_accessed": float(ca.get("bytes accessed", -1.0)),
+            "optimal_seconds": secs if secs > 0 else -1.0, "optimal_seconds_raw": raw,
+            "unknown_cost_ops": unknown}
 
-    from kalm_jax import mep
 
-    graphdef, state = _model(preset, "float32", "bfloat16", remat=remat)
-    params = abstract_state(state, mesh, rules)
-    tx = optax.adamw(1e-5, weight_decay=0.01)
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    # Optimizer leaves (Adam moments) take the sharding of the parameter whose path ends theirs;
-    # anything else (the step count) is replicated.
-    by_path = {jax.tree_util.keystr(k): v.sharding for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    replicated = NamedSharding(mesh, P())
-
-    def opt_leaf(path, leaf):
-        key = jax.tree_util.keystr(path)
-        sharding = next((sh for pk, sh in by_path.items() if key.endswith(pk)), replicated)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-    opt_state = jax.tree_util.tree_map_with_path(opt_leaf, jax.eval_shape(tx.init, params))
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-    n = w.batch_queries * w.group_size
-    batch = {
-        "passage_ids": batch_input((n, w.passage_len), jnp.int32, mesh, rules),
-        "passage_mask": batch_input((n, w.passage_len), jnp.int32, mesh, rules),
-        "decoder_ids": batch_input((n, w.query_len), jnp.int32, mesh, rules),
-        "decoder_mask": batch_input((n, w.query_len), jnp.int32, mesh, rules),
+def cost_row(program: str, sl: TpuSlice, num_devices: int, num_slices: int, preset: str, w: Workload,
+             useful_total: int, cost: Mapping[str, float], memory: MemoryReport | None,
+             cfg=None) -> dict[str, Any]:
+    """One `--report` row (JSON-ready); every figure per chip. The contract scripts rely on: `program`,
+    `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`."""
+    useful = useful_total / num_devices
+    secs = cost["optimal_seconds"]
+    ok = secs > 0
+    peak = PEAK_BF16[sl.generation]
+    row: dict[str, Any] = {
+        "program": program, "topology": sl.name, "num_slices": num_slices, "devices": num_devices,
+        "preset": preset, "n": w.passage_len, "r": w.ratio, "prompt_len": w.query_len,
+        "xla_flops": cost["xla_flops"], "useful_flops": useful,
+        "flops_ratio": cost["xla_flops"] / useful if useful else None,
+        "bytes_accessed": cost["bytes_accessed"], "optimal_seconds": secs,
+        "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs), "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
+        "peak_flops": peak, "predicted_mfu": useful / (secs * peak) if ok else None,
+        "analysis": "layers unrolled, XLA attention (kalm_jax.model.analysis_defaults)",
     }
+    per_chip = w.eval_batch / num_devices
+    if program == "encode":
+        row.update(batch=w.eval_batch, passages_per_s=per_chip / secs if ok else None,
+                   tokens_per_s=per_chip * w.passage_len / secs if ok else None)
+    elif program == "score":
+        row.update(batch=w.eval_batch, pairs_per_s=per_chip / secs if ok else None)
+    else:
+        pairs = w.batch_queries * w.group_size / num_devices
+        row.update(batch=w.batch_queries * w.group_size, ratios=list(_get(cfg, "mep.ratios", ())),
+                   examples_per_s=pairs / secs if ok else None,
+                   queries_per_s=w.batch_queries / num_devices / secs if ok else None)
+    if memory is not None:
+        row.update(memory_total_bytes=memory.total, memory_temp_bytes=memory.temporaries,
+                   hbm_bytes=memory.hbm, fits=memory.fits)
+    return row
 
-    def step(params, opt_state, batch):
-        def loss_fn(p):
-            model = nnx.merge(graphdef, p)
-            states = model.encode(batch["passage_ids"], batch["passage_mask"])
-            pooled, pmask, _ = mep.pool(states, batch["passage_mask"], w.ratio)
-            margins = model.score_margin(batch["decoder_ids"], batch["decoder_mask"], pooled, pmask, 1, 2)
-            logits = margins.reshape(w.batch_queries, w.group_size)
-            return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+def analyse(name: str, lower: Callable[[], Any], mesh) -> tuple[dict[str, float], str | None]:
+    """Compiles the analysis variant and returns its cost fields (or -1s and the compiler's refusal)."""
+    import jax
 
-    param_sh = jax.tree.map(lambda s: s.sharding, params)
-    jitted = jax.jit(step, out_shardings=(param_sh, opt_shardings, None), donate_argnums=(0, 1))
-    return lambda: jitted.lower(params, opt_state, batch)
+    try:
+        with jax.set_mesh(mesh):
+            lowered = lower()
+        return cost_fields(lowered.compile()), None
+    except Exception as e:
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        return ({"xla_flops": -1.0, "bytes_accessed": -1.0, "optimal_seconds": -1.0, "optimal_seconds_raw": -1.0,
+                 "unknown_cost_ops": 0}, msg.strip().splitlines()[0])
+
+
+def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
+    head = (f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
+            f"{'ratio':>7}{'GB acc':>8}{'opt ms':>9}{'MFU':>7}  throughput per chip")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        tput = {"encode": lambda: f"{r.get('passages_per_s') or 0:,.0f} passages/s, {r.get('tokens_per_s') or 0:,.0f} tok/s",
+                "score": lambda: f"{r.get('pairs_per_s') or 0:,.0f} pairs/s",
+                "train": lambda: f"{r.get('examples_per_s') or 0:,.1f} pairs/s"}[r["program"]]()
+        mfu = f"{100 * r['predicted_mfu']:6.1f}%" if r.get("predicted_mfu") else "    n/a"
+        lines.append(f"{r['program']:<8}{r['topology']:>9}{r['preset']:>7}{r['n']:>6}{r['r']:>4}"
+                     f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
+                     f"{r['bytes_accessed'] / 1e9:8.2f}{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}")
+        if r.get("analysis_error"):
+            lines.append(f"    compiler: {r['analysis_error'][:300]}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- config-driven entry point
@@ -408,58 +446,72 @@ def workload_from_config(cfg) -> Workload:
 PROGRAMS = ("encode", "score", "train")
 
 
+@dataclasses.dataclass
+class AotResult:
+    """What `run` found: one memory report per program and, with `cost=True`, one cost row per program."""
+
+    memory: list[MemoryReport]
+    cost: list[dict[str, Any]]
+    mesh_shape: dict[str, int]
+
+
+def mesh_for(cfg, devices: Sequence, num_slices: int = 1):
+    """The config's ("data", "fsdp", "tensor") mesh over `devices` and its normalised logical rules."""
+    from kalm_jax import mesh as mesh_lib
+
+    sizes = {a: int(_get(cfg, f"mesh.{a}", -1 if a == "data" else 1)) for a in mesh_lib.MESH_AXES}
+    try:
+        mesh = mesh_lib.make_mesh(sizes, devices, num_slices=num_slices)
+    except ValueError as e:
+        hint = (f" (for --num_slices={num_slices} pass the slice count to the config too, e.g. "
+                f"configs/tpu.py:<preset>,<topology>,{num_slices})") if num_slices > 1 else ""
+        raise ValueError(f"config mesh {sizes} on {len(devices)} devices: {e}{hint}") from None
+    return mesh, mesh_lib.rules_dict(_get(cfg, "logical_axis_rules", None))
+
+
 def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGRAMS,
-        out=print) -> list[MemoryReport]:
+        out=print, cost: bool = False) -> AotResult:
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
-    Returns one `MemoryReport` per program; prints the mesh, the workload and the memory table.
+    Prints the mesh, the workload and the per-device memory table. With `cost`, also compiles each
+    program's analysis variant (`model.analysis_defaults`: layers unrolled, einsum attention) and returns
+    the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`).
     """
+    unknown = [p for p in programs if p not in PROGRAMS]
+    if unknown:
+        raise ValueError(f"unknown programs {unknown}; valid: {list(PROGRAMS)}")
     sl = tpu_slice(topology)
     devices = topology_devices(sl, num_slices)
-    sizes = {a: int(_get(cfg, f"mesh.{a}", -1 if a == "data" else 1)) for a in MESH_AXES}
-    mesh = build_mesh(devices, sizes, num_slices)
-    rules = _rules(_get(cfg, "logical_axis_rules", None))
+    mesh, rules = mesh_for(cfg, devices, num_slices)
     w = workload_from_config(cfg)
     preset = str(_get(cfg, "model.preset", "tiny"))
-    remat = bool(_get(cfg, "model.remat", True))
     out(f"{num_slices} x {sl.name} ({sl.topology_name}, {len(devices)} devices, "
         f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); mesh {dict(mesh.shape)}; model {preset}")
     out(f"workload: {w}")
-    builders = {
-        "encode": lambda: lower_encode(preset, mesh, rules, w),
-        "score": lambda: lower_score(preset, mesh, rules, w),
-        "train": lambda: _lower_train(cfg, preset, mesh, rules, w, remat, out),
-    }
-    unknown = [p for p in programs if p not in builders]
-    if unknown:
-        raise ValueError(f"unknown programs {unknown}; valid: {list(PROGRAMS)}")
-    reports = []
+
+    def builder(name: str, analysis: bool):
+        if name == "encode":
+            return lower_encode(preset, mesh, rules, w, analysis=analysis)
+        if name == "score":
+            return lower_score(preset, mesh, rules, w, analysis=analysis)
+        return lower_train(cfg, preset, mesh, w, analysis=analysis, out=out)
+
+    reports, rows = [], []
     for name in programs:
-        reports.append(compile_report(name, builders[name](), mesh, sl.hbm_bytes))
+        memory = compile_report(name, builder(name, False), mesh, sl.hbm_bytes)
+        reports.append(memory)
+        if cost:
+            fields, err = analyse(name, builder(name, True), mesh)
+            row = cost_row(name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w),
+                           fields, memory, cfg)
+            if err:
+                row["analysis_error"] = err
+            rows.append(row)
     out(format_table(reports, title=f"per-device memory on {num_slices} x {sl.name}"))
-    return reports
-
-
-def _lower_train(cfg, preset, mesh, rules, w, remat, out):
-    """The real training step (`kalm_jax.training.step.make_train_step`) when `cfg` is a full training
-    config; otherwise the stand-in step `lower_proxy_train` (same memory profile, single MEP ratio)."""
-    try:
-        from kalm_jax.training import step as train_step
-        from kalm_jax.training.config import validate
-    except ImportError:
-        train_step = None
-    if train_step is not None and "loss" in cfg and "optimizer" in cfg:
-        from kalm_jax.config import get_preset
-
-        validate(cfg)
-        ts = train_step.make_train_step(get_preset(preset), cfg, mesh, yes_id=1, no_id=2,
-                                        decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len)
-        out(f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
-            f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)})")
-        return ts.lower
-    out("train: not a full training config (or kalm_jax.training is absent); compiling the stand-in "
-        "full fine-tuning step (aot.lower_proxy_train)")
-    return lower_proxy_train(preset, mesh, rules, w, remat=remat)
+    if rows:
+        out("the compiler's cost model per chip (predictions, not measurements):")
+        out(format_cost_table(rows))
+    return AotResult(reports, rows, dict(mesh.shape))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -478,9 +530,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated subset of encode,score,train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set mesh.fsdp=64 --set data.batch_size=256 (repeatable)")
+    p.add_argument("--report", default=None, metavar="FILE.json",
+                   help="also write the compiler's cost model per chip (a JSON list of rows; docs/tpu.md)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    reports = run(cfg, args.topology, args.num_slices, [s for s in args.programs.split(",") if s])
+    result = run(cfg, args.topology, args.num_slices, [s for s in args.programs.split(",") if s],
+                 cost=args.report is not None)
+    if args.report:
+        from kalm_jax.bench.runner import write_rows
+
+        write_rows(result.cost, Path(args.report))
+        print(f"wrote {len(result.cost)} cost rows to {args.report}")
+    reports = result.memory
     bad = [r for r in reports if not r.fits]
     if bad:
         print("does not fit: " + "; ".join(

@@ -4,6 +4,7 @@ A *model checkpoint* directory holds:
   `kalm_model.json`  {"format": "kalm-jax-model", "version": 1, "config": <HF config.json dict>,
                       "param_dtype": "float32", "lora": null | {"rank", "alpha", "targets", "stacks"}}
   `params/`          an Orbax StandardCheckpointer tree of the model's `nnx.Param` state (LoRA factors incl.)
+  `checksums.json`   sha256 of every file above (`kalm_jax.integrity`), verified before loading
 
 Training runs (`train.py`) keep Orbax CheckpointManager steps in `<workdir>/checkpoints/<step>/` whose
 `params` and `kalm_model` items have this same content, so `load_any` accepts an HF directory, a model
@@ -13,6 +14,7 @@ checkpoint, a training step directory or a training workdir (latest step).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,12 +25,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from kalm_jax.atomic import atomic_directory
+from kalm_jax import integrity
+from kalm_jax.atomic import atomic_directory, recover
 from kalm_jax.config import ModelConfig, parse_dtype
 from kalm_jax.model import T5Gemma2
 
 META_FILE = "kalm_model.json"
 FORMAT = "kalm-jax-model"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (unreadable metadata, missing or truncated parameter files)."""
 
 
 def model_meta(model: T5Gemma2) -> dict[str, Any]:
@@ -85,6 +93,7 @@ def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         (tmp / META_FILE).write_text(json.dumps(model_meta(model), indent=1, sort_keys=True))
+        integrity.write(tmp, ["params", META_FILE, *(extra_files or {})])
     return out
 
 
@@ -93,7 +102,15 @@ def restore_params(model: T5Gemma2, params_dir: str | os.PathLike) -> T5Gemma2:
     this process's first device (whatever devices or processes wrote it: a pod's checkpoint loads here)."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), param_tree(model))
-    restored = ocp.StandardCheckpointer().restore(Path(params_dir).absolute(), target)
+    params_dir = Path(params_dir).absolute()
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{params_dir}: missing (the checkpoint has no parameters)")
+    try:
+        restored = ocp.StandardCheckpointer().restore(params_dir, target)
+    except Exception as e:  # noqa: BLE001 - tensorstore errors carry a multi-KB spec; keep the first line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{params_dir}: cannot restore the parameters ({type(e).__name__}: {first}); "
+                              "the checkpoint is truncated, corrupt, or of another model shape") from None
     nnx.update(model, restored)
     return model
 
@@ -104,9 +121,14 @@ def load_model(directory: str | os.PathLike, *, dtype=None, compute_dtype=None) 
     meta_path = _find_meta(d)
     if meta_path is None:
         raise FileNotFoundError(f"{d}: no {META_FILE} (not a kalm-jax model checkpoint)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_path}: format {found!r}, expected {FORMAT!r}")
+    integrity.verify(d, prefixes=("params/", META_FILE, "kalm_model/"))  # IntegrityError naming a changed file
     model = build_abstract(meta, param_dtype=dtype, compute_dtype=compute_dtype)
     restore_params(model, d / "params")
     if meta.get("hf_source"):
@@ -122,29 +144,57 @@ def _find_meta(d: Path) -> Path | None:
     return None
 
 
-def latest_step_dir(workdir: str | os.PathLike) -> Path | None:
-    """The newest finished step directory under `<workdir>/checkpoints/`, or None."""
+def step_dirs(workdir: str | os.PathLike) -> list[Path]:
+    """Finished step directories under `<workdir>/checkpoints/`, oldest first."""
     root = Path(workdir) / "checkpoints"
     if not root.is_dir():
-        return None
-    steps = sorted((int(p.name), p) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
-    return steps[-1][1] if steps else None
+        return []
+    return [p for _, p in sorted((int(p.name), p) for p in root.iterdir() if p.is_dir() and p.name.isdigit())]
+
+
+def latest_step_dir(workdir: str | os.PathLike) -> Path | None:
+    """The newest finished step directory under `<workdir>/checkpoints/`, or None."""
+    steps = step_dirs(workdir)
+    return steps[-1] if steps else None
+
+
+def _checkpoint_dir(p: Path) -> Path:
+    """A path given to `load_any`: a file inside a checkpoint (config.json, kalm_model.json, a safetensors
+    file) means the checkpoint directory holding it."""
+    if not p.is_file():
+        return p
+    d = p.parent
+    if d.name == "kalm_model" and p.name in (META_FILE, "metadata"):
+        return d.parent  # <step>/kalm_model/kalm_model.json
+    return d
 
 
 def load_any(path: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tuple[ModelConfig, T5Gemma2]:
-    """Loads an HF directory, a model checkpoint, a training step directory or a training workdir."""
+    """Loads an HF directory, a model checkpoint, a training step directory or a training workdir.
+
+    A file inside a checkpoint (e.g. `.../config.json`) stands for its directory. In a workdir, a latest step
+    that cannot be loaded (corrupt, truncated) is skipped with a warning for the previous complete one.
+    """
     p = Path(path)
+    recover(p)  # finish an atomic replace of this checkpoint that a kill interrupted
     if not p.exists():
         raise FileNotFoundError(f"{p}: checkpoint path does not exist")
+    p = _checkpoint_dir(p)
     if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
         from kalm_jax import hf
 
         return hf.load(p, dtype=dtype or "float32", compute_dtype=compute_dtype)
     if _find_meta(p) is not None:
         return load_model(p, dtype=dtype, compute_dtype=compute_dtype)
-    step = latest_step_dir(p)
-    if step is not None and _find_meta(step) is not None:
-        return load_model(step, dtype=dtype, compute_dtype=compute_dtype)
+    steps = [s for s in step_dirs(p) if _find_meta(s) is not None]
+    for i, step in enumerate(reversed(steps)):
+        try:
+            return load_model(step, dtype=dtype, compute_dtype=compute_dtype)
+        except (CheckpointError, integrity.IntegrityError) as e:
+            if i == len(steps) - 1:
+                raise
+            log.warning("%s cannot be loaded (%s); falling back to the previous step %s", step, e,
+                        steps[len(steps) - 2 - i].name)
     raise ValueError(f"{p}: not an HF checkpoint (config.json + *.safetensors), a kalm-jax model checkpoint "
                      f"({META_FILE} + params/) or a training workdir with checkpoints/<step>/")
 
@@ -163,4 +213,4 @@ def fingerprint(model: T5Gemma2) -> str:
 
 
 __all__ = ["save_model", "load_model", "load_any", "restore_params", "build_abstract", "model_meta",
-           "param_tree", "latest_step_dir", "fingerprint", "META_FILE"]
+           "param_tree", "latest_step_dir", "step_dirs", "fingerprint", "META_FILE", "CheckpointError"]

@@ -148,6 +148,15 @@ class Flag:
     type: Callable[[str], Any] = str
 
 
+DISTRIBUTED_FLAGS = (
+    Flag("coordinator_address", None, "HOST:PORT of process 0's coordinator (jax.distributed.initialize); default: "
+         "auto-detected on TPU pods / SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, else one process"),
+    Flag("num_processes", None, "number of JAX processes in the job (with --coordinator_address)", int),
+    Flag("process_id", None, "this process's index in [0, num_processes) (with --coordinator_address)", int),
+)
+"""The multi-process flags of train.py, eval.py and label, passed to `kalm_jax.distributed.initialize`."""
+
+
 def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (),
           positional: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """Parses a command line: ``--config``, ``--config.*`` overrides, `flags` and `positional` fields.
@@ -244,11 +253,25 @@ def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[
         return 2
     try:
         status = main(config, **values)
-    except errors as e:  # type: ignore[misc]
+    except (ConfigError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return int(status or 0)
 
 
-__all__ = ["run", "parse", "load_file", "apply_override", "parse_value", "config_file", "Flag", "ConfigError",
+def setup_logging() -> None:
+    """INFO logs of this project on stderr; Orbax's and Grain's per-file INFO records dropped."""
+    import logging
+
+    class _QuietLibraries(logging.Filter):
+        def filter(self, record):
+            path = record.pathname.replace("\\", "/")
+            return record.levelno > logging.INFO or not ("/orbax/" in path or "/grain/" in path)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
+
+
+__all__ = ["run", "parse", "setup_logging", "DISTRIBUTED_FLAGS", "load_file", "apply_override", "parse_value", "config_file", "Flag", "ConfigError",
            "CONFIG_DIR"]

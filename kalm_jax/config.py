@@ -67,13 +67,31 @@ class ModelConfig:
     hidden_activation: str = "gelu_pytorch_tanh"
     # The untouched HF config.json (sorted JSON) when loaded from one; `to_hf` updates it in place.
     hf_extra: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    # Where the values were read from (for error messages only).
+    source: str = dataclasses.field(default="ModelConfig", compare=False, repr=False)
 
     def __post_init__(self):
+        """Validates every field's type and range (before anything is allocated from the config)."""
         problems = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-                     "head_dim", "sliding_window"):
-            if int(getattr(self, name)) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name, (lo, hi) in _INT_RANGES.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                problems.append(f"{name} must be an integer, got {v!r}")
+            elif not lo <= v <= hi:
+                problems.append(f"{name} must be in [{lo}, {hi}], got {v}")
+        if problems:
+            raise ValueError(f"{self.source}: invalid config: " + "; ".join(problems))
+        for name in ("query_pre_attn_scalar", "rope_local_theta", "rope_local_factor", "rope_global_theta",
+                     "rope_global_factor", "rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping"):
+            v = getattr(self, name)
+            if v is None and name.endswith("softcapping"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or v <= 0:
+                problems.append(f"{name} must be a finite number > 0{' (or null)' if name.endswith('softcapping') else ''}, "
+                                f"got {v!r}")
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if isinstance(getattr(self, name), int) and getattr(self, name) >= self.vocab_size:
+                problems.append(f"{name} {getattr(self, name)} is not below vocab_size {self.vocab_size}")
         if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
@@ -88,7 +106,7 @@ class ModelConfig:
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             problems.append(f"hidden_activation {self.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ValueError(f"{self.source}: invalid config: " + "; ".join(problems))
 
     @property
     def num_encoder_layers(self) -> int:
@@ -151,35 +169,58 @@ class ModelConfig:
         if text.get("attention_bias", False):
             raise ValueError(f"{source}: attention_bias=true is not supported")
 
-        window = int(text.get("sliding_window", 4096))
-        local = _rope(text, SLIDING, default_theta=float(text.get("rope_local_base_freq", 10_000.0)))
-        glob = _rope(text, FULL, default_theta=float(text.get("rope_theta", 1_000_000.0)))
+        t, d, e = "encoder.text_config", "decoder", "encoder"
+
+        def i(part, where, key, default=None):
+            return _int_field(part.get(key, default) if default is not None else part[key], source, f"{where}.{key}")
+
+        def f(part, where, key, default):
+            return _float_field(part.get(key, default), source, f"{where}.{key}")
+
+        eos = dec.get("eos_token_id", hf.get("eos_token_id", 1))
+        if isinstance(eos, (list, tuple)):
+            if not eos:
+                raise ValueError(f"{source}: decoder.eos_token_id is an empty list")
+            eos = eos[0]
+        window = i(text, t, "sliding_window", 4096)
+        local = _rope(text, SLIDING, f(text, t, "rope_local_base_freq", 10_000.0), source)
+        glob = _rope(text, FULL, f(text, t, "rope_theta", 1_000_000.0), source)
+        act = text.get("hidden_activation", "gelu_pytorch_tanh")
+        if not isinstance(act, str):
+            raise ValueError(f"{source}: {t}.hidden_activation must be a string, got {act!r}")
+        try:
+            extra = json.dumps(hf, sort_keys=True)
+        except (RecursionError, TypeError, ValueError) as err:
+            raise ValueError(f"{source}: cannot be stored ({type(err).__name__}: {err})") from None
         cfg = cls(
-            vocab_size=int(text["vocab_size"]),
-            hidden_size=int(text["hidden_size"]),
-            intermediate_size=int(text["intermediate_size"]),
-            num_heads=int(text["num_attention_heads"]),
-            num_kv_heads=int(text["num_key_value_heads"]),
-            head_dim=int(text["head_dim"]),
-            encoder_layer_types=_layer_types(text, source, "encoder.text_config"),
-            decoder_layer_types=_layer_types(dec, source, "decoder"),
+            vocab_size=i(text, t, "vocab_size"),
+            hidden_size=i(text, t, "hidden_size"),
+            intermediate_size=i(text, t, "intermediate_size"),
+            num_heads=i(text, t, "num_attention_heads"),
+            num_kv_heads=i(text, t, "num_key_value_heads"),
+            head_dim=i(text, t, "head_dim"),
+            encoder_layer_types=_layer_types(text, source, t),
+            decoder_layer_types=_layer_types(dec, source, d),
             sliding_window=window,
-            query_pre_attn_scalar=float(text.get("query_pre_attn_scalar", 256)),
+            query_pre_attn_scalar=f(text, t, "query_pre_attn_scalar", 256),
             rope_local_theta=local[0], rope_local_factor=local[1],
             rope_global_theta=glob[0], rope_global_factor=glob[1],
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            final_logit_softcapping=_opt_float(dec.get("final_logit_softcapping")),
-            attn_logit_softcapping=_opt_float(dec.get("attn_logit_softcapping")),
-            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
-            pad_token_id=int(dec.get("pad_token_id", hf.get("pad_token_id", 0))),
-            eos_token_id=_first(dec.get("eos_token_id", hf.get("eos_token_id", 1))),
-            bos_token_id=int(dec.get("bos_token_id", hf.get("bos_token_id", 2))),
-            boi_token_index=int(enc.get("boi_token_index", 255_999)),
-            eoi_token_index=int(enc.get("eoi_token_index", hf.get("eoi_token_index", 256_000))),
-            image_token_index=int(hf.get("image_token_index", enc.get("image_token_index", 256_001))),
-            mm_tokens_per_image=int(enc.get("mm_tokens_per_image", 256)),
-            hidden_activation=str(text.get("hidden_activation", "gelu_pytorch_tanh")),
-            hf_extra=json.dumps(hf, sort_keys=True),
+            rms_norm_eps=f(text, t, "rms_norm_eps", 1e-6),
+            final_logit_softcapping=_opt_float(dec.get("final_logit_softcapping"), source, "decoder.final_logit_softcapping"),
+            attn_logit_softcapping=_opt_float(dec.get("attn_logit_softcapping"), source, "decoder.attn_logit_softcapping"),
+            max_position_embeddings=i(text, t, "max_position_embeddings", 32768),
+            pad_token_id=_int_field(dec.get("pad_token_id", hf.get("pad_token_id", 0)), source, "decoder.pad_token_id"),
+            eos_token_id=_int_field(eos, source, "decoder.eos_token_id"),
+            bos_token_id=_int_field(dec.get("bos_token_id", hf.get("bos_token_id", 2)), source, "decoder.bos_token_id"),
+            boi_token_index=i(enc, e, "boi_token_index", 255_999),
+            eoi_token_index=_int_field(enc.get("eoi_token_index", hf.get("eoi_token_index", 256_000)), source,
+                                       "encoder.eoi_token_index"),
+            image_token_index=_int_field(hf.get("image_token_index", enc.get("image_token_index", 256_001)), source,
+                                         "image_token_index"),
+            mm_tokens_per_image=i(enc, e, "mm_tokens_per_image", 256),
+            hidden_activation=act,
+            hf_extra=extra,
+            source=source,
         )
         return cfg
 
@@ -270,35 +311,71 @@ def _int_if_whole(v: float):
     return int(v) if float(v).is_integer() else float(v)
 
 
-def _opt_float(v) -> float | None:
-    return None if v is None else float(v)
+# Inclusive ranges of the integer fields: generous bounds far above every released model, low enough that a
+# typo (10^6 layers, a 2^40 window) is an error before anything is allocated.
+MAX_LAYERS = 1024
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20),
+    "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (2, 4096), "sliding_window": (1, 1 << 24),
+    "max_position_embeddings": (1, 1 << 24), "pad_token_id": (0, 1 << 24), "eos_token_id": (0, 1 << 24),
+    "bos_token_id": (0, 1 << 24), "boi_token_index": (0, 1 << 24), "eoi_token_index": (0, 1 << 24),
+    "image_token_index": (0, 1 << 24), "mm_tokens_per_image": (0, 1 << 16),
+}
 
 
-def _first(v) -> int:
-    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+def _int_field(v, source: str, where: str) -> int:
+    """An integer field of config.json: an int (or a whole float); bools, fractions and strings are errors."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(f"{source}: {where} must be an integer, got {v!r}")
+    return int(v)
 
 
-def _rope(text: Mapping[str, Any], layer_type: str, default_theta: float) -> tuple[float, float]:
+def _float_field(v, source: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{source}: {where} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{source}: {where} must be finite, got {v!r}")
+    return float(v)
+
+
+def _opt_float(v, source: str = "config.json", where: str = "value") -> float | None:
+    return None if v is None else _float_field(v, source, where)
+
+
+def _rope(text: Mapping[str, Any], layer_type: str, default_theta: float, source: str = "config.json",
+          ) -> tuple[float, float]:
     params = text.get("rope_parameters") or {}
     entry = params.get(layer_type) if isinstance(params, Mapping) else None
     if entry is None and layer_type == FULL and text.get("rope_scaling"):
+        if not isinstance(text["rope_scaling"], Mapping):
+            raise ValueError(f"{source}: rope_scaling must be an object, got {text['rope_scaling']!r}")
         entry = dict(text["rope_scaling"], rope_theta=default_theta)
     if entry is None:
         return default_theta, 1.0
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{source}: rope_parameters.{layer_type} must be an object, got {entry!r}")
     rope_type = entry.get("rope_type", entry.get("type", "default"))
-    theta = float(entry.get("rope_theta", default_theta))
+    theta = _float_field(entry.get("rope_theta", default_theta), source, f"rope_parameters.{layer_type}.rope_theta")
     if rope_type == "default":
         return theta, 1.0
     if rope_type == "linear":
-        return theta, float(entry.get("factor", 1.0))
-    raise ValueError(f"rope_type {rope_type!r} for {layer_type} is not supported (default, linear)")
+        return theta, _float_field(entry.get("factor", 1.0), source, f"rope_parameters.{layer_type}.factor")
+    raise ValueError(f"{source}: rope_type {rope_type!r} for {layer_type} is not supported (default, linear)")
 
 
 def _layer_types(part: Mapping[str, Any], source: str, name: str) -> tuple[str, ...]:
-    n = int(part["num_hidden_layers"])
+    n = _int_field(part["num_hidden_layers"], source, f"{name}.num_hidden_layers")
+    if not 1 <= n <= MAX_LAYERS:
+        raise ValueError(f"{source}: {name}.num_hidden_layers must be in [1, {MAX_LAYERS}], got {n}")
     types = part.get("layer_types")
     if types is None:
-        return layer_pattern(n, int(part.get("_sliding_window_pattern", part.get("sliding_window_pattern", 6))))
+        every = _int_field(part.get("_sliding_window_pattern", part.get("sliding_window_pattern", 6)), source,
+                           f"{name}.sliding_window_pattern")
+        if every < 1:
+            raise ValueError(f"{source}: {name}.sliding_window_pattern must be >= 1, got {every}")
+        return layer_pattern(n, every)
+    if not isinstance(types, (list, tuple)) or not all(isinstance(x, str) for x in types):
+        raise ValueError(f"{source}: {name}.layer_types must be a list of strings, got {types!r}")
     types = tuple(types)
     if len(types) != n:
         raise ValueError(f"{source}: {name}.layer_types has {len(types)} entries for {n} layers")

@@ -1,28 +1,31 @@
 """Checkpoint conversion CLI: kalm-jax Orbax checkpoints ⇄ Hugging Face `t5gemma2` safetensors.
 
-    python -m kalm_jax.convert to-hf   SRC OUT [--dtype bfloat16|float32] [--max-shard-size 5GB]
-                                                [--tokenizer PATH] [--vision-from HF_DIR] [--overwrite]
-    python -m kalm_jax.convert from-hf SRC OUT [--dtype float32|bfloat16] [--overwrite]
-    python -m kalm_jax.convert inspect PATH [--against hf|orbax] [--config config.json] [--summary]
+    python -m kalm_jax.convert to-hf   SRC OUT [--config.dtype=bfloat16|float32] [--config.max_shard_size=5GB]
+                                           [--config.tokenizer=PATH] [--config.vision_from=HF_DIR]
+                                           [--config.text_only=true] [--config.overwrite=true]
+    python -m kalm_jax.convert from-hf SRC OUT [--config.dtype=float32|bfloat16] [--config.overwrite=true]
+    python -m kalm_jax.convert inspect PATH [--config.against=hf|orbax] [--config.hf_config=config.json]
+                                            [--config.summary=true]
 
 `to-hf` SRC: a model checkpoint (`kalm_model.json` + `params/`), a training step directory
 (`<workdir>/checkpoints/<step>/`), a training workdir (latest step) or an HF directory (re-export, e.g.
 to change dtype or sharding). `from-hf` writes a model checkpoint that `train.py --config.init_from=` and
 `eval.py` load. `inspect` lists tensors, shapes, dtypes and parameter counts, and with `--against`
 names every tensor the target format would miss, not expect, or get with the wrong shape (exit code 1).
-The work is done by `kalm_jax.hf` and `kalm_jax.checkpointing`; this module only parses flags.
+Settings: configs/convert.py through the one config entry (`kalm_jax.cli`). The work is done by
+`kalm_jax.hf` and `kalm_jax.checkpointing`; this module only maps settings onto them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 
-from kalm_jax import checkpointing, hf
+from kalm_jax import checkpointing, cli, hf
 from kalm_jax.config import ModelConfig
 
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
@@ -39,9 +42,30 @@ def _tokenizer_dirs(src: Path) -> list[Path]:
     return dirs
 
 
+def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Raises ValueError when the output directory is an input (or holds one): writing it would replace the
+    input (also through symlinks and relative paths)."""
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if not path:
+            continue
+        i = Path(path).resolve()
+        if i == o or o in i.parents:
+            raise ValueError(f"output {out} {'is' if i == o else 'contains'} the {what} {path}: writing it would "
+                             "destroy the input; choose another output directory")
+
+
 def to_hf(args) -> int:
     src = Path(args.src)
+    if args.text_only and args.vision_from:
+        raise ValueError("text_only and vision_from contradict each other (no vision tensors vs vision "
+                         "tensors from a directory); pass one of them")
+    refuse_overwriting_inputs(args.out, {"source checkpoint": src, "vision_from directory": args.vision_from,
+                                         "tokenizer": args.tokenizer})
     _, model = checkpointing.load_any(src)
+    if not args.text_only and not args.vision_from:
+        refuse_overwriting_inputs(args.out, {"HF checkpoint the model was imported from (its vision tensors are "
+                                             "carried over)": getattr(model, "hf_source", None)})
     tokenizer = args.tokenizer
     if tokenizer is None:
         found = hf.find_tokenizer_files(*_tokenizer_dirs(src))
@@ -56,6 +80,7 @@ def to_hf(args) -> int:
 
 def from_hf(args) -> int:
     src = Path(args.src)
+    refuse_overwriting_inputs(args.out, {"source HF directory": src})
     _, model = hf.load(src, dtype=args.dtype, progress=True)
     extra = {name: path for name, path in hf.find_tokenizer_files(src).items()}
     out = checkpointing.save_model(model, args.out, overwrite=args.overwrite, extra_files=extra)
@@ -180,49 +205,45 @@ def inspect(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kalm_jax.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("to-hf", help="model checkpoint / training step / workdir / HF dir -> HF directory")
-    a.add_argument("src")
-    a.add_argument("out")
-    a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    a.add_argument("--max-shard-size", default=str(hf.DEFAULT_MAX_SHARD_BYTES),
-                   help="shard size limit, e.g. 5GB, 500MB, 2GiB (default 5GB)")
-    a.add_argument("--tokenizer", default=None,
-                   help="tokenizer.model or a directory of tokenizer files (default: found beside SRC)")
-    a.add_argument("--vision-from", default=None,
-                   help="HF directory whose vision tower/projector tensors are carried (default: the source "
-                        "recorded at import)")
-    a.add_argument("--text-only", action="store_true",
-                   help="export without vision tower/projector tensors even if the source had them")
-    a.add_argument("--overwrite", action="store_true")
-    a.set_defaults(func=to_hf)
-    b = sub.add_parser("from-hf", help="HF directory -> kalm-jax model checkpoint (Orbax)")
-    b.add_argument("src")
-    b.add_argument("out")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter dtype (float32 master weights for training; exact for bf16 sources)")
-    b.add_argument("--overwrite", action="store_true")
-    b.set_defaults(func=from_hf)
-    c = sub.add_parser("inspect", help="list tensors, shapes, dtypes, parameter counts; check against a format")
-    c.add_argument("path", help="HF directory, .safetensors file, model checkpoint, step dir or workdir")
-    c.add_argument("--against", choices=["hf", "orbax"], default=None,
-                   help="report tensors that format would miss, not expect, or get mis-shaped")
-    c.add_argument("--config", default=None, help="config.json to check a lone .safetensors file against")
-    c.add_argument("--summary", action="store_true", help="counts only, no per-tensor listing")
-    c.set_defaults(func=inspect)
-    return p
+COMMANDS = {"to-hf": to_hf, "from-hf": from_hf, "inspect": inspect}
+DEFAULT_DTYPE = {"to-hf": "bfloat16", "from-hf": "float32", "inspect": ""}
+
+
+def run(config) -> int:
+    """Runs one conversion command from its settings (configs/convert.py)."""
+    if config.command not in COMMANDS:
+        raise cli.ConfigError(f"COMMAND must be one of {sorted(COMMANDS)}, got {config.command!r} "
+                              "(python -m kalm_jax.convert to-hf|from-hf|inspect SOURCE [OUTPUT])")
+    if not config.source:
+        raise cli.ConfigError(f"{config.command} needs SOURCE")
+    if config.command != "inspect" and not config.output:
+        raise cli.ConfigError(f"{config.command} needs OUTPUT")
+    dtype = config.dtype or DEFAULT_DTYPE[config.command]
+    if config.command != "inspect" and dtype not in ("bfloat16", "float32"):
+        raise cli.ConfigError(f"--config.dtype must be bfloat16 or float32, got {config.dtype!r}")
+    if config.against not in ("", "hf", "orbax"):
+        raise cli.ConfigError(f"--config.against must be hf or orbax, got {config.against!r}")
+    args = types.SimpleNamespace(
+        src=config.source, out=config.output, path=config.source, dtype=dtype, max_shard_size=config.max_shard_size,
+        tokenizer=config.tokenizer or None, vision_from=config.vision_from or None, text_only=config.text_only,
+        overwrite=config.overwrite, against=config.against or None, config=config.hf_config or None,
+        summary=config.summary)
+    return COMMANDS[config.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """The CLI (`kalm_jax.cli`): positional COMMAND SOURCE [OUTPUT], settings as `--config.KEY=VALUE`."""
+    def guarded(config) -> int:
+        try:
+            return run(config)
+        except (FileNotFoundError, FileExistsError, ValueError, cli.ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a CLI prints one line, not a traceback
+            first = (str(e).strip().splitlines() or [""])[0][:500]
+            raise RuntimeError(f"{type(e).__name__}: {first}") from None
+
+    return cli.run(guarded, "convert.py", argv=argv, positional=("command", "source", "output"),
+                   errors=(FileNotFoundError, FileExistsError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

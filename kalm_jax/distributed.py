@@ -11,26 +11,18 @@ computation:
 CPU collectives across processes use gloo (`jax_cpu_collectives_implementation`), set before the
 runtime starts; it only concerns the CPU backend, so it is harmless on TPU and GPU.
 
-The three flags `--coordinator_address`, `--num_processes`, `--process_id` come from `define_flags`
-(absl) or `add_arguments` (argparse); `initialize_from(values)` takes either parsed result.
+The three flags `--coordinator_address`, `--num_processes`, `--process_id` of every CLI are
+`kalm_jax.cli.DISTRIBUTED_FLAGS`; the CLI passes their values to `initialize`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-FLAG_HELP = {
-    "coordinator_address": "HOST:PORT of process 0's coordinator (jax.distributed.initialize); default: "
-                           "auto-detected on TPU pods / SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, else one process",
-    "num_processes": "number of JAX processes in the job (with --coordinator_address)",
-    "process_id": "this process's index in [0, num_processes) (with --coordinator_address)",
-}
 
 
 def _int_env(name: str) -> int:
@@ -173,30 +165,4 @@ def allgather_json(obj: Any) -> list[Any]:
     return [json.loads(rows[i, :int(n)].tobytes().decode()) for i, n in enumerate(sizes)]
 
 
-# ------------------------------------------------------------------------------------------- CLI flags
-def define_flags(flag_values: Any = None) -> None:
-    """Defines --coordinator_address, --num_processes, --process_id as absl flags (default: absl FLAGS)."""
-    from absl import flags
-
-    fv = flags.FLAGS if flag_values is None else flag_values
-    flags.DEFINE_string("coordinator_address", None, FLAG_HELP["coordinator_address"], flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, FLAG_HELP["num_processes"], flag_values=fv)
-    flags.DEFINE_integer("process_id", None, FLAG_HELP["process_id"], flag_values=fv)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds --coordinator_address, --num_processes, --process_id to an argparse parser."""
-    group = parser.add_argument_group("multi-process (jax.distributed)")
-    group.add_argument("--coordinator_address", default=None, help=FLAG_HELP["coordinator_address"])
-    group.add_argument("--num_processes", type=int, default=None, help=FLAG_HELP["num_processes"])
-    group.add_argument("--process_id", type=int, default=None, help=FLAG_HELP["process_id"])
-
-
-def initialize_from(values: Any) -> bool:
-    """`initialize` with the three values read from absl FLAGS or an argparse Namespace."""
-    return initialize(getattr(values, "coordinator_address", None), getattr(values, "num_processes", None),
-                      getattr(values, "process_id", None))
-
-
-__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "any_process", "primary_first", "allgather_json",
-           "define_flags", "add_arguments", "initialize_from"]
+__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "any_process", "primary_first", "allgather_json"]

@@ -7,7 +7,7 @@ sweep, dev evaluation during training, the `label` command, the benchmark — go
     (`kalm_jax.mesh.data_mesh`); batches are sharded over that axis;
   * the bucketing policy (`Buckets`): batch rows (powers of two up to 64, then multiples of 64, rounded to
     the device count), document length (multiple of 128, then of the ratio only where needed), decoder
-    prompt length (multiple of 32), passage windows (multiple of 16). Similar calls reuse compiled programs;
+    prompt length (multiple of 32), passage windows (powers of two from 16, then multiples of 256). Similar calls reuse compiled programs;
     `compiles` counts the programs this engine caused to be compiled;
   * length sorting (longest first) and padding; padding never changes a result (padded keys are masked,
     padded rows dropped);
@@ -66,7 +66,10 @@ class Buckets:
         return scoring.bucket(scoring.bucket(longest, self.length), ratio)
 
     def window_count(self, windows: int) -> int:
-        return scoring.bucket(windows, self.windows)
+        """Padded passage windows: a power of two (at least `windows`) up to 256, then multiples of 256."""
+        if windows <= 256:
+            return max(self.windows, 1 << max(0, (windows - 1).bit_length()))
+        return scoring.bucket(windows, 256)
 
     def decoder_length(self, longest: int) -> int:
         return scoring.bucket(longest, self.decoder)
@@ -242,7 +245,8 @@ class InferenceEngine:
         pooled, pmask, counts = self._call(scoring.encode_pool, self._graphdef, self._state, *self._put(ids_p, mask_p),
                                            ratio)
         c = -(-longest // ratio)
-        return (np.asarray(pooled[:b, :c], np.float32), np.asarray(pmask[:b, :c]), np.asarray(counts[:b, :c]))
+        # slice on the host: slicing the device arrays would compile one program per (b, c)
+        return (np.asarray(pooled, np.float32)[:b, :c], np.asarray(pmask)[:b, :c], np.asarray(counts)[:b, :c])
 
     def score_batch(self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask) -> np.ndarray:
         """fp32 margins [B] for B (decoder prompt [B, T], passage states [B, C, H] + mask [B, C]) pairs."""
@@ -267,7 +271,7 @@ class InferenceEngine:
         pmask_p[b:, 0] = 1
         margins = self._call(scoring.score_pairs, self._graphdef, self._state, *self._put(dec_p, dmask_p, states_p,
                                                                                           pmask_p), self._need_yes_no())
-        return np.asarray(margins[:b], np.float32)
+        return np.asarray(margins, np.float32)[:b]
 
     # ------------------------------------------------------------------ tokens
     def document_ids(self, texts: Sequence[str], *, warn: bool = True) -> list[list[int]]:
@@ -423,7 +427,7 @@ class InferenceEngine:
             _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
             dec_d, dmask_d = self._put(dec, dmask)
             margins = self._call(scoring.score_pairs, self._graphdef, self._state, dec_d, dmask_d, st_d, pm_d, yes_no)
-            out[pairs] = np.asarray(margins[:b], np.float32)
+            out[pairs] = np.asarray(margins, np.float32)[:b]
 
         self.run_batches(n, batch_size, run, desc, "pair", show_progress)
         return out

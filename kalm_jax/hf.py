@@ -36,6 +36,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (RecursionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not a readable JSON config ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
     return ModelConfig.from_hf(raw, source=str(cfg_path))
 
 
@@ -85,7 +89,8 @@ def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progre
       (config, model). Vision-tower tensors are not loaded; their names are kept in
       `model.hf_passthrough` (and the source directory in `model.hf_source`) so `save` can carry them.
     Raises:
-      ValueError naming every missing, unexpected or mis-shaped tensor, or a wrong model type.
+      ValueError naming every missing, unexpected or mis-shaped tensor, a weight stored as an integer or
+      bool tensor, a weight holding NaN/inf, or a wrong model type.
     """
     param_dtype = parse_dtype(dtype)
     cfg = read_config(path)
@@ -93,6 +98,10 @@ def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progre
     try:
         shapes = {name: st.shape_dtype(name)[0] for name in st.names()}
         problems, passthrough = check_tensors(cfg, shapes)
+        skip = set(passthrough)
+        problems += [f"{name}: stored as {st.shape_dtype(name)[1]}; model weights must be floating point "
+                     f"({', '.join(FLOAT_ST_DTYPES)})" for name in st.names()
+                     if name not in skip and st.shape_dtype(name)[1] not in FLOAT_ST_DTYPES]
         if problems:
             head = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -106,7 +115,12 @@ def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progre
         show = progress if progress is not None else total > (1 << 30)
         buffers: dict[tuple[str, ...], np.ndarray] = {}
         for spec in tqdm(specs, desc=f"loading {Path(path).name}", unit="tensor", disable=not show):
-            value = spec.to_ours(st.get(by_canon[spec.hf_name]), cfg).astype(np_dtype, copy=False)
+            raw = st.get(by_canon[spec.hf_name])
+            if not np.isfinite(raw).all():
+                bad = int(raw.size - np.isfinite(raw).sum())
+                raise ValueError(f"{st.files[by_canon[spec.hf_name]]}: tensor {by_canon[spec.hf_name]} holds {bad} "
+                                 "non-finite values (NaN/inf); refusing to load a broken checkpoint")
+            value = spec.to_ours(raw, cfg).astype(np_dtype, copy=False)
             if spec.layer is None:
                 _set(model, spec.path, value)
                 continue
@@ -122,6 +136,10 @@ def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progre
     model.hf_passthrough = tuple(passthrough)
     model.hf_source = str(Path(path).resolve())
     return cfg, model
+
+
+FLOAT_ST_DTYPES = ("F32", "BF16", "F16", "F64")
+"""safetensors dtypes a weight may be stored in (integer/bool tensors are refused, not cast)."""
 
 
 def _get(model, path: tuple[str, ...]) -> nnx.Variable:
@@ -324,7 +342,7 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
             if not source.is_dir():
                 raise FileNotFoundError(f"{source}: the HF checkpoint this model was imported from is gone, so its "
                                         f"{len(passthrough)} vision tensors cannot be carried; pass vision_from= "
-                                        f"(--vision-from) another copy, or vision_from=False (--text-only)")
+                                        f"(--config.vision_from) another copy, or vision_from=False (--config.text_only=true)")
             st_src = SafetensorsDir(source)
             missing = [n for n in passthrough if n not in st_src.files]
             if missing:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Union
 
 from kalm_jax.tokenizer import (SpecialIds, BOS, END_OF_TURN, EOS, MODEL_FILENAME, NO, PAD, START_OF_TURN, UNK, YES, Tokenizer,
-                                TokenizerError)
+                                TokenizerError, check_text)
 
 JSON_FILENAME = "tokenizer.json"
 
@@ -71,16 +71,22 @@ class HFTokenizer(SpecialIds):
         """Number of ids, added tokens included (the largest id + 1 for a contiguous vocabulary)."""
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_id(self) -> int:
+        """The largest id the tokenizer can produce (ids need not be contiguous in a tokenizer.json)."""
+        return max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1)
+
     def fingerprint(self) -> str:
         """sha256 hex digest of the ``tokenizer.json`` bytes, for cache keys."""
         return hashlib.sha256(self._bytes).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added; literal added-token strings map to their ids."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(check_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for each text (the Rust tokenizer parallelises the batch)."""
+        texts = [check_text(t, f"text {i}") for i, t in enumerate(texts)]
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -110,11 +116,22 @@ def load_tokenizer(path: str | Path) -> AnyTokenizer:
 
 
 def check_vocab(tokenizer: AnyTokenizer, model_vocab_size: int, where: str = "tokenizer") -> None:
-    """Raises if the tokenizer can produce ids the model's embedding table does not have."""
+    """Raises if the tokenizer can produce ids the model's embedding table does not have: its largest id
+    (not only its id count: a tokenizer.json may have gaps) and every special / yes / no id must be
+    below `model_vocab_size`. Run before anything is compiled: an out-of-range id gives NaN scores."""
     if tokenizer.vocab_size > model_vocab_size:
         raise TokenizerError(
             f"{where}: tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has only "
             f"{model_vocab_size}; this tokenizer was not made for this checkpoint")
+    bad = {name: i for name, i in tokenizer.special_ids.items() if not 0 <= int(i) < model_vocab_size}
+    if bad:
+        raise TokenizerError(f"{where}: special ids {bad} are not below the model's vocabulary size "
+                             f"{model_vocab_size}; this tokenizer was not made for this checkpoint")
+    max_id = getattr(tokenizer, "max_id", tokenizer.vocab_size - 1)
+    if max_id >= model_vocab_size:
+        raise TokenizerError(f"{where}: tokenizer's largest id {max_id} is not below the model's vocabulary size "
+                             f"{model_vocab_size} (its ids are not contiguous); this tokenizer was not made for "
+                             "this checkpoint")
 
 
 __all__ = ["HFTokenizer", "AnyTokenizer", "load_tokenizer", "check_vocab", "JSON_FILENAME"]

@@ -2,7 +2,7 @@
 
     python -m kalm_jax.launch -n 2 [--devices_per_process 4] -- train.py --config=configs/train.py:tiny --workdir=W
     python -m kalm_jax.launch -n 2 -- eval.py --config.output_dir=OUT ...
-    python -m kalm_jax.launch -n 2 -- -m kalm_jax.training.label --teacher T --input I --output O
+    python -m kalm_jax.launch -n 2 -- -m kalm_jax.training.label --config.teacher=T --config.input=I --config.output=O
 
 Process i runs the command (a `.py` file or `-m module` gets this Python) with
 `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i` appended (PORT: a free port),

@@ -32,40 +32,49 @@ def rope_table(length: int, head_dim: int, theta: float, factor: float) -> tuple
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Half-split (NeoX) rotation of x [B, T, heads, D] with cos/sin [T, D] cast to x.dtype."""
-    cos = cos.astype(x.dtype)[None, :, None, :]
-    sin = sin.astype(x.dtype)[None, :, None, :]
+    """Half-split (NeoX) rotation of x [B, T, heads, D] with cos/sin [T, D] (or per row [B, T, D]),
+    cast to x.dtype."""
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos.astype(x.dtype)[:, :, None, :]
+    sin = sin.astype(x.dtype)[:, :, None, :]
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
 
 
-def encoder_masks(mask: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """Bidirectional encoder masks (bool [B, S, S]) for full and sliding layers.
+def encoder_window(length: int, window: int) -> np.ndarray:
+    """Bidirectional sliding-window pattern (bool [S, S], no batch axis, a compile-time constant).
 
-    Sliding: key j is visible from query i when 0 <= i-j < (W+1)//2 or 0 < j-i < W//2 + 1 (W keys in all).
+    Key j is visible from query i when 0 <= i-j < (W+1)//2 or 0 < j-i < W//2 + 1 (W keys in all).
     """
-    keys = mask.astype(bool)[:, None, :]
-    s = mask.shape[1]
-    dist = jnp.arange(s)[:, None] - jnp.arange(s)[None, :]
-    window_ok = ((dist >= 0) & (dist < (window + 1) // 2)) | ((dist < 0) & (-dist < window // 2 + 1))
-    full = jnp.broadcast_to(keys, (mask.shape[0], s, s))
-    return full, full & window_ok[None]
+    dist = np.arange(length)[:, None] - np.arange(length)[None, :]
+    return ((dist >= 0) & (dist < (window + 1) // 2)) | ((dist < 0) & (-dist < window // 2 + 1))
 
 
-def decoder_masks(dec_mask: jax.Array, enc_mask: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """Merged-attention masks (bool [B, T, T+S]) for full and sliding decoder layers.
+def causal_window(length: int, window: int | None = None) -> np.ndarray:
+    """Causal pattern (bool [T, T]): key j <= query i, and i - j < W when `window` is given."""
+    i = np.arange(length)[:, None]
+    j = np.arange(length)[None, :]
+    ok = j <= i
+    return ok & ((i - j) < window) if window is not None else ok
 
-    Self part: causal (sliding layers also need i - j < W), ANDed with the decoder padding mask on keys.
-    Cross part: the passage mask, on every layer type, never windowed.
+
+def layer_mask(key_mask: jax.Array, pattern_full: np.ndarray | None, pattern_sliding: np.ndarray,
+               sliding) -> jax.Array:
+    """The attention mask of one layer, bool broadcastable to [B, T, S]: the key padding mask [B, S]
+    ANDed with the layer type's [T, S] pattern (`pattern_full` None = every key).
+
+    Nothing of size B·T·S is built ahead: the padding mask and the pattern are combined per layer, as an
+    expression XLA fuses into the score masking (`sliding` may be a traced bool inside a layer scan).
     """
-    b, t = dec_mask.shape
-    i = jnp.arange(t)[:, None]
-    j = jnp.arange(t)[None, :]
-    causal = (j <= i)[None] & dec_mask.astype(bool)[:, None, :]
-    sliding = causal & ((i - j) < window)[None]
-    cross = jnp.broadcast_to(enc_mask.astype(bool)[:, None, :], (b, t, enc_mask.shape[1]))
-    return jnp.concatenate([causal, cross], axis=-1), jnp.concatenate([sliding, cross], axis=-1)
+    keys = key_mask.astype(bool)[:, None, :]
+    if isinstance(sliding, (bool, np.bool_)):
+        pattern = pattern_sliding if sliding else pattern_full
+    else:
+        full = np.ones_like(pattern_sliding) if pattern_full is None else pattern_full
+        pattern = jnp.where(sliding, pattern_sliding, full)
+    return keys if pattern is None else keys & jnp.asarray(pattern)[None]
 
 
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "tpu_flash")
@@ -146,6 +155,52 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     return out.reshape(b, t, n, d)
 
 
+def merged_attention(q: jax.Array, ks: jax.Array, vs: jax.Array, self_mask: jax.Array, kc: jax.Array,
+                     vc: jax.Array, cross_mask: jax.Array, scale: float, impl: str = "xla") -> jax.Array:
+    """One softmax over two key sets: self keys ks/vs [B, T', K, D] under `self_mask` (bool, broadcastable
+    to [B, T, T']) and cross keys kc/vc [B, S, K, D] under `cross_mask` (broadcastable to [B, T, S]).
+
+    The einsum path never concatenates K/V or the masks: scores of both parts share one max and one
+    normaliser, and the two weighted sums add in fp32. The fused kernels get the concatenation.
+    """
+    impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
+    b, t = q.shape[:2]
+
+    def fused(q, ks, vs, self_mask, kc, vc, cross_mask, kernel_impl):
+        mask = jnp.concatenate([jnp.broadcast_to(self_mask, (b, t, ks.shape[1])),
+                                jnp.broadcast_to(cross_mask, (b, t, kc.shape[1]))], axis=-1)
+        return attention(q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, scale,
+                         impl=kernel_impl)
+
+    if impl in ("dot_product", "cudnn", "tpu_flash"):
+        return fused(q, ks, vs, self_mask, kc, vc, cross_mask, impl)
+    if impl == "platform":
+        return jax.lax.platform_dependent(
+            q, ks, vs, self_mask, kc, vc, cross_mask,
+            tpu=lambda *a: fused(*a, "tpu_flash"),
+            default=lambda *a: xla_merged_attention(*a, scale))
+    return xla_merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, scale)
+
+
+def xla_merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, scale: float) -> jax.Array:
+    """Einsum form of `merged_attention` (fp32 scores and softmax; fully masked rows: uniform average)."""
+    b, t, n, d = q.shape
+    kh = ks.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, d)
+
+    def scores(k, mask):
+        sc = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        return jnp.where(mask[:, None, None, :, :], sc, _NEG)
+
+    s1, s2 = scores(ks, self_mask), scores(kc, cross_mask)
+    m = jax.lax.stop_gradient(jnp.maximum(s1.max(-1, keepdims=True), s2.max(-1, keepdims=True)))
+    e1, e2 = jnp.exp(s1 - m), jnp.exp(s2 - m)
+    z = e1.sum(-1, keepdims=True) + e2.sum(-1, keepdims=True)
+    out = (jnp.einsum("bkgts,bskd->btkgd", (e1 / z).astype(vs.dtype), vs, preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgts,bskd->btkgd", (e2 / z).astype(vc.dtype), vc, preferred_element_type=jnp.float32))
+    return out.astype(q.dtype).reshape(b, t, n, d)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
@@ -169,20 +224,28 @@ def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xl
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
-def merged_attention_block(x, enc, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xla"):
+def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: ModelConfig, impl: str = "xla",
+                           query_index: jax.Array | None = None):
     """Decoder merged attention: one softmax over [self keys (RoPE) ; passage keys (k_norm, no RoPE)].
 
-    x [B, T, H] decoder stream, enc [B, S, H] passage states, mask bool [B, T, T+S].
+    x [B, T, H] decoder stream, enc [B, S, H] passage states, self_mask bool broadcastable to [B, T, T],
+    cross_mask bool broadcastable to [B, T, S]. With `query_index` [B] (int), only that position of each
+    row is a query (keys and values still come from every position): returns [B, 1, H] instead of [B, T, H].
     """
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
-    q = rms_norm(jnp.einsum("bth,hnd->btnd", h, w["q"]), w["q_norm"], cfg.rms_norm_eps)
     ks = rms_norm(jnp.einsum("bth,hkd->btkd", h, w["k"]), w["k_norm"], cfg.rms_norm_eps)
     vs = jnp.einsum("bth,hkd->btkd", h, w["v"])
-    q, ks = apply_rope(q, cos, sin), apply_rope(ks, cos, sin)
+    ks = apply_rope(ks, cos, sin)
+    if query_index is not None:
+        h = jnp.take_along_axis(h, query_index[:, None, None], axis=1)  # [B, 1, H]
+        cos, sin = cos[query_index][:, None], sin[query_index][:, None]  # [B, 1, D]
+        self_mask = jnp.take_along_axis(jnp.broadcast_to(self_mask, (x.shape[0],) + self_mask.shape[1:]),
+                                        query_index[:, None, None], axis=1)
+    q = rms_norm(jnp.einsum("bth,hnd->btnd", h, w["q"]), w["q_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
     kc = rms_norm(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), w["k_norm"], cfg.rms_norm_eps)
     vc = jnp.einsum("bsh,hkd->bskd", enc, w["v"])
-    o = attention(q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, cfg.attn_scale,
-                  impl=impl)
+    o = merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, cfg.attn_scale, impl=impl)
     o = jnp.einsum("btnd,ndh->bth", o, w["o"])
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 

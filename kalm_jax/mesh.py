@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -61,12 +62,24 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int | None = None) -> tupl
     return tuple(shape)  # type: ignore[return-value]
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` with axes ("data", "fsdp", "tensor") over `devices` (default: all)."""
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              num_slices: int = 1) -> Mesh:
+    """A `Mesh` with axes ("data", "fsdp", "tensor") over `devices` (default: all).
+
+    With `num_slices` > 1 (multi-slice TPU, slices joined over DCN) the `data` axis spans the slices
+    (`data` must be a multiple of `num_slices`); `fsdp` and `tensor` stay inside a slice (ICI).
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
+    if num_slices > 1:
+        if shape[0] % num_slices:
+            raise ValueError(f"mesh data={shape[0]} must be a multiple of num_slices={num_slices} "
+                             "(data parallelism spans the slices over DCN)")
+        ici = (shape[0] // num_slices, shape[1], shape[2])
+        arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices=devices)
+        return Mesh(arr, MESH_AXES)
     try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # fake CPU devices or shapes mesh_utils does not know: plain row-major order
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)

@@ -7,6 +7,8 @@ does not grow with depth. Every parameter carries logical axis names (`vocab`, `
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,33 @@ def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float
     return (scale * d).reshape(shape)
 
 
+# Initial values of the plain (non-parameter) attributes of every new `T5Gemma2`.
+_DEFAULTS: dict = {"attention_impl": "auto", "scan_unroll": 1}
+
+
+@contextlib.contextmanager
+def construction_defaults(**values):
+    """Within the block, new `T5Gemma2` modules start with these attribute values (`attention_impl`,
+    `scan_unroll`); used where the module is built by code that cannot be handed the attributes (the
+    train step builds its own abstract model)."""
+    unknown = sorted(set(values) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown T5Gemma2 construction defaults {unknown}; valid: {sorted(_DEFAULTS)}")
+    saved = dict(_DEFAULTS)
+    _DEFAULTS.update(values)
+    try:
+        yield
+    finally:
+        _DEFAULTS.clear()
+        _DEFAULTS.update(saved)
+
+
+def analysis_defaults():
+    """The cost-analysis variant: layers fully unrolled (XLA's cost analysis counts a while-loop body
+    once) and the einsum attention (a Pallas custom call has no cost model: optimal_seconds = -2)."""
+    return construction_defaults(attention_impl="xla", scan_unroll=True)
+
+
 class T5Gemma2(nnx.Module):
     """T5Gemma 2 text encoder-decoder with tied embeddings and merged decoder attention.
 
@@ -142,6 +171,9 @@ class T5Gemma2(nnx.Module):
       remat: rematerialise each layer in the backward pass.
       attention_impl: "auto" (cuDNN flash attention on GPU in bf16, else the einsum reference), "xla",
         "dot_product" or "cudnn"; see `layers.resolve_attention_impl`.
+      scan_unroll: `unroll` of the `lax.scan` over layers (1 = a loop; True = fully unrolled, which the
+        AOT cost analysis needs because XLA counts a while-loop body once).
+    Their initial values come from `construction_defaults` (see `analysis_defaults`).
     """
 
     def __init__(self, config: ModelConfig, *, param_dtype="float32", dtype=None, rngs: nnx.Rngs):
@@ -149,7 +181,8 @@ class T5Gemma2(nnx.Module):
         param_dtype = parse_dtype(param_dtype)
         self.dtype = parse_dtype(dtype) if dtype is not None else param_dtype
         self.remat = False
-        self.attention_impl = "auto"
+        self.attention_impl = _DEFAULTS["attention_impl"]
+        self.scan_unroll = _DEFAULTS["scan_unroll"]
         h = config.hidden_size
         self.embedding = _param(nnx.initializers.normal(stddev=1.0)(rngs.params(), (config.vocab_size, h),
                                                                       param_dtype), ("vocab", "embed"))
@@ -173,23 +206,24 @@ class T5Gemma2(nnx.Module):
         glob = layers.rope_table(length, c.head_dim, c.rope_global_theta, c.rope_global_factor)
         return local, glob
 
-    def _run_stack(self, stack: LayerStack, x, block_fn, masks, ropes):
+    def _run_stack(self, stack: LayerStack, x, block_fn, ropes, xs=None):
+        """Runs the layers of `stack` (or the stacked per-layer inputs `xs`) over x [B, T, H];
+        `block_fn(x, w, sliding, cos, sin)` is the attention sub-block (it builds its own mask)."""
         (cos_l, sin_l), (cos_g, sin_g) = ropes
-        mask_full, mask_sliding = masks
 
         def body(carry, xs):
             w = stack.layer_weights(xs)
             sliding = xs["is_sliding"]
-            mask = jnp.where(sliding, mask_sliding, mask_full)
             cos = jnp.where(sliding, cos_l, cos_g)
             sin = jnp.where(sliding, sin_l, sin_g)
-            carry = carry + block_fn(carry, w, mask, cos, sin)
+            carry = carry + block_fn(carry, w, sliding, cos, sin)
             carry = carry + layers.mlp_block(carry, w, self.config)
             return carry, None
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, _ = jax.lax.scan(body, x, stack.scan_inputs(self.dtype))
+        xs = stack.scan_inputs(self.dtype) if xs is None else xs
+        x, _ = jax.lax.scan(body, x, xs, unroll=self.scan_unroll)
         return x
 
     # ------------------------------------------------------------------ public API
@@ -200,31 +234,67 @@ class T5Gemma2(nnx.Module):
         mask = jnp.asarray(attention_mask, jnp.int32)
         c = self.config
         x = self.embed(ids)
-        masks = layers.encoder_masks(mask, c.sliding_window)
+        window = layers.encoder_window(ids.shape[1], c.sliding_window)
 
-        def block(h, w, m, cos, sin):
+        def block(h, w, sliding, cos, sin):
+            m = layers.layer_mask(mask, None, window, sliding)
             return layers.self_attention_block(h, w, m, cos, sin, c, impl=self.attention_impl)
 
-        x = self._run_stack(self.encoder, x, block, masks, self._rope(ids.shape[1]))
+        x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]))
         return layers.rms_norm(x, self.encoder_norm.get_value(), c.rms_norm_eps)
 
-    def decode(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask) -> jax.Array:
-        """Final-norm decoder states [B, T, H] attending to (pooled) passage states [B, S, H] with mask [B, S]."""
+    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask):
+        """Checked inputs of the decoder: (x [B,T,H] embedded, dec mask [B,T], passages [B,S,H], mask [B,S])."""
         _check_tokens(decoder_input_ids, decoder_attention_mask, self.config, "decoder_input_ids")
         _check_passages(encoder_states, encoder_mask, decoder_input_ids, self.config)
         ids = jnp.asarray(decoder_input_ids, jnp.int32)
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
         enc = jnp.asarray(encoder_states).astype(self.dtype)
         enc_mask = jnp.asarray(encoder_mask, jnp.int32)
+        return self.embed(ids), mask, enc, enc_mask
+
+    def _decoder_block(self, enc, dec_mask, enc_mask, query_index=None):
+        """The decoder's attention sub-block: causal self keys (sliding layers: windowed) + every passage key."""
         c = self.config
-        x = self.embed(ids)
-        masks = layers.decoder_masks(mask, enc_mask, c.sliding_window)
+        t = dec_mask.shape[1]
+        causal, sliding_causal = layers.causal_window(t), layers.causal_window(t, c.sliding_window)
+        cross = enc_mask.astype(bool)[:, None, :]  # [B, 1, S]: the same for every query and layer
 
-        def block(h, w, m, cos, sin):
-            return layers.merged_attention_block(h, enc, w, m, cos, sin, c, impl=self.attention_impl)
+        def block(h, w, sliding, cos, sin):
+            self_mask = layers.layer_mask(dec_mask, causal, sliding_causal, sliding)
+            return layers.merged_attention_block(h, enc, w, self_mask, cross, cos, sin, c,
+                                                 impl=self.attention_impl, query_index=query_index)
 
-        x = self._run_stack(self.decoder, x, block, masks, self._rope(ids.shape[1]))
-        return layers.rms_norm(x, self.decoder_norm.get_value(), c.rms_norm_eps)
+        return block
+
+    def decode(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask) -> jax.Array:
+        """Final-norm decoder states [B, T, H] attending to (pooled) passage states [B, S, H] with mask [B, S]."""
+        x, mask, enc, enc_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, encoder_states,
+                                                      encoder_mask)
+        block = self._decoder_block(enc, mask, enc_mask)
+        x = self._run_stack(self.decoder, x, block, self._rope(mask.shape[1]))
+        return layers.rms_norm(x, self.decoder_norm.get_value(), self.config.rms_norm_eps)
+
+    def _decode_at(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
+                   position: jax.Array) -> jax.Array:
+        """Final-norm decoder state [B, H] at `position` [B] only: every layer but the last runs all T
+        positions (they are the later layers' keys); the last layer computes the one query row, its MLP
+        and the final norm for that row alone."""
+        x, mask, enc, enc_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, encoder_states,
+                                                      encoder_mask)
+        stack = self.decoder
+        xs = stack.scan_inputs(self.dtype)
+        ropes = self._rope(mask.shape[1])
+        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes,
+                            xs={k: v[:-1] for k, v in xs.items()})
+        w = stack.layer_weights({k: v[-1] for k, v in xs.items()})
+        sliding = bool(stack.is_sliding[-1])
+        cos, sin = ropes[0] if sliding else ropes[1]
+        block = self._decoder_block(enc, mask, enc_mask, query_index=position)
+        x_q = jnp.take_along_axis(x, position[:, None, None], axis=1)  # [B, 1, H]
+        x_q = x_q + block(x, w, sliding, cos, sin)
+        x_q = x_q + layers.mlp_block(x_q, w, self.config)
+        return layers.rms_norm(x_q, self.decoder_norm.get_value(), self.config.rms_norm_eps)[:, 0]
 
     def _softcap(self, logits: jax.Array) -> jax.Array:
         cap = self.config.final_logit_softcapping
@@ -246,10 +316,9 @@ class T5Gemma2(nnx.Module):
         for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
             if not isinstance(tok, (jax.core.Tracer,)) and not 0 <= int(tok) < self.config.vocab_size:
                 raise ValueError(f"{name}={tok} is outside the vocabulary [0, {self.config.vocab_size})")
-        h = self.decode(decoder_input_ids, decoder_attention_mask, passage_states, passage_mask)
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
         last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
-        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        h_last = self._decode_at(decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, last)
         rows = jnp.take(self.embedding.get_value(), jnp.asarray([yes_id, no_id]), axis=0).astype(self.dtype)
         logits = self._softcap(jnp.einsum("bh,vh->bv", h_last, rows, preferred_element_type=jnp.float32))
         return logits[:, 0] - logits[:, 1]

@@ -157,7 +157,8 @@ class Reranker:
 
     def load_passages(self, directory: str | Path, *, mmap: bool = True) -> PassageStates:
         """`PassageStates.load` that refuses states written by another model, tokenizer or document limit."""
-        return PassageStates.load(directory, expect_meta=self.passage_meta, mmap=mmap)
+        return PassageStates.load(directory, expect_meta=self.passage_meta, mmap=mmap,
+                                  hidden_size=self.model.config.hidden_size)
 
     # ------------------------------------------------------------------ encoding
     def encode_passages(self, texts: Sequence[str], ratio: int | None = None, batch_size: int | None = None, *,

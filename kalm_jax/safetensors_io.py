@@ -4,6 +4,7 @@ and a streaming writer that never holds a whole shard in memory."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import struct
@@ -12,6 +13,29 @@ from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+
+class DiskFullError(OSError):
+    """The disk filled up while writing a file (the file is named; nothing complete-looking is left)."""
+
+
+def _open_safetensors(file: Path):
+    """`safe_open` whose errors (SafetensorError, a header that is not JSON, ...) name the file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(file, framework="np")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own exception types without the path
+        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _inside(root: Path, name: str, what: str) -> Path:
+    """`root/name`, refusing absolute names and names that leave `root` (`../`)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{what}: shard name {name!r} is not a file inside {root}; refusing to follow it")
+    return root / name
+
 
 class SafetensorsDir:
     """Read access to the safetensors of an HF checkpoint directory (single file or sharded index)."""
@@ -24,9 +48,11 @@ class SafetensorsDir:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is {type(weight_map).__name__}, not an object")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-            self.files = {name: self.root / f for name, f in weight_map.items()}
+            self.files = {name: _inside(self.root, f, str(index)) for name, f in weight_map.items()}
             missing = sorted({str(p) for p in self.files.values() if not p.exists()})
             if missing:
                 raise FileNotFoundError(f"{index} names shard files that do not exist: {missing[:5]}")
@@ -34,20 +60,17 @@ class SafetensorsDir:
             shards = sorted(self.root.glob("*.safetensors"))
             if not shards:
                 raise FileNotFoundError(f"{self.root}: no *.safetensors files (and no model.safetensors.index.json)")
-            from safetensors import safe_open
             self.files = {}
             for shard in shards:
-                with safe_open(shard, framework="np") as f:
+                with _open_safetensors(shard) as f:
                     for name in f.keys():
                         self.files[name] = shard
-        from safetensors import safe_open
-        self._safe_open = safe_open
         self._handles: dict[Path, object] = {}
         self._shapes: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def _handle(self, file: Path):
         if file not in self._handles:
-            self._handles[file] = self._safe_open(file, framework="np")
+            self._handles[file] = _open_safetensors(file)
         return self._handles[file]
 
     def names(self) -> list[str]:
@@ -60,7 +83,10 @@ class SafetensorsDir:
         return self._shapes[name]
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(self.files[name]).get_tensor(name)
+        try:
+            return self._handle(self.files[name]).get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - SafetensorError carries no path
+            raise ValueError(f"{self.files[name]}: cannot read tensor {name} ({type(e).__name__}: {e})") from None
 
     def raw_entry(self, name: str) -> tuple[str, tuple[int, ...], int]:
         """(safetensors dtype string, shape, byte length) of `name`, read from the file header only."""
@@ -122,7 +148,18 @@ class Entry:
 
 def write_safetensors(path: Path, entries: Sequence[Entry], bar) -> None:
     """Writes a safetensors file tensor by tensor: the header is known in advance, so no shard is ever
-    held in memory whole (the `safetensors` library's writers need every tensor of a file at once)."""
+    held in memory whole (the `safetensors` library's writers need every tensor of a file at once).
+
+    Raises `DiskFullError` naming `path` when the disk fills up."""
+    try:
+        _write_safetensors(path, entries, bar)
+    except OSError as e:
+        if e.errno == errno.ENOSPC or "requested and" in str(e):  # numpy's tofile: "N requested and M written"
+            raise DiskFullError(errno.ENOSPC, f"{path}: the disk is full (writing stopped: {e})") from None
+        raise
+
+
+def _write_safetensors(path: Path, entries: Sequence[Entry], bar) -> None:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
@@ -189,5 +226,5 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-__all__ = ["SafetensorsDir", "read_safetensors_header", "ST_DTYPES", "DEFAULT_MAX_SHARD_BYTES", "Entry",
+__all__ = ["SafetensorsDir", "DiskFullError", "read_safetensors_header", "ST_DTYPES", "DEFAULT_MAX_SHARD_BYTES", "Entry",
            "write_safetensors", "plan_shards", "parse_size"]

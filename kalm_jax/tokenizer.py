@@ -39,6 +39,19 @@ class TokenizerError(ValueError):
     """A tokenizer model lacks a required special token or single-piece answer word."""
 
 
+def check_text(text, where: str = "text") -> str:
+    """`text` if it is a str that is valid Unicode; TypeError / TokenizerError naming the position otherwise
+    (a lone surrogate, e.g. from a bad decode with errors='surrogateescape', cannot be tokenized)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{where} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                             f"{e.start} (decode the source text with errors='replace')") from None
+    return text
+
+
 class SpecialIds:
     """Special-token id properties over `self._special` (name -> id), shared by the tokenizer adapters."""
 
@@ -205,6 +218,7 @@ class Tokenizer(SpecialIds):
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added; literal special-token strings map to their ids."""
+        check_text(text)
         ids: list[int] = []
         for part in self._special_re.split(text):
             if not part:
@@ -218,7 +232,14 @@ class Tokenizer(SpecialIds):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for each text."""
+        for i, t in enumerate(texts):
+            check_text(t, f"text {i}")
         return [self.encode(t) for t in texts]
+
+    @property
+    def max_id(self) -> int:
+        """The largest id the tokenizer can produce (SentencePiece ids are contiguous)."""
+        return self.vocab_size - 1
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, keeping special tokens as their strings (HF ``skip_special_tokens=False``)."""

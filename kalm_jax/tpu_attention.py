@@ -19,8 +19,10 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import flash_attention as _fa
 from jax.sharding import PartitionSpec as P
 
-# Mesh axes the batch is split over (the "batch" logical rule of the training config).
-BATCH_AXES = ("data", "fsdp")
+from kalm_jax.mesh import BATCH, DEFAULT_RULES
+
+# Mesh axes the batch may be split over: the "batch" rule of the one mesh module (kalm_jax/mesh.py).
+BATCH_AXES: tuple[str, ...] = tuple(dict(DEFAULT_RULES)[BATCH])
 
 # Large enough that exp(scale·(score + _NEG)) is 0 for any real score, small enough that the kernel's
 # online softmax stays finite on fully masked rows (biases near the fp32 limit give NaN there).

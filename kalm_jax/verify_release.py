@@ -1,6 +1,6 @@
 """Checks a released KaLM-Reranker-V1 checkpoint against the scores its authors published.
 
-    python -m kalm_jax.verify_release /path/to/KaLM-Reranker-V1-Nano [--variant nano] [--dtype bfloat16]
+    python -m kalm_jax.verify_release /path/to/KaLM-Reranker-V1-Nano [--config.variant=nano] [--config.dtype=bfloat16]
 
 Scores the model card's example (query "What is the capital of China?", documents "The capital of China is
 Beijing." and "Gravity attracts bodies toward one another.", MEP ratio 4, bf16) with `Reranker` and compares
@@ -12,7 +12,6 @@ published, the reference margin is logit(P). bf16 rounds margins to a few bits, 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -83,7 +82,7 @@ def variant_for(config: ModelConfig) -> str:
     except KeyError:
         known = ", ".join(f"{h} ({v})" for h, v in HIDDEN_TO_VARIANT.items())
         raise ValueError(f"hidden size {config.hidden_size} is not a released KaLM-Reranker-V1 size ({known}); "
-                         f"pass --variant") from None
+                         f"pass --config.variant") from None
 
 
 def _logit(p: float) -> float:
@@ -120,37 +119,37 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kalm_jax.verify_release", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="released checkpoint: HF directory (config.json, safetensors, tokenizer)")
-    parser.add_argument("--variant", default="auto", help="reference set: auto (by hidden size), "
-                        + ", ".join(sorted(REFERENCES)))
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="the published numbers are bf16")
-    parser.add_argument("--ratio", type=int, default=4, help="MEP ratio (the published numbers use 4)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer file/dir if not inside PATH")
-    parser.add_argument("--rtol", type=float, default=1e-2, help="relative tolerance on margins")
-    args = parser.parse_args(argv)
-
+def run(config) -> int:
+    """Scores the model-card example with the checkpoint at `config.path`; 0 pass, 1 fail, 2 nothing to compare."""
     from kalm_jax.reranker import Reranker  # heavy imports only after argument parsing
 
     try:
-        reranker = Reranker.from_pretrained(args.path, dtype=args.dtype, ratio=args.ratio, tokenizer=args.tokenizer)
-        variant = variant_for(reranker.model.config) if args.variant == "auto" else args.variant
+        if not config.path:
+            raise ValueError("PATH is required: python -m kalm_jax.verify_release PATH")
+        reranker = Reranker.from_pretrained(config.path, dtype=config.dtype, ratio=config.ratio,
+                                            tokenizer=config.tokenizer or None)
+        variant = variant_for(reranker.model.config) if config.variant == "auto" else config.variant
         if variant not in REFERENCES:
             raise KeyError(f"no published reference outputs for variant {variant!r} (references exist for: "
                            f"{', '.join(sorted(REFERENCES))}); nothing to compare with")
     except (OSError, ValueError, KeyError) as err:
         print(f"verify_release: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    rows = verify(reranker, variant, args.rtol)
-    print(f"{args.path}: variant {variant}, dtype {args.dtype}, ratio {args.ratio}, query {QUERY!r}")
+    rows = verify(reranker, variant, config.rtol)
+    print(f"{config.path}: variant {variant}, dtype {config.dtype}, ratio {config.ratio}, query {QUERY!r}")
     for ref in REFERENCES[variant]:
         print(f"  {ref.case}: {ref.source}")
     print(format_table(rows))
     failed = sum(not r.passed for r in rows)
-    print(f"{'PASS' if not failed else 'FAIL'}: {len(rows) - failed}/{len(rows)} rows within rtol={args.rtol:g}")
+    print(f"{'PASS' if not failed else 'FAIL'}: {len(rows) - failed}/{len(rows)} rows within rtol={config.rtol:g}")
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): PATH positional, settings of configs/verify_release.py as `--config.KEY=VALUE`."""
+    from kalm_jax import cli
+
+    return cli.run(run, "verify_release.py", argv=argv, positional=("path",))
 
 
 if __name__ == "__main__":

@@ -82,25 +82,26 @@ def test_flop_model_matches_hand_count():
     assert flops.attention_pair_flops(TINY) == pair == 256
 
     n = 40  # longer than the window, so the sliding layer sees fewer keys
-    full, sliding = layers.encoder_masks(jnp.ones((1, n), jnp.int32), TINY.sliding_window)
-    assert _count(full) == n * n
+    full, sliding = np.ones((n, n), bool), layers.encoder_window(n, TINY.sliding_window)
     assert _count(sliding) == 40 * 16 - (7 * 8 // 2 + 8 * 9 // 2)  # W keys per query, minus the clipped edges
     assert flops.encoder_flops(TINY, n) == 2 * n * linear + (_count(sliding) + _count(full)) * pair
 
     t, c = 20, 10  # prompt longer than the window (16): the sliding layer sees fewer keys
-    dfull, dslide = layers.decoder_masks(jnp.ones((1, t), jnp.int32), jnp.ones((1, c), jnp.int32),
-                                         TINY.sliding_window)
-    assert _count(dfull) == t * (t + 1) // 2 + t * c
+    dslide = layers.causal_window(t, TINY.sliding_window)
+    assert _count(layers.causal_window(t)) == t * (t + 1) // 2
     kv = 2 * 2 * 64 * 1 * 32
-    expect = 2 * (t * linear + c * kv) + (_count(dfull) + _count(dslide)) * pair + 2 * 2 * 64
+    # layer 1 (sliding): every position; layer 2 (full, the last): k/v of every position, the rest for the
+    # scoring position only (it sees all t self keys and the c passage states)
+    first = t * linear + c * kv + (_count(dslide) + t * c) * pair
+    last = (t + c) * kv + (linear - kv) + (t + c) * pair
+    expect = first + last + 2 * 2 * 64
     assert flops.decoder_flops(TINY, t, c) == expect
 
     assert flops.online_ratio(TINY, 64, 4, t) == pytest.approx(
         (flops.encoder_flops(TINY, 64) + flops.decoder_flops(TINY, t, 16)) / flops.decoder_flops(TINY, t, 16))
     length = t + 64
-    ce_full, ce_slide = layers.decoder_masks(jnp.ones((1, length), jnp.int32), jnp.ones((1, 1), jnp.int32),
-                                             TINY.sliding_window)
-    ce = 2 * length * linear + (_count(ce_full) + _count(ce_slide) - 2 * length) * pair + 2 * 2 * 64
+    ce_full, ce_slide = layers.causal_window(length), layers.causal_window(length, TINY.sliding_window)
+    ce = 2 * length * linear + (_count(ce_full) + _count(ce_slide)) * pair + 2 * 2 * 64
     assert flops.cross_encoder_flops(TINY, 64, t) == ce
 
 

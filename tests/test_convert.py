@@ -228,7 +228,7 @@ def test_training_workdir_to_hf_to_orbax_is_identical(exported, tokenizer, tmp_p
     workdir = tmp_path / "run"
     checkpointing.save_model(model, workdir / "checkpoints" / "7")
     (workdir / "tokenizer.model").write_bytes(tokenizer._proto_bytes)
-    assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer._proto_bytes
     assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "tokenizer.model").is_file()
@@ -241,7 +241,7 @@ def test_training_workdir_to_hf_to_orbax_is_identical(exported, tokenizer, tmp_p
 
     # Without LoRA the fp32 trip Orbax -> HF -> Orbax is bit-exact.
     checkpointing.save_model(merged, tmp_path / "plain")
-    assert convert.main(["to-hf", str(tmp_path / "plain"), str(tmp_path / "hf2"), "--dtype", "float32"]) == 0
+    assert convert.main(["to-hf", str(tmp_path / "plain"), str(tmp_path / "hf2"), "--config.dtype=float32"]) == 0
     assert convert.main(["from-hf", str(tmp_path / "hf2"), str(tmp_path / "back2")]) == 0
     _, back2 = checkpointing.load_model(tmp_path / "back2")
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(y), np.asarray(x)),
@@ -251,9 +251,9 @@ def test_training_workdir_to_hf_to_orbax_is_identical(exported, tokenizer, tmp_p
 def test_hf_with_vision_through_orbax_and_back_is_bit_exact(tiny_hf, tmp_path):
     src = tiny_hf[0]
     assert convert.main(["from-hf", str(src), str(tmp_path / "ckpt")]) == 0
-    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
     _assert_bit_exact(src, tmp_path / "hf")
-    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "text"), "--text-only"]) == 0
+    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "text"), "--config.text_only=true"]) == 0
     names = set(_raw(tmp_path / "text"))
     assert names == {s.hf_name for s in hf.tensor_specs(hf.read_config(src))}
 
@@ -273,16 +273,16 @@ def test_inspect_names_offending_tensors(tiny_hf, tmp_path, capsys):
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     (bad / "config.json").write_text((src / "config.json").read_text())
 
-    assert convert.main(["inspect", str(bad), "--against", "hf", "--summary"]) == 1
+    assert convert.main(["inspect", str(bad), "--config.against=hf", "--config.summary=true"]) == 1
     text = capsys.readouterr().out
     assert "3 problems" in text
     assert "model.decoder.layers.1.mlp.up_proj.weight has shape (100, 64), expected (128, 64)" in text
     assert "missing tensor model.encoder.layers.0.self_attn.k_norm.weight" in text
     assert "unexpected tensor model.decoder.layers.1.self_attn.extra_proj.weight" in text
     # The lone file, checked against an explicit config, and the intact source: listing + counts, exit 0.
-    assert convert.main(["inspect", str(bad / "model.safetensors"), "--against", "hf",
-                         "--config", str(src / "config.json")]) == 1
-    assert convert.main(["inspect", str(src), "--against", "hf"]) == 0
+    assert convert.main(["inspect", str(bad / "model.safetensors"), "--config.against=hf",
+                         "--config.hf_config", str(src / "config.json")]) == 1
+    assert convert.main(["inspect", str(src), "--config.against=hf"]) == 0
     text = capsys.readouterr().out
     assert "model.encoder.layers.0.self_attn.q_proj.weight" in text and "[128, 64]" in text
     assert "vision tower + projector" in text and "OK: matches" in text
@@ -290,7 +290,7 @@ def test_inspect_names_offending_tensors(tiny_hf, tmp_path, capsys):
 
 def test_inspect_orbax_checkpoint(exported, tmp_path, capsys):
     checkpointing.save_model(exported[0], tmp_path / "ckpt")
-    assert convert.main(["inspect", str(tmp_path / "ckpt"), "--against", "hf"]) == 0
+    assert convert.main(["inspect", str(tmp_path / "ckpt"), "--config.against=hf"]) == 0
     text = capsys.readouterr().out
     assert "decoder.q_lora_b" in text and "LoRA factors are folded" in text and "OK: matches" in text
 
@@ -349,7 +349,7 @@ def test_train_py_checkpoint_to_hf_and_back(data_dir, tmp_path):
                     f"--workdir={workdir}", "--config.total_steps=1", "--config.checkpoint.every=1",
                     "--config.eval.num_queries=2", "--config.log_every=1"],
                    check=True, env=env, cwd=tmp_path, capture_output=True)
-    assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
     assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     _, trained = checkpointing.load_any(workdir)

@@ -105,7 +105,7 @@ def test_train_py_fine_tunes_from_a_hub_checkpoint_with_its_tokenizer_json(hub_c
     work = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config=configs/train.py:tiny", f"--workdir={work}",
-         f"--config.init_from={hub}", "--config.total_steps=2", "--config.checkpoint.every=2",
+         f"--config.init_from={hub}", "--config.epochs=0.004", "--config.checkpoint.every=2",
          "--config.eval.num_queries=0", "--config.data.batch_size=2", "--config.data.group_size=2",
          "--config.data.passage_max_tokens=32", "--config.data.query_max_tokens=8", "--config.mep.ratios=(1,4)",
          "--config.optimizer.warmup_steps=1", f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"],
@@ -113,9 +113,13 @@ def test_train_py_fine_tunes_from_a_hub_checkpoint_with_its_tokenizer_json(hub_c
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "tokenizer.json").read_bytes() == (hub / "tokenizer.json").read_bytes()
     assert not (work / "tokenizer.model").exists()  # the checkpoint's tokenizer, never a newly trained one
-    losses = [json.loads(line)["loss"] for line in (work / "metrics.jsonl").read_text().splitlines()
-              if "loss" in line]
-    assert losses and all(np.isfinite(losses))
+    metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert metrics and all(np.isfinite(m["loss"]) for m in metrics)
+    import tensorflow_datasets as tfds
+
+    info = tfds.builder_from_directory(str(next((work / "tfds").rglob("dataset_info.json")).parent)).info
+    groups = info.splits["train"].num_examples
+    assert metrics[-1]["step"] == int(np.ceil(0.004 * groups / 2)) >= 2  # one stage of 0.004 epochs
     trained = loader.load(work)
     assert isinstance(trained.tokenizer, HFTokenizer) and trained.config.vocab_size == 4096
 
@@ -215,3 +219,31 @@ def test_a_sweep_holds_one_copy_of_the_weights_per_device(hub_checkpoint, mini_b
                      "first_stage": "run:run.trec", "doc_max_length": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
                      "progress": False, "report": False})
     assert seen and all(set(s.values()) == {1} for s in seen), seen
+
+
+def test_rerun_with_a_replaced_checkpoint_or_changed_data_refuses(hub_checkpoint, mini_beir, tmp_path):
+    import shutil
+
+    from kalm_jax.evaluation import sweep
+
+    ck = tmp_path / "ckpt"
+    shutil.copytree(hub_checkpoint[0], ck)
+    data = tmp_path / "data"
+    shutil.copytree(mini_beir[0].parent, data)
+    cfg = {"checkpoint": str(ck), "data_dir": str(data), "datasets": "mini", "ratios": "4",
+           "first_stage": "run:run.trec", "doc_max_length": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
+           "progress": False, "report": False}
+    rows = sweep.run_sweep(cfg)
+    assert all(r["data_identity"] for r in rows) and rows[-1]["checkpoint_identity"]
+    assert sweep.run_sweep(cfg) == rows  # unchanged inputs: resumes, nothing to do
+    os.utime(ck / "model.safetensors", ns=(1, 1))  # the checkpoint replaced at the same path
+    with pytest.raises(sweep.SweepConfigError, match=r"checkpoint .*ckpt: replaced since"):
+        sweep.run_sweep({**cfg, "ratios": "4,8"})
+    shutil.rmtree(ck)
+    shutil.copytree(hub_checkpoint[0], ck, copy_function=shutil.copy2)
+    shutil.copystat(hub_checkpoint[0], ck)
+    qrels = data / "mini" / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text().replace("q2\td3\t1", "q2\td4\t1"))  # the data changed under one name
+    with pytest.raises(sweep.SweepConfigError, match="dataset 'mini': its files changed"):
+        sweep.run_sweep({**cfg, "ratios": "4,8"})
+    assert sweep.read_results(tmp_path / "o") == rows  # nothing was added or lost

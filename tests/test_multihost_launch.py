@@ -39,10 +39,9 @@ def launch(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess
 def test_two_processes_sum_a_global_array(tmp_path):
     script = tmp_path / "sum.py"
     script.write_text(textwrap.dedent("""
-        import argparse
-        from kalm_jax import distributed
-        p = argparse.ArgumentParser(); distributed.add_arguments(p); a = p.parse_args()
-        assert distributed.initialize_from(a)
+        from kalm_jax import cli, distributed
+        _, a = cli.parse(__import__("sys").argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
+        assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         mesh = Mesh(np.array(jax.devices()), ("d",))

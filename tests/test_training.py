@@ -369,3 +369,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train_jsonl, token
     assert steps and steps[-1] == bad - 1
     params = final_params(w)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_stage_presets_train_one_epoch_and_mep_v3_is_the_papers_ratio_set():
+    from kalm_jax.cli import load_file
+    from kalm_jax.training.config import DEFAULT_RATIOS, resolve_total_steps
+
+    stage = load_file(f"{REPO}/configs/train.py:stage2,small")
+    assert stage.epochs == 1.0 and tuple(stage.mep.ratios) == DEFAULT_RATIOS
+    assert tuple(load_file(f"{REPO}/configs/train.py:stage2,small,mep_v3").mep.ratios) == (2, 8, 32, 128)
+    assert resolve_total_steps(stage, 809) == 7  # ceil(809 scifact train groups / batch 128)
+    tiny = load_file(f"{REPO}/configs/train.py:tiny")
+    assert tiny.epochs == 0 and resolve_total_steps(tiny, 809) == tiny.total_steps
+    with pytest.raises(ValueError, match="unknown config preset"):
+        load_file(f"{REPO}/configs/train.py:stage2,mep_v4")

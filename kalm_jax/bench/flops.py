@@ -59,15 +59,21 @@ def encoder_flops(cfg: ModelConfig, n: int) -> int:
 def decoder_flops(cfg: ModelConfig, t: int, c: int) -> int:
     """Forward FLOPs to score one (prompt of t tokens, c cached states) pair.
 
-    Every decoder layer pays the prompt's linear work, the k/v projection of the c cached states (the
-    cache holds pre-projection hidden states) and merged attention over t causal keys + c passage keys;
-    the head multiplies the last state by the two yes/no rows (2·2·H).
+    Every decoder layer but the last pays the prompt's linear work, the k/v projection of the c cached
+    states (the cache holds pre-projection hidden states) and merged attention over t causal keys + c
+    passage keys. Only the last position is read, so the last layer needs the k/v projections of all t
+    prompt tokens and of the c states, but q/o, attention and the MLP for one query; the head multiplies
+    that state by the two yes/no rows (2·2·H).
     """
     total = 4 * cfg.hidden_size
-    for kind in cfg.decoder_layer_types:
+    kinds = cfg.decoder_layer_types
+    for kind in kinds[:-1]:
         self_keys = causal_visible_keys(t, cfg.sliding_window, kind == SLIDING)
         total += (t * token_linear_flops(cfg) + c * kv_projection_flops(cfg)
                   + (self_keys + t * c) * attention_pair_flops(cfg))
+    last_keys = min(t, cfg.sliding_window) if kinds[-1] == SLIDING else t
+    total += ((t + c) * kv_projection_flops(cfg) + token_linear_flops(cfg) - kv_projection_flops(cfg)
+              + (last_keys + c) * attention_pair_flops(cfg))
     return total
 
 
@@ -107,6 +113,13 @@ def train_flops(cfg: ModelConfig, n: int, r: int, t: int, *, lora: bool) -> int:
     return (2 if lora else 3) * no_cache_flops(cfg, n, r, t)
 
 
+def train_step_flops(cfg: ModelConfig, n: int, ratios: tuple[int, ...], t: int, *, lora: bool) -> int:
+    """Useful FLOPs per training pair of the real step (`kalm_jax.training.step`): the passage is encoded
+    once and scored once per MEP ratio in `ratios`; × 3 for full fine-tuning, × 2 for LoRA (as `train_flops`)."""
+    forward = encoder_flops(cfg, n) + sum(decoder_flops(cfg, t, cached_states(n, r)) for r in ratios)
+    return (2 if lora else 3) * forward
+
+
 def cache_bytes(cfg: ModelConfig, n: int, r: int, itemsize: int = 2) -> int:
     """Bytes of one cached passage: ceil(n/r) states × H × itemsize (+ int32 counts per window)."""
     c = cached_states(n, r)
@@ -115,4 +128,4 @@ def cache_bytes(cfg: ModelConfig, n: int, r: int, itemsize: int = 2) -> int:
 
 __all__ = ["token_linear_flops", "attention_pair_flops", "kv_projection_flops", "encoder_flops",
            "decoder_flops", "no_cache_flops", "online_ratio", "cross_encoder_flops", "cross_encoder_ratio",
-           "train_flops", "cache_bytes", "cached_states", "bidirectional_visible_keys", "causal_visible_keys"]
+           "train_flops", "train_step_flops", "cache_bytes", "cached_states", "bidirectional_visible_keys", "causal_visible_keys"]

@@ -14,7 +14,7 @@ from kalm_jax.bench import suite
 from kalm_jax.bench.timing import measure_matmul_peak
 
 
-def _write_json(rows: list[dict[str, Any]], out: Path | None) -> None:
+def write_rows(rows: list[dict[str, Any]], out: Path | None) -> None:
     if out is None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def run(settings: suite.BenchSettings, *, peer: bool | None = None, peer_on_cpu:
     def add(row: dict[str, Any]) -> None:
         rows.append(row)
         on_row(row)
-        _write_json(rows, out)
+        write_rows(rows, out)
 
     raw_peer: list[dict] = []
     device, why = peer_lib.availability(peer_on_cpu)

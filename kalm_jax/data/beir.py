@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -128,8 +129,13 @@ def load_queries(path: str | Path, on_error: OnError = "raise", skipped: SkipCou
 
 
 def load_qrels(path: str | Path, on_error: OnError = "raise", skipped: SkipCounter | None = None) -> Qrels:
-    """Reads BEIR qrels (``query-id<TAB>corpus-id<TAB>score`` with a header) or TREC qrels (``qid 0 docid rel``)."""
+    """Reads BEIR qrels (``query-id<TAB>corpus-id<TAB>score`` with a header) or TREC qrels (``qid 0 docid rel``).
+
+    A grade must be an integer (``2``, ``2.0``); ``0.9``, ``inf`` or ``nan`` are errors, as is a (query, doc)
+    pair judged twice with different grades (an identical repeat is accepted).
+    """
     qrels: Qrels = {}
+    first_line: dict[tuple[str, str], int] = {}
     for lineno, line in iter_lines(path):
         if not line.strip():
             continue
@@ -145,12 +151,25 @@ def load_qrels(path: str | Path, on_error: OnError = "raise", skipped: SkipCount
                    skipped, "malformed qrels row")
             continue
         try:
-            rel = int(float(score))
+            value = float(score)
         except ValueError:
             handle(DataError(path, lineno, f"relevance {score!r} is not a number"), on_error, skipped,
                    "malformed qrels row")
             continue
-        qrels.setdefault(qid.strip(), {})[doc_id.strip()] = rel
+        if not math.isfinite(value) or not value.is_integer():
+            handle(DataError(path, lineno, f"relevance {score.strip()!r} is not an integer grade"), on_error, skipped,
+                   "malformed qrels row")
+            continue
+        rel = int(value)
+        q, d = qid.strip(), doc_id.strip()
+        old = qrels.get(q, {}).get(d)
+        if old is not None and old != rel:
+            handle(DataError(path, lineno, f"query {q!r} doc {d!r} judged {rel} here but {old} on line "
+                             f"{first_line[(q, d)]} (conflicting duplicate)"), on_error, skipped,
+                   "conflicting qrels duplicate")
+            continue
+        first_line.setdefault((q, d), lineno)
+        qrels.setdefault(q, {})[d] = rel
     return qrels
 
 

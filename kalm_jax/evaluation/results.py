@@ -1,14 +1,24 @@
-"""The sweep's results file: ``OUT/results.jsonl`` (one JSON row per finished cell) and
-``OUT/sweep_config.json`` (the settings the rows depend on)."""
+"""The sweep's results file: ``OUT/results.jsonl`` (one JSON row per finished cell),
+``OUT/sweep_config.json`` (the settings the rows depend on) and ``OUT/.lock`` (one run per directory).
+
+A *complete row* is a line that parses as a JSON object, with or without its final newline; only an
+unparseable last line is torn (a kill mid-append). `read_results` and `append` share that one definition
+(`scan`): the reader skips a torn last line, the appender drops it (and adds a missing final newline to a
+complete last row instead of deleting it).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kalm_jax.evaluation.settings import Settings, SweepConfigError
 
@@ -22,37 +32,92 @@ def cell_key(row: Mapping[str, Any]) -> tuple:
     return (row["dataset"], row["split"], row["stage"], row.get("checkpoint"), row.get("ratio"), row.get("instruction"))
 
 
-def read_results(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of OUT/results.jsonl; a torn last line (a crash while appending) is ignored with a warning."""
-    path = Path(output_dir) / RESULTS
-    if not path.is_file():
-        return []
-    rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines, 1):
+LOCK_FILE = ".lock"
+
+
+class OutputDirLocked(RuntimeError):
+    """Another run holds the output directory's lock."""
+
+
+def scan(data: bytes, path: Path | str = RESULTS) -> tuple[list[dict[str, Any]], int, bool]:
+    """Parses results.jsonl bytes: (complete rows, byte length of the complete part, whether it lacks a
+    final newline). A torn last line is excluded from both; any other unparseable line is an error."""
+    rows: list[dict[str, Any]] = []
+    lines = data.split(b"\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    end = 0
+    pos = 0
+    for i, line in enumerate(lines):
+        start, pos = pos, pos + len(line) + 1
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                log.warning("%s:%d: ignoring a torn last line (interrupted write); the cell will be redone", path, i)
-                continue
-            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-    return rows
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            if i == last:
+                log.warning("%s:%d: ignoring a torn last line (interrupted write); the cell will be redone", path,
+                            i + 1)
+                return rows, start, False
+            raise ValueError(f"{path}:{i + 1}: not a JSON row ({e})") from None
+        rows.append(row)
+        end = min(pos, len(data))
+    return rows, end, bool(data[:end]) and not data[:end].endswith(b"\n")
+
+
+def read_results(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Complete rows of OUT/results.jsonl (see `scan`); a torn last line is ignored with a warning."""
+    path = Path(output_dir) / RESULTS
+    if not path.is_file():
+        return []
+    return scan(path.read_bytes(), path)[0]
 
 
 def append(output_dir: Path, row: Mapping[str, Any]) -> None:
+    """Appends one row (flushed and fsynced). A torn last line is dropped first; a complete last row that
+    lacks its newline gets one (it is never deleted)."""
     path = output_dir / RESULTS
     with open(path, "a+b") as f:
         f.seek(0)
         data = f.read()
-        if data and not data.endswith(b"\n"):  # a torn, unparseable last line from a kill: drop it
-            f.truncate(data.rfind(b"\n") + 1)
+        _, end, no_newline = scan(data, path)
+        if end < len(data) and data[end:].strip():
+            f.truncate(end)
             log.warning("%s: removed a torn last line left by an interrupted write", path)
-        f.write((json.dumps(row, sort_keys=True) + "\n").encode())
+        prefix = b"\n" if no_newline else b""
+        f.write(prefix + (json.dumps(row, sort_keys=True) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Holds an exclusive lock on `output_dir` (fcntl.flock on OUT/.lock) for the duration of the block.
+
+    Raises `OutputDirLocked` naming the holder when another process holds it. The kernel releases the
+    lock when its holder exits, killed or not, so a stale lock never blocks a rerun.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise OutputDirLocked(f"{out} is in use by another run ({holder}); wait for it to finish or use "
+                                  "another output_dir (two runs would duplicate every cell)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        f.flush()
+        yield path
+    finally:
+        f.close()  # releases the lock
 
 
 def check_output_dir(settings: Settings) -> None:
@@ -61,7 +126,11 @@ def check_output_dir(settings: Settings) -> None:
     path = out / CONFIG_FILE
     ident = settings.identity()
     if path.is_file():
-        stored = json.loads(path.read_text()).get("identity", {})
+        try:
+            stored = json.loads(path.read_text()).get("identity", {})
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise SweepConfigError(f"{path}: not a valid sweep config ({type(e).__name__}: {e}); it records which "
+                                   f"settings produced {RESULTS}: restore it or use a new output_dir") from None
         diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
         if diff:
             details = "; ".join(f"{k}: results used {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -76,4 +145,5 @@ def check_output_dir(settings: Settings) -> None:
         os.replace(tmp, path)
 
 
-__all__ = ["RESULTS", "CONFIG_FILE", "cell_key", "read_results", "append", "check_output_dir"]
+__all__ = ["RESULTS", "CONFIG_FILE", "LOCK_FILE", "OutputDirLocked", "cell_key", "scan", "read_results", "append",
+           "check_output_dir", "output_lock"]

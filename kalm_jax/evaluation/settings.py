@@ -92,6 +92,17 @@ class Settings:
         return s
 
     def validate(self) -> None:
+        """Raises SweepConfigError naming the first invalid field (type, range, or contradiction)."""
+        minimum = {"top_k": 1, "max_queries": 0, "doc_max_length": 1, "query_max_tokens": 1, "relevance_level": 0,
+                   "batch_pairs": 1, "encode_batch_size": 1, "shard_size": 1, "store_ratio": 0}
+        for name, lo in minimum.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SweepConfigError(f"{name} must be an integer, got {v!r}")
+            if v < lo:
+                meaning = {"max_queries": " (0 = all queries)", "relevance_level": " (0 = the dataset's default)",
+                           "store_ratio": " (0 = the gcd of the ratios)"}.get(name, "")
+                raise SweepConfigError(f"{name} must be >= {lo}{meaning}, got {v}")
         if not (self.first_stage == "bm25" or self.first_stage.startswith("run:")):
             raise SweepConfigError(f"first_stage must be 'bm25' or 'run:<path>', got {self.first_stage!r}")
         if self.storage not in STORAGE:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kalm_jax import mep
-from kalm_jax.passage_states import STORAGE, PassageStates
+from kalm_jax.passage_states import STORAGE, PassageStates, PassageStatesError, check_ids, read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,26 @@ OnStale = Literal["error", "reencode"]
 
 class StaleStoreError(ValueError):
     """The store on disk was written for another model / tokenizer / max length / ratio / storage."""
+
+
+def _check_shards(shards, manifest: Path) -> list[dict[str, Any]]:
+    """The manifest's shard list, validated: plain unique names (no `/`, `..` or absolute paths), counts >= 0."""
+    if not isinstance(shards, list):
+        raise PassageStatesError(f"{manifest}: shards must be a list, got {type(shards).__name__}")
+    seen = set()
+    for i, sh in enumerate(shards):
+        name = sh.get("name") if isinstance(sh, dict) else None
+        count = sh.get("count") if isinstance(sh, dict) else None
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                or Path(name).is_absolute()):
+            raise PassageStatesError(f"{manifest}: shard {i} has name {name!r}; shard names must be plain directory "
+                                     "names inside the store (refusing paths that leave it)")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise PassageStatesError(f"{manifest}: shard {name!r} has count {count!r}, expected an integer >= 0")
+        if name in seen:
+            raise PassageStatesError(f"{manifest}: shard {name!r} is listed twice")
+        seen.add(name)
+    return shards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,13 +144,16 @@ class PassageStore:
         root = Path(root).absolute()
         manifest = root / MANIFEST
         if manifest.is_file():
-            data = json.loads(manifest.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"{manifest}: format {data.get('format')!r}, expected {FORMAT!r}")
+            data = read_json(manifest, "the store manifest")
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                found = data.get("format") if isinstance(data, dict) else type(data).__name__
+                raise ValueError(f"{manifest}: format {found!r}, expected {FORMAT!r}")
             stored = data.get("key", {})
+            if not isinstance(stored, dict):
+                raise PassageStatesError(f"{manifest}: key must be an object, got {type(stored).__name__}")
             diff = {k: (stored.get(k), v) for k, v in key.as_dict().items() if stored.get(k) != v}
             if not diff:
-                return cls(root, key, list(data.get("shards", [])))
+                return cls(root, key, list(_check_shards(data.get("shards", []), manifest)))
             details = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
             if on_stale == "error":
                 raise StaleStoreError(
@@ -156,8 +179,13 @@ class PassageStore:
         if self._index is None:
             index = {}
             for s, shard in enumerate(self.shards):
-                ids = json.loads((self._shard_dir(self.key.ratio, shard["name"]) / "ids.json").read_text())
-                index.update({d: (s, i) for i, d in enumerate(ids)})
+                path = self._shard_dir(self.key.ratio, shard["name"]) / "ids.json"
+                ids = check_ids(read_json(path, "the passage ids"), str(path), int(shard["count"]))
+                for i, d in enumerate(ids):
+                    if d in index:
+                        raise PassageStatesError(f"{path}: passage id {d!r} is also in shard "
+                                                 f"{self.shards[index[d][0]]['name']}")
+                    index[d] = (s, i)
             self._index = index
         return self._index
 
@@ -298,10 +326,23 @@ class PassageStore:
         out = []
         for shard in self.shards:
             d = self._shard_dir(ratio, shard["name"])
-            if not (d / "manifest.json").is_file():
-                base = PassageStates.load(self._shard_dir(self.key.ratio, shard["name"]), expect_meta=expect)
-                base.to_ratio(ratio).save(d, overwrite=True)
+            if ratio != self.key.ratio:
+                # a derived shard records the content hash of the finest shard it came from: a finest shard
+                # that changed since (re-encoded, replaced) makes it stale, and it is derived again
+                src = self._shard_dir(self.key.ratio, shard["name"])
+                source = PassageStates.stored_content(src)
+                if not (d / "manifest.json").is_file() or PassageStates.stored_content(d) is None or (
+                        PassageStates.load(d, expect_meta=expect).meta.get("derived_from") != source):
+                    if (d / "manifest.json").is_file():
+                        log.warning("%s: its source %s changed since it was derived; deriving it again", d, src)
+                    base = PassageStates.load(src, expect_meta=expect)
+                    derived = base.to_ratio(ratio)
+                    derived.meta = {**derived.meta, "derived_from": source}
+                    derived.save(d, overwrite=True)
             states = PassageStates.load(d, expect_meta=expect)
+            hidden = out[0].states.shape[2] if out else None
+            if hidden is not None and states.states.shape[2] != hidden:
+                raise PassageStatesError(f"{d}: hidden size {states.states.shape[2]}, other shards have {hidden}")
             if states.ratio != ratio or len(states) != shard["count"]:
                 raise ValueError(f"{d}: holds {len(states)} passages at ratio {states.ratio}, manifest says "
                                  f"{shard['count']} at ratio {ratio}")

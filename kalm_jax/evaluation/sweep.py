@@ -160,6 +160,48 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+# ------------------------------------------------------------------------------------------- identities
+def path_identity(path: str | Path) -> str:
+    """A cheap identity of a file or directory tree: sha256 over (relative path, size, mtime) of its files.
+
+    A checkpoint or dataset replaced at the same path gets another identity (a copy that preserves
+    modification times and sizes of every file is, by design, the same data).
+    """
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def data_identity(settings: Settings, dataset: str) -> str:
+    """Identity of one dataset's files (and of an external first-stage run file) under `settings.data_dir`."""
+    ident = path_identity(settings.data_dir / dataset)
+    run = _first_stage_path(settings, dataset)
+    if run is not None and not run.resolve().is_relative_to((settings.data_dir / dataset).resolve()):
+        ident = hashlib.sha256(f"{ident}{path_identity(run)}".encode()).hexdigest()[:16]
+    return ident
+
+
+def check_identities(out: Path, rows, identities: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuses to add results for a dataset or checkpoint whose files changed since earlier rows were written."""
+    problems = []
+    for row in rows:
+        ds, ck = row.get("dataset"), row.get("checkpoint")
+        now = identities["data"].get(ds)
+        if now is not None and row.get("data_identity") not in (None, now):
+            problems.append(f"dataset {ds!r}: its files changed since {row.get('finished')} (data_dir or contents)")
+        now = identities["checkpoint"].get(ck)
+        if ck and now is not None and row.get("checkpoint_identity") not in (None, now):
+            problems.append(f"checkpoint {ck}: replaced since its results of {row.get('finished')}")
+    if problems:
+        raise SweepConfigError(f"{out} holds results of other data or models under the same names:\n  "
+                               + "\n  ".join(dict.fromkeys(problems))
+                               + "\nuse a new output_dir (finished results are never overwritten or mixed)")
+
+
 # ------------------------------------------------------------------------------------------- the sweep
 ModelLoader = Callable[[str, Settings], tuple[Any, Any]]
 
@@ -171,14 +213,26 @@ def load_checkpoint(path: str, settings: Settings):
 
 
 def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
-    """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards."""
+    """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards.
+
+    Holds OUT's lock throughout (`results.output_lock`): a second run on the same directory fails clearly."""
+    settings = config if isinstance(config, Settings) else Settings.from_config(config)
+    with results_lib.output_lock(settings.output_dir):
+        return _run_sweep_locked(settings, load_model=load_model)
+
+
+def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     settings = config if isinstance(config, Settings) else Settings.from_config(config)
     check_inputs(settings)
     distributed.primary_first(lambda: results_lib.check_output_dir(settings), "sweep_output_dir")
     out = settings.output_dir
-    done = {cell_key(r) for r in read_results(out)}
+    existing = read_results(out)
+    identities = {"data": {ds: data_identity(settings, ds) for ds in settings.datasets},
+                  "checkpoint": {ck: path_identity(ck) for ck in settings.checkpoints}}
+    check_identities(out, existing, identities)
+    done = {cell_key(r) for r in existing}
     split = settings.split
 
     def todo_cells(ds: str, ck: str) -> list[tuple[str, int]]:
@@ -201,7 +255,8 @@ def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict
                        "instruction": None, "metrics": _metrics(settings, prep, prep.run),
                        "first_stage": settings.first_stage, "queries": len(prep.queries),
                        "relevance_level": prep.relevance_level, "warnings": prep.warnings,
-                       "run_file": f"runs/{ds}/first_stage.trec.gz", "finished": _now()}
+                       "run_file": f"runs/{ds}/first_stage.trec.gz", "data_identity": identities["data"][ds],
+                       "finished": _now()}
                 if primary:
                     results_lib.append(out, row)
                 done.add(key)
@@ -250,6 +305,8 @@ def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict
                                "instruction": ins, "metrics": _metrics(settings, prep, res.run), "cost": cost,
                                "queries": len(prep.queries), "relevance_level": prep.relevance_level,
                                "model_fingerprint": key.model, "store": str(root), "run_file": run_file,
+                               "data_identity": identities["data"][ds],
+                               "checkpoint_identity": identities["checkpoint"][ck],
                                "finished": _now()}
                         if primary:
                             results_lib.append(out, row)

@@ -7,15 +7,26 @@ Each step directory holds the items
   data_iter/     the Grain iterator state, one file per process
 Saves are asynchronous; the manager keeps the last `keep` steps plus the `keep_best` best by
 `best_metric`. Restoring takes the abstract state of the *current* `TrainStep`, so a run resumes onto
-another mesh shape. A latest step that fails to restore (truncated or corrupt files) is moved to
-`<workdir>/corrupt_checkpoints/<step>` with a warning and the previous step is used.
+another mesh shape.
+
+Integrity and safety of resuming:
+- once a step is complete, `<step>/checksums.json` records the sha256 of every file of its `params`,
+  `train_state` and `kalm_model` items (`kalm_jax.integrity`); it is verified before the step is restored;
+- `kalm_model.json` records `train_settings` (`training.config.train_settings`: the settings the saved
+  train state depends on). Resuming with a different value, or with a train state of another structure,
+  raises `SettingsMismatch` naming the settings, and touches nothing;
+- only real corruption (a checksum mismatch, a missing/truncated file, an unreadable step) makes a step
+  unusable: it is moved (never deleted) to `<workdir>/corrupt_checkpoints/<step>[.n]` with a warning and the
+  previous step is used. A corrupt step with no older step to fall back to is an error and stays in place.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +35,37 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from kalm_jax import integrity
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "train_state", "kalm_model", "data_iter")
+SEALED_ITEMS = ("params", "train_state", "kalm_model")
+
+
+class SettingsMismatch(ValueError):
+    """The checkpoint was written with settings that change the train state; resuming would be wrong."""
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step cannot be used (checksum mismatch, missing or unreadable files)."""
+
+
+_STRUCTURE_HINTS = ("tree structures do not match", "do not match", "incompatible", "mismatch", "shape")
 
 
 class Checkpointer:
     """Saves and restores train states of one run directory."""
 
-    def __init__(self, workdir: str | Path, ckpt_cfg: Any):
+    def __init__(self, workdir: str | Path, ckpt_cfg: Any, settings: dict[str, Any] | None = None):
+        """`settings`: `training.config.train_settings(config)` of this run (recorded, and compared on restore)."""
         self.workdir = Path(workdir).absolute()
         self.root = self.workdir / "checkpoints"
         self.cfg = ckpt_cfg
+        self.settings = None if settings is None else json.loads(json.dumps(settings))
         self.metric = str(ckpt_cfg.best_metric)
         self.manager = self._make_manager()
+        self._sealer: threading.Thread | None = None
 
     def _make_manager(self) -> ocp.CheckpointManager:
         keep = [policies.LatestN(n=max(1, int(self.cfg.keep)))]
@@ -66,6 +94,8 @@ class Checkpointer:
         step = int(jax.device_get(state["step"]))
         if step in self.manager.all_steps():
             return False
+        if self.settings is not None:
+            meta = {**meta, "train_settings": self.settings}
         args = {"params": ocp.args.StandardSave(state["params"]),
                 "train_state": ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
                 "kalm_model": ocp.args.JsonSave(meta)}
@@ -76,52 +106,129 @@ class Checkpointer:
             clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.metric and int(self.cfg.keep_best) > 0 and (clean is None or self.metric not in clean):
             clean = None  # BestN only ranks steps that carry the metric
-        return self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean, force=force)
+        self._join_sealer()
+        started = self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean, force=force)
+        if started and jax.process_index() == 0:
+            # `manager.save` waited for the previous (async) save, so every older step is committed: hash them
+            # in the background (file reads only; no Orbax calls off the main thread). This step is sealed by
+            # the next save or by `wait`/`close`.
+            self._sealer = threading.Thread(target=self.seal, kwargs={"exclude": step}, daemon=True,
+                                            name="checkpoint-checksums")
+            self._sealer.start()
+        return started
+
+    def _join_sealer(self) -> None:
+        if self._sealer is not None:
+            self._sealer.join()
+            self._sealer = None
+
+    def seal(self, exclude: int | None = None) -> None:
+        """Writes `<step>/checksums.json` for every committed step that has none (process 0 only)."""
+        if jax.process_index() != 0 or not self.root.is_dir():
+            return
+        for p in sorted(self.root.iterdir()):
+            if not p.name.isdigit() or int(p.name) == exclude or integrity.has_checksums(p):
+                continue
+            try:
+                integrity.write(p, SEALED_ITEMS)
+            except OSError as e:  # e.g. the step was just removed by the keep policy: nothing to seal
+                log.warning("could not write checksums for %s: %s", p, e)
 
     def wait(self) -> None:
+        """Waits for the pending save, then writes the checksums of every committed step."""
         self.manager.wait_until_finished()
+        self._join_sealer()
+        self.seal()
 
     def restore(self, abstract_state: dict, data_iter: Any | None) -> tuple[dict, int] | None:
-        """Restores the newest loadable step into `abstract_state`'s shapes/shardings.
+        """Restores the newest usable step into `abstract_state`'s shapes/shardings.
 
         Returns (state, step), or None when there is no checkpoint. `data_iter` (if given) is set to the
-        saved iterator position.
+        saved iterator position. Raises `SettingsMismatch` when the newest step was written with settings
+        that change the train state (nothing is moved), and `CorruptCheckpoint` when a corrupt step has no
+        older step to fall back to. A corrupt step with an older one is quarantined (moved, never deleted).
         """
         while True:
             step = self.manager.latest_step()
             if step is None:
                 return None
             try:
+                self.check_settings(step)
                 return self._restore_step(step, abstract_state, data_iter), step
-            except Exception as e:  # noqa: BLE001 - any failure to read a step means it is unusable
+            except CorruptCheckpoint as e:
                 older = [s for s in self.steps() if s < step]
-                dest = self.workdir / "corrupt_checkpoints" / str(step)
-                log.warning("checkpoint %s/%d cannot be restored (%s: %s); moving it to %s and using %s",
-                            self.root, step, type(e).__name__, str(e).splitlines()[0][:300], dest,
-                            f"step {older[-1]}" if older else "a fresh start")
-                self.manager.close()
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if dest.exists():
-                    shutil.rmtree(dest)
-                shutil.move(str(self.root / str(step)), str(dest))
-                self.manager = self._make_manager()
+                if not older:
+                    raise CorruptCheckpoint(
+                        f"{e}\nNo older checkpoint to fall back to; {self.root / str(step)} is left in place. Move "
+                        "it aside to start this run from scratch, or use a new --workdir.") from None
+                dest = self._quarantine(step)
+                log.warning("checkpoint %s/%d cannot be restored, it is corrupt (%s); moved it to %s, resuming from step %d",
+                            self.root, step, e, dest, older[-1])
+
+    def _quarantine(self, step: int) -> Path:
+        """Moves a corrupt step to <workdir>/corrupt_checkpoints/<step>[.n] (a free name; nothing deleted)."""
+        self.manager.close()
+        base = self.workdir / "corrupt_checkpoints"
+        base.mkdir(parents=True, exist_ok=True)
+        dest, n = base / str(step), 0
+        while dest.exists():
+            n += 1
+            dest = base / f"{step}.{n}"
+        shutil.move(str(self.root / str(step)), str(dest))
+        self.manager = self._make_manager()
+        return dest
+
+    def check_settings(self, step: int) -> None:
+        """Raises `SettingsMismatch` naming each train-state setting that differs from the step's record."""
+        meta_path = self.root / str(step) / "kalm_model" / "kalm_model.json"
+        if self.settings is None or not meta_path.is_file():
+            return
+        try:
+            saved = json.loads(meta_path.read_text()).get("train_settings")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptCheckpoint(f"{meta_path}: not valid JSON ({e})") from None
+        if not isinstance(saved, dict):
+            return  # written before settings were recorded: the structure check in _restore_step applies
+        keys = sorted(set(saved) | set(self.settings))
+        diff = [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {self.settings.get(k, '<unset>')!r}"
+                for k in keys if saved.get(k) != self.settings.get(k)]
+        if diff:
+            raise SettingsMismatch(
+                f"{self.root / str(step)} was written with different settings that change the train state:\n  "
+                + "\n  ".join(diff) + "\nResume with the checkpoint's values, or start a new run in another "
+                "--workdir (the checkpoints are left untouched).")
 
     def _restore_step(self, step: int, abstract_state: dict, data_iter: Any | None) -> dict:
+        d = self.root / str(step)
+        try:
+            verified = integrity.verify(d)
+        except integrity.IntegrityError as e:
+            raise CorruptCheckpoint(str(e)) from None
         abstract_ts = {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
         args = {"params": ocp.args.StandardRestore(abstract_state["params"]),
                 "train_state": ocp.args.StandardRestore(abstract_ts)}
         if data_iter is not None:
             args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001 - classified below: a different structure vs a broken file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            if verified or any(h in str(e).lower() for h in _STRUCTURE_HINTS):
+                raise SettingsMismatch(
+                    f"{d}: its train state does not fit the current configuration ({type(e).__name__}: {first}). "
+                    "A setting that changes the parameter or optimiser state differs from the run that wrote it "
+                    "(model, LoRA, optimizer.grad_accum_steps, optimizer.clip_norm, ...); resume with the original "
+                    "settings or use a new --workdir (the checkpoints are left untouched).") from None
+            raise CorruptCheckpoint(f"{d}: cannot be read ({type(e).__name__}: {first})") from None
         ts = out["train_state"]
         restored_step = int(jax.device_get(ts["step"]))
         if restored_step != step:
-            raise ValueError(f"train_state step {restored_step} does not match directory {step}")
+            raise CorruptCheckpoint(f"{d}: train_state step {restored_step} does not match the directory")
         return {"step": ts["step"], "params": out["params"], "opt_state": ts["opt_state"]}
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
-__all__ = ["Checkpointer", "ITEMS"]
+__all__ = ["Checkpointer", "ITEMS", "SettingsMismatch", "CorruptCheckpoint"]

@@ -7,6 +7,7 @@ config file or an override never passes silently.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -14,12 +15,18 @@ import ml_collections
 from kalm_jax.mesh import DEFAULT_RULES
 
 DEFAULT_RATIOS = (1, 2, 4, 8, 16, 32)
+"""Every ratio the released serving code offers (r = 1..32), each trained: the default."""
+PAPER_V3_RATIOS = (2, 8, 32, 128)
+"""The ratio set the paper documents (v3 report: the SFT loss summed over r in {2, 8, 32, 128}, weight 1 each)."""
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
+    # Stage length in passes over the training groups; > 0 derives total_steps = ceil(epochs x groups /
+    # data.batch_size) once the data is prepared (the paper trains one epoch per stage); 0 = use total_steps.
+    c.epochs = 0.0
     # An HF T5Gemma 2 / KaLM directory, a kalm-jax model checkpoint or a training workdir; "" = from scratch.
     c.init_from = ""
 
@@ -117,8 +124,58 @@ def _keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Numeric ranges of the settings: (kind, low, high, low inclusive); kind "int" refuses fractions and bools.
+_INF = float("inf")
+RANGES: dict[str, tuple[str, float, float, bool]] = {
+    "seed": ("int", 0, _INF, True), "total_steps": ("int", 1, _INF, True),
+    "tokenizer_vocab_size": ("int", 1, _INF, True), "lora.rank": ("int", 1, _INF, True),
+    "lora.alpha": ("float", 0, _INF, False),
+    "data.num_negatives": ("int", 0, _INF, True), "data.negatives_depth": ("int", 1, _INF, True),
+    "data.batch_size": ("int", 1, _INF, True), "data.group_size": ("int", 1, _INF, True),
+    "data.passage_max_tokens": ("int", 1, _INF, True), "data.query_max_tokens": ("int", 1, _INF, True),
+    "data.decoder_length": ("int", 0, _INF, True), "data.worker_count": ("int", 0, _INF, True),
+    "loss.pointwise": ("float", 0, _INF, True), "loss.full_vocab": ("float", 0, _INF, True),
+    "loss.distill": ("float", 0, _INF, True), "loss.listwise": ("float", 0, _INF, True),
+    "loss.listwise_temperature": ("float", 0, _INF, False),
+    "optimizer.lr": ("float", 0, _INF, False), "optimizer.warmup_steps": ("int", 0, _INF, True),
+    "optimizer.end_lr_ratio": ("float", 0, 1, True), "optimizer.b1": ("float", 0, 1, True),
+    "optimizer.b2": ("float", 0, 1, True), "optimizer.eps": ("float", 0, _INF, False),
+    "optimizer.weight_decay": ("float", 0, _INF, True), "optimizer.clip_norm": ("float", 0, _INF, True),
+    "optimizer.grad_accum_steps": ("int", 1, _INF, True),
+    "checkpoint.every": ("int", 0, _INF, True), "checkpoint.keep": ("int", 1, _INF, True),
+    "checkpoint.keep_best": ("int", 0, _INF, True),
+    "eval.every": ("int", 0, _INF, True), "eval.num_queries": ("int", 0, _INF, True),
+    "eval.depth": ("int", 1, _INF, True), "eval.ratio": ("int", 1, _INF, True), "eval.batch_size": ("int", 1, _INF, True),
+    "log_every": ("int", 1, _INF, True), "peak_flops_per_device": ("float", 0, _INF, True),
+}
+
+
+def _range_problems(config: ml_collections.ConfigDict) -> list[str]:
+    import math
+
+    values = _keys(config)
+    problems = []
+    for name, (kind, lo, hi, lo_incl) in RANGES.items():
+        if name not in values:
+            continue
+        v = values[name]
+        if kind == "int":
+            ok_type = not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+        else:
+            ok_type = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        if not ok_type:
+            problems.append(f"{name} must be {'an integer' if kind == 'int' else 'a finite number'}, got {v!r}")
+        elif not ((v >= lo if lo_incl else v > lo) and v <= hi):
+            lo_s = f"{'>=' if lo_incl else '>'} {lo:g}"
+            problems.append(f"{name} must be {lo_s}{f' and <= {hi:g}' if hi != _INF else ''}, got {v!r}")
+    if str(config.loss.teacher_format) not in ("prob", "logit"):
+        problems.append(f"loss.teacher_format must be 'prob' or 'logit', got {config.loss.teacher_format!r}")
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming every unknown key (with the valid keys of its section)."""
+    """Raises ValueError naming every unknown key (with the valid keys of its section) and every value out
+    of its range (`RANGES`: e.g. total_steps >= 1, optimizer.lr > 0)."""
     known = _keys(default_config())
     problems = []
     for name in _keys(config):
@@ -126,6 +183,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             section = name.rsplit(".", 1)[0] if "." in name else ""
             valid = sorted(k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == section)
             problems.append(f"unknown config key {name!r}; valid keys{' in ' + section if section else ''}: {valid}")
+    problems += _range_problems(config)
     if problems:
         raise ValueError("\n".join(problems))
     ratios = tuple(int(r) for r in config.mep.ratios)
@@ -133,8 +191,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"mep.ratios must be positive integers, got {config.mep.ratios}")
     if config.mep.weights and len(config.mep.weights) != len(ratios):
         raise ValueError(f"mep.weights has {len(config.mep.weights)} entries for {len(ratios)} ratios")
+    if any(not float(w) >= 0 or float(w) == float("inf") for w in config.mep.weights):
+        raise ValueError(f"mep.weights must be finite and >= 0, got {config.mep.weights}")
     if not any(float(config.loss[k]) for k in ("pointwise", "full_vocab", "distill", "listwise")):
         raise ValueError("every loss weight is zero (loss.pointwise/full_vocab/distill/listwise)")
+
+
+def resolve_total_steps(config: ml_collections.ConfigDict, num_groups: int) -> int:
+    """Training steps of the run: `total_steps`, or ceil(epochs x num_groups / data.batch_size) when epochs > 0."""
+    epochs = float(config.epochs)
+    if epochs <= 0:
+        return int(config.total_steps)
+    if num_groups < 1:
+        raise ValueError("epochs > 0 but the training data holds no groups")
+    return max(1, math.ceil(epochs * num_groups / int(config.data.batch_size)))
+
+
+def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings a saved train state depends on ({dotted key: value}); recorded in every checkpoint.
+
+    Resuming a run whose checkpoint recorded different values is refused (`checkpoints.SettingsMismatch`):
+    the parameter/optimiser tree would not match, or would silently mean something else.
+    """
+    out: dict[str, Any] = {"model.param_dtype": str(config.model.param_dtype),
+                           "optimizer.grad_accum_steps": int(config.optimizer.grad_accum_steps),
+                           "optimizer.clip_norm > 0": float(config.optimizer.clip_norm) > 0,
+                           "lora.enabled": bool(config.lora.enabled)}
+    if not config.init_from:
+        out["model.preset"] = str(config.model.preset)
+    if config.lora.enabled:
+        out.update({"lora.rank": int(config.lora.rank), "lora.alpha": float(config.lora.alpha),
+                    "lora.targets": [str(t) for t in config.lora.targets],
+                    "lora.stacks": [str(t) for t in config.lora.stacks]})
+    return out
 
 
 def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float], ...]:
@@ -143,4 +232,5 @@ def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float],
     return tuple(zip(ratios, weights))
 
 
-__all__ = ["default_config", "validate", "ratio_weights", "DEFAULT_RATIOS"]
+__all__ = ["default_config", "validate", "ratio_weights", "resolve_total_steps", "train_settings", "DEFAULT_RATIOS",
+           "PAPER_V3_RATIOS"]

@@ -1,13 +1,12 @@
 """Export a trained model: LoRA merged into the base weights, written as a kalm-jax model checkpoint.
 
-CLI: ``python -m kalm_jax.training.export --from WORKDIR_OR_STEP --out DIR [--keep_lora]``
+CLI: ``python -m kalm_jax.training.export WORKDIR_OR_STEP DIR [--config.keep_lora=true]``
 (HF safetensors export of the result: `kalm_jax.hf` / the convert tool.) The run's tokenizer (tokenizer.model
 or tokenizer.json) is copied next to the exported checkpoint when it is found.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from kalm_jax import checkpointing, loader
@@ -26,15 +25,21 @@ def export(source: str | Path, out_dir: str | Path, *, merge_lora: bool = True, 
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--from", dest="source", required=True, help="training workdir, step dir or model checkpoint")
-    p.add_argument("--out", required=True, help="output model checkpoint directory")
-    p.add_argument("--keep_lora", action="store_true", help="keep the adapters separate (no merge)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    print(export(args.source, args.out, merge_lora=not args.keep_lora, overwrite=args.overwrite))
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): SOURCE OUTPUT positional, settings of configs/export.py as `--config.KEY=VALUE`."""
+    from kalm_jax import cli
+
+    def run(config) -> int:
+        if not config.source or not config.output:
+            raise cli.ConfigError("usage: python -m kalm_jax.training.export SOURCE OUTPUT [--config.keep_lora=true]")
+        print(export(config.source, config.output, merge_lora=not config.keep_lora, overwrite=config.overwrite))
+        return 0
+
+    return cli.run(run, "export.py", argv=argv, positional=("source", "output"),
+                   errors=(FileNotFoundError, FileExistsError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

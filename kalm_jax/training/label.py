@@ -1,7 +1,7 @@
 """The `label` command: score training JSONL with a teacher checkpoint and write teacher scores back.
 
-    python -m kalm_jax.training.label --teacher CKPT --input train.jsonl --output train.teacher.jsonl
-        [--tokenizer tokenizer.model] [--ratio 4] [--format prob|logit]
+    python -m kalm_jax.training.label --config.teacher=CKPT --config.input=train.jsonl \
+        --config.output=train.teacher.jsonl [--config.ratio=4] [--config.format=prob|logit]
         [--coordinator_address H:P --num_processes N --process_id I]   (process 0 labels; see docs/multihost.md)
 
 For every example, each positive and negative passage is scored against the example's decoder prompt
@@ -13,14 +13,13 @@ between examples are encoded once per batch. The output is written atomically; t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import distributed, loader
+from kalm_jax import cli, distributed, loader
 from kalm_jax.data.training_jsonl import read_training_jsonl, write_training_jsonl
 from kalm_jax.engine import InferenceEngine, probability
 
@@ -63,26 +62,23 @@ def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, 
     return write_training_jsonl(out, output_path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write teacher scores into training JSONL (stage-3 input).")
-    p.add_argument("--teacher", required=True, help="teacher checkpoint: HF dir, model checkpoint or training workdir")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: the teacher's own)")
-    p.add_argument("--ratio", type=int, default=4, help="MEP ratio the teacher scores at")
-    p.add_argument("--format", dest="fmt", default="prob", choices=["prob", "logit"])
-    p.add_argument("--passage_max_tokens", type=int, default=512)
-    p.add_argument("--query_max_tokens", type=int, default=128)
-    distributed.add_arguments(p)
-    args = p.parse_args(argv)
-    distributed.initialize_from(args)
+def main(config, coordinator_address=None, num_processes=None, process_id=None) -> int:
+    """The CLI: settings from configs/label.py and `--config.KEY=VALUE` overrides (`kalm_jax.cli`)."""
+    for key in ("teacher", "input", "output"):
+        if not config[key]:
+            raise cli.ConfigError(f"--config.{key} is required")
+    distributed.initialize(coordinator_address, num_processes, process_id)
     if not distributed.is_primary():  # labelling is not split across processes: process 0 does all of it
         print("labelling runs on process 0 only; this process has nothing to do")
-        return
-    n = label(args.teacher, args.input, args.output, tokenizer=args.tokenizer, ratio=args.ratio, fmt=args.fmt,
-              passage_max_tokens=args.passage_max_tokens, query_max_tokens=args.query_max_tokens)
-    print(f"labelled {n} examples -> {args.output}")
+        return 0
+    n = label(config.teacher, config.input, config.output, tokenizer=config.tokenizer or None, ratio=config.ratio,
+              fmt=config.format, passage_max_tokens=config.passage_max_tokens,
+              query_max_tokens=config.query_max_tokens, batch_size=config.batch_size, dtype=config.dtype or None)
+    print(f"labelled {n} examples -> {config.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(cli.run(main, "label.py", flags=cli.DISTRIBUTED_FLAGS, errors=(FileNotFoundError, ValueError)))

@@ -34,7 +34,7 @@ from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
 from kalm_jax import distributed
 from kalm_jax import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer
-from kalm_jax.training.config import ratio_weights, validate
+from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
 from kalm_jax.training.state import configure_for_training
 from kalm_jax.training.step import STEP_BATCH_KEYS, TrainStep, make_train_step
 
@@ -121,7 +121,7 @@ def build_model(config, tok: AnyTokenizer):
     else:
         model_cfg = get_preset(config.model.preset)
         model = init_model(model_cfg, seed=int(config.seed), param_dtype=config.model.param_dtype)
-        check_vocab(tok, model_cfg.vocab_size, where="the run's tokenizer")
+        check_vocab(tok, model_cfg.vocab_size, where="str(getattr(tok, 'path', None) or 'the run\'s tokenizer')")
     return model_cfg, configure_for_training(model, config, seed=int(config.seed))
 
 
@@ -196,14 +196,32 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self.path.exists():  # drop lines past the resumed step (they were not checkpointed)
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in self._rows() if ln[1].get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(text + "\n" for text, _ in kept))
+            os.replace(tmp, self.path)
         self.file = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def _rows(self) -> list[tuple[str, dict]]:
+        """(line, parsed row) of metrics.jsonl; a torn last line (a kill mid-write) is dropped with a warning."""
+        lines = [ln for ln in self.path.read_text(errors="replace").splitlines() if ln.strip()]
+        rows = []
+        for i, ln in enumerate(lines, 1):
+            try:
+                row = json.loads(ln)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if i == len(lines):
+                    log.warning("%s: dropping a torn last line (an interrupted write): %r", self.path, ln[:80])
+                    continue
+                raise ValueError(f"{self.path}:{i}: not a JSON object ({e}); fix or move the file to resume") from None
+            rows.append((ln, row))
+        return rows
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -259,12 +277,19 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
     for turn in ("primary", "others"):
         if (turn == "primary") == distributed.is_primary():
             workdir.mkdir(parents=True, exist_ok=True)
-            if turn == "primary":
-                (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
             files = training_files(config, workdir)
             tok = load_tokenizer(config, workdir, files)
-            prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
+            prepared = prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
         distributed.barrier(f"kalm_train_inputs_{turn}")
+    if float(config.epochs) > 0:
+        import tensorflow_datasets as tfds
+
+        groups = tfds.builder_from_directory(str(prepared)).info.splits["train"].num_examples
+        steps = resolve_total_steps(config, groups)
+        log.info("epochs=%s over %d training groups at batch %d: %d steps", config.epochs, groups,
+                 int(config.data.batch_size), steps)
+        with config.unlocked():
+            config.total_steps = steps
     if int(config.data.batch_size) % jax.process_count():
         raise ValueError(f"data.batch_size {config.data.batch_size} does not split over {jax.process_count()} hosts")
     pcfg = pipeline.PipelineConfig(
@@ -288,13 +313,15 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
               flush=True)
 
     it = pipeline.training_iterator(tfds_dir, tok, pcfg, name="train")
-    ckpt = Checkpointer(workdir, config.checkpoint)
+    ckpt = Checkpointer(workdir, config.checkpoint, settings=train_settings(config))
     restored = ckpt.restore(ts.abstract_state, it)
     if restored is not None:
         state, start = restored
         log.info("resumed from %s/checkpoints/%d", workdir, start)
     else:
         state, start = ts.init_state(model), 0
+    if distributed.is_primary():  # only after the resume check: a refused run keeps the original record
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
     del model
     meta = checkpointing.model_meta(ts.model(state))
 

@@ -4,8 +4,9 @@ Shapes: B queries, G passages per query (positive at g=0 in the training pipelin
 scalar mean over its valid pairs (or groups), in fp32.
 
 * `pointwise_nll`: NLL of the gold token ("yes" for positives, "no" for negatives) under the 2-way
-  softmax over {yes, no} — equal to binary cross-entropy of sigmoid(m) against the 0/1 label. This is the
-  SFT loss of KaLM-Reranker (paper §3.2), and the same softmax that inference uses.
+  softmax over {yes, no} — equal to binary cross-entropy of sigmoid(m) against the 0/1 label, and the same
+  softmax that inference uses. The paper's SFT loss is an NLL of the gold token at the scoring position; whether
+  over the full vocabulary or the 2-way {yes, no} softmax it does not say (an open choice: this is the default).
 * `full_vocab_nll`: the same NLL under the full-vocabulary softmax (log p = z - logsumexp over V).
 * `distill_bce`: BCE of sigmoid(m) against the teacher's P(yes) (stage 3 distillation).
 * `listwise_ce`: softmax cross-entropy over each group's margins (FlagEmbedding's group loss), the

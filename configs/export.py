@@ -1,0 +1,13 @@
+"""Settings of `python -m kalm_jax.training.export SOURCE OUTPUT [--config.KEY=VALUE ...]`: a training run's model
+with LoRA merged, written as a standalone kalm-jax model checkpoint (with the run's tokenizer)."""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.source = ""            # training workdir, step dir, model checkpoint or HF dir (positional)
+    c.output = ""            # model checkpoint directory to write (positional)
+    c.keep_lora = False      # keep the adapters separate (no merge)
+    c.overwrite = False
+    return c

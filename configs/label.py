@@ -1,0 +1,19 @@
+"""Settings of the `label` command (`python -m kalm_jax.training.label --config.KEY=VALUE ...`): teacher scores
+written into training JSONL for stage-3 distillation."""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.teacher = ""               # teacher checkpoint: HF dir (tokenizer.model or tokenizer.json), export, workdir
+    c.input = ""                 # training JSONL to score
+    c.output = ""                # where the labelled copy goes (never the input)
+    c.tokenizer = ""             # tokenizer file/dir; "" = the teacher's own
+    c.ratio = 4                  # MEP ratio the teacher scores at
+    c.format = "prob"            # "prob" (teacher P(yes), matches loss.teacher_format="prob") or "logit" (margin)
+    c.passage_max_tokens = 512   # passage tokens (the '<Document>: ' prefix included); training length
+    c.query_max_tokens = 128     # query tokens; training length
+    c.batch_size = 64            # passages / pairs per device step
+    c.dtype = ""                 # parameter dtype to load the teacher in; "" = the checkpoint's own
+    return c

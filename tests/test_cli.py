@@ -1,0 +1,73 @@
+"""The one config entry: every CLI takes `--config=FILE[:ARG]` and `--config.KEY=VALUE` the same way, parses values
+as the field's type, and rejects an unknown key (exit 2) naming the valid keys of its section."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kalm_jax import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+# Every CLI, as a user runs it. Each is given a typo'd key in a section and must name it with the valid keys.
+CLIS = {
+    "train.py": ([sys.executable, str(REPO / "train.py"), "--workdir=unused"], "optimizer.lrr", "optimizer",
+                 "'warmup_steps'"),
+    "eval.py": ([sys.executable, str(REPO / "eval.py")], "ratioz", "<top level>", "'ratios'"),
+    "label": ([sys.executable, "-m", "kalm_jax.training.label"], "teachr", "<top level>", "'teacher'"),
+    "convert": ([sys.executable, "-m", "kalm_jax.convert", "inspect", "x"], "againts", "<top level>", "'against'"),
+    "aot": ([sys.executable, "-m", "kalm_jax.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
+    "bench": ([sys.executable, "-m", "kalm_jax.bench"], "shapez", "<top level>", "'shapes'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIS))
+def test_every_cli_rejects_an_unknown_key_with_the_valid_keys(name):
+    argv, key, section, valid = CLIS[name]
+    r = subprocess.run([*argv, f"--config.{key}=1"], env=_env(), capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert f"unknown config key --config.{key}" in r.stderr and f"{section} has no" in r.stderr, r.stderr[-2000:]
+    assert valid in r.stderr
+
+
+def test_values_are_parsed_as_the_fields_type(tmp_path):
+    config, flags = cli.parse(["--config.optimizer.lr=1e-4", "--config.mep.ratios=2,8,32", "--config.lora.enabled=true",
+                               "--config.data.train_jsonl=('a.jsonl','b.jsonl')", "--config.total_steps", "7",
+                               "--workdir", str(tmp_path)], "train.py:tiny", flags=[cli.Flag("workdir")])
+    assert config.optimizer.lr == 1e-4 and tuple(config.mep.ratios) == (2, 8, 32) and config.lora.enabled is True
+    assert tuple(config.data.train_jsonl) == ("a.jsonl", "b.jsonl") and config.total_steps == 7
+    assert flags == {"workdir": str(tmp_path)}
+    with pytest.raises(cli.ConfigError, match="expected an integer"):
+        cli.parse(["--config.total_steps=many"], "train.py:tiny")
+    with pytest.raises(cli.ConfigError, match="expected a boolean"):
+        cli.parse(["--config.lora.enabled=maybe"], "train.py:tiny")
+    with pytest.raises(cli.ConfigError, match="is a section"):
+        cli.parse(["--config.optimizer=1"], "train.py:tiny")
+    with pytest.raises(cli.ConfigError, match="no such config file"):
+        cli.parse(["--config=configs/nope.py"], "train.py:tiny")
+    with pytest.raises(cli.ConfigError, match="unknown config preset"):
+        cli.parse([f"--config={REPO}/configs/train.py:huge"], "")
+    with pytest.raises(cli.ConfigError, match="unexpected arguments"):
+        cli.parse(["a", "b", "c", "d"], "convert.py", positional=("command", "source", "output"))
+    config, _ = cli.parse(["to-hf", "src", "out", "--config.dtype=float32"], "convert.py",
+                          positional=("command", "source", "output"))
+    assert (config.command, config.source, config.output, config.dtype) == ("to-hf", "src", "out", "float32")
+
+
+def test_every_default_lives_in_configs():
+    """Each CLI's default config file exists and loads."""
+    for name in ("train.py:tiny", "eval.py", "label.py", "convert.py", "tpu.py:nano,v5e-4", "bench.py"):
+        assert cli.load_file(cli.config_file(name)) is not None, name

@@ -1,0 +1,136 @@
+"""Passage states and the store validate their files: manifests, dtypes, scale only for int8, ratios, finite
+states, ids, shard names (no paths leaving the store), duplicate shards; derived shards follow their source."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from kalm_jax import mep
+from kalm_jax.evaluation.store import PassageStore, StoreKey
+from kalm_jax.passage_states import PassageStates, PassageStatesError
+
+
+def states(n=3, c=8, h=4, seed=0, ids=True) -> PassageStates:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, c + 1, n)
+    mask = (np.arange(c)[None] < lengths[:, None]).astype(np.int8)
+    st = rng.normal(size=(n, c, h)).astype(np.float32) * mask[..., None]
+    return PassageStates(st, mask, mask.astype(np.int32), 1, [f"d{seed}-{i}" for i in range(n)] if ids else None)
+
+
+def edit_manifest(d, **changes):
+    m = json.loads((d / "manifest.json").read_text())
+    m.update(changes)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_stray_scale_for_float_states_is_refused(tmp_path):
+    d = states().save(tmp_path / "s")
+    np.save(d / "scale.npy", np.full((3, 8), 100.0, np.float32))
+    with pytest.raises(PassageStatesError, match="stray scale.npy"):
+        PassageStates.load(d)
+    q = states().to_storage("int8").save(tmp_path / "q")
+    (q / "scale.npy").unlink()
+    with pytest.raises(PassageStatesError, match="no scale.npy"):
+        PassageStates.load(q)
+
+
+@pytest.mark.parametrize("ratio", [-4, 0, 2.5, "4", True])
+def test_bad_manifest_ratio_is_refused(tmp_path, ratio):
+    d = states().save(tmp_path / "s")
+    edit_manifest(d, ratio=ratio)
+    with pytest.raises(PassageStatesError, match="ratio must be an integer >= 1"):
+        PassageStates.load(d)
+
+
+def test_non_finite_states_are_refused_when_read(tmp_path):
+    s = states()
+    s.states[1, 0, 2] = np.nan
+    d = s.save(tmp_path / "s")
+    loaded = PassageStates.load(d)  # memory-mapped: nothing read yet
+    loaded.select([0])
+    with pytest.raises(PassageStatesError, match="non-finite"):
+        loaded.select([0, 1])
+    with pytest.raises(PassageStatesError, match="non-finite"):
+        PassageStates.load(d, mmap=False)
+    with pytest.raises(PassageStatesError, match="non-finite"):
+        loaded.to_ratio(2)
+
+
+@pytest.mark.parametrize("ids,needle", [("d0-0", "list of strings"), (["a", "a", "b"], "duplicate passage id 'a'"),
+                                        ([1, 2, 3], "non-string"), (["a"], "1 ids for 3 passages")])
+def test_bad_ids_are_refused(tmp_path, ids, needle):
+    d = states().save(tmp_path / "s")
+    (d / "ids.json").write_text(json.dumps(ids))
+    with pytest.raises(PassageStatesError, match=needle):
+        PassageStates.load(d)
+
+
+def test_broken_json_and_wrong_hidden_size_are_named(tmp_path):
+    d = states().save(tmp_path / "s")
+    with pytest.raises(PassageStatesError, match="hidden size 4, the model's is 64"):
+        PassageStates.load(d, hidden_size=64)
+    (d / "ids.json").write_text('["d0-0", ')
+    with pytest.raises(PassageStatesError, match=r"ids.json: the passage ids is not valid JSON"):
+        PassageStates.load(d)
+    (d / "manifest.json").write_text("{")
+    with pytest.raises(PassageStatesError, match=r"manifest.json: the manifest is not valid JSON"):
+        PassageStates.load(d)
+    e = states().save(tmp_path / "e")
+    np.save(e / "counts.npy", np.full((3, 8), 5, np.int32))
+    with pytest.raises(PassageStatesError, match="counts.npy"):
+        PassageStates.load(e)
+
+
+KEY = StoreKey("model", "tok", 32, 1)
+
+
+def make_store(root):
+    st = PassageStore.open(root, KEY)
+    st._add_shard(states(seed=0))
+    st._add_shard(states(seed=1))
+    return st
+
+
+@pytest.mark.parametrize("name", ["../outside", "/etc", "a/../../b", ""])
+def test_store_manifest_shard_paths_leaving_the_store_are_refused(tmp_path, name):
+    make_store(tmp_path / "store")
+    m = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    m["shards"][1]["name"] = name
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PassageStatesError, match="plain directory names"):
+        PassageStore.open(tmp_path / "store", KEY)
+
+
+def test_store_shard_listed_twice_or_shared_ids_are_refused(tmp_path):
+    make_store(tmp_path / "store")
+    path = tmp_path / "store" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["shards"].append(m["shards"][0])
+    path.write_text(json.dumps(m))
+    with pytest.raises(PassageStatesError, match="listed twice"):
+        PassageStore.open(tmp_path / "store", KEY)
+    st = make_store(tmp_path / "store2")
+    (st.root / "r1" / "shard-00001" / "ids.json").write_text(json.dumps(["d0-0", "x", "y"]))
+    with pytest.raises(PassageStatesError, match="also in shard shard-00000"):
+        PassageStore.open(st.root, KEY).index
+
+
+def test_derived_shard_follows_its_source(tmp_path, caplog):
+    st = make_store(tmp_path / "store")
+    first = st.lookup(["d0-1"], 4)
+    want = mep.repool(states(seed=0).dense()[1:2], states(seed=0).counts[1:2], 4)[0]
+    np.testing.assert_allclose(first.dense()[0, :want.shape[1]], np.asarray(want)[0], rtol=1e-6)
+    # the ratio-1 shard is replaced (e.g. re-encoded): the ratio-4 shard derived from it must not be served
+    changed = states(seed=0)
+    changed.states[:] *= 2
+    changed.meta = {**KEY.as_dict(), "shard": "shard-00000"}
+    changed.save(st.root / "r1" / "shard-00000", overwrite=True)
+    with caplog.at_level(logging.WARNING):
+        again = PassageStore.open(st.root, KEY).lookup(["d0-1"], 4)
+    assert "deriving it again" in caplog.text
+    np.testing.assert_allclose(again.dense(), 2 * first.dense(), rtol=1e-6)
