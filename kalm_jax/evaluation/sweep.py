@@ -20,6 +20,7 @@ process 0 alone writes results.jsonl, run files, the store manifest and the repo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -215,9 +216,11 @@ def load_checkpoint(path: str, settings: Settings):
 def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
     """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards.
 
-    Holds OUT's lock throughout (`results.output_lock`): a second run on the same directory fails clearly."""
+    Holds OUT's lock throughout (`results.output_lock`): a second run on the same directory fails clearly.
+    With several processes, process 0 (the one that writes OUT) holds it for the job."""
     settings = config if isinstance(config, Settings) else Settings.from_config(config)
-    with results_lib.output_lock(settings.output_dir):
+    lock = results_lib.output_lock(settings.output_dir) if distributed.is_primary() else contextlib.nullcontext()
+    with lock:
         return _run_sweep_locked(settings, load_model=load_model)
 
 
