@@ -29,6 +29,8 @@ def main(config, coordinator_address=None, num_processes=None, process_id=None) 
 
 
 if __name__ == "__main__":
+    from kalm_jax.evaluation.results import OutputDirLocked
     from kalm_jax.evaluation.settings import SweepConfigError
 
-    sys.exit(cli.run(main, "eval.py", flags=cli.DISTRIBUTED_FLAGS, errors=(SweepConfigError, FileNotFoundError)))
+    sys.exit(cli.run(main, "eval.py", flags=cli.DISTRIBUTED_FLAGS,
+                     errors=(SweepConfigError, OutputDirLocked, FileNotFoundError)))

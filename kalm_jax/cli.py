@@ -1,7 +1,7 @@
 """The one config entry for every command line: an ml_collections config file + ``--config.KEY=VALUE``.
 
-Every CLI (train.py, eval.py, ``python -m kalm_jax.training.label``, ``kalm_jax.convert``, ``kalm_jax.aot``,
-``kalm_jax.bench``) is configured the same way:
+Every CLI (train.py, eval.py, label, convert, export, verify_release, aot, bench, the data tools: bm25, negatives,
+tfds_builder, tokenizer) is configured the same way:
 
     --config=configs/NAME.py[:ARG]     a file with ``get_config(arg)`` returning an ml_collections ConfigDict
                                        (each CLI has a default file in configs/, so this flag is optional)

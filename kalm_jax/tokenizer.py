@@ -9,6 +9,9 @@ guarantees that "yes" and "no" are single pieces.
 Encoding never adds special tokens. Like Hugging Face tokenizers with added special tokens, the literal
 strings ``<bos>``, ``<eos>``, ``<pad>``, ``<start_of_turn>`` and ``<end_of_turn>`` inside a text become
 their single special ids; everything between them is encoded by SentencePiece segment by segment.
+
+CLI (settings in configs/tokenizer.py): ``python -m kalm_jax.tokenizer --config.out=DIR --config.beir=DATA/scifact
+--config.vocab_size=8000``
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -293,39 +297,44 @@ def _ensure_single_pieces(model_bytes: bytes, words: Sequence[str]) -> bytes:
     return proto.SerializeToString()
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def run_cli(config) -> int:
+    """Trains the tokenizer of `config` (configs/tokenizer.py) and prints its path, vocab, special ids and sha256."""
     import itertools
 
-    p = argparse.ArgumentParser(description="Train a SentencePiece tokenizer with the Gemma special-token layout.")
-    p.add_argument("--out", required=True, help="output directory (tokenizer.model is written there)")
-    p.add_argument("--beir", nargs="*", default=[], help="BEIR dataset directories whose corpus passages to use")
-    p.add_argument("--text", nargs="*", default=[], help="text files, one training text per line (.gz ok)")
-    p.add_argument("--vocab_size", type=int, default=8000)
-    p.add_argument("--max_texts", type=int, default=200_000)
-    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    p.add_argument("--no_gemma_layout", action="store_true", help="put the turn markers at 4/5, not 105/106")
-    args = p.parse_args(argv)
-    if not args.beir and not args.text:
-        p.error("give --beir and/or --text")
-
+    from kalm_jax import cli
     from kalm_jax.data.beir import load_corpus, passage_text
     from kalm_jax.data.textfile import iter_lines
 
+    if not config.out:
+        raise cli.ConfigError("--config.out is required (python -m kalm_jax.tokenizer --config.out=DIR "
+                              "--config.beir=DATA/scifact)")
+    if not config.beir and not config.text:
+        raise cli.ConfigError("--config.beir and/or --config.text is required (BEIR dataset directories, text files)")
+    if config.model_type not in ("unigram", "bpe"):
+        raise cli.ConfigError(f"--config.model_type must be unigram or bpe, got {config.model_type!r}")
+
     def texts():
-        for d in args.beir:
+        for d in config.beir:
             corpus_file = next((Path(d) / n for n in ("corpus.jsonl.gz", "corpus.jsonl") if (Path(d) / n).is_file()),
                                None)
             if corpus_file is None:
                 raise FileNotFoundError(f"{d}: no corpus.jsonl[.gz]")
             yield from (passage_text(doc) for doc in load_corpus(corpus_file).values())
-        for f in args.text:
-            yield from (line for _, line in iter_lines(f))
+        for f in config.text:
+            yield from (line for _, line in iter_lines(str(f)))
 
-    tok = Tokenizer.train(itertools.islice(texts(), args.max_texts), args.out, args.vocab_size,
-                          model_type=args.model_type, gemma_layout=not args.no_gemma_layout)
+    tok = Tokenizer.train(itertools.islice(texts(), config.max_texts), config.out, config.vocab_size,
+                          model_type=config.model_type, gemma_layout=config.gemma_layout)
     print(f"{tok.path}: vocab {tok.vocab_size}, special ids {tok.special_ids}, sha256 {tok.fingerprint()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): settings of configs/tokenizer.py as `--config.KEY=VALUE`; returns the exit status."""
+    from kalm_jax import cli
+
+    return cli.run(run_cli, "tokenizer.py", argv=argv, errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,6 +30,13 @@ CLIS = {
     "convert": ([sys.executable, "-m", "kalm_jax.convert", "inspect", "x"], "againts", "<top level>", "'against'"),
     "aot": ([sys.executable, "-m", "kalm_jax.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
     "bench": ([sys.executable, "-m", "kalm_jax.bench"], "shapez", "<top level>", "'shapes'"),
+    "bm25": ([sys.executable, "-m", "kalm_jax.data.bm25"], "k2", "<top level>", "'k1'"),
+    "negatives": ([sys.executable, "-m", "kalm_jax.data.negatives"], "num_negative", "<top level>",
+                  "'num_negatives'"),
+    "tfds_builder": ([sys.executable, "-m", "kalm_jax.data.tfds_builder"], "validaton", "<top level>",
+                     "'validation'"),
+    "tokenizer": ([sys.executable, "-m", "kalm_jax.tokenizer"], "no_gemma_layout", "<top level>",
+                  "'gemma_layout'"),
 }
 
 
@@ -69,5 +76,17 @@ def test_values_are_parsed_as_the_fields_type(tmp_path):
 
 def test_every_default_lives_in_configs():
     """Each CLI's default config file exists and loads."""
-    for name in ("train.py:tiny", "eval.py", "label.py", "convert.py", "tpu.py:nano,v5e-4", "bench.py"):
+    for name in ("train.py:tiny", "eval.py", "label.py", "convert.py", "tpu.py:nano,v5e-4", "bench.py", "bm25.py",
+                 "negatives.py", "tfds_builder.py", "tokenizer.py"):
         assert cli.load_file(cli.config_file(name)) is not None, name
+
+
+@pytest.mark.parametrize("module, missing", [("kalm_jax.data.bm25", "data_dir"), ("kalm_jax.data.negatives", "data_dir"),
+                                             ("kalm_jax.data.tfds_builder", "train"), ("kalm_jax.tokenizer", "out")])
+def test_data_clis_name_a_missing_required_field(module, missing, capsys):
+    """The data CLIs run in-process: an empty required field exits 2 with one line naming it."""
+    import importlib
+
+    assert importlib.import_module(module).main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --config.{missing} is required") and "\n" not in err, err

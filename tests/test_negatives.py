@@ -52,8 +52,9 @@ def test_sampling_range_and_determinism(train, train_run):
 
 def test_cli_writes_valid_jsonl(data_dir, tmp_path, capsys):
     out = tmp_path / "adi.jsonl.gz"
-    main(["--data_dir", str(data_dir), "--dataset", "adi", "--split", "test", "--out", str(out),
-          "--num_negatives", "7", "--prompt", "Given a query, retrieve documents that answer the query."])
+    assert main([f"--config.data_dir={data_dir}", "--config.dataset=adi", "--config.split=test", f"--config.out={out}",
+                 "--config.num_negatives=7",
+                 "--config.prompt=Given a query, retrieve documents that answer the query."]) == 0
     examples = read_training_jsonl(out)
     ds = load_beir(data_dir / "adi", "test")
     assert len(examples) == len(ds.qrels)

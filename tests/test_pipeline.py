@@ -185,3 +185,18 @@ def test_worker_processes_resume(prepared, tokenizer):
     resumed = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1,
                                 state=state)
     assert all(_same(a, b) for a, b in zip(expected, _batches(resumed, 2)))
+
+
+def test_cli_prepares_train_and_validation_lists(examples, tmp_path, capsys):
+    """`--config.train=a,b` is the tuple of train files; the CLI prints each split's size."""
+    from kalm_jax.data.tfds_builder import main
+
+    write_training_jsonl(examples[:30], tmp_path / "a.jsonl")
+    write_training_jsonl(examples[30:50], tmp_path / "b.jsonl.gz")
+    write_training_jsonl(examples[50:60], tmp_path / "v.jsonl")
+    assert main([f"--config.train={tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl.gz'}",
+                 f"--config.validation={tmp_path / 'v.jsonl'}", f"--config.data_dir={tmp_path / 'data'}",
+                 "--config.name=cli"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 50 examples" in out and "validation: 10 examples" in out, out
+    assert len(data_source(tmp_path / "data", "cli", "validation")) == 10

@@ -100,7 +100,7 @@ def test_missing_turn_marker_is_rejected(scifact_texts, tmp_path):
 def test_cli_trains_from_beir(data_dir, tmp_path, capsys):
     from kalm_jax.tokenizer import main
 
-    main(["--out", str(tmp_path), "--beir", str(data_dir / "med"), "--vocab_size", "1500"])
+    assert main([f"--config.out={tmp_path}", f"--config.beir={data_dir / 'med'}", "--config.vocab_size=1500"]) == 0
     tok = Tokenizer.load(tmp_path)
     assert tok.vocab_size == 1500 and tok.start_of_turn_id == 105
     assert "vocab 1500" in capsys.readouterr().out

@@ -4,13 +4,15 @@ Defaults k1=0.9, b=0.4 (the Anserini/Pyserini defaults), Lucene IDF, passages as
 (title + text). A `BM25Index` is built once and reused for any number of query sets; it saves to and
 loads from a directory (numpy arrays + JSON, no pickle).
 
-CLI: ``python -m kalm_jax.data.bm25 --data_dir DIR --dataset scifact --split test --k 100 --out run.trec.gz``
+CLI (settings in configs/bm25.py): ``python -m kalm_jax.data.bm25 --config.data_dir=DIR --config.dataset=scifact
+--config.split=test --config.k=100 --config.out=run.trec.gz``
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -116,36 +118,39 @@ def bm25_run(corpus: Mapping[str, Doc | str], queries: Mapping[str, str], k: int
     return BM25Index.build(corpus, **build_kwargs).search(queries, k)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def run_cli(config) -> int:
+    """Writes the BM25 run of `config` (configs/bm25.py) and prints its nDCG@10 and R@100."""
+    import pytrec_eval
 
+    from kalm_jax import cli
     from kalm_jax.data.beir import load_beir
     from kalm_jax.data.trec import write_run
 
-    p = argparse.ArgumentParser(description="BM25 top-k TREC run over a BEIR dataset (bm25s, stemmed).")
-    p.add_argument("--data_dir", required=True, help="directory holding BEIR dataset folders")
-    p.add_argument("--dataset", required=True, help="dataset folder name under --data_dir, e.g. scifact")
-    p.add_argument("--split", default="test")
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--k1", type=float, default=0.9)
-    p.add_argument("--b", type=float, default=0.4)
-    p.add_argument("--out", required=True, help="run file to write (.trec or .trec.gz)")
-    p.add_argument("--tag", default="bm25")
-    p.add_argument("--on_missing", default="keep", choices=["raise", "keep", "drop"])
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    for key in ("data_dir", "dataset", "out"):
+        if not config[key]:
+            raise cli.ConfigError(f"--config.{key} is required (python -m kalm_jax.data.bm25 --config.data_dir=DIR "
+                                  "--config.dataset=scifact --config.out=run.trec.gz)")
+    if config.on_missing not in ("raise", "keep", "drop"):
+        raise cli.ConfigError(f"--config.on_missing must be raise, keep or drop, got {config.on_missing!r}")
+    cli.setup_logging()
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    ds = load_beir(Path(args.data_dir) / args.dataset, args.split, on_missing=args.on_missing)
-    run = BM25Index.build(ds.corpus, k1=args.k1, b=args.b).search(ds.queries, args.k)
-    write_run(run, args.out, tag=args.tag)
-    import pytrec_eval
-
+    ds = load_beir(Path(config.data_dir) / config.dataset, config.split, on_missing=config.on_missing)
+    run = BM25Index.build(ds.corpus, k1=config.k1, b=config.b).search(ds.queries, config.k)
+    write_run(run, config.out, tag=config.tag)
     evaluator = pytrec_eval.RelevanceEvaluator(ds.qrels, {"ndcg_cut.10", "recall.100"})
     per_query = evaluator.evaluate(run)
     ndcg = np.mean([m["ndcg_cut_10"] for m in per_query.values()])
     recall = np.mean([m["recall_100"] for m in per_query.values()])
-    print(f"{args.dataset}/{args.split}: {len(run)} queries -> {args.out}; nDCG@10 {ndcg:.4f}, R@100 {recall:.4f}")
+    print(f"{config.dataset}/{config.split}: {len(run)} queries -> {config.out}; nDCG@10 {ndcg:.4f}, R@100 {recall:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): settings of configs/bm25.py as `--config.KEY=VALUE`; returns the exit status."""
+    from kalm_jax import cli
+
+    return cli.run(run_cli, "bm25.py", argv=argv, errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,13 +7,15 @@ document judged relevant at any grade (> 0) and every document whose passage tex
 rank order; a query with fewer candidates keeps all of them (the training pipeline then samples with
 replacement). Queries with no positive or no candidate are skipped and counted, never silently.
 
-CLI: ``python -m kalm_jax.data.negatives --data_dir DIR --dataset scifact --split train --out train.jsonl``
+CLI (settings in configs/negatives.py): ``python -m kalm_jax.data.negatives --config.data_dir=DIR
+--config.dataset=scifact --config.split=train --config.out=train.jsonl``
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -95,50 +97,51 @@ def mine_hard_negatives(
     return examples
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
+def run_cli(config) -> int:
+    """Mines the training JSONL of `config` (configs/negatives.py) and prints a summary line."""
+    from kalm_jax import cli
     from kalm_jax.data.beir import load_beir
     from kalm_jax.data.bm25 import BM25Index
     from kalm_jax.data.training_jsonl import write_training_jsonl
     from kalm_jax.data.trec import read_run, write_run
 
-    p = argparse.ArgumentParser(description="Mine BM25 hard negatives from a BEIR split into training JSONL.")
-    p.add_argument("--data_dir", required=True, help="directory holding BEIR dataset folders")
-    p.add_argument("--dataset", required=True, help="dataset folder under --data_dir, e.g. scifact")
-    p.add_argument("--split", default="train")
-    p.add_argument("--out", required=True, help="training JSONL to write (.jsonl or .jsonl.gz)")
-    p.add_argument("--run", default=None, help="first-stage TREC run to mine from (default: build BM25)")
-    p.add_argument("--save_run", default=None, help="also write the BM25 run used here")
-    p.add_argument("--depth", type=int, default=100, help="BM25 depth when no --run is given")
-    p.add_argument("--num_negatives", type=int, default=15)
-    p.add_argument("--sample_start", type=int, default=0)
-    p.add_argument("--sample_end", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min_positive_score", type=int, default=1)
-    p.add_argument("--prompt", default=None, help="task instruction stored as each example's 'prompt'")
-    p.add_argument("--on_error", default="raise", choices=["raise", "skip"])
-    p.add_argument("--on_missing", default="raise", choices=["raise", "keep", "drop"])
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    for key in ("data_dir", "dataset", "out"):
+        if not config[key]:
+            raise cli.ConfigError(f"--config.{key} is required (python -m kalm_jax.data.negatives "
+                                  "--config.data_dir=DIR --config.dataset=scifact --config.out=train.jsonl)")
+    if config.on_error not in ("raise", "skip"):
+        raise cli.ConfigError(f"--config.on_error must be raise or skip, got {config.on_error!r}")
+    if config.on_missing not in ("raise", "keep", "drop"):
+        raise cli.ConfigError(f"--config.on_missing must be raise, keep or drop, got {config.on_missing!r}")
+    cli.setup_logging()
     logging.getLogger("bm25s").setLevel(logging.WARNING)
 
-    ds = load_beir(Path(args.data_dir) / args.dataset, args.split, on_error=args.on_error, on_missing=args.on_missing)
-    if args.run:
-        run: Run = read_run(args.run)
+    ds = load_beir(Path(config.data_dir) / config.dataset, config.split, on_error=config.on_error,
+                   on_missing=config.on_missing)
+    if config.run:
+        run: Run = read_run(config.run)
     else:
-        run = BM25Index.build(ds.corpus).search(ds.queries, max(args.depth, args.sample_end))
-        if args.save_run:
-            write_run(run, args.save_run, tag="bm25")
+        run = BM25Index.build(ds.corpus).search(ds.queries, max(config.depth, config.sample_end))
+        if config.save_run:
+            write_run(run, config.save_run, tag="bm25")
     skipped = SkipCounter()
-    examples = mine_hard_negatives(ds, run, num_negatives=args.num_negatives, sample_start=args.sample_start,
-                                   sample_end=args.sample_end, seed=args.seed,
-                                   min_positive_score=args.min_positive_score, prompt=args.prompt, skipped=skipped)
-    n = write_training_jsonl(examples, args.out)
+    examples = mine_hard_negatives(ds, run, num_negatives=config.num_negatives, sample_start=config.sample_start,
+                                   sample_end=config.sample_end, seed=config.seed,
+                                   min_positive_score=config.min_positive_score, prompt=config.prompt or None,
+                                   skipped=skipped)
+    n = write_training_jsonl(examples, config.out)
     negs = [len(e.neg) for e in examples]
-    print(f"{n} examples -> {args.out}; negatives per query min {min(negs, default=0)} "
+    print(f"{n} examples -> {config.out}; negatives per query min {min(negs, default=0)} "
           f"mean {np.mean(negs) if negs else 0:.1f}; skipped {dict(skipped.counts)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): settings of configs/negatives.py as `--config.KEY=VALUE`; returns the exit status."""
+    from kalm_jax import cli
+
+    return cli.run(run_cli, "negatives.py", argv=argv, errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,11 +4,12 @@ Runs in TFDS's TensorFlow-free mode (no ``tensorflow`` import). Examples are sto
 every positive and negative passage, optional teacher scores and per-example prompt); tokenization
 happens in the input pipeline, so one prepared dataset serves any tokenizer, template or length.
 
-Each builder config is one named dataset (``--name``) under ``data_dir/kalm_reranker_training/<name>/1.0.0``.
+Each builder config is one named dataset (``name``) under ``data_dir/kalm_reranker_training/<name>/1.0.0``.
 The sha256 of the input files is recorded in the dataset metadata; preparing the same name again from
 different files raises instead of silently reusing stale data.
 
-CLI: ``python -m kalm_jax.data.tfds_builder --train train.jsonl[.gz] [...] --data_dir DIR --name scifact``
+CLI (settings in configs/tfds_builder.py): ``python -m kalm_jax.data.tfds_builder --config.train=a.jsonl,b.jsonl.gz
+--config.data_dir=DIR --config.name=scifact``
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -177,24 +179,33 @@ def data_source(data_dir: str | Path, name: str = "default", split: str = "train
     return builder.as_data_source(split=split)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def run_cli(config) -> int:
+    """Prepares the splits of `config` (configs/tfds_builder.py) and prints each split's example count."""
+    from kalm_jax import cli
 
-    p = argparse.ArgumentParser(description="Prepare reranker training JSONL into TFDS array_record.")
-    p.add_argument("--train", nargs="+", required=True, help="training JSONL files (train split)")
-    p.add_argument("--validation", nargs="*", default=[], help="optional validation JSONL files")
-    p.add_argument("--data_dir", required=True, help="TFDS data directory")
-    p.add_argument("--name", default="default", help="dataset (builder config) name")
-    p.add_argument("--on_error", default="raise", choices=["raise", "skip"])
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    splits = {"train": args.train}
-    if args.validation:
-        splits["validation"] = args.validation
-    out = prepare(splits, args.data_dir, args.name, on_error=args.on_error, overwrite=args.overwrite)
+    if not config.train:
+        raise cli.ConfigError("--config.train is required (python -m kalm_jax.data.tfds_builder "
+                              "--config.train=a.jsonl,b.jsonl.gz --config.data_dir=DIR --config.name=my_mix)")
+    if not config.data_dir:
+        raise cli.ConfigError("--config.data_dir is required (the TFDS data directory)")
+    if config.on_error not in ("raise", "skip"):
+        raise cli.ConfigError(f"--config.on_error must be raise or skip, got {config.on_error!r}")
+    splits = {"train": [str(f) for f in config.train]}
+    if config.validation:
+        splits["validation"] = [str(f) for f in config.validation]
+    out = prepare(splits, config.data_dir, config.name, on_error=config.on_error, overwrite=config.overwrite)
     for split in splits:
-        print(f"{split}: {len(data_source(args.data_dir, args.name, split))} examples in {out}")
+        print(f"{split}: {len(data_source(config.data_dir, config.name, split))} examples in {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): settings of configs/tfds_builder.py as `--config.KEY=VALUE`; returns the exit
+    status."""
+    from kalm_jax import cli
+
+    return cli.run(run_cli, "tfds_builder.py", argv=argv, errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
