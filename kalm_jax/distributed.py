@@ -80,8 +80,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise ValueError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT")
     if _initialized():
         return jax.process_count() > 1
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator_address is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=int(num_processes),
                                    process_id=int(process_id))
     else:
@@ -89,6 +89,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if env is None:
             return False
         log.info("multi-process environment detected (%s): jax.distributed.initialize()", env)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
     log.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())

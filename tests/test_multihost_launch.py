@@ -1,10 +1,11 @@
-"""Multi-process building blocks, fast: the launcher (prefixes, a failure stops the job, a 2-process global
-sum on JAX's runtime), flag validation, per-process data shards (disjoint, complete, independent of the
-process count) and the shard-local passage gather (no all-gather)."""
+"""Multi-process building blocks, fast: the launcher (prefixes, a failure stops the job, SIGTERM forwarding,
+a 2-process global sum on JAX's runtime), flag validation, per-process data shards (disjoint, complete,
+independent of the process count) and the shard-local passage gather (no all-gather)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -156,3 +157,29 @@ def test_shard_local_gather_has_no_all_gather():
         np.testing.assert_allclose(f(table, index), np.tanh(table)[index], rtol=1e-6)
         counts[shards] = f.lower(table, index).compile().as_text().count("all-gather")
     assert counts[1] > 0 and counts[8] == 0, counts
+
+
+def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
+    script = tmp_path / "wait.py"
+    script.write_text(textwrap.dedent("""
+        import signal, sys, time
+        rank = [a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1]
+        got = []
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+        print("ready", rank, flush=True)
+        deadline = time.time() + 60
+        while not got and time.time() < deadline:
+            time.sleep(0.05)
+        print("saved and exiting", rank, bool(got), flush=True)
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--", str(script)], env=env(),
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    lines = []
+    while len([x for x in lines if "ready" in x]) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "[p0] saved and exiting 0 True" in out and "[p1] saved and exiting 1 True" in out
