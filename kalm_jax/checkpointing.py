@@ -158,9 +158,17 @@ def latest_step_dir(workdir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _checkpoint_dir(p: Path) -> Path:
+def is_hf_dir(p: str | os.PathLike) -> bool:
+    """True for a Hugging Face checkpoint directory: config.json + *.safetensors (or a sharded index)."""
+    p = Path(p)
+    return (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or
+                                              (p / "model.safetensors.index.json").exists())
+
+
+def checkpoint_dir(p: str | os.PathLike) -> Path:
     """A path given to `load_any`: a file inside a checkpoint (config.json, kalm_model.json, a safetensors
     file) means the checkpoint directory holding it."""
+    p = Path(p)
     if not p.is_file():
         return p
     d = p.parent
@@ -179,8 +187,8 @@ def load_any(path: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tupl
     recover(p)  # finish an atomic replace of this checkpoint that a kill interrupted
     if not p.exists():
         raise FileNotFoundError(f"{p}: checkpoint path does not exist")
-    p = _checkpoint_dir(p)
-    if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
+    p = checkpoint_dir(p)
+    if is_hf_dir(p):
         from kalm_jax import hf
 
         return hf.load(p, dtype=dtype or "float32", compute_dtype=compute_dtype)
@@ -213,4 +221,5 @@ def fingerprint(model: T5Gemma2) -> str:
 
 
 __all__ = ["save_model", "load_model", "load_any", "restore_params", "build_abstract", "model_meta",
-           "param_tree", "latest_step_dir", "step_dirs", "fingerprint", "META_FILE", "CheckpointError"]
+           "param_tree", "latest_step_dir", "step_dirs", "fingerprint", "checkpoint_dir", "is_hf_dir", "META_FILE",
+           "CheckpointError"]

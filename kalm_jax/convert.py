@@ -25,21 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kalm_jax import checkpointing, cli, hf
+from kalm_jax import checkpointing, cli, hf, loader
 from kalm_jax.config import ModelConfig
 
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
-
-
-def _tokenizer_dirs(src: Path) -> list[Path]:
-    """Where a tokenizer of SRC may live: SRC, and for step dirs / workdirs the workdir."""
-    dirs = [src]
-    step = checkpointing.latest_step_dir(src)
-    if step is not None:
-        dirs.append(step)
-    if src.parent.name == "checkpoints":
-        dirs.append(src.parent.parent)
-    return dirs
 
 
 def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
@@ -62,13 +51,13 @@ def to_hf(args) -> int:
                          "tensors from a directory); pass one of them")
     refuse_overwriting_inputs(args.out, {"source checkpoint": src, "vision_from directory": args.vision_from,
                                          "tokenizer": args.tokenizer})
-    _, model = checkpointing.load_any(src)
+    model = loader.load(src, tokenizer=False).model
     if not args.text_only and not args.vision_from:
         refuse_overwriting_inputs(args.out, {"HF checkpoint the model was imported from (its vision tensors are "
                                              "carried over)": getattr(model, "hf_source", None)})
     tokenizer = args.tokenizer
     if tokenizer is None:
-        found = hf.find_tokenizer_files(*_tokenizer_dirs(src))
+        found = hf.find_tokenizer_files(*loader.tokenizer_search_dirs(src))
         tokenizer = next(iter(found.values())).parent if found else None
     out = hf.save(model, model.config, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                   tokenizer=tokenizer, overwrite=args.overwrite,
@@ -81,7 +70,10 @@ def to_hf(args) -> int:
 def from_hf(args) -> int:
     src = Path(args.src)
     refuse_overwriting_inputs(args.out, {"source HF directory": src})
-    _, model = hf.load(src, dtype=args.dtype, progress=True)
+    if not checkpointing.is_hf_dir(src):
+        raise ValueError(f"{src}: not a Hugging Face checkpoint directory (config.json + *.safetensors); from-hf "
+                         "converts HF directories (to-hf takes any checkpoint)")
+    model = loader.load(src, dtype=args.dtype, tokenizer=False).model
     extra = {name: path for name, path in hf.find_tokenizer_files(src).items()}
     out = checkpointing.save_model(model, args.out, overwrite=args.overwrite, extra_files=extra)
     print(f"wrote {out} (params in {args.dtype}; tokenizer files: {sorted(extra) or 'none found'})")

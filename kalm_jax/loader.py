@@ -35,20 +35,14 @@ class Checkpoint:
 
     config: ModelConfig
     model: T5Gemma2
-    tokenizer: AnyTokenizer
+    tokenizer: AnyTokenizer | None
     path: Path
 
     def __iter__(self):
         return iter((self.config, self.model, self.tokenizer))
 
 
-def checkpoint_dir(path: str | os.PathLike) -> Path:
-    """The checkpoint directory for `path` (a ``config.json`` or ``kalm_model.json`` file means its directory)."""
-    p = Path(path)
-    if p.is_file() and p.name in ("config.json", checkpointing.META_FILE, "model.safetensors",
-                                  "model.safetensors.index.json"):
-        return p.parent
-    return p
+checkpoint_dir = checkpointing.checkpoint_dir
 
 
 def tokenizer_search_dirs(path: str | os.PathLike) -> list[Path]:
@@ -58,6 +52,9 @@ def tokenizer_search_dirs(path: str | os.PathLike) -> list[Path]:
     if p.parent.name == "checkpoints":  # a training step directory: <workdir>/checkpoints/<step>
         workdir = p.parent.parent
         dirs += [workdir, workdir / "tokenizer"]
+    step = checkpointing.latest_step_dir(p) if p.is_dir() else None
+    if step is not None:  # a training workdir: its latest step may hold tokenizer files too
+        dirs.append(step)
     return dirs
 
 
@@ -87,7 +84,7 @@ def resolve_tokenizer(tokenizer: str | os.PathLike | AnyTokenizer | None, checkp
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None, compute_dtype: str | None = None,
-         tokenizer: str | os.PathLike | AnyTokenizer | None = None) -> Checkpoint:
+         tokenizer: str | os.PathLike | AnyTokenizer | None | bool = None) -> Checkpoint:
     """Loads any supported checkpoint with its tokenizer.
 
     Args:
@@ -95,7 +92,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, compute_dtype: st
       dtype: parameter dtype ("float32" / "bfloat16"); None keeps the checkpoint's (HF: float32).
       compute_dtype: activation dtype; None = `dtype`.
       tokenizer: explicit tokenizer (object, ``tokenizer.model`` / ``tokenizer.json`` file or a directory);
-        None = the checkpoint's own (see the module docstring for the search order).
+        None = the checkpoint's own (see the module docstring for the search order); False = none (for
+        tools that only move weights, e.g. conversion; the returned tokenizer is None).
     Raises:
       FileNotFoundError for a missing path or tokenizer; ValueError / TokenizerError for a checkpoint that
       does not load or a tokenizer whose ids do not fit the model's vocabulary.
@@ -106,6 +104,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, compute_dtype: st
     if tokenizer is None:  # find it before the (possibly long) weight load, so a missing one fails fast
         tokenizer = find_tokenizer(p)
     config, model = checkpointing.load_any(p, dtype=dtype, compute_dtype=compute_dtype)
+    if tokenizer is False:
+        return Checkpoint(config, model, None, p)
     return Checkpoint(config, model, resolve_tokenizer(tokenizer, p, config.vocab_size), p)
 
 
