@@ -37,7 +37,7 @@ HBM_BYTES: dict[str, int] = {
 }
 # Slice shapes (chips) by chip count. v4/v5p names count TensorCores (2 per chip), v5e/v6e count chips.
 _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
-_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+_SHAPES_3D = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
               256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
 _GEN = {  # user prefix -> (libtpu topology prefix, chip config, cores per chip named in the slice name)
     "v4": ("v4", "megacore", 2),

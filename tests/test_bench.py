@@ -172,3 +172,42 @@ def test_peer_pipeline_scores_what_kalm_jax_scores(tmp_path):
     np.testing.assert_array_equal(pmask.numpy(), ours_mask)
     np.testing.assert_allclose(pooled.numpy(), states, atol=1e-4)
     np.testing.assert_allclose(margins, scoring.score(model, dec, dmask, states, ours_mask, 7, 9), atol=1e-4)
+
+
+def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
+    """--suite=h100 is the fixed grid (nano, large; n 512/4096; r 1,4,8; 100 candidates; no train) and
+    writes one JSON and one markdown table; flags given explicitly shrink it so CPU runs the same path."""
+    from kalm_jax.bench import suite
+    from kalm_jax.bench.__main__ import main
+
+    assert (suite.H100.shapes, suite.H100.encode_lengths, suite.H100.score_lengths, suite.H100.ratios,
+            suite.H100.candidates, suite.H100.train) == (("nano", "large"), (512, 4096), (512, 4096), (1, 4, 8),
+                                                         100, False)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--suite=h100", "--shapes=tiny", "--encode_lengths=32", "--score_lengths=32", "--ratios=4",
+               "--candidates=4", "--prompt_len=16", "--encode_tokens=64", "--repeats=1", "--peak_sizes=128",
+               "--nopeer"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench_h100.json").read_text())
+    assert {r["kind"] for r in rows} == {"encode", "score", "online_ratio", "peer"}  # no train rows in this suite
+    enc = next(r for r in rows if r["kind"] == "encode")
+    assert enc["repeats"] == 1 and enc["batch"] == 2
+    assert "**score**" in (tmp_path / "bench_h100.md").read_text()
+
+
+def test_side_by_side_same_weights_interleaved(tmp_path):
+    """--suite=side_by_side: kalm-jax (through the engine) and the PyTorch peer on identical weights give
+    the same pooled states and margins; both sides are timed in every round."""
+    pytest.importorskip("torch")
+    from kalm_jax.bench.__main__ import main
+
+    out = tmp_path / "sbs.json"
+    rc = main(["--suite=side_by_side", "--shapes=tiny", "--dtype=float32", "--score_lengths=48", "--ratios=4",
+               "--candidates=3", "--prompt_len=12", "--rounds=2", "--repeats=1", f"--out={out}"])
+    assert rc == 0
+    enc, sc = json.loads(out.read_text())
+    assert (enc["op"], sc["op"]) == ("encode", "score") and enc["rounds"] == sc["rounds"] == 2
+    assert len(enc["ours_round_s"]) == len(enc["peer_round_s"]) == 2
+    assert enc["max_abs_state_diff"] < 1e-4 and sc["max_abs_margin_diff"] < 1e-4
+    assert sc["ours_pairs_per_s"] == pytest.approx(3 / sc["ours_median_s"])
+    assert enc["ours_tokens_per_s"] == pytest.approx(3 * 48 / enc["ours_median_s"])

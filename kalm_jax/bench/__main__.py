@@ -55,7 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer_on_cpu", action="store_true", help="run the peer on CPU when there is no CUDA")
     p.add_argument("--notrain", dest="train", action="store_false", help="skip train-step rows")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
+    p.add_argument("--suite", default="grid", choices=("grid", "h100", "side_by_side"),
+                   help="grid: the flags above; h100: the fixed H100 grid (kalm_jax.bench.suite.H100; flags given "
+                        "explicitly override it; writes bench_h100.json + bench_h100.md unless --out/--markdown); "
+                        "side_by_side: kalm-jax vs the PyTorch peer on CPU, same weights, interleaved rounds "
+                        "(first --shapes entry, first --score_lengths entry as n, first --ratios entry as r)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --suite=side_by_side")
     args = p.parse_args(argv)
+    args.explicit = {k for k, v in vars(args).items() if v != p.get_default(k)}
     for name in ("candidates", "prompt_len", "encode_tokens", "score_batch", "repeats", "rotations"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -78,12 +85,18 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown shapes {unknown}; valid: {sorted(PRESETS)}", file=sys.stderr)
         return 2
+    if args.suite == "side_by_side":
+        return _side_by_side(args)
     settings = suite.BenchSettings(
         shapes=args.shapes, encode_lengths=args.encode_lengths, score_lengths=args.score_lengths,
         ratios=args.ratios, candidates=args.candidates, prompt_len=args.prompt_len,
         encode_tokens=args.encode_tokens, score_batch=args.score_batch, dtype=args.dtype,
         attention_impl=args.attention_impl, warmup=args.warmup, repeats=args.repeats,
         rotations=args.rotations, seed=args.seed, train=args.train)
+    if args.suite == "h100":
+        settings = suite_settings(suite.SUITES["h100"], settings, args.explicit)
+        args.out = args.out or Path("bench_h100.json")
+        args.markdown = args.markdown or Path("bench_h100.md")
     bar = tqdm(desc="bench", unit="row", file=sys.stderr)
     rows = runner.run(settings, peer=args.peer, peer_on_cpu=args.peer_on_cpu, out=args.out,
                       peak_sizes=args.peak_sizes, progress=bar.set_postfix_str, on_row=lambda _: bar.update())
@@ -93,6 +106,29 @@ def main(argv=None) -> int:
         args.markdown.write_text(report.markdown(rows))
     if args.out:
         print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+def suite_settings(fixed, flags, explicit: set[str]):
+    """A fixed suite's settings with the fields whose flags were given explicitly taken from `flags`."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(fixed)}
+    return dataclasses.replace(fixed, **{k: getattr(flags, k) for k in explicit & names})
+
+
+def _side_by_side(args) -> int:
+    from kalm_jax.bench import report, runner, side_by_side
+
+    rows = side_by_side.run(args.shapes[0], n=args.score_lengths[0], r=args.ratios[0], candidates=args.candidates,
+                            prompt_len=args.prompt_len, dtype=args.dtype, rounds=args.rounds, repeats=args.repeats,
+                            warmup=args.warmup, seed=args.seed, progress=lambda m: print(m, file=sys.stderr))
+    report.print_tables(rows)
+    if args.out:
+        runner.write_rows(rows, args.out)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    if args.markdown:
+        args.markdown.write_text(report.markdown(rows))
     return 0
 
 

@@ -1,24 +1,25 @@
 """Benchmark rows: encode, score, online-cost ratio and train step of kalm-jax with random weights.
 
 Every row is a plain dict (JSON-ready) with `kind`, `shape` and, where they apply, `n` (passage tokens)
-and `r` (MEP ratio), plus the measured figures. Work is timed through the library's own jitted entry
-points (`scoring.encode_pool`, `scoring.score_pairs`), compiled ahead of time so compile time is
-reported apart from run time.
+and `r` (MEP ratio), plus the measured figures. Encode and score are timed through the one inference
+engine (`kalm_jax.engine.InferenceEngine.encode_batch` / `score_batch`: host token arrays in, host
+numpy out, the engine's bucketing, padding and transfers included); the first call (which compiles)
+is reported apart from run time as `compile_s`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from kalm_jax import scoring
 from kalm_jax.bench import flops
-from kalm_jax.bench.timing import Timing, compile_aot, compiled_bytes, device_peak_bytes, time_calls
+from kalm_jax.bench.timing import Timing, device_peak_bytes, time_calls
+from kalm_jax.engine import InferenceEngine
 from kalm_jax.config import ModelConfig, get_preset, parse_dtype
 from kalm_jax.layers import resolve_attention_impl
 from kalm_jax.model import init_model
@@ -48,16 +49,31 @@ class BenchSettings:
     train_batch: int = 8
 
 
+# The previous performance issue's H100 grid (`python -m kalm_jax.bench --suite=h100`): nano and large,
+# n = 512 and 4096, r = 1, 4, 8, one query's 100 candidates per score call, peer rows, no train rows.
+# Sized for < 8 minutes on one H100: 2 shapes x (2 encode + 6 score) compiled programs, 1 warm-up and
+# 5 timed calls each, 2 input rotations; the peer runs the same 16 cells.
+H100 = BenchSettings(shapes=("nano", "large"), encode_lengths=(512, 4096), score_lengths=(512, 4096),
+                     ratios=(1, 4, 8), candidates=100, score_batch=100, warmup=1, repeats=5, rotations=2,
+                     train=False)
+SUITES: dict[str, BenchSettings] = {"h100": H100}
+
+
 @dataclasses.dataclass
 class ShapeContext:
-    """A random-weight model of one preset, split for the jitted entry points."""
+    """A random-weight model of one preset and the inference engine serving it."""
 
     name: str
     cfg: ModelConfig
     model: Any
-    graphdef: Any
-    state: Any
+    engine: InferenceEngine
     impl: str
+
+
+def engine_for(model, yes_id: int = 5, no_id: int = 6) -> InferenceEngine:
+    """The inference engine the benchmark times: weights placed once on this process's devices; no
+    tokenizer (token arrays in), fixed yes/no ids."""
+    return InferenceEngine(model, None, yes_id=yes_id, no_id=no_id, show_progress=False)
 
 
 def build_model(name: str, settings: BenchSettings) -> ShapeContext:
@@ -65,9 +81,15 @@ def build_model(name: str, settings: BenchSettings) -> ShapeContext:
     dtype = parse_dtype(settings.dtype)
     model = init_model(cfg, seed=settings.seed, param_dtype=dtype, dtype=dtype)
     model.attention_impl = settings.attention_impl
-    graphdef, state = nnx.split(model)
     impl = resolve_attention_impl(settings.attention_impl, dtype, cfg.head_dim)
-    return ShapeContext(name, cfg, model, graphdef, state, impl)
+    return ShapeContext(name, cfg, model, engine_for(model), impl)
+
+
+def _first_call(fn: Callable[..., Any], args: tuple) -> float:
+    """Seconds of the first call (compilation + one run), kept out of the timed calls."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
 
 
 def _is_oom(err: Exception) -> bool:
@@ -106,18 +128,20 @@ def encode_row(ctx: ShapeContext, n: int, settings: BenchSettings, peak_flops: f
     rng = np.random.default_rng(settings.seed + n)
 
     def run(batch: int) -> dict[str, Any]:
-        inputs = [(jnp.asarray(_token_ids(rng, ctx.cfg, (batch, n))), jnp.ones((batch, n), jnp.int32))
+        inputs = [(_token_ids(rng, ctx.cfg, (batch, n)), np.ones((batch, n), np.int32))
                   for _ in range(settings.rotations)]
-        compiled, compile_s = compile_aot(scoring.encode_pool, ctx.graphdef, ctx.state, *inputs[0], ratio=1)
-        timing = time_calls(lambda ids, mask: compiled(ctx.state, ids, mask), inputs,
-                            warmup=settings.warmup, repeats=settings.repeats, compile_s=compile_s)
+
+        def call(ids, mask):
+            return ctx.engine.encode_batch(ids, mask, 1)
+
+        compile_s = _first_call(call, inputs[0])
+        timing = time_calls(call, inputs, warmup=settings.warmup, repeats=settings.repeats, compile_s=compile_s)
         tokens_per_s = batch * n / timing.median_s
         achieved = flops.encoder_flops(ctx.cfg, n) * batch / timing.median_s
         return {**_base_row("encode", ctx, settings), "n": n, "r": 1, "batch": batch,
                 "tokens_per_s": tokens_per_s, "s_per_passage": timing.median_s / batch,
                 "flops_per_s": achieved, "mfu": achieved / peak_flops if peak_flops else None,
-                **_timing_fields(timing), "program_bytes": compiled_bytes(compiled),
-                "peak_bytes": device_peak_bytes(),
+                **_timing_fields(timing), "peak_bytes": device_peak_bytes(),
                 "cache_bytes_per_passage": flops.cache_bytes(ctx.cfg, n, 1,
                                                              jnp.dtype(settings.dtype).itemsize)}
 
@@ -131,23 +155,21 @@ def score_row(ctx: ShapeContext, n: int, r: int, settings: BenchSettings,
     c = flops.cached_states(n, r)
     t = settings.prompt_len
     dtype = parse_dtype(settings.dtype)
-    yes_no = jnp.asarray([rng.integers(3, 1000), rng.integers(1000, 2000)], jnp.int32)
 
     def run(batch: int) -> dict[str, Any]:
         inputs = []
         for _ in range(settings.rotations):
             states = rng.standard_normal((batch, c, ctx.cfg.hidden_size), dtype=np.float32)
-            inputs.append((jnp.asarray(_token_ids(rng, ctx.cfg, (batch, t))), jnp.ones((batch, t), jnp.int32),
-                           jnp.asarray(states, dtype), jnp.ones((batch, c), jnp.int32)))
-        compiled, compile_s = compile_aot(scoring.score_pairs, ctx.graphdef, ctx.state, *inputs[0], yes_no)
-        timing = time_calls(lambda *a: compiled(ctx.state, *a, yes_no), inputs,
-                            warmup=settings.warmup, repeats=settings.repeats, compile_s=compile_s)
+            inputs.append((_token_ids(rng, ctx.cfg, (batch, t)), np.ones((batch, t), np.int32),
+                           states.astype(ctx.engine.state_dtype), np.ones((batch, c), np.int32)))
+        compile_s = _first_call(ctx.engine.score_batch, inputs[0])
+        timing = time_calls(ctx.engine.score_batch, inputs, warmup=settings.warmup, repeats=settings.repeats,
+                            compile_s=compile_s)
         achieved = flops.decoder_flops(ctx.cfg, t, c) * batch / timing.median_s
         return {**_base_row("score", ctx, settings), "n": n, "r": r, "cached_states": c, "prompt_len": t,
                 "batch": batch, "pairs_per_s": batch / timing.median_s, "s_per_pair": timing.median_s / batch,
                 "flops_per_s": achieved, "mfu": achieved / peak_flops if peak_flops else None,
-                **_timing_fields(timing), "program_bytes": compiled_bytes(compiled),
-                "peak_bytes": device_peak_bytes(),
+                **_timing_fields(timing), "peak_bytes": device_peak_bytes(),
                 "cache_bytes_per_passage": flops.cache_bytes(ctx.cfg, n, r, dtype.itemsize)}
 
     return _with_oom_halving(min(settings.candidates, settings.score_batch), run)
@@ -211,5 +233,5 @@ def shape_rows(name: str, settings: BenchSettings, peak_flops: float | None,
         yield from train_rows(ctx, settings, peak_flops)
 
 
-__all__ = ["BenchSettings", "ShapeContext", "build_model", "encode_row", "score_row", "online_ratio_row",
+__all__ = ["BenchSettings", "H100", "SUITES", "engine_for", "ShapeContext", "build_model", "encode_row", "score_row", "online_ratio_row",
            "train_rows", "shape_rows"]
