@@ -17,7 +17,6 @@ host-side input or checkpoint I/O.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import sys
@@ -514,33 +513,19 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
     return AotResult(reports, rows, dict(mesh.shape))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+def check(cfg, topology: str | None = None, num_slices: int = 1, programs: str = ",".join(PROGRAMS),
+          report: str | None = None) -> int:
+    """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
+    from kalm_jax import cli
 
-    # A CPU-only host: never grab a local accelerator, and tell libtpu not to probe for TPU VM metadata
-    # (the topology is described from the arguments, not discovered).
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-        os.environ.setdefault(key, value)
-    p = argparse.ArgumentParser(prog="python -m kalm_jax.aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="ml_collections config file[:arg], e.g. configs/tpu.py:nano,v5e-256")
-    p.add_argument("--topology", required=True, help="TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256")
-    p.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN (data axis spans them)")
-    p.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated subset of encode,score,train")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set mesh.fsdp=64 --set data.batch_size=256 (repeatable)")
-    p.add_argument("--report", default=None, metavar="FILE.json",
-                   help="also write the compiler's cost model per chip (a JSON list of rows; docs/tpu.md)")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    result = run(cfg, args.topology, args.num_slices, [s for s in args.programs.split(",") if s],
-                 cost=args.report is not None)
-    if args.report:
+    if not topology:
+        raise cli.ConfigError("--topology is required (the TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256)")
+    result = run(cfg, topology, num_slices, [s for s in programs.split(",") if s], cost=report is not None)
+    if report:
         from kalm_jax.bench.runner import write_rows
 
-        write_rows(result.cost, Path(args.report))
-        print(f"wrote {len(result.cost)} cost rows to {args.report}")
+        write_rows(result.cost, Path(report))
+        print(f"wrote {len(result.cost)} cost rows to {report}")
     reports = result.memory
     bad = [r for r in reports if not r.fits]
     if bad:
@@ -551,36 +536,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()):
-    """Loads `path[:arg]` (a file with `get_config(arg)`) and applies KEY=VALUE overrides (literal values)."""
-    import ast
-    import importlib.util
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): settings from configs/tpu.py:<preset>,<topology>[,<slices>] plus
+    `--config.KEY=VALUE` overrides; `--topology`, `--num_slices`, `--programs` and `--report` choose the check."""
+    # A CPU-only host: never grab a local accelerator, and tell libtpu not to probe for TPU VM metadata
+    # (the topology is described from the arguments, not discovered).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(key, value)
+    from kalm_jax import cli
 
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    mod_spec = importlib.util.spec_from_file_location("_kalm_aot_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg else module.get_config()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must be KEY=VALUE")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        node = cfg
-        *parents, last = key.split(".")
-        for k in parents:
-            if k not in node:
-                raise ValueError(f"override {item!r}: config has no section {k!r}")
-            node = node[k]
-        if last not in node:
-            raise ValueError(f"override {item!r}: unknown key {key!r}; valid: {sorted(node.keys())}")
-        node[last] = value
-    return cfg
+    flags = (cli.Flag("topology", None, "TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256"),
+             cli.Flag("num_slices", 1, "slices joined over DCN (data axis spans them)", int),
+             cli.Flag("programs", ",".join(PROGRAMS), "comma-separated subset of encode,score,train"),
+             cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"))
+    return cli.run(check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kalm_jax import aot, layers, tpu_attention
+from kalm_jax import aot, cli, layers, tpu_attention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_aot_uses_the_one_mesh_module():
 
 
 def _tpu_config(arg: str):
-    return aot.load_config(str(REPO / "configs" / "tpu.py") + ":" + arg)
+    return cli.load_file(str(REPO / "configs" / "tpu.py") + ":" + arg)
 
 
 @pytest.mark.parametrize("arg, mesh", [
@@ -109,7 +109,7 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     assert rc == 0, text
     assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in text and "fits: every program" in text
 
-    cfg = aot.load_config(config)
+    cfg = cli.load_file(config)
     sl = aot.tpu_slice("v5e-4")
     mesh, rules = aot.mesh_for(cfg, aot.topology_devices(sl))
     w = aot.workload_from_config(cfg)
@@ -131,7 +131,7 @@ def test_aot_reports_does_not_fit(libtpu_env, capsys):
     """A deliberately oversized encode batch: exit 1 with 'does not fit' and the figures, no crash."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=encode",
-                   "--set", "eval.batch_size=65536", "--set", "data.passage_max_tokens=2048"])
+                   "--config.eval.batch_size=65536", "--config.data.passage_max_tokens=2048"])
     text = capsys.readouterr().out
     assert rc == 1
     assert "does not fit: encode needs" in text and "HBM is 16 GiB" in text
