@@ -33,8 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.on_unknown_docs = "error"  # run-file docs missing from the corpus: 'error' or 'drop' (with a warning)
     # Model and lengths.
     c.dtype = "float32"        # parameter dtype to load the checkpoint in (float32 | bfloat16)
-    c.doc_max_length = 1024    # passage tokens (incl. the '<Document>: ' prefix)
-    c.query_max_tokens = 512   # query tokens before the prompt template
+    c.max_document_tokens = 1024    # passage tokens (incl. the '<Document>: ' prefix)
+    c.max_query_tokens = 512   # query tokens before the prompt template
     c.relevance_level = 0      # min grade counted relevant by binary measures (0 = per dataset: TREC DL 2, else 1)
     # Throughput.
     c.batch_pairs = 256        # (prompt, passage) pairs per scoring call, sharded over the local devices

@@ -12,8 +12,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = ""             # tokenizer file/dir; "" = the teacher's own
     c.ratio = 4                  # MEP ratio the teacher scores at
     c.format = "prob"            # "prob" (teacher P(yes), matches loss.teacher_format="prob") or "logit" (margin)
-    c.passage_max_tokens = 512   # passage tokens (the '<Document>: ' prefix included); training length
-    c.query_max_tokens = 128     # query tokens; training length
+    c.max_document_tokens = 512   # passage tokens (the '<Document>: ' prefix included); training length
+    c.max_query_tokens = 128     # query tokens; training length
     c.batch_size = 64            # passages / pairs per device step
     c.dtype = ""                 # parameter dtype to load the teacher in; "" = the checkpoint's own
     return c

@@ -22,8 +22,8 @@ def _size(c, size):
         c.total_steps = 150
         c.data.batch_size = 8
         c.data.group_size = 8
-        c.data.passage_max_tokens = 128
-        c.data.query_max_tokens = 32
+        c.data.max_document_tokens = 128
+        c.data.max_query_tokens = 32
         c.mep.ratios = (1, 4, 16)
         c.optimizer.lr = 1e-3
         c.optimizer.warmup_steps = 15
@@ -43,8 +43,8 @@ def _size(c, size):
     c.model.remat = size != "nano"
     c.data.batch_size = 128
     c.data.group_size = 16
-    c.data.passage_max_tokens = 512
-    c.data.query_max_tokens = 128
+    c.data.max_document_tokens = 512
+    c.data.max_query_tokens = 128
     c.data.decoder_length = 192  # fixed for AOT compilation; prompt overhead + 128 query tokens fits
     c.optimizer.lr = 2e-4
     c.optimizer.warmup_steps = 100

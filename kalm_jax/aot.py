@@ -429,14 +429,14 @@ def _get(cfg, dotted: str, default):
 
 
 def workload_from_config(cfg) -> Workload:
-    """Reads the training config keys (data.batch_size, data.group_size, data.passage_max_tokens,
-    data.query_max_tokens, eval.ratio, eval.batch_size); missing keys keep the `Workload` defaults."""
+    """Reads the training config keys (data.batch_size, data.group_size, data.max_document_tokens,
+    data.max_query_tokens, eval.ratio, eval.batch_size); missing keys keep the `Workload` defaults."""
     d = Workload()
     return Workload(
         batch_queries=int(_get(cfg, "data.batch_size", d.batch_queries)),
         group_size=int(_get(cfg, "data.group_size", d.group_size)),
-        passage_len=int(_get(cfg, "data.passage_max_tokens", d.passage_len)),
-        query_len=int(_get(cfg, "data.query_max_tokens", d.query_len)),
+        passage_len=int(_get(cfg, "data.max_document_tokens", d.passage_len)),
+        query_len=int(_get(cfg, "data.max_query_tokens", d.query_len)),
         ratio=int(_get(cfg, "eval.ratio", d.ratio)),
         eval_batch=int(_get(cfg, "eval.batch_size", d.eval_batch)),
     )

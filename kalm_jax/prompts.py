@@ -142,18 +142,18 @@ def encode_decoder_prompt(
     query: str,
     instruction: str | bool | None = None,
     system: str | None = None,
-    query_max_tokens: int | None = INFERENCE_QUERY_MAX_TOKENS,
+    max_query_tokens: int | None = INFERENCE_QUERY_MAX_TOKENS,
     max_length: int | None = None,
     *,
     cut_instruction: bool = False,
 ) -> list[int]:
-    """Token ids of the decoder prompt for `query` (truncated to `query_max_tokens` first).
+    """Token ids of the decoder prompt for `query` (truncated to `max_query_tokens` first).
 
     With `max_length`, a prompt that is still longer is made to fit: with `cut_instruction`, a custom
     instruction is cut first (with a warning); then the query is cut further, token by token. If even an
     empty query does not fit (e.g. a system instruction longer than the budget), ValueError.
     """
-    q = truncate_query(tokenizer, query, query_max_tokens)
+    q = truncate_query(tokenizer, query, max_query_tokens)
     ids = tokenizer.encode(decoder_text(q, instruction, system))
     if max_length is None or len(ids) <= max_length:
         return ids
@@ -192,7 +192,7 @@ def tokenize_decoder_prompts(
     queries: Sequence[str],
     instruction: str | bool | None = None,
     system: str | None = None,
-    query_max_tokens: int | None = INFERENCE_QUERY_MAX_TOKENS,
+    max_query_tokens: int | None = INFERENCE_QUERY_MAX_TOKENS,
     pad_to_multiple_of: int | None = 8,
     *,
     length: int | None = None,
@@ -208,7 +208,7 @@ def tokenize_decoder_prompts(
         raise ValueError(f"{len(instructions)} instructions for {len(queries)} queries")
     seqs = [
         encode_decoder_prompt(tokenizer, q, instructions[i] if instructions is not None else instruction,
-                              system, query_max_tokens, max_length=length)
+                              system, max_query_tokens, max_length=length)
         for i, q in enumerate(queries)
     ]
     return pad_batch(seqs, tokenizer.pad_id, length=length, pad_to_multiple_of=pad_to_multiple_of)

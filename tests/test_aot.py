@@ -131,7 +131,7 @@ def test_aot_reports_does_not_fit(libtpu_env, capsys):
     """A deliberately oversized encode batch: exit 1 with 'does not fit' and the figures, no crash."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=encode",
-                   "--config.eval.batch_size=65536", "--config.data.passage_max_tokens=2048"])
+                   "--config.eval.batch_size=65536", "--config.data.max_document_tokens=2048"])
     text = capsys.readouterr().out
     assert rc == 1
     assert "does not fit: encode needs" in text and "HBM is 16 GiB" in text

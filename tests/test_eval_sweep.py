@@ -33,7 +33,7 @@ def ckpt(tmp_path_factory, tokenizer):
 
 def _config(data_dir, out, ckpt=None, **kw):
     cfg = dict(data_dir=str(data_dir), datasets=",".join(DATASETS), output_dir=str(out), ratios="1,4,8",
-               max_queries=2, top_k=10, doc_max_length=64, progress=False, checkpoint=str(ckpt) if ckpt else "")
+               max_queries=2, top_k=10, max_document_tokens=64, progress=False, checkpoint=str(ckpt) if ckpt else "")
     cfg.update(kw)
     return cfg
 

@@ -76,8 +76,8 @@ def test_every_job_agrees_on_a_hub_checkpoint(hub_checkpoint, mini_beir, tmp_pat
     jsonl = tmp_path / "train.jsonl"
     write_training_jsonl([TrainingExample(query=text, pos=[texts[0]], neg=texts[1:]) for text in queries.values()],
                          jsonl)
-    label(hub, jsonl, tmp_path / "labelled.jsonl", ratio=RATIO, fmt="logit", passage_max_tokens=DOC_TOKENS,
-          query_max_tokens=QUERY_TOKENS, show_progress=False)
+    label(hub, jsonl, tmp_path / "labelled.jsonl", ratio=RATIO, fmt="logit", max_document_tokens=DOC_TOKENS,
+          max_query_tokens=QUERY_TOKENS, show_progress=False)
     labelled = {q: np.asarray(ex.pos_scores + ex.neg_scores)
                 for q, ex in zip(queries, read_training_jsonl(tmp_path / "labelled.jsonl"))}
 
@@ -85,7 +85,7 @@ def test_every_job_agrees_on_a_hub_checkpoint(hub_checkpoint, mini_beir, tmp_pat
     proc = subprocess.run(
         [sys.executable, str(REPO / "eval.py"), f"--config.checkpoint={hub}", f"--config.data_dir={data.parent}",
          "--config.datasets=mini", f"--config.ratios={RATIO}", "--config.first_stage=run:run.trec",
-         f"--config.doc_max_length={DOC_TOKENS}", f"--config.query_max_tokens={QUERY_TOKENS}",
+         f"--config.max_document_tokens={DOC_TOKENS}", f"--config.max_query_tokens={QUERY_TOKENS}",
          f"--config.output_dir={out}", "--config.progress=False", "--config.report=False"],
         env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,7 +107,7 @@ def test_train_py_fine_tunes_from_a_hub_checkpoint_with_its_tokenizer_json(hub_c
         [sys.executable, str(REPO / "train.py"), "--config=configs/train.py:tiny", f"--workdir={work}",
          f"--config.init_from={hub}", "--config.epochs=0.004", "--config.checkpoint.every=2",
          "--config.eval.num_queries=0", "--config.data.batch_size=2", "--config.data.group_size=2",
-         "--config.data.passage_max_tokens=32", "--config.data.query_max_tokens=8", "--config.mep.ratios=(1,4)",
+         "--config.data.max_document_tokens=32", "--config.data.max_query_tokens=8", "--config.mep.ratios=(1,4)",
          "--config.optimizer.warmup_steps=1", f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"],
         env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,13 +175,13 @@ def test_clients_reach_the_jitted_functions_only_through_the_engine(hub_checkpoi
     rr.score("a query", list(docs.values())[:3])
     assert only_through_engine["encode_pool"] and only_through_engine["score_pairs"]
     sweep.run_sweep({"checkpoint": str(hub), "data_dir": str(data.parent), "datasets": "mini", "ratios": "1,4",
-                     "first_stage": "run:run.trec", "doc_max_length": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
+                     "first_stage": "run:run.trec", "max_document_tokens": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
                      "progress": False, "report": False})
     jsonl = tmp_path / "t.jsonl"
     write_training_jsonl([TrainingExample(query="q", pos=["a passage"], neg=["another one"])], jsonl)
     label(hub, jsonl, tmp_path / "l.jsonl", show_progress=False)
-    dev = DevSet.build(data, "test", rr.tokenizer, num_queries=2, depth=3, passage_max_tokens=DOC_TOKENS,
-                       query_max_tokens=QUERY_TOKENS)
+    dev = DevSet.build(data, "test", rr.tokenizer, num_queries=2, depth=3, max_document_tokens=DOC_TOKENS,
+                       max_query_tokens=QUERY_TOKENS)
     assert 0.0 <= dev.evaluate(rr.model, rr.tokenizer, ratio=4)["dev_ndcg@10"] <= 1.0
     rr.score("a query", rr.encode_passages(list(docs.values())[:3], ratio=1))  # re-pooled on the device
     assert only_through_engine["repool_states"] > 0
@@ -216,7 +216,7 @@ def test_a_sweep_holds_one_copy_of_the_weights_per_device(hub_checkpoint, mini_b
 
     monkeypatch.setattr(rerank, "rerank", snapshot)
     sweep.run_sweep({"checkpoint": str(hub), "data_dir": str(data.parent), "datasets": "mini", "ratios": "4",
-                     "first_stage": "run:run.trec", "doc_max_length": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
+                     "first_stage": "run:run.trec", "max_document_tokens": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
                      "progress": False, "report": False})
     assert seen and all(set(s.values()) == {1} for s in seen), seen
 
@@ -231,7 +231,7 @@ def test_rerun_with_a_replaced_checkpoint_or_changed_data_refuses(hub_checkpoint
     data = tmp_path / "data"
     shutil.copytree(mini_beir[0].parent, data)
     cfg = {"checkpoint": str(ck), "data_dir": str(data), "datasets": "mini", "ratios": "4",
-           "first_stage": "run:run.trec", "doc_max_length": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
+           "first_stage": "run:run.trec", "max_document_tokens": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
            "progress": False, "report": False}
     rows = sweep.run_sweep(cfg)
     assert all(r["data_identity"] for r in rows) and rows[-1]["checkpoint_identity"]

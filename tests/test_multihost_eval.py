@@ -49,7 +49,7 @@ def run_env():
 def eval_args(ckpt: Path, data_dir: Path, out: Path) -> list[str]:
     return ["eval.py", f"--config.checkpoint={ckpt}", f"--config.data_dir={data_dir}", "--config.datasets=scifact",
             f"--config.output_dir={out}", f"--config.ratios={','.join(map(str, RATIOS))}", "--config.max_queries=4",
-            "--config.top_k=10", "--config.doc_max_length=64", "--config.progress=False", "--config.report=False"]
+            "--config.top_k=10", "--config.max_document_tokens=64", "--config.progress=False", "--config.report=False"]
 
 
 def launcher(args: list[str]) -> list[str]:

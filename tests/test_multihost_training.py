@@ -62,7 +62,7 @@ def train_args(train_jsonl, tokenizer, data_dir):
     return [f"--config={REPO}/configs/train.py:tiny", f"--config.total_steps={STEPS}", "--config.checkpoint.every=2",
             "--config.eval.num_queries=0", f"--config.data.train_jsonl=('{train_jsonl}',)",
             f"--config.tokenizer={tokenizer.path}", "--config.data.batch_size=8", "--config.data.group_size=2",
-            "--config.data.passage_max_tokens=32", "--config.data.query_max_tokens=8", "--config.mep.ratios=(1,4)",
+            "--config.data.max_document_tokens=32", "--config.data.max_query_tokens=8", "--config.mep.ratios=(1,4)",
             "--config.optimizer.warmup_steps=2", f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"]
 
 

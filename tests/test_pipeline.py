@@ -15,7 +15,7 @@ from kalm_jax.data.tfds_builder import data_source, prepare
 from kalm_jax.data.training_jsonl import write_training_jsonl
 
 N = 800
-CFG = PipelineConfig(batch_size=8, group_size=4, passage_max_tokens=64, query_max_tokens=24, seed=7)
+CFG = PipelineConfig(batch_size=8, group_size=4, max_document_tokens=64, max_query_tokens=24, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_batch_contents_and_static_shapes(prepared, tokenizer, examples):
             else:  # every negative once, the rest with replacement
                 assert len(set(texts[1:])) == len(set(ex.neg))
             dec = tokenizer.decode(batch["dec_ids"][b][batch["dec_mask"][b] == 1].tolist())
-            query = prompts.truncate_query(tokenizer, ex.query, CFG.query_max_tokens)
+            query = prompts.truncate_query(tokenizer, ex.query, CFG.max_query_tokens)
             assert dec == prompts.decoder_text(query, ex.prompt)
             if ex.pos_scores is None:
                 assert np.isnan(batch["teacher"][b]).all() and (batch["teacher_mask"][b] == 0).all()
@@ -103,7 +103,7 @@ def test_batch_contents_and_static_shapes(prepared, tokenizer, examples):
 
 
 def test_two_hosts_disjoint_union(prepared, tokenizer):
-    cfg = PipelineConfig(batch_size=8, group_size=2, passage_max_tokens=16, query_max_tokens=8, seed=3,
+    cfg = PipelineConfig(batch_size=8, group_size=2, max_document_tokens=16, max_query_tokens=8, seed=3,
                          num_epochs=1)
     seen = []
     for host in range(2):
@@ -137,7 +137,7 @@ def test_seed_determinism_and_epochs(prepared, tokenizer):
     assert all(_same(x, y) for x, y in zip(a, b))
     assert not _same(a[0], c[0])
     # A second epoch reorders the records and resamples each group.
-    cfg = PipelineConfig(batch_size=200, group_size=4, passage_max_tokens=16, query_max_tokens=8, seed=1,
+    cfg = PipelineConfig(batch_size=200, group_size=4, max_document_tokens=16, max_query_tokens=8, seed=1,
                          num_epochs=2)
     it = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=4)
     e1, e2 = _batches(it, 2)
@@ -176,7 +176,7 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 
 
 def test_worker_processes_resume(prepared, tokenizer):
-    cfg = PipelineConfig(batch_size=4, group_size=4, passage_max_tokens=32, query_max_tokens=16, seed=5,
+    cfg = PipelineConfig(batch_size=4, group_size=4, max_document_tokens=32, max_query_tokens=16, seed=5,
                          worker_count=2)
     it = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1)
     _batches(it, 3)

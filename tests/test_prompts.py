@@ -57,7 +57,7 @@ def test_long_query_truncated_before_insertion(tokenizer):
                 "<Query>: " + ("1234567890" * 13)[:128] + "<end_of_turn>\n<start_of_turn>model\n\n\n\n")
     short = prompts.truncate_query(tokenizer, query, 128)
     assert prompts.decoder_text(short) == expected
-    ids, mask = prompts.tokenize_decoder_prompts(tokenizer, [query], query_max_tokens=128)
+    ids, mask = prompts.tokenize_decoder_prompts(tokenizer, [query], max_query_tokens=128)
     # Prompt tokens do not count toward the query limit.
     n = int(mask.sum())
     assert n == 128 + prompts.decoder_template_tokens(tokenizer)

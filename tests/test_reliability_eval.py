@@ -69,7 +69,7 @@ def test_run_sweep_refuses_a_directory_in_use(tmp_path, data_dir):
     assert not (tmp_path / "out" / results.RESULTS).exists()
 
 
-@pytest.mark.parametrize("field,value", [("max_queries", -3), ("relevance_level", -1), ("doc_max_length", -1),
+@pytest.mark.parametrize("field,value", [("max_queries", -3), ("relevance_level", -1), ("max_document_tokens", -1),
                                          ("batch_pairs", 0), ("encode_batch_size", 0), ("top_k", 2.5),
                                          ("shard_size", True)])
 def test_bad_settings_are_named(tmp_path, field, value):

@@ -33,7 +33,7 @@ B, G, S, T = 8, 2, 16, 16
 
 def small_config(**mesh):
     c = default_config()
-    c.data.batch_size, c.data.group_size, c.data.passage_max_tokens, c.data.decoder_length = B, G, S, T
+    c.data.batch_size, c.data.group_size, c.data.max_document_tokens, c.data.decoder_length = B, G, S, T
     c.mep.ratios = (1, 4)
     c.loss.listwise = 0.5
     c.loss.distill = 0.25
@@ -218,8 +218,8 @@ def cli(workdir: Path, jsonl: Path, tokenizer, data_dir, steps: int = 2 * N) -> 
     return [sys.executable, str(REPO / "train.py"), f"--config={REPO}/configs/train.py:tiny", f"--workdir={workdir}",
             f"--config.total_steps={steps}", f"--config.checkpoint.every={N}", "--config.eval.num_queries=0",
             f"--config.data.train_jsonl=('{jsonl}',)", f"--config.tokenizer={tokenizer.path}",
-            "--config.data.batch_size=4", "--config.data.group_size=2", "--config.data.passage_max_tokens=32",
-            "--config.data.query_max_tokens=8", "--config.mep.ratios=(1,4)", "--config.optimizer.warmup_steps=2",
+            "--config.data.batch_size=4", "--config.data.group_size=2", "--config.data.max_document_tokens=32",
+            "--config.data.max_query_tokens=8", "--config.mep.ratios=(1,4)", "--config.optimizer.warmup_steps=2",
             f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"]
 
 
@@ -281,7 +281,7 @@ def test_corrupt_latest_falls_back_onto_another_mesh(straight_run, tmp_path, cap
             f.write_bytes(f.read_bytes()[:37])
     cfg = json.loads((w / "config.json").read_text())
     tc = small_config(data=2, fsdp=2, tensor=2)
-    tc.data.batch_size, tc.data.passage_max_tokens = cfg["data"]["batch_size"], cfg["data"]["passage_max_tokens"]
+    tc.data.batch_size, tc.data.max_document_tokens = cfg["data"]["batch_size"], cfg["data"]["max_document_tokens"]
     tc.loss.listwise = tc.loss.distill = 0.0
     tc.total_steps = 2 * N
     tc.optimizer.warmup_steps = 2
@@ -313,7 +313,7 @@ def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(train_jsonl.read_text().splitlines(keepends=True)[:3]))
     out = tmp_path / "out.jsonl"
-    assert label(teacher, src, out, passage_max_tokens=32, query_max_tokens=16, show_progress=False) == 3
+    assert label(teacher, src, out, max_document_tokens=32, max_query_tokens=16, show_progress=False) == 3
     _, model = checkpointing.load_model(teacher)
     for ex in read_training_jsonl(out):
         passages = ex.pos + ex.neg
@@ -324,7 +324,7 @@ def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path):
             from kalm_jax import mep
 
             pooled, pmask, _ = mep.pool(states, mask, 4)
-            dec, dmask = prompts.tokenize_decoder_prompts(tokenizer, [ex.query], query_max_tokens=16,
+            dec, dmask = prompts.tokenize_decoder_prompts(tokenizer, [ex.query], max_query_tokens=16,
                                                           pad_to_multiple_of=None)
             margin = model.score_margin(dec, dmask, pooled, pmask, tokenizer.yes_id, tokenizer.no_id)
             assert got == pytest.approx(float(jax.nn.sigmoid(margin[0])), abs=1e-5)

@@ -50,7 +50,7 @@ def _make(training, cfg, settings, mode: str) -> TrainStep:
     c.lora.enabled = mode == "lora"
     c.data.batch_size = 1
     c.data.group_size = int(settings.train_batch)
-    c.data.passage_max_tokens = int(settings.train_n)
+    c.data.max_document_tokens = int(settings.train_n)
     c.data.decoder_length = int(settings.prompt_len)
     c.mep.ratios = (int(settings.train_r),)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1

@@ -15,7 +15,7 @@ deterministic and differs between epochs:
   * with at least G-1 negatives, G-1 distinct ones are drawn without replacement;
   * with fewer, every negative is used once and the remaining slots are drawn with replacement.
 
-Batch (numpy, shapes fixed for a given config; S = passage_max_tokens, T = `decoder_length`):
+Batch (numpy, shapes fixed for a given config; S = max_document_tokens, T = `decoder_length`):
   enc_ids, enc_mask   int32 [B*G, S]  unique passages, deduplicated within each of the k row blocks
                                       (block c: rows [c*B*G/k, (c+1)*B*G/k), its padding rows after its
                                       last unique passage)
@@ -54,9 +54,9 @@ class PipelineConfig:
     Attributes:
       batch_size: queries per batch on this host (B).
       group_size: passages per query (G = 1 positive + G-1 negatives).
-      passage_max_tokens: S, encoder length (the ``<Document>: `` prefix included).
-      query_max_tokens: query truncation before it is put into the prompt.
-      decoder_length: T; None derives it from the template, `query_max_tokens` and a margin (see
+      max_document_tokens: S, encoder length (the ``<Document>: `` prefix included).
+      max_query_tokens: query truncation before it is put into the prompt.
+      decoder_length: T; None derives it from the template, `max_query_tokens` and a margin (see
         `decoder_length`).
       seed: shuffling and group-sampling seed.
       num_epochs: passes over this host's shard; None repeats forever.
@@ -74,8 +74,8 @@ class PipelineConfig:
 
     batch_size: int = 16
     group_size: int = 16
-    passage_max_tokens: int = prompts.TRAIN_DOCUMENT_MAX_TOKENS
-    query_max_tokens: int = prompts.TRAIN_QUERY_MAX_TOKENS
+    max_document_tokens: int = prompts.TRAIN_DOCUMENT_MAX_TOKENS
+    max_query_tokens: int = prompts.TRAIN_QUERY_MAX_TOKENS
     decoder_length: int | None = None
     seed: int = 0
     num_epochs: int | None = None
@@ -91,8 +91,8 @@ class PipelineConfig:
     def __post_init__(self):
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (one positive and at least one negative), got {self.group_size}")
-        if self.batch_size < 1 or self.passage_max_tokens < 1 or self.query_max_tokens < 1:
-            raise ValueError(f"batch_size, passage_max_tokens and query_max_tokens must be positive: {self}")
+        if self.batch_size < 1 or self.max_document_tokens < 1 or self.max_query_tokens < 1:
+            raise ValueError(f"batch_size, max_document_tokens and max_query_tokens must be positive: {self}")
         if self.batch_shards < 1 or self.batch_size % self.batch_shards:
             raise ValueError(f"batch_shards={self.batch_shards} must be >= 1 and divide batch_size={self.batch_size}")
 
@@ -107,7 +107,7 @@ class PipelineConfig:
 
 
 def decoder_length(tokenizer: Tokenizer, config: PipelineConfig) -> int:
-    """T: `config.decoder_length`, or template tokens + query_max_tokens + 8 rounded up to a multiple of 8.
+    """T: `config.decoder_length`, or template tokens + max_query_tokens + 8 rounded up to a multiple of 8.
 
     The margin absorbs re-tokenization of a truncated query in context; a longer prompt (e.g. a long
     per-example instruction) gets its query cut further to fit, never a changed shape.
@@ -115,12 +115,12 @@ def decoder_length(tokenizer: Tokenizer, config: PipelineConfig) -> int:
     if config.decoder_length is not None:
         return config.decoder_length
     overhead = prompts.decoder_template_tokens(tokenizer, config.instruction, config.system)
-    return -(-(overhead + config.query_max_tokens + 8) // 8) * 8
+    return -(-(overhead + config.max_query_tokens + 8) // 8) * 8
 
 
 def batch_shapes(config: PipelineConfig, dec_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every batch entry (for ahead-of-time compilation)."""
-    b, g, s = config.batch_size, config.group_size, config.passage_max_tokens
+    b, g, s = config.batch_size, config.group_size, config.max_document_tokens
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
     return {
         "enc_ids": ((b * g, s), i32), "enc_mask": ((b * g, s), i32), "passage_index": ((b, g), i32),
@@ -163,14 +163,14 @@ class SampleAndTokenize(grain.transforms.RandomMap):
             raise ValueError(f"{source}: example has {len(pos)} positives and {len(neg)} negatives; need >= 1 each")
         p, n = sample_group(len(pos), len(neg), cfg.group_size, rng)
         passages = [pos[p]] + [neg[i] for i in n]
-        enc_ids, enc_mask = prompts.tokenize_documents(tok, passages, cfg.passage_max_tokens,
-                                                       length=cfg.passage_max_tokens)
+        enc_ids, enc_mask = prompts.tokenize_documents(tok, passages, cfg.max_document_tokens,
+                                                       length=cfg.max_document_tokens)
         instruction = cfg.instruction
         if cfg.use_example_prompt and bool(element["has_prompt"]):
             instruction = _text(element["prompt"])
         try:
             dec_ids, dec_mask = prompts.tokenize_decoder_prompts(
-                tok, [_text(element["query"])], instruction, cfg.system, cfg.query_max_tokens, length=self.dec_len)
+                tok, [_text(element["query"])], instruction, cfg.system, cfg.max_query_tokens, length=self.dec_len)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
         teacher = np.full(cfg.group_size, np.nan, np.float32)

@@ -161,15 +161,15 @@ def score_candidates(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], sour
 
 def tokenize_prompts(prompter, queries: Mapping[str, str], instruction: str | bool | None = None, *,
                      system: str | None = None,
-                     query_max_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS) -> dict[str, np.ndarray]:
+                     max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS) -> dict[str, np.ndarray]:
     """Decoder prompt token ids per query id (unpadded int32 rows).
 
-    `prompter` is an `InferenceEngine` (its query limit and prompt budget apply; `query_max_tokens` is
-    ignored) or a bare tokenizer (then `query_max_tokens` cuts the query).
+    `prompter` is an `InferenceEngine` (its query limit and prompt budget apply; `max_query_tokens` is
+    ignored) or a bare tokenizer (then `max_query_tokens` cuts the query).
     """
     if hasattr(prompter, "prompt_ids"):
         return {q: np.asarray(prompter.prompt_ids(text, instruction, system, warn=False), np.int32) for q, text in queries.items()}
-    return {q: np.asarray(prompts.encode_decoder_prompt(prompter, text, instruction, system, query_max_tokens),
+    return {q: np.asarray(prompts.encode_decoder_prompt(prompter, text, instruction, system, max_query_tokens),
                           np.int32) for q, text in queries.items()}
 
 

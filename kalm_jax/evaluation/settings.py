@@ -15,7 +15,7 @@ from kalm_jax.passage_states import STORAGE
 DEFAULT_LABEL, NONE_LABEL = "default", "none"
 
 #: Settings the numbers depend on: an output dir whose results used other values is refused.
-IDENTITY_FIELDS = ("split", "first_stage", "top_k", "max_queries", "doc_max_length", "query_max_tokens", "storage",
+IDENTITY_FIELDS = ("split", "first_stage", "top_k", "max_queries", "max_document_tokens", "max_query_tokens", "storage",
                    "store_ratio", "system", "cascade", "dtype", "relevance_level", "on_unknown_docs")
 
 
@@ -46,8 +46,8 @@ class Settings:
     top_k: int = 100
     max_queries: int = 0
     tokenizer: str = ""
-    doc_max_length: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS
-    query_max_tokens: int = prompts.INFERENCE_QUERY_MAX_TOKENS
+    max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS
+    max_query_tokens: int = prompts.INFERENCE_QUERY_MAX_TOKENS
     storage: str = "float32"
     store_dir: Path | None = None
     store_ratio: int = 0
@@ -93,7 +93,7 @@ class Settings:
 
     def validate(self) -> None:
         """Raises SweepConfigError naming the first invalid field (type, range, or contradiction)."""
-        minimum = {"top_k": 1, "max_queries": 0, "doc_max_length": 1, "query_max_tokens": 1, "relevance_level": 0,
+        minimum = {"top_k": 1, "max_queries": 0, "max_document_tokens": 1, "max_query_tokens": 1, "relevance_level": 0,
                    "batch_pairs": 1, "encode_batch_size": 1, "shard_size": 1, "store_ratio": 0}
         for name, lo in minimum.items():
             v = getattr(self, name)

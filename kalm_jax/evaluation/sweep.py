@@ -278,8 +278,8 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                 continue
             model, tokenizer = load_model(ck, settings)
             engine = InferenceEngine(model, tokenizer, batch_size=settings.encode_batch_size,
-                                     max_document_tokens=settings.doc_max_length,
-                                     max_query_tokens=settings.query_max_tokens, show_progress=False)
+                                     max_document_tokens=settings.max_document_tokens,
+                                     max_query_tokens=settings.max_query_tokens, show_progress=False)
             key = store_lib.StoreKey.for_engine(engine, settings.finest_ratio, settings.storage)
             for ds in settings.datasets:
                 cells = todo_cells(ds, ck)

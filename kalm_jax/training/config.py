@@ -56,9 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.negatives_depth = 100
     c.data.batch_size = 16        # global queries per step (split over hosts and batch shards)
     c.data.group_size = 16
-    c.data.passage_max_tokens = 512
-    c.data.query_max_tokens = 128
-    c.data.decoder_length = 0     # 0 = derived from the tokenizer and query_max_tokens
+    c.data.max_document_tokens = 512
+    c.data.max_query_tokens = 128
+    c.data.decoder_length = 0     # 0 = derived from the tokenizer and max_query_tokens
     c.data.instruction = "default"  # "default" = DEFAULT_INSTRUCTION, "" = none (stage 1), else the text
     c.data.use_example_prompt = True
     c.data.worker_count = 0
@@ -132,7 +132,7 @@ RANGES: dict[str, tuple[str, float, float, bool]] = {
     "lora.alpha": ("float", 0, _INF, False),
     "data.num_negatives": ("int", 0, _INF, True), "data.negatives_depth": ("int", 1, _INF, True),
     "data.batch_size": ("int", 1, _INF, True), "data.group_size": ("int", 1, _INF, True),
-    "data.passage_max_tokens": ("int", 1, _INF, True), "data.query_max_tokens": ("int", 1, _INF, True),
+    "data.max_document_tokens": ("int", 1, _INF, True), "data.max_query_tokens": ("int", 1, _INF, True),
     "data.decoder_length": ("int", 0, _INF, True), "data.worker_count": ("int", 0, _INF, True),
     "loss.pointwise": ("float", 0, _INF, True), "loss.full_vocab": ("float", 0, _INF, True),
     "loss.distill": ("float", 0, _INF, True), "loss.listwise": ("float", 0, _INF, True),

@@ -36,28 +36,28 @@ class DevSet:
     query_ids: list[str]
     prompt_tokens: list[list[int]]   # decoder prompt token ids per query
     pairs: np.ndarray                # [N, 2] (query row, passage row)
-    passage_max_tokens: int = 512
+    max_document_tokens: int = 512
 
     @classmethod
     def build(cls, dataset_dir: str | Path, split: str, tokenizer: AnyTokenizer, *, num_queries: int, depth: int,
-              passage_max_tokens: int, query_max_tokens: int, instruction: str | bool | None = None) -> DevSet:
+              max_document_tokens: int, max_query_tokens: int, instruction: str | bool | None = None) -> DevSet:
         ds = load_beir(dataset_dir, split)
         qids = sorted(ds.qrels)[:num_queries]
         index = BM25Index.build(ds.corpus, show_progress=False)
         run = index.search({q: ds.queries[q] for q in qids}, k=depth, show_progress=False)
         doc_ids = sorted({d for q in qids for d in run.get(q, {})})
         row = {d: i for i, d in enumerate(doc_ids)}
-        doc_tokens = [prompts.encode_document(tokenizer, ds.passage(d), passage_max_tokens) for d in doc_ids]
-        prompt_tokens = [prompts.encode_decoder_prompt(tokenizer, ds.queries[q], instruction, None, query_max_tokens)
+        doc_tokens = [prompts.encode_document(tokenizer, ds.passage(d), max_document_tokens) for d in doc_ids]
+        prompt_tokens = [prompts.encode_decoder_prompt(tokenizer, ds.queries[q], instruction, None, max_query_tokens)
                          for q in qids]
         pairs = np.asarray([(i, row[d]) for i, q in enumerate(qids) for d in run.get(q, {})], np.int64).reshape(-1, 2)
         return cls({q: ds.qrels[q] for q in qids}, {q: run.get(q, {}) for q in qids}, doc_ids, doc_tokens, qids,
-                   prompt_tokens, pairs, passage_max_tokens)
+                   prompt_tokens, pairs, max_document_tokens)
 
     def rerank(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64
                ) -> dict[str, dict[str, float]]:
         """The reranked run {qid: {docid: margin}}, scored through a fresh `InferenceEngine` of `model`."""
-        engine = InferenceEngine(model, tokenizer, batch_size=batch_size, max_document_tokens=self.passage_max_tokens,
+        engine = InferenceEngine(model, tokenizer, batch_size=batch_size, max_document_tokens=self.max_document_tokens,
                                  share_weights=False, show_progress=False)
         states = engine.encode_ids(self.doc_tokens, ratio, storage="float32")
         margins = engine.margins(self.prompt_tokens, self.pairs[:, 0], states, self.pairs[:, 1])

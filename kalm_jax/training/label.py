@@ -25,7 +25,7 @@ from kalm_jax.engine import InferenceEngine, probability
 
 
 def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, *, tokenizer: str | Path | None = None,
-          ratio: int = 4, fmt: str = "prob", passage_max_tokens: int = 512, query_max_tokens: int = 128,
+          ratio: int = 4, fmt: str = "prob", max_document_tokens: int = 512, max_query_tokens: int = 128,
           batch_size: int = 64, examples_per_batch: int = 16, dtype: str | None = None,
           show_progress: bool = True) -> int:
     """Writes `output_path` = `input_path` with teacher pos_scores/neg_scores; returns the example count.
@@ -40,8 +40,8 @@ def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, 
         raise ValueError("--output must differ from --input (the input is never overwritten)")
     examples = read_training_jsonl(input_path)
     _, model, tok = loader.load(teacher, dtype=dtype, tokenizer=tokenizer)
-    engine = InferenceEngine(model, tok, batch_size=batch_size, max_document_tokens=passage_max_tokens,
-                             max_query_tokens=query_max_tokens, show_progress=False)
+    engine = InferenceEngine(model, tok, batch_size=batch_size, max_document_tokens=max_document_tokens,
+                             max_query_tokens=max_query_tokens, show_progress=False)
     out = []
     for start in tqdm(range(0, len(examples), examples_per_batch), desc="labelling", disable=not show_progress):
         chunk = examples[start:start + examples_per_batch]
@@ -72,8 +72,8 @@ def main(config, coordinator_address=None, num_processes=None, process_id=None) 
         print("labelling runs on process 0 only; this process has nothing to do")
         return 0
     n = label(config.teacher, config.input, config.output, tokenizer=config.tokenizer or None, ratio=config.ratio,
-              fmt=config.format, passage_max_tokens=config.passage_max_tokens,
-              query_max_tokens=config.query_max_tokens, batch_size=config.batch_size, dtype=config.dtype or None)
+              fmt=config.format, max_document_tokens=config.max_document_tokens,
+              max_query_tokens=config.max_query_tokens, batch_size=config.batch_size, dtype=config.dtype or None)
     print(f"labelled {n} examples -> {config.output}")
     return 0
 

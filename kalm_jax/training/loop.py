@@ -174,7 +174,7 @@ def flops_per_step(model_cfg, config, dec_len: int) -> float:
     """6·N·tokens estimate: encoder params × encoder tokens + decoder params × decoder tokens × ratios."""
     counts = model_cfg.param_counts()
     b, g = int(config.data.batch_size), int(config.data.group_size)
-    enc_tokens = b * g * int(config.data.passage_max_tokens)
+    enc_tokens = b * g * int(config.data.max_document_tokens)
     dec_tokens = b * g * dec_len * len(ratio_weights(config))
     return 6.0 * (counts["encoder"] * enc_tokens + counts["decoder"] * dec_tokens)
 
@@ -294,7 +294,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
         raise ValueError(f"data.batch_size {config.data.batch_size} does not split over {jax.process_count()} hosts")
     pcfg = pipeline.PipelineConfig(
         batch_size=int(config.data.batch_size) // jax.process_count(), group_size=int(config.data.group_size),
-        passage_max_tokens=int(config.data.passage_max_tokens), query_max_tokens=int(config.data.query_max_tokens),
+        max_document_tokens=int(config.data.max_document_tokens), max_query_tokens=int(config.data.max_query_tokens),
         decoder_length=int(config.data.decoder_length) or None, seed=int(config.seed),
         instruction=instruction_of(config), use_example_prompt=bool(config.data.use_example_prompt),
         worker_count=int(config.data.worker_count))
@@ -331,8 +331,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
 
         dev = DevSet.build(data_root(config) / config.eval.dataset, config.eval.split, tok,
                            num_queries=int(config.eval.num_queries), depth=int(config.eval.depth),
-                           passage_max_tokens=int(config.data.passage_max_tokens),
-                           query_max_tokens=int(config.data.query_max_tokens), instruction=instruction_of(config))
+                           max_document_tokens=int(config.data.max_document_tokens),
+                           max_query_tokens=int(config.data.max_query_tokens), instruction=instruction_of(config))
 
     def evaluate() -> dict[str, float]:
         if dev is None:

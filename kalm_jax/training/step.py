@@ -190,7 +190,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
     t = int(decoder_length or train_cfg.data.decoder_length or 0)
     if t <= 0:
         raise ValueError("decoder length unknown: pass decoder_length= or set data.decoder_length > 0")
-    s = int(train_cfg.data.passage_max_tokens)
+    s = int(train_cfg.data.max_document_tokens)
     for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
         if not 0 <= int(tok) < model_cfg.vocab_size:
             raise ValueError(f"{name}={tok} is outside the model vocabulary [0, {model_cfg.vocab_size})")
