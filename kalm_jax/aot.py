@@ -287,7 +287,8 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
     validate(cfg)
     with analysis_defaults() if analysis else contextlib.nullcontext():
         ts = train_step.make_train_step(get_preset(preset), cfg, mesh, yes_id=1, no_id=2,
-                                        decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len)
+                                        decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len,
+                                        shard_local_passages=True)  # as train.py runs it
     if not analysis:
         out(f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
             f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)})")
