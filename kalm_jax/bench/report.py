@@ -28,7 +28,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
                      ("peer tok/s", "peer_tokens_per_s", ",.0f"), ("ours pairs/s", "ours_pairs_per_s", ",.1f"),
                      ("peer pairs/s", "peer_pairs_per_s", ",.1f"), ("speedup", "speedup", ".2f"),
                      ("min", "speedup_min", ".2f"), ("max", "speedup_max", ".2f"), ("rounds", "rounds", "d"),
-                     ("max |Δ state|", "max_abs_state_diff", ".1e"), ("max |Δ margin|", "max_abs_margin_diff", ".1e")],
+                     ("max abs Δ state", "max_abs_state_diff", ".1e"), ("max abs Δ margin", "max_abs_margin_diff", ".1e")],
     "train": [("shape", "shape", "s"), ("mode", "mode", "s"), ("batch", "batch", "d"), ("step ms", "step_s", "ms"),
               ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", "%"), ("compile s", "compile_s", ".1f")],
 }
