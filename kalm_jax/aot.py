@@ -17,7 +17,6 @@ host-side input or checkpoint I/O.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import sys
