@@ -4,7 +4,8 @@ Every CLI (train.py, eval.py, label, convert, export, verify_release, aot, bench
 tfds_builder, tokenizer) is configured the same way:
 
     --config=configs/NAME.py[:ARG]     a file with ``get_config(arg)`` returning an ml_collections ConfigDict
-                                       (each CLI has a default file in configs/, so this flag is optional)
+                                       (each CLI has a default file in configs/, so this flag is optional;
+                                       a bare NAME.py[:ARG] means the project's configs/NAME.py)
     --config.a.b=VALUE                 override one field; VALUE is parsed as the field's type (bool, int,
                                        float, str, tuple); an unknown key exits with the valid keys there
 
@@ -41,6 +42,8 @@ def load_file(spec: str | Path) -> ml_collections.ConfigDict:
     """Loads ``path[:arg]``: the file's ``get_config(arg)`` (``get_config()`` without an arg)."""
     spec = str(spec)
     path, _, arg = spec.partition(":")
+    if not Path(path).is_file() and (CONFIG_DIR / path).is_file():
+        path = str(CONFIG_DIR / path)  # a bare name means the project's configs/ file
     if not Path(path).is_file():
         raise ConfigError(f"--config: no such config file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"_kalm_config_{Path(path).stem}", path)

@@ -23,9 +23,9 @@ def test_cli_tiny_writes_contract_json(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    rc = main(["--shapes=tiny", "--encode_lengths=32", "--score_lengths=32", "--ratios=1,4", "--candidates=4",
-               "--prompt_len=16", "--encode_tokens=128", "--warmup=1", "--repeats=2", "--rotations=2",
-               "--peak_sizes=128", "--peer_on_cpu", f"--out={out}", f"--markdown={md}"])
+    rc = main(["--config.shapes=tiny", "--config.encode_lengths=32", "--config.score_lengths=32", "--config.ratios=1,4", "--config.candidates=4",
+               "--config.prompt_len=16", "--config.encode_tokens=128", "--config.warmup=1", "--config.repeats=2", "--config.rotations=2",
+               "--config.peak_sizes=128", "--config.peer_on_cpu=true", f"--config.out={out}", f"--config.markdown={md}"])
     assert rc == 0
     rows = json.loads(out.read_text())
     kinds = {r["kind"] for r in rows}
@@ -175,7 +175,7 @@ def test_peer_pipeline_scores_what_kalm_jax_scores(tmp_path):
 
 
 def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
-    """--suite=h100 is the fixed grid (nano, large; n 512/4096; r 1,4,8; 100 candidates; no train) and
+    """bench.py:h100 is the fixed grid (nano, large; n 512/4096; r 1,4,8; 100 candidates; no train) and
     writes one JSON and one markdown table; flags given explicitly shrink it so CPU runs the same path."""
     from kalm_jax.bench import suite
     from kalm_jax.bench.__main__ import main
@@ -184,9 +184,9 @@ def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
             suite.H100.candidates, suite.H100.train) == (("nano", "large"), (512, 4096), (512, 4096), (1, 4, 8),
                                                          100, False)
     monkeypatch.chdir(tmp_path)
-    rc = main(["--suite=h100", "--shapes=tiny", "--encode_lengths=32", "--score_lengths=32", "--ratios=4",
-               "--candidates=4", "--prompt_len=16", "--encode_tokens=64", "--repeats=1", "--peak_sizes=128",
-               "--nopeer"])
+    rc = main(["--config=bench.py:h100", "--config.shapes=tiny", "--config.encode_lengths=32", "--config.score_lengths=32", "--config.ratios=4",
+               "--config.candidates=4", "--config.prompt_len=16", "--config.encode_tokens=64", "--config.repeats=1", "--config.peak_sizes=128",
+               "--config.peer=off"])
     assert rc == 0
     rows = json.loads((tmp_path / "bench_h100.json").read_text())
     assert {r["kind"] for r in rows} == {"encode", "score", "online_ratio", "peer"}  # no train rows in this suite
@@ -196,14 +196,14 @@ def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
 
 
 def test_side_by_side_same_weights_interleaved(tmp_path):
-    """--suite=side_by_side: kalm-jax (through the engine) and the PyTorch peer on identical weights give
+    """bench.py:side_by_side: kalm-jax (through the engine) and the PyTorch peer on identical weights give
     the same pooled states and margins; both sides are timed in every round."""
     pytest.importorskip("torch")
     from kalm_jax.bench.__main__ import main
 
     out = tmp_path / "sbs.json"
-    rc = main(["--suite=side_by_side", "--shapes=tiny", "--dtype=float32", "--score_lengths=48", "--ratios=4",
-               "--candidates=3", "--prompt_len=12", "--rounds=2", "--repeats=1", f"--out={out}"])
+    rc = main(["--config=bench.py:side_by_side", "--config.shapes=tiny", "--config.dtype=float32", "--config.score_lengths=48", "--config.ratios=4",
+               "--config.candidates=3", "--config.prompt_len=12", "--config.rounds=2", "--config.repeats=1", f"--config.out={out}"])
     assert rc == 0
     enc, sc = json.loads(out.read_text())
     assert (enc["op"], sc["op"]) == ("encode", "score") and enc["rounds"] == sc["rounds"] == 2

@@ -68,7 +68,7 @@ def run(settings: suite.BenchSettings, *, peer: bool | None = None, peer_on_cpu:
     raw_peer: list[dict] = []
     device, why = peer_lib.availability(peer_on_cpu)
     if peer is False:
-        why = "disabled by --nopeer"
+        why = "disabled by --config.peer=off"
     elif device is not None:
         raw_peer = _peer_rows(settings, device, progress)
     for name in settings.shapes if why else ():
