@@ -13,6 +13,7 @@ loaders before they open `D`) to finish the swap: a complete new copy wins, else
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -108,6 +109,20 @@ def replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class DiskFullError(OSError):
+    """The disk filled up while writing (the file or directory is named; nothing complete-looking is left)."""
+
+
+def as_disk_full(err: BaseException, path: str | os.PathLike) -> DiskFullError | None:
+    """`err` as a `DiskFullError` naming `path` when it is an out-of-space error (ENOSPC, or numpy's
+    "N requested and M written" from a short write); None otherwise."""
+    if isinstance(err, DiskFullError):
+        return err
+    if isinstance(err, OSError) and (err.errno == errno.ENOSPC or "requested and" in str(err)):
+        return DiskFullError(errno.ENOSPC, f"{path}: the disk is full (writing stopped: {err})")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields an empty temporary directory beside `out`; when the block succeeds it becomes `out`.
@@ -125,9 +140,12 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
     try:
         yield tmp
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = as_disk_full(e, out)
+        if full is not None and full is not e:
+            raise full from None
         raise
 
 
-__all__ = ["atomic_directory", "replace_dir", "recover"]
+__all__ = ["atomic_directory", "replace_dir", "recover", "DiskFullError", "as_disk_full"]

@@ -4,7 +4,6 @@ and a streaming writer that never holds a whole shard in memory."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import struct
@@ -14,8 +13,7 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-class DiskFullError(OSError):
-    """The disk filled up while writing a file (the file is named; nothing complete-looking is left)."""
+from kalm_jax.atomic import DiskFullError, as_disk_full
 
 
 def _open_safetensors(file: Path):
@@ -154,8 +152,9 @@ def write_safetensors(path: Path, entries: Sequence[Entry], bar) -> None:
     try:
         _write_safetensors(path, entries, bar)
     except OSError as e:
-        if e.errno == errno.ENOSPC or "requested and" in str(e):  # numpy's tofile: "N requested and M written"
-            raise DiskFullError(errno.ENOSPC, f"{path}: the disk is full (writing stopped: {e})") from None
+        full = as_disk_full(e, path)
+        if full is not None:
+            raise full from None
         raise
 
 

@@ -134,3 +134,18 @@ def test_derived_shard_follows_its_source(tmp_path, caplog):
         again = PassageStore.open(st.root, KEY).lookup(["d0-1"], 4)
     assert "deriving it again" in caplog.text
     np.testing.assert_allclose(again.dense(), 2 * first.dense(), rtol=1e-6)
+
+
+def test_disk_full_while_saving_states_names_the_directory_and_keeps_nothing(tmp_path, monkeypatch):
+    from kalm_jax.atomic import DiskFullError
+
+    states = PassageStates(np.ones((2, 3, 4), np.float32), np.ones((2, 3), np.int8), np.ones((2, 3), np.int32), 4,
+                           ["a", "b"])
+
+    def short_write(*args, **kwargs):
+        raise OSError("8192 requested and 1092 written")  # numpy's message for a short write on a full disk
+
+    monkeypatch.setattr(np, "save", short_write)
+    with pytest.raises(DiskFullError, match=r"states: the disk is full \(writing stopped: 8192 requested"):
+        states.save(tmp_path / "states")
+    assert not (tmp_path / "states").exists() and list(tmp_path.iterdir()) == []
