@@ -85,6 +85,19 @@ def is_oom(err: BaseException) -> bool:
     return "resource_exhausted" in text or "out of memory" in text or "failed to allocate" in text
 
 
+def _process_local(tree):
+    """`tree` with every array this process cannot fully address (weights sharded over a multi-process
+    training mesh) gathered from all processes (a collective: every process calls it, in the same order)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -138,7 +151,7 @@ class InferenceEngine:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
         graphdef, state = nnx.split(model)
-        state = jax.device_put(state, self._replicated)
+        state = jax.device_put(_process_local(state), self._replicated)
         if share_weights:
             nnx.update(model, state)  # the model now holds the placed arrays: one copy of the weights
         self._graphdef, self._state = graphdef, state

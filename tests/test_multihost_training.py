@@ -179,3 +179,15 @@ def test_sigterm_stop_sigkill_and_resume(single, straight, train_args, run_env, 
     np.testing.assert_allclose(losses(w), losses(single), rtol=0, atol=1e-5)
     for x, y in zip(final_params(straight[0]), final_params(w)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_dev_evaluation_runs_on_two_processes(train_args, run_env, tmp_path):
+    """The sized presets evaluate dev nDCG@10 during training: with 2 processes the weights are sharded over
+    both, and every process must still score the dev set (same value as one process would log)."""
+    w = tmp_path / "dev"
+    args = [a for a in train_args if not a.startswith(("--config.eval.num_queries", "--config.total_steps"))]
+    args += ["--config.total_steps=2", "--config.eval.num_queries=3", "--config.eval.depth=4"]
+    proc = subprocess.run(launcher(w, args), env=run_env, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    last = json.loads((w / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= last["dev_ndcg@10"] <= 1.0 and last["step"] == 2
