@@ -6,6 +6,8 @@ D head dim, I MLP width.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,21 +62,40 @@ def causal_window(length: int, window: int | None = None) -> np.ndarray:
     return ok & ((i - j) < window) if window is not None else ok
 
 
-def layer_mask(key_mask: jax.Array, pattern_full: np.ndarray | None, pattern_sliding: np.ndarray,
-               sliding) -> jax.Array:
-    """The attention mask of one layer, bool broadcastable to [B, T, S]: the key padding mask [B, S]
-    ANDed with the layer type's [T, S] pattern (`pattern_full` None = every key).
+class Mask(NamedTuple):
+    """An attention mask kept in structured form, so that a kernel can see which blocks are empty.
 
-    Nothing of size B·T·S is built ahead: the padding mask and the pattern are combined per layer, as an
-    expression XLA fuses into the score masking (`sliding` may be a traced bool inside a layer scan).
+    keys: key padding, bool or 0/1 [B, S] (true = a real key).
+    pattern: static bool [T, S] (numpy: a compile-time constant) ANDed with `keys`; None = every key.
+    The whole mask is `keys[:, None, :] & pattern[None]`; `dense()` builds that expression.
     """
-    keys = key_mask.astype(bool)[:, None, :]
-    if isinstance(sliding, (bool, np.bool_)):
-        pattern = pattern_sliding if sliding else pattern_full
-    else:
-        full = np.ones_like(pattern_sliding) if pattern_full is None else pattern_full
-        pattern = jnp.where(sliding, pattern_sliding, full)
-    return keys if pattern is None else keys & jnp.asarray(pattern)[None]
+
+    keys: jax.Array
+    pattern: np.ndarray | None = None
+
+    def dense(self) -> jax.Array:
+        """bool, broadcastable to [B, T, S]: [B, 1, S] without a pattern, else [B, T, S]. Nothing of size
+        B·T·S is built ahead: XLA fuses this expression into the score masking."""
+        keys = self.keys.astype(bool)[:, None, :]
+        return keys if self.pattern is None else keys & jnp.asarray(self.pattern)[None]
+
+
+def dense_mask(mask: "Mask | jax.Array") -> jax.Array:
+    """A `Mask` as its dense boolean expression; a boolean array (broadcastable to [B, T, S]) as it is."""
+    return mask.dense() if isinstance(mask, Mask) else mask
+
+
+def concat_masks(a: "Mask | jax.Array", b: "Mask | jax.Array", t: int, s_a: int, s_b: int) -> "Mask | jax.Array":
+    """The mask of keys [a-keys ; b-keys] for t queries: structured when both are, else dense [B, t, s_a + s_b]."""
+    if isinstance(a, Mask) and isinstance(b, Mask):
+        pa = np.ones((t, s_a), bool) if a.pattern is None else np.broadcast_to(a.pattern, (t, s_a))
+        pb = np.ones((t, s_b), bool) if b.pattern is None else np.broadcast_to(b.pattern, (t, s_b))
+        pattern = np.concatenate([pa, pb], axis=1)
+        keys = jnp.concatenate([a.keys.astype(bool), b.keys.astype(bool)], axis=1)
+        return Mask(keys, None if pattern.all() else pattern)
+    da, db = dense_mask(a), dense_mask(b)
+    batch = max(da.shape[0], db.shape[0])
+    return jnp.concatenate([jnp.broadcast_to(da, (batch, t, s_a)), jnp.broadcast_to(db, (batch, t, s_b))], axis=-1)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "tpu_flash")
@@ -108,32 +129,34 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | Non
     return impl
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Mask | jax.Array", scale: float,
               softcap: float | None = None, impl: str = "xla") -> jax.Array:
-    """Grouped-query softmax attention, q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D].
+    """Grouped-query softmax attention, q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D].
 
-    `impl` picks the kernel (see `resolve_attention_impl`). The fused kernels take the mask once per batch
-    row ([B, 1, T, S], broadcast over heads), never per head.
+    `mask`: a structured `Mask` (key padding [B, S] + static pattern [T, S]) or a boolean array
+    broadcastable to [B, T, S]. `impl` picks the kernel (see `resolve_attention_impl`). The fused kernels
+    take the mask once per batch row ([B, 1, T, S], broadcast over heads), never per head.
     """
     impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], softcap)
     if impl in ("dot_product", "cudnn"):
+        dense = jnp.broadcast_to(dense_mask(mask), (q.shape[0], q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], scale=scale,
+            q, k, v, mask=dense[:, None], scale=scale,
             implementation="cudnn" if impl == "cudnn" else "xla").astype(q.dtype)
     if impl in ("tpu_flash", "platform"):
         from kalm_jax import tpu_attention
 
-        def tpu(q, k, v, mask):
+        def tpu(q, k, v):
             return tpu_attention.flash_attention(q, k, v, mask, scale)
 
         if impl == "tpu_flash":
-            return tpu(q, k, v, mask)
+            return tpu(q, k, v)
 
-        def default(q, k, v, mask):
-            return xla_attention(q, k, v, mask, scale)
+        def default(q, k, v):
+            return xla_attention(q, k, v, dense_mask(mask), scale)
 
-        return jax.lax.platform_dependent(q, k, v, mask, tpu=tpu, default=default)
-    return xla_attention(q, k, v, mask, scale, softcap)
+        return jax.lax.platform_dependent(q, k, v, tpu=tpu, default=default)
+    return xla_attention(q, k, v, dense_mask(mask), scale, softcap)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
@@ -155,31 +178,33 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     return out.reshape(b, t, n, d)
 
 
-def merged_attention(q: jax.Array, ks: jax.Array, vs: jax.Array, self_mask: jax.Array, kc: jax.Array,
-                     vc: jax.Array, cross_mask: jax.Array, scale: float, impl: str = "xla") -> jax.Array:
-    """One softmax over two key sets: self keys ks/vs [B, T', K, D] under `self_mask` (bool, broadcastable
-    to [B, T, T']) and cross keys kc/vc [B, S, K, D] under `cross_mask` (broadcastable to [B, T, S]).
+def merged_attention(q: jax.Array, ks: jax.Array, vs: jax.Array, self_mask: "Mask | jax.Array", kc: jax.Array,
+                     vc: jax.Array, cross_mask: "Mask | jax.Array", scale: float, impl: str = "xla") -> jax.Array:
+    """One softmax over two key sets: self keys ks/vs [B, T', K, D] under `self_mask` and cross keys
+    kc/vc [B, S, K, D] under `cross_mask` (each a `Mask` or a boolean array broadcastable to [B, T, T'] /
+    [B, T, S]).
 
     The einsum path never concatenates K/V or the masks: scores of both parts share one max and one
-    normaliser, and the two weighted sums add in fp32. The fused kernels get the concatenation.
+    normaliser, and the two weighted sums add in fp32. The fused kernels get the concatenation (a
+    structured `Mask` when both masks are).
     """
     impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
-    b, t = q.shape[:2]
+    t = q.shape[1]
 
-    def fused(q, ks, vs, self_mask, kc, vc, cross_mask, kernel_impl):
-        mask = jnp.concatenate([jnp.broadcast_to(self_mask, (b, t, ks.shape[1])),
-                                jnp.broadcast_to(cross_mask, (b, t, kc.shape[1]))], axis=-1)
+    def fused(q, ks, vs, kc, vc, kernel_impl):
+        mask = concat_masks(self_mask, cross_mask, t, ks.shape[1], kc.shape[1])
         return attention(q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, scale,
                          impl=kernel_impl)
 
     if impl in ("dot_product", "cudnn", "tpu_flash"):
-        return fused(q, ks, vs, self_mask, kc, vc, cross_mask, impl)
+        return fused(q, ks, vs, kc, vc, impl)
+
+    def default(q, ks, vs, kc, vc):
+        return xla_merged_attention(q, ks, vs, dense_mask(self_mask), kc, vc, dense_mask(cross_mask), scale)
+
     if impl == "platform":
-        return jax.lax.platform_dependent(
-            q, ks, vs, self_mask, kc, vc, cross_mask,
-            tpu=lambda *a: fused(*a, "tpu_flash"),
-            default=lambda *a: xla_merged_attention(*a, scale))
-    return xla_merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, scale)
+        return jax.lax.platform_dependent(q, ks, vs, kc, vc, tpu=lambda *a: fused(*a, "tpu_flash"), default=default)
+    return default(q, ks, vs, kc, vc)
 
 
 def xla_merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, scale: float) -> jax.Array:
@@ -213,7 +238,8 @@ def mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Ar
 
 
 def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xla"):
-    """Encoder attention sub-block (pre-norm → attention → post-norm); returns the residual update [B,T,H]."""
+    """Encoder attention sub-block (pre-norm → attention → post-norm); returns the residual update [B,T,H].
+    `mask`: a `Mask` (key padding [B, T] + static [T, T] pattern) or a bool array broadcastable to [B, T, T]."""
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
     q = rms_norm(jnp.einsum("bth,hnd->btnd", h, w["q"]), w["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(jnp.einsum("bth,hkd->btkd", h, w["k"]), w["k_norm"], cfg.rms_norm_eps)
@@ -228,8 +254,8 @@ def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: Mode
                            query_index: jax.Array | None = None):
     """Decoder merged attention: one softmax over [self keys (RoPE) ; passage keys (k_norm, no RoPE)].
 
-    x [B, T, H] decoder stream, enc [B, S, H] passage states, self_mask bool broadcastable to [B, T, T],
-    cross_mask bool broadcastable to [B, T, S]. With `query_index` [B] (int), only that position of each
+    x [B, T, H] decoder stream, enc [B, S, H] passage states, self_mask / cross_mask a `Mask` or a bool
+    array broadcastable to [B, T, T] / [B, T, S]. With `query_index` [B] (int), only that position of each
     row is a query (keys and values still come from every position): returns [B, 1, H] instead of [B, T, H].
     """
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
@@ -239,8 +265,9 @@ def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: Mode
     if query_index is not None:
         h = jnp.take_along_axis(h, query_index[:, None, None], axis=1)  # [B, 1, H]
         cos, sin = cos[query_index][:, None], sin[query_index][:, None]  # [B, 1, D]
-        self_mask = jnp.take_along_axis(jnp.broadcast_to(self_mask, (x.shape[0],) + self_mask.shape[1:]),
-                                        query_index[:, None, None], axis=1)
+        dense = dense_mask(self_mask)
+        self_mask = jnp.take_along_axis(jnp.broadcast_to(dense, (x.shape[0],) + dense.shape[1:]),
+                                        query_index[:, None, None], axis=1)  # [B, 1, T]
     q = rms_norm(jnp.einsum("bth,hnd->btnd", h, w["q"]), w["q_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
     kc = rms_norm(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), w["k_norm"], cfg.rms_norm_eps)

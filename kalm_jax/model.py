@@ -112,7 +112,6 @@ class LayerStack(nnx.Module):
         for name in self.lora_targets:
             xs[f"{name}_lora_a"] = getattr(self, f"{name}_lora_a").get_value().astype(dtype)
             xs[f"{name}_lora_b"] = getattr(self, f"{name}_lora_b").get_value().astype(dtype)
-        xs["is_sliding"] = jnp.asarray(self.is_sliding)
         return xs
 
     def layer_weights(self, xs: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -122,6 +121,16 @@ class LayerStack(nnx.Module):
             a, b = xs[f"{name}_lora_a"][None], xs[f"{name}_lora_b"][None]
             w[name] = w[name] + _lora_delta(a, b, (1, *w[name].shape), self.lora_scale)[0].astype(w[name].dtype)
         return w
+
+
+def layer_period(types: tuple) -> tuple[int, int]:
+    """(p, k): the smallest period p of the layer-type sequence (types[i] == types[i % p]) and the number k of
+    whole periods in it; e.g. 5 sliding + 1 full repeated over 18 layers -> (6, 3), 26 layers -> (6, 4)."""
+    n = len(types)
+    for p in range(1, n + 1):
+        if all(types[i] == types[i % p] for i in range(n)):
+            return p, n // p
+    return max(n, 1), 0
 
 
 def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
@@ -206,24 +215,44 @@ class T5Gemma2(nnx.Module):
         glob = layers.rope_table(length, c.head_dim, c.rope_global_theta, c.rope_global_factor)
         return local, glob
 
-    def _run_stack(self, stack: LayerStack, x, block_fn, ropes, xs=None):
-        """Runs the layers of `stack` (or the stacked per-layer inputs `xs`) over x [B, T, H];
-        `block_fn(x, w, sliding, cos, sin)` is the attention sub-block (it builds its own mask)."""
-        (cos_l, sin_l), (cos_g, sin_g) = ropes
+    def _run_stack(self, stack: LayerStack, x, block_fn, ropes, layers_range: slice = slice(None)):
+        """Runs the layers `layers_range` of `stack` over x [B, T, H]; `block_fn(x, w, sliding, cos, sin)` is
+        the attention sub-block (it builds its own mask; `sliding` is a Python bool).
 
-        def body(carry, xs):
-            w = stack.layer_weights(xs)
-            sliding = xs["is_sliding"]
-            cos = jnp.where(sliding, cos_l, cos_g)
-            sin = jnp.where(sliding, sin_l, sin_g)
+        The layer types repeat with a period p (5 sliding + 1 full in the presets): the scan runs over the
+        repeats with the p layers of one period unrolled in its body, so every layer's type, mask pattern and
+        attention kernel are static; the layers left over after the last whole period follow unrolled.
+        """
+        (cos_l, sin_l), (cos_g, sin_g) = ropes
+        xs_all = stack.scan_inputs(self.dtype)
+        xs_all = {k: v[layers_range] for k, v in xs_all.items()}
+        types = tuple(bool(t) for t in stack.is_sliding[layers_range])
+        period, repeats = layer_period(types)
+
+        def one_layer(carry, w, sliding: bool):
+            cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
             carry = carry + block_fn(carry, w, sliding, cos, sin)
-            carry = carry + layers.mlp_block(carry, w, self.config)
+            return carry + layers.mlp_block(carry, w, self.config)
+
+        def layer_fn(sliding: bool):
+            def fn(carry, xs):
+                return one_layer(carry, stack.layer_weights(xs), sliding)
+            if self.remat:
+                fn = jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+            return fn
+
+        fns = {s: layer_fn(s) for s in set(types)}
+
+        def body(carry, xs_group):
+            for j, sliding in enumerate(types[:period]):
+                carry = fns[sliding](carry, {k: v[j] for k, v in xs_group.items()})
             return carry, None
 
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        xs = stack.scan_inputs(self.dtype) if xs is None else xs
-        x, _ = jax.lax.scan(body, x, xs, unroll=self.scan_unroll)
+        if repeats:
+            grouped = {k: v[:repeats * period].reshape(repeats, period, *v.shape[1:]) for k, v in xs_all.items()}
+            x, _ = jax.lax.scan(body, x, grouped, unroll=self.scan_unroll)
+        for i in range(repeats * period, len(types)):
+            x = fns[types[i]](x, {k: v[i] for k, v in xs_all.items()})
         return x
 
     # ------------------------------------------------------------------ public API
@@ -237,7 +266,7 @@ class T5Gemma2(nnx.Module):
         window = layers.encoder_window(ids.shape[1], c.sliding_window)
 
         def block(h, w, sliding, cos, sin):
-            m = layers.layer_mask(mask, None, window, sliding)
+            m = layers.Mask(mask, window if sliding else None)
             return layers.self_attention_block(h, w, m, cos, sin, c, impl=self.attention_impl)
 
         x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]))
@@ -258,10 +287,10 @@ class T5Gemma2(nnx.Module):
         c = self.config
         t = dec_mask.shape[1]
         causal, sliding_causal = layers.causal_window(t), layers.causal_window(t, c.sliding_window)
-        cross = enc_mask.astype(bool)[:, None, :]  # [B, 1, S]: the same for every query and layer
+        cross = layers.Mask(enc_mask)  # every passage key, the same for every query and layer
 
         def block(h, w, sliding, cos, sin):
-            self_mask = layers.layer_mask(dec_mask, causal, sliding_causal, sliding)
+            self_mask = layers.Mask(dec_mask, sliding_causal if sliding else causal)
             return layers.merged_attention_block(h, enc, w, self_mask, cross, cos, sin, c,
                                                  impl=self.attention_impl, query_index=query_index)
 
@@ -283,11 +312,9 @@ class T5Gemma2(nnx.Module):
         x, mask, enc, enc_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, encoder_states,
                                                       encoder_mask)
         stack = self.decoder
-        xs = stack.scan_inputs(self.dtype)
         ropes = self._rope(mask.shape[1])
-        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes,
-                            xs={k: v[:-1] for k, v in xs.items()})
-        w = stack.layer_weights({k: v[-1] for k, v in xs.items()})
+        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes, slice(None, -1))
+        w = stack.layer_weights({k: v[-1] for k, v in stack.scan_inputs(self.dtype).items()})
         sliding = bool(stack.is_sliding[-1])
         cos, sin = ropes[0] if sliding else ropes[1]
         block = self._decoder_block(enc, mask, enc_mask, query_index=position)

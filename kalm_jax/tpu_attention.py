@@ -38,7 +38,7 @@ def _q_block_and_pad(n: int) -> tuple[int, int]:
     return _BLOCK, -(-n // _BLOCK) * _BLOCK
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float,
                     softcap: float | None = None) -> jax.Array:
     """Pallas TPU flash attention with the `layers.attention` signature (see module docstring).
 
@@ -52,6 +52,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by the TPU flash kernel; "
                                   "set kalm_jax.layers.TPU_ATTENTION_IMPL = 'xla'")
+    from kalm_jax.layers import dense_mask
+
+    mask = jnp.broadcast_to(dense_mask(mask), (q.shape[0], q.shape[1], k.shape[1]))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return _flash(q, k, v, mask, scale)
