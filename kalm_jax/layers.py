@@ -67,11 +67,15 @@ class Mask(NamedTuple):
 
     keys: key padding, bool or 0/1 [B, S] (true = a real key).
     pattern: static bool [T, S] (numpy: a compile-time constant) ANDed with `keys`; None = every key.
+    queries: query padding, bool or 0/1 [B, T], or None (every query real). It does not change the mask:
+      the output at a padding query is never read, and a kernel may use it (e.g. as segment ids) so that
+      such a row attends only padding keys.
     The whole mask is `keys[:, None, :] & pattern[None]`; `dense()` builds that expression.
     """
 
     keys: jax.Array
     pattern: np.ndarray | None = None
+    queries: jax.Array | None = None
 
     def dense(self) -> jax.Array:
         """bool, broadcastable to [B, T, S]: [B, 1, S] without a pattern, else [B, T, S]. Nothing of size
@@ -92,7 +96,7 @@ def concat_masks(a: "Mask | jax.Array", b: "Mask | jax.Array", t: int, s_a: int,
         pb = np.ones((t, s_b), bool) if b.pattern is None else np.broadcast_to(b.pattern, (t, s_b))
         pattern = np.concatenate([pa, pb], axis=1)
         keys = jnp.concatenate([a.keys.astype(bool), b.keys.astype(bool)], axis=1)
-        return Mask(keys, None if pattern.all() else pattern)
+        return Mask(keys, None if pattern.all() else pattern, a.queries if a.queries is not None else b.queries)
     da, db = dense_mask(a), dense_mask(b)
     batch = max(da.shape[0], db.shape[0])
     return jnp.concatenate([jnp.broadcast_to(da, (batch, t, s_a)), jnp.broadcast_to(db, (batch, t, s_b))], axis=-1)

@@ -266,7 +266,7 @@ class T5Gemma2(nnx.Module):
         window = layers.encoder_window(ids.shape[1], c.sliding_window)
 
         def block(h, w, sliding, cos, sin):
-            m = layers.Mask(mask, window if sliding else None)
+            m = layers.Mask(mask, window if sliding else None, queries=mask)
             return layers.self_attention_block(h, w, m, cos, sin, c, impl=self.attention_impl)
 
         x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]))
@@ -290,7 +290,7 @@ class T5Gemma2(nnx.Module):
         cross = layers.Mask(enc_mask)  # every passage key, the same for every query and layer
 
         def block(h, w, sliding, cos, sin):
-            self_mask = layers.Mask(dec_mask, sliding_causal if sliding else causal)
+            self_mask = layers.Mask(dec_mask, sliding_causal if sliding else causal, queries=dec_mask)
             return layers.merged_attention_block(h, enc, w, self_mask, cross, cos, sin, c,
                                                  impl=self.attention_impl, query_index=query_index)
 
