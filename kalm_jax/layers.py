@@ -38,11 +38,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cast to x.dtype."""
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
-    cos = cos.astype(x.dtype)[:, :, None, :]
-    sin = sin.astype(x.dtype)[:, :, None, :]
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    # The tables repeat their first half (rope_table), so each half of x rotates with the same cos/sin:
+    # [x1, x2] -> [x1·cos - x2·sin, x2·cos + x1·sin], without building rotate_half(x).
+    cos = cos[..., :half].astype(x.dtype)[:, :, None, :]
+    sin = sin[..., :half].astype(x.dtype)[:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def encoder_window(length: int, window: int) -> np.ndarray:
