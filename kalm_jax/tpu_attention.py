@@ -30,6 +30,7 @@ Dense boolean masks (the scoring layer's single query row, [B, 1, S]) take the e
 
 from __future__ import annotations
 
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,10 @@ _MAX_BLOCK = 512
 # Run the kernel in Pallas interpret mode (any backend; tests on CPU set it). The TPU interpret mode
 # (`pltpu.force_tpu_interpret_mode`) cannot run the kernel vmapped over the batch.
 INTERPRET = False
+
+# Static masks by pattern content and padded shape: the layer scan traces every layer of a period, and the
+# TPU branch of the platform dispatch is traced on every backend.
+_MASKS: dict[tuple, _sm.Mask] = {}
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float,
@@ -125,13 +130,19 @@ def _band(pattern: np.ndarray) -> tuple[int, int] | None:
     """(left, right) when the square `pattern` is exactly {j : i - left <= j <= i + right} (diagonal
     included), else None."""
     t, s = pattern.shape
-    if t != s:
+    if t != s or not pattern.any(axis=1).all():
         return None
-    i, j = np.nonzero(pattern)
-    left, right = int((i - j).max()), int((j - i).max())
+    i = np.arange(t)
+    first = pattern.argmax(axis=1)
+    last = s - 1 - pattern[:, ::-1].argmax(axis=1)
+    left, right = int((i - first).max()), int((last - i).max())
     if left < 0 or right < 0:
         return None
     return (left, right) if np.array_equal(pattern, _sm.make_local_attention_mask((t, s), (left, right))) else None
+
+
+def _digest(pattern: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.packbits(pattern).tobytes(), digest_size=16).digest()
 
 
 def static_mask(pattern: np.ndarray | None, rows: int, cols: int, fold: int = 1) -> _sm.Mask:
@@ -145,6 +156,13 @@ def static_mask(pattern: np.ndarray | None, rows: int, cols: int, fold: int = 1)
     """
     if pattern is None:
         return _sm.FullMask((rows, cols))
+    key = (pattern.shape, _digest(pattern), rows, cols, fold)
+    if key not in _MASKS:
+        _MASKS[key] = _build_static_mask(pattern, rows, cols, fold)
+    return _MASKS[key]
+
+
+def _build_static_mask(pattern: np.ndarray, rows: int, cols: int, fold: int) -> _sm.Mask:
     t, s = pattern.shape
     if fold == 1 and rows == cols:
         band = _band(pattern)
@@ -182,9 +200,10 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, queries: 
     blocks = _sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                             block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
                             block_q_dq=bq, block_kv_dq=bkv)
-    one = static_mask(pattern, rp, sp, fold)
-    kernel = _sk.make_splash_mha(_sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
-                                 q_seq_shards=1, interpret=INTERPRET)
+    # Built per trace: its metadata arrays are staged into the trace (an eager build would run on the
+    # lowering's mesh, which for AOT is a compile-only TPU topology).
+    kernel = _sk.make_splash_mha(_sm.MultiHeadMask([static_mask(pattern, rp, sp, fold)] * heads),
+                                 block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=INTERPRET)
 
     def row(q, k, v, qs_, ks_):
         return kernel(q, k, v, segment_ids=_sk.SegmentIds(q=qs_, kv=ks_))
