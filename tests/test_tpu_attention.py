@@ -43,6 +43,10 @@ def _case(name: str):
         t, s, n, kh = 130, 130, 2, 2
         keys = _padding(b, s, [130, 71])
         mask = layers.Mask(keys, layers.causal_window(t), queries=keys)
+    elif name == "no_padding_key":    # padding queries but no padding key anywhere (128 = no padded keys):
+        t, s, n, kh = 128, 128, 2, 1  # those rows are fully masked by the segment ids and must stay finite
+        keys = jnp.ones((b, s), jnp.int32)
+        mask = layers.Mask(keys, layers.causal_window(t), queries=_padding(b, t, [128, 100]))
     elif name == "merged_sliding":    # decoder: sliding-causal self keys ++ passage keys, G = 4 (folded)
         t, sp, n, kh = 24, 150, 4, 1
         dec, enc = _padding(b, t, [24, 17]), _padding(b, sp, [150, 61])
@@ -58,7 +62,8 @@ def _case(name: str):
     return q, k, v, mask, real
 
 
-@pytest.mark.parametrize("name", ["full_padding", "window", "window_short", "causal", "merged_sliding"])
+@pytest.mark.parametrize("name", ["full_padding", "window", "window_short", "causal", "no_padding_key",
+                                  "merged_sliding"])
 def test_splash_matches_xla(interpret, name):
     q, k, v, mask, real = _case(name)
     weight = jnp.asarray(real, jnp.float32)[:, :, None, None]  # the loss reads the real rows only
