@@ -158,6 +158,8 @@ def static_mask(pattern: np.ndarray | None, rows: int, cols: int, fold: int = 1)
         return _sm.FullMask((rows, cols))
     key = (pattern.shape, _digest(pattern), rows, cols, fold)
     if key not in _MASKS:
+        if len(_MASKS) >= 64:  # bounded: a NumpyMask holds rows x cols bools
+            _MASKS.clear()
         _MASKS[key] = _build_static_mask(pattern, rows, cols, fold)
     return _MASKS[key]
 
