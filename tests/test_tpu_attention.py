@@ -1,0 +1,130 @@
+"""The Pallas splash-attention path (kalm_jax/tpu_attention.py), run in Pallas interpret mode on CPU, against
+the einsum attention (`layers.xla_attention`): forward and gradients on the real query rows, for every mask
+structure the model builds, with GQA, lengths that are not multiples of 128, and no NaN anywhere."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+from kalm_jax import layers, tpu_attention
+
+
+@pytest.fixture()
+def interpret(monkeypatch):
+    monkeypatch.setattr(tpu_attention, "INTERPRET", True)
+
+
+def _padding(b: int, length: int, real: list[int]) -> jax.Array:
+    """Right padding [B, length] int32: row i has real[i] real tokens."""
+    return jnp.asarray(np.arange(length)[None, :] < np.asarray(real)[:, None], jnp.int32)
+
+
+def _case(name: str):
+    """(q [B, T, N, D], k, v [B, S, K, D], Mask, real query rows [B, T] bool) of a named mask structure."""
+    rng = np.random.default_rng(0)
+    b, d = 2, 32
+    if name == "full_padding":        # every key, key padding; G = 2, T = S = 140 (heads folded: 280 rows)
+        t, s, n, kh = 140, 140, 4, 2
+        keys = _padding(b, s, [140, 97])
+        mask = layers.Mask(keys, None, queries=keys)
+    elif name == "window":            # the encoder's bidirectional window, unfolded (LocalMask), G = 2
+        t, s, n, kh = 128, 128, 4, 2
+        keys = _padding(b, s, [128, 75])
+        mask = layers.Mask(keys, layers.encoder_window(t, 16), queries=keys)
+    elif name == "window_short":      # window on 20 tokens padded to 128, G = 1 (LocalMask)
+        t, s, n, kh = 20, 20, 2, 2
+        keys = _padding(b, s, [20, 13])
+        mask = layers.Mask(keys, layers.encoder_window(t, 6), queries=keys)
+    elif name == "causal":            # causal self-attention, 130 queries padded to 256 (CausalMask)
+        t, s, n, kh = 130, 130, 2, 2
+        keys = _padding(b, s, [130, 71])
+        mask = layers.Mask(keys, layers.causal_window(t), queries=keys)
+    elif name == "no_padding_key":    # padding queries but no padding key anywhere (128 = no padded keys):
+        t, s, n, kh = 128, 128, 2, 1  # those rows are fully masked by the segment ids and must stay finite
+        keys = jnp.ones((b, s), jnp.int32)
+        mask = layers.Mask(keys, layers.causal_window(t), queries=_padding(b, t, [128, 100]))
+    elif name == "merged_sliding":    # decoder: sliding-causal self keys ++ passage keys, G = 4 (folded)
+        t, sp, n, kh = 24, 150, 4, 1
+        dec, enc = _padding(b, t, [24, 17]), _padding(b, sp, [150, 61])
+        mask = layers.concat_masks(layers.Mask(dec, layers.causal_window(t, 8), queries=dec), layers.Mask(enc),
+                                   t, t, sp)
+        s, keys = t + sp, dec
+    else:
+        raise KeyError(name)
+    q = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, kh, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, s, kh, d)), jnp.float32)
+    real = np.asarray(mask.queries if mask.queries is not None else np.ones((b, t)), bool)
+    return q, k, v, mask, real
+
+
+@pytest.mark.parametrize("name", ["full_padding", "window", "window_short", "causal", "no_padding_key",
+                                  "merged_sliding"])
+def test_splash_matches_xla(interpret, name):
+    q, k, v, mask, real = _case(name)
+    weight = jnp.asarray(real, jnp.float32)[:, :, None, None]  # the loss reads the real rows only
+
+    def loss(fn, m):
+        return lambda q, k, v: (weight * fn(q, k, v, m, 0.2) ** 2).sum()
+
+    out = tpu_attention.flash_attention(q, k, v, mask, 0.2)
+    ref = layers.xla_attention(q, k, v, mask.dense(), 0.2)
+    assert np.isfinite(np.asarray(out)).all()  # padding rows included
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-6)
+    grads = jax.grad(loss(tpu_attention.flash_attention, mask), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(layers.xla_attention, mask.dense()), argnums=(0, 1, 2))(q, k, v)
+    for got, want, what in zip(grads, ref_grads, "qkv"):
+        assert np.isfinite(np.asarray(got)).all(), what
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"d{what}")
+
+
+def test_static_mask_structure():
+    """The library's computable masks where the pattern is a band on unfolded queries (block sparsity
+    without a stored mask), a NumpyMask otherwise; padded rows always see a key."""
+    assert isinstance(tpu_attention.static_mask(None, 256, 384), sm.FullMask)
+    local = tpu_attention.static_mask(layers.encoder_window(200, 16), 256, 256)
+    assert isinstance(local, sm.LocalMask) and local.window_size == (7, 8)
+    assert isinstance(tpu_attention.static_mask(layers.causal_window(200), 256, 256), sm.CausalMask)
+    sliding = tpu_attention.static_mask(layers.causal_window(200, 64), 256, 256)
+    assert isinstance(sliding, sm.LocalMask) and sliding.window_size == (63, 0)
+    merged = layers.concat_masks(layers.Mask(jnp.ones((1, 64)), layers.causal_window(64)),
+                                 layers.Mask(jnp.ones((1, 100))), 64, 64, 100)
+    folded = tpu_attention.static_mask(merged.pattern, 256, 256, fold=4)
+    assert isinstance(folded, sm.NumpyMask)
+    np.testing.assert_array_equal(folded.array[64:128, :164], merged.pattern)  # second folded head
+    assert not folded.array[:, 164:].any()  # padded keys hidden from every row
+    assert folded.array.any(axis=1).all()
+    assert tpu_attention.fold_heads(64, 4) and tpu_attention.fold_heads(64, 2)
+    assert not tpu_attention.fold_heads(512, 4) and not tpu_attention.fold_heads(64, 1)
+
+
+def test_splash_refuses_a_pattern_row_without_keys():
+    pattern = layers.causal_window(8)
+    pattern[3] = False
+    q = jnp.zeros((1, 8, 1, 8))
+    with pytest.raises(ValueError, match=r"Mask.pattern rows \[3\] see no key"):
+        tpu_attention.flash_attention(q, q, q, layers.Mask(jnp.ones((1, 8)), pattern), 1.0)
+
+
+def test_dense_mask_takes_the_einsum_path():
+    """A dense boolean mask (the scoring layer's single query row) is computed by the einsum attention."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 1, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 30, 2, 16)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 1, 30)) > 0.3)
+    np.testing.assert_array_equal(tpu_attention.flash_attention(q, k, k, mask, 0.3),
+                                  layers.xla_attention(q, k, k, mask, 0.3))
+    text = jax.jit(lambda q, k: tpu_attention.flash_attention(q, k, k, mask, 0.3)).lower(q, k).as_text()
+    assert "tpu_custom_call" not in text and "pallas" not in text
+
+
+def test_platform_dispatch_on_cpu_is_the_einsum_path():
+    """On CPU `layers.attention` (impl "xla" and "auto") gives the einsum result bit for bit."""
+    q, k, v, mask, _ = _case("window_short")
+    want = layers.xla_attention(q, k, v, mask.dense(), 0.2)
+    np.testing.assert_array_equal(layers.attention(q, k, v, mask, 0.2), want)
+    np.testing.assert_array_equal(layers.attention(q, k, v, mask, 0.2, impl="auto"), want)
