@@ -46,9 +46,12 @@ def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
         c.eval.batch_size = 8
     data, fsdp, tensor = derive_mesh(tpu_slice(topology).chips, int(c.data.batch_size), num_slices)
     # Every weight gets one dimension on fsdp: the first of embed / vocab / mlp / head_dim that the fsdp
-    # size divides (embed 640 or 1152 does not split 256 ways; mlp and head_dim do).
+    # size divides (embed 640 or 1152 does not split 256 ways; mlp and head_dim do). With tensor > 1 the
+    # MLP width splits over tensor as well as the query heads (Megatron-style): the tensor pair holds the
+    # same batch shard, so an MLP kept whole on tensor is computed twice (small on v5e-256: ~90% of the
+    # linear FLOPs; docs/tpu.md, "train step"). tensor = 1 meshes are unchanged (size-1 axes are skipped).
     c.logical_axis_rules = (
-        ("batch", ("data", "fsdp")), ("vocab", "fsdp"), ("embed", "fsdp"), ("mlp", "fsdp"),
+        ("batch", ("data", "fsdp")), ("vocab", "fsdp"), ("embed", "fsdp"), ("mlp", ("fsdp", "tensor")),
         ("head_dim", "fsdp"), ("heads", "tensor"), ("kv_heads", None), ("layers", None), ("lora_rank", None),
     )
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))

@@ -51,6 +51,49 @@ def test_tpu_config_derives_a_mesh_for_any_slice(arg, mesh):
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == mesh
 
 
+def _weights_per_device(arg: str, mesh_shape: tuple[int, int, int]) -> tuple[float, dict]:
+    """(per-device weight elements x devices / total elements, PartitionSpec by weight name) of the config's
+    preset under its logical rules on an abstract (data, fsdp, tensor) mesh."""
+    import math
+
+    from flax import nnx
+    from jax.sharding import AbstractMesh
+
+    from kalm_jax import mesh as mesh_lib
+    from kalm_jax.config import get_preset
+    from kalm_jax.model import abstract_model
+
+    cfg = _tpu_config(arg)
+    mesh = AbstractMesh(mesh_shape, mesh_lib.MESH_AXES)
+    rules = mesh_lib.rules_dict(cfg.logical_axis_rules)
+    _, state = nnx.split(abstract_model(get_preset(str(cfg.model.preset))))
+    axes = jax.tree.leaves(mesh_lib.logical_axes(state), is_leaf=lambda x: isinstance(x, tuple))
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+    total = local = 0
+    specs = {}
+    for (path, value), ax in zip(flat, axes):
+        spec = mesh_lib.logical_to_spec(ax, value.shape, mesh, rules)
+        specs[str(getattr(path[-1], "key", path[-1]))] = spec
+        split = math.prod(mesh.shape[a] for s in spec if s for a in ((s,) if isinstance(s, str) else s))
+        total += math.prod(value.shape)
+        local += math.prod(value.shape) // split
+    return local * math.prod(mesh_shape) / total, specs
+
+
+def test_tpu_config_splits_the_mlp_over_tensor():
+    """v5e-256 meshes small as fsdp 128 x tensor 2: both chips of a tensor pair hold the same batch shard,
+    so a weight left whole on tensor is computed twice. The MLP (~90% of small's linear FLOPs) splits over
+    tensor as the query heads do (was: fsdp only, 1.93x the ideal weight bytes per chip, and the MLP
+    FLOPs twice); fsdp-only meshes are unchanged."""
+    excess, specs = _weights_per_device("small,v5e-256", (1, 128, 2))
+    for name in ("gate", "up", "down", "q", "o"):
+        assert "tensor" in str(specs[name]) and "fsdp" in str(specs[name]), (name, specs[name])
+    assert excess < 1.25, excess  # the embedding (vocab on fsdp) and the kv / norm weights stay unsplit on tensor
+    excess16, specs16 = _weights_per_device("nano,v5e-16", (1, 16, 1))
+    assert str(specs16["gate"]) == str(jax.sharding.PartitionSpec(None, "fsdp", None))
+    assert excess16 < 1.01, excess16
+
+
 @pytest.fixture()
 def libtpu_env(monkeypatch):
     try:
