@@ -197,13 +197,24 @@ class BandBlocking(NamedTuple):
 
 def band_limits(pattern: np.ndarray | None) -> tuple[int, int] | None:
     """(lo, hi) when the static pattern bool [T, S] is exactly the band lo <= j - i <= hi (query i, key j),
-    else None (also for no pattern or an empty one). `encoder_window` and `causal_window` are bands."""
-    if not isinstance(pattern, np.ndarray) or pattern.ndim != 2 or not pattern.any():
+    else None (also for no pattern or an empty one). `encoder_window` and `causal_window` are bands.
+
+    Row-wise, in O(T·S) boolean work: each row must be one run of keys, and the runs must start and end
+    where the band (clipped to [0, S)) does."""
+    if not isinstance(pattern, np.ndarray) or pattern.ndim != 2 or pattern.dtype != bool or not pattern.any():
         return None
     t, s = pattern.shape
-    diff = np.arange(s, dtype=np.int64)[None, :] - np.arange(t, dtype=np.int64)[:, None]  # [T, S]: j - i
-    lo, hi = int(diff[pattern].min()), int(diff[pattern].max())
-    return (lo, hi) if np.array_equal(pattern, (diff >= lo) & (diff <= hi)) else None
+    rows = np.arange(t)
+    count = pattern.sum(axis=1)
+    first = np.argmax(pattern, axis=1)
+    last = s - 1 - np.argmax(pattern[:, ::-1], axis=1)
+    some = count > 0
+    lo, hi = int((first - rows)[some].min()), int((last - rows)[some].max())
+    start, stop = np.maximum(rows + lo, 0), np.minimum(rows + hi, s - 1)  # the band's run in each row
+    want = stop >= start
+    ok = (np.array_equal(some, want) and np.array_equal(first[some], start[some])
+          and np.array_equal(last[some], stop[some]) and np.array_equal(count[some], (last - first + 1)[some]))
+    return (lo, hi) if ok else None
 
 
 def _key_span(block: int, width: int) -> int:
