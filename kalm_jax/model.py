@@ -225,10 +225,13 @@ class T5Gemma2(nnx.Module):
         """
         (cos_l, sin_l), (cos_g, sin_g) = ropes
         xs_all = stack.scan_inputs(self.dtype)
-        xs_all = {k: v[layers_range] for k, v in xs_all.items()}
-        types = tuple(bool(t) for t in stack.is_sliding[layers_range])
-        period, repeats = layer_period(types)
-
+        all_types = tuple(bool(t) for t in stack.is_sliding)
+        first, stop, _ = layers_range.indices(len(all_types))
+        if first != 0:
+            raise ValueError("layers_range must start at the first layer")
+        types = all_types[:stop]
+        period, whole = layer_period(all_types)
+        repeats = min(whole, stop // period)
         def one_layer(carry, w, sliding: bool):
             cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
             carry = carry + block_fn(carry, w, sliding, cos, sin)
@@ -248,10 +251,14 @@ class T5Gemma2(nnx.Module):
                 carry = fns[sliding](carry, {k: v[j] for k, v in xs_group.items()})
             return carry, None
 
+        if self.scan_unroll is True:  # fully unrolled: one static slice per layer
+            repeats = 0
         if repeats:
-            grouped = {k: v[:repeats * period].reshape(repeats, period, *v.shape[1:]) for k, v in xs_all.items()}
+            # Reshape the whole stack first (a bitcast), then take the groups in range.
+            grouped = {k: (v if len(all_types) == whole * period else v[:whole * period])
+                       .reshape(whole, period, *v.shape[1:])[:repeats] for k, v in xs_all.items()}
             x, _ = jax.lax.scan(body, x, grouped, unroll=self.scan_unroll)
-        for i in range(repeats * period, len(types)):
+        for i in range(repeats * period, stop):
             x = fns[types[i]](x, {k: v[i] for k, v in xs_all.items()})
         return x
 

@@ -195,6 +195,35 @@ def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
     assert "**score**" in (tmp_path / "bench_h100.md").read_text()
 
 
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """One cell that raises (here: the score cell at r = 4) becomes a `skipped: failed: ...` row; the other
+    cells are still measured and written, and the exit status is 1."""
+    from kalm_jax.bench import suite
+    from kalm_jax.bench.__main__ import main
+
+    real = suite.score_row
+
+    def flaky(ctx, n, r, settings, peak):
+        if r == 4:
+            raise RuntimeError("cuDNN refused the mask")
+        return real(ctx, n, r, settings, peak)
+
+    monkeypatch.setattr(suite, "score_row", flaky)
+    out = tmp_path / "rows.json"
+    rc = main(["--config.shapes=tiny", "--config.encode_lengths=32", "--config.score_lengths=32", "--config.ratios=1,4",
+               "--config.candidates=2", "--config.prompt_len=8", "--config.encode_tokens=64", "--config.repeats=1",
+               "--config.warmup=0", "--config.rotations=1", "--config.peak_sizes=128", "--config.peer=off",
+               "--config.train=false", f"--config.out={out}"])
+    assert rc == 1
+    rows = json.loads(out.read_text())
+    failed = [r for r in rows if str(r.get("skipped", "")).startswith("failed:")]
+    assert [(r["kind"], r["r"]) for r in failed] == [("score", 4)]
+    assert "cuDNN refused the mask" in failed[0]["skipped"]
+    assert {(r["kind"], r.get("r")) for r in rows if "skipped" not in r} >= {("encode", 1), ("score", 1),
+                                                                             ("online_ratio", 1)}
+    assert "cuDNN refused the mask" in capsys.readouterr().err
+
+
 def test_side_by_side_same_weights_interleaved(tmp_path):
     """bench.py:side_by_side: kalm-jax (through the engine) and the PyTorch peer on identical weights give
     the same pooled states and margins; both sides are timed in every round."""

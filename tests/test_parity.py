@@ -15,6 +15,9 @@ CASES = {
     # MHA, odd window, three layers, linear RoPE on both layer types.
     "mha": dict(heads=2, kv_heads=2, window=5, local_factor=2.0, global_factor=4.0,
                 layers=("sliding_attention", "full_attention", "sliding_attention")),
+    # A layer pattern of period 3 over 7 layers: two whole periods in the layer scan + one layer after it.
+    "period3": dict(heads=2, kv_heads=1, window=3,
+                    layers=("sliding_attention", "sliding_attention", "full_attention") * 2 + ("sliding_attention",)),
     # Multi-query with final logit soft-capping.
     "mqa_softcap": dict(heads=2, kv_heads=1, window=6, softcap=30.0),
 }

@@ -61,6 +61,10 @@ def run_bench(config) -> int:
         markdown.write_text(report.markdown(rows))
     if out:
         print(f"wrote {len(rows)} rows to {out}")
+    failed = [r for r in rows if str(r.get("skipped", "")).startswith("failed:")]
+    if failed:
+        print(f"{len(failed)} cells failed (rows with 'skipped: failed: ...'; tracebacks above)", file=sys.stderr)
+        return 1
     return 0
 
 

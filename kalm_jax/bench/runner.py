@@ -80,7 +80,7 @@ def run(settings: suite.BenchSettings, *, peer: bool | None = None, peer_on_cpu:
         ours: dict[tuple, dict] = {}
         for row in suite.shape_rows(name, settings, peak["peak_flops"], progress):
             row = {**row, "peak_flops": peak["peak_flops"]}
-            if row["kind"] in ("encode", "score"):
+            if row["kind"] in ("encode", "score") and "skipped" not in row:
                 ours[(row["kind"], row["n"], row["r"])] = row
             add(row)
         for raw in raw_peer:

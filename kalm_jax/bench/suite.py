@@ -212,22 +212,41 @@ def train_rows(ctx: ShapeContext, settings: BenchSettings, peak_flops: float | N
     return rows
 
 
+def _guarded(kind: str, ctx: ShapeContext, settings: BenchSettings, fields: dict[str, Any],
+             run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`, or, when it raises, a row with `skipped: failed: <error>` (the traceback goes to stderr), so
+    that one failing cell does not lose the rest of a run that may have cost a lent accelerator."""
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001 - reported in the row and on stderr
+        import sys
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        text = " ".join(str(err).split())[:300]
+        return {**_base_row(kind, ctx, settings), **fields, "skipped": f"failed: {type(err).__name__}: {text}"}
+
+
 def shape_rows(name: str, settings: BenchSettings, peak_flops: float | None,
                progress: Callable[[str], None] = lambda _: None) -> Iterator[dict[str, Any]]:
-    """All kalm-jax rows of one preset: encode per n, score per (n, r), online ratio per (n, r), train."""
+    """All kalm-jax rows of one preset: encode per n, score per (n, r), online ratio per (n, r), train.
+    A cell that fails gives a row with `skipped: failed: ...` and the run goes on."""
     ctx = build_model(name, settings)
     encodes: dict[int, dict[str, Any]] = {}
     for n in sorted(set(settings.encode_lengths) | set(settings.score_lengths)):
         progress(f"{name} encode n={n}")
-        encodes[n] = encode_row(ctx, n, settings, peak_flops)
+        encodes[n] = _guarded("encode", ctx, settings, {"n": n, "r": 1},
+                              lambda: encode_row(ctx, n, settings, peak_flops))
         if n in settings.encode_lengths:
             yield encodes[n]
     for n in settings.score_lengths:
         for r in settings.ratios:
             progress(f"{name} score n={n} r={r}")
-            row = score_row(ctx, n, r, settings, peak_flops)
+            row = _guarded("score", ctx, settings, {"n": n, "r": r},
+                           lambda: score_row(ctx, n, r, settings, peak_flops))
             yield row
-            yield online_ratio_row(ctx, encodes[n], row, settings)
+            if "skipped" not in row and "skipped" not in encodes[n]:
+                yield online_ratio_row(ctx, encodes[n], row, settings)
     if settings.train:
         progress(f"{name} train")
         yield from train_rows(ctx, settings, peak_flops)
