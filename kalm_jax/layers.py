@@ -142,8 +142,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Mask | jax.Array"
     `mask`: a structured `Mask` (key padding [B, S] + static pattern [T, S]) or a boolean array
     broadcastable to [B, T, S]. `impl` picks the kernel (see `resolve_attention_impl`). The fused kernels
     take the mask once per batch row ([B, 1, T, S], broadcast over heads), never per head.
+
+    A `Mask` whose static pattern is a band (a sliding window: `band_limits`) is computed block-wise when
+    that skips keys (`band_blocking`): each block of C queries attends only the keys its band touches,
+    with the same kernel (see `banded_attention`). Every query with at least one visible key gets the
+    dense result up to fp32 rounding; a query that sees no key at all (only possible at a padding query
+    in the model) averages its block's keys instead of all keys.
     """
     impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], softcap)
+    blocking = band_blocking(mask, q.shape[1], k.shape[1]) if isinstance(mask, Mask) else None
+    if blocking is not None:
+        return banded_attention(q, k, v, mask, blocking, scale, softcap, impl)
+    return _attention_kernel(q, k, v, mask, scale, softcap, impl)
+
+
+def _attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Mask | jax.Array", scale: float,
+                      softcap: float | None, impl: str) -> jax.Array:
+    """`attention` with a resolved `impl`, over all T x S query-key pairs (no blocking)."""
     if impl in ("dot_product", "cudnn"):
         dense = jnp.broadcast_to(dense_mask(mask), (q.shape[0], q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(
@@ -163,6 +178,106 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Mask | jax.Array"
 
         return jax.lax.platform_dependent(q, k, v, tpu=tpu, default=default)
     return xla_attention(q, k, v, dense_mask(mask), scale, softcap)
+
+
+# ---------------------------------------------------------------------- banded (sliding-window) masks
+# Largest query block, and how much wider than the band the keys of one block may be (C is the largest
+# power of two <= _MAX_BLOCK whose key span is at most _MAX_SPAN_RATIO x the band width).
+_MAX_BLOCK = 128
+_MAX_SPAN_RATIO = 1.25
+
+
+class BandBlocking(NamedTuple):
+    """How `banded_attention` splits a band lo <= j - i <= hi: query blocks of `block` (C) queries, each
+    attending `span` (Kb, a multiple of C) consecutive keys starting at key C·b + lo for block b."""
+
+    lo: int
+    hi: int
+    block: int
+    span: int
+
+
+def band_limits(pattern: np.ndarray | None) -> tuple[int, int] | None:
+    """(lo, hi) when the static pattern bool [T, S] is exactly the band lo <= j - i <= hi (query i, key j),
+    else None (also for no pattern or an empty one). `encoder_window` and `causal_window` are bands.
+
+    Row-wise, in O(T·S) boolean work: each row must be one run of keys, and the runs must start and end
+    where the band (clipped to [0, S)) does."""
+    if not isinstance(pattern, np.ndarray) or pattern.ndim != 2 or pattern.dtype != bool or not pattern.any():
+        return None
+    t, s = pattern.shape
+    rows = np.arange(t)
+    count = pattern.sum(axis=1)
+    first = np.argmax(pattern, axis=1)
+    last = s - 1 - np.argmax(pattern[:, ::-1], axis=1)
+    some = count > 0
+    lo, hi = int((first - rows)[some].min()), int((last - rows)[some].max())
+    start, stop = np.maximum(rows + lo, 0), np.minimum(rows + hi, s - 1)  # the band's run in each row
+    want = stop >= start
+    ok = (np.array_equal(some, want) and np.array_equal(first[some], start[some])
+          and np.array_equal(last[some], stop[some]) and np.array_equal(count[some], (last - first + 1)[some]))
+    return (lo, hi) if ok else None
+
+
+def _key_span(block: int, width: int) -> int:
+    """Keys (whole blocks of `block`) that hold the band keys of `block` consecutive queries: C + w - 1
+    rounded up to a multiple of C."""
+    return -(-(block + width - 1) // block) * block
+
+
+def band_blocking(mask: Mask, t: int, s: int) -> BandBlocking | None:
+    """The blocking of `banded_attention` for `mask` over t queries and s keys, or None when its pattern
+    is not a band or when blocking would not skip keys (the span of a query block is not < s)."""
+    band = band_limits(mask.pattern)
+    if band is None:
+        return None
+    lo, hi = band
+    width = hi - lo + 1
+    block = next(c for c in (_MAX_BLOCK >> i for i in range(_MAX_BLOCK.bit_length()))
+                 if _key_span(c, width) <= _MAX_SPAN_RATIO * width or c == 1)
+    span = _key_span(block, width)
+    return BandBlocking(lo, hi, block, span) if span < s else None
+
+
+def _window(x: jax.Array, start: int, length: int) -> jax.Array:
+    """x[:, start:start + length] of x [B, S, ...], zero (False) where the index falls outside [0, S)."""
+    pads = [(0, 0, 0), (-start, start + length - x.shape[1], 0)] + [(0, 0, 0)] * (x.ndim - 2)
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+
+
+def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, blocking: BandBlocking, scale: float,
+                     softcap: float | None = None, impl: str = "xla") -> jax.Array:
+    """`attention` under a band mask, block-wise: q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D].
+
+    With C = blocking.block, Kb = blocking.span and nb = ceil(T / C): the queries (zero-padded to nb·C)
+    become nb blocks of C, and block b gets the keys C·b + lo ... C·b + lo + Kb - 1 (the union of its
+    queries' bands), cut from the keys as Kb/C shifted copies of the key blocks, concatenated (static
+    slices, no gather). The kernel then runs on the batch [B·nb, C, N, D] x [B·nb, Kb, K, D] under
+    Mask(key padding of those keys [B·nb, Kb] (keys outside [0, S) are padding), the static band
+    0 <= jj - i <= hi - lo [C, Kb] (the same for every block), query padding [B·nb, C]); the padded
+    queries are dropped after.
+    """
+    b, t, n, d = q.shape
+    lo, hi, c, kb = blocking
+    nb, nk = -(-t // c), kb // c
+
+    def key_blocks(x: jax.Array) -> jax.Array:  # [B, S, ...] -> [B·nb, Kb, ...]
+        x = _window(x, lo, (nb + nk - 1) * c)
+        x = x.reshape(b, nb + nk - 1, c, *x.shape[2:])
+        x = jnp.concatenate([x[:, o:o + nb] for o in range(nk)], axis=2)  # [B, nb, Kb, ...]
+        return x.reshape(b * nb, kb, *x.shape[3:])
+
+    def query_blocks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [B·nb, C, ...]
+        return _window(x, 0, nb * c).reshape(b * nb, c, *x.shape[2:])
+
+    queries = mask.queries
+    if queries is None and nb * c != t:
+        queries = jnp.ones((b, t), bool)
+    rel = np.arange(kb)[None, :] - np.arange(c)[:, None]  # [C, Kb]: jj - i
+    blocked = Mask(key_blocks(jnp.asarray(mask.keys).astype(bool)), (rel >= 0) & (rel <= hi - lo),
+                   None if queries is None else query_blocks(jnp.asarray(queries).astype(bool)))
+    out = _attention_kernel(query_blocks(q), key_blocks(k), key_blocks(v), blocked, scale, softcap, impl)
+    return out.reshape(b, nb * c, n, d)[:, :t]
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
