@@ -244,7 +244,8 @@ def test_out_of_memory_backs_off_to_three_quarters(rr, docs, monkeypatch):
         "encoding passages: out of memory with a batch of 12; retrying with batch size 9",
         "encoding passages: out of memory with a batch of 9; retrying with batch size 6"]
     assert seen[:3] == [16, 16, 8]  # 12 rows (bucket 16) -> 9 (bucket 16) -> 6 (bucket 8)
-    np.testing.assert_allclose(got.states, want.states, atol=1e-6)
+    # Same states up to fp32 rounding (a batch of 8 is another compiled program than one of 16).
+    np.testing.assert_allclose(got.states, want.states, rtol=1e-5, atol=2e-6)
 
 
 def test_orbax_checkpoint_with_separate_tokenizer(rr, ckpt, docs, queries, tmp_path):
