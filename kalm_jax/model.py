@@ -215,9 +215,9 @@ class T5Gemma2(nnx.Module):
         glob = layers.rope_table(length, c.head_dim, c.rope_global_theta, c.rope_global_factor)
         return local, glob
 
-    def _run_stack(self, stack: LayerStack, x, block_fn, ropes, layers_range: slice = slice(None)):
-        """Runs the layers `layers_range` of `stack` over x [B, T, H]; `block_fn(x, w, sliding, cos, sin)` is
-        the attention sub-block (it builds its own mask; `sliding` is a Python bool).
+    def _run_stack(self, stack: LayerStack, x, block_fn, ropes, stop: int | None = None):
+        """Runs the first `stop` layers of `stack` (all when None) over x [B, T, H]; `block_fn(x, w, sliding,
+        cos, sin)` is the attention sub-block (it builds its own mask; `sliding` is a Python bool).
 
         The layer types repeat with a period p (5 sliding + 1 full in the presets): the scan runs over the
         repeats with the p layers of one period unrolled in its body, so every layer's type, mask pattern and
@@ -226,12 +226,11 @@ class T5Gemma2(nnx.Module):
         (cos_l, sin_l), (cos_g, sin_g) = ropes
         xs_all = stack.scan_inputs(self.dtype)
         all_types = tuple(bool(t) for t in stack.is_sliding)
-        first, stop, _ = layers_range.indices(len(all_types))
-        if first != 0:
-            raise ValueError("layers_range must start at the first layer")
+        stop = len(all_types) if stop is None else stop
         types = all_types[:stop]
         period, whole = layer_period(all_types)
         repeats = min(whole, stop // period)
+
         def one_layer(carry, w, sliding: bool):
             cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
             carry = carry + block_fn(carry, w, sliding, cos, sin)
@@ -320,7 +319,8 @@ class T5Gemma2(nnx.Module):
                                                       encoder_mask)
         stack = self.decoder
         ropes = self._rope(mask.shape[1])
-        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes, slice(None, -1))
+        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes,
+                            stop=len(stack.layer_types) - 1)
         w = stack.layer_weights({k: v[-1] for k, v in stack.scan_inputs(self.dtype).items()})
         sliding = bool(stack.is_sliding[-1])
         cos, sin = ropes[0] if sliding else ropes[1]

@@ -39,6 +39,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _sm
 from jax.sharding import PartitionSpec as P
 
+from kalm_jax import layers
 from kalm_jax.mesh import BATCH, DEFAULT_RULES
 
 # Mesh axes the batch may be split over: the "batch" rule of the one mesh module (kalm_jax/mesh.py).
@@ -69,15 +70,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float
     runs per shard in a `shard_map` over the batch axes (`data`, `fsdp`, those that divide the batch);
     other mesh axes see the full batch slice.
     """
-    from kalm_jax.layers import Mask, xla_attention
-
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not wired to the TPU splash kernel; "
                                   "set kalm_jax.layers.TPU_ATTENTION_IMPL = 'xla'")
     b, t = q.shape[:2]
     s = k.shape[1]
-    if not isinstance(mask, Mask):  # dense: the single scoring row, B·N·1·S scores
-        return xla_attention(q, k, v, jnp.broadcast_to(mask, (b, t, s)), scale)
+    if not isinstance(mask, layers.Mask):  # dense: the single scoring row, B·N·1·S scores
+        return layers.xla_attention(q, k, v, jnp.broadcast_to(mask, (b, t, s)), scale)
     pattern = None if mask.pattern is None else np.asarray(mask.pattern, bool)
     if pattern is not None:
         if pattern.shape != (t, s):
@@ -126,21 +125,6 @@ def fold_heads(t: int, g: int) -> bool:
     return g > 1 and g * _round_up(t, _LANES) > _round_up(g * t, _LANES)
 
 
-def _band(pattern: np.ndarray) -> tuple[int, int] | None:
-    """(left, right) when the square `pattern` is exactly {j : i - left <= j <= i + right} (diagonal
-    included), else None."""
-    t, s = pattern.shape
-    if t != s or not pattern.any(axis=1).all():
-        return None
-    i = np.arange(t)
-    first = pattern.argmax(axis=1)
-    last = s - 1 - pattern[:, ::-1].argmax(axis=1)
-    left, right = int((i - first).max()), int((last - i).max())
-    if left < 0 or right < 0:
-        return None
-    return (left, right) if np.array_equal(pattern, _sm.make_local_attention_mask((t, s), (left, right))) else None
-
-
 def _digest(pattern: np.ndarray) -> bytes:
     return hashlib.blake2b(np.packbits(pattern).tobytes(), digest_size=16).digest()
 
@@ -166,13 +150,13 @@ def static_mask(pattern: np.ndarray | None, rows: int, cols: int, fold: int = 1)
 
 def _build_static_mask(pattern: np.ndarray, rows: int, cols: int, fold: int) -> _sm.Mask:
     t, s = pattern.shape
-    if fold == 1 and rows == cols:
-        band = _band(pattern)
-        if band is not None:
-            left, right = band
-            if right == 0 and left >= t - 1:
-                return _sm.CausalMask((rows, cols))
-            return _sm.LocalMask((rows, cols), band, offset=0)
+    # A square band with the diagonal in it (every row non-empty): the library's LocalMask / CausalMask.
+    band = layers.band_limits(pattern) if fold == 1 and rows == cols and t == s else None
+    if band is not None and band[0] <= 0 <= band[1]:
+        left, right = -band[0], band[1]
+        if right == 0 and left >= t - 1:
+            return _sm.CausalMask((rows, cols))
+        return _sm.LocalMask((rows, cols), (left, right), offset=0)
     dense = np.zeros((rows, cols), bool)
     dense[: fold * t, :s] = np.tile(pattern, (fold, 1))
     dense[fold * t:] = True
