@@ -75,6 +75,49 @@ class Buckets:
         return scoring.bucket(longest, self.decoder)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeviceStates:
+    """A passage-state cache resident on one engine's devices (made by `InferenceEngine.place`).
+
+    states: jax.Array [N, C, H] in the engine's compute dtype, replicated over the engine's data mesh (each
+      device holds the whole cache); C is the engine's window bucket of the longest row, windows past a row's
+      end are zero and masked.
+    mask: jax.Array [N, C] int32, 1 where a window holds at least one token.
+    windows: numpy int64 [N] on the host: windows each row spans at `ratio` (for length sorting and for each
+      batch's window bucket, without reading the device).
+    ratio: the MEP ratio the states are pooled at. ids / meta: those of the `PassageStates` placed.
+    """
+
+    states: jax.Array
+    mask: jax.Array
+    windows: np.ndarray
+    ratio: int
+    ids: list[str] | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        n, c = self.states.shape[:2]
+        if self.states.ndim != 3 or tuple(self.mask.shape) != (n, c) or self.windows.shape != (n,):
+            raise ValueError(f"inconsistent device states: states {self.states.shape}, mask {self.mask.shape}, "
+                             f"windows {self.windows.shape}")
+
+    def __len__(self) -> int:
+        return int(self.windows.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one replica (states + mask); every device of the engine holds one."""
+        return int(self.states.nbytes + self.mask.nbytes)
+
+
+def _window_extent(mask) -> np.ndarray:
+    """int64 [P]: index of each row's last window holding a token, plus one (0 for a row without windows)."""
+    m = np.asarray(mask) != 0
+    if m.shape[1] == 0:
+        return np.zeros((m.shape[0],), np.int64)
+    return np.where(m.any(axis=1), m.shape[1] - np.argmax(m[:, ::-1], axis=1), 0).astype(np.int64)
+
+
 def is_oom(err: BaseException) -> bool:
     """True for a device or host out-of-memory error (XLA's RESOURCE_EXHAUSTED, CPU "Out of memory")."""
     if isinstance(err, MemoryError):
@@ -376,22 +419,121 @@ class InferenceEngine:
                                show_progress=show_progress)
 
     # ------------------------------------------------------------------ scoring
-    def margins(self, prompt_rows: Sequence[Sequence[int]], prompt_of, states: PassageStates, passage_of, *,
-                ratio: int | None = None, batch_size: int | None = None, show_progress: bool | None = None,
-                desc: str = "scoring") -> np.ndarray:
+    def _check_hidden(self, states: PassageStates | DeviceStates) -> None:
+        if states.states.shape[2] != self.model.config.hidden_size:
+            raise ValueError(f"passage states have hidden size {states.states.shape[2]}, the model's is "
+                             f"{self.model.config.hidden_size}")
+
+    def _ratio_factor(self, states: PassageStates, ratio: int | None) -> tuple[int, int]:
+        """(ratio to score at, re-pooling factor over `states.ratio`); ValueError when it is not a multiple."""
+        ratio = states.ratio if ratio is None else mep._check_ratio(ratio)
+        if ratio % states.ratio:
+            raise ValueError(f"cannot score at ratio {ratio} from states pooled at ratio {states.ratio}: it must be a "
+                             f"multiple of {states.ratio}")
+        return ratio, ratio // states.ratio
+
+    def _host_batch(self, chunk: PassageStates, factor: int, rows: int) -> tuple[jax.Array, jax.Array]:
+        """One batch of host states on the devices, padded to `rows` rows and the batch's window bucket, at
+        `factor` x their ratio: (states [rows, W, H] compute dtype, mask [rows, W] int32), batch-sharded.
+        Coarser ratios are re-pooled exactly (count-weighted, fp32) on the device by `scoring.repool_states`."""
+        b, fine, hidden = len(chunk), chunk.mask.shape[1], chunk.states.shape[2]
+        compute = self.state_dtype
+        if factor > 1:
+            width = self.buckets.window_count(-(-fine // factor)) * factor
+            dense = np.zeros((rows, width, hidden), np.float32)
+            dense[:b, :fine] = chunk.dense(np.float32)
+            cnt = np.zeros((rows, width), np.int32)
+            cnt[:b, :fine] = chunk.counts
+            cnt[b:, 0] = 1
+            return self._call(scoring.repool_states, *self._put(dense, cnt), factor, jnp.dtype(compute))
+        width = self.buckets.window_count(fine)
+        dense = np.zeros((rows, width, hidden), compute)
+        dense[:b, :fine] = chunk.dense(np.float32)
+        pm = np.zeros((rows, width), np.int32)
+        pm[:b, :fine] = chunk.mask
+        pm[b:, 0] = 1  # padding rows attend to one (zero) window and are dropped
+        st_d, pm_d = self._put(dense, pm)
+        return st_d, pm_d
+
+    def place(self, states: PassageStates, *, ratio: int | None = None, batch_size: int | None = None,
+              show_progress: bool | None = None) -> DeviceStates:
+        """Moves a passage-state cache to this engine's devices once, for `margins` to score from.
+
+        What a serving system or a sweep keeps hot: afterwards each scoring batch gathers its rows on the device
+        (`scoring.gather_states`) and only token ids and indices travel per batch.
+
+        The cache is **replicated** over the engine's data mesh, so every batch gathers locally (no cross-device
+        traffic); the cost is the whole cache on every device: `nbytes` = N x C x (H x itemsize + 4) bytes per
+        device (C = the window bucket of the longest row, itemsize 2 for a bf16 model, 4 for fp32), once per
+        device of the engine. States are stored in the compute dtype, the window axis padded to the engine's
+        window bucket (zero, masked).
+
+        Args:
+          states: host passage states [N, C', H] at `states.ratio` (any storage; int8 is dequantised).
+          ratio: place at this ratio (a multiple of `states.ratio`; default `states.ratio`). A coarser ratio is
+            re-pooled exactly first (count-weighted, fp32, on the device by `scoring.repool_states`, in batches
+            of `batch_size` rows with the out-of-memory back-off), then cast to the compute dtype: the same
+            values `margins` computes batch by batch from the host states at that ratio.
+        Returns:
+          `DeviceStates` at `ratio`, in the input order.
+        """
+        self._check_hidden(states)
+        ratio, factor = self._ratio_factor(states, ratio)
+        n, hidden = len(states), states.states.shape[2]
+        windows = -(-_window_extent(states.mask) // factor)
+        width = self.buckets.window_count(int(windows.max()) if n else 0)
+        host = np.zeros((n, width, hidden), self.state_dtype)
+        mask = np.zeros((n, width), np.int32)
+
+        def run(start: int, stop: int) -> None:
+            chunk = states.select(np.arange(start, stop))
+            # windows past `width` hold no token (only a chunk of empty rows keeps them): they are dropped
+            if factor == 1:  # no device work: straight into the host buffer, one transfer below
+                w = min(chunk.mask.shape[1], width)
+                host[start:stop, :w] = chunk.dense(np.float32)[:, :w]
+                mask[start:stop, :w] = chunk.mask[:, :w]
+                return
+            st_d, pm_d = self._host_batch(chunk, factor, self.rows(stop - start))
+            w = min(st_d.shape[1], width)
+            host[start:stop, :w] = np.asarray(st_d)[: stop - start, :w]  # sliced on the host: no program per shape
+            mask[start:stop, :w] = np.asarray(pm_d)[: stop - start, :w]
+
+        self.run_batches(n, batch_size, run, "placing passage states", "passage", show_progress)
+        placed = jax.device_put((host, mask), self._replicated)
+        return DeviceStates(placed[0], placed[1], windows, ratio, states.ids, dict(states.meta))
+
+    def _check_placed(self, states: DeviceStates, ratio: int | None) -> None:
+        if ratio is not None and mep._check_ratio(ratio) != states.ratio:
+            raise ValueError(f"these device states are placed at ratio {states.ratio}, not {ratio}: place the "
+                             f"passage states at ratio {ratio} first (engine.place(states, ratio={ratio}))")
+
+    def _check_devices(self, states: DeviceStates) -> None:
+        if states.states.sharding.device_set != set(self.devices):
+            raise ValueError("these device states were placed on other devices (by another engine): place them "
+                             "with this engine (engine.place(states))")
+
+    def margins(self, prompt_rows: Sequence[Sequence[int]], prompt_of, states: PassageStates | DeviceStates,
+                passage_of, *, ratio: int | None = None, batch_size: int | None = None,
+                show_progress: bool | None = None, desc: str = "scoring") -> np.ndarray:
         """fp32 margins [N] for pairs (prompt_rows[prompt_of[i]], states row passage_of[i]).
 
         Args:
           prompt_rows: decoder prompt token lists (e.g. from `prompt_ids`).
           prompt_of, passage_of: int [N] pair -> prompt row / passage row.
-          states: cached passage states at `states.ratio`.
-          ratio: score at this ratio (a multiple of `states.ratio`; default `states.ratio`). Coarser ratios
-            are re-pooled exactly (count-weighted, fp32) on the device, batch by batch.
+          states: cached passage states: host `PassageStates` at `states.ratio` (each batch's rows are selected,
+            padded and transferred), or `DeviceStates` from `place` (each batch's rows are gathered on the
+            device; only the indices travel).
+          ratio: score at this ratio. Host states: a multiple of `states.ratio` (default `states.ratio`); coarser
+            ratios are re-pooled exactly (count-weighted, fp32) on the device, batch by batch. Device states:
+            None or the ratio they were placed at (place them at another ratio to score at it).
         """
         prompt_of = np.asarray(prompt_of, np.int64).reshape(-1)
         passage_of = np.asarray(passage_of, np.int64).reshape(-1)
         if len(prompt_of) != len(passage_of):
             raise ValueError(f"{len(prompt_of)} prompt indices for {len(passage_of)} passage indices")
+        on_device = isinstance(states, DeviceStates)
+        if on_device:
+            self._check_placed(states, ratio)
         n = len(prompt_of)
         out = np.zeros((n,), np.float32)
         if n == 0:
@@ -399,42 +541,28 @@ class InferenceEngine:
         for name, idx, size in (("prompt_of", prompt_of, len(prompt_rows)), ("passage_of", passage_of, len(states))):
             if idx.min() < 0 or idx.max() >= size:
                 raise IndexError(f"{name} holds indices outside [0, {size})")
-        if states.states.shape[2] != self.model.config.hidden_size:
-            raise ValueError(f"passage states have hidden size {states.states.shape[2]}, the model's is "
-                             f"{self.model.config.hidden_size}")
-        ratio = states.ratio if ratio is None else mep._check_ratio(ratio)
-        if ratio % states.ratio:
-            raise ValueError(f"cannot score at ratio {ratio} from states pooled at ratio {states.ratio}: it must be a "
-                             f"multiple of {states.ratio}")
-        factor = ratio // states.ratio
+        self._check_hidden(states)
+        if on_device:
+            self._check_devices(states)
+            factor, windows = 1, states.windows
+        else:
+            ratio, factor = self._ratio_factor(states, ratio)
+            windows = -(-np.asarray(states.mask).sum(axis=1) // factor)
         yes_no = self._need_yes_no()
         pad_id = self.model.config.pad_token_id
-        windows = -(-np.asarray(states.mask).sum(axis=1) // factor)
         prompt_len = np.array([len(p) for p in prompt_rows])
         order = np.lexsort((-prompt_len[prompt_of], -windows[passage_of]))
-        compute = self.state_dtype
 
         def run(start: int, stop: int) -> None:
             pairs = order[start:stop]
             b, rows = len(pairs), self.rows(len(pairs))
-            chunk = states.select(passage_of[pairs])
-            fine = chunk.mask.shape[1]
-            if factor > 1:
-                width = self.buckets.window_count(-(-fine // factor)) * factor
-                dense = np.zeros((rows, width, chunk.states.shape[2]), np.float32)
-                dense[:b, :fine] = chunk.dense(np.float32)
-                cnt = np.zeros((rows, width), np.int32)
-                cnt[:b, :fine] = chunk.counts
-                cnt[b:, 0] = 1
-                st_d, pm_d = self._call(scoring.repool_states, *self._put(dense, cnt), factor, jnp.dtype(compute))
+            if on_device:
+                width = min(self.buckets.window_count(int(windows[passage_of[pairs]].max())), states.states.shape[1])
+                idx = np.zeros((rows,), np.int32)  # padding rows gather row 0 and are dropped
+                idx[:b] = passage_of[pairs]
+                st_d, pm_d = self._call(scoring.gather_states, states.states, states.mask, *self._put(idx), width)
             else:
-                width = self.buckets.window_count(fine)
-                dense = np.zeros((rows, width, chunk.states.shape[2]), compute)
-                dense[:b, :fine] = chunk.dense(np.float32)
-                pm = np.zeros((rows, width), np.int32)
-                pm[:b, :fine] = chunk.mask
-                pm[b:, 0] = 1  # padding rows attend to one (zero) window and are dropped
-                st_d, pm_d = self._put(dense, pm)
+                st_d, pm_d = self._host_batch(states.select(passage_of[pairs]), factor, rows)
             dec, dmask = prompts.pad_batch([prompt_rows[i] for i in prompt_of[pairs]] + [[pad_id]] * (rows - b),
                                            pad_id, pad_to_multiple_of=self.buckets.decoder)
             _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
@@ -458,4 +586,4 @@ def probability(margins) -> np.ndarray:
     return np.where(m >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
-__all__ = ["InferenceEngine", "Buckets", "is_oom", "probability", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_PROMPT_TOKENS"]
+__all__ = ["InferenceEngine", "DeviceStates", "Buckets", "is_oom", "probability", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_PROMPT_TOKENS"]

@@ -1,4 +1,5 @@
-"""The two jitted hot paths: passage encoding (+ MEP) and FBNL scoring over cached passage states.
+"""The two jitted hot paths: passage encoding (+ MEP) and FBNL scoring over cached passage states, and the
+small on-device helpers that feed the latter (exact re-pooling, gathering rows of a device-resident cache).
 
 Both are pure functions of the split NNX state (`nnx.split(model)`), jitted once per bucketed shape:
 batch sizes and lengths are padded up to buckets, so repeated calls with similar inputs reuse the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -61,6 +63,17 @@ def repool_states(states, counts, factor: int, dtype):
     return pooled.astype(dtype), pmask
 
 
+@functools.partial(jax.jit, static_argnames=("width",))
+def gather_states(states, mask, rows, width: int):
+    """Pure jitted on-device gather of cached passage rows for one scoring batch.
+
+    (states [N, C, H], mask [N, C], rows [B] int32) -> (states [B, width, H], mask [B, width] int32), the
+    first `width` windows (static: the batch's window bucket, <= C) of rows `rows`. `states` and `mask` stay
+    where they were placed (`InferenceEngine.place`); only the [B] indices travel per batch. Indices must be
+    in [0, N) (the caller checks; padding rows may gather row 0)."""
+    return states[rows, :width], mask[rows, :width].astype(jnp.int32)
+
+
 def encode_passages(model: T5Gemma2, input_ids, attention_mask, ratio: int = 4) -> tuple[np.ndarray, np.ndarray,
                                                                                            np.ndarray]:
     """Array-level encode + MEP through a one-device `InferenceEngine` (see `InferenceEngine.encode_batch`).
@@ -89,5 +102,5 @@ def probability(margins) -> np.ndarray:
     return _probability(margins)
 
 
-__all__ = ["encode_pool", "score_pairs", "repool_states", "encode_passages", "score", "probability", "bucket",
+__all__ = ["encode_pool", "score_pairs", "repool_states", "gather_states", "encode_passages", "score", "probability", "bucket",
            "batch_bucket"]

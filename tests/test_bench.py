@@ -43,6 +43,11 @@ def test_cli_tiny_writes_contract_json(tmp_path, capsys):
     assert scores[4]["cached_states"] == 8 and scores[4]["cache_bytes_per_passage"] == 8 * 64 * 2 + 8 * 4
     for r, s in scores.items():
         assert s["n"] == 32 and s["batch"] == 4 and s["pairs_per_s"] == pytest.approx(4 / s["median_s"])
+        # main figure: states placed on the device beforehand; the host-states figure is kept beside it
+        windows = {1: 32, 4: 16}[r]  # the engine's window bucket of 32 / 8 cached states
+        assert s["states"] == "device" and s["device_cache_bytes"] == 4 * windows * (64 * 2 + 4)  # bf16 + int32 mask
+        assert s["pairs_per_s_host_states"] == pytest.approx(4 / s["median_s_host_states"])
+        assert s["min_s_host_states"] <= s["median_s_host_states"] <= s["max_s_host_states"]
 
     ratios = {r["r"]: r for r in rows if r["kind"] == "online_ratio"}
     assert sorted(ratios) == [1, 4]
@@ -68,6 +73,7 @@ def test_cli_tiny_writes_contract_json(tmp_path, capsys):
     for title in ("encode", "score", "online_ratio", "peer"):
         assert title in printed
     assert "| shape | n | r | measured | analytic |" in md.read_text()
+    assert "| pairs/s | TFLOP/s | MFU | median ms | host-states pairs/s | host-states ms |" in md.read_text()
 
 
 def _count(mask) -> int:

@@ -2,9 +2,11 @@
 
 Every row is a plain dict (JSON-ready) with `kind`, `shape` and, where they apply, `n` (passage tokens)
 and `r` (MEP ratio), plus the measured figures. Encode and score are timed through the one inference
-engine (`kalm_jax.engine.InferenceEngine.encode_batch` / `score_batch`: host token arrays in, host
-numpy out, the engine's bucketing, padding and transfers included); the first call (which compiles)
-is reported apart from run time as `compile_s`.
+engine, host token arrays in and host numpy out, the engine's bucketing, padding and transfers included:
+encode through `InferenceEngine.encode_batch`; score through `InferenceEngine.margins` over passage states
+placed on the devices beforehand (`InferenceEngine.place`, a hot cache, as the peer's GPU tensors are),
+with the host-states figure of `InferenceEngine.score_batch` beside it. The first call (which compiles) is
+reported apart from run time as `compile_s`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from kalm_jax.engine import InferenceEngine
 from kalm_jax.config import ModelConfig, get_preset, parse_dtype
 from kalm_jax.layers import resolve_attention_impl
 from kalm_jax.model import init_model
+from kalm_jax.passage_states import PassageStates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,26 +153,50 @@ def encode_row(ctx: ShapeContext, n: int, settings: BenchSettings, peak_flops: f
 
 def score_row(ctx: ShapeContext, n: int, r: int, settings: BenchSettings,
               peak_flops: float | None) -> dict[str, Any]:
-    """Scoring of `candidates` (prompt, cached passage) pairs at ratio r: pairs/s and MFU."""
+    """Scoring of `candidates` (prompt, cached passage) pairs at ratio r: pairs/s and MFU.
+
+    The main figure is what a serving system with a hot cache does (and what the PyTorch peer does, whose
+    states are torch tensors on the GPU): per input rotation, the `batch` cached states are placed on the
+    devices once (`InferenceEngine.place`, not timed), then one query's candidates are timed through
+    `InferenceEngine.margins(prompt, prompt_of = 0, device states, passage_of = arange)`. The same pairs with
+    host numpy states through `InferenceEngine.score_batch` (padding + host->device transfer per call) are
+    timed the same way and kept in the row as `*_host_states`."""
     rng = np.random.default_rng(settings.seed + 7 * n + r)
     c = flops.cached_states(n, r)
     t = settings.prompt_len
     dtype = parse_dtype(settings.dtype)
+    engine = ctx.engine
 
     def run(batch: int) -> dict[str, Any]:
-        inputs = []
+        host_inputs, device_inputs = [], []
         for _ in range(settings.rotations):
-            states = rng.standard_normal((batch, c, ctx.cfg.hidden_size), dtype=np.float32)
-            inputs.append((_token_ids(rng, ctx.cfg, (batch, t)), np.ones((batch, t), np.int32),
-                           states.astype(ctx.engine.state_dtype), np.ones((batch, c), np.int32)))
-        compile_s = _first_call(ctx.engine.score_batch, inputs[0])
-        timing = time_calls(ctx.engine.score_batch, inputs, warmup=settings.warmup, repeats=settings.repeats,
+            states = rng.standard_normal((batch, c, ctx.cfg.hidden_size), dtype=np.float32).astype(engine.state_dtype)
+            prompt = _token_ids(rng, ctx.cfg, (t,))
+            mask = np.ones((batch, c), np.int32)
+            host_inputs.append((np.broadcast_to(prompt, (batch, t)).copy(), np.ones((batch, t), np.int32), states,
+                                mask))
+            cache = PassageStates(states, mask.astype(np.int8), np.full((batch, c), r, np.int32), r)
+            device_inputs.append(([prompt.tolist()], np.zeros(batch, np.int64), engine.place(cache),
+                                  np.arange(batch)))
+
+        def score(prompt_rows, prompt_of, device_states, passage_of):
+            return engine.margins(prompt_rows, prompt_of, device_states, passage_of, batch_size=batch)
+
+        compile_s = _first_call(score, device_inputs[0])
+        timing = time_calls(score, device_inputs, warmup=settings.warmup, repeats=settings.repeats,
                             compile_s=compile_s)
+        host_compile_s = _first_call(engine.score_batch, host_inputs[0])
+        host = time_calls(engine.score_batch, host_inputs, warmup=settings.warmup, repeats=settings.repeats,
+                          compile_s=host_compile_s)
         achieved = flops.decoder_flops(ctx.cfg, t, c) * batch / timing.median_s
         return {**_base_row("score", ctx, settings), "n": n, "r": r, "cached_states": c, "prompt_len": t,
-                "batch": batch, "pairs_per_s": batch / timing.median_s, "s_per_pair": timing.median_s / batch,
-                "flops_per_s": achieved, "mfu": achieved / peak_flops if peak_flops else None,
-                **_timing_fields(timing), "peak_bytes": device_peak_bytes(),
+                "batch": batch, "states": "device", "pairs_per_s": batch / timing.median_s,
+                "s_per_pair": timing.median_s / batch, "flops_per_s": achieved,
+                "mfu": achieved / peak_flops if peak_flops else None, **_timing_fields(timing),
+                "pairs_per_s_host_states": batch / host.median_s, "s_per_pair_host_states": host.median_s / batch,
+                "median_s_host_states": host.median_s, "min_s_host_states": host.min_s,
+                "max_s_host_states": host.max_s, "compile_s_host_states": host.compile_s,
+                "device_cache_bytes": device_inputs[0][2].nbytes, "peak_bytes": device_peak_bytes(),
                 "cache_bytes_per_passage": flops.cache_bytes(ctx.cfg, n, r, dtype.itemsize)}
 
     return _with_oom_halving(min(settings.candidates, settings.score_batch), run)
