@@ -14,7 +14,9 @@ sweep, dev evaluation during training, the `label` command, the benchmark — go
   * out-of-memory back-off: a batch that runs out of device (or host, on CPU) memory is retried at 3/4 of
     its size;
   * host -> device transfer, and re-pooling cached states to a coarser ratio on the device (bucketed, so it
-    compiles a handful of programs, not one per shape).
+    compiles a handful of programs, not one per shape);
+  * device-resident caches: `place` moves passage states to the devices once (`DeviceStates`, replicated),
+    and `margins` then gathers each batch's rows on the device, so only token ids and indices travel.
 The pure jitted functions themselves stay in `kalm_jax.scoring`.
 
 Multi-process runs build one engine per process over its local devices; work is split above it.
