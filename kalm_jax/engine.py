@@ -98,8 +98,8 @@ class DeviceStates:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        n, c = self.states.shape[:2]
-        if self.states.ndim != 3 or tuple(self.mask.shape) != (n, c) or self.windows.shape != (n,):
+        if (self.states.ndim != 3 or tuple(self.mask.shape) != tuple(self.states.shape[:2])
+                or np.shape(self.windows) != tuple(self.states.shape[:1])):
             raise ValueError(f"inconsistent device states: states {self.states.shape}, mask {self.mask.shape}, "
                              f"windows {self.windows.shape}")
 
@@ -465,10 +465,10 @@ class InferenceEngine:
         (`scoring.gather_states`) and only token ids and indices travel per batch.
 
         The cache is **replicated** over the engine's data mesh, so every batch gathers locally (no cross-device
-        traffic); the cost is the whole cache on every device: `nbytes` = N x C x (H x itemsize + 4) bytes per
-        device (C = the window bucket of the longest row, itemsize 2 for a bf16 model, 4 for fp32), once per
-        device of the engine. States are stored in the compute dtype, the window axis padded to the engine's
-        window bucket (zero, masked).
+        traffic); the cost is the whole cache on every device: `nbytes` = N x C x (H x itemsize + 4) bytes on
+        each device (C = the window bucket of the longest row, itemsize 2 for a bf16 model, 4 for fp32), plus,
+        while placing, one host buffer of that size. States are stored in the compute dtype, the window axis
+        padded to the engine's window bucket (zero, masked).
 
         Args:
           states: host passage states [N, C', H] at `states.ratio` (any storage; int8 is dequantised).
@@ -588,4 +588,5 @@ def probability(margins) -> np.ndarray:
     return np.where(m >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
-__all__ = ["InferenceEngine", "DeviceStates", "Buckets", "is_oom", "probability", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_PROMPT_TOKENS"]
+__all__ = ["InferenceEngine", "DeviceStates", "Buckets", "is_oom", "probability", "DEFAULT_BATCH_SIZE",
+           "DEFAULT_MAX_PROMPT_TOKENS"]

@@ -102,5 +102,5 @@ def probability(margins) -> np.ndarray:
     return _probability(margins)
 
 
-__all__ = ["encode_pool", "score_pairs", "repool_states", "gather_states", "encode_passages", "score", "probability", "bucket",
-           "batch_bucket"]
+__all__ = ["encode_pool", "score_pairs", "repool_states", "gather_states", "encode_passages", "score", "probability",
+           "bucket", "batch_bucket"]
