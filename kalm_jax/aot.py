@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 GiB = 2**30
 
 # HBM per JAX device (one chip; v4/v5p run both TensorCores as one "megacore" device).
@@ -223,34 +225,47 @@ class Workload:
     eval_batch: int = 2048     # passages per encode call and pairs per score call
 
 
-def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False):
-    """(graphdef, abstract state) of the preset; `analysis` builds the cost-analysis variant
-    (`model.analysis_defaults`: layers unrolled, einsum attention)."""
+def model_config(preset: str, layers: int | None = None):
+    """The preset's `ModelConfig`; with `layers`, only the first `layers` layers of each stack (the samples
+    of `analysis_layers="sampled"`)."""
+    from kalm_jax.config import get_preset
+
+    mc = get_preset(preset)
+    if layers is None:
+        return mc
+    return dataclasses.replace(mc, encoder_layer_types=mc.encoder_layer_types[:layers],
+                               decoder_layer_types=mc.decoder_layer_types[:layers])
+
+
+def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False, layers: int | None = None):
+    """(graphdef, abstract state) of the preset (`layers`: see `model_config`); `analysis` builds the
+    cost-analysis variant (`model.analysis_defaults`: layers unrolled, einsum attention)."""
     import contextlib
 
     from flax import nnx
 
-    from kalm_jax.config import get_preset
     from kalm_jax.model import abstract_model, analysis_defaults
 
     with analysis_defaults() if analysis else contextlib.nullcontext():
-        model = abstract_model(get_preset(preset), param_dtype=param_dtype, dtype=dtype)
+        model = abstract_model(model_config(preset, layers), param_dtype=param_dtype, dtype=dtype)
     return nnx.split(model)
 
 
-def lower_encode(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False):
+def lower_encode(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False,
+                 layers: int | None = None):
     """Lowering of `scoring.encode_pool` over [eval_batch, passage_len] passages (bf16 serving weights)."""
     import jax.numpy as jnp
 
     from kalm_jax import scoring
 
-    graphdef, state = _model(preset, dtype, dtype, analysis=analysis)
+    graphdef, state = _model(preset, dtype, dtype, analysis=analysis, layers=layers)
     params = abstract_state(state, mesh, rules)
     ids = batch_input((w.eval_batch, w.passage_len), jnp.int32, mesh, rules)
     return lambda: scoring.encode_pool.lower(graphdef, params, ids, ids, w.ratio)
 
 
-def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False):
+def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False,
+                layers: int | None = None):
     """Lowering of `scoring.score_pairs`: [eval_batch, query_len] prompts against cached passage states."""
     import jax
     import jax.numpy as jnp
@@ -259,7 +274,7 @@ def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", 
     from kalm_jax import scoring
     from kalm_jax.config import get_preset
 
-    graphdef, state = _model(preset, dtype, dtype, analysis=analysis)
+    graphdef, state = _model(preset, dtype, dtype, analysis=analysis, layers=layers)
     params = abstract_state(state, mesh, rules)
     windows = -(-w.passage_len // w.ratio)
     h = get_preset(preset).hidden_size
@@ -270,12 +285,12 @@ def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", 
     return lambda: scoring.score_pairs.lower(graphdef, params, dec, dec, states, pmask, yes_no)
 
 
-def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, out=print):
+def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None,
+                out=print):
     """Lowering of the real training step, `kalm_jax.training.step.make_train_step` (the config must be a
     full training config: `configs/tpu.py` or `configs/train.py`)."""
     import contextlib
 
-    from kalm_jax.config import get_preset
     from kalm_jax.model import analysis_defaults
     from kalm_jax.training import step as train_step
     from kalm_jax.training.config import validate
@@ -286,7 +301,7 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
                          "(use configs/tpu.py or configs/train.py)")
     validate(cfg)
     with analysis_defaults() if analysis else contextlib.nullcontext():
-        ts = train_step.make_train_step(get_preset(preset), cfg, mesh, yes_id=1, no_id=2,
+        ts = train_step.make_train_step(model_config(preset, layers), cfg, mesh, yes_id=1, no_id=2,
                                         decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len,
                                         shard_local_passages=True)  # as train.py runs it
     if not analysis:
@@ -401,6 +416,52 @@ def analyse(name: str, lower: Callable[[], Any], mesh) -> tuple[dict[str, float]
                  "unknown_cost_ops": 0}, msg.strip().splitlines()[0])
 
 
+ANALYSIS_LAYERS = ("all", "sampled")
+_COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
+
+
+def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
+    """Layer counts whose analysis compiles determine a per-layer-type cost model of a stack with layer
+    types `types`: 2, 3 and one whole period of the pattern (e.g. 2, 3, 6 for 5 sliding + 1 full), or
+    more when those do not separate the types. Not 1: a one-layer program gathers its weights differently
+    (no combined all-gathers), and its bytes do not sit on the line through the others. () when the
+    samples would not be smaller than the stack itself (compile it whole)."""
+    from kalm_jax.model import layer_period
+
+    kinds = sorted(set(types))
+    p, _ = layer_period(tuple(types))
+    for ks in ((2, 3, p), (2, 3, p, p + 1), (1, 2, p), tuple(range(1, len(types)))):
+        ks = tuple(sorted({k for k in ks if k < len(types)}))
+        if ks and np.linalg.matrix_rank(_design(types, ks, kinds)) == len(kinds) + 1:
+            return ks
+    return ()
+
+
+def _design(types: Sequence[str], samples: Sequence[int], kinds: Sequence[str]):
+    """[len(samples), 1 + len(kinds)]: a constant and the number of layers of each type in each sample."""
+    return np.array([[1.0] + [float(list(types[:k]).count(t)) for t in kinds] for k in samples])
+
+
+def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Cost fields of the whole stack from `sampled` (layer count -> `cost_fields` of a model truncated to
+    that many layers in each stack), fitted as constant + per-layer-type cost (exact for the FLOPs and
+    bytes of unrolled layers: each layer is the same program as in the full model) and evaluated at the
+    full layer counts. Raises ValueError when a sample failed (a cost of -1)."""
+    kinds = sorted(set(types))
+    ks = sorted(sampled)
+    a = _design(types, ks, kinds)
+    target = _design(types, [len(types)], kinds)[0]
+    out: dict[str, float] = {}
+    for key in _COST_KEYS:
+        y = np.array([float(sampled[k].get(key, -1.0)) for k in ks])
+        if key in ("xla_flops", "bytes_accessed", "optimal_seconds") and (y <= 0).any():
+            raise ValueError(f"the {key} of a sampled analysis compile is unknown: {dict(zip(ks, y.tolist()))}")
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        out[key] = float(target @ coef)
+    out["unknown_cost_ops"] = int(round(out["unknown_cost_ops"]))
+    return out
+
+
 def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
     head = (f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
@@ -470,16 +531,20 @@ def mesh_for(cfg, devices: Sequence, num_slices: int = 1):
 
 
 def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGRAMS,
-        out=print, cost: bool = False) -> AotResult:
+        out=print, cost: bool = False, analysis_layers: str = "all") -> AotResult:
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
     Prints the mesh, the workload and the per-device memory table. With `cost`, also compiles each
     program's analysis variant (`model.analysis_defaults`: layers unrolled, einsum attention) and returns
-    the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`).
+    the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`). `analysis_layers`:
+    "all" unrolls every layer; "sampled" compiles the analysis variant at `layer_samples` layers per stack
+    and extrapolates per layer type (`extrapolate_costs`), for programs too large to unroll whole on the host.
     """
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
         raise ValueError(f"unknown programs {unknown}; valid: {list(PROGRAMS)}")
+    if analysis_layers not in ANALYSIS_LAYERS:
+        raise ValueError(f"analysis_layers={analysis_layers!r}; valid: {list(ANALYSIS_LAYERS)}")
     sl = tpu_slice(topology)
     devices = topology_devices(sl, num_slices)
     mesh, rules = mesh_for(cfg, devices, num_slices)
@@ -489,24 +554,47 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
         f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); mesh {dict(mesh.shape)}; model {preset}")
     out(f"workload: {w}")
 
-    def builder(name: str, analysis: bool):
+    def builder(name: str, analysis: bool, layers: int | None = None):
         if name == "encode":
-            return lower_encode(preset, mesh, rules, w, analysis=analysis)
+            return lower_encode(preset, mesh, rules, w, analysis=analysis, layers=layers)
         if name == "score":
-            return lower_score(preset, mesh, rules, w, analysis=analysis)
-        return lower_train(cfg, preset, mesh, w, analysis=analysis, out=out)
+            return lower_score(preset, mesh, rules, w, analysis=analysis, layers=layers)
+        return lower_train(cfg, preset, mesh, w, analysis=analysis, layers=layers, out=out)
 
+    samples: tuple[int, ...] = ()
+    if cost and analysis_layers == "sampled":
+        mc = model_config(preset)
+        if mc.encoder_layer_types != mc.decoder_layer_types:
+            raise ValueError("analysis_layers=sampled truncates both stacks alike: it needs equal encoder and "
+                             "decoder layer types")
+        samples = layer_samples(mc.encoder_layer_types)
     reports, rows = [], []
     for name in programs:
         memory = compile_report(name, builder(name, False), mesh, sl.hbm_bytes)
         reports.append(memory)
-        if cost:
+        if not cost:
+            continue
+        how = "layers unrolled, XLA attention (kalm_jax.model.analysis_defaults)"
+        if samples:
+            sampled, err = {}, None
+            for k in samples:
+                out(f"{name}: analysis compile with {k} layer(s) per stack")
+                sampled[k], err = analyse(name, builder(name, True, k), mesh)
+                if err:
+                    err = f"{k}-layer sample: {err}"
+                    break
+            fields = sampled[k] if err else extrapolate_costs(model_config(preset).encoder_layer_types, sampled)
+            how += f"; extrapolated per layer type from {list(samples)} layers per stack"
+        else:
             fields, err = analyse(name, builder(name, True), mesh)
-            row = cost_row(name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w),
-                           fields, memory, cfg)
-            if err:
-                row["analysis_error"] = err
-            rows.append(row)
+        row = cost_row(name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w),
+                       fields, memory, cfg)
+        row["analysis"] = how
+        if samples:
+            row["analysis_samples"] = {str(k): v for k, v in sampled.items()}
+        if err:
+            row["analysis_error"] = err
+        rows.append(row)
     out(format_table(reports, title=f"per-device memory on {num_slices} x {sl.name}"))
     if rows:
         out("the compiler's cost model per chip (predictions, not measurements):")
@@ -515,13 +603,14 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
 
 
 def check(cfg, topology: str | None = None, num_slices: int = 1, programs: str = ",".join(PROGRAMS),
-          report: str | None = None) -> int:
+          report: str | None = None, analysis_layers: str = "all") -> int:
     """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
     from kalm_jax import cli
 
     if not topology:
         raise cli.ConfigError("--topology is required (the TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256)")
-    result = run(cfg, topology, num_slices, [s for s in programs.split(",") if s], cost=report is not None)
+    result = run(cfg, topology, num_slices, [s for s in programs.split(",") if s], cost=report is not None,
+                 analysis_layers=analysis_layers)
     if report:
         from kalm_jax.bench.runner import write_rows
 
@@ -551,7 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = (cli.Flag("topology", None, "TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256"),
              cli.Flag("num_slices", 1, "slices joined over DCN (data axis spans them)", int),
              cli.Flag("programs", ",".join(PROGRAMS), "comma-separated subset of encode,score,train"),
-             cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"))
+             cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"),
+             cli.Flag("analysis_layers", "all", "with --report: 'all' unrolls every layer in the analysis compile; "
+                      "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
+                      "type (programs too large to unroll whole on this host)"))
     return cli.run(check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
 
 

@@ -196,3 +196,66 @@ def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
     assert rows[0]["useful_flops"] == pytest.approx(cfg.eval.batch_size * flops.encoder_flops(get_preset("tiny"), 64) / 4)
     assert rows[0]["tokens_per_s"] == pytest.approx(rows[0]["passages_per_s"] * 64)
     assert rows[1]["pairs_per_s"] > 0
+
+
+def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
+    """`layer_samples` picks 1, 2 and one period of 5 sliding + 1 full; `extrapolate_costs` recovers the
+    whole stack's cost from samples that follow constant + per-layer-type costs, and refuses a failed
+    sample (cost -1) instead of fitting it."""
+    from kalm_jax.config import get_preset
+
+    types = get_preset("small").encoder_layer_types  # 26 layers: 22 sliding, 4 full
+    assert aot.layer_samples(types) == (1, 2, 6)
+    assert aot.layer_samples(get_preset("tiny").encoder_layer_types) == ()  # 2 layers: compile it whole
+    assert aot.layer_samples(("full",) * 5) == (1, 2)
+    fixed = {"xla_flops": 7.0, "bytes_accessed": 70.0, "optimal_seconds": 0.7, "optimal_seconds_raw": -1.3,
+             "unknown_cost_ops": 2}
+    per = {"sliding_attention": (3.0, 30.0, 0.3, 0.3, 1), "full_attention": (5.0, 50.0, 0.5, 0.5, 0)}
+
+    def cost(layers):
+        out = dict(fixed)
+        for t in layers:
+            for key, v in zip(aot._COST_KEYS, per[t]):
+                out[key] += v
+        return out
+
+    got = aot.extrapolate_costs(types, {k: cost(types[:k]) for k in (1, 2, 6)})
+    want = cost(types)
+    assert got["unknown_cost_ops"] == want["unknown_cost_ops"] == 24
+    for key in aot._COST_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    with pytest.raises(ValueError, match="optimal_seconds of a sampled analysis compile is unknown"):
+        aot.extrapolate_costs(types, {1: cost(types[:1]), 2: {**cost(types[:2]), "optimal_seconds": -1.0},
+                                      6: cost(types[:6])})
+
+
+def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_path, capsys, monkeypatch):
+    """`--analysis_layers=sampled` (2, 3 and 6 layers per stack, extrapolated per layer type) against the
+    whole unrolled analysis of an 8-layer model (tiny's widths, 5 sliding + 1 full + 2 sliding, window 16 <
+    64 tokens) on v5e-4, encode and score: the compiler's FLOPs agree to 1e-4, bytes and optimal_seconds to
+    10%; the 6-layer sample alone is far from the answer."""
+    import dataclasses
+    import json
+
+    from kalm_jax import config as config_lib
+
+    tiny = config_lib.get_preset("tiny")
+    eight = dataclasses.replace(tiny, encoder_layer_types=config_lib.layer_pattern(8),
+                                decoder_layer_types=config_lib.layer_pattern(8))
+    monkeypatch.setattr(config_lib, "get_preset", lambda name: eight if name == "tiny" else tiny)
+    config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
+    workload = ["--config.eval.batch_size=64", "--config.data.max_document_tokens=64",
+                "--config.data.max_query_tokens=32", "--programs=encode,score", "--topology=v5e-4"]
+    rows = {}
+    for how in ("all", "sampled"):
+        out = tmp_path / f"{how}.json"
+        rc = aot.main([f"--config={config}", *workload, f"--analysis_layers={how}", f"--report={out}"])
+        assert rc == 0, capsys.readouterr().out
+        rows[how] = json.loads(out.read_text())
+    for whole, sampled in zip(rows["all"], rows["sampled"]):
+        assert sorted(sampled["analysis_samples"]) == ["2", "3", "6"]
+        assert "extrapolated per layer type from [2, 3, 6]" in sampled["analysis"]
+        assert sampled["xla_flops"] == pytest.approx(whole["xla_flops"], rel=1e-4)
+        for key in ("bytes_accessed", "optimal_seconds"):
+            assert sampled[key] == pytest.approx(whole[key], rel=0.10), (whole["program"], key)
+        assert sampled["analysis_samples"]["6"]["xla_flops"] < 0.8 * whole["xla_flops"]
