@@ -430,8 +430,8 @@ def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
 
     kinds = sorted(set(types))
     p, _ = layer_period(tuple(types))
-    for ks in ((2, 3, p), (2, 3, p, p + 1), (1, 2, p), tuple(range(1, len(types)))):
-        ks = tuple(sorted({k for k in ks if k < len(types)}))
+    for ks in ((2, 3, p), (2, 3, p, p + 1), tuple(range(2, len(types)))):
+        ks = tuple(sorted({k for k in ks if 1 < k < len(types)}))
         if ks and np.linalg.matrix_rank(_design(types, ks, kinds)) == len(kinds) + 1:
             return ks
     return ()

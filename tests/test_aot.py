@@ -199,15 +199,16 @@ def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
 
 
 def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
-    """`layer_samples` picks 1, 2 and one period of 5 sliding + 1 full; `extrapolate_costs` recovers the
+    """`layer_samples` picks 2, 3 and one period of 5 sliding + 1 full (never a 1-layer program); `extrapolate_costs` recovers the
     whole stack's cost from samples that follow constant + per-layer-type costs, and refuses a failed
     sample (cost -1) instead of fitting it."""
     from kalm_jax.config import get_preset
 
     types = get_preset("small").encoder_layer_types  # 26 layers: 22 sliding, 4 full
-    assert aot.layer_samples(types) == (1, 2, 6)
+    assert aot.layer_samples(types) == (2, 3, 6)
     assert aot.layer_samples(get_preset("tiny").encoder_layer_types) == ()  # 2 layers: compile it whole
-    assert aot.layer_samples(("full",) * 5) == (1, 2)
+    assert aot.layer_samples(("full",) * 5) == (2, 3)
+    assert aot.layer_samples(("full", "sliding", "sliding")) == ()  # samples would not be smaller
     fixed = {"xla_flops": 7.0, "bytes_accessed": 70.0, "optimal_seconds": 0.7, "optimal_seconds_raw": -1.3,
              "unknown_cost_ops": 2}
     per = {"sliding_attention": (3.0, 30.0, 0.3, 0.3, 1), "full_attention": (5.0, 50.0, 0.5, 0.5, 0)}
@@ -219,13 +220,13 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
                 out[key] += v
         return out
 
-    got = aot.extrapolate_costs(types, {k: cost(types[:k]) for k in (1, 2, 6)})
+    got = aot.extrapolate_costs(types, {k: cost(types[:k]) for k in (2, 3, 6)})
     want = cost(types)
     assert got["unknown_cost_ops"] == want["unknown_cost_ops"] == 24
     for key in aot._COST_KEYS:
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
     with pytest.raises(ValueError, match="optimal_seconds of a sampled analysis compile is unknown"):
-        aot.extrapolate_costs(types, {1: cost(types[:1]), 2: {**cost(types[:2]), "optimal_seconds": -1.0},
+        aot.extrapolate_costs(types, {2: cost(types[:2]), 3: {**cost(types[:3]), "optimal_seconds": -1.0},
                                       6: cost(types[:6])})
 
 
