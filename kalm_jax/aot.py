@@ -316,6 +316,9 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
 
 
 # ---------------------------------------------------------------------- the compiler's cost model
+# What the cost rows are computed from (the row's `analysis` field; `run` appends how layers were sampled).
+ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.analysis_defaults)"
+
 # Dense bf16 peak per JAX device (one chip), FLOP/s: the datasheet figures MFU is quoted against.
 PEAK_BF16: dict[str, float] = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
 
@@ -381,7 +384,7 @@ def cost_row(program: str, sl: TpuSlice, num_devices: int, num_slices: int, pres
         "bytes_accessed": cost["bytes_accessed"], "optimal_seconds": secs,
         "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs), "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
         "peak_flops": peak, "predicted_mfu": useful / (secs * peak) if ok else None,
-        "analysis": "layers unrolled, XLA attention (kalm_jax.model.analysis_defaults)",
+        "analysis": ANALYSIS,
     }
     per_chip = w.eval_batch / num_devices
     if program == "encode":
@@ -567,14 +570,14 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
         if mc.encoder_layer_types != mc.decoder_layer_types:
             raise ValueError("analysis_layers=sampled truncates both stacks alike: it needs equal encoder and "
                              "decoder layer types")
-        samples = layer_samples(mc.encoder_layer_types)
+        types = mc.encoder_layer_types
+        samples = layer_samples(types)
     reports, rows = [], []
     for name in programs:
         memory = compile_report(name, builder(name, False), mesh, sl.hbm_bytes)
         reports.append(memory)
         if not cost:
             continue
-        how = "layers unrolled, XLA attention (kalm_jax.model.analysis_defaults)"
         if samples:
             sampled, err = {}, None
             for k in samples:
@@ -583,14 +586,13 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
                 if err:
                     err = f"{k}-layer sample: {err}"
                     break
-            fields = sampled[k] if err else extrapolate_costs(model_config(preset).encoder_layer_types, sampled)
-            how += f"; extrapolated per layer type from {list(samples)} layers per stack"
+            fields = sampled[k] if err else extrapolate_costs(types, sampled)
         else:
             fields, err = analyse(name, builder(name, True), mesh)
         row = cost_row(name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w),
                        fields, memory, cfg)
-        row["analysis"] = how
         if samples:
+            row["analysis"] += f"; extrapolated per layer type from {list(samples)} layers per stack"
             row["analysis_samples"] = {str(k): v for k, v in sampled.items()}
         if err:
             row["analysis_error"] = err
