@@ -372,12 +372,14 @@ def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xl
 
 
 def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: ModelConfig, impl: str = "xla",
-                           query_index: jax.Array | None = None):
+                           query_index: jax.Array | None = None, cross_layout=None):
     """Decoder merged attention: one softmax over [self keys (RoPE) ; passage keys (k_norm, no RoPE)].
 
     x [B, T, H] decoder stream, enc [B, S, H] passage states, self_mask / cross_mask a `Mask` or a bool
     array broadcastable to [B, T, T] / [B, T, S]. With `query_index` [B] (int), only that position of each
     row is a query (keys and values still come from every position): returns [B, 1, H] instead of [B, T, H].
+    With `cross_layout` (a `mep.RatioLayout`), enc [B/R, layout.total, H] holds each passage's windows at R
+    ratios packed: keys and values are projected from them, then unpacked to [B, layout.width, ...].
     """
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
     ks = rms_norm(jnp.einsum("bth,hkd->btkd", h, w["k"]), w["k_norm"], cfg.rms_norm_eps)
@@ -393,6 +395,8 @@ def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: Mode
     q = apply_rope(q, cos, sin)
     kc = rms_norm(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), w["k_norm"], cfg.rms_norm_eps)
     vc = jnp.einsum("bsh,hkd->bskd", enc, w["v"])
+    if cross_layout is not None:
+        kc, vc = cross_layout.unpack(kc), cross_layout.unpack(vc)
     o = merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, cfg.attn_scale, impl=impl)
     o = jnp.einsum("btnd,ndh->bth", o, w["o"])
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)

@@ -7,6 +7,8 @@ returns the per-window token counts, which make `repool` exact: a cache at ratio
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -80,3 +82,45 @@ def repool(pooled: jax.Array, counts: jax.Array, factor: int) -> tuple[jax.Array
 
 
 __all__ = ["pool", "repool"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioLayout:
+    """Where each ratio's windows sit in a passage's packed windows of several MEP ratios (`pool_packed`).
+
+    The packed windows of one passage are the ratios' windows one after the other ([P, sum(lengths), ...]);
+    `unpack` turns them into one row per (passage, ratio), row = passage·R + k, each padded with zeros to
+    the longest ratio's count ([P·R, width, ...]). Row-wise maps (the decoder's key/value projections)
+    applied to the packed form cost the real windows only; `unpack` their outputs for the attention.
+    """
+
+    lengths: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def unpack(self, x: jax.Array) -> jax.Array:
+        """[P, total, ...] -> [P·R, width, ...] (zero-padded rows, passage-major)."""
+        if x.ndim < 2 or x.shape[1] != self.total:
+            raise ValueError(f"packed windows must be [passages, {self.total}, ...], got {x.shape}")
+        rows, start = [], 0
+        for n in self.lengths:
+            pad = [(0, 0), (0, self.width - n)] + [(0, 0)] * (x.ndim - 2)
+            rows.append(jnp.pad(x[:, start:start + n], pad))
+            start += n
+        return jnp.stack(rows, axis=1).reshape(x.shape[0] * len(self.lengths), self.width, *x.shape[2:])
+
+
+def pool_packed(states: jax.Array, mask: jax.Array, ratios: tuple[int, ...]
+                ) -> tuple[jax.Array, jax.Array, RatioLayout]:
+    """`pool` at every ratio of `ratios`, packed per passage: states [B, N, H], mask [B, N] ->
+    (pooled [B, C, H], pooled_mask [B, C] int32, layout) with C = sum over ratios of ceil(N/r)."""
+    pooled = [pool(states, mask, r)[:2] for r in ratios]
+    layout = RatioLayout(tuple(int(p.shape[1]) for p, _ in pooled))
+    return (jnp.concatenate([p for p, _ in pooled], axis=1), jnp.concatenate([m for _, m in pooled], axis=1),
+            layout)

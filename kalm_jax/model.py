@@ -278,35 +278,44 @@ class T5Gemma2(nnx.Module):
         x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]))
         return layers.rms_norm(x, self.encoder_norm.get_value(), c.rms_norm_eps)
 
-    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask):
-        """Checked inputs of the decoder: (x [B,T,H] embedded, dec mask [B,T], passages [B,S,H], mask [B,S])."""
+    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
+                        layout=None):
+        """Checked inputs of the decoder: (x [B,T,H] embedded, dec mask [B,T], passages [B,S,H], mask [B,S])
+        (with a `mep.RatioLayout`: passages [B/R, layout.total, H] packed, mask [B/R, layout.total])."""
         _check_tokens(decoder_input_ids, decoder_attention_mask, self.config, "decoder_input_ids")
-        _check_passages(encoder_states, encoder_mask, decoder_input_ids, self.config)
+        _check_passages(encoder_states, encoder_mask, decoder_input_ids, self.config, layout)
         ids = jnp.asarray(decoder_input_ids, jnp.int32)
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
         enc = jnp.asarray(encoder_states).astype(self.dtype)
         enc_mask = jnp.asarray(encoder_mask, jnp.int32)
         return self.embed(ids), mask, enc, enc_mask
 
-    def _decoder_block(self, enc, dec_mask, enc_mask, query_index=None):
+    def _decoder_block(self, enc, dec_mask, enc_mask, query_index=None, layout=None):
         """The decoder's attention sub-block: causal self keys (sliding layers: windowed) + every passage key."""
         c = self.config
         t = dec_mask.shape[1]
         causal, sliding_causal = layers.causal_window(t), layers.causal_window(t, c.sliding_window)
-        cross = layers.Mask(enc_mask)  # every passage key, the same for every query and layer
+        # every passage key, the same for every query and layer
+        cross = layers.Mask(enc_mask if layout is None else layout.unpack(enc_mask))
 
         def block(h, w, sliding, cos, sin):
             self_mask = layers.Mask(dec_mask, sliding_causal if sliding else causal, queries=dec_mask)
-            return layers.merged_attention_block(h, enc, w, self_mask, cross, cos, sin, c,
-                                                 impl=self.attention_impl, query_index=query_index)
+            return layers.merged_attention_block(h, enc, w, self_mask, cross, cos, sin, c, impl=self.attention_impl,
+                                                 query_index=query_index, cross_layout=layout)
 
         return block
 
-    def decode(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask) -> jax.Array:
-        """Final-norm decoder states [B, T, H] attending to (pooled) passage states [B, S, H] with mask [B, S]."""
+    def decode(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
+               layout=None) -> jax.Array:
+        """Final-norm decoder states [B, T, H] attending to (pooled) passage states [B, S, H] with mask [B, S].
+
+        layout: a `mep.RatioLayout` when `encoder_states` [B/R, layout.total, H] / `encoder_mask` hold each
+          passage's windows at R ratios packed (`mep.pool_packed`); decoder row i reads passage i // R at
+          ratio k = i % R. The passages' keys and values are projected from the packed windows (no padding).
+        """
         x, mask, enc, enc_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, encoder_states,
-                                                      encoder_mask)
-        block = self._decoder_block(enc, mask, enc_mask)
+                                                      encoder_mask, layout)
+        block = self._decoder_block(enc, mask, enc_mask, layout=layout)
         x = self._run_stack(self.decoder, x, block, self._rope(mask.shape[1]))
         return layers.rms_norm(x, self.decoder_norm.get_value(), self.config.rms_norm_eps)
 
@@ -430,7 +439,10 @@ def _check_tokens(ids, mask, cfg: ModelConfig, name: str) -> None:
                          "drop them or give them at least one token")
 
 
-def _check_passages(states, mask, dec_ids, cfg: ModelConfig) -> None:
+def _check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> None:
+    rows = 1 if layout is None else len(layout.lengths)  # decoder rows per passage row
+    if layout is not None and (np.ndim(states) != 3 or np.shape(states)[1] != layout.total):
+        raise ValueError(f"packed passage states must be [batch, {layout.total}, hidden], got {np.shape(states)}")
     s, m = _concrete(states), _concrete(mask)
     if s is None or m is None:
         return
@@ -439,8 +451,10 @@ def _check_passages(states, mask, dec_ids, cfg: ModelConfig) -> None:
     if m.shape != s.shape[:2]:
         raise ValueError(f"passage mask shape {m.shape} does not match passage states {s.shape[:2]}")
     d = _concrete(dec_ids)
-    if d is not None and d.shape[0] != s.shape[0]:
-        raise ValueError(f"decoder batch {d.shape[0]} and passage batch {s.shape[0]} differ")
+    if d is not None and d.shape[0] != s.shape[0] * rows:
+        raise ValueError(f"decoder batch {d.shape[0]} and passage batch {s.shape[0]} x {rows} differ")
+    if layout is not None:
+        m = np.asarray(layout.unpack(jnp.asarray(m)))
     empty = np.flatnonzero(m.sum(axis=1) == 0)
     if empty.size:
         raise ValueError(f"passages {empty[:10].tolist()} are all padding (mask all zero): nothing to attend to")

@@ -69,3 +69,21 @@ def test_bad_ratio_is_a_clear_error(bad):
     states, mask = _ragged(0)
     with pytest.raises(ValueError, match="ratio"):
         mep.pool(states, mask, bad)
+
+
+def test_packed_ratios_unpack_to_one_padded_row_per_passage_and_ratio():
+    states, mask = _ragged(7)
+    ratios = (1, 4, 32)
+    packed, pmask, layout = mep.pool_packed(states, mask, ratios)
+    assert layout.lengths == (37, 10, 2) and packed.shape == (5, 49, 8) and pmask.shape == (5, 49)
+    rows, row_mask = np.asarray(layout.unpack(packed)), np.asarray(layout.unpack(pmask))
+    assert rows.shape == (15, 37, 8) and row_mask.shape == (15, 37)
+    for p in range(5):
+        for k, r in enumerate(ratios):
+            ref, ref_mask, _ = _loop_reference(states[p:p + 1], mask[p:p + 1], r)
+            c = ref.shape[1]
+            np.testing.assert_allclose(rows[p * 3 + k, :c], ref[0], atol=1e-6)
+            np.testing.assert_array_equal(row_mask[p * 3 + k, :c], ref_mask[0])
+            assert not rows[p * 3 + k, c:].any() and not row_mask[p * 3 + k, c:].any()
+    with pytest.raises(ValueError, match=r"packed windows must be \[passages, 49"):
+        layout.unpack(packed[:, :48])

@@ -115,6 +115,36 @@ def test_same_loss_and_grads_on_every_mesh():
             np.testing.assert_allclose(g, g0, atol=1e-5, rtol=0, err_msg=f"{mesh} {jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.parametrize("per_pass", [0, 3])
+def test_train_step_scores_every_ratio_like_the_serving_engine(per_pass):
+    """A decoder pass scores several MEP ratios (each row's passage padded to the longest with masked
+    windows): each ratio's loss equals torch's BCE over the margins the serving engine computes at that
+    ratio alone."""
+    from kalm_jax.engine import InferenceEngine
+
+    batch = synthetic_batch(seed=3)
+    cfg = small_config(fsdp=2, tensor=2)
+    cfg.mep.ratios = (1, 2, 4, 32)  # 32 > S: a single window per passage
+    cfg.mep.ratios_per_pass = per_pass  # 0: one pass; 3: passes of (1, 2, 4) and (32,)
+    cfg.loss.listwise = cfg.loss.distill = 0.0
+    model = build_model(get_preset("tiny"), cfg, abstract=False)
+    ts = make_train_step(get_preset("tiny"), cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:4]),
+                         yes_id=10, no_id=11, donate=False)
+    _, metrics, _ = ts.grad_fn(ts.init_state(model), ts.place_batch(batch))
+    engine = InferenceEngine(model, None, yes_id=10, no_id=11, show_progress=False)
+    n_unique = int((batch["enc_mask"].sum(1) > 0).sum())
+    states = engine.encode_ids([row[m > 0].tolist() for row, m in zip(batch["enc_ids"][:n_unique],
+                                                                        batch["enc_mask"][:n_unique])], 1)
+    prompts = [row[m > 0].tolist() for row, m in zip(batch["dec_ids"], batch["dec_mask"])]
+    for r in cfg.mep.ratios:
+        margins = engine.margins(prompts, np.repeat(np.arange(B), G), states, batch["passage_index"].reshape(-1),
+                                 ratio=r).reshape(B, G)
+        ref = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(margins),
+                                                                   torch.tensor(batch["labels"])).item()
+        assert float(metrics[f"loss/r{r}"]) == pytest.approx(ref, abs=2e-5), r
+        assert float(metrics[f"accuracy/r{r}"]) == np.mean(np.argmax(margins, -1) == 0), r
+
+
 def test_loss_falls_when_fitting_a_batch():
     cfg = small_config(data=2, fsdp=2, tensor=2)
     cfg.optimizer.lr = 3e-3

@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mep = ml_collections.ConfigDict()
     c.mep.ratios = DEFAULT_RATIOS
     c.mep.weights = ()            # () = 1.0 per ratio
+    c.mep.ratios_per_pass = 1     # ratios scored by one decoder pass (0 = all in one pass)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.pointwise = 1.0        # 2-way yes/no NLL
@@ -131,6 +132,7 @@ RANGES: dict[str, tuple[str, float, float, bool]] = {
     "tokenizer_vocab_size": ("int", 1, _INF, True), "lora.rank": ("int", 1, _INF, True),
     "lora.alpha": ("float", 0, _INF, False),
     "data.num_negatives": ("int", 0, _INF, True), "data.negatives_depth": ("int", 1, _INF, True),
+    "mep.ratios_per_pass": ("int", 0, _INF, True),
     "data.batch_size": ("int", 1, _INF, True), "data.group_size": ("int", 1, _INF, True),
     "data.max_document_tokens": ("int", 1, _INF, True), "data.max_query_tokens": ("int", 1, _INF, True),
     "data.decoder_length": ("int", 0, _INF, True), "data.worker_count": ("int", 0, _INF, True),

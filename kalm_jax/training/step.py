@@ -6,10 +6,10 @@
     ts.lower().compile()                         # AOT: ts.fn.lower(ts.abstract_state, ts.abstract_batch)
 
 One step: the encoder runs once over the batch's deduplicated passages `enc_ids [B*G, S]`; its states are
-pooled at every ratio of `mep.ratios`; for each ratio the pooled passages are gathered per (query,
-passage) pair by `passage_index [B, G]` and the decoder scores all B*G pairs; the weighted losses of all
-ratios are summed. Metrics: total loss, loss per ratio (`loss/r{r}`), each loss term averaged over
-ratios, group accuracy, gradient norm, learning rate.
+pooled at every ratio of `mep.ratios`; the pooled passages are gathered per (query, passage) pair by
+`passage_index [B, G]` and the decoder scores all B*G pairs, `mep.ratios_per_pass` ratios per decoder
+pass (`pair_scores`); the weighted losses of all ratios are summed. Metrics: total loss, loss per ratio
+(`loss/r{r}`), each loss term averaged over ratios, group accuracy, gradient norm, learning rate.
 """
 
 from __future__ import annotations
@@ -119,33 +119,47 @@ def gather_rows(table: jax.Array, index: jax.Array, shards: int = 1) -> jax.Arra
     return out.reshape(index.shape[0], *table.shape[1:])
 
 
-def pair_scores(model: T5Gemma2, batch: dict, ratio: int, yes_id: int, no_id: int, *, full_vocab: bool,
-                constrain: Callable[[jax.Array], jax.Array], enc_states: jax.Array, passage_shards: int = 1):
-    """Margins [B, G] fp32 at one MEP ratio, and (with `full_vocab`) log p(yes), log p(no) [B, G].
+def pair_scores(model: T5Gemma2, batch: dict, ratios: tuple[int, ...], yes_id: int, no_id: int, *,
+                full_vocab: bool, constrain: Callable[[jax.Array], jax.Array], enc_states: jax.Array,
+                passage_shards: int = 1):
+    """Margins [R, B, G] fp32 at each of the R MEP `ratios`, and (with `full_vocab`) log p(yes), log p(no)
+    [R, B, G], from one decoder pass over all B·G·R (pair, ratio) rows.
 
+    Each pair's passage is pooled at every ratio and packed (`mep.pool_packed`); the decoder rows are
+    ordered pair-major (row = pair·R + ratio), so the batch sharding of the pairs carries over without
+    moving data. The passage keys/values are projected from the packed windows and unpacked, padded with
+    masked windows to the longest ratio's count (they get exactly zero attention: the margins equal R
+    separate passes). Several ratios in one pass read and all-gather the decoder's weights once per layer
+    instead of once per ratio, at the price of larger activations per pass (`mep.ratios_per_pass`;
+    docs/tpu.md, "Train step", has the compiler's figures for both).
     enc_states [B*G, S, H] are the encoder states of the batch's unique passages; `passage_shards`: see
     `gather_rows` (1: `passage_index` may point anywhere in the batch).
     """
     b, g = batch["passage_index"].shape
-    pooled, pmask, _ = mep.pool(enc_states, batch["enc_mask"], ratio)
+    n_r = len(ratios)
     idx = batch["passage_index"].reshape(-1)
+    pooled, pmask, layout = mep.pool_packed(enc_states, batch["enc_mask"], ratios)
     p_states = constrain(gather_rows(pooled, idx, passage_shards))
     p_mask = gather_rows(pmask, idx, passage_shards)
-    dec_ids = jnp.repeat(batch["dec_ids"], g, axis=0)
-    dec_mask = jnp.repeat(batch["dec_mask"], g, axis=0)
-    h = constrain(model.decode(dec_ids, dec_mask, p_states, p_mask))
+    dec_ids = jnp.repeat(batch["dec_ids"], g * n_r, axis=0)
+    dec_mask = jnp.repeat(batch["dec_mask"], g * n_r, axis=0)
     last = jnp.maximum(jnp.sum(dec_mask, axis=1) - 1, 0)
+    h = constrain(model.decode(dec_ids, dec_mask, p_states, p_mask, layout))
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     table = model.embedding.get_value()
     rows = jnp.take(table, jnp.asarray([yes_id, no_id]), axis=0).astype(model.dtype)
     yn = model._softcap(jnp.einsum("bh,vh->bv", h_last, rows, preferred_element_type=jnp.float32))
-    margins = (yn[:, 0] - yn[:, 1]).reshape(b, g)
+
+    def per_ratio(x):  # [B*G*R] -> [R, B, G]
+        return jnp.moveaxis(x.reshape(b, g, n_r), -1, 0)
+
+    margins = per_ratio(yn[:, 0] - yn[:, 1])
     if not full_vocab:
         return margins, None
     logits = model._softcap(jnp.einsum("bh,vh->bv", h_last, table.astype(model.dtype),
                                        preferred_element_type=jnp.float32))
     lse = jax.nn.logsumexp(logits, axis=-1)
-    return margins, ((yn[:, 0] - lse).reshape(b, g), (yn[:, 1] - lse).reshape(b, g))
+    return margins, (per_ratio(yn[:, 0] - lse), per_ratio(yn[:, 1] - lse))
 
 
 def loss_terms(margins, logps, batch, loss_cfg) -> dict[str, jax.Array]:
@@ -196,6 +210,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
             raise ValueError(f"{name}={tok} is outside the model vocabulary [0, {model_cfg.vocab_size})")
     yes_id, no_id = int(yes_id), int(no_id)
     ratios = ratio_weights(train_cfg)
+    per_pass = int(train_cfg.mep.ratios_per_pass) or len(ratios)
+    passes = [ratios[i:i + per_pass] for i in range(0, len(ratios), per_pass)]  # decoder passes
     loss_cfg = train_cfg.loss
     full_vocab = bool(float(loss_cfg.full_vocab))
     weights = {k: float(loss_cfg[k]) for k in losses.LOSS_NAMES}
@@ -241,9 +257,12 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
         metrics: dict[str, jax.Array] = {}
         term_sums: dict[str, jax.Array] = {}
         wsum = sum(w for _, w in ratios)
-        for r, w in ratios:
-            margins, logps = pair_scores(model, batch, r, yes_id, no_id, full_vocab=full_vocab,
-                                         constrain=constrain, enc_states=enc_states, passage_shards=passage_shards)
+        scored = []  # (ratio, weight, margins [B, G], logps or None)
+        for group in passes:
+            m, lp = pair_scores(model, batch, tuple(r for r, _ in group), yes_id, no_id, full_vocab=full_vocab,
+                                constrain=constrain, enc_states=enc_states, passage_shards=passage_shards)
+            scored += [(r, w, m[k], None if lp is None else (lp[0][k], lp[1][k])) for k, (r, w) in enumerate(group)]
+        for r, w, margins, logps in scored:
             terms = loss_terms(margins, logps, batch, loss_cfg)
             loss_r = losses.combine(terms, weights)
             metrics[f"loss/r{r}"] = loss_r
