@@ -81,8 +81,6 @@ def repool(pooled: jax.Array, counts: jax.Array, factor: int) -> tuple[jax.Array
     return _weighted_window_mean(pooled, counts, k)
 
 
-__all__ = ["pool", "repool"]
-
 
 @dataclasses.dataclass(frozen=True)
 class RatioLayout:
@@ -124,3 +122,6 @@ def pool_packed(states: jax.Array, mask: jax.Array, ratios: tuple[int, ...]
     layout = RatioLayout(tuple(int(p.shape[1]) for p, _ in pooled))
     return (jnp.concatenate([p for p, _ in pooled], axis=1), jnp.concatenate([m for _, m in pooled], axis=1),
             layout)
+
+
+__all__ = ["pool", "repool", "pool_packed", "RatioLayout"]

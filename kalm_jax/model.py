@@ -453,9 +453,9 @@ def _check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> Non
     d = _concrete(dec_ids)
     if d is not None and d.shape[0] != s.shape[0] * rows:
         raise ValueError(f"decoder batch {d.shape[0]} and passage batch {s.shape[0]} x {rows} differ")
-    if layout is not None:
-        m = np.asarray(layout.unpack(jnp.asarray(m)))
-    empty = np.flatnonzero(m.sum(axis=1) == 0)
+    # a packed row is empty when any of its ratios' windows is (the row of that ratio has no key)
+    segments = np.split(m, np.cumsum(layout.lengths)[:-1], axis=1) if layout is not None else [m]
+    empty = np.flatnonzero(np.any([seg.sum(axis=1) == 0 for seg in segments], axis=0))
     if empty.size:
         raise ValueError(f"passages {empty[:10].tolist()} are all padding (mask all zero): nothing to attend to")
 

@@ -87,3 +87,24 @@ def test_packed_ratios_unpack_to_one_padded_row_per_passage_and_ratio():
             assert not rows[p * 3 + k, c:].any() and not row_mask[p * 3 + k, c:].any()
     with pytest.raises(ValueError, match=r"packed windows must be \[passages, 49"):
         layout.unpack(packed[:, :48])
+
+
+def test_decoder_refuses_packed_passages_that_do_not_fit_the_layout():
+    from kalm_jax.config import get_preset
+    from kalm_jax.model import init_model
+
+    model = init_model(get_preset("tiny"), seed=0)
+    h = model.config.hidden_size
+    states, mask = _ragged(1, b=2, n=8, h=h)
+    packed, pmask, layout = mep.pool_packed(states, mask, (1, 4))  # 8 + 2 windows per passage
+    ids = np.full((4, 3), 7, np.int32)  # 2 passages x 2 ratios
+    ones = np.ones((4, 3), np.int32)
+    assert model.decode(ids, ones, packed, pmask, layout).shape == (4, 3, h)
+    with pytest.raises(ValueError, match=r"packed passage states must be \[batch, 10, hidden\]"):
+        model.decode(ids, ones, packed[:, :9], pmask[:, :9], layout)
+    with pytest.raises(ValueError, match=r"decoder batch 2 and passage batch 2 x 2 differ"):
+        model.decode(ids[:2], ones[:2], packed, pmask, layout)
+    emptied = np.asarray(pmask).copy()
+    emptied[1, 8:] = 0  # passage 1 has no window at ratio 4
+    with pytest.raises(ValueError, match=r"passages \[1\] are all padding"):
+        model.decode(ids, ones, packed, emptied, layout)
