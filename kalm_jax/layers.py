@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from kalm_jax.config import ModelConfig
 
@@ -353,21 +354,21 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 def mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """GeGLU: down(gelu_tanh(x @ gate) * (x @ up)); x [B, T, H], gate/up [H, I], down [I, H]."""
-    g = jnp.einsum("bth,hi->bti", x, gate)
-    u = jnp.einsum("bth,hi->bti", x, up)
-    return jnp.einsum("bti,ih->bth", gelu_tanh(g) * u, down)
+    g = checkpoint_name(jnp.einsum("bth,hi->bti", x, gate), "mlp_gate")
+    u = checkpoint_name(jnp.einsum("bth,hi->bti", x, up), "mlp_up")
+    return checkpoint_name(jnp.einsum("bti,ih->bth", gelu_tanh(g) * u, down), "mlp_down")
 
 
 def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xla"):
     """Encoder attention sub-block (pre-norm → attention → post-norm); returns the residual update [B,T,H].
     `mask`: a `Mask` (key padding [B, T] + static [T, T] pattern) or a bool array broadcastable to [B, T, T]."""
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
-    q = rms_norm(jnp.einsum("bth,hnd->btnd", h, w["q"]), w["q_norm"], cfg.rms_norm_eps)
-    k = rms_norm(jnp.einsum("bth,hkd->btkd", h, w["k"]), w["k_norm"], cfg.rms_norm_eps)
-    v = jnp.einsum("bth,hkd->btkd", h, w["v"])
+    q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
+    v = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = attention(q, k, v, mask, cfg.attn_scale, impl=impl)
-    o = jnp.einsum("btnd,ndh->bth", o, w["o"])
+    o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
@@ -382,8 +383,9 @@ def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: Mode
     ratios packed: keys and values are projected from them, then unpacked to [B, layout.width, ...].
     """
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
-    ks = rms_norm(jnp.einsum("bth,hkd->btkd", h, w["k"]), w["k_norm"], cfg.rms_norm_eps)
-    vs = jnp.einsum("bth,hkd->btkd", h, w["v"])
+    ks = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"],
+                  cfg.rms_norm_eps)
+    vs = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
     ks = apply_rope(ks, cos, sin)
     if query_index is not None:
         h = jnp.take_along_axis(h, query_index[:, None, None], axis=1)  # [B, 1, H]
@@ -391,14 +393,15 @@ def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: Mode
         dense = dense_mask(self_mask)
         self_mask = jnp.take_along_axis(jnp.broadcast_to(dense, (x.shape[0],) + dense.shape[1:]),
                                         query_index[:, None, None], axis=1)  # [B, 1, T]
-    q = rms_norm(jnp.einsum("bth,hnd->btnd", h, w["q"]), w["q_norm"], cfg.rms_norm_eps)
+    q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
-    kc = rms_norm(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), w["k_norm"], cfg.rms_norm_eps)
-    vc = jnp.einsum("bsh,hkd->bskd", enc, w["v"])
+    kc = rms_norm(checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), "k_passage"), w["k_norm"],
+                  cfg.rms_norm_eps)
+    vc = checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["v"]), "v_passage")
     if cross_layout is not None:
         kc, vc = cross_layout.unpack(kc), cross_layout.unpack(vc)
     o = merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, cfg.attn_scale, impl=impl)
-    o = jnp.einsum("btnd,ndh->bth", o, w["o"])
+    o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 

@@ -142,6 +142,37 @@ def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float
 
 
 # Initial values of the plain (non-parameter) attributes of every new `T5Gemma2`.
+# What the backward pass keeps of a layer's forward when `T5Gemma2.remat` is on: the `checkpoint_name` tags
+# (kalm_jax.layers) saved per policy; everything else is recomputed from the layer's input. Activations kept
+# per layer and token (bf16, per chip): "qkv" (q/n_tensor + 2 kv heads) x D, "projections" adds o, down
+# (2 H) and gate/up (2 I/n_tensor), the bulk of it.
+REMAT_POLICIES: dict[str, tuple[str, ...]] = {
+    "nothing": (),
+    "qkv": ("q_proj", "k_proj", "v_proj", "k_passage", "v_passage"),
+    "mlp_in": ("mlp_gate", "mlp_up"),
+    "projections": ("q_proj", "k_proj", "v_proj", "k_passage", "v_passage", "o_proj", "mlp_gate", "mlp_up",
+                    "mlp_down"),
+}
+
+
+def remat_saves(name: str) -> tuple[str, ...]:
+    """The tags a policy keeps: a `REMAT_POLICIES` name or several joined by '+' (e.g. "qkv+mlp_in")."""
+    parts = [p.strip() for p in str(name).split("+")]
+    unknown = [p for p in parts if p not in REMAT_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown remat policy {name!r}: {unknown} not in {sorted(REMAT_POLICIES)} "
+                         "(several may be joined by '+')")
+    return tuple(dict.fromkeys(t for p in parts for t in REMAT_POLICIES[p]))
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `remat_saves` name."""
+    saved = remat_saves(name)
+    if not saved:
+        return jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint_policies.save_only_these_names(*saved)
+
+
 _DEFAULTS: dict = {"attention_impl": "auto", "scan_unroll": 1}
 
 
@@ -178,6 +209,8 @@ class T5Gemma2(nnx.Module):
 
     Attributes (plain, so changing one re-traces the jitted entry points):
       remat: rematerialise each layer in the backward pass.
+      remat_policy: what remat keeps of each layer's forward (`REMAT_POLICIES` names joined by "+"; "nothing" = all
+        recomputed).
       attention_impl: "auto" (cuDNN flash attention on GPU in bf16, else the einsum reference), "xla",
         "dot_product" or "cudnn"; see `layers.resolve_attention_impl`.
       scan_unroll: `unroll` of the `lax.scan` over layers (1 = a loop; True = fully unrolled, which the
@@ -190,6 +223,7 @@ class T5Gemma2(nnx.Module):
         param_dtype = parse_dtype(param_dtype)
         self.dtype = parse_dtype(dtype) if dtype is not None else param_dtype
         self.remat = False
+        self.remat_policy = "nothing"
         self.attention_impl = _DEFAULTS["attention_impl"]
         self.scan_unroll = _DEFAULTS["scan_unroll"]
         h = config.hidden_size
@@ -240,7 +274,7 @@ class T5Gemma2(nnx.Module):
             def fn(carry, xs):
                 return one_layer(carry, stack.layer_weights(xs), sliding)
             if self.remat:
-                fn = jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+                fn = jax.checkpoint(fn, policy=remat_policy(self.remat_policy))
             return fn
 
         fns = {s: layer_fn(s) for s in set(types)}

@@ -145,6 +145,37 @@ def test_train_step_scores_every_ratio_like_the_serving_engine(per_pass):
         assert float(metrics[f"accuracy/r{r}"]) == np.mean(np.argmax(margins, -1) == 0), r
 
 
+def test_remat_policies_save_what_they_name_and_keep_the_gradients():
+    """Each `model.remat_policy` gives the same loss and gradients as no remat; the lowered gradient program
+    recomputes fewer matmuls the more a policy keeps (nothing > qkv > projections)."""
+    batch = synthetic_batch()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    results, dots = {}, {}
+    for policy in (None, "nothing", "qkv", "qkv+mlp_in", "projections"):
+        cfg = small_config()
+        cfg.model.remat = policy is not None
+        cfg.model.remat_policy = policy or "nothing"
+        validate(cfg)
+        model = build_model(get_preset("tiny"), cfg, abstract=False)
+        assert model.remat_policy == cfg.model.remat_policy
+        ts = make_train_step(get_preset("tiny"), cfg, mesh, yes_id=10, no_id=11, donate=False)
+        state, placed = ts.init_state(model), ts.place_batch(batch)
+        dots[policy] = ts.grad_fn.lower(state, placed).as_text().count("stablehlo.dot_general")
+        if policy in (None, "projections"):
+            loss, _, grads = ts.grad_fn(state, placed)
+            results[policy] = (float(loss), jax.device_get(grads))
+    assert dots["nothing"] > dots["qkv"] > dots["qkv+mlp_in"] > dots["projections"] >= dots[None], dots
+    (loss0, grads0), (loss, grads) = results[None], results["projections"]
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    for (path, g0), g in zip(jax.tree_util.tree_flatten_with_path(grads0)[0], jax.tree.leaves(grads)):
+        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+    cfg = small_config()
+    cfg.model.remat_policy = "qkv+everything"
+    with pytest.raises(ValueError,
+                       match=r"model.remat_policy: unknown remat policy 'qkv\+everything': \['everything'\]"):
+        validate(cfg)
+
+
 def test_loss_falls_when_fitting_a_batch():
     cfg = small_config(data=2, fsdp=2, tensor=2)
     cfg.optimizer.lr = 3e-3

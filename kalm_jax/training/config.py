@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"   # master weights
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators
     c.model.remat = False
+    c.model.remat_policy = "nothing"  # what remat keeps per layer: kalm_jax.model.REMAT_POLICIES
 
     # SentencePiece model; "" = <init_from>/tokenizer.model if present, else trained on the training corpus.
     c.tokenizer = ""
@@ -170,6 +171,12 @@ def _range_problems(config: ml_collections.ConfigDict) -> list[str]:
         elif not ((v >= lo if lo_incl else v > lo) and v <= hi):
             lo_s = f"{'>=' if lo_incl else '>'} {lo:g}"
             problems.append(f"{name} must be {lo_s}{f' and <= {hi:g}' if hi != _INF else ''}, got {v!r}")
+    from kalm_jax.model import remat_saves
+
+    try:
+        remat_saves(config.model.remat_policy)
+    except ValueError as e:
+        problems.append(f"model.remat_policy: {e}")
     if str(config.loss.teacher_format) not in ("prob", "logit"):
         problems.append(f"loss.teacher_format must be 'prob' or 'logit', got {config.loss.teacher_format!r}")
     return problems

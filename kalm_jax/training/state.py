@@ -67,6 +67,7 @@ def build_model(model_cfg: ModelConfig, train_cfg: Any, *, seed: int = 0, abstra
             m.add_lora(int(train_cfg.lora.rank), float(train_cfg.lora.alpha), tuple(train_cfg.lora.targets),
                        stacks=tuple(train_cfg.lora.stacks), rngs=nnx.Rngs(seed + 1))
         m.remat = bool(train_cfg.model.remat)
+        m.remat_policy = str(train_cfg.model.remat_policy)
         return m
 
     return nnx.eval_shape(make) if abstract else make()
@@ -78,6 +79,7 @@ def configure_for_training(model: T5Gemma2, train_cfg: Any, *, seed: int = 0) ->
         model.add_lora(int(train_cfg.lora.rank), float(train_cfg.lora.alpha), tuple(train_cfg.lora.targets),
                        stacks=tuple(train_cfg.lora.stacks), rngs=nnx.Rngs(seed + 1))
     model.remat = bool(train_cfg.model.remat)
+    model.remat_policy = str(train_cfg.model.remat_policy)
     model.dtype = parse_dtype(train_cfg.model.compute_dtype)
     pdt = parse_dtype(train_cfg.model.param_dtype)
     graphdef, state = nnx.split(model)
