@@ -29,6 +29,19 @@ def derive_mesh(chips: int, batch_shards: int = BATCH_QUERIES, num_slices: int =
     return num_slices, fsdp, chips // fsdp
 
 
+def qkv_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, decoder_len: int,
+                    ratios: tuple[int, ...], tensor: int) -> int:
+    """Estimated bytes per chip that remat policy "qkv" keeps: the bf16 q / k / v projections of every layer
+    (query heads split over `tensor`, kv heads whole) for the encoder's passages, the decoder's prompts
+    (one pass per MEP ratio) and the passage windows the decoder projects to keys / values."""
+    q, kv = -(-model.num_heads // tensor) * model.head_dim, 2 * model.num_kv_heads * model.head_dim
+    pairs = queries_per_chip * group
+    enc = len(model.encoder_layer_types) * pairs * passage_len * (q + kv)
+    windows = pairs * sum(-(-passage_len // r) for r in ratios)
+    dec = len(model.decoder_layer_types) * (pairs * decoder_len * len(ratios) * (q + kv) + windows * kv)
+    return 2 * (enc + dec)
+
+
 def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
     from kalm_jax.aot import tpu_slice
 
@@ -46,13 +59,27 @@ def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
         c.eval.batch_size = 8
     data, fsdp, tensor = derive_mesh(tpu_slice(topology).chips, int(c.data.batch_size), num_slices)
     # Every weight gets one dimension on fsdp: the first of embed / vocab / mlp / head_dim that the fsdp
-    # size divides (embed 640 or 1152 does not split 256 ways; mlp and head_dim do). With tensor > 1 the
-    # MLP width splits over tensor as well as the query heads (Megatron-style): the tensor pair holds the
-    # same batch shard, so an MLP kept whole on tensor is computed twice (small on v5e-256: ~90% of the
-    # linear FLOPs; docs/tpu.md, "train step"). tensor = 1 meshes are unchanged (size-1 axes are skipped).
+    # size divides. With tensor > 1 the MLP width splits over tensor as well as the query heads
+    # (Megatron-style): the tensor pair holds the same batch shard, so an MLP kept whole on tensor is
+    # computed twice (small on v5e-256: ~90% of the linear FLOPs; docs/tpu.md, "Train step"). The MLP
+    # weights keep fsdp on embed (gate / up [embed, mlp], down [mlp, embed] alike), so the down projection's
+    # gradient is a local matmul and a reduce-scatter; with mlp first on fsdp as well, XLA moved the MLP
+    # activations by all-to-all in the backward pass (2.6 ms per layer on the v5e-256 proxy). When the
+    # fsdp size does not divide embed, mlp takes fsdp too. tensor = 1 meshes are unchanged (size-1 axes
+    # are skipped).
+    from kalm_jax.config import get_preset
+
+    model = get_preset(preset)
+    mlp = "tensor" if model.hidden_size % fsdp == 0 else ("fsdp", "tensor")
     c.logical_axis_rules = (
-        ("batch", ("data", "fsdp")), ("vocab", "fsdp"), ("embed", "fsdp"), ("mlp", ("fsdp", "tensor")),
+        ("batch", ("data", "fsdp")), ("vocab", "fsdp"), ("embed", "fsdp"), ("mlp", mlp),
         ("head_dim", "fsdp"), ("heads", "tensor"), ("kv_heads", None), ("layers", None), ("lora_rank", None),
     )
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+    # Remat keeps the q / k / v projections (no second forward of them: -2.7 ms per layer, small on the
+    # v5e-256 proxy) when their estimate is at most 1/8 of HBM; XLA's plan holds about twice the
+    # estimate (small on v5e-256: 1.7 GiB estimated, the program 8.3 of 16 GiB). docs/tpu.md "Train step".
+    saved = qkv_remat_bytes(model, max(1, int(c.data.batch_size) // (data * fsdp)), int(c.data.group_size),
+                            int(c.data.max_document_tokens), int(c.data.decoder_length), tuple(c.mep.ratios), tensor)
+    c.model.remat_policy = "qkv" if saved <= tpu_slice(topology).hbm_bytes / 8 else "nothing"
     return c

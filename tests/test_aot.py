@@ -84,14 +84,38 @@ def test_tpu_config_splits_the_mlp_over_tensor():
     """v5e-256 meshes small as fsdp 128 x tensor 2: both chips of a tensor pair hold the same batch shard,
     so a weight left whole on tensor is computed twice. The MLP (~90% of small's linear FLOPs) splits over
     tensor as the query heads do (was: fsdp only, 1.93x the ideal weight bytes per chip, and the MLP
-    FLOPs twice); fsdp-only meshes are unchanged."""
+    FLOPs twice); fsdp-only meshes are unchanged. The MLP weights keep fsdp on embed, down included (with
+    down's mlp on fsdp too, its gradient moved the activations by all-to-all)."""
+    P = jax.sharding.PartitionSpec
     excess, specs = _weights_per_device("small,v5e-256", (1, 128, 2))
     for name in ("gate", "up", "down", "q", "o"):
         assert "tensor" in str(specs[name]) and "fsdp" in str(specs[name]), (name, specs[name])
+    assert (specs["gate"], specs["down"]) == (P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp")), specs
     assert excess < 1.25, excess  # the embedding (vocab on fsdp) and the kv / norm weights stay unsplit on tensor
     excess16, specs16 = _weights_per_device("nano,v5e-16", (1, 16, 1))
     assert str(specs16["gate"]) == str(jax.sharding.PartitionSpec(None, "fsdp", None))
     assert excess16 < 1.01, excess16
+
+
+def test_tpu_config_keeps_the_qkv_projections_where_they_fit():
+    """Remat keeps q/k/v (policy "qkv") when their estimate is at most 1/8 of a chip's HBM: small on
+    v5e-256 (1 query x 16 passages per fsdp shard, tensor 2) keeps them, large there and small on v5e-16
+    (8 queries per chip) recompute everything."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tpu_config", REPO / "configs" / "tpu.py")
+    tpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tpu)
+    from kalm_jax.config import get_preset
+
+    # 26 + 26 layers; q 2 heads x 256 + k, v 256 each per token; 16 x 512 passage tokens, 16 x 192 prompt
+    # tokens per ratio (6), 16 x (512 + 256 + ... + 16) passage windows (keys and values only); bf16.
+    expected = 2 * (26 * 16 * 512 * 1024 + 26 * (16 * 192 * 6 * 1024 + 16 * 1008 * 512))
+    assert tpu.qkv_remat_bytes(get_preset("small"), 1, 16, 512, 192, (1, 2, 4, 8, 16, 32), 2) == expected
+    policies = {arg: str(_tpu_config(arg).model.remat_policy)
+                for arg in ("small,v5e-256", "nano,v5e-256", "large,v5e-256", "small,v5e-16")}
+    assert policies == {"small,v5e-256": "qkv", "nano,v5e-256": "qkv", "large,v5e-256": "nothing",
+                        "small,v5e-16": "nothing"}, policies
 
 
 @pytest.fixture()
