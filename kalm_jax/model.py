@@ -313,7 +313,7 @@ class T5Gemma2(nnx.Module):
         return layers.rms_norm(x, self.encoder_norm.get_value(), c.rms_norm_eps)
 
     def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
-                        layout=None):
+                        layout=None, embedded=None):
         """Checked inputs of the decoder: (x [B,T,H] embedded, dec mask [B,T], passages [B,S,H], mask [B,S])
         (with a `mep.RatioLayout`: passages [B/R, layout.total, H] packed, mask [B/R, layout.total])."""
         _check_tokens(decoder_input_ids, decoder_attention_mask, self.config, "decoder_input_ids")
@@ -322,7 +322,12 @@ class T5Gemma2(nnx.Module):
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
         enc = jnp.asarray(encoder_states).astype(self.dtype)
         enc_mask = jnp.asarray(encoder_mask, jnp.int32)
-        return self.embed(ids), mask, enc, enc_mask
+        if embedded is None:
+            return self.embed(ids), mask, enc, enc_mask
+        if tuple(embedded.shape) != ids.shape + (self.config.hidden_size,):
+            raise ValueError(f"embedded decoder inputs have shape {tuple(embedded.shape)}; decoder_input_ids "
+                             f"{ids.shape} need {ids.shape + (self.config.hidden_size,)}")
+        return embedded.astype(self.dtype), mask, enc, enc_mask
 
     def _decoder_block(self, enc, dec_mask, enc_mask, query_index=None, layout=None):
         """The decoder's attention sub-block: causal self keys (sliding layers: windowed) + every passage key."""
@@ -340,15 +345,17 @@ class T5Gemma2(nnx.Module):
         return block
 
     def decode(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
-               layout=None) -> jax.Array:
+               layout=None, embedded=None) -> jax.Array:
         """Final-norm decoder states [B, T, H] attending to (pooled) passage states [B, S, H] with mask [B, S].
 
         layout: a `mep.RatioLayout` when `encoder_states` [B/R, layout.total, H] / `encoder_mask` hold each
           passage's windows at R ratios packed (`mep.pool_packed`); decoder row i reads passage i // R at
           ratio k = i % R. The passages' keys and values are projected from the packed windows (no padding).
+        embedded: `embed(decoder_input_ids)` [B, T, H] when the caller has it (the train step embeds each
+          query's prompt once for all its rows: one embedding gradient instead of one per row and pass).
         """
         x, mask, enc, enc_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, encoder_states,
-                                                      encoder_mask, layout)
+                                                      encoder_mask, layout, embedded)
         block = self._decoder_block(enc, mask, enc_mask, layout=layout)
         x = self._run_stack(self.decoder, x, block, self._rope(mask.shape[1]))
         return layers.rms_norm(x, self.decoder_norm.get_value(), self.config.rms_norm_eps)

@@ -108,3 +108,10 @@ def test_decoder_refuses_packed_passages_that_do_not_fit_the_layout():
     emptied[1, 8:] = 0  # passage 1 has no window at ratio 4
     with pytest.raises(ValueError, match=r"passages \[1\] are all padding"):
         model.decode(ids, ones, packed, emptied, layout)
+    # inputs embedded by the caller (the train step embeds each prompt once): the same states
+    embedded = model.embed(ids)
+    np.testing.assert_array_equal(model.decode(ids, ones, packed, pmask, layout, embedded=embedded),
+                                  model.decode(ids, ones, packed, pmask, layout))
+    with pytest.raises(ValueError,
+                       match=rf"embedded decoder inputs have shape \(4, 2, {h}\); decoder_input_ids \(4, 3\)"):
+        model.decode(ids, ones, packed, pmask, layout, embedded=embedded[:, :2])

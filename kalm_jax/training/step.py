@@ -121,7 +121,7 @@ def gather_rows(table: jax.Array, index: jax.Array, shards: int = 1) -> jax.Arra
 
 def pair_scores(model: T5Gemma2, batch: dict, ratios: tuple[int, ...], yes_id: int, no_id: int, *,
                 full_vocab: bool, constrain: Callable[[jax.Array], jax.Array], enc_states: jax.Array,
-                passage_shards: int = 1):
+                dec_embedded: jax.Array, passage_shards: int = 1):
     """Margins [R, B, G] fp32 at each of the R MEP `ratios`, and (with `full_vocab`) log p(yes), log p(no)
     [R, B, G], from one decoder pass over all B·G·R (pair, ratio) rows.
 
@@ -132,8 +132,11 @@ def pair_scores(model: T5Gemma2, batch: dict, ratios: tuple[int, ...], yes_id: i
     separate passes). Several ratios in one pass read and all-gather the decoder's weights once per layer
     instead of once per ratio, at the price of larger activations per pass (`mep.ratios_per_pass`;
     docs/tpu.md, "Train step", has the compiler's figures for both).
-    enc_states [B*G, S, H] are the encoder states of the batch's unique passages; `passage_shards`: see
-    `gather_rows` (1: `passage_index` may point anywhere in the batch).
+    enc_states [B*G, S, H] are the encoder states of the batch's unique passages; dec_embedded [B, T, H] =
+    `model.embed(batch["dec_ids"])`, computed once per step: every (pair, ratio) row of a query repeats its
+    prompt, so the embedding's gradient is one scatter of B x T rows instead of one per pass of B·G·R x T
+    (each scatter fills a zero vocab-shard-sized buffer). `passage_shards`: see `gather_rows` (1:
+    `passage_index` may point anywhere in the batch).
     """
     b, g = batch["passage_index"].shape
     n_r = len(ratios)
@@ -144,7 +147,8 @@ def pair_scores(model: T5Gemma2, batch: dict, ratios: tuple[int, ...], yes_id: i
     dec_ids = jnp.repeat(batch["dec_ids"], g * n_r, axis=0)
     dec_mask = jnp.repeat(batch["dec_mask"], g * n_r, axis=0)
     last = jnp.maximum(jnp.sum(dec_mask, axis=1) - 1, 0)
-    h = constrain(model.decode(dec_ids, dec_mask, p_states, p_mask, layout))
+    h = constrain(model.decode(dec_ids, dec_mask, p_states, p_mask, layout,
+                               embedded=jnp.repeat(dec_embedded, g * n_r, axis=0)))
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     table = model.embedding.get_value()
     rows = jnp.take(table, jnp.asarray([yes_id, no_id]), axis=0).astype(model.dtype)
@@ -253,6 +257,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
     def loss_fn(train_params, frozen_params, batch):
         model = nnx.merge(graphdef, merge_params(train_params, frozen_params))
         enc_states = constrain(model.encode(batch["enc_ids"], batch["enc_mask"]))
+        dec_embedded = model.embed(jnp.asarray(batch["dec_ids"], jnp.int32))
         total = jnp.zeros((), jnp.float32)
         metrics: dict[str, jax.Array] = {}
         term_sums: dict[str, jax.Array] = {}
@@ -260,7 +265,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
         scored = []  # (ratio, weight, margins [B, G], logps or None)
         for group in passes:
             m, lp = pair_scores(model, batch, tuple(r for r, _ in group), yes_id, no_id, full_vocab=full_vocab,
-                                constrain=constrain, enc_states=enc_states, passage_shards=passage_shards)
+                                constrain=constrain, enc_states=enc_states, dec_embedded=dec_embedded,
+                                passage_shards=passage_shards)
             scored += [(r, w, m[k], None if lp is None else (lp[0][k], lp[1][k])) for k, (r, w) in enumerate(group)]
         for r, w, margins, logps in scored:
             terms = loss_terms(margins, logps, batch, loss_cfg)
