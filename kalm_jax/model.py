@@ -141,7 +141,6 @@ def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float
     return (scale * d).reshape(shape)
 
 
-# Initial values of the plain (non-parameter) attributes of every new `T5Gemma2`.
 # What the backward pass keeps of a layer's forward when `T5Gemma2.remat` is on: the `checkpoint_name` tags
 # (kalm_jax.layers) saved per policy; everything else is recomputed from the layer's input. Activations kept
 # per layer and token (bf16, per chip): "qkv" (q/n_tensor + 2 kv heads) x D, "projections" adds o, down
@@ -173,6 +172,7 @@ def remat_policy(name: str):
     return jax.checkpoint_policies.save_only_these_names(*saved)
 
 
+# Initial values of the plain (non-parameter) attributes of every new `T5Gemma2`.
 _DEFAULTS: dict = {"attention_impl": "auto", "scan_unroll": 1}
 
 
