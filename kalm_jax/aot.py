@@ -306,7 +306,8 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
                                         shard_local_passages=True)  # as train.py runs it
     if not analysis:
         out(f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
-            f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)})")
+            f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)}, "
+            f"remat_policy={_get(cfg, 'model.remat_policy', 'nothing')})")
 
     def lower():
         with analysis_defaults() if analysis else contextlib.nullcontext():

@@ -158,7 +158,9 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     full_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
     batch_bytes = 2 * (w.eval_batch // 4) * w.passage_len * 4
     assert shard_bytes < full_bytes / 3  # the weights really are split over the 4 fsdp devices
-    assert shard_bytes + batch_bytes <= report.arguments < full_bytes
+    # XLA's argument bytes are the tiled per-device layouts, with unused parameters pruned: within a few
+    # percent of the logical shard bytes either way (tiny: 333,824 for 337,632 logical)
+    assert 0.95 * (shard_bytes + batch_bytes) <= report.arguments < full_bytes
 
 
 def test_aot_reports_does_not_fit(libtpu_env, capsys):
