@@ -36,9 +36,9 @@ def qkv_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, 
     (one pass per MEP ratio) and the passage windows the decoder projects to keys / values."""
     q, kv = -(-model.num_heads // tensor) * model.head_dim, 2 * model.num_kv_heads * model.head_dim
     pairs = queries_per_chip * group
-    enc = len(model.encoder_layer_types) * pairs * passage_len * (q + kv)
+    enc = model.num_encoder_layers * pairs * passage_len * (q + kv)
     windows = pairs * sum(-(-passage_len // r) for r in ratios)
-    dec = len(model.decoder_layer_types) * (pairs * decoder_len * len(ratios) * (q + kv) + windows * kv)
+    dec = model.num_decoder_layers * (pairs * decoder_len * len(ratios) * (q + kv) + windows * kv)
     return 2 * (enc + dec)
 
 

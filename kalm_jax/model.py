@@ -145,12 +145,13 @@ def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float
 # (kalm_jax.layers) saved per policy; everything else is recomputed from the layer's input. Activations kept
 # per layer and token (bf16, per chip): "qkv" (q/n_tensor + 2 kv heads) x D, "projections" adds o, down
 # (2 H) and gate/up (2 I/n_tensor), the bulk of it.
+_QKV = ("q_proj", "k_proj", "v_proj", "k_passage", "v_passage")
+_MLP_IN = ("mlp_gate", "mlp_up")
 REMAT_POLICIES: dict[str, tuple[str, ...]] = {
     "nothing": (),
-    "qkv": ("q_proj", "k_proj", "v_proj", "k_passage", "v_passage"),
-    "mlp_in": ("mlp_gate", "mlp_up"),
-    "projections": ("q_proj", "k_proj", "v_proj", "k_passage", "v_passage", "o_proj", "mlp_gate", "mlp_up",
-                    "mlp_down"),
+    "qkv": _QKV,
+    "mlp_in": _MLP_IN,
+    "projections": _QKV + ("o_proj",) + _MLP_IN + ("mlp_down",),
 }
 
 
