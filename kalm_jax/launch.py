@@ -97,12 +97,16 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
     for i in range(num_processes):
         argv = child_command(command) + [f"--coordinator_address={address}", f"--num_processes={num_processes}",
                                          f"--process_id={i}"]
-        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # stdout and stderr on pipes of their own, each pumped line by line: on one shared pipe, text a
+        # library writes to stderr without a newline (gloo's "connected to 1 peer ranks") joined the next
+        # stdout line. Both are printed to the launcher's stdout, prefixed.
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              preexec_fn=_die_with_parent)
         procs.append(p)
-        t = threading.Thread(target=_pump, args=(p.stdout, f"[p{i}] ", lock), daemon=True)
-        t.start()
-        pumps.append(t)
+        for stream in (p.stdout, p.stderr):
+            t = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", lock), daemon=True)
+            t.start()
+            pumps.append(t)
     with lock:
         print(f"[launch] {num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
               f"{' '.join(command)}", flush=True)

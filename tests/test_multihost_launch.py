@@ -36,6 +36,24 @@ def launch(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess
                           timeout=timeout, cwd=REPO)
 
 
+def test_output_lines_of_stdout_and_stderr_stay_apart(tmp_path):
+    """A library's stderr text without a newline (gloo's "connected to 1 peer ranks") must not join the
+    process's next stdout line."""
+    script = tmp_path / "mixed.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        sys.stderr.write("[lib] no newline"); sys.stderr.flush()
+        time.sleep(0.2)
+        print("RESULT", sys.argv[-1], flush=True)
+    """))
+    r = launch(["-n", "2", "--devices_per_process", "1", "--", str(script)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert sorted(line for line in lines if "RESULT" in line) == ["[p0] RESULT --process_id=0",
+                                                                  "[p1] RESULT --process_id=1"], lines
+    assert sorted(line for line in lines if "[lib]" in line) == ["[p0] [lib] no newline", "[p1] [lib] no newline"]
+
+
 def test_two_processes_sum_a_global_array(tmp_path):
     script = tmp_path / "sum.py"
     script.write_text(textwrap.dedent("""
