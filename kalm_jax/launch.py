@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import signal
 import socket
@@ -70,11 +71,15 @@ def _pump(stream, prefix: str, lock: threading.Lock) -> None:
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+    """Signals the process's group (its session: the process and anything it started), if any is left."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait(i: int, proc: subprocess.Popen, exits: queue.Queue) -> None:
+    exits.put((i, proc.wait()))
 
 
 def exit_status(rc: int) -> int:
@@ -111,44 +116,50 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
         print(f"[launch] {num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
               f"{' '.join(command)}", flush=True)
 
+    # One waiter thread per process reports its exit to `exits` as it happens, so the failure reported is the
+    # first one, not the lowest-numbered process among several that died within one polling interval (a
+    # killed process's peers abort from the distributed runtime milliseconds later).
+    exits: queue.Queue = queue.Queue()
+    for i, p in enumerate(procs):
+        threading.Thread(target=_wait, args=(i, p, exits), daemon=True).start()
+    running = set(range(num_processes))
+
     def forward(signum, frame):
         with lock:
             print(f"[launch] {signal.Signals(signum).name}: forwarding to all processes", flush=True)
-        for p in procs:
-            _signal_group(p, signum)
+        for i in sorted(running):
+            _signal_group(procs[i], signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     status = 0
+    deadline = None  # set when the first process fails: the others' grace ends then
     try:
-        while [p.poll() for p in procs].count(None):  # poll every process (any() would stop early)
-            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                i, rc = failed[0]
+        while running:
+            try:
+                i, rc = exits.get(timeout=0.1)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    for j in sorted(running):
+                        _signal_group(procs[j], signal.SIGKILL)
+                    deadline = float("inf")
+                continue
+            running.discard(i)
+            if rc != 0 and deadline is None:
                 status = exit_status(rc)
                 with lock:
                     print(f"[launch] process {i} failed (exit status {status}); stopping the others", flush=True)
-                for p in procs:
-                    _signal_group(p, signal.SIGTERM)
+                for j in sorted(running):
+                    _signal_group(procs[j], signal.SIGTERM)
                 deadline = time.monotonic() + grace
-                while [p.poll() for p in procs].count(None) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                for p in procs:
-                    _signal_group(p, signal.SIGKILL)
-                break
-            time.sleep(0.1)
-        for p in procs:
-            p.wait()
     finally:
+        for j in sorted(running):  # only on an error in this loop
+            _signal_group(procs[j], signal.SIGKILL)
         for p in procs:
-            _signal_group(p, signal.SIGKILL)
             p.wait()
         for s, h in old.items():
             signal.signal(s, h)
         for t in pumps:
             t.join(timeout=5)
-    if status == 0:
-        bad = [exit_status(p.returncode) for p in procs if p.returncode != 0]
-        status = bad[0] if bad else 0
     with lock:
         print(f"[launch] done, exit status {status}", flush=True)
     return status

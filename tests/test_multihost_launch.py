@@ -80,11 +80,16 @@ def test_two_processes_sum_a_global_array(tmp_path):
 
 def test_one_failing_process_stops_the_job(tmp_path):
     script = tmp_path / "fail.py"
-    script.write_text(textwrap.dedent("""
-        import sys, time
+    # Process 1 fails once all three have started (a launcher that reacts at once would otherwise stop
+    # the others before they print).
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
         rank = int([a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1])
         print("started", rank, flush=True)
+        open(os.path.join({str(tmp_path)!r}, f"started{{rank}}"), "w").close()
         if rank == 1:
+            while not all(os.path.exists(os.path.join({str(tmp_path)!r}, f"started{{i}}")) for i in range(3)):
+                time.sleep(0.01)
             sys.exit(3)
         time.sleep(120)
     """))
@@ -95,6 +100,32 @@ def test_one_failing_process_stops_the_job(tmp_path):
     for i in range(3):
         assert f"[p{i}] started {i}" in r.stdout
     assert "process 1 failed (exit status 3); stopping the others" in r.stdout
+
+
+def test_the_first_failure_is_reported_when_others_follow_at_once(tmp_path):
+    """Process 1 exits 3; process 0 sees it and aborts 20 ms later, as a peer does when the distributed
+    runtime loses a process: both exits fall in one 0.1 s poll of a polling launcher, which then reported the
+    lowest-numbered failure (134) instead of the first (3)."""
+    script = tmp_path / "cascade.py"
+    flag = tmp_path / "dying"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        rank = int([a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1])
+        time.sleep(0.5)
+        if rank == 1:
+            open({str(flag)!r}, "w").close()
+            os._exit(3)
+        while not os.path.exists({str(flag)!r}):
+            time.sleep(0.001)
+        time.sleep(0.02)
+        os.abort()
+    """))
+    for _ in range(3):
+        flag.unlink(missing_ok=True)
+        r = launch(["-n", "2", "--grace", "1", "--", str(script)], timeout=60)
+        assert r.returncode == 3, r.stdout
+        assert "process 1 failed (exit status 3); stopping the others" in r.stdout
+        assert "process 0 failed" not in r.stdout
 
 
 def test_launcher_usage_errors():
