@@ -42,6 +42,23 @@ def qkv_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, 
     return 2 * (enc + dec)
 
 
+def mlp_out_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, decoder_len: int,
+                        ratios: tuple[int, ...]) -> int:
+    """Estimated bytes per chip that keeping the MLP down projections' outputs ("mlp_out") adds: bf16
+    [tokens, hidden] per layer, the encoder's passages and the decoder's prompts (one pass per MEP ratio)."""
+    pairs = queries_per_chip * group
+    tokens = (model.num_encoder_layers * pairs * passage_len
+              + model.num_decoder_layers * pairs * decoder_len * len(ratios))
+    return 2 * tokens * model.hidden_size
+
+
+def encoder_mlp_in_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, tensor: int) -> int:
+    """Estimated bytes per chip that keeping the encoder's MLP gate / up ("mlp_in") adds: bf16
+    [tokens, intermediate / tensor] twice per encoder layer for the chip's passages."""
+    tokens = model.num_encoder_layers * queries_per_chip * group * passage_len
+    return 2 * tokens * 2 * -(-model.intermediate_size // tensor)
+
+
 def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
     from kalm_jax.aot import tpu_slice
 
@@ -76,10 +93,24 @@ def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
         ("head_dim", "fsdp"), ("heads", "tensor"), ("kv_heads", None), ("layers", None), ("lora_rank", None),
     )
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
-    # Remat keeps the q / k / v projections (no second forward of them: -2.7 ms per layer, small on the
-    # v5e-256 proxy) when their estimate is at most 1/8 of HBM; XLA's plan holds about twice the
-    # estimate (small on v5e-256: 1.7 GiB estimated, the program 8.3 of 16 GiB). docs/tpu.md "Train step".
-    saved = qkv_remat_bytes(model, max(1, int(c.data.batch_size) // (data * fsdp)), int(c.data.group_size),
-                            int(c.data.max_document_tokens), int(c.data.decoder_length), tuple(c.mep.ratios), tensor)
-    c.model.remat_policy = "qkv" if saved <= tpu_slice(topology).hbm_bytes / 8 else "nothing"
+    # What remat keeps (docs/tpu.md "Train step"), by the estimates above, most time saved per byte first:
+    # the q / k / v projections when they take at most 1/8 of HBM (XLA's plan holds about twice the
+    # estimate), then the down projections' outputs and the encoder's gate / up while all kept take at
+    # most 3/8 (small on v5e-256: 1.7, 1.5 and 2.7 GiB estimated, the program 13.8 of 16 GiB). The
+    # gate / up of both stacks (the decoder: six prompt passes per passage) needed 20.3 GiB there.
+    queries_per_chip = max(1, int(c.data.batch_size) // (data * fsdp))
+    group, passage_len, dec_len = int(c.data.group_size), int(c.data.max_document_tokens), int(c.data.decoder_length)
+    ratios = tuple(c.mep.ratios)
+    qkv = qkv_remat_bytes(model, queries_per_chip, group, passage_len, dec_len, ratios, tensor)
+    mlp_out = mlp_out_remat_bytes(model, queries_per_chip, group, passage_len, dec_len, ratios)
+    mlp_in = encoder_mlp_in_remat_bytes(model, queries_per_chip, group, passage_len, tensor)
+    hbm = tpu_slice(topology).hbm_bytes
+    if qkv > hbm / 8:
+        c.model.remat_policy = "nothing"
+    elif qkv + mlp_out + mlp_in <= 3 / 8 * hbm:
+        c.model.remat_policy = "encoder:qkv+mlp_in+mlp_out,decoder:qkv+mlp_out"
+    elif qkv + mlp_out <= 3 / 8 * hbm:
+        c.model.remat_policy = "qkv+mlp_out"
+    else:
+        c.model.remat_policy = "qkv"
     return c

@@ -143,14 +143,17 @@ def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float
 
 # What the backward pass keeps of a layer's forward when `T5Gemma2.remat` is on: the `checkpoint_name` tags
 # (kalm_jax.layers) saved per policy; everything else is recomputed from the layer's input. Activations kept
-# per layer and token (bf16, per chip): "qkv" (q/n_tensor + 2 kv heads) x D, "projections" adds o, down
-# (2 H) and gate/up (2 I/n_tensor), the bulk of it.
+# per layer and token (bf16, per chip): "qkv" (q/n_tensor + 2 kv heads) x D, "attn_out" (o) and "mlp_out"
+# (down) H each (the post-norms' inputs: kept, their matmuls do not run again), "mlp_in" (gate/up:
+# 2 I/n_tensor, the bulk).
 _QKV = ("q_proj", "k_proj", "v_proj", "k_passage", "v_passage")
 _MLP_IN = ("mlp_gate", "mlp_up")
 REMAT_POLICIES: dict[str, tuple[str, ...]] = {
     "nothing": (),
     "qkv": _QKV,
+    "attn_out": ("o_proj",),
     "mlp_in": _MLP_IN,
+    "mlp_out": ("mlp_down",),
     "projections": _QKV + ("o_proj",) + _MLP_IN + ("mlp_down",),
 }
 
@@ -163,6 +166,26 @@ def remat_saves(name: str) -> tuple[str, ...]:
         raise ValueError(f"unknown remat policy {name!r}: {unknown} not in {sorted(REMAT_POLICIES)} "
                          "(several may be joined by '+')")
     return tuple(dict.fromkeys(t for p in parts for t in REMAT_POLICIES[p]))
+
+
+STACKS = ("encoder", "decoder")
+
+
+def stack_remat_policies(spec: str) -> dict[str, str]:
+    """Each stack's policy of a `model.remat_policy` value: one `remat_saves` name for both stacks ("qkv"),
+    or one per stack, "encoder:qkv+mlp_in,decoder:qkv" (a stack not named keeps nothing). Checks every name."""
+    spec = str(spec).strip()
+    if ":" not in spec:
+        remat_saves(spec)
+        return dict.fromkeys(STACKS, spec)
+    policies = dict.fromkeys(STACKS, "nothing")
+    for part in spec.split(","):
+        stack, sep, name = (x.strip() for x in part.partition(":"))
+        if not sep or stack not in STACKS:
+            raise ValueError(f"remat policy {spec!r}: {part.strip()!r} is not 'encoder:POLICY' or 'decoder:POLICY'")
+        remat_saves(name)
+        policies[stack] = name
+    return policies
 
 
 def remat_policy(name: str):
@@ -211,7 +234,7 @@ class T5Gemma2(nnx.Module):
     Attributes (plain, so changing one re-traces the jitted entry points):
       remat: rematerialise each layer in the backward pass.
       remat_policy: what remat keeps of each layer's forward (`REMAT_POLICIES` names joined by "+"; "nothing" = all
-        recomputed).
+        recomputed), for both stacks or per stack ("encoder:qkv+mlp_in,decoder:qkv"; `stack_remat_policies`).
       attention_impl: "auto" (cuDNN flash attention on GPU in bf16, else the einsum reference), "xla",
         "dot_product" or "cudnn"; see `layers.resolve_attention_impl`.
       scan_unroll: `unroll` of the `lax.scan` over layers (1 = a loop; True = fully unrolled, which the
@@ -275,7 +298,8 @@ class T5Gemma2(nnx.Module):
             def fn(carry, xs):
                 return one_layer(carry, stack.layer_weights(xs), sliding)
             if self.remat:
-                fn = jax.checkpoint(fn, policy=remat_policy(self.remat_policy))
+                name = stack_remat_policies(self.remat_policy)["encoder" if stack is self.encoder else "decoder"]
+                fn = jax.checkpoint(fn, policy=remat_policy(name))
             return fn
 
         fns = {s: layer_fn(s) for s in set(types)}

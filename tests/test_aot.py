@@ -98,9 +98,10 @@ def test_tpu_config_splits_the_mlp_over_tensor():
 
 
 def test_tpu_config_keeps_the_qkv_projections_where_they_fit():
-    """Remat keeps q/k/v (policy "qkv") when their estimate is at most 1/8 of a chip's HBM: small on
-    v5e-256 (1 query x 16 passages per fsdp shard, tensor 2) keeps them, large there and small on v5e-16
-    (8 queries per chip) recompute everything."""
+    """Remat keeps q/k/v (policy "qkv") when their estimate is at most 1/8 of a chip's HBM, then the down
+    projections' outputs and the encoder's gate / up while all kept take at most 3/8: small and nano on
+    v5e-256 (1 query x 16 passages per fsdp shard, tensor 2) keep all three, large there and small on
+    v5e-16 (8 queries per chip) recompute everything."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tpu_config", REPO / "configs" / "tpu.py")
@@ -112,10 +113,17 @@ def test_tpu_config_keeps_the_qkv_projections_where_they_fit():
     # tokens per ratio (6), 16 x (512 + 256 + ... + 16) passage windows (keys and values only); bf16.
     expected = 2 * (26 * 16 * 512 * 1024 + 26 * (16 * 192 * 6 * 1024 + 16 * 1008 * 512))
     assert tpu.qkv_remat_bytes(get_preset("small"), 1, 16, 512, 192, (1, 2, 4, 8, 16, 32), 2) == expected
+    # down's outputs: [tokens, 1152] per layer, 16 x 512 encoder and 16 x 192 x 6 decoder tokens; the
+    # encoder's gate / up: 26 layers x 16 x 512 tokens x 2 x 6912 / 2 (tensor); bf16.
+    assert tpu.mlp_out_remat_bytes(get_preset("small"), 1, 16, 512, 192, (1, 2, 4, 8, 16, 32)) == \
+        2 * 1152 * 26 * (16 * 512 + 16 * 192 * 6)
+    assert tpu.encoder_mlp_in_remat_bytes(get_preset("small"), 1, 16, 512, 2) == 2 * 26 * 16 * 512 * 2 * 3456
     policies = {arg: str(_tpu_config(arg).model.remat_policy)
-                for arg in ("small,v5e-256", "nano,v5e-256", "large,v5e-256", "small,v5e-16")}
-    assert policies == {"small,v5e-256": "qkv", "nano,v5e-256": "qkv", "large,v5e-256": "nothing",
-                        "small,v5e-16": "nothing"}, policies
+                for arg in ("small,v5e-256", "nano,v5e-256", "large,v5e-256", "small,v5e-16", "small,v5p-64")}
+    kept = "encoder:qkv+mlp_in+mlp_out,decoder:qkv+mlp_out"  # small on v5e-256: 5.95 GiB, <= 3/8 of 16 GiB
+    # small on v5p-64 (4 queries per chip): q/k/v 9.5 + down 5.9 GiB <= 3/8 of 95 GiB, + gate / up 21.9 is not
+    assert policies == {"small,v5e-256": kept, "nano,v5e-256": kept, "large,v5e-256": "nothing",
+                        "small,v5e-16": "nothing", "small,v5p-64": "qkv+mlp_out"}, policies
 
 
 @pytest.fixture()

@@ -147,11 +147,13 @@ def test_train_step_scores_every_ratio_like_the_serving_engine(per_pass):
 
 def test_remat_policies_save_what_they_name_and_keep_the_gradients():
     """Each `model.remat_policy` gives the same loss and gradients as no remat; the lowered gradient program
-    recomputes fewer matmuls the more a policy keeps (nothing > qkv > projections)."""
+    recomputes fewer matmuls the more a policy keeps (nothing > qkv > projections); a policy per stack keeps
+    the encoder's gate / up only (between qkv and qkv+mlp_in)."""
     batch = synthetic_batch()
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     results, dots = {}, {}
-    for policy in (None, "nothing", "qkv", "qkv+mlp_in", "projections"):
+    per_stack = "encoder:qkv+mlp_in,decoder:qkv"
+    for policy in (None, "nothing", "qkv", "qkv+mlp_out", per_stack, "qkv+mlp_in", "projections"):
         cfg = small_config()
         cfg.model.remat = policy is not None
         cfg.model.remat_policy = policy or "nothing"
@@ -164,7 +166,8 @@ def test_remat_policies_save_what_they_name_and_keep_the_gradients():
         if policy in (None, "projections"):
             loss, _, grads = ts.grad_fn(state, placed)
             results[policy] = (float(loss), jax.device_get(grads))
-    assert dots["nothing"] > dots["qkv"] > dots["qkv+mlp_in"] > dots["projections"] >= dots[None], dots
+    assert (dots["nothing"] > dots["qkv"] > dots["qkv+mlp_out"] > dots["projections"] >= dots[None]
+            and dots["qkv"] > dots[per_stack] > dots["qkv+mlp_in"]), dots
     (loss0, grads0), (loss, grads) = results[None], results["projections"]
     assert loss == pytest.approx(loss0, rel=1e-6)
     for (path, g0), g in zip(jax.tree_util.tree_flatten_with_path(grads0)[0], jax.tree.leaves(grads)):
@@ -173,6 +176,12 @@ def test_remat_policies_save_what_they_name_and_keep_the_gradients():
     cfg.model.remat_policy = "qkv+everything"
     with pytest.raises(ValueError,
                        match=r"model.remat_policy: unknown remat policy 'qkv\+everything': \['everything'\]"):
+        validate(cfg)
+    cfg.model.remat_policy = "encoder:qkv,decodr:qkv"
+    with pytest.raises(ValueError, match=r"'decodr:qkv' is not 'encoder:POLICY' or 'decoder:POLICY'"):
+        validate(cfg)
+    cfg.model.remat_policy = "decoder:mlp"
+    with pytest.raises(ValueError, match=r"unknown remat policy 'mlp'"):
         validate(cfg)
 
 

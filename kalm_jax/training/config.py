@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"   # master weights
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators
     c.model.remat = False
-    c.model.remat_policy = "nothing"  # what remat keeps per layer: kalm_jax.model.REMAT_POLICIES
+    c.model.remat_policy = "nothing"  # what remat keeps per layer (both stacks or per stack): kalm_jax.model
 
     # SentencePiece model; "" = <init_from>/tokenizer.model if present, else trained on the training corpus.
     c.tokenizer = ""
@@ -171,10 +171,10 @@ def _range_problems(config: ml_collections.ConfigDict) -> list[str]:
         elif not ((v >= lo if lo_incl else v > lo) and v <= hi):
             lo_s = f"{'>=' if lo_incl else '>'} {lo:g}"
             problems.append(f"{name} must be {lo_s}{f' and <= {hi:g}' if hi != _INF else ''}, got {v!r}")
-    from kalm_jax.model import remat_saves
+    from kalm_jax.model import stack_remat_policies
 
     try:
-        remat_saves(config.model.remat_policy)
+        stack_remat_policies(config.model.remat_policy)
     except ValueError as e:
         problems.append(f"model.remat_policy: {e}")
     if str(config.loss.teacher_format) not in ("prob", "logit"):
