@@ -35,7 +35,7 @@ def _size(c, size):
         c.eval.depth = 20
         c.log_every = 25
         return
-    # Paper recipe (research/paper.md §3.4): LoRA r=96 alpha=48, lr 2e-4, global batch 128 of groups of 16,
+    # Paper recipe (arXiv 2606.22807, v3): LoRA r=96 alpha=48, lr 2e-4, global batch 128 of groups of 16,
     # query 128 / passage 512 tokens. Our choices where the paper is silent or ambiguous: LoRA on q/k/v/o of both
     # stacks (it names q/k/v/out_proj), bf16 compute with fp32 master weights, the 2-way yes/no NLL.
     c.lora.enabled = True

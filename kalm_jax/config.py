@@ -1,7 +1,7 @@
 """Model configuration for T5Gemma 2 / KaLM-Reranker-V1, with presets and exact HF `config.json` mapping.
 
-The presets hold the released values (research/t5gemma2.md §1.2). When a checkpoint is loaded, every
-value is read from its `config.json` (`ModelConfig.from_hf`); the presets are never assumed for it.
+The presets hold the T5Gemma 2 checkpoints' values (transformers `models/t5gemma2`). When a checkpoint is
+loaded, every value is read from its `config.json` (`ModelConfig.from_hf`); the presets are never assumed for it.
 """
 
 from __future__ import annotations
@@ -393,8 +393,8 @@ def _preset(hidden, inter, layers, heads, kv, window, max_pos) -> ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # t5gemma-2-270m-270m (read from a published config).
     "nano": _preset(640, 2048, 18, 4, 1, 512, 32768),
-    # t5gemma-2-1b-1b and 4b-4b: Gemma 3 shapes, inferred (research/t5gemma2.md §1.2). Real checkpoints
-    # are always configured from their own config.json.
+    # t5gemma-2-1b-1b and 4b-4b: the Gemma 3 1B / 4B shapes, inferred, not read from their gated configs.
+    # Real checkpoints are always configured from their own config.json.
     "small": _preset(1152, 6912, 26, 4, 1, 512, 32768),
     "large": _preset(2560, 10240, 34, 8, 4, 1024, 131072),
     # A few-hundred-kilobyte model for tests and CPU demos (vocab fits a trained SentencePiece model).

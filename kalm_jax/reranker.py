@@ -8,7 +8,7 @@ Like sentence-transformers' `CrossEncoder` (`predict`, `rank`), plus what only t
 `encode_passages` returns a `PassageStates` (pooled encoder states) that can be saved, re-pooled to a
 coarser ratio and scored against any number of queries and instructions without running the encoder again.
 
-Defaults follow the released KaLM code (research/paper.md §6): ratio 4, query limit 512 tokens, document
+Defaults follow the released KaLM code (`kalm_reranker.py` on the Hub): ratio 4, query limit 512 tokens, document
 limit 1024 tokens (``<Document>: `` prefix included), batch 32, the default task instruction, and float32
 on CPU / bfloat16 on accelerators.
 

@@ -4,7 +4,7 @@
 
 Scores the model card's example (query "What is the capital of China?", documents "The capital of China is
 Beijing." and "Gravity attracts bodies toward one another.", MEP ratio 4, bf16) with `Reranker` and compares
-the margins logit(yes) - logit(no) with the published ones (research/paper.md §6). Where only P(yes) was
+the margins logit(yes) - logit(no) with the published ones (model card, vllm_support/README.md). Where only P(yes) was
 published, the reference margin is logit(P). bf16 rounds margins to a few bits, so the check is relative
 (default 1e-2). Prints a pass/fail table; the exit status is 0 when every row passes, 1 when one fails and
 2 when the checkpoint cannot be checked (no published reference for its size, unreadable path).
@@ -47,10 +47,10 @@ REFERENCES: dict[str, tuple[Reference, ...]] = {
                   "Large vllm_support/README.md, bf16, encoder_chunk_size=4"),
     ),
 }
-"""Published reference outputs per released size (research/paper.md §6). Small has none."""
+"""Published reference outputs per released size (each entry names its source). Small has none."""
 
 HIDDEN_TO_VARIANT = {640: "nano", 1152: "small", 2560: "large"}
-"""Released sizes by hidden width (research/paper.md §1.6)."""
+"""Released sizes by hidden width (the KaLM-Reranker-V1 model cards: 640, 1152, 2560)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,9 @@ import pytest
 from kalm_jax import config as C
 from kalm_jax.model import abstract_model, count_params
 
-# Published figures: research/paper.md §1.6 (non-embedding params per stack, embedding params) and the
-# exact text-parameter totals of research/t5gemma2.md §1.2.
+# Published figures: the KaLM-Reranker-V1 model cards (https://huggingface.co/KaLM-Embedding; non-embedding
+# params per stack, embedding params) and the T5Gemma 2 text-parameter totals (embedding once, no vision tower)
+# implied by the checkpoints' shapes in transformers `models/t5gemma2`.
 PUBLISHED = {
     "nano": dict(stack_m=100, emb_m=168, total=368_424_832, layers=18),
     "small": dict(stack_m=698, emb_m=302, total=1_697_783_168, layers=26),

@@ -1,4 +1,5 @@
-"""Prompt strings against the literal released strings (research/paper.md §1.2, §1.3, §6)."""
+"""Prompt strings against the literal released strings (`kalm_reranker.py` of
+https://huggingface.co/KaLM-Embedding/KaLM-Reranker-V1-Nano and the model cards)."""
 
 from __future__ import annotations
 
