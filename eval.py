@@ -1,36 +1,11 @@
-"""Evaluation sweeps: datasets × checkpoints × instructions × MEP ratios, resumable, with reports.
+"""Evaluation sweeps: `python eval.py --config.checkpoint=CKPT --config.data_dir=DATA --config.output_dir=OUT ...`.
 
-  python eval.py --config.checkpoint=CKPT --config.data_dir=DATA \
-      --config.datasets=scifact,trec-dl-2019-passage --config.ratios=1,4,8 --config.output_dir=OUT
-
-Settings: configs/eval.py plus `--config.KEY=VALUE` overrides (`kalm_jax.cli`). Without a checkpoint only the
-first stage is evaluated. Rerunning the same command resumes: finished cells in OUT/results.jsonl are kept and
-skipped. Multi-process: see docs/multihost.md. See docs/evaluation.md.
+A thin shim over `kalm_jax.cli.eval` (installed as the `kalm-eval` command); see docs/evaluation.md.
 """
 
-import logging
 import sys
 
-from kalm_jax import cli
-
-
-def main(config, coordinator_address=None, num_processes=None, process_id=None) -> int:
-    cli.setup_logging()
-    from kalm_jax import distributed
-
-    distributed.initialize(coordinator_address, num_processes, process_id)
-    from kalm_jax.evaluation import sweep
-
-    rows = sweep.run_sweep(config)
-    logging.info("%d results in %s/%s", len(rows), config.output_dir, sweep.RESULTS)
-    if distributed.is_primary():
-        print(f"{len(rows)} results in {config.output_dir}/{sweep.RESULTS}; summary in {config.output_dir}/summary.md")
-    return 0
-
+from kalm_jax.cli.eval import main
 
 if __name__ == "__main__":
-    from kalm_jax.evaluation.results import OutputDirLocked
-    from kalm_jax.evaluation.settings import SweepConfigError
-
-    sys.exit(cli.run(main, "eval.py", flags=cli.DISTRIBUTED_FLAGS,
-                     errors=(SweepConfigError, OutputDirLocked, FileNotFoundError)))
+    sys.exit(main())

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib
 
+from kalm_jax.extras import quiet_libtpu_without_tpu
+
 __version__ = "0.1.0"
+
+quiet_libtpu_without_tpu()
 
 _SUBMODULES = {"config", "layers", "model", "mep", "scoring", "hf", "prompts", "tokenizer", "hf_tokenizer",
                "checkpointing", "mesh", "passage_states", "reranker", "data", "evaluation", "training", "bench"}

@@ -167,6 +167,10 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv and any(a in ("-h", "--help") for a in argv):
+        print("usage: python -m kalm_jax.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
+              "(script.py | -m module | executable) ARGS...\n\n" + __doc__.strip())
+        return 0
     if "--" not in argv:
         print("usage: python -m kalm_jax.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
               "(script.py | -m module | executable) ARGS...", file=sys.stderr)

@@ -102,11 +102,7 @@ def test_tpu_config_keeps_the_qkv_projections_where_they_fit():
     projections' outputs and the encoder's gate / up while all kept take at most 3/8: small and nano on
     v5e-256 (1 query x 16 passages per fsdp shard, tensor 2) keep all three, large there and small on
     v5e-16 (8 queries per chip) recompute everything."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tpu_config", REPO / "configs" / "tpu.py")
-    tpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tpu)
+    from kalm_jax import planning as tpu
     from kalm_jax.config import get_preset
 
     # 26 + 26 layers; q 2 heads x 256 + k, v 256 each per token; 16 x 512 passage tokens, 16 x 192 prompt

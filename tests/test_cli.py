@@ -82,7 +82,7 @@ def test_every_default_lives_in_configs():
 
 
 @pytest.mark.parametrize("module, missing", [("kalm_jax.data.bm25", "data_dir"), ("kalm_jax.data.negatives", "data_dir"),
-                                             ("kalm_jax.data.tfds_builder", "train"), ("kalm_jax.tokenizer", "out")])
+                                             ("kalm_jax.cli.tfds_build", "train"), ("kalm_jax.tokenizer", "out")])
 def test_data_clis_name_a_missing_required_field(module, missing, capsys):
     """The data CLIs run in-process: an empty required field exits 2 with one line naming it."""
     import importlib

@@ -189,7 +189,7 @@ def test_worker_processes_resume(prepared, tokenizer):
 
 def test_cli_prepares_train_and_validation_lists(examples, tmp_path, capsys):
     """`--config.train=a,b` is the tuple of train files; the CLI prints each split's size."""
-    from kalm_jax.data.tfds_builder import main
+    from kalm_jax.cli.tfds_build import main
 
     write_training_jsonl(examples[:30], tmp_path / "a.jsonl")
     write_training_jsonl(examples[30:50], tmp_path / "b.jsonl.gz")

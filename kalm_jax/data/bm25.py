@@ -15,13 +15,15 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import bm25s
 import numpy as np
-import Stemmer
 
 from kalm_jax.data.beir import Doc, passage_text
 from kalm_jax.data.trec import Run
+
+if TYPE_CHECKING:  # an optional package (the eval extra), imported where it is used
+    import bm25s
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class BM25Index:
         self.doc_ids = doc_ids
         self.language = language
         self.stopwords = stopwords
+        import Stemmer
+
         self._stemmer = Stemmer.Stemmer(language) if language else None
 
     @classmethod
@@ -61,6 +65,9 @@ class BM25Index:
             raise ValueError("cannot build a BM25 index over an empty corpus")
         doc_ids = list(corpus)
         texts = [v if isinstance(v, str) else passage_text(v) for v in corpus.values()]
+        import bm25s
+        import Stemmer
+
         stemmer = Stemmer.Stemmer(language) if language else None
         tokens = bm25s.tokenize(texts, stopwords=stopwords or [], stemmer=stemmer, show_progress=show_progress)
         retriever = bm25s.BM25(k1=k1, b=b, method=method)
@@ -73,6 +80,8 @@ class BM25Index:
         Documents sharing no term with the query (score 0) are left out, so a query may get fewer than
         `k`; a query with no indexable term (e.g. only stop words) gets an empty ranking and a warning.
         """
+        import bm25s
+
         qids = list(queries)
         tokens = bm25s.tokenize([queries[q] for q in qids], stopwords=self.stopwords or [], stemmer=self._stemmer,
                                 return_ids=False, show_progress=False)
@@ -105,6 +114,8 @@ class BM25Index:
         meta_path = directory / DOC_IDS_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path}: not a BM25Index directory")
+        import bm25s
+
         meta = json.loads(meta_path.read_text())
         retriever = bm25s.BM25.load(str(directory), allow_pickle=False, show_progress=False)
         n_rows = int(np.asarray(retriever.scores["num_docs"]))

@@ -199,13 +199,7 @@ def run_cli(config) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI (`kalm_jax.cli`): settings of configs/tfds_builder.py as `--config.KEY=VALUE`; returns the exit
-    status."""
-    from kalm_jax import cli
-
-    return cli.run(run_cli, "tfds_builder.py", argv=argv, errors=(FileNotFoundError, ValueError))
-
-
 if __name__ == "__main__":
+    from kalm_jax.cli.tfds_build import main
+
     sys.exit(main())

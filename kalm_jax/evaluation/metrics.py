@@ -19,7 +19,6 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-import pytrec_eval
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,8 @@ def evaluate(qrels: Qrels, run: Run, *, relevance_level: int = 1,
     judged_run = {q: docs for q, docs in run.items() if q in qrels}
     ndcg = "ndcg_cut." + ",".join(str(int(k)) for k in ndcg_cutoffs)
     recall = "recall." + ",".join(str(int(k)) for k in recall_cutoffs)
+    import pytrec_eval
+
     full = pytrec_eval.RelevanceEvaluator(qrels, {ndcg, "map", recall}, relevance_level=int(relevance_level))
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}, relevance_level=int(relevance_level))
     pq = full.evaluate(judged_run)

@@ -78,7 +78,12 @@ def main(config, coordinator_address=None, num_processes=None, process_id=None) 
     return 0
 
 
+def cli_main(argv=None) -> int:
+    """The command line (`kalm-label`, `python -m kalm_jax.training.label`); returns the exit status."""
+    return cli.run(main, "label.py", argv=argv, flags=cli.DISTRIBUTED_FLAGS, errors=(FileNotFoundError, ValueError))
+
+
 if __name__ == "__main__":
     import sys
 
-    sys.exit(cli.run(main, "label.py", flags=cli.DISTRIBUTED_FLAGS, errors=(FileNotFoundError, ValueError)))
+    sys.exit(cli_main())

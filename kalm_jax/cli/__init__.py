@@ -26,7 +26,7 @@ from typing import Any
 
 import ml_collections
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # package data: kalm_jax/configs/
 
 
 class ConfigError(ValueError):
@@ -34,16 +34,22 @@ class ConfigError(ValueError):
 
 
 def config_file(name: str) -> Path:
-    """A file of the project's configs/ directory (``configs/<name>``)."""
+    """A config file shipped with the package (``kalm_jax/configs/<name>``)."""
     return CONFIG_DIR / name
+
+
+def resolve(spec: str | Path) -> tuple[str, str]:
+    """``path[:arg]`` -> (the config file's path, arg); a bare name means the package's config file."""
+    path, _, arg = str(spec).partition(":")
+    if not Path(path).is_file() and (CONFIG_DIR / path).is_file():
+        path = str(CONFIG_DIR / path)
+    return path, arg
 
 
 def load_file(spec: str | Path) -> ml_collections.ConfigDict:
     """Loads ``path[:arg]``: the file's ``get_config(arg)`` (``get_config()`` without an arg)."""
     spec = str(spec)
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file() and (CONFIG_DIR / path).is_file():
-        path = str(CONFIG_DIR / path)  # a bare name means the project's configs/ file
+    path, arg = resolve(spec)
     if not Path(path).is_file():
         raise ConfigError(f"--config: no such config file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"_kalm_config_{Path(path).stem}", path)
@@ -204,7 +210,8 @@ def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"--{name}={raw!r}: {e}") from None
         elif a in ("-h", "--help"):
-            raise SystemExit(_usage(default_config, flags, positional))
+            print(_usage(spec, flags, positional))
+            raise SystemExit(0)
         elif a.startswith("-") and a != "-":
             known = ["--config", "--config.KEY"] + [f"--{f.name}" for f in flags]
             raise ConfigError(f"unknown flag {a.split('=', 1)[0]}; this command takes {', '.join(known)}")
@@ -224,16 +231,18 @@ def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (
     return config, values
 
 
-def _usage(default_config: str, flags: Sequence[Flag], positional: Sequence[str]) -> str:
+def _usage(spec: str | None, flags: Sequence[Flag], positional: Sequence[str]) -> str:
+    """The help text: the flags, then the settings of the config `spec` (the default, or the one given)."""
     lines = [f"usage: {Path(sys.argv[0]).name} {' '.join(p.upper() for p in positional)} "
              f"[--config=FILE[:ARG]] [--config.KEY=VALUE ...]"
              + "".join(f" [--{f.name}=...]" for f in flags),
-             f"  --config: default {config_file(default_config) if default_config else '(required)'}"]
+             f"  --config: {':'.join(x for x in resolve(spec) if x) if spec else '(required)'}"]
     lines += [f"  --{f.name}: {f.help}" for f in flags]
     try:
-        cfg = load_file(config_file(default_config)) if default_config else None
-    except ConfigError:
+        cfg = load_file(spec) if spec else None
+    except ConfigError as e:
         cfg = None
+        lines.append(f"({e})")
     if cfg is not None:
         lines.append("settings (--config.KEY=VALUE):")
         lines += [f"  {line}" for line in str(cfg).splitlines()]
@@ -242,22 +251,39 @@ def _usage(default_config: str, flags: Sequence[Flag], positional: Sequence[str]
 
 def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[str] | None = None,
         flags: Sequence[Flag] = (), positional: Sequence[str] = (),
-        errors: tuple[type[BaseException], ...] = ()) -> int:
+        errors: tuple[type[BaseException], ...] | Callable[[], tuple[type[BaseException], ...]] = ()) -> int:
     """Parses the command line and calls ``main(config, **flag_values)``; returns its exit status.
 
     A `ConfigError` exits with status 2 and its message; so do `errors` raised by `main` (one line, no
-    traceback), for the user errors a CLI wants reported plainly.
+    traceback), for the user errors a CLI wants reported plainly, and a missing optional package (the line
+    names the extra to install, `kalm_jax.extras`). `errors` may be a function returning the tuple, called
+    after parsing, so that ``--help`` works without the packages their modules import.
     """
+    from kalm_jax.extras import missing_extra_message
+
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config, values = parse(argv, default_config, flags=flags, positional=positional)
+        user_errors = errors() if callable(errors) else errors
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     try:
         status = main(config, **values)
-    except (ConfigError, *errors) as e:
+    except (ConfigError, *user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return int(status or 0)
 
