@@ -246,7 +246,8 @@ def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[
     """Parses the command line and calls ``main(config, **flag_values)``; returns its exit status.
 
     A `ConfigError` exits with status 2 and its message; so do `errors` raised by `main` (one line, no
-    traceback), for the user errors a CLI wants reported plainly.
+    traceback), for the user errors a CLI wants reported plainly. With ``KALM_DEBUG=1`` in the environment
+    their traceback is printed before that line.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -257,9 +258,20 @@ def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[
     try:
         status = main(config, **values)
     except (ConfigError, *errors) as e:
+        if debug():
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     return int(status or 0)
+
+
+def debug() -> bool:
+    """Whether ``KALM_DEBUG`` asks for tracebacks of user-facing errors (any value but '', 0, false, no)."""
+    import os
+
+    return os.environ.get("KALM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def setup_logging() -> None:
