@@ -149,3 +149,47 @@ def test_disk_full_while_saving_states_names_the_directory_and_keeps_nothing(tmp
     with pytest.raises(DiskFullError, match=r"states: the disk is full \(writing stopped: 8192 requested"):
         states.save(tmp_path / "states")
     assert not (tmp_path / "states").exists() and list(tmp_path.iterdir()) == []
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last value (the .npy header stays valid)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["states.npy", "ids.json"])
+def test_a_flipped_bit_is_a_named_integrity_error(tmp_path, name):
+    """A saved file that changed after it was written loads with an IntegrityError naming it, not silently."""
+    from kalm_jax.integrity import IntegrityError
+
+    d = states().save(tmp_path / "s")
+    PassageStates.load(d)
+    if name == "ids.json":  # still a valid id list, but of other passages
+        (d / name).write_text((d / name).read_text().replace("d0-1", "d0-7"))
+    else:
+        flip_last_byte(d / name)
+    with pytest.raises(IntegrityError, match=f"{d / name}: contents changed since it was written"):
+        PassageStates.load(d)
+    with pytest.raises(IntegrityError, match=name):
+        PassageStates.load(d, mmap=False)
+
+
+def test_a_flipped_bit_in_a_store_shard_is_named_and_older_directories_use_the_content_hash(tmp_path):
+    from kalm_jax.integrity import IntegrityError
+
+    st = make_store(tmp_path / "store")
+    path = st.root / "r1" / "shard-00001" / "states.npy"
+    flip_last_byte(path)
+    with pytest.raises(IntegrityError, match=f"{path}: contents changed"):
+        PassageStore.open(st.root, KEY).lookup(["d1-0"], 1)
+    with pytest.raises(IntegrityError, match=f"{path}: contents changed"):
+        PassageStore.open(st.root, KEY).lookup(["d0-0"], 4)  # any ratio reads the shards it is derived from
+    # a directory saved before per-file hashes were recorded is checked against its content hash
+    d = states().save(tmp_path / "old")
+    m = json.loads((d / "manifest.json").read_text())
+    del m["files"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    PassageStates.load(d)
+    flip_last_byte(d / "states.npy")
+    with pytest.raises(IntegrityError, match="content sha256 mismatch"):
+        PassageStates.load(d)
