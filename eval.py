@@ -33,11 +33,11 @@ if __name__ == "__main__":
     from kalm_jax.data.textfile import DataError
     from kalm_jax.evaluation.results import OutputDirLocked
     from kalm_jax.evaluation.settings import SweepConfigError
-    from kalm_jax.evaluation.store import StaleStoreError
+    from kalm_jax.evaluation.store import StaleStoreError, StoreLocked
     from kalm_jax.integrity import IntegrityError
     from kalm_jax.passage_states import PassageStatesError
 
     # user-facing errors: one line naming the file / setting, exit status 2 (KALM_DEBUG=1: with the traceback)
     sys.exit(cli.run(main, "eval.py", flags=cli.DISTRIBUTED_FLAGS,
                      errors=(SweepConfigError, OutputDirLocked, FileNotFoundError, DataError, StaleStoreError,
-                             PassageStatesError, IntegrityError, DiskFullError)))
+                             StoreLocked, PassageStatesError, IntegrityError, DiskFullError)))

@@ -151,6 +151,33 @@ def test_disk_full_while_saving_states_names_the_directory_and_keeps_nothing(tmp
     assert not (tmp_path / "states").exists() and list(tmp_path.iterdir()) == []
 
 
+def test_store_lock_waits_then_names_its_holder(tmp_path, caplog):
+    """A second writer of a store waits for its lock with a logged message, then fails naming the holder."""
+    import subprocess
+    import sys
+    import time
+
+    from kalm_jax.evaluation.store import StoreLocked, lock_path
+
+    root = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from kalm_jax.atomic import file_lock\n"
+        "with file_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)"), str(lock_path(root))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        with caplog.at_level(logging.INFO), pytest.raises(StoreLocked, match=f"pid {holder.pid} on "):
+            PassageStore.open(root, KEY, lock_timeout=1.5)
+        assert time.perf_counter() - t0 >= 1.5
+        assert f"waiting up to 1.5 s" in caplog.text and f"pid {holder.pid}" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    make_store(root)  # the kernel released the killed holder's lock
+    assert len(PassageStore.open(root, KEY, lock_timeout=0)) == 6
+
+
 def flip_last_byte(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # one bit of the last value (the .npy header stays valid)
