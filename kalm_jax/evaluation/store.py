@@ -309,6 +309,8 @@ class PassageStore:
                     stack.enter_context(store_lock(self.root, self.lock_timeout))
                 except StoreLocked as e:
                     refused = e
+            # the others wait for process 0's (possibly long) lock wait in a barrier, not in the collective below
+            distributed.barrier(f"passage_store_lock_tried:{self.root}")
             if distributed.any_process(refused is not None):
                 raise refused or StoreLocked(f"{self.root}: process 0 could not lock the passage-state store")
             if primary:
