@@ -71,7 +71,8 @@ def test_run_sweep_refuses_a_directory_in_use(tmp_path, data_dir):
 
 @pytest.mark.parametrize("field,value", [("max_queries", -3), ("relevance_level", -1), ("max_document_tokens", -1),
                                          ("batch_pairs", 0), ("encode_batch_size", 0), ("top_k", 2.5),
-                                         ("shard_size", True)])
+                                         ("shard_size", True), ("store_lock_timeout", -1.0),
+                                         ("store_lock_timeout", float("nan"))])
 def test_bad_settings_are_named(tmp_path, field, value):
     cfg = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4", field: value}
     with pytest.raises(SweepConfigError, match=field):
