@@ -170,7 +170,7 @@ def test_store_lock_waits_then_names_its_holder(tmp_path, caplog):
         with caplog.at_level(logging.INFO), pytest.raises(StoreLocked, match=f"pid {holder.pid} on "):
             PassageStore.open(root, KEY, lock_timeout=1.5)
         assert time.perf_counter() - t0 >= 1.5
-        assert f"waiting up to 1.5 s" in caplog.text and f"pid {holder.pid}" in caplog.text
+        assert "waiting up to 1.5 s" in caplog.text and f"pid {holder.pid}" in caplog.text
     finally:
         holder.kill()
         holder.wait()
