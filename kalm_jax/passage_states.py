@@ -12,7 +12,9 @@ each file's dtype and shape, `scale.npy` present exactly for int8, mask 0/1 and 
 `ids.json` a list of unique strings, the hidden size when the caller knows it. Non-finite states are
 refused when rows are read (`select`, `dense`), so a memory-mapped store is not read whole at load.
 `manifest.json` also records `content`: a sha256 of the arrays, so states derived from these can tell
-when their source changed.
+when their source changed, and `files`: the sha256 of each file beside it, verified by every `load` (a flipped
+bit raises `integrity.IntegrityError` naming the file; directories saved before `files` existed are checked
+against `content`). Hashing reads each file once: about 1 s per GiB on one core (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from kalm_jax import mep
+from kalm_jax import integrity, mep
 from kalm_jax.atomic import atomic_directory
 
 FORMAT = "kalm-jax-passage-states"
@@ -202,9 +204,10 @@ class PassageStates:
             if self.ids is not None:
                 (tmp / "ids.json").write_text(json.dumps(list(self.ids)))
             meta = {k: v for k, v in self.meta.items() if k != "path"}
+            files = {f.name: integrity.file_sha256(f) for f in sorted(tmp.iterdir())}
             manifest = {"format": FORMAT, "version": 1, "ratio": self.ratio, "storage": self.storage,
                         "shape": list(self.states.shape), "has_ids": self.ids is not None, "meta": meta,
-                        "content": self.content_hash()}
+                        "content": self.content_hash(), "files": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         return out
 
@@ -228,12 +231,15 @@ class PassageStates:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, expect_meta: dict[str, Any] | None = None,
-             mmap: bool = True, hidden_size: int | None = None) -> "PassageStates":
+             mmap: bool = True, hidden_size: int | None = None, verify: bool = True) -> "PassageStates":
         """Reads and validates a directory written by `save` (see the module docstring for the checks).
 
         expect_meta: entries (e.g. model/tokenizer fingerprints, max_length) that must equal the stored
         meta; a mismatch raises ValueError naming the differing keys (a stale cache is never reused).
         hidden_size: the model's hidden size, when known; states of another width are refused.
+        verify: check every file against the sha256 recorded in the manifest (reads each file once); a
+        mismatch raises `integrity.IntegrityError` naming the file. Only callers that merely read the
+        manifest's fields pass False.
         Raises PassageStatesError naming the file for anything invalid.
         """
         from kalm_jax.atomic import recover
@@ -305,7 +311,30 @@ class PassageStates:
             ids = check_ids(read_json(d / "ids.json", "the passage ids"), f"{d}/ids.json", p)
         if not mmap:
             _finite(np.asarray(states, np.float32) if storage == "bfloat16" else states, f"{d}/states.npy")
-        return cls(states, mask, counts, ratio, ids, scale, {**meta, "path": str(d)})
+        out = cls(states, mask, counts, ratio, ids, scale, {**meta, "path": str(d)})
+        if verify:
+            _verify(d, manifest, out)
+        return out
+
+
+def _verify(d: Path, manifest: dict[str, Any], states: PassageStates) -> None:
+    """Every file against its recorded sha256 (`files`); directories saved before `files` was recorded:
+    the arrays against `content`. Raises `integrity.IntegrityError` naming the file (or the arrays)."""
+    files = manifest.get("files")
+    if isinstance(files, dict) and files:
+        for name, want in sorted(files.items()):
+            path = d / str(name)
+            if not isinstance(name, str) or "/" in name or name in (".", ".."):
+                raise integrity.IntegrityError(f"{d}/manifest.json: files lists {name!r}, not a file of the directory")
+            if not path.is_file():
+                raise integrity.IntegrityError(f"{path}: missing (listed in {d}/manifest.json)")
+            if integrity.file_sha256(path) != want:
+                raise integrity.IntegrityError(f"{path}: contents changed since it was written (sha256 mismatch with "
+                                               f"{d}/manifest.json): the file is corrupt; delete {d} to re-encode")
+    elif isinstance(manifest.get("content"), str) and states.content_hash() != manifest["content"]:
+        raise integrity.IntegrityError(f"{d}: states.npy / mask.npy / counts.npy / scale.npy changed since they were "
+                                       f"written (content sha256 mismatch with {d}/manifest.json): corrupt; delete "
+                                       f"{d} to re-encode")
 
 
 __all__ = ["PassageStates", "PassageStatesError", "STORAGE", "check_ids", "read_json"]

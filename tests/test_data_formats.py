@@ -130,10 +130,10 @@ def test_run_read_write(data_dir, tmp_path):
         assert again.keys() == run.keys()
         for q in run:
             assert again[q].keys() == run[q].keys()
-            assert all(abs(again[q][d] - run[q][d]) < 1e-6 for d in run[q])
+            assert again[q] == run[q]  # scores round-trip exactly
     top = tmp_path / "top3.trec"
     write_run({"q": {"a": 1.0, "b": 3.0, "c": 2.0, "d": 0.5}}, top, tag="t", k=3)
-    assert top.read_text().splitlines() == ["q Q0 b 1 3.000000 t", "q Q0 c 2 2.000000 t", "q Q0 a 3 1.000000 t"]
+    assert top.read_text().splitlines() == ["q Q0 b 1 3.0 t", "q Q0 c 2 2.0 t", "q Q0 a 3 1.0 t"]
 
 
 def test_run_bad_rows(tmp_path):
@@ -178,3 +178,18 @@ def test_training_jsonl_roundtrip_and_validation(tmp_path):
         one.write_text("\n".join(lines[:1] + [lines[lineno - 1]]) + "\n")
         with pytest.raises(DataError, match=rf"one{lineno}\.jsonl:2: {msg}"):
             read_training_jsonl(one)
+
+
+def test_files_with_a_utf8_bom_read_like_without(tmp_path):
+    """Editors on Windows save TSV/JSONL/TREC files with a UTF-8 byte-order mark: it is not part of the data."""
+    bom = "\ufeff"
+    d = _mini_beir(tmp_path, GOOD_CORPUS, GOOD_QUERIES, ["q1\td1\t1"], gz=False)
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (d / name).write_text(bom + (d / name).read_text(), encoding="utf-8")
+    ds = load_beir(d, "test")
+    assert ds.qrels == {"q1": {"d1": 1}} and list(ds.corpus) == ["d1", "d2"] and list(ds.queries)[0] == "q1"
+    (tmp_path / "q.txt").write_text(bom + "1 0 d1 2\n", encoding="utf-8")
+    assert load_qrels(tmp_path / "q.txt") == {"1": {"d1": 2}}
+    with gzip.open(tmp_path / "r.trec.gz", "wt", encoding="utf-8") as f:
+        f.write(bom + "q1 Q0 d1 1 2.5 t\n")
+    assert read_run(tmp_path / "r.trec.gz") == {"q1": {"d1": 2.5}}

@@ -50,10 +50,10 @@ def test_missing_queries_count_as_zero_like_trec_eval_c(dl19):
 
 def test_run_file_round_trip_scores_the_same(dl19, tmp_path):
     qrels, run = dl19
-    write_run(run, tmp_path / "r.trec.gz")  # scores written with 6 decimals
-    rounded = {q: {d: round(s, 6) for d, s in docs.items()} for q, docs in run.items()}
+    write_run(run, tmp_path / "r.trec.gz")  # scores written exactly (repr of the float)
+    assert read_run(tmp_path / "r.trec.gz") == run
     assert metrics.evaluate(qrels, read_run(tmp_path / "r.trec.gz"), relevance_level=2) == \
-        metrics.evaluate(qrels, rounded, relevance_level=2)
+        metrics.evaluate(qrels, run, relevance_level=2)
 
 
 def test_hand_computed_graded_ndcg_and_mrr_cut():

@@ -137,3 +137,62 @@ def test_scores_through_the_store_equal_scores_from_text(tmp_path, model, tokeni
             direct = scoring.score(model, dec, dmask, states, smask, tokenizer.yes_id, tokenizer.no_id)
             np.testing.assert_allclose([got[q][d] for d in ids], direct, atol=5e-5, rtol=0)
             assert np.ptp(direct) > 1e-3  # the random model does tell passages apart
+
+
+WRITER = r"""
+import json, sys, time
+from pathlib import Path
+from kalm_jax.config import get_preset
+from kalm_jax.engine import InferenceEngine
+from kalm_jax.evaluation import store as store_lib
+from kalm_jax.model import init_model
+from kalm_jax.tokenizer import Tokenizer
+
+root, tok, texts_file, lo, hi, me, other = sys.argv[1:]
+texts = json.loads(Path(texts_file).read_text())
+ids = list(texts)[int(lo):int(hi)]
+engine = InferenceEngine(init_model(get_preset("tiny"), seed=5), Tokenizer.load(tok), max_document_tokens=96,
+                         show_progress=False)
+st = store_lib.PassageStore.open(root, store_lib.StoreKey.for_engine(engine, 1))
+Path(me).touch()  # both writers have opened the store (same empty manifest) before either encodes
+deadline = time.time() + 300
+while not Path(other).exists() and time.time() < deadline:
+    time.sleep(0.05)
+print("encoded", st.ensure(engine, texts, ids, batch_size=8, shard_size=8, progress=False), flush=True)
+"""
+
+
+def test_two_concurrent_writers_leave_every_passage_exactly_once(tmp_path, tokenizer, texts, model):
+    """Two processes (two sweeps sharing a store_dir) open one store, then encode overlapping candidate sets at
+    the same time: both succeed (one waits for the store lock), and the manifest names every passage of both
+    sets exactly once, in shards that exist and load."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    root = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    ranges = [(0, 26), (14, 40)]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(tokenizer.path), str(tmp_path / "texts.json"),
+                               str(lo), str(hi), str(tmp_path / f"ready{i}"), str(tmp_path / f"ready{1 - i}")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (lo, hi) in enumerate(ranges)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    manifest = json.loads((root / "manifest.json").read_text())
+    listed = []
+    for shard in manifest["shards"]:
+        d = root / "r1" / shard["name"]
+        ids = json.loads((d / "ids.json").read_text())
+        assert len(ids) == shard["count"] and (d / "states.npy").is_file()
+        listed += ids
+    assert sorted(listed) == sorted(texts) and len(listed) == len(set(listed)) == 40
+    encoded = sorted(int(o[0].split()[-1]) for o in outs)
+    assert sum(encoded) == 40, encoded  # the overlap is encoded once: the second writer reads the first's shards
+    st = store_lib.PassageStore.open(root, _key(model, tokenizer))
+    assert st.missing(list(texts)) == [] and st.lookup(list(texts), 1).ids == list(texts)

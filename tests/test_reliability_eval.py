@@ -71,7 +71,8 @@ def test_run_sweep_refuses_a_directory_in_use(tmp_path, data_dir):
 
 @pytest.mark.parametrize("field,value", [("max_queries", -3), ("relevance_level", -1), ("max_document_tokens", -1),
                                          ("batch_pairs", 0), ("encode_batch_size", 0), ("top_k", 2.5),
-                                         ("shard_size", True)])
+                                         ("shard_size", True), ("store_lock_timeout", -1.0),
+                                         ("store_lock_timeout", float("nan"))])
 def test_bad_settings_are_named(tmp_path, field, value):
     cfg = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4", field: value}
     with pytest.raises(SweepConfigError, match=field):
@@ -85,3 +86,75 @@ def test_unreadable_sweep_config_is_named(tmp_path):
     (tmp_path / "o" / results.CONFIG_FILE).write_text("{truncated")
     with pytest.raises(SweepConfigError, match="sweep_config.json: not a valid sweep config"):
         results.check_output_dir(s)
+
+
+def _near_tie_dataset(root):
+    """A BEIR dataset of 6 queries whose first-stage scores differ only in the 8th decimal (rounding them to 6
+    decimals makes them ties, which trec_eval breaks by descending doc id: the relevant doc then drops; trec_eval
+    keeps scores as float32, which still tells them apart at this magnitude)."""
+    d = root / "ties"
+    (d / "qrels").mkdir(parents=True)
+    docs = [f"d{i}" for i in range(8)]
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"_id": x, "title": "", "text": f"text {x}"}) + "\n"
+                                            for x in docs))
+    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{j}", "text": f"query {j}"}) + "\n"
+                                             for j in range(6)))
+    # the relevant doc (lowest id) is ahead by 3e-8 of docs with higher ids; other docs trail by whole points
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{j}\td{j % 3}\t1\n"
+                                                                                   for j in range(6)))
+    lines = []
+    for j in range(6):
+        rel = j % 3
+        for i, x in enumerate(docs):
+            score = 0.0123456789 + (3e-8 if i == rel else (-1e-8 * i if i > rel else -0.001 * (i + 1)))
+            lines.append(f"q{j} Q0 {x} {i + 1} {score!r} bm25\n")
+    (d / "first.trec").write_text("".join(lines))
+    return d
+
+
+def test_run_files_reproduce_results_exactly_also_after_a_resume(tmp_path):
+    """Metrics recomputed by pytrec_eval from the written run file equal results.jsonl's exactly, with near-tied
+    scores; a sweep resumed after a kill between writing the run and its row reports the same figures."""
+    import pytrec_eval
+
+    from kalm_jax.data.beir import load_qrels
+    from kalm_jax.data.trec import read_run
+
+    _near_tie_dataset(tmp_path)
+    out = tmp_path / "out"
+    cfg = {"data_dir": str(tmp_path), "datasets": "ties", "output_dir": str(out), "first_stage": "run:first.trec",
+           "progress": False, "report": False}
+    (row,) = run_sweep(cfg)
+    written = read_run(out / row["run_file"])
+    qrels = load_qrels(tmp_path / "ties" / "qrels" / "test.tsv")
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut"}).evaluate(written)
+    recomputed = sum(v["ndcg_cut_10"] for v in per_query.values()) / len(qrels)
+    assert recomputed == row["metrics"]["ndcg_cut_10"] == 1.0
+    assert written == read_run(tmp_path / "ties" / "first.trec")  # every score round-trips exactly
+    (out / results.RESULTS).unlink()  # killed after the run file was cached, before its row was appended
+    (again,) = run_sweep(cfg)
+    assert again["metrics"] == row["metrics"]
+
+
+def test_eval_cli_prints_a_data_error_as_one_line(tmp_path):
+    """A user-facing error (bad input data) is one line on stderr and a non-zero exit; no traceback unless
+    KALM_DEBUG=1."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    d = tmp_path / "broken"
+    (d / "qrels").mkdir(parents=True)
+    (d / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "alpha"}\n')
+    (d / "queries.jsonl").write_text('{"_id": "q1", "text": "alpha?"}\n{"_id": "q2", "text": \n')
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    args = [sys.executable, str(repo / "eval.py"), f"--config.data_dir={tmp_path}", "--config.datasets=broken",
+            f"--config.output_dir={tmp_path / 'out'}", "--config.progress=False"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"}
+    env.pop("KALM_DEBUG", None)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{d / 'queries.jsonl'}:2: malformed JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    debug = subprocess.run(args, env={**env, "KALM_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == proc.returncode and "Traceback" in debug.stderr

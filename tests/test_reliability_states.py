@@ -149,3 +149,74 @@ def test_disk_full_while_saving_states_names_the_directory_and_keeps_nothing(tmp
     with pytest.raises(DiskFullError, match=r"states: the disk is full \(writing stopped: 8192 requested"):
         states.save(tmp_path / "states")
     assert not (tmp_path / "states").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_store_lock_waits_then_names_its_holder(tmp_path, caplog):
+    """A second writer of a store waits for its lock with a logged message, then fails naming the holder."""
+    import subprocess
+    import sys
+    import time
+
+    from kalm_jax.evaluation.store import StoreLocked, lock_path
+
+    root = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from kalm_jax.atomic import file_lock\n"
+        "with file_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)"), str(lock_path(root))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        with caplog.at_level(logging.INFO), pytest.raises(StoreLocked, match=f"pid {holder.pid} on "):
+            PassageStore.open(root, KEY, lock_timeout=1.5)
+        assert time.perf_counter() - t0 >= 1.5
+        assert "waiting up to 1.5 s" in caplog.text and f"pid {holder.pid}" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    make_store(root)  # the kernel released the killed holder's lock
+    assert len(PassageStore.open(root, KEY, lock_timeout=0)) == 6
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last value (the .npy header stays valid)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["states.npy", "ids.json"])
+def test_a_flipped_bit_is_a_named_integrity_error(tmp_path, name):
+    """A saved file that changed after it was written loads with an IntegrityError naming it, not silently."""
+    from kalm_jax.integrity import IntegrityError
+
+    d = states().save(tmp_path / "s")
+    PassageStates.load(d)
+    if name == "ids.json":  # still a valid id list, but of other passages
+        (d / name).write_text((d / name).read_text().replace("d0-1", "d0-7"))
+    else:
+        flip_last_byte(d / name)
+    with pytest.raises(IntegrityError, match=f"{d / name}: contents changed since it was written"):
+        PassageStates.load(d)
+    with pytest.raises(IntegrityError, match=name):
+        PassageStates.load(d, mmap=False)
+
+
+def test_a_flipped_bit_in_a_store_shard_is_named_and_older_directories_use_the_content_hash(tmp_path):
+    from kalm_jax.integrity import IntegrityError
+
+    st = make_store(tmp_path / "store")
+    path = st.root / "r1" / "shard-00001" / "states.npy"
+    flip_last_byte(path)
+    with pytest.raises(IntegrityError, match=f"{path}: contents changed"):
+        PassageStore.open(st.root, KEY).lookup(["d1-0"], 1)
+    with pytest.raises(IntegrityError, match=f"{path}: contents changed"):
+        PassageStore.open(st.root, KEY).lookup(["d0-0"], 4)  # any ratio reads the shards it is derived from
+    # a directory saved before per-file hashes were recorded is checked against its content hash
+    d = states().save(tmp_path / "old")
+    m = json.loads((d / "manifest.json").read_text())
+    del m["files"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    PassageStates.load(d)
+    flip_last_byte(d / "states.npy")
+    with pytest.raises(IntegrityError, match="content sha256 mismatch"):
+        PassageStates.load(d)

@@ -257,7 +257,8 @@ def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[
     A `ConfigError` exits with status 2 and its message; so do `errors` raised by `main` (one line, no
     traceback), for the user errors a CLI wants reported plainly, and a missing optional package (the line
     names the extra to install, `kalm_jax.extras`). `errors` may be a function returning the tuple, called
-    after parsing, so that ``--help`` works without the packages their modules import.
+    after parsing, so that ``--help`` works without the packages their modules import. With
+    ``KALM_DEBUG=1`` in the environment their traceback is printed before that line.
     """
     from kalm_jax.extras import missing_extra_message
 
@@ -277,6 +278,10 @@ def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[
     try:
         status = main(config, **values)
     except (ConfigError, *user_errors) as e:
+        if debug():
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
@@ -286,6 +291,13 @@ def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[
         print(f"error: {message}", file=sys.stderr)
         return 2
     return int(status or 0)
+
+
+def debug() -> bool:
+    """Whether ``KALM_DEBUG`` asks for tracebacks of user-facing errors (any value but '', 0, false, no)."""
+    import os
+
+    return os.environ.get("KALM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def setup_logging() -> None:

@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.storage = "float32"      # stored state dtype: float32 | bfloat16 | int8
     c.store_ratio = 0          # ratio passages are encoded at (0 = gcd of the ratios)
     c.on_stale = "error"       # a store written by another checkpoint/tokenizer/length: 'error' or 'reencode'
+    c.store_lock_timeout = 3600.0  # seconds to wait while another run writes the same store (then fail naming it)
     c.on_unknown_docs = "error"  # run-file docs missing from the corpus: 'error' or 'drop' (with a warning)
     # Model and lengths.
     c.dtype = "float32"        # parameter dtype to load the checkpoint in (float32 | bfloat16)

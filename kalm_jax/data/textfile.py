@@ -62,10 +62,14 @@ def is_gzip(path: str | Path) -> bool:
 
 
 def open_text(path: str | Path, mode: str = "r", gz: bool | None = None) -> IO[str]:
-    """Opens a text file, transparently (un)gzipping ``*.gz`` (or when `gz` says so)."""
+    """Opens a text file, transparently (un)gzipping ``*.gz`` (or when `gz` says so).
+
+    Reading skips a leading UTF-8 byte-order mark (``utf-8-sig``: files saved by Windows editors); writing
+    never adds one."""
+    encoding = "utf-8-sig" if mode.startswith("r") else "utf-8"
     if is_gzip(path) if gz is None else gz:
-        return gzip.open(path, mode + "t", encoding="utf-8")
-    return open(path, mode, encoding="utf-8")
+        return gzip.open(path, mode + "t", encoding=encoding)
+    return open(path, mode, encoding=encoding)
 
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:

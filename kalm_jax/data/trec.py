@@ -57,7 +57,12 @@ def ranked(docs: Mapping[str, float], k: int | None = None) -> list[tuple[str, f
 
 def write_run(run: Mapping[str, Mapping[str, float]], path: str | Path, tag: str = "kalm_jax",
               k: int | None = None) -> None:
-    """Writes a run (gzip if ``*.gz``) atomically, ranks 1..n by descending score, at most `k` per query."""
+    """Writes a run (gzip if ``*.gz``) atomically, ranks 1..n by descending score, at most `k` per query.
+
+    Scores are written as the shortest text that reads back as the same float64 (``repr``; a float32 score
+    as the float64 of its value), so metrics recomputed from the file equal those of the in-memory run even
+    for scores that differ only in their last digits (rounding them would create ties trec_eval reorders).
+    """
     if not tag or any(c.isspace() for c in tag):
         raise ValueError(f"run tag must be a non-empty string without whitespace, got {tag!r}")
     with atomic_write(path) as f:
@@ -65,4 +70,4 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: str | Path, tag: str
             for rank, (doc_id, score) in enumerate(ranked(docs, k), start=1):
                 if any(c.isspace() for c in qid + doc_id):
                     raise ValueError(f"{path}: ids must not contain whitespace: {qid!r} / {doc_id!r}")
-                f.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+                f.write(f"{qid} Q0 {doc_id} {rank} {float(score)!r} {tag}\n")

@@ -10,16 +10,14 @@ complete last row instead of deleting it).
 from __future__ import annotations
 
 import contextlib
-import datetime
-import fcntl
 import json
 import logging
 import os
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
+from kalm_jax.atomic import LockHeld, file_lock
 from kalm_jax.evaluation.settings import Settings, SweepConfigError
 
 log = logging.getLogger(__name__)
@@ -93,31 +91,20 @@ def append(output_dir: Path, row: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def output_lock(output_dir: str | os.PathLike) -> Iterator[Path]:
-    """Holds an exclusive lock on `output_dir` (fcntl.flock on OUT/.lock) for the duration of the block.
+    """Holds an exclusive lock on `output_dir` (`atomic.file_lock` on OUT/.lock) for the duration of the block.
 
     Raises `OutputDirLocked` naming the holder when another process holds it. The kernel releases the
     lock when its holder exits, killed or not, so a stale lock never blocks a rerun.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    f = open(path, "a+")
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise OutputDirLocked(f"{out} is in use by another run ({holder}); wait for it to finish or use "
+            path = stack.enter_context(file_lock(out / LOCK_FILE))
+        except LockHeld as e:
+            raise OutputDirLocked(f"{out} is in use by another run ({e.holder}); wait for it to finish or use "
                                   "another output_dir (two runs would duplicate every cell)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
-        f.flush()
         yield path
-    finally:
-        f.close()  # releases the lock
 
 
 def check_output_dir(settings: Settings) -> None:

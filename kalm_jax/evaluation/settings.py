@@ -52,6 +52,7 @@ class Settings:
     store_dir: Path | None = None
     store_ratio: int = 0
     on_stale: str = "error"
+    store_lock_timeout: float = 3600.0
     system: str = ""
     cascade: str = ""
     dtype: str = "float32"
@@ -107,6 +108,9 @@ class Settings:
             raise SweepConfigError(f"first_stage must be 'bm25' or 'run:<path>', got {self.first_stage!r}")
         if self.storage not in STORAGE:
             raise SweepConfigError(f"storage must be one of {STORAGE}, got {self.storage!r}")
+        t = self.store_lock_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise SweepConfigError(f"store_lock_timeout must be a number of seconds >= 0, got {t!r}")
         if self.on_stale not in ("error", "reencode"):
             raise SweepConfigError(f"on_stale must be 'error' or 'reencode', got {self.on_stale!r}")
         if self.on_unknown_docs not in ("error", "drop"):

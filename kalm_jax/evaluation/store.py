@@ -15,15 +15,25 @@ naming the differences, or, with ``on_stale="reencode"``, deletes it and starts 
 New passages are appended as new shards; the manifest is rewritten atomically after each finished shard,
 so an interrupted encode keeps every shard it finished.
 
+Writers hold the store's lock (`lock_path`: ``.<store>.lock`` beside the store directory, an `atomic.file_lock`)
+while they create, replace, extend (`ensure`) or derive (`shards_at`) it, so two sweeps sharing a store
+directory never write at once: the second waits, with a logged message naming the holder, up to `lock_timeout`
+seconds (default `LOCK_TIMEOUT`), then raises `StoreLocked` naming it. Under the lock `ensure` re-reads the
+manifest from disk before it decides what to encode and how to name new shards, so passages another run added
+meanwhile are used, not encoded again, and the manifest never names a passage twice or a shard that is not
+complete on disk.
+
 With several JAX processes (docs/multihost.md) every process calls `open` after process 0 (who creates
 or replaces the store), then `ensure` together: each shard is split into one part per process, named
 `shard-<n>-p<process>`, encoded and saved by that process; process 0 commits the manifest once after a
 barrier. A store written by N processes opens in one like any other. Coarser ratios: call `shards_at` on
-process 0 first (`distributed.primary_first`), as the sweep does.
+process 0 first (`distributed.primary_first`), as the sweep does. Only process 0 takes the store lock, for the
+whole job's write (the other processes write their parts while it holds it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,7 +45,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kalm_jax import mep
+from kalm_jax import distributed, mep
+from kalm_jax.atomic import LockHeld, file_lock
 from kalm_jax.passage_states import STORAGE, PassageStates, PassageStatesError, check_ids, read_json
 
 log = logging.getLogger(__name__)
@@ -44,10 +55,50 @@ FORMAT = "kalm-jax-passage-store"
 MANIFEST = "manifest.json"
 POOLING_VERSION = "mep-v1"
 OnStale = Literal["error", "reencode"]
+LOCK_TIMEOUT = 3600.0
+"""Seconds a writer waits for another run's store lock before `StoreLocked` (eval: `store_lock_timeout`)."""
 
 
 class StaleStoreError(ValueError):
     """The store on disk was written for another model / tokenizer / max length / ratio / storage."""
+
+
+class StoreLocked(RuntimeError):
+    """Another run held the store's lock for longer than the lock timeout (the message names the holder)."""
+
+
+def lock_path(root: str | os.PathLike) -> Path:
+    """The lock file of the store at `root`: ``.<name>.lock`` beside it (outside, so replacing a stale store
+    keeps the lock in place)."""
+    root = Path(root).absolute()
+    return root.parent / f".{root.name}.lock"
+
+
+@contextlib.contextmanager
+def store_lock(root: str | os.PathLike, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Holds the lock of the store at `root` (waits up to `timeout` s with a logged message, then `StoreLocked`)."""
+    root = Path(root).absolute()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock_path(root), timeout=timeout,
+                                          what=f"another run is writing the passage-state store {root}"))
+        except LockHeld as e:
+            raise StoreLocked(f"{root}: the passage-state store is locked by another run ({e.holder}); waited "
+                              f"{e.waited:.0f} s (lock timeout {timeout:g} s). Wait for that run, raise the "
+                              "timeout (eval: --config.store_lock_timeout), or use another store_dir") from None
+        yield
+
+
+def _read_manifest(manifest: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(stored key, validated shard list) of a store manifest."""
+    data = read_json(manifest, "the store manifest")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{manifest}: format {found!r}, expected {FORMAT!r}")
+    stored = data.get("key", {})
+    if not isinstance(stored, dict):
+        raise PassageStatesError(f"{manifest}: key must be an object, got {type(stored).__name__}")
+    return stored, list(_check_shards(data.get("shards", []), manifest))
 
 
 def _check_shards(shards, manifest: Path) -> list[dict[str, Any]]:
@@ -130,30 +181,35 @@ class PassageStore:
         self._loaded: dict[int, list[PassageStates]] = {}
         self.encoded = 0
         """Passages this object encoded (0 when everything was already stored)."""
+        self.lock_timeout = LOCK_TIMEOUT
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: str | os.PathLike, key: StoreKey, *, on_stale: OnStale = "error") -> "PassageStore":
+    def open(cls, root: str | os.PathLike, key: StoreKey, *, on_stale: OnStale = "error",
+             lock_timeout: float = LOCK_TIMEOUT) -> "PassageStore":
         """Opens (or creates) the store at `root` for `key`.
 
         A store written for a different key raises `StaleStoreError` naming every differing field, or is
-        deleted and recreated with ``on_stale="reencode"``.
+        deleted and recreated with ``on_stale="reencode"``. Holds the store lock meanwhile (process 0 only),
+        waiting up to `lock_timeout` seconds for another writer (then `StoreLocked`); the store's later
+        writes wait as long.
         """
         if on_stale not in ("error", "reencode"):
             raise ValueError(f"on_stale must be 'error' or 'reencode', got {on_stale!r}")
         root = Path(root).absolute()
+        with store_lock(root, lock_timeout) if distributed.is_primary() else contextlib.nullcontext():
+            store = cls._open(root, key, on_stale)
+        store.lock_timeout = lock_timeout
+        return store
+
+    @classmethod
+    def _open(cls, root: Path, key: StoreKey, on_stale: OnStale) -> "PassageStore":
         manifest = root / MANIFEST
         if manifest.is_file():
-            data = read_json(manifest, "the store manifest")
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                found = data.get("format") if isinstance(data, dict) else type(data).__name__
-                raise ValueError(f"{manifest}: format {found!r}, expected {FORMAT!r}")
-            stored = data.get("key", {})
-            if not isinstance(stored, dict):
-                raise PassageStatesError(f"{manifest}: key must be an object, got {type(stored).__name__}")
+            stored, shards = _read_manifest(manifest)
             diff = {k: (stored.get(k), v) for k, v in key.as_dict().items() if stored.get(k) != v}
             if not diff:
-                return cls(root, key, list(_check_shards(data.get("shards", []), manifest)))
+                return cls(root, key, shards)
             details = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
             if on_stale == "error":
                 raise StaleStoreError(
@@ -167,6 +223,27 @@ class PassageStore:
         store = cls(root, key, [])
         store._write_manifest()
         return store
+
+    def _reload(self) -> None:
+        """Re-reads the shard list from disk (under the store lock): shards other runs added since `open`."""
+        manifest = self.root / MANIFEST
+        if not manifest.is_file():
+            raise PassageStatesError(f"{manifest}: missing; the store was deleted while this run used it")
+        stored, shards = _read_manifest(manifest)
+        diff = [k for k, v in self.key.as_dict().items() if stored.get(k) != v]
+        if diff:
+            raise StaleStoreError(f"{self.root}: another run replaced the store for a different setting ({diff}) "
+                                  "since this run opened it")
+        if shards != self.shards:
+            self.shards = shards
+            self._index = None
+            self._loaded.clear()
+
+    def _next_shard_number(self) -> int:
+        """A shard number no listed shard uses (names are `shard-<n>` or `shard-<n>-p<process>`)."""
+        used = [int(sh["name"].split("-")[1]) for sh in self.shards
+                if sh["name"].startswith("shard-") and sh["name"].split("-")[1].isdigit()]
+        return max([len(self.shards), *(n + 1 for n in used)])
 
     def _write_manifest(self) -> None:
         _write_json_atomic(self.root / MANIFEST, {"format": FORMAT, "version": 1, "key": self.key.as_dict(),
@@ -208,6 +285,9 @@ class PassageStore:
                shard_size: int = 4096, progress: bool = True) -> int:
         """Encodes the passages of `doc_ids` that are not stored yet; returns how many were encoded.
 
+        Runs under the store lock (process 0 takes it; every process then re-reads the manifest), so
+        passages another run stored since `open` are not encoded again.
+
         Args:
           engine: the `InferenceEngine` of the store's model (its fingerprint and document limit must match
             the store's key).
@@ -220,6 +300,28 @@ class PassageStore:
             raise ValueError(f"{self.root}: this engine (model {engine.model_fingerprint}, max_document_tokens "
                              f"{engine.max_document_tokens}) does not match the store's key (model {self.key.model}, "
                              f"max_length {self.key.max_length})")
+        doc_ids = list(doc_ids)
+        primary = distributed.is_primary()
+        with contextlib.ExitStack() as stack:
+            refused = None
+            if primary:
+                try:
+                    stack.enter_context(store_lock(self.root, self.lock_timeout))
+                except StoreLocked as e:
+                    refused = e
+            # the others wait for process 0's (possibly long) lock wait in a barrier, not in the collective below
+            distributed.barrier(f"passage_store_lock_tried:{self.root}")
+            if distributed.any_process(refused is not None):
+                raise refused or StoreLocked(f"{self.root}: process 0 could not lock the passage-state store")
+            if primary:
+                self._reload()
+            distributed.barrier(f"passage_store_locked:{self.root}")
+            if not primary:
+                self._reload()  # process 0 holds the lock: the manifest is the one it read
+            return self._ensure_locked(engine, texts, doc_ids, batch_size, shard_size, progress)
+
+    def _ensure_locked(self, engine, texts: Mapping[str, str], doc_ids: list[str], batch_size: int | None,
+                       shard_size: int, progress: bool) -> int:
         todo = self.missing(doc_ids)
         absent = [d for d in todo if d not in texts]
         if absent:
@@ -263,7 +365,7 @@ class PassageStore:
         import jax
 
         rank, nproc = jax.process_index(), jax.process_count()
-        base = len(self.shards)
+        base = self._next_shard_number()
         parts: list[dict[str, Any]] = []
         mine = 0
         for j, shard_ids in enumerate(plan):
@@ -305,12 +407,16 @@ class PassageStore:
         return states.ids is not None and list(states.ids) == list(ids)
 
     def _add_shard(self, states: PassageStates) -> None:
-        name = f"shard-{len(self.shards):05d}"
+        """Saves one complete shard, then lists it in the manifest (call under the store lock, after `_reload`)."""
+        index = self.index
+        if states.ids is None or any(d in index for d in states.ids):
+            raise PassageStatesError(f"{self.root}: refusing a shard without ids or with ids already stored")
+        name = f"shard-{self._next_shard_number():05d}"
         states.meta = {**self.key.as_dict(), "shard": name}
         states.save(self._shard_dir(self.key.ratio, name), overwrite=True)
         self.shards.append({"name": name, "count": len(states)})
         self._write_manifest()
-        self._index = None
+        index.update((d, (len(self.shards) - 1, i)) for i, d in enumerate(states.ids))
         self._loaded.pop(self.key.ratio, None)
 
     # ------------------------------------------------------------------ reading
@@ -323,22 +429,15 @@ class PassageStore:
         if ratio in self._loaded and len(self._loaded[ratio]) == len(self.shards):
             return self._loaded[ratio]
         expect = self.key.as_dict()
+        stale = [sh["name"] for sh in self.shards if ratio != self.key.ratio and self._derived_stale(ratio, sh["name"])]
+        if stale:  # deriving writes the store: under its lock (process 0; the others find them derived after it)
+            with store_lock(self.root, self.lock_timeout) if distributed.is_primary() else contextlib.nullcontext():
+                for name in stale:
+                    if self._derived_stale(ratio, name):  # another run may have derived it meanwhile
+                        self._derive(ratio, name)
         out = []
         for shard in self.shards:
             d = self._shard_dir(ratio, shard["name"])
-            if ratio != self.key.ratio:
-                # a derived shard records the content hash of the finest shard it came from: a finest shard
-                # that changed since (re-encoded, replaced) makes it stale, and it is derived again
-                src = self._shard_dir(self.key.ratio, shard["name"])
-                source = PassageStates.stored_content(src)
-                if not (d / "manifest.json").is_file() or PassageStates.stored_content(d) is None or (
-                        PassageStates.load(d, expect_meta=expect).meta.get("derived_from") != source):
-                    if (d / "manifest.json").is_file():
-                        log.warning("%s: its source %s changed since it was derived; deriving it again", d, src)
-                    base = PassageStates.load(src, expect_meta=expect)
-                    derived = base.to_ratio(ratio)
-                    derived.meta = {**derived.meta, "derived_from": source}
-                    derived.save(d, overwrite=True)
             states = PassageStates.load(d, expect_meta=expect)
             hidden = out[0].states.shape[2] if out else None
             if hidden is not None and states.states.shape[2] != hidden:
@@ -349,6 +448,23 @@ class PassageStore:
             out.append(states)
         self._loaded[ratio] = out
         return out
+
+    def _derived_stale(self, ratio: int, name: str) -> bool:
+        """Whether shard `name` at the coarser `ratio` is missing or was derived from another finest shard: a
+        derived shard records the content hash of the finest shard it came from, so a finest shard that
+        changed since (re-encoded, replaced) makes it stale, and it is derived again."""
+        d = self._shard_dir(ratio, name)
+        source = PassageStates.stored_content(self._shard_dir(self.key.ratio, name))
+        return not (d / "manifest.json").is_file() or PassageStates.stored_content(d) is None or (
+            PassageStates.load(d, expect_meta=self.key.as_dict(), verify=False).meta.get("derived_from") != source)
+
+    def _derive(self, ratio: int, name: str) -> None:
+        d, src = self._shard_dir(ratio, name), self._shard_dir(self.key.ratio, name)
+        if (d / "manifest.json").is_file():
+            log.warning("%s: its source %s changed since it was derived; deriving it again", d, src)
+        derived = PassageStates.load(src, expect_meta=self.key.as_dict()).to_ratio(ratio)
+        derived.meta = {**derived.meta, "derived_from": PassageStates.stored_content(src)}
+        derived.save(d, overwrite=True)
 
     def lookup(self, doc_ids: Sequence[str], ratio: int) -> PassageStates:
         """States of `doc_ids` (in that order) at `ratio`, read from the memory-mapped shards."""

@@ -288,7 +288,8 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                 prep = prepared[ds]
                 root = (settings.store_dir or out / "store") / checkpoint_slug(ck) / ds
                 st = distributed.primary_first(
-                    lambda: store_lib.PassageStore.open(root, key, on_stale=settings.on_stale), f"sweep_store:{root}")
+                    lambda: store_lib.PassageStore.open(root, key, on_stale=settings.on_stale,
+                                                      lock_timeout=settings.store_lock_timeout), f"sweep_store:{root}")
                 encoded = st.ensure(engine, _Texts(prep.data), prep.candidates, shard_size=settings.shard_size,
                                     progress=settings.progress and primary)
                 block = query_block(list(prep.queries))
