@@ -19,7 +19,10 @@ sweep, dev evaluation during training, the `label` command, the benchmark — go
     and `margins` then gathers each batch's rows on the device, so only token ids and indices travel.
 The pure jitted functions themselves stay in `kalm_jax.scoring`.
 
-Multi-process runs build one engine per process over its local devices; work is split above it.
+Multi-process runs build one engine per process over its local devices; work is split above it. An engine
+over a given `mesh` (e.g. the training mesh, which may span every process) instead uses the weights where
+they already are (their own shardings: no copy, no host gather) and runs every call as one SPMD program over
+that mesh, batches split over `batch_axes`; then every process makes the same calls with the same inputs.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from kalm_jax import checkpointing, mep, prompts, scoring
@@ -143,6 +146,16 @@ def _process_local(tree):
     return jax.tree.map(one, tree)
 
 
+def _check_on_mesh(state, mesh) -> None:
+    """Raises unless every weight of `state` is a jax array on `mesh`'s devices (an engine over a given mesh
+    uses the weights where they are)."""
+    devices = set(mesh.devices.flat)
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not isinstance(x, jax.Array) or not x.sharding.device_set <= devices:
+            raise ValueError(f"weight {jax.tree_util.keystr(path)} is not a jax array on the given mesh's devices: "
+                             "place the weights on the mesh first (e.g. a training state's shardings)")
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -163,6 +176,12 @@ class InferenceEngine:
       max_query_tokens: queries are cut to this many tokens before entering the prompt (None: no cut).
       max_prompt_tokens: budget of the whole decoder prompt; a longer instruction is cut to fit (warning).
       show_progress: progress bars: True, False or None (only for work of >= 256 items).
+      mesh: run over this mesh instead of a ``("data",)`` mesh of `devices`: the model's weights must already
+        be jax arrays on its devices (e.g. a training state's, sharded by the training rules); they are used
+        as they are (no copy, no host gather, `share_weights` is moot). The mesh may span several processes:
+        then every process must make the same engine calls with the same inputs (one SPMD program each), each
+        feeds and computes only its devices' rows, and results are gathered to every host.
+      batch_axes: the mesh axes batches are split over (default: all axes of `mesh`; ``"data"`` without one).
     """
 
     def __init__(self, model: T5Gemma2, tokenizer: AnyTokenizer | None = None, *,
@@ -171,7 +190,7 @@ class InferenceEngine:
                  max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, show_progress: bool | None = None,
                  yes_id: int | None = None, no_id: int | None = None, buckets: Buckets = Buckets(),
-                 share_weights: bool = True):
+                 share_weights: bool = True, mesh: Mesh | None = None, batch_axes: str | Sequence[str] | None = None):
         if tokenizer is not None:
             check_vocab(tokenizer, model.config.vocab_size, where=str(getattr(tokenizer, "path", None) or "tokenizer"))
             yes_id = tokenizer.yes_id if yes_id is None else yes_id
@@ -189,23 +208,36 @@ class InferenceEngine:
         self.max_prompt_tokens = _positive_int(max_prompt_tokens, "max_prompt_tokens")
         self.show_progress = show_progress
         self.buckets = buckets
-        self.devices = list(jax.local_devices() if devices is None else devices)
-        if not self.devices:
-            raise ValueError("devices is empty: give at least one device (default: all local devices)")
-        self.mesh = data_mesh(self.devices)
+        if mesh is None:
+            self.devices = list(jax.local_devices() if devices is None else devices)
+            if not self.devices:
+                raise ValueError("devices is empty: give at least one device (default: all local devices)")
+            self.mesh = data_mesh(self.devices)
+            batch_axes = "data"
+        else:
+            if devices is not None:
+                raise ValueError("give devices or mesh, not both")
+            self.mesh, self.devices = mesh, list(mesh.devices.flat)
+            batch_axes = tuple(mesh.axis_names) if batch_axes is None else batch_axes
+        axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+        self._batch_shards = int(np.prod([self.mesh.shape[a] for a in axes]))
+        self._global = any(d.process_index != jax.process_index() for d in self.devices)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
+        self._batch = NamedSharding(self.mesh, PartitionSpec(batch_axes))
         graphdef, state = nnx.split(model)
-        state = jax.device_put(_process_local(state), self._replicated)
-        if share_weights:
-            nnx.update(model, state)  # the model now holds the placed arrays: one copy of the weights
+        if mesh is None:
+            state = jax.device_put(_process_local(state), self._replicated)
+            if share_weights:
+                nnx.update(model, state)  # the model now holds the placed arrays: one copy of the weights
+        else:
+            _check_on_mesh(state, self.mesh)
         self._graphdef, self._state = graphdef, state
         self._yes_no = None
         if yes_id is not None and no_id is not None:
             for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
                 if not 0 <= int(tok) < model.config.vocab_size:
                     raise ValueError(f"{name}={tok} is outside the vocabulary [0, {model.config.vocab_size})")
-            self._yes_no = jax.device_put(jnp.asarray([int(yes_id), int(no_id)], jnp.int32), self._replicated)
+            self._yes_no = self._put_to(np.asarray([int(yes_id), int(no_id)], np.int32), self._replicated)
         self.compiles = 0
 
     # ------------------------------------------------------------------ identity
@@ -231,11 +263,28 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ plumbing
     def rows(self, n: int) -> int:
-        """Padded batch rows for `n` items (the batch bucket, rounded up to a multiple of the device count)."""
-        return self.buckets.rows(n, len(self.devices))
+        """Padded batch rows for `n` items (the batch bucket, rounded up to a multiple of the batch shards: the
+        device count on the engine's own mesh)."""
+        return self.buckets.rows(n, self._batch_shards)
+
+    def _put_to(self, a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+        """Host array -> device array of `sharding`; over a multi-process mesh each process transfers only the
+        blocks of its own devices (every process holds the same `a`)."""
+        if not self._global:
+            return jax.device_put(a, sharding)
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
     def _put(self, *arrays: np.ndarray):
-        return [jax.device_put(a, self._batch) for a in arrays]
+        return [self._put_to(a, self._batch) for a in arrays]
+
+    def _host(self, x: jax.Array) -> np.ndarray:
+        """A result on the host: its blocks gathered from every process over a multi-process mesh (a collective)."""
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def _call(self, fn, *args, **kwargs):
         """Calls a jitted function of `scoring`, counting the programs it compiles."""
@@ -304,6 +353,7 @@ class InferenceEngine:
                                            ratio)
         c = -(-longest // ratio)
         # slice on the host: slicing the device arrays would compile one program per (b, c)
+        pooled, pmask, counts = self._host(pooled), self._host(pmask), self._host(counts)
         return (np.asarray(pooled, np.float32)[:b, :c], np.asarray(pmask)[:b, :c], np.asarray(counts)[:b, :c])
 
     def score_batch(self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask) -> np.ndarray:
@@ -329,7 +379,7 @@ class InferenceEngine:
         pmask_p[b:, 0] = 1
         margins = self._call(scoring.score_pairs, self._graphdef, self._state, *self._put(dec_p, dmask_p, states_p,
                                                                                           pmask_p), self._need_yes_no())
-        return np.asarray(margins, np.float32)[:b]
+        return np.asarray(self._host(margins), np.float32)[:b]
 
     # ------------------------------------------------------------------ tokens
     def document_ids(self, texts: Sequence[str], *, warn: bool = True) -> list[list[int]]:
@@ -497,11 +547,11 @@ class InferenceEngine:
                 return
             st_d, pm_d = self._host_batch(chunk, factor, self.rows(stop - start))
             w = min(st_d.shape[1], width)
-            host[start:stop, :w] = np.asarray(st_d)[: stop - start, :w]  # sliced on the host: no program per shape
-            mask[start:stop, :w] = np.asarray(pm_d)[: stop - start, :w]
+            host[start:stop, :w] = self._host(st_d)[: stop - start, :w]  # sliced on the host: no program per shape
+            mask[start:stop, :w] = self._host(pm_d)[: stop - start, :w]
 
         self.run_batches(n, batch_size, run, "placing passage states", "passage", show_progress)
-        placed = jax.device_put((host, mask), self._replicated)
+        placed = (self._put_to(host, self._replicated), self._put_to(mask, self._replicated))
         return DeviceStates(placed[0], placed[1], windows, ratio, states.ids, dict(states.meta))
 
     def _check_placed(self, states: DeviceStates, ratio: int | None) -> None:
@@ -570,7 +620,7 @@ class InferenceEngine:
             _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
             dec_d, dmask_d = self._put(dec, dmask)
             margins = self._call(scoring.score_pairs, self._graphdef, self._state, dec_d, dmask_d, st_d, pm_d, yes_no)
-            out[pairs] = np.asarray(margins, np.float32)[:b]
+            out[pairs] = np.asarray(self._host(margins), np.float32)[:b]
 
         self.run_batches(n, batch_size, run, desc, "pair", show_progress)
         return out

@@ -182,12 +182,27 @@ def test_sigterm_stop_sigkill_and_resume(single, straight, train_args, run_env, 
 
 
 def test_dev_evaluation_runs_on_two_processes(train_args, run_env, tmp_path):
-    """The sized presets evaluate dev nDCG@10 during training: with 2 processes the weights are sharded over
-    both, and every process must still score the dev set (same value as one process would log)."""
-    w = tmp_path / "dev"
+    """The sized presets evaluate dev nDCG@10 during training. With the weights sharded over both processes
+    (mesh fsdp=8), dev evaluation scores on the training mesh with the state's own arrays (no gather of the
+    weights; tests/test_dev_eval.py checks none is copied or read to the host) and logs what one process logs."""
     args = [a for a in train_args if not a.startswith(("--config.eval.num_queries", "--config.total_steps"))]
-    args += ["--config.total_steps=2", "--config.eval.num_queries=3", "--config.eval.depth=4"]
+    args += ["--config.total_steps=2", "--config.eval.num_queries=3", "--config.eval.depth=4", "--config.mesh.data=1",
+             "--config.mesh.fsdp=8"]
+    w = tmp_path / "dev"
     proc = subprocess.run(launcher(w, args), env=run_env, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    last = json.loads((w / "metrics.jsonl").read_text().splitlines()[-1])
-    assert 0.0 <= last["dev_ndcg@10"] <= 1.0 and last["step"] == 2
+    assert "[p0] mesh {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 cpu devices" in proc.stdout
+    one = tmp_path / "dev_one"
+    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "train.py", *args, f"--workdir={one}"], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [x["step"] for x in ref] == [0, 1, 2]
+    assert 0.0 <= rows[-1]["dev_ndcg@10"] <= 1.0
+    # the same initial weights: the same dev metrics exactly; after two steps the weights agree to fp32 rounding
+    for key in ("initial_dev_ndcg@10", "initial_dev_bm25_ndcg@10"):
+        assert rows[0][key] == ref[0][key], key
+    for key in ("dev_ndcg@10", "dev_bm25_ndcg@10"):
+        assert rows[-1][key] == pytest.approx(ref[-1][key], abs=1e-6), key

@@ -5,15 +5,24 @@ The dev set
 is built once (BM25 top-`depth` candidates of the first `num_queries` judged queries, tokenized), then each
 evaluation encodes the candidate passages once at the evaluation ratio and scores every pair, both through
 the inference engine (`kalm_jax.engine.InferenceEngine`) over the current weights.
+
+During training (`mesh=` the training mesh) the engine scores with the training state's own arrays, sharded
+as training shards them: no copy of the weights is made and none reaches a host. Each engine call is one
+SPMD program over the whole mesh: every process builds the same dev set and makes the same calls, the rows of
+every batch (passages, then (query, passage) pairs) are split over the mesh's batch axes, so each process's
+devices encode and score only their rows, and the margins are gathered to every process. The metrics equal a
+one-process run's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import Mesh
 
 from kalm_jax import prompts
 from kalm_jax.data.beir import load_beir
@@ -54,12 +63,17 @@ class DevSet:
         return cls({q: ds.qrels[q] for q in qids}, {q: run.get(q, {}) for q in qids}, doc_ids, doc_tokens, qids,
                    prompt_tokens, pairs, max_document_tokens)
 
-    def rerank(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64
-               ) -> dict[str, dict[str, float]]:
-        """The reranked run {qid: {docid: margin}}, scored through a fresh `InferenceEngine` of `model`."""
+    def rerank(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64,
+               mesh: Mesh | None = None, batch_axes: str | Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        """The reranked run {qid: {docid: margin}}, scored through a fresh `InferenceEngine` of `model`.
+
+        With `mesh` (the training mesh holding `model`'s weights) the engine runs over that mesh with the weights
+        where they are, batches split over `batch_axes` (see the module docstring); every process must call it.
+        Without, the weights are copied onto this process's devices."""
         engine = InferenceEngine(model, tokenizer, batch_size=batch_size, max_document_tokens=self.max_document_tokens,
-                                 share_weights=False, show_progress=False)
-        states = engine.encode_ids(self.doc_tokens, ratio, storage="float32")
+                                 share_weights=False, show_progress=False, mesh=mesh, batch_axes=batch_axes)
+        # meta={}: no fingerprint of the weights (it would read every weight to the host)
+        states = engine.encode_ids(self.doc_tokens, ratio, storage="float32", meta={})
         margins = engine.margins(self.prompt_tokens, self.pairs[:, 0], states, self.pairs[:, 1])
         run: dict[str, dict[str, float]] = {q: {} for q in self.query_ids}
         for (q, p), m in zip(self.pairs, margins):
@@ -71,10 +85,11 @@ class DevSet:
 
         return float(evaluate(self.qrels, run)["ndcg_cut_10"])
 
-    def evaluate(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64
-                 ) -> dict[str, float]:
-        """{"dev_ndcg@10": reranked, "dev_bm25_ndcg@10": first stage}."""
-        return {"dev_ndcg@10": self.ndcg10(self.rerank(model, tokenizer, ratio=ratio, batch_size=batch_size)),
+    def evaluate(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64,
+                 mesh: Mesh | None = None, batch_axes: str | Sequence[str] | None = None) -> dict[str, float]:
+        """{"dev_ndcg@10": reranked, "dev_bm25_ndcg@10": first stage} (`mesh`, `batch_axes`: see `rerank`)."""
+        run = self.rerank(model, tokenizer, ratio=ratio, batch_size=batch_size, mesh=mesh, batch_axes=batch_axes)
+        return {"dev_ndcg@10": self.ndcg10(run),
                 "dev_bm25_ndcg@10": self.ndcg10(self.first_stage)}
 
 

@@ -337,7 +337,9 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
     def evaluate() -> dict[str, float]:
         if dev is None:
             return {}
-        return dev.evaluate(ts.model(state), tok, ratio=int(config.eval.ratio), batch_size=int(config.eval.batch_size))
+        # on the training mesh, with the state's own sharded arrays: no weight copy, no host gather
+        return dev.evaluate(ts.model(state), tok, ratio=int(config.eval.ratio), batch_size=int(config.eval.batch_size),
+                            mesh=ts.mesh, batch_axes=ts.rules.get(sharding.BATCH))
 
     writer = MetricsWriter(workdir, bool(config.tensorboard), start)
     total = int(config.total_steps)
