@@ -6,7 +6,8 @@ sweep, dev evaluation during training, the `label` command, the benchmark — go
   * weight placement: once, replicated over a 1-axis ``("data",)`` mesh of this process's devices
     (`kalm_jax.mesh.data_mesh`); batches are sharded over that axis;
   * the bucketing policy (`Buckets`): batch rows (powers of two up to 64, then multiples of 64, rounded to
-    the device count), document length (multiple of 128, then of the ratio only where needed), decoder
+    the device count), document length (multiple of 128, then of the ratio only where needed: never for
+    documents of one window), decoder
     prompt length (multiple of 32), passage windows (powers of two from 16, then multiples of 256). Similar calls reuse compiled programs;
     `compiles` counts the programs this engine caused to be compiled;
   * length sorting (longest first) and padding; padding never changes a result (padded keys are masked,
@@ -64,8 +65,11 @@ class Buckets:
 
     def document_length(self, longest: int, ratio: int) -> int:
         """Padded encoder length: a multiple of `length`, rounded up to a multiple of `ratio` only when the
-        ratio does not divide it (ratio 31 pads 200 tokens to 279, not to lcm(128, 31) = 3968)."""
-        return scoring.bucket(scoring.bucket(longest, self.length), ratio)
+        ratio does not divide it (ratio 31 pads 200 tokens to 279, not to lcm(128, 31) = 3968) and the
+        longest document is longer than one window: documents of at most `ratio` tokens pool to one state
+        whatever the padding (3 tokens at ratio 10**6 pad to 128, not to 10**6)."""
+        width = scoring.bucket(longest, self.length)
+        return width if longest <= ratio else scoring.bucket(width, ratio)
 
     def window_count(self, windows: int) -> int:
         """Padded passage windows: a power of two (at least `windows`) up to 256, then multiples of 256."""
