@@ -42,7 +42,7 @@ from kalm_jax import checkpointing, mep, prompts, scoring
 from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab
 from kalm_jax.mesh import data_mesh
 from kalm_jax.model import T5Gemma2, _check_passages, _check_tokens
-from kalm_jax.passage_states import STORAGE, PassageStates
+from kalm_jax.passage_states import STORAGE, PassageStates, row_indices
 
 DEFAULT_BATCH_SIZE = 32
 PROGRESS_MIN_ITEMS = 256
@@ -525,7 +525,7 @@ class InferenceEngine:
 
         Args:
           prompt_rows: decoder prompt token lists (e.g. from `prompt_ids`).
-          prompt_of, passage_of: int [N] pair -> prompt row / passage row.
+          prompt_of, passage_of: int [N] pair -> prompt row / passage row (float or boolean arrays: TypeError).
           states: cached passage states: host `PassageStates` at `states.ratio` (each batch's rows are selected,
             padded and transferred), or `DeviceStates` from `place` (each batch's rows are gathered on the
             device; only the indices travel).
@@ -533,8 +533,8 @@ class InferenceEngine:
             ratios are re-pooled exactly (count-weighted, fp32) on the device, batch by batch. Device states:
             None or the ratio they were placed at (place them at another ratio to score at it).
         """
-        prompt_of = np.asarray(prompt_of, np.int64).reshape(-1)
-        passage_of = np.asarray(passage_of, np.int64).reshape(-1)
+        prompt_of = row_indices(prompt_of, "prompt_of").reshape(-1)  # floats / booleans: TypeError
+        passage_of = row_indices(passage_of, "passage_of").reshape(-1)
         if len(prompt_of) != len(passage_of):
             raise ValueError(f"{len(prompt_of)} prompt indices for {len(passage_of)} passage indices")
         on_device = isinstance(states, DeviceStates)

@@ -112,6 +112,20 @@ def test_a_ratio_longer_than_every_document_pools_each_to_one_state_without_padd
     assert margins.shape == (4,) and np.isfinite(margins).all()
 
 
+def test_margins_refuse_float_and_boolean_pair_indices(rr, docs):
+    states = rr.encode_passages(docs[:3], ratio=4)
+    prompt = [rr.engine.prompt_ids("cells")]
+    ok = rr.engine.margins(prompt, [0, 0], states, [2, 1])
+    np.testing.assert_array_equal(rr.engine.margins(prompt, np.zeros(2, np.uint8), states, np.array([2, 1], np.int32)), ok)
+    for name, args in (("passage_of", ([0], [1.7])), ("passage_of", ([0, 0], np.array([1.0, 2.0]))),
+                       ("prompt_of", ([0.0], [1]))):
+        with pytest.raises(TypeError, match=rf"{name}: row indices must be integers, got float"):
+            rr.engine.margins(prompt, args[0], states, args[1])
+    for name, args in (("passage_of", ([0, 0, 0], np.array([True, False, True]))), ("prompt_of", ([True], [1]))):
+        with pytest.raises(TypeError, match=rf"{name}: boolean indices are refused"):
+            rr.engine.margins(prompt, args[0], states, args[1])
+
+
 def test_a_huge_instruction_is_cut_to_the_prompt_budget(rr):
     instruction = "Find passages about cells. " * 4000  # ~60 kB
     with pytest.warns(UserWarning, match="instruction of .* tokens cut to .* tokens"):
