@@ -7,8 +7,8 @@ sweep, dev evaluation during training, the `label` command, the benchmark — go
     (`kalm_jax.mesh.data_mesh`); batches are sharded over that axis;
   * the bucketing policy (`Buckets`): batch rows (powers of two up to 64, then multiples of 64, rounded to
     the device count), document length (multiple of 128, then of the ratio only where needed: never for
-    documents of one window), decoder
-    prompt length (multiple of 32), passage windows (powers of two from 16, then multiples of 256). Similar calls reuse compiled programs;
+    documents of one window), decoder prompt length (multiple of 32), passage windows (powers of two from
+    16, then multiples of 256). Similar calls reuse compiled programs;
     `compiles` counts the programs this engine caused to be compiled;
   * length sorting (longest first) and padding; padding never changes a result (padded keys are masked,
     padded rows dropped);

@@ -267,5 +267,5 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-__all__ = ["SafetensorsDir", "weights_file", "SINGLE_FILE", "INDEX_FILE", "DiskFullError", "read_safetensors_header", "ST_DTYPES", "DEFAULT_MAX_SHARD_BYTES", "Entry",
-           "write_safetensors", "plan_shards", "parse_size"]
+__all__ = ["SafetensorsDir", "DiskFullError", "read_safetensors_header", "ST_DTYPES", "DEFAULT_MAX_SHARD_BYTES", "Entry",
+           "write_safetensors", "plan_shards", "parse_size", "weights_file", "SINGLE_FILE", "INDEX_FILE"]

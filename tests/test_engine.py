@@ -116,7 +116,8 @@ def test_margins_refuse_float_and_boolean_pair_indices(rr, docs):
     states = rr.encode_passages(docs[:3], ratio=4)
     prompt = [rr.engine.prompt_ids("cells")]
     ok = rr.engine.margins(prompt, [0, 0], states, [2, 1])
-    np.testing.assert_array_equal(rr.engine.margins(prompt, np.zeros(2, np.uint8), states, np.array([2, 1], np.int32)), ok)
+    same = rr.engine.margins(prompt, np.zeros(2, np.uint8), states, np.array([2, 1], np.int32))
+    np.testing.assert_array_equal(same, ok)
     for name, args in (("passage_of", ([0], [1.7])), ("passage_of", ([0, 0], np.array([1.0, 2.0]))),
                        ("prompt_of", ([0.0], [1]))):
         with pytest.raises(TypeError, match=rf"{name}: row indices must be integers, got float"):
