@@ -6,8 +6,9 @@ sweep, dev evaluation during training, the `label` command, the benchmark — go
   * weight placement: once, replicated over a 1-axis ``("data",)`` mesh of this process's devices
     (`kalm_jax.mesh.data_mesh`); batches are sharded over that axis;
   * the bucketing policy (`Buckets`): batch rows (powers of two up to 64, then multiples of 64, rounded to
-    the device count), document length (multiple of 128, then of the ratio only where needed), decoder
-    prompt length (multiple of 32), passage windows (powers of two from 16, then multiples of 256). Similar calls reuse compiled programs;
+    the device count), document length (multiple of 128, then of the ratio only where needed: never for
+    documents of one window), decoder prompt length (multiple of 32), passage windows (powers of two from
+    16, then multiples of 256). Similar calls reuse compiled programs;
     `compiles` counts the programs this engine caused to be compiled;
   * length sorting (longest first) and padding; padding never changes a result (padded keys are masked,
     padded rows dropped);
@@ -44,7 +45,7 @@ from kalm_jax import checkpointing, mep, prompts, scoring
 from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab
 from kalm_jax.mesh import data_mesh
 from kalm_jax.model import T5Gemma2, _check_passages, _check_tokens
-from kalm_jax.passage_states import STORAGE, PassageStates
+from kalm_jax.passage_states import STORAGE, PassageStates, row_indices
 
 DEFAULT_BATCH_SIZE = 32
 PROGRESS_MIN_ITEMS = 256
@@ -67,8 +68,11 @@ class Buckets:
 
     def document_length(self, longest: int, ratio: int) -> int:
         """Padded encoder length: a multiple of `length`, rounded up to a multiple of `ratio` only when the
-        ratio does not divide it (ratio 31 pads 200 tokens to 279, not to lcm(128, 31) = 3968)."""
-        return scoring.bucket(scoring.bucket(longest, self.length), ratio)
+        ratio does not divide it (ratio 31 pads 200 tokens to 279, not to lcm(128, 31) = 3968) and the
+        longest document is longer than one window: documents of at most `ratio` tokens pool to one state
+        whatever the padding (3 tokens at ratio 10**6 pad to 128, not to 10**6)."""
+        width = scoring.bucket(longest, self.length)
+        return width if longest <= ratio else scoring.bucket(width, ratio)
 
     def window_count(self, windows: int) -> int:
         """Padded passage windows: a power of two (at least `windows`) up to 256, then multiples of 256."""
@@ -571,7 +575,7 @@ class InferenceEngine:
 
         Args:
           prompt_rows: decoder prompt token lists (e.g. from `prompt_ids`).
-          prompt_of, passage_of: int [N] pair -> prompt row / passage row.
+          prompt_of, passage_of: int [N] pair -> prompt row / passage row (float or boolean arrays: TypeError).
           states: cached passage states: host `PassageStates` at `states.ratio` (each batch's rows are selected,
             padded and transferred), or `DeviceStates` from `place` (each batch's rows are gathered on the
             device; only the indices travel).
@@ -579,8 +583,8 @@ class InferenceEngine:
             ratios are re-pooled exactly (count-weighted, fp32) on the device, batch by batch. Device states:
             None or the ratio they were placed at (place them at another ratio to score at it).
         """
-        prompt_of = np.asarray(prompt_of, np.int64).reshape(-1)
-        passage_of = np.asarray(passage_of, np.int64).reshape(-1)
+        prompt_of = row_indices(prompt_of, "prompt_of").reshape(-1)  # floats / booleans: TypeError
+        passage_of = row_indices(passage_of, "passage_of").reshape(-1)
         if len(prompt_of) != len(passage_of):
             raise ValueError(f"{len(prompt_of)} prompt indices for {len(passage_of)} passage indices")
         on_device = isinstance(states, DeviceStates)

@@ -82,7 +82,8 @@ def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progre
     """Loads an HF T5Gemma 2 / KaLM-Reranker-V1 checkpoint directory into the NNX model.
 
     Args:
-      path: directory with `config.json` and `model.safetensors` (or shards + `model.safetensors.index.json`).
+      path: directory with `config.json` and `model.safetensors` (or shards + `model.safetensors.index.json`);
+        the weights come from the files transformers reads (`safetensors_io.weights_file`).
       dtype: parameter dtype ('float32' or 'bfloat16'); also the compute dtype unless `compute_dtype` is set.
       progress: show a progress bar (default: for checkpoints over 1 GiB).
     Returns:

@@ -39,7 +39,9 @@ def _weighted_window_mean(values: jax.Array, weights: jax.Array, size: int):
     """Per window of `size` rows: sum(w·v) / max(1, sum(w)) in fp32; also (sum(w) > 0) and sum(w), int32.
 
     values [B, N, H], integer weights [B, N] (a 0/1 token mask for `pool`, window counts for `repool`).
+    A window longer than the rows (N <= size: one window) is taken as N rows, not zero-padded to `size`.
     """
+    size = max(1, min(size, values.shape[1]))
     w = _windows(jnp.asarray(weights, jnp.int32), size)
     v = _windows(jnp.asarray(values).astype(jnp.float32), size)
     total = w.sum(axis=2)

@@ -37,6 +37,18 @@ STORAGE = ("float32", "bfloat16", "int8")
 _FILE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
 
 
+def row_indices(rows, what: str) -> np.ndarray:
+    """`rows` as an int64 array of row numbers. Floats ([1.7] was row 1) and booleans (a mask was rows 0/1)
+    are a TypeError naming `what`; an empty list is no rows."""
+    a = np.asarray(rows)
+    if a.dtype == np.bool_:
+        raise TypeError(f"{what}: boolean indices are refused (they would be read as rows 0 and 1); pass row "
+                        f"numbers, e.g. np.flatnonzero(mask)")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{what}: row indices must be integers, got {a.dtype} (e.g. {a.reshape(-1)[0]!r})")
+    return a.astype(np.int64)
+
+
 class PassageStatesError(ValueError):
     """A passage-state directory whose files are missing, inconsistent or hold invalid values."""
 
@@ -114,8 +126,11 @@ class PassageStates:
         return _finite(np.asarray(self.states).astype(dtype), where)
 
     def select(self, rows: Sequence[int] | np.ndarray, *, trim: bool = True) -> "PassageStates":
-        """Rows `rows` (in that order); with `trim`, windows beyond the longest selected passage are dropped."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """Rows `rows` (in that order); with `trim`, windows beyond the longest selected passage are dropped.
+
+        `rows` are integer row numbers; float or boolean arrays are a TypeError (`row_indices`): select a
+        boolean mask's rows with ``select(np.flatnonzero(mask))``."""
+        rows = row_indices(rows, "rows")
         mask = np.asarray(self.mask[rows])
         width = int(mask.sum(axis=0).nonzero()[0].max()) + 1 if trim and mask.any() else mask.shape[1]
         states = np.asarray(self.states[rows, :width])

@@ -35,36 +35,78 @@ def _inside(root: Path, name: str, what: str) -> Path:
     return root / name
 
 
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weights_file(root: Path) -> Path:
+    """The file transformers' `from_pretrained` reads the weights of the local directory `root` from, in its
+    order of precedence: config.json's `transformers_weights` (a *.safetensors or *.safetensors.index.json
+    inside `root`), then `model.safetensors` (an index beside it is ignored), then `model.safetensors.index.json`.
+    Any other *.safetensors file is never read; a directory with none of these is a FileNotFoundError."""
+    explicit = None
+    try:
+        explicit = json.loads((root / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        pass  # no or unreadable config.json: `read_config` reports it where a config is needed
+    if explicit is not None:
+        if not isinstance(explicit, str) or not explicit.endswith((".safetensors", ".safetensors.index.json")):
+            raise ValueError(f"{root / 'config.json'}: transformers_weights {explicit!r} is neither a *.safetensors "
+                             "nor a *.safetensors.index.json file")
+        file = _inside(root, explicit, f"{root / 'config.json'} transformers_weights")
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: named by transformers_weights in {root / 'config.json'}, does not exist")
+        return file
+    for name in (SINGLE_FILE, INDEX_FILE):
+        if (root / name).is_file():
+            return root / name
+    others = sorted(p.name for p in root.glob("*.safetensors"))
+    raise FileNotFoundError(f"{root}: no {SINGLE_FILE} and no {INDEX_FILE}"
+                            + (f"; transformers does not load the other *.safetensors files here ({others[:5]}): "
+                               f"rename a single file to {SINGLE_FILE} or write {INDEX_FILE}" if others else ""))
+
+
 class SafetensorsDir:
-    """Read access to the safetensors of an HF checkpoint directory (single file or sharded index)."""
+    """Read access to the safetensors of an HF checkpoint directory (single file or sharded index).
+
+    The weights are read from the file transformers reads (`weights_file`). With an index, every shard it
+    names is read whole, as transformers does; a tensor stored in two of them, or one the index maps to a
+    shard that does not hold it, is a ValueError naming the tensor and the files."""
 
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: not a checkpoint directory")
-        index = self.root / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError(f"weight_map is {type(weight_map).__name__}, not an object")
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-            self.files = {name: _inside(self.root, f, str(index)) for name, f in weight_map.items()}
-            missing = sorted({str(p) for p in self.files.values() if not p.exists()})
-            if missing:
-                raise FileNotFoundError(f"{index} names shard files that do not exist: {missing[:5]}")
-        else:
-            shards = sorted(self.root.glob("*.safetensors"))
-            if not shards:
-                raise FileNotFoundError(f"{self.root}: no *.safetensors files (and no model.safetensors.index.json)")
-            self.files = {}
-            for shard in shards:
-                with _open_safetensors(shard) as f:
-                    for name in f.keys():
-                        self.files[name] = shard
         self._handles: dict[Path, object] = {}
         self._shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        source = weights_file(self.root)
+        if not source.name.endswith(".index.json"):
+            self.files = {name: source for name in self._handle(source).keys()}
+            return
+        index = source
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is {type(weight_map).__name__}, not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        mapped = {name: _inside(self.root, f, str(index)) for name, f in weight_map.items()}
+        shards = sorted(set(mapped.values()))
+        missing = [str(p) for p in shards if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {missing[:5]}")
+        self.files = {}
+        for shard in shards:
+            for name in self._handle(shard).keys():
+                if name in self.files:
+                    raise ValueError(f"tensor {name} is stored in two shard files, {self.files[name]} and {shard} "
+                                     f"(both named by {index}); refusing to choose one")
+                self.files[name] = shard
+        for name, shard in mapped.items():
+            if self.files.get(name) != shard:
+                where = f"it is in {self.files[name]}" if name in self.files else "no shard it names holds it"
+                raise ValueError(f"{index} maps tensor {name} to {shard}, which does not hold it ({where}); "
+                                 "the index does not describe these shards")
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -226,4 +268,4 @@ def parse_size(size: int | str) -> int:
 
 
 __all__ = ["SafetensorsDir", "DiskFullError", "read_safetensors_header", "ST_DTYPES", "DEFAULT_MAX_SHARD_BYTES", "Entry",
-           "write_safetensors", "plan_shards", "parse_size"]
+           "write_safetensors", "plan_shards", "parse_size", "weights_file", "SINGLE_FILE", "INDEX_FILE"]

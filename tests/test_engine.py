@@ -73,7 +73,7 @@ def test_states_repooled_on_the_device_equal_states_encoded_at_the_coarser_ratio
 @pytest.mark.parametrize("ratio", [31, 33, 1000])
 def test_odd_ratios_pad_to_a_multiple_of_the_ratio_not_the_lcm(rr, docs, ratio):
     assert Buckets().document_length(200, 31) == 279 and Buckets().document_length(200, 32) == 256
-    assert Buckets().document_length(200, 1000) == 1000
+    assert Buckets().document_length(1200, 1000) == 2000
     states = rr.encode_passages(docs[:4], ratio=ratio)
     ids, mask = rr.engine.document_ids(docs[:4]), None
     longest = max(len(x) for x in ids)
@@ -84,6 +84,47 @@ def test_odd_ratios_pad_to_a_multiple_of_the_ratio_not_the_lcm(rr, docs, ratio):
     ref, ref_mask, ref_counts = mep.pool(rr.model.encode(ids, mask), mask, ratio)
     np.testing.assert_allclose(states.dense(), np.asarray(ref), atol=2e-5)
     np.testing.assert_array_equal(states.counts, np.asarray(ref_counts))
+
+
+def test_a_ratio_longer_than_every_document_pools_each_to_one_state_without_padding_to_the_ratio(rr, docs):
+    # A document of n <= r tokens is one window: it is padded to the 128 bucket only (3 tokens at ratio 10**6
+    # were padded to 10**6 tokens, an encoder allocation of 7.28 TiB); longer documents still pad to the ratio.
+    assert Buckets().document_length(3, 10**6) == 128 and Buckets().document_length(200, 10**6) == 256
+    assert Buckets().document_length(128, 128) == 128 and Buckets().document_length(300, 200) == 400
+    from kalm_jax import prompts
+
+    big = 10**6
+    pooled, pmask, counts = mep.pool(np.ones((1, 3, 4), np.float32), np.ones((1, 3), np.int32), 10**12)
+    assert pooled.shape == (1, 1, 4) and int(counts[0, 0]) == 3 and int(pmask[0, 0]) == 1
+    seqs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15]]
+    states = rr.engine.encode_ids(seqs, big, storage="float32")
+    assert states.states.shape[:2] == (3, 1) and states.ratio == big
+    np.testing.assert_array_equal(states.counts, [[3], [2], [6]])
+    ids, mask = prompts.pad_batch(seqs, rr.tokenizer.pad_id)  # unpadded: the batch's own longest row
+    ref, ref_mask, ref_counts = mep.pool(rr.model.encode(ids, mask), mask, big)
+    np.testing.assert_allclose(states.dense(), np.asarray(ref), atol=2e-5)
+    np.testing.assert_array_equal(states.counts, np.asarray(ref_counts))
+    texts = rr.encode_passages(docs[:4], ratio=big)
+    lengths = [len(x) for x in rr.engine.document_ids(docs[:4])]
+    assert texts.states.shape[:2] == (4, 1)
+    np.testing.assert_array_equal(texts.counts[:, 0], lengths)
+    margins = rr.engine.margins([rr.engine.prompt_ids("cells")], np.zeros(4, np.int64), texts, np.arange(4))
+    assert margins.shape == (4,) and np.isfinite(margins).all()
+
+
+def test_margins_refuse_float_and_boolean_pair_indices(rr, docs):
+    states = rr.encode_passages(docs[:3], ratio=4)
+    prompt = [rr.engine.prompt_ids("cells")]
+    ok = rr.engine.margins(prompt, [0, 0], states, [2, 1])
+    same = rr.engine.margins(prompt, np.zeros(2, np.uint8), states, np.array([2, 1], np.int32))
+    np.testing.assert_array_equal(same, ok)
+    for name, args in (("passage_of", ([0], [1.7])), ("passage_of", ([0, 0], np.array([1.0, 2.0]))),
+                       ("prompt_of", ([0.0], [1]))):
+        with pytest.raises(TypeError, match=rf"{name}: row indices must be integers, got float"):
+            rr.engine.margins(prompt, args[0], states, args[1])
+    for name, args in (("passage_of", ([0, 0, 0], np.array([True, False, True]))), ("prompt_of", ([True], [1]))):
+        with pytest.raises(TypeError, match=rf"{name}: boolean indices are refused"):
+            rr.engine.margins(prompt, args[0], states, args[1])
 
 
 def test_a_huge_instruction_is_cut_to_the_prompt_budget(rr):

@@ -52,6 +52,21 @@ def test_select_and_concatenate():
     assert len(both) == 3 and both.ids == ["d0", "d1", "d2"]
 
 
+def test_select_refuses_float_and_boolean_indices():
+    # A boolean array was read as rows 0/1 and [1.7] as row 1: both are named errors (no mask semantics).
+    _, _, ps = _states()
+    for rows in ([1.7], np.array([0.0, 2.0]), np.array([1.5], np.float32)):
+        with pytest.raises(TypeError, match=r"rows: row indices must be integers, got float"):
+            ps.select(rows)
+    for rows in (np.array([True, False, True, False, False, True]), [True, False], np.bool_(True)):
+        with pytest.raises(TypeError, match=r"rows: boolean indices are refused .*np.flatnonzero"):
+            ps.select(rows)
+    with pytest.raises(TypeError, match="row indices must be integers, got <U"):
+        ps.select(["d1"])
+    assert ps.select(np.array([2, 0], np.uint32)).ids == ["d2", "d0"]
+    assert ps.select([]).ids == [] and len(ps.select(np.array([], np.int64))) == 0
+
+
 def test_stale_meta_is_an_error(tmp_path):
     _, _, ps = _states()
     path = ps.save(tmp_path / "s")
