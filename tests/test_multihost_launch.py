@@ -166,13 +166,13 @@ def test_process_shards_are_disjoint_complete_and_independent_of_process_count()
     a, c = set(per_process[0]), set(per_process[1])
     assert len(per_process[0]) == len(a) == 48 and not a & c and a | c == set(range(n))
     assert sorted(k for keys, _ in one for k in keys) == list(range(n))  # one epoch: every record once
-    # With one batch shard per host it is Grain's own IndexSampler sharding.
+    assert _epoch(n, b, 2, 1, 12)[0] == _epoch(n, b, 4, 2, 12)[0] == one  # nor on the batch shards (the mesh)
+    # The global stream is Grain's own IndexSampler over all records (record order and rngs).
     import grain
 
-    cfg = PipelineConfig(batch_size=4, group_size=2, seed=11)
-    mine = ShardedBatchSampler(n, cfg, 1, 2)
-    ref = grain.samplers.IndexSampler(n, grain.sharding.ShardOptions(1, 2), shuffle=True, seed=11)
-    assert [mine[i].record_key for i in range(1, 60, 2)] == [ref[i].record_key for i in range(1, 60, 2)]
+    ref = grain.samplers.IndexSampler(n, grain.sharding.NoSharding(), shuffle=True, seed=11)
+    assert [k for keys, _ in one for k in keys] == [ref[i].record_key for i in range(n)]
+    assert [r for _, rngs in one for r in rngs] == [int(ref[i].rng.integers(1 << 30)) for i in range(n)]
 
 
 def test_collate_deduplicates_within_each_batch_shard():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,47 @@ def test_two_processes_log_the_same_losses_as_one(single, straight):
     for step in (2, 4, 6):  # every process saved its own data-iterator position into the shared step
         names = sorted(p.name for p in (w / "checkpoints" / str(step) / "data_iter").glob("process_*.json"))
         assert names == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def mesh(data: int, fsdp: int, tensor: int) -> list[str]:
+    return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}"]
+
+
+def one_process(workdir: Path, args: list[str], env: dict) -> str:
+    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "train.py", *args, f"--workdir={workdir}"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return r.stdout + r.stderr
+
+
+def test_losses_do_not_depend_on_the_mesh(single, train_args, run_env, tmp_path):
+    """The global batch of every step is the same records for any mesh and process count (one permutation of
+    the records per epoch, each batch shard taking its rows): 1x8 (2,2,2) (4 batch shards, tensor-parallel) and
+    2x4 (4,2,1) log the losses of 1x8 (8,1,1) to fp32 rounding."""
+    out = one_process(tmp_path / "mesh222", [*train_args, *mesh(2, 2, 2)], run_env)
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu devices" in out, out[-4000:]
+    np.testing.assert_allclose(losses(tmp_path / "mesh222"), losses(single), rtol=0, atol=1e-5)
+    out = finish(popen(launcher(tmp_path / "mesh421", [*train_args, *mesh(4, 2, 1)]), run_env))
+    assert "[launch] done, exit status 0" in out and "[p0] mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in out, out[-4000:]
+    np.testing.assert_allclose(losses(tmp_path / "mesh421"), losses(single), rtol=0, atol=1e-5)
+
+
+def test_resume_on_another_mesh_and_process_count(single, straight, train_args, run_env, tmp_path):
+    """Steps 1-2 on 2 processes x 4 devices (8,1,1), steps 3-6 resumed on 1 process x 8 devices (2,2,2): the
+    data-iterator state saved per process continues the same example order, so every step's loss equals the
+    straight run's."""
+    w = tmp_path / "moved"
+    shutil.copytree(straight[0], w, ignore=shutil.ignore_patterns("tensorboard"))
+    for step in (4, 6):  # the job stopped after the step-2 checkpoint
+        shutil.rmtree(w / "checkpoints" / str(step))
+    assert checkpoint_steps(w) == [2]
+    assert sorted(p.name for p in (w / "checkpoints/2/data_iter").glob("process_*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    logged = (w / "metrics.jsonl").read_text().splitlines()[:2]
+    one_process(w, [*train_args, *mesh(2, 2, 2)], run_env)
+    assert (w / "metrics.jsonl").read_text().splitlines()[:2] == logged  # resumed at step 2
+    np.testing.assert_allclose(losses(w), losses(single), rtol=0, atol=1e-5)
 
 
 def test_sigterm_stop_sigkill_and_resume(single, straight, train_args, run_env, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -137,9 +139,9 @@ def test_seed_determinism_and_epochs(prepared, tokenizer):
     assert all(_same(x, y) for x, y in zip(a, b))
     assert not _same(a[0], c[0])
     # A second epoch reorders the records and resamples each group.
-    cfg = PipelineConfig(batch_size=200, group_size=4, max_document_tokens=16, max_query_tokens=8, seed=1,
+    cfg = PipelineConfig(batch_size=N, group_size=4, max_document_tokens=16, max_query_tokens=8, seed=1,
                          num_epochs=2)
-    it = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=4)
+    it = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1)
     e1, e2 = _batches(it, 2)
     assert sorted(e1["example_id"].tolist()) == sorted(e2["example_id"].tolist())
     assert e1["example_id"].tolist() != e2["example_id"].tolist()
@@ -152,6 +154,104 @@ def test_seed_determinism_and_epochs(prepared, tokenizer):
     assert sum(g1[e] != g2[e] for e in g1) > len(g1) // 2
     with pytest.raises(StopIteration):
         next(it)
+
+
+def _global_stream(prepared, tokenizer, global_batch, shards, processes, steps, *, states=None, **kw):
+    """The first `steps` global batches as `processes` hosts with `shards` batch shards each assemble them:
+    per step, (example_id, its G passages' token rows) of every row in global row order. Also each host's
+    iterator (for its state)."""
+    cfg = PipelineConfig(**{"batch_size": global_batch // processes, "group_size": 2, "max_document_tokens": 16,
+                            "max_query_tokens": 8, "seed": 5, "batch_shards": shards, **kw})
+    its = [training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=p, process_count=processes,
+                             state=None if states is None else states[p]) for p in range(processes)]
+    out = []
+    for _ in range(steps):
+        rows = []
+        for it in its:
+            b = next(it)
+            for i, eid in enumerate(b["example_id"].tolist()):
+                rows.append((eid, tuple(map(bytes, b["enc_ids"][b["passage_index"][i]]))))
+        out.append(rows)
+    return out, its
+
+
+MESHES = [(1, 1), (8, 1), (4, 1), (2, 2), (4, 2), (1, 4), (2, 4)]  # (batch shards per host, processes)
+
+
+def test_global_batch_is_independent_of_batch_shards_and_processes(prepared, tokenizer):
+    """Step k's global batch holds the same records, in the same row order, with the same sampled groups, for
+    every (batch shards, process count), i.e. every mesh, and any worker count: one permutation of the records
+    per (seed, epoch)."""
+    ref, _ = _global_stream(prepared, tokenizer, 8, 1, 1, 3)
+    for shards, processes in MESHES[1:]:
+        got, _ = _global_stream(prepared, tokenizer, 8, shards, processes, 3)
+        assert got == ref, f"{shards} batch shards x {processes} processes"
+    got, _ = _global_stream(prepared, tokenizer, 8, 2, 2, 3, worker_count=2)  # workers batch every 2nd record
+    assert got == ref, "2 worker processes"
+    assert len({eid for rows in ref for eid, _ in rows}) == 24  # no record twice within the epoch
+
+
+def test_epoch_is_one_permutation_for_every_mesh(prepared, tokenizer):
+    """With num_epochs=1 the global stream is a permutation of all records (100 batches of 8, nothing dropped),
+    the same for every mesh, and different for another seed."""
+    orders = []
+    for shards, processes, workers in [(8, 1, 0), (2, 2, 0), (1, 4, 0), (4, 1, 3)]:  # 3 workers: 100 % 3 != 0
+        cfg = PipelineConfig(batch_size=8 // processes, group_size=2, max_document_tokens=8, max_query_tokens=4,
+                             seed=5, batch_shards=shards, num_epochs=1, worker_count=workers)
+        hosts = [[b["example_id"].tolist() for b in training_iterator(
+            prepared, tokenizer, cfg, name="scifact", process_index=p, process_count=processes)]
+            for p in range(processes)]
+        assert len({len(h) for h in hosts}) == 1 and len(hosts[0]) == steps_per_epoch(N, cfg, processes) == N // 8
+        orders.append([e for step in zip(*hosts) for rows in step for e in rows])
+    assert sorted(orders[0]) == list(range(N))
+    assert orders[0] == orders[1] == orders[2] == orders[3]
+    assert orders[0] != list(range(N))  # shuffled
+
+
+def test_resume_on_another_mesh_continues_the_same_order(prepared, tokenizer):
+    """The iterator state is the position in the global stream: saved by any host of one mesh, it resumes every
+    host of another mesh (other batch shards, other process count) on the next global batch."""
+    straight, _ = _global_stream(prepared, tokenizer, 8, 8, 1, 5)
+    head, its = _global_stream(prepared, tokenizer, 8, 8, 1, 2)
+    state = its[0].get_state()
+    for shards, processes in [(1, 2), (2, 4), (4, 1)]:
+        tail, _ = _global_stream(prepared, tokenizer, 8, shards, processes, 3, states=[state] * processes)
+        assert head + tail == straight, f"{shards} batch shards x {processes} processes"
+    head, its = _global_stream(prepared, tokenizer, 8, 2, 2, 2)
+    states = [it.get_state() for it in its]
+    assert states[0] == states[1]  # one mesh-independent state, whichever host saved it
+    tail, _ = _global_stream(prepared, tokenizer, 8, 1, 1, 3, states=states[:1])
+    assert head + tail == straight
+    with pytest.raises(ValueError, match="seed"):  # another order: refused, never silently restarted
+        _global_stream(prepared, tokenizer, 8, 1, 1, 1, states=[state], seed=6)
+
+
+def test_checkpoint_reads_any_process_file_and_translates_grain_states(prepared, tokenizer, tmp_path):
+    """`Checkpointer` sets the iterator from this process's `data_iter` file or, when another process count wrote
+    the step, from any process's; a state in Grain's per-process format (before the global order) continues at
+    global batch = step; a state of another order is a `SettingsMismatch`; no file at all is a corrupt step."""
+    from kalm_jax.training.checkpoints import Checkpointer, CorruptCheckpoint, SettingsMismatch
+
+    straight, _ = _global_stream(prepared, tokenizer, 8, 1, 1, 4)
+    _, its = _global_stream(prepared, tokenizer, 8, 4, 2, 1)
+    step = tmp_path / "1"
+    (step / "data_iter").mkdir(parents=True)
+    (step / "data_iter" / "process_1-of-2.json").write_bytes(its[1].get_state())
+    _, its = _global_stream(prepared, tokenizer, 8, 8, 1, 0)
+    Checkpointer._restore_data_iter(step, 1, its[0])
+    assert _global_stream(prepared, tokenizer, 8, 8, 1, 3, states=[its[0].get_state()])[0] == straight[1:]
+    legacy = {"version": 2, "last_seen_indices": {"0": 13}, "last_worker_index": -1, "worker_count": 0,
+              "sampler": "ShardedBatchSampler(...)", "data_source": "..."}
+    (step / "data_iter" / "process_1-of-2.json").write_text(json.dumps(legacy))
+    Checkpointer._restore_data_iter(step, 2, its[0])
+    assert its[0].global_batches == 2
+    _, other = _global_stream(prepared, tokenizer, 8, 8, 1, 0, seed=6)
+    (step / "data_iter" / "process_1-of-2.json").write_bytes(other[0].get_state())
+    with pytest.raises(SettingsMismatch, match="seed 6 when saved, 5 now"):
+        Checkpointer._restore_data_iter(step, 1, its[0])
+    (step / "data_iter" / "process_1-of-2.json").unlink()
+    with pytest.raises(CorruptCheckpoint, match="no data-iterator state"):
+        Checkpointer._restore_data_iter(step, 1, its[0])
 
 
 def test_sample_group_rule():

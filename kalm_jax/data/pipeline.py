@@ -1,13 +1,13 @@
 """Grain training input pipeline over a prepared TFDS dataset: fixed-shape numpy batches of query groups.
 
 Per host, each batch holds B queries (``batch_size`` is per host; the global batch is B * process_count),
-each with a group of G passages: one positive at g=0 and G-1 negatives. The records are split into
-D = ``batch_shards`` * process_count data shards (Grain `ShardOptions`: disjoint index ranges of the
-prepared dataset, which TFDS shuffled when it was written; together the whole dataset), each shuffled per
-epoch from the seed. Data shard d feeds the d-th of the D equal row blocks of every global batch, and host
-p holds shards [p*k, (p+1)*k) with k = ``batch_shards``: the global batch depends only on D, not on how
-many processes read it (1 process x 8 batch shards == 2 processes x 4). The iterator state
-(`get_state` / `set_state`) resumes on exactly the next batch.
+each with a group of G passages: one positive at g=0 and G-1 negatives. The global order of the records is
+one permutation per epoch from (seed, epoch) (Grain's `IndexSampler` over all records); global batch t is
+the next B * process_count records of that stream and host p contributes its rows [p*B, (p+1)*B)
+(`ShardedBatchSampler`).
+So step t's global batch is the same records in the same order for any mesh (``batch_shards``), process
+count and worker count. The iterator state (`TrainingIterator.get_state` / `set_state`) is the position in
+that stream: it resumes on exactly the next global batch, on any mesh and process count.
 
 Group sampling, from an rng Grain derives from (seed, position in the sampled stream), so it is
 deterministic and differs between epochs:
@@ -32,6 +32,7 @@ Batch (numpy, shapes fixed for a given config; S = max_document_tokens, T = `dec
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ import numpy as np
 from kalm_jax import prompts
 from kalm_jax.data.tfds_builder import data_source
 from kalm_jax.tokenizer import Tokenizer
+
+STATE_VERSION = 1  # of `TrainingIterator.get_state`
 
 BATCH_KEYS = ("enc_ids", "enc_mask", "passage_index", "dec_ids", "dec_mask", "labels", "teacher", "teacher_mask",
               "example_id")
@@ -59,17 +62,16 @@ class PipelineConfig:
       decoder_length: T; None derives it from the template, `max_query_tokens` and a margin (see
         `decoder_length`).
       seed: shuffling and group-sampling seed.
-      num_epochs: passes over this host's shard; None repeats forever.
+      num_epochs: passes over the records; None repeats forever.
       shuffle: shuffle record order each epoch.
       instruction: task instruction (None: default; False: stage-1 prompt without instruction).
       system: system instruction (None: default).
       use_example_prompt: an example's ``prompt`` field, when present, overrides `instruction`.
-      worker_count: Grain worker processes (0: in the main process).
+      worker_count: Grain worker processes (0: in the main process); batches do not depend on it.
       worker_buffer_size: batches buffered per worker.
-      shard_drop_remainder: drop the records that do not split evenly across the data shards
-        (otherwise shards differ by at most one record and their union is the whole dataset).
       batch_shards: k, the batch shards (row blocks of the batch on distinct devices) on this host; each
-        reads its own data shard and deduplicates its own passages. Must divide `batch_size`.
+        deduplicates its own passages (which records a batch holds does not depend on k). Must divide
+        `batch_size`.
     """
 
     batch_size: int = 16
@@ -85,7 +87,6 @@ class PipelineConfig:
     use_example_prompt: bool = True
     worker_count: int = 0
     worker_buffer_size: int = 1
-    shard_drop_remainder: bool = False
     batch_shards: int = 1
 
     def __post_init__(self):
@@ -95,6 +96,8 @@ class PipelineConfig:
             raise ValueError(f"batch_size, max_document_tokens and max_query_tokens must be positive: {self}")
         if self.batch_shards < 1 or self.batch_size % self.batch_shards:
             raise ValueError(f"batch_shards={self.batch_shards} must be >= 1 and divide batch_size={self.batch_size}")
+        if self.worker_count < 0:
+            raise ValueError(f"worker_count must be >= 0, got {self.worker_count}")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> PipelineConfig:
@@ -222,51 +225,128 @@ class CollateGroups:
 
 
 class ShardedBatchSampler:
-    """Grain sampler of one host: its k data shards interleaved so that each batch of B = k*b records
-    holds b consecutive records of each shard, in shard order.
+    """Grain sampler of one host: its rows of every global batch, in one global order of the records.
 
-    Data shard d (of D = k * process_count) is Grain's `IndexSampler` over `ShardOptions(d, D)` (its own
-    per-epoch shuffle; record rng from (seed, position)); shard d's i-th record is that sampler's element
-    d + i*D. With k = 1 this is exactly `IndexSampler(ShardOptions(process_index, process_count))`.
+    The global stream is Grain's `IndexSampler` over all records (no sharding): one permutation of the
+    records per epoch from (seed, epoch), each record's rng from (seed, position in the stream). Global batch
+    t is the stream's positions [t*GB, (t+1)*GB), GB = B * process_count (B = ``batch_size``, per host); host p
+    contributes rows [p*B, (p+1)*B), which its ``batch_shards`` batch shards split in order. So step t's
+    global batch is the same records, in the same row order, with the same sampled groups, for any mesh,
+    process count and `worker_count`. `start_batch` starts the stream at global batch `start_batch` (resuming).
+
+    The DataLoader visits this host's indices p + m*P (Grain's `ShardOptions(p, P)`), and with W worker
+    processes worker w batches every W-th of them (the workers' batches alternate); `position` maps such an
+    index to its place in the global stream. With finite `num_epochs` the length covers whole rounds of W
+    batches: `TrainingIterator` stops after the last whole global batch.
     """
 
-    def __init__(self, num_records: int, config: PipelineConfig, process_index: int, process_count: int):
-        k = config.batch_shards
-        self.per_shard = config.batch_size // k
-        self.k, self.num_shards = k, k * process_count
-        self.first_shard = process_index * k
+    def __init__(self, num_records: int, config: PipelineConfig, process_index: int, process_count: int,
+                 start_batch: int = 0):
+        self.batch_size, self.global_batch = config.batch_size, config.batch_size * process_count
+        self.process_index, self.process_count, self.start_batch = process_index, process_count, start_batch
+        self.workers = max(1, config.worker_count)
         self._shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
-        self.process_count = process_count
-        self.shards = [grain.samplers.IndexSampler(
-            num_records=num_records, shuffle=config.shuffle, num_epochs=config.num_epochs, seed=config.seed,
-            shard_options=grain.sharding.ShardOptions(shard_index=d, shard_count=self.num_shards,
-                                                      drop_remainder=config.shard_drop_remainder))
-            for d in range(self.first_shard, self.first_shard + k)]
-        if config.num_epochs is None:
+        self.order = grain.samplers.IndexSampler(num_records=num_records, shard_options=grain.sharding.NoSharding(),
+                                                 shuffle=config.shuffle, num_epochs=None, seed=config.seed)
+        total = total_batches(num_records, config, process_count)
+        if total is None:
             self._len = None
-        else:  # whole batches only: the shortest shard decides
-            steps = min(-(-(len(smp) - d) // self.num_shards) for d, smp in
-                        zip(range(self.first_shard, self.first_shard + k), self.shards)) // self.per_shard
-            self._len = steps * config.batch_size * process_count
+        else:
+            rounds = -(-max(0, total - start_batch) // self.workers)
+            self._len = rounds * self.workers * self.global_batch
 
     def __len__(self) -> int:
         import sys
 
         return sys.maxsize if self._len is None else self._len
 
+    def position(self, index: int) -> int:
+        """Position in the global stream of the DataLoader's `index` (p + m*P: this host's m-th record)."""
+        m = index // self.process_count
+        worker, i = m % self.workers, m // self.workers  # worker `worker`'s i-th record ...
+        u, row = divmod(i, self.batch_size)  # ... is row `row` of its u-th batch, this host's batch u*W + worker
+        batch = self.start_batch + u * self.workers + worker
+        return batch * self.global_batch + self.process_index * self.batch_size + row
+
     def __getitem__(self, index: int):
         if index < 0 or (self._len is not None and index >= self._len):
             raise IndexError(f"sampler index {index} out of range [0, {len(self)})")
-        local = index // self.process_count  # the DataLoader visits process_index + m * process_count
-        step, j = divmod(local, self.k * self.per_shard)
-        c, within = divmod(j, self.per_shard)
-        d = self.first_shard + c
-        meta = self.shards[c][d + (step * self.per_shard + within) * self.num_shards]
+        meta = self.order[self.position(index)]
         return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
 
     def __repr__(self) -> str:
-        return (f"ShardedBatchSampler(shards {self.first_shard}..{self.first_shard + self.k - 1} of "
-                f"{self.num_shards}, {self.per_shard} records each per batch, {self.shards[0]!r})")
+        return (f"ShardedBatchSampler(rows {self.process_index * self.batch_size}.."
+                f"{(self.process_index + 1) * self.batch_size - 1} of global batches of {self.global_batch} from "
+                f"global batch {self.start_batch}, {self.workers} worker(s), {self.order!r})")
+
+
+def total_batches(num_records: int, config: PipelineConfig, process_count: int) -> int | None:
+    """Global batches of the stream: whole batches of `num_epochs` passes; None when it repeats forever."""
+    if config.num_epochs is None:
+        return None
+    return config.num_epochs * num_records // (config.batch_size * process_count)
+
+
+class LegacyIteratorState(ValueError):
+    """A data-iterator state in Grain's per-process format, written before the input order was global."""
+
+
+class TrainingIterator:
+    """This host's training batches (`make_loader`), resumable on any mesh and process count.
+
+    Its state (`get_state` / `set_state`, JSON bytes) is the number of global batches consumed and the
+    settings that fix the global order (records, global batch size, seed, shuffle, epochs): the same bytes on
+    every host of every mesh. `set_state` refuses a state of another order (ValueError naming the settings)
+    and continues with a fresh Grain DataLoader at the saved global batch (`seek`).
+    """
+
+    def __init__(self, source: Any, tokenizer: Tokenizer, config: PipelineConfig, process_index: int,
+                 process_count: int):
+        self._args = (source, tokenizer, config, process_index, process_count)
+        self.settings = {"num_records": len(source), "global_batch_size": config.batch_size * process_count,
+                         "seed": config.seed, "shuffle": config.shuffle, "num_epochs": config.num_epochs}
+        self.total = total_batches(len(source), config, process_count)
+        self.seek(0)
+
+    def seek(self, global_batches: int) -> None:
+        """Continues at global batch `global_batches` of the stream."""
+        source, tokenizer, config, p, n = self._args
+        self.global_batches = int(global_batches)
+        self._it = iter(make_loader(source, tokenizer, config, process_index=p, process_count=n,
+                                    start_batch=self.global_batches))
+
+    def __iter__(self) -> TrainingIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.total is not None and self.global_batches >= self.total:
+            raise StopIteration
+        batch = next(self._it)
+        self.global_batches += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps({"version": STATE_VERSION, "global_batches": self.global_batches, **self.settings},
+                          indent=1, sort_keys=True).encode()
+
+    def set_state(self, state: bytes) -> None:
+        try:
+            saved = json.loads(state)
+        except ValueError as e:
+            raise ValueError(f"not a data-iterator state ({e})") from None
+        if isinstance(saved, dict) and "last_seen_indices" in saved:
+            raise LegacyIteratorState(
+                "a data-iterator state in Grain's per-process format, written before the input order was one global "
+                "order (it depends on the mesh that wrote it)")
+        if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION or "global_batches" not in saved:
+            raise ValueError(f"not a data-iterator state of version {STATE_VERSION}: {str(saved)[:200]}")
+        diff = [f"{k} {saved.get(k)!r} when saved, {v!r} now" for k, v in self.settings.items() if saved.get(k) != v]
+        if diff:
+            raise ValueError("the data-iterator state is of another input order: " + ", ".join(diff))
+        self.seek(saved["global_batches"])
+
+    def start_prefetch(self) -> None:
+        self._it.start_prefetch()
 
 
 def make_loader(
@@ -276,8 +356,11 @@ def make_loader(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_batch: int = 0,
 ) -> grain.DataLoader:
-    """A Grain DataLoader over a random-access `source` for this host's data shards (`ShardedBatchSampler`).
+    """A Grain DataLoader over a random-access `source` of this host's rows of the global batches, from global
+    batch `start_batch` (`ShardedBatchSampler`). Iterate it through `TrainingIterator` (which stops after the
+    last whole global batch when `num_epochs` is set, and saves a mesh-independent state).
 
     `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
     """
@@ -291,7 +374,7 @@ def make_loader(
     if len(source) < process_count * config.batch_size:
         raise ValueError(f"{len(source)} examples are fewer than one batch of {config.batch_size} "
                          f"on each of {process_count} hosts")
-    sampler = ShardedBatchSampler(len(source), config, process_index, process_count)
+    sampler = ShardedBatchSampler(len(source), config, process_index, process_count, start_batch)
     if config.worker_count > 0:
         _allow_grain_workers_outside_absl_app()
     dec_len = decoder_length(tokenizer, config)
@@ -322,19 +405,22 @@ def training_iterator(
     process_count: int | None = None,
     state: bytes | None = None,
 ):
-    """Iterator of training batches over a prepared dataset; pass a saved `state` to resume.
+    """`TrainingIterator` of this host's training batches over a prepared dataset; pass a saved `state` (from
+    any host of any mesh) to resume.
 
     The returned iterator has ``get_state() -> bytes`` and ``set_state(bytes)``.
     """
-    loader = make_loader(data_source(data_dir, name, split), tokenizer, config,
-                         process_index=process_index, process_count=process_count)
-    it = iter(loader)
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    it = TrainingIterator(data_source(data_dir, name, split), tokenizer, config, process_index, process_count)
     if state is not None:
         it.set_state(state)
     return it
 
 
 def steps_per_epoch(num_records: int, config: PipelineConfig, process_count: int) -> int:
-    """Batches every host yields per epoch (the smallest shard decides; run this many steps per epoch)."""
-    per_host = num_records // process_count
-    return per_host // config.batch_size
+    """Whole global batches per epoch (every host yields this many; run this many steps per epoch)."""
+    return num_records // (config.batch_size * process_count)

@@ -4,10 +4,12 @@ Each step directory holds the items
   params/        the full parameter tree (`checkpointing.param_tree(model)` layout, LoRA factors incl.)
   train_state/   {"step", "opt_state"}
   kalm_model/    kalm_model.json = `checkpointing.model_meta(model)` (so `checkpointing.load_any` works)
-  data_iter/     the Grain iterator state, one file per process
+  data_iter/     the data-iterator state (`pipeline.TrainingIterator`: the position in the global batch
+                 stream, the same on every process and mesh), one file per process
 Saves are asynchronous; the manager keeps the last `keep` steps plus the `keep_best` best by
 `best_metric`. Restoring takes the abstract state of the *current* `TrainStep`, so a run resumes onto
-another mesh shape.
+another mesh shape and process count (the data iterator is set from its own process's file, or any
+process's when the process count changed).
 
 Integrity and safety of resuming:
 - once a step is complete, `<step>/checksums.json` records the sha256 of every file of its `params`,
@@ -36,6 +38,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from kalm_jax import integrity
+from kalm_jax.data.pipeline import LegacyIteratorState
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +207,11 @@ class Checkpointer:
             verified = integrity.verify(d)
         except integrity.IntegrityError as e:
             raise CorruptCheckpoint(str(e)) from None
+        if data_iter is not None:
+            self._restore_data_iter(d, step, data_iter)
         abstract_ts = {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
         args = {"params": ocp.args.StandardRestore(abstract_state["params"]),
                 "train_state": ocp.args.StandardRestore(abstract_ts)}
-        if data_iter is not None:
-            args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 - classified below: a different structure vs a broken file
@@ -225,6 +228,26 @@ class Checkpointer:
         if restored_step != step:
             raise CorruptCheckpoint(f"{d}: train_state step {restored_step} does not match the directory")
         return {"step": ts["step"], "params": out["params"], "opt_state": ts["opt_state"]}
+
+    @staticmethod
+    def _restore_data_iter(d: Path, step: int, data_iter: Any) -> None:
+        """Sets `data_iter` to the position saved in step dir `d`: this process's file, or (another process count
+        wrote the step) any process's, as the state is the same on every process. A state in Grain's own
+        per-process format (written before the global order) continues at global batch `step` (one per step)."""
+        own = d / "data_iter" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        files = [own] if own.is_file() else sorted((d / "data_iter").glob("process_*-of-*.json"))
+        if not files:
+            raise CorruptCheckpoint(f"{d / 'data_iter'}: no data-iterator state (process_<i>-of-<N>.json)")
+        try:
+            data_iter.set_state(files[0].read_bytes())
+        except LegacyIteratorState as e:
+            log.warning("%s: %s; continuing the global order at batch %d", files[0], e, step)
+            data_iter.seek(step)
+        except ValueError as e:
+            raise SettingsMismatch(f"{files[0]}: {e}. Resume with the settings of the run that wrote it, or start a "
+                                   "new run in another --workdir (the checkpoints are left untouched).") from None
+        except OSError as e:
+            raise CorruptCheckpoint(f"{files[0]}: cannot be read ({e})") from None
 
     def close(self) -> None:
         self.wait()
