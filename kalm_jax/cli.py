@@ -5,7 +5,8 @@ tfds_builder, tokenizer) is configured the same way:
 
     --config=configs/NAME.py[:ARG]     a file with ``get_config(arg)`` returning an ml_collections ConfigDict
                                        (each CLI has a default file in configs/, so this flag is optional;
-                                       a bare NAME.py[:ARG] means the project's configs/NAME.py)
+                                       a bare NAME.py[:ARG] means the project's configs/NAME.py; a file
+                                       of your own is a path containing a slash, e.g. ./mine.py)
     --config.a.b=VALUE                 override one field; VALUE is parsed as the field's type (bool, int,
                                        float, str, tuple); an unknown key exits with the valid keys there
 
@@ -39,11 +40,18 @@ def config_file(name: str) -> Path:
 
 
 def load_file(spec: str | Path) -> ml_collections.ConfigDict:
-    """Loads ``path[:arg]``: the file's ``get_config(arg)`` (``get_config()`` without an arg)."""
+    """Loads ``path[:arg]``: the file's ``get_config(arg)`` (``get_config()`` without an arg).
+
+    A bare name (no ``/``) is a file of the project's configs/ (``train.py:tiny`` is configs/train.py, even
+    where the current directory has a ``train.py``); a path (``configs/x.py``, ``./mine.py``) is that file."""
     spec = str(spec)
     path, _, arg = spec.partition(":")
-    if not Path(path).is_file() and (CONFIG_DIR / path).is_file():
-        path = str(CONFIG_DIR / path)  # a bare name means the project's configs/ file
+    if "/" not in path and "\\" not in path:  # a bare NAME.py is the project's configs/NAME.py, never a cwd file
+        if not (CONFIG_DIR / path).is_file():
+            known = sorted(p.name for p in CONFIG_DIR.glob("*.py")) if CONFIG_DIR.is_dir() else []
+            raise ConfigError(f"--config: no config file {path!r} in the project's configs/ ({CONFIG_DIR}; a bare "
+                              f"name means a file there: {known}); a file of your own is a path, e.g. ./{path}")
+        path = str(CONFIG_DIR / path)
     if not Path(path).is_file():
         raise ConfigError(f"--config: no such config file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"_kalm_config_{Path(path).stem}", path)
