@@ -140,8 +140,9 @@ class Settings:
         return d
 
     def instruction_value(self, label: str) -> str | bool | None:
-        """The prompt instruction for a label: 'default' -> None (the default), 'none' -> False (no line)."""
-        return {DEFAULT_LABEL: None, NONE_LABEL: False}.get(label, label)
+        """The prompt instruction for a label (`prompts.resolve_instruction`): 'default' -> None (the default),
+        'none' -> False (no ``<Instruct>`` line), else the text."""
+        return prompts.resolve_instruction(label)
 
 
 __all__ = ["Settings", "SweepConfigError", "IDENTITY_FIELDS", "DEFAULT_LABEL", "NONE_LABEL"]

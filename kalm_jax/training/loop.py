@@ -53,8 +53,8 @@ def data_root(config) -> Path:
 
 
 def instruction_of(config) -> str | bool | None:
-    text = str(config.data.instruction)
-    return None if text == "default" else (prompts.NO_INSTRUCTION if text == "" else text)
+    """`data.instruction` as a prompt instruction (`prompts.resolve_instruction`: "default", "none"/"" or the text)."""
+    return prompts.resolve_instruction(str(config.data.instruction))
 
 
 def training_files(config, workdir: Path) -> list[Path]:
