@@ -16,6 +16,9 @@ def main(config, workdir=None, coordinator_address=None, num_processes=None, pro
     if not workdir:
         raise cli.ConfigError("--workdir=DIR is required (checkpoints, metrics.jsonl, tensorboard, tokenizer)")
     cli.setup_logging()
+    from kalm_jax.training.config import validate
+
+    validate(config)  # every value checked before the runtime starts and minutes of data preparation
     from kalm_jax import distributed
 
     distributed.initialize(coordinator_address, num_processes, process_id)
