@@ -189,7 +189,10 @@ class Checkpointer:
             raise CorruptCheckpoint(f"{meta_path}: not valid JSON ({e})") from None
         if not isinstance(saved, dict):
             return  # written before settings were recorded: the structure check in _restore_step applies
-        keys = sorted(set(saved) | set(self.settings))
+        from kalm_jax.training.config import LATER_SETTINGS
+
+        recorded_later = any(k.startswith(LATER_SETTINGS) for k in saved)  # else written before they were recorded
+        keys = sorted(set(saved) | {k for k in self.settings if recorded_later or not k.startswith(LATER_SETTINGS)})
         diff = [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {self.settings.get(k, '<unset>')!r}"
                 for k in keys if saved.get(k) != self.settings.get(k)]
         if diff:

@@ -275,11 +275,13 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_groups: int) -> i
     return max(1, math.ceil(epochs * num_groups / int(config.data.batch_size)))
 
 
-def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def train_settings(config: ml_collections.ConfigDict, tokenizer_fingerprint: str | None = None) -> dict[str, Any]:
     """The settings a saved train state depends on ({dotted key: value}); recorded in every checkpoint.
 
-    Resuming a run whose checkpoint recorded different values is refused (`checkpoints.SettingsMismatch`):
-    the parameter/optimiser tree would not match, or would silently mean something else.
+    Resuming a run whose checkpoint recorded different values is refused (`checkpoints.SettingsMismatch`
+    naming each key): the parameter/optimiser tree would not match, or would silently mean something else.
+    Besides the state's structure this covers the tokenizer (`tokenizer`: its content hash, when given) and
+    the data iterator (`data_settings`). The mesh is not a setting: a run resumes onto any mesh.
     """
     out: dict[str, Any] = {"model.param_dtype": str(config.model.param_dtype),
                            "optimizer.grad_accum_steps": int(config.optimizer.grad_accum_steps),
@@ -291,7 +293,29 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         out.update({"lora.rank": int(config.lora.rank), "lora.alpha": float(config.lora.alpha),
                     "lora.targets": [str(t) for t in config.lora.targets],
                     "lora.stacks": [str(t) for t in config.lora.stacks]})
+    out.update(data_settings(config))
+    if tokenizer_fingerprint:
+        out["tokenizer"] = str(tokenizer_fingerprint)
     return out
+
+
+def data_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings the saved data-iterator position means something under: the global batch and group
+    sizes, the shuffle seed and the training data (the JSONL files, or the BEIR split and mining settings)."""
+    out: dict[str, Any] = {"seed": int(config.seed), "data.batch_size": int(config.data.batch_size),
+                           "data.group_size": int(config.data.group_size)}
+    if config.data.train_jsonl:
+        out["data.train_jsonl"] = [str(Path(f).absolute()) for f in config.data.train_jsonl]
+    else:
+        out.update({"data.dataset": str(config.data.dataset), "data.split": str(config.data.split),
+                    "data.num_negatives": int(config.data.num_negatives),
+                    "data.negatives_depth": int(config.data.negatives_depth)})
+    return out
+
+
+LATER_SETTINGS = ("tokenizer", "seed", "data.")
+"""Prefixes of settings recorded since a later version: a checkpoint that records none of them (written before)
+is not compared on them."""
 
 
 def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float], ...]:
@@ -300,5 +324,5 @@ def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float],
     return tuple(zip(ratios, weights))
 
 
-__all__ = ["default_config", "validate", "ratio_weights", "resolve_total_steps", "train_settings", "DEFAULT_RATIOS",
-           "PAPER_V3_RATIOS"]
+__all__ = ["default_config", "validate", "ratio_weights", "resolve_total_steps", "train_settings", "data_settings",
+           "min_decoder_length", "LATER_SETTINGS", "DTYPES", "DEFAULT_RATIOS", "PAPER_V3_RATIOS"]

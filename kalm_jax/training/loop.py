@@ -33,7 +33,7 @@ from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab, load_tokenizer as l
 from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
 from kalm_jax import distributed
 from kalm_jax import mesh as sharding
-from kalm_jax.training.checkpoints import Checkpointer
+from kalm_jax.training.checkpoints import Checkpointer, SettingsMismatch
 from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
 from kalm_jax.training.state import configure_for_training
 from kalm_jax.training.step import STEP_BATCH_KEYS, TrainStep, make_train_step
@@ -88,10 +88,23 @@ def training_files(config, workdir: Path) -> list[Path]:
 def load_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
     """The run's tokenizer: `config.tokenizer`, else the workdir's (a resumed run), else the init_from
     checkpoint's own (``tokenizer.model`` or ``tokenizer.json``, via `kalm_jax.loader`), else one trained on
-    the training texts (only when training from scratch). The chosen file is kept in the workdir."""
+    the training texts (only when training from scratch). The chosen file is kept in the workdir.
+
+    The workdir's tokenizer is never replaced: a `config.tokenizer` whose content differs from it raises
+    `SettingsMismatch` naming both files (its checkpoints were trained with the workdir's)."""
+    kept = any((workdir / name).is_file() for name in loader.TOKENIZER_FILENAMES)
     if config.tokenizer:
         tok = load_tokenizer_file(config.tokenizer)
-    elif any((workdir / name).is_file() for name in loader.TOKENIZER_FILENAMES):
+        if kept:
+            own = load_tokenizer_file(workdir)
+            if own.fingerprint() != tok.fingerprint():
+                raise SettingsMismatch(
+                    f"tokenizer: --config.tokenizer={config.tokenizer} (sha256 {tok.fingerprint()[:16]}) is not the "
+                    f"tokenizer this workdir was trained with, {getattr(own, 'path', None) or workdir} (sha256 "
+                    f"{own.fingerprint()[:16]}); resume without --config.tokenizer (the workdir's is used) or start "
+                    "a new run in another --workdir (the workdir's tokenizer is never replaced)")
+            return own
+    elif kept:
         return load_tokenizer_file(workdir)
     elif config.init_from:
         tok = loader.find_tokenizer(config.init_from)
@@ -313,7 +326,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
               flush=True)
 
     it = pipeline.training_iterator(tfds_dir, tok, pcfg, name="train")
-    ckpt = Checkpointer(workdir, config.checkpoint, settings=train_settings(config))
+    ckpt = Checkpointer(workdir, config.checkpoint, settings=train_settings(config, tok.fingerprint()))
     restored = ckpt.restore(ts.abstract_state, it)
     if restored is not None:
         state, start = restored
