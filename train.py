@@ -32,11 +32,13 @@ def main(config, workdir=None, coordinator_address=None, num_processes=None, pro
 
 
 if __name__ == "__main__":
+    from kalm_jax.atomic import DiskFullError
     from kalm_jax.checkpointing import CheckpointError
     from kalm_jax.integrity import IntegrityError
+    from kalm_jax.locks import DirectoryLocked
     from kalm_jax.tokenizer import TokenizerError
     from kalm_jax.training.checkpoints import CorruptCheckpoint, SettingsMismatch
 
     sys.exit(cli.run(main, "train.py:tiny", flags=(cli.Flag("workdir", None, "run directory"), *cli.DISTRIBUTED_FLAGS),
                      errors=(FileNotFoundError, SettingsMismatch, CorruptCheckpoint, CheckpointError, IntegrityError,
-                             TokenizerError)))
+                             TokenizerError, DirectoryLocked, DiskFullError)))

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import checkpointing, loader, prompts
+from kalm_jax import checkpointing, loader, locks, prompts
 from kalm_jax.config import get_preset
 from kalm_jax.data import pipeline
 from kalm_jax.model import init_model
@@ -280,9 +280,19 @@ def threading_main() -> bool:
 
 
 def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
-    """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics."""
+    """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics.
+
+    The config is validated before anything else (`training.config.validate`). The run holds the workdir's
+    lock throughout (`locks.job_lock`: process 0 holds it, every process learns the outcome): a second run on
+    the same workdir fails at once with `locks.DirectoryLocked` naming the holder."""
     validate(config)
     workdir = Path(workdir).absolute()
+    with locks.job_lock(workdir, "training run", "wait for it to finish or use another --workdir (two runs would "
+                        "write the same checkpoints and metrics)"):
+        return _train_and_evaluate_locked(config, workdir)
+
+
+def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
     tfds_dir = workdir / "tfds"
     from kalm_jax.data.tfds_builder import prepare
 
