@@ -277,7 +277,15 @@ def setup_logging() -> None:
     class _QuietLibraries(logging.Filter):
         def filter(self, record):
             path = record.pathname.replace("\\", "/")
+            if "/orbax/" in path and record.levelno >= logging.ERROR and _disk_full_record(record):
+                return False  # a failed save for lack of space is reported once, as DiskFullError
             return record.levelno > logging.INFO or not ("/orbax/" in path or "/grain/" in path)
+
+    def _disk_full_record(record) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:

@@ -384,6 +384,7 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
                                ) * jax.process_count()
                 state, metrics = ts.fn(state, global_batch(local, ts))
                 step += 1
+                ckpt.check()  # a failed (async) save stops the run here: DiskFullError naming its step
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 if not math.isfinite(m["loss"]):
