@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,9 @@ def test_empty_device_list_is_a_named_error():
 
 
 # ---------------------------------------------------------------------- every config value, before data preparation
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
 @pytest.mark.parametrize("key,value,needle", [
     ("mep.ratios", (1.5,), r"mep\.ratios must be integers >= 1, got \[1\.5\]"),
     ("mep.ratios", (1, 1), r"mep\.ratios must not repeat a ratio .* got \(1, 1\)"),
@@ -155,7 +159,7 @@ def test_training_config_values_are_validated(key, value, needle):
     from kalm_jax.cli import ConfigError, load_file
     from kalm_jax.training.config import validate
 
-    c = load_file("train.py:tiny")
+    c = load_file(CONFIGS / "train.py:tiny")
     validate(c)
     section, _, leaf = key.rpartition(".")
     with (c[section] if section else c).unlocked():
@@ -170,8 +174,8 @@ def test_train_config_refuses_two_sizes_or_two_stages(arg, needle):
     from kalm_jax.cli import ConfigError, load_file
 
     with pytest.raises(ConfigError, match=needle):
-        load_file(f"train.py:{arg}")
-    assert load_file("train.py:stage2,small").model.preset == "small"
+        load_file(CONFIGS / f"train.py:{arg}")
+    assert load_file(CONFIGS / "train.py:stage2,small").model.preset == "small"
 
 
 @pytest.mark.parametrize("cascade", ["16:0", "0:20"])
@@ -191,7 +195,6 @@ def test_train_cli_refuses_a_bad_value_before_preparing_data(tmp_path, data_dir)
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu", KALM_DATA_DIR=str(data_dir))
