@@ -66,7 +66,8 @@ def tiny_reranker(tokenizer):
                                              instruction=instruction)
 
 
-@pytest.mark.parametrize("spelling,want", [s for s in SPELLINGS if s[0] is not None and not isinstance(s[0], bool)])
+@pytest.mark.parametrize("spelling,want", [s for s in SPELLINGS if isinstance(s[0], str)],
+                         ids=[repr(s[0]) for s in SPELLINGS if isinstance(s[0], str)])
 def test_no_instruction_means_the_same_in_the_reranker_training_and_eval(tokenizer, tiny_reranker, spelling, want):
     """The exact prompt of each spelling through the three entry points: `Reranker(instruction=...)` (and per call),
     training's `data.instruction` (the pipeline's tokenized group, and a per-example `prompt` field) and eval.py's
