@@ -123,63 +123,6 @@ def as_disk_full(err: BaseException, path: str | os.PathLike) -> DiskFullError |
     return None
 
 
-class LockHeld(RuntimeError):
-    """Another process holds a `file_lock` (``holder``: what it wrote into the lock file)."""
-
-    def __init__(self, path: Path, holder: str, waited: float):
-        self.path, self.holder, self.waited = path, holder, waited
-        super().__init__(f"{path} is held by {holder}" + (f" (waited {waited:.0f} s)" if waited else ""))
-
-
-def _lock_holder(f) -> str:
-    f.seek(0)
-    return f.read().strip() or "another process"
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike, *, timeout: float = 0.0, what: str = "", poll: float = 0.2) -> Iterator[Path]:
-    """Holds an exclusive lock (`fcntl.flock`) on the file `path` for the duration of the block.
-
-    The holder writes ``pid P on HOST since TIME`` into the file. When another process holds it, waits up to
-    `timeout` seconds (logging once who holds it, for `what`), then raises `LockHeld` naming the holder. The
-    kernel releases the lock when its holder exits, killed or not, so a stale lock never blocks a rerun. The
-    lock is per open file: a second `file_lock` on the same path in the same process waits like any other.
-    """
-    import datetime
-    import fcntl
-    import time
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
-    try:
-        start = time.monotonic()
-        logged = False
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                if waited >= timeout:
-                    raise LockHeld(path, _lock_holder(f), waited) from None
-                if not logged:
-                    log.warning("%s is locked by %s; waiting up to %s s for it%s", path, _lock_holder(f),
-                                f"{timeout:g}", f" ({what})" if what else "")
-                    logged = True
-                time.sleep(min(poll, max(0.0, timeout - waited)))
-        if logged:
-            log.info("%s: got the lock after %.1f s", path, time.monotonic() - start)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
-        f.flush()
-        yield path
-    finally:
-        f.close()  # releases the lock
-
-
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields an empty temporary directory beside `out`; when the block succeeds it becomes `out`.
@@ -205,4 +148,4 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
         raise
 
 
-__all__ = ["atomic_directory", "replace_dir", "recover", "DiskFullError", "as_disk_full", "file_lock", "LockHeld"]
+__all__ = ["atomic_directory", "replace_dir", "recover", "DiskFullError", "as_disk_full"]

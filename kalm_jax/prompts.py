@@ -8,10 +8,20 @@ Encoder (passage) text: ``"<Document>: {doc}"``. Decoder (query) text: the Gemma
 (one string, no line break after ``<end_of_turn>\\n``). Both are tokenized without added special tokens
 (the literal ``<bos>`` becomes the BOS id), right padded with the pad id.
 
-Stage-1 ("without instruction") prompt: its exact form is UNKNOWN in the paper. This module's choice is
-``decoder_text(query, instruction=False)``, which drops the whole ``<Instruct>: ...\\n`` line and keeps the
-system instruction and everything else unchanged. ``instruction=""`` instead keeps an empty
-``<Instruct>: \\n`` line. Both are explicit options; neither is claimed to be the authors' string.
+Stage-1 ("without instruction") prompt: its exact form is UNKNOWN in the paper (research/paper.md §1.3; the
+released wrapper's behaviour for an empty instruction is not documented either). This module's choice drops the
+whole ``<Instruct>: ...\\n`` line and keeps the system instruction and everything else unchanged; it is not
+claimed to be the authors' string.
+
+"No instruction" has one meaning everywhere (`resolve_instruction`, applied by `decoder_text`, so the
+`Reranker`, the inference engine, training data, dev evaluation and eval.py's instruction labels all agree):
+
+    None, True, "default"          the default instruction (`DEFAULT_INSTRUCTION`)
+    False (`NO_INSTRUCTION`), "", "none" (any case, surrounding spaces ignored)
+                                   no ``<Instruct>`` line
+    any other string               that text, verbatim
+
+The literal texts "default" and "none" therefore cannot be used as instructions.
 """
 
 from __future__ import annotations
@@ -43,18 +53,37 @@ def document_text(doc: str) -> str:
     return f"{DOCUMENT_PREFIX}{doc}"
 
 
+def resolve_instruction(instruction: str | bool | None) -> str | bool | None:
+    """The one rule for instruction spellings (module docstring): None for the default instruction,
+    `NO_INSTRUCTION` (False) for no ``<Instruct>`` line, else the text. Used by `decoder_text` and by the
+    config readers (training's ``data.instruction``, eval.py's ``instructions`` labels)."""
+    if instruction is None or instruction is True:
+        return None
+    if instruction is False:
+        return NO_INSTRUCTION
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str, None or a bool, got {type(instruction).__name__}")
+    key = instruction.strip().lower()
+    if key == "default":
+        return None
+    if key in ("", "none"):
+        return NO_INSTRUCTION
+    return instruction
+
+
 def decoder_text(query: str, instruction: str | bool | None = None, system: str | None = None) -> str:
     """Decoder prompt for one (already truncated) query.
 
     Args:
       query: the query text, inserted verbatim.
-      instruction: task instruction; None means `DEFAULT_INSTRUCTION`; False (`NO_INSTRUCTION`) drops the
-        ``<Instruct>`` line (this project's stage-1 form).
+      instruction: task instruction, read by `resolve_instruction`: None / "default" mean `DEFAULT_INSTRUCTION`;
+        False (`NO_INSTRUCTION`), "" and "none" drop the ``<Instruct>`` line (this project's stage-1 form).
       system: system instruction; None means `DEFAULT_SYSTEM_INSTRUCTION`.
     """
     if system is None:
         system = DEFAULT_SYSTEM_INSTRUCTION
-    if instruction is None or instruction is True:
+    instruction = resolve_instruction(instruction)
+    if instruction is None:
         instruction = DEFAULT_INSTRUCTION
     instruct_line = "" if instruction is False else f"<Instruct>: {instruction}\n"
     return (
@@ -154,6 +183,7 @@ def encode_decoder_prompt(
     empty query does not fit (e.g. a system instruction longer than the budget), ValueError.
     """
     q = truncate_query(tokenizer, query, max_query_tokens)
+    instruction = resolve_instruction(instruction)
     ids = tokenizer.encode(decoder_text(q, instruction, system))
     if max_length is None or len(ids) <= max_length:
         return ids
@@ -172,7 +202,7 @@ def encode_decoder_prompt(
             keep -= max(1, len(ids) - max_length)
         warnings.warn(f"instruction of {len(ins_ids)} tokens dropped: the decoder prompt must fit "
                       f"max_prompt_tokens={max_length}", UserWarning, stacklevel=3)
-        instruction = ""
+        instruction = NO_INSTRUCTION
         ids = tokenizer.encode(decoder_text(q, instruction, system))
         if len(ids) <= max_length:
             return ids

@@ -90,3 +90,29 @@ def test_data_clis_name_a_missing_required_field(module, missing, capsys):
     assert importlib.import_module(module).main([]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --config.{missing} is required") and "\n" not in err, err
+
+
+def test_a_bare_config_name_means_configs_even_from_the_repository_root(tmp_path):
+    """`--config=train.py:tiny` run from the repository root (where the script train.py is) loads configs/train.py,
+    as the docstring says; before the fix it loaded the script and failed with "has no get_config()"."""
+    w = tmp_path / "w"
+    r = subprocess.run([sys.executable, "train.py", "--config=train.py:tiny", f"--workdir={w}",
+                        "--config.total_steps=0"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "total_steps must be >= 1, got 0" in r.stderr  # the tiny config was loaded and validated
+    assert "get_config" not in r.stderr
+    r = subprocess.run([sys.executable, "-c", "from kalm_jax import cli; c = cli.load_file('train.py:tiny'); "
+                        "print(c.model.preset, c.total_steps)"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0 and r.stdout.split() == ["tiny", "150"], r.stderr[-2000:]
+
+
+def test_a_users_config_file_is_a_path(tmp_path, monkeypatch):
+    (tmp_path / "mine.py").write_text("import ml_collections\n\ndef get_config(arg=''):\n"
+                                      "    return ml_collections.ConfigDict({'arg': arg})\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.load_file("./mine.py:x").arg == "x"
+    assert cli.load_file(str(tmp_path / "mine.py")).arg == ""
+    with pytest.raises(cli.ConfigError, match=r"no config file 'mine.py' in the project's configs/ .* a file of your "
+                                              r"own is a path, e.g. ./mine.py"):
+        cli.load_file("mine.py")

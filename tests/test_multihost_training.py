@@ -248,3 +248,24 @@ def test_dev_evaluation_runs_on_two_processes(train_args, run_env, tmp_path):
         assert rows[0][key] == ref[0][key], key
     for key in ("dev_ndcg@10", "dev_bm25_ndcg@10"):
         assert rows[-1][key] == pytest.approx(ref[-1][key], abs=1e-6), key
+
+
+def test_locked_workdir_stops_every_process_naming_the_holder(train_args, run_env, tmp_path):
+    """Two processes on a workdir another run holds: process 0 cannot take `<workdir>/.lock`, every process
+    learns it and the job exits 2 at once naming the holder; nothing is prepared in the workdir."""
+    w = tmp_path / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom kalm_jax.locks import exclusive_lock\n"
+        "with exclusive_lock(sys.argv[1], 'training run'):\n    print('locked', flush=True)\n    time.sleep(600)"),
+        str(w)], env=run_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        out = finish(popen(launcher(w, train_args), run_env))
+        assert f"is in use by another training run (pid {holder.pid} on " in out, out[-4000:]
+        assert "[launch] done, exit status 2" in out, out[-4000:]
+        assert sorted(p.name for p in w.iterdir()) == [".lock"]
+        assert time.monotonic() - t0 < TIMEOUT
+    finally:
+        holder.kill()
+        holder.wait()

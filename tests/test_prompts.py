@@ -42,11 +42,68 @@ def test_decoder_text_custom_instruction_and_system():
                    "<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
 
 
+NO_LINE = "<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n"
+DEFAULT_LINE = ("<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Instruct>: Given a query, retrieve documents that answer "
+                "the query.\n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+# Every spelling of "no instruction" / "the default" and the prompt it must give (one rule: prompts.resolve_instruction).
+SPELLINGS = [(None, DEFAULT_LINE), ("default", DEFAULT_LINE), (False, NO_LINE), ("", NO_LINE), ("none", NO_LINE),
+             ("None", NO_LINE), (" none ", NO_LINE),
+             ("Find the claim.", DEFAULT_LINE.replace(prompts.DEFAULT_INSTRUCTION, "Find the claim."))]
+
+
 def test_stage1_without_instruction():
-    assert prompts.decoder_text("q?", instruction=prompts.NO_INSTRUCTION) == (
-        "<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
-    assert prompts.decoder_text("q?", instruction="") == (
-        "<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Instruct>: \n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+    assert prompts.decoder_text("q?", instruction=prompts.NO_INSTRUCTION) == NO_LINE
+    for spelling, want in SPELLINGS:
+        assert prompts.decoder_text("q?", instruction=spelling) == want, spelling
+
+
+@pytest.fixture(scope="module")
+def tiny_reranker(tokenizer):
+    from kalm_jax.config import get_preset
+    from kalm_jax.model import init_model
+    from kalm_jax.reranker import Reranker
+
+    return lambda instruction=None: Reranker(init_model(get_preset("tiny"), seed=0), tokenizer,
+                                             instruction=instruction)
+
+
+@pytest.mark.parametrize("spelling,want", [s for s in SPELLINGS if isinstance(s[0], str)],
+                         ids=[repr(s[0]) for s in SPELLINGS if isinstance(s[0], str)])
+def test_no_instruction_means_the_same_in_the_reranker_training_and_eval(tokenizer, tiny_reranker, spelling, want):
+    """The exact prompt of each spelling through the three entry points: `Reranker(instruction=...)` (and per call),
+    training's `data.instruction` (the pipeline's tokenized group, and a per-example `prompt` field) and eval.py's
+    instruction labels. Before the fix `Reranker(instruction="")` kept an empty `<Instruct>:` line and training's
+    "none" trained on the literal text "none"."""
+    import dataclasses
+
+    from kalm_jax.data import pipeline
+    from kalm_jax.evaluation.rerank import tokenize_prompts
+    from kalm_jax.evaluation.settings import Settings
+    from kalm_jax.training.config import default_config
+    from kalm_jax.training.loop import instruction_of
+
+    want_ids = tokenizer.encode(want)
+    reranker = tiny_reranker(spelling)
+    assert reranker._prompt("q?", None) == want_ids
+    assert tiny_reranker()._prompt("q?", spelling) == want_ids
+
+    c = default_config()
+    c.data.instruction = spelling
+    pcfg = pipeline.PipelineConfig(batch_size=1, group_size=2, max_document_tokens=16, max_query_tokens=16,
+                                   instruction=instruction_of(c))
+    element = {"pos": [b"a"], "neg": [b"b"], "source": b"t.jsonl:1", "query": b"q?", "has_prompt": False,
+               "prompt": b"", "has_scores": False, "example_id": 0}
+    for el, cfg in ((element, pcfg), (dict(element, has_prompt=True, prompt=spelling.encode()),
+                                      dataclasses.replace(pcfg, instruction=None))):
+        out = pipeline.SampleAndTokenize(tokenizer, cfg, pipeline.decoder_length(tokenizer, cfg)).random_map(
+            el, np.random.default_rng(0))
+        assert out["dec_ids"][: out["dec_mask"].sum()].tolist() == want_ids
+
+    settings = Settings.from_config({"data_dir": "d", "datasets": "x", "output_dir": "o", "ratios": "4",
+                                     "instructions": spelling or "none"})
+    label = settings.instructions[0]
+    got = tokenize_prompts(reranker.engine, {"q": "q?"}, settings.instruction_value(label))["q"]
+    assert got.tolist() == want_ids
 
 
 def test_long_query_truncated_before_insertion(tokenizer):

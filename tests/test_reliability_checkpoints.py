@@ -183,3 +183,76 @@ def test_truncated_params_without_checksums_give_a_short_message(base, tmp_path)
     (out / checkpointing.META_FILE).write_text('{"format": ')
     with pytest.raises(checkpointing.CheckpointError, match="kalm_model.json: not valid JSON"):
         checkpointing.load_model(out)
+
+
+# ---------------------------------------------------------------------- tokenizer and data-iterator settings
+def test_changed_data_iterator_setting_is_named_and_the_mesh_is_not_a_setting(base, tmp_path):
+    """Resuming with another data.batch_size names it (before: "a setting that changes the parameter or optimiser
+    state differs" without the key); a checkpoint recorded before these keys existed still resumes."""
+    save_steps(tmp_path, base)
+    c, ts, _ = base
+    c2 = run_config()
+    c2.data.batch_size = 16
+    ck = Checkpointer(tmp_path, c2.checkpoint, settings=train_settings(c2))
+    with pytest.raises(SettingsMismatch, match=r"data\.batch_size: checkpoint 8, now 16"):
+        ck.restore(ts.abstract_state, None)
+    ck.close()
+    c3 = run_config()
+    c3.data.group_size, c3.seed, c3.data.train_jsonl = 4, 7, ("a.jsonl",)
+    ck = Checkpointer(tmp_path, c3.checkpoint, settings=train_settings(c3))
+    with pytest.raises(SettingsMismatch) as e:
+        ck.restore(ts.abstract_state, None)
+    ck.close()
+    for needle in ("data.group_size: checkpoint 2, now 4", "seed: checkpoint 0, now 7", "data.train_jsonl: checkpoint"
+                   " '<unset>', now [", "data.dataset: checkpoint 'scifact', now '<unset>'"):
+        assert needle in str(e.value)
+    other_mesh = run_config()
+    other_mesh.mesh.data, other_mesh.mesh.fsdp, other_mesh.mesh.tensor = 2, 2, 2
+    assert train_settings(other_mesh) == train_settings(c)
+    old = tmp_path / "old"  # written before tokenizer/data settings were recorded
+    legacy = {k: v for k, v in train_settings(c).items() if not k.startswith(("tokenizer", "seed", "data."))}
+    ck = Checkpointer(old, c.checkpoint, settings=legacy)
+    st = dict(base[2], step=jnp.asarray(3, jnp.int32))
+    assert ck.save(st, checkpointing.model_meta(ts.model(st)), None, force=True)
+    ck.close()
+    ck = Checkpointer(old, c.checkpoint, settings=train_settings(c, "f" * 64))
+    assert ck.restore(ts.abstract_state, None)[1] == 3
+    ck.close()
+
+
+def test_other_tokenizer_on_resume_is_refused_and_the_workdirs_is_kept(base, tokenizer, scifact_texts, tmp_path):
+    """`--config.tokenizer=OTHER` on a workdir trained with another tokenizer: `SettingsMismatch` naming
+    `tokenizer`, and the workdir's tokenizer file is never overwritten (before: replaced, training went on)."""
+    import shutil
+
+    from kalm_jax.tokenizer import Tokenizer
+    from kalm_jax.training.loop import load_tokenizer
+
+    other = Tokenizer.train(scifact_texts[:400], tmp_path / "other", vocab_size=1000)
+    assert other.fingerprint() != tokenizer.fingerprint()
+    w = tmp_path / "w"
+    w.mkdir()
+    shutil.copyfile(tokenizer.path, w / "tokenizer.model")
+    before = (w / "tokenizer.model").read_bytes()
+    c = run_config()
+    c.tokenizer = str(other.path)
+    with pytest.raises(SettingsMismatch, match=r"tokenizer: --config.tokenizer=.* is not the tokenizer this workdir "
+                                               r"was trained with"):
+        load_tokenizer(c, w, [])
+    assert (w / "tokenizer.model").read_bytes() == before
+    assert sorted(p.name for p in w.iterdir()) == ["tokenizer.model"]
+    c.tokenizer = str(tokenizer.path)  # the same content is fine
+    assert load_tokenizer(c, w, []).fingerprint() == tokenizer.fingerprint()
+
+    _, ts, _ = base  # the checkpoints record the fingerprint too (e.g. a workdir whose file was replaced by hand)
+    c0 = run_config()
+    w2 = tmp_path / "w2"
+    ck = Checkpointer(w2, c0.checkpoint, settings=train_settings(c0, tokenizer.fingerprint()))
+    st = dict(base[2], step=jnp.asarray(3, jnp.int32))
+    assert ck.save(st, checkpointing.model_meta(ts.model(st)), None, force=True)
+    ck.close()
+    ck = Checkpointer(w2, c0.checkpoint, settings=train_settings(c0, other.fingerprint()))
+    with pytest.raises(SettingsMismatch, match=f"tokenizer: checkpoint '{tokenizer.fingerprint()}', now "
+                                               f"'{other.fingerprint()}'"):
+        ck.restore(ts.abstract_state, None)
+    ck.close()

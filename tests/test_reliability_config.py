@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,79 @@ def test_empty_device_list_is_a_named_error():
 
     with pytest.raises(ValueError, match="devices is empty"):
         InferenceEngine(init_model(get_preset("tiny"), seed=0), devices=[])
+
+
+# ---------------------------------------------------------------------- every config value, before data preparation
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("mep.ratios", (1.5,), r"mep\.ratios must be integers >= 1, got \[1\.5\]"),
+    ("mep.ratios", (1, 1), r"mep\.ratios must not repeat a ratio .* got \(1, 1\)"),
+    ("mep.ratios", (0, 4), r"mep\.ratios must be integers >= 1, got \[0\]"),
+    ("mep.weights", (0.0, 0.0, 0.0), r"mep\.weights must give at least one ratio a weight > 0 .* got \(0\.0, 0\.0, 0\.0\)"),
+    ("epochs", -1.0, r"epochs must be >= 0, got -1\.0"),
+    ("epochs", float("nan"), r"epochs must be a finite number, got nan"),
+    ("model.preset", "huge", r"model\.preset must be one of \['large', 'nano', 'small', 'tiny'\], got 'huge'"),
+    ("model.param_dtype", "int8", r"model\.param_dtype must be one of \('float32', 'bfloat16'\), got 'int8'"),
+    ("model.compute_dtype", "float16", r"model\.compute_dtype must be one of .* got 'float16'"),
+    ("mesh.data", 0, r"mesh\.data must be a positive integer or -1 .* got 0"),
+    ("data.decoder_length", 5, r"data\.decoder_length must be 0 .* or at least \d+ .* got 5"),
+    ("checkpoint.every", 0, r"checkpoint\.every must be >= 1, got 0"),
+])
+def test_training_config_values_are_validated(key, value, needle):
+    """Each value is refused by `validate` (run by train.py before any data preparation) with the key, the value
+    and what is allowed; the tiny preset (ratios 1, 4, 16) is valid as it is."""
+    from kalm_jax.cli import ConfigError, load_file
+    from kalm_jax.training.config import validate
+
+    c = load_file(CONFIGS / "train.py:tiny")
+    validate(c)
+    section, _, leaf = key.rpartition(".")
+    with (c[section] if section else c).unlocked():
+        (c[section] if section else c)[leaf] = value
+    with pytest.raises(ConfigError, match=needle):
+        validate(c)
+
+
+@pytest.mark.parametrize("arg,needle", [("small,tiny", r"\['small', 'tiny'\] name more than one size"),
+                                        ("stage1,stage2", r"\['stage1', 'stage2'\] name more than one stage")])
+def test_train_config_refuses_two_sizes_or_two_stages(arg, needle):
+    from kalm_jax.cli import ConfigError, load_file
+
+    with pytest.raises(ConfigError, match=needle):
+        load_file(CONFIGS / f"train.py:{arg}")
+    assert load_file(CONFIGS / "train.py:stage2,small").model.preset == "small"
+
+
+@pytest.mark.parametrize("cascade", ["16:0", "0:20"])
+def test_eval_cascade_needs_a_coarse_ratio_and_a_kept_count(tmp_path, cascade):
+    from kalm_jax.evaluation.settings import Settings, SweepConfigError
+
+    cfg = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4",
+           "cascade": cascade}
+    with pytest.raises(SweepConfigError, match=f"KEEP >= 1 .* got '{cascade}'"):
+        Settings.from_config(cfg)
+    assert Settings.from_config(dict(cfg, cascade="16:20")).cascade_pair == (16, 20)
+
+
+def test_train_cli_refuses_a_bad_value_before_preparing_data(tmp_path, data_dir):
+    """The user's command exits 2 with the named error in seconds, and the workdir gets nothing (no mined data,
+    no tokenizer): before the fix `mep.ratios=(1,1)` mined negatives and trained ratio 1 twice."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu", KALM_DATA_DIR=str(data_dir))
+    env.pop("XLA_FLAGS", None)
+    w = tmp_path / "w"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(repo / "train.py"), f"--config={repo}/configs/train.py:tiny",
+                        f"--workdir={w}", "--config.mep.ratios=(1,1)", "--config.tensorboard=False"],
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "error: mep.ratios must not repeat a ratio" in r.stderr and "got (1, 1)" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not w.exists() or not any(w.iterdir())
+    assert time.perf_counter() - t0 < 180

@@ -161,7 +161,7 @@ def test_store_lock_waits_then_names_its_holder(tmp_path, caplog):
 
     root = tmp_path / "store"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from kalm_jax.atomic import file_lock\n"
+        "import sys, time; from kalm_jax.locks import file_lock\n"
         "with file_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)"), str(lock_path(root))],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -453,3 +453,69 @@ def test_stage_presets_train_one_epoch_and_mep_v3_is_the_papers_ratio_set():
     assert tiny.epochs == 0 and resolve_total_steps(tiny, 809) == tiny.total_steps
     with pytest.raises(ValueError, match="unknown config preset"):
         load_file(f"{REPO}/configs/train.py:stage2,mep_v4")
+
+
+# ---------------------------------------------------------------------- one run per workdir; a full disk
+def test_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(train_jsonl, tokenizer, data_dir, tmp_path):
+    """A second train.py on a workdir a running train.py holds exits 2 at once naming the holder's pid, and writes
+    nothing; once the holder is SIGKILLed the lock is free (the next run gets past it). Before the fix both ran."""
+    w = tmp_path / "locked"
+    holder = subprocess.Popen(cli(w, train_jsonl, tokenizer, data_dir, steps=10_000), env=env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while holder.poll() is None and time.time() < deadline and (
+                not (w / ".lock").exists() or f"pid {holder.pid} " not in (w / ".lock").read_text()):
+            time.sleep(0.05)
+        assert holder.poll() is None, "the first run exited"
+        t0 = time.perf_counter()
+        r = subprocess.run(cli(w, train_jsonl, tokenizer, data_dir), env=env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert f"is in use by another training run (pid {holder.pid} on " in r.stderr, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        assert time.perf_counter() - t0 < 120
+        assert f"pid {holder.pid} " in (w / ".lock").read_text()  # the holder's record is kept
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    r = subprocess.run(cli(w, tmp_path / "missing.jsonl", tokenizer, data_dir), env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "data.train_jsonl: no such files" in r.stderr, r.stderr[-3000:]
+    assert "in use by another" not in r.stderr
+
+
+def _can_mount_tmpfs() -> bool:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        r = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -Urm to mount a small tmpfs (user namespaces)")
+@pytest.mark.parametrize("async_save", [True, False])
+def test_disk_full_checkpoint_stops_training_with_disk_full_error(async_save, train_jsonl, tokenizer, data_dir,
+                                                                  tmp_path):
+    """`<workdir>/checkpoints` on a 64 KiB tmpfs (a real ENOSPC inside Orbax/TensorStore): train.py stops at the
+    first failed save with `DiskFullError` naming the step directory, exit 2, and leaves no
+    `*.orbax-checkpoint-tmp*` behind. Before the fix: raw RESOURCE_EXHAUSTED tracebacks, training went on, the
+    partial step stayed."""
+    w = tmp_path / "full"
+    (w / "checkpoints").mkdir(parents=True)
+    args = cli(w, train_jsonl, tokenizer, data_dir, steps=8) + [
+        "--config.checkpoint.every=2", f"--config.checkpoint.async_save={async_save}"]
+    script = ('mount -t tmpfs -o size=64k tmpfs "$0/checkpoints" || exit 99; "$@"; rc=$?; '
+              'ls -A "$0/checkpoints" > "$0/listing.txt"; exit $rc')
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", script, str(w), *args], env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"{w}/checkpoints/2: the disk is full; checkpoint step 2 was not saved" in r.stderr, r.stderr[-3000:]
+    assert "orbax-checkpoint-tmp" not in (w / "listing.txt").read_text()
+    steps = [json.loads(x)["step"] for x in (w / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 2 if not async_save else 2 <= steps[-1] <= 4  # at the latest when the next save starts

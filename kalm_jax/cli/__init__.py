@@ -5,7 +5,8 @@ tfds_builder, tokenizer) is configured the same way:
 
     --config=configs/NAME.py[:ARG]     a file with ``get_config(arg)`` returning an ml_collections ConfigDict
                                        (each CLI has a default file in configs/, so this flag is optional;
-                                       a bare NAME.py[:ARG] means the project's configs/NAME.py)
+                                       a bare NAME.py[:ARG] means the project's configs/NAME.py; a file
+                                       of your own is a path containing a slash, e.g. ./mine.py)
     --config.a.b=VALUE                 override one field; VALUE is parsed as the field's type (bool, int,
                                        float, str, tuple); an unknown key exits with the valid keys there
 
@@ -39,17 +40,26 @@ def config_file(name: str) -> Path:
 
 
 def resolve(spec: str | Path) -> tuple[str, str]:
-    """``path[:arg]`` -> (the config file's path, arg); a bare name means the package's config file."""
+    """``path[:arg]`` -> (the config file's path, arg). A bare name (no ``/``) is a file of the package's configs
+    (``train.py:tiny`` is kalm_jax/configs/train.py, even where the current directory has a ``train.py``); a path
+    (``configs/x.py``, ``./mine.py``) is that file."""
     path, _, arg = str(spec).partition(":")
-    if not Path(path).is_file() and (CONFIG_DIR / path).is_file():
+    if "/" not in path and "\\" not in path:
         path = str(CONFIG_DIR / path)
     return path, arg
 
 
 def load_file(spec: str | Path) -> ml_collections.ConfigDict:
-    """Loads ``path[:arg]``: the file's ``get_config(arg)`` (``get_config()`` without an arg)."""
+    """Loads ``path[:arg]``: the file's ``get_config(arg)`` (``get_config()`` without an arg).
+
+    Names are resolved by `resolve`."""
     spec = str(spec)
     path, arg = resolve(spec)
+    if not Path(path).is_file() and Path(path).parent == CONFIG_DIR:
+        known = sorted(p.name for p in CONFIG_DIR.glob("*.py") if p.name != "__init__.py")
+        raise ConfigError(f"--config: no config file {Path(path).name!r} in the package's configs ({CONFIG_DIR}; a "
+                          f"bare name means a file there: {known}); a file of your own is a path, e.g. "
+                          f"./{Path(path).name}")
     if not Path(path).is_file():
         raise ConfigError(f"--config: no such config file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"_kalm_config_{Path(path).stem}", path)
@@ -307,7 +317,15 @@ def setup_logging() -> None:
     class _QuietLibraries(logging.Filter):
         def filter(self, record):
             path = record.pathname.replace("\\", "/")
+            if "/orbax/" in path and record.levelno >= logging.ERROR and _disk_full_record(record):
+                return False  # a failed save for lack of space is reported once, as DiskFullError
             return record.levelno > logging.INFO or not ("/orbax/" in path or "/grain/" in path)
+
+    def _disk_full_record(record) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:

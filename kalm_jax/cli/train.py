@@ -21,6 +21,9 @@ def run(config, workdir=None, coordinator_address=None, num_processes=None, proc
     if not workdir:
         raise cli.ConfigError("--workdir=DIR is required (checkpoints, metrics.jsonl, tensorboard, tokenizer)")
     cli.setup_logging()
+    from kalm_jax.training.config import validate
+
+    validate(config)  # every value checked before the runtime starts and minutes of data preparation
     from kalm_jax import distributed
 
     distributed.initialize(coordinator_address, num_processes, process_id)
@@ -41,12 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line (imported after parsing: the training modules need the train extra)."""
+    from kalm_jax.atomic import DiskFullError
     from kalm_jax.checkpointing import CheckpointError
     from kalm_jax.integrity import IntegrityError
+    from kalm_jax.locks import DirectoryLocked
     from kalm_jax.tokenizer import TokenizerError
     from kalm_jax.training.checkpoints import CorruptCheckpoint, SettingsMismatch
 
-    return (FileNotFoundError, SettingsMismatch, CorruptCheckpoint, CheckpointError, IntegrityError, TokenizerError)
+    return (FileNotFoundError, SettingsMismatch, CorruptCheckpoint, CheckpointError, IntegrityError, TokenizerError,
+            DirectoryLocked, DiskFullError)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from kalm_jax.atomic import LockHeld, file_lock
+from kalm_jax import locks
 from kalm_jax.evaluation.settings import Settings, SweepConfigError
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,10 @@ def cell_key(row: Mapping[str, Any]) -> tuple:
     return (row["dataset"], row["split"], row["stage"], row.get("checkpoint"), row.get("ratio"), row.get("instruction"))
 
 
-LOCK_FILE = ".lock"
-
-
-class OutputDirLocked(RuntimeError):
-    """Another run holds the output directory's lock."""
+LOCK_FILE = locks.LOCK_FILE
+OutputDirLocked = locks.DirectoryLocked
+LOCK_HINT = "wait for it to finish or use another output_dir (two runs would duplicate every cell)"
+"""Another run holds the output directory's lock (the shared `locks.DirectoryLocked`)."""
 
 
 def scan(data: bytes, path: Path | str = RESULTS) -> tuple[list[dict[str, Any]], int, bool]:
@@ -89,22 +88,19 @@ def append(output_dir: Path, row: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def output_lock(output_dir: str | os.PathLike) -> Iterator[Path]:
-    """Holds an exclusive lock on `output_dir` (`atomic.file_lock` on OUT/.lock) for the duration of the block.
+def output_lock(output_dir: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Holds an exclusive lock on `output_dir` (OUT/.lock) for the duration of the block: `locks.exclusive_lock`.
 
     Raises `OutputDirLocked` naming the holder when another process holds it. The kernel releases the
     lock when its holder exits, killed or not, so a stale lock never blocks a rerun.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        try:
-            path = stack.enter_context(file_lock(out / LOCK_FILE))
-        except LockHeld as e:
-            raise OutputDirLocked(f"{out} is in use by another run ({e.holder}); wait for it to finish or use "
-                                  "another output_dir (two runs would duplicate every cell)") from None
-        yield path
+    return locks.exclusive_lock(output_dir, "run", LOCK_HINT)
+
+
+def output_job_lock(output_dir: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """`output_lock` for a multi-process sweep (`locks.job_lock`): process 0 holds it, every process learns
+    whether it got it."""
+    return locks.job_lock(output_dir, "run", LOCK_HINT)
 
 
 def check_output_dir(settings: Settings) -> None:
@@ -133,4 +129,4 @@ def check_output_dir(settings: Settings) -> None:
 
 
 __all__ = ["RESULTS", "CONFIG_FILE", "LOCK_FILE", "OutputDirLocked", "cell_key", "scan", "read_results", "append",
-           "check_output_dir", "output_lock"]
+           "check_output_dir", "output_lock", "output_job_lock"]

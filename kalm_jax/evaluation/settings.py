@@ -117,6 +117,12 @@ class Settings:
             raise SweepConfigError(f"on_unknown_docs must be 'error' or 'drop', got {self.on_unknown_docs!r}")
         if self.top_k < 1:
             raise SweepConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.cascade_pair is not None:
+            coarse, keep = self.cascade_pair
+            if coarse < 1 or keep < 1:
+                raise SweepConfigError(f"cascade must be 'COARSE_RATIO:KEEP' with COARSE_RATIO >= 1 and KEEP >= 1 "
+                                       f"(score all candidates at ratio COARSE_RATIO, rescore the top KEEP), got "
+                                       f"{self.cascade!r}")
         finest = self.finest_ratio
         bad = [r for r in self.ratios + ([self.cascade_pair[0]] if self.cascade_pair else []) if r % finest]
         if bad:
@@ -144,8 +150,9 @@ class Settings:
         return d
 
     def instruction_value(self, label: str) -> str | bool | None:
-        """The prompt instruction for a label: 'default' -> None (the default), 'none' -> False (no line)."""
-        return {DEFAULT_LABEL: None, NONE_LABEL: False}.get(label, label)
+        """The prompt instruction for a label (`prompts.resolve_instruction`): 'default' -> None (the default),
+        'none' -> False (no ``<Instruct>`` line), else the text."""
+        return prompts.resolve_instruction(label)
 
 
 __all__ = ["Settings", "SweepConfigError", "IDENTITY_FIELDS", "DEFAULT_LABEL", "NONE_LABEL"]

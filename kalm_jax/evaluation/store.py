@@ -15,7 +15,7 @@ naming the differences, or, with ``on_stale="reencode"``, deletes it and starts 
 New passages are appended as new shards; the manifest is rewritten atomically after each finished shard,
 so an interrupted encode keeps every shard it finished.
 
-Writers hold the store's lock (`lock_path`: ``.<store>.lock`` beside the store directory, an `atomic.file_lock`)
+Writers hold the store's lock (`lock_path`: ``.<store>.lock`` beside the store directory, a `locks.file_lock`)
 while they create, replace, extend (`ensure`) or derive (`shards_at`) it, so two sweeps sharing a store
 directory never write at once: the second waits, with a logged message naming the holder, up to `lock_timeout`
 seconds (default `LOCK_TIMEOUT`), then raises `StoreLocked` naming it. Under the lock `ensure` re-reads the
@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kalm_jax import distributed, mep
-from kalm_jax.atomic import LockHeld, file_lock
+from kalm_jax.locks import LockHeld, file_lock
 from kalm_jax.passage_states import STORAGE, PassageStates, PassageStatesError, check_ids, read_json
 
 log = logging.getLogger(__name__)

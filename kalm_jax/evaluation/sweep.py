@@ -20,7 +20,6 @@ process 0 alone writes results.jsonl, run files, the store manifest and the repo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -216,20 +215,11 @@ def load_checkpoint(path: str, settings: Settings):
 def run_sweep(config, *, load_model: ModelLoader = load_checkpoint) -> list[dict[str, Any]]:
     """Runs every missing cell of the grid; returns all rows of OUT/results.jsonl afterwards.
 
-    Holds OUT's lock throughout (`results.output_lock`): a second run on the same directory fails clearly. In a
+    Holds OUT's lock throughout (`results.output_job_lock`): a second run on the same directory fails clearly. In a
     multi-process run process 0 holds it for the job (it alone writes the results), and every process learns
     whether it got it."""
     settings = config if isinstance(config, Settings) else Settings.from_config(config)
-    with contextlib.ExitStack() as stack:
-        refused = None
-        if distributed.is_primary():
-            try:
-                stack.enter_context(results_lib.output_lock(settings.output_dir))
-            except results_lib.OutputDirLocked as e:
-                refused = e
-        if distributed.any_process(refused is not None):
-            raise refused or results_lib.OutputDirLocked(f"{settings.output_dir} is in use by another run "
-                                                         "(process 0 could not lock it)")
+    with results_lib.output_job_lock(settings.output_dir):
         return _run_sweep_locked(settings, load_model=load_model)
 
 

@@ -24,6 +24,8 @@ Integrity and safety of resuming:
 
 from __future__ import annotations
 
+import atexit
+import errno
 import json
 import logging
 import math
@@ -37,7 +39,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from kalm_jax import integrity
+from kalm_jax import atomic, integrity
 from kalm_jax.data.pipeline import LegacyIteratorState
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ class Checkpointer:
         self.metric = str(ckpt_cfg.best_metric)
         self.manager = self._make_manager()
         self._sealer: threading.Thread | None = None
+        self._pending: int | None = None  # the step of the last save started (maybe still writing)
+        self._failed: atomic.DiskFullError | None = None
+        self._failed_step: int | None = None
 
     def _make_manager(self) -> ocp.CheckpointManager:
         keep = [policies.LatestN(n=max(1, int(self.cfg.keep)))]
@@ -110,7 +115,13 @@ class Checkpointer:
         if self.metric and int(self.cfg.keep_best) > 0 and (clean is None or self.metric not in clean):
             clean = None  # BestN only ranks steps that carry the metric
         self._join_sealer()
-        started = self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean, force=force)
+        self.check()  # a failed earlier (async) save stops the run before another starts
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean, force=force)
+        except Exception as e:  # noqa: BLE001 - a full disk is named; anything else propagates unchanged
+            self._raise_if_disk_full(e, [step, self._pending])
+            raise
+        self._pending = step if started else self._pending
         if started and jax.process_index() == 0:
             # `manager.save` waited for the previous (async) save, so every older step is committed: hash them
             # in the background (file reads only; no Orbax calls off the main thread). This step is sealed by
@@ -119,6 +130,47 @@ class Checkpointer:
                                             name="checkpoint-checksums")
             self._sealer.start()
         return started
+
+    def check(self) -> None:
+        """Raises `DiskFullError` naming the step directory when a finished asynchronous save failed for lack
+        of space (its partial directory is removed first). Cheap and non-blocking: the loop calls it every
+        step, so a run stops at the first failed save instead of training on without checkpoints."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._raise_if_disk_full(e, [self._pending])
+            raise
+
+    def _raise_if_disk_full(self, err: BaseException, steps: list[int | None]) -> None:
+        """`err` as a `DiskFullError` naming the step being written, after removing its partial directory."""
+        text = str(err)
+        if not (atomic.as_disk_full(err, self.root) is not None or "RESOURCE_EXHAUSTED" in text
+                or "No space left on device" in text):
+            return
+        written = [s for s in steps if s is not None]
+        step = next((s for s in written if f"/{s}.orbax-checkpoint-tmp" in text), written[0] if written else None)
+        where = self.root / str(step) if step is not None else self.root
+        self._remove_partial(step)
+        # Orbax's commit threads of the failed save may still write into it (they end at the latest at interpreter
+        # shutdown, before atexit handlers run): remove it again on close and at exit.
+        self._failed_step = step
+        atexit.register(self._remove_partial, step)
+        first = next((ln for ln in text.splitlines() if ln.strip()), type(err).__name__)[:300]
+        self._failed = atomic.DiskFullError(
+            errno.ENOSPC, f"{where}: the disk is full; checkpoint step {step} was not saved and its partial "
+            f"directory was removed. Free space and rerun the same command to resume from the last saved step "
+            f"({first})")
+        raise self._failed from None
+
+    def _remove_partial(self, step: int | None) -> None:
+        """Deletes what an unfinished save of `step` left (`<step>.orbax-checkpoint-tmp*`); committed steps stay."""
+        if step is None or not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if p.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(p, ignore_errors=True)
 
     def _join_sealer(self) -> None:
         if self._sealer is not None:
@@ -138,8 +190,16 @@ class Checkpointer:
                 log.warning("could not write checksums for %s: %s", p, e)
 
     def wait(self) -> None:
-        """Waits for the pending save, then writes the checksums of every committed step."""
-        self.manager.wait_until_finished()
+        """Waits for the pending save, then writes the checksums of every committed step. Raises
+        `DiskFullError` (see `check`) when a save failed for lack of space."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._raise_if_disk_full(e, [self._pending])
+            raise
         self._join_sealer()
         self.seal()
 
@@ -192,7 +252,10 @@ class Checkpointer:
             raise CorruptCheckpoint(f"{meta_path}: not valid JSON ({e})") from None
         if not isinstance(saved, dict):
             return  # written before settings were recorded: the structure check in _restore_step applies
-        keys = sorted(set(saved) | set(self.settings))
+        from kalm_jax.training.config import LATER_SETTINGS
+
+        recorded_later = any(k.startswith(LATER_SETTINGS) for k in saved)  # else written before they were recorded
+        keys = sorted(set(saved) | {k for k in self.settings if recorded_later or not k.startswith(LATER_SETTINGS)})
         diff = [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {self.settings.get(k, '<unset>')!r}"
                 for k in keys if saved.get(k) != self.settings.get(k)]
         if diff:
@@ -250,8 +313,23 @@ class Checkpointer:
             raise CorruptCheckpoint(f"{files[0]}: cannot be read ({e})") from None
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        """Waits for the pending save (see `wait`) and closes the manager; after a failed save it only closes
+        (the failure was already raised)."""
+        if self._failed is not None:
+            self._join_sealer()
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001 - the save's failure was reported; this is its echo
+                log.debug("closing the checkpoint manager after a failed save: %s", e)
+            self._remove_partial(self._failed_step)
+            return
+        try:
+            self.wait()
+        finally:
+            if self._failed is None:
+                self.manager.close()
+            else:
+                self.close()
 
 
 __all__ = ["Checkpointer", "ITEMS", "SettingsMismatch", "CorruptCheckpoint"]

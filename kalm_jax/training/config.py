@@ -8,10 +8,12 @@ config file or an override never passes silently.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from kalm_jax.cli import ConfigError
 from kalm_jax.mesh import DEFAULT_RULES
 
 DEFAULT_RATIOS = (1, 2, 4, 8, 16, 32)
@@ -60,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_document_tokens = 512
     c.data.max_query_tokens = 128
     c.data.decoder_length = 0     # 0 = derived from the tokenizer and max_query_tokens
-    c.data.instruction = "default"  # "default" = DEFAULT_INSTRUCTION, "" = none (stage 1), else the text
+    c.data.instruction = "default"  # "default" = DEFAULT_INSTRUCTION; "" or "none" = no <Instruct> line (stage 1); else the text
     c.data.use_example_prompt = True
     c.data.worker_count = 0
 
@@ -129,7 +131,7 @@ def _keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
 # Numeric ranges of the settings: (kind, low, high, low inclusive); kind "int" refuses fractions and bools.
 _INF = float("inf")
 RANGES: dict[str, tuple[str, float, float, bool]] = {
-    "seed": ("int", 0, _INF, True), "total_steps": ("int", 1, _INF, True),
+    "seed": ("int", 0, _INF, True), "total_steps": ("int", 1, _INF, True), "epochs": ("float", 0, _INF, True),
     "tokenizer_vocab_size": ("int", 1, _INF, True), "lora.rank": ("int", 1, _INF, True),
     "lora.alpha": ("float", 0, _INF, False),
     "data.num_negatives": ("int", 0, _INF, True), "data.negatives_depth": ("int", 1, _INF, True),
@@ -145,7 +147,7 @@ RANGES: dict[str, tuple[str, float, float, bool]] = {
     "optimizer.b2": ("float", 0, 1, True), "optimizer.eps": ("float", 0, _INF, False),
     "optimizer.weight_decay": ("float", 0, _INF, True), "optimizer.clip_norm": ("float", 0, _INF, True),
     "optimizer.grad_accum_steps": ("int", 1, _INF, True),
-    "checkpoint.every": ("int", 0, _INF, True), "checkpoint.keep": ("int", 1, _INF, True),
+    "checkpoint.every": ("int", 1, _INF, True), "checkpoint.keep": ("int", 1, _INF, True),
     "checkpoint.keep_best": ("int", 0, _INF, True),
     "eval.every": ("int", 0, _INF, True), "eval.num_queries": ("int", 0, _INF, True),
     "eval.depth": ("int", 1, _INF, True), "eval.ratio": ("int", 1, _INF, True), "eval.batch_size": ("int", 1, _INF, True),
@@ -182,9 +184,71 @@ def _range_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+DTYPES = ("float32", "bfloat16")
+"""Parameter and compute dtypes training accepts (fp16 is unsupported: non-finite logits)."""
+
+
+def _is_int(v: Any) -> bool:
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+
+
+def _value_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Choices, lists and cross-field rules (each message names the key, the value and what is allowed)."""
+    from kalm_jax.config import PRESETS
+
+    problems = []
+    if str(config.model.preset) not in PRESETS:
+        problems.append(f"model.preset must be one of {sorted(PRESETS)}, got {config.model.preset!r}")
+    for key in ("param_dtype", "compute_dtype"):
+        if str(config.model[key]) not in DTYPES:
+            problems.append(f"model.{key} must be one of {DTYPES}, got {config.model[key]!r}")
+    sizes = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+    for a, v in sizes.items():
+        if not _is_int(v) or not (v == -1 or v >= 1):
+            problems.append(f"mesh.{a} must be a positive integer or -1 (fill with the remaining devices), got {v!r}")
+    if sum(1 for v in sizes.values() if v == -1) > 1:
+        problems.append(f"at most one mesh axis may be -1 (fill), got {sizes}")
+    ratios = tuple(config.mep.ratios)
+    if not ratios:
+        problems.append("mep.ratios must name at least one ratio, got ()")
+    bad = [r for r in ratios if not _is_int(r) or r < 1]
+    if bad:
+        problems.append(f"mep.ratios must be integers >= 1, got {bad} in {ratios}")
+    elif len(set(int(r) for r in ratios)) != len(ratios):
+        problems.append(f"mep.ratios must not repeat a ratio (each is trained once; use mep.weights to weight "
+                        f"one), got {ratios}")
+    weights = tuple(config.mep.weights)
+    if weights and len(weights) != len(ratios):
+        problems.append(f"mep.weights has {len(weights)} entries for {len(ratios)} ratios {ratios} (or () = 1.0 each)")
+    elif any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
+             for w in weights):
+        problems.append(f"mep.weights must be finite numbers >= 0, got {weights}")
+    elif weights and not any(w > 0 for w in weights):
+        problems.append(f"mep.weights must give at least one ratio a weight > 0 (all zero trains nothing), got "
+                        f"{weights}")
+    dec = config.data.decoder_length
+    if _is_int(dec) and dec != 0:
+        need = min_decoder_length(config)
+        if dec < need:
+            problems.append(f"data.decoder_length must be 0 (derived from the tokenizer) or at least {need} (the "
+                            f"decoder prompt template with data.instruction has at least {need - 1} tokens, plus one "
+                            f"query token), got {dec}")
+    return problems
+
+
+def min_decoder_length(config: ml_collections.ConfigDict) -> int:
+    """A lower bound of the decoder length any tokenizer needs for `config`'s prompt: one token per
+    whitespace-separated piece of the template (an empty query) plus one query token."""
+    from kalm_jax import prompts
+
+    return len(prompts.decoder_text("", prompts.resolve_instruction(str(config.data.instruction))).split()) + 1
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming every unknown key (with the valid keys of its section) and every value out
-    of its range (`RANGES`: e.g. total_steps >= 1, optimizer.lr > 0)."""
+    """Raises `ConfigError` (a ValueError) naming every unknown key (with the valid keys of its section), every
+    value out of its range (`RANGES`: e.g. total_steps >= 1, optimizer.lr > 0, epochs >= 0) and every invalid
+    choice (model.preset, dtypes, mesh sizes, mep.ratios / mep.weights, data.decoder_length). Cheap and
+    static (no devices, no files): train.py runs it before any data preparation."""
     known = _keys(default_config())
     problems = []
     for name in _keys(config):
@@ -193,17 +257,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             valid = sorted(k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == section)
             problems.append(f"unknown config key {name!r}; valid keys{' in ' + section if section else ''}: {valid}")
     problems += _range_problems(config)
+    if not problems:
+        problems += _value_problems(config)
     if problems:
-        raise ValueError("\n".join(problems))
-    ratios = tuple(int(r) for r in config.mep.ratios)
-    if not ratios or min(ratios) < 1:
-        raise ValueError(f"mep.ratios must be positive integers, got {config.mep.ratios}")
-    if config.mep.weights and len(config.mep.weights) != len(ratios):
-        raise ValueError(f"mep.weights has {len(config.mep.weights)} entries for {len(ratios)} ratios")
-    if any(not float(w) >= 0 or float(w) == float("inf") for w in config.mep.weights):
-        raise ValueError(f"mep.weights must be finite and >= 0, got {config.mep.weights}")
+        raise ConfigError("\n".join(problems))
     if not any(float(config.loss[k]) for k in ("pointwise", "full_vocab", "distill", "listwise")):
-        raise ValueError("every loss weight is zero (loss.pointwise/full_vocab/distill/listwise)")
+        raise ConfigError("every loss weight is zero (loss.pointwise/full_vocab/distill/listwise)")
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict, num_groups: int) -> int:
@@ -216,11 +275,13 @@ def resolve_total_steps(config: ml_collections.ConfigDict, num_groups: int) -> i
     return max(1, math.ceil(epochs * num_groups / int(config.data.batch_size)))
 
 
-def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def train_settings(config: ml_collections.ConfigDict, tokenizer_fingerprint: str | None = None) -> dict[str, Any]:
     """The settings a saved train state depends on ({dotted key: value}); recorded in every checkpoint.
 
-    Resuming a run whose checkpoint recorded different values is refused (`checkpoints.SettingsMismatch`):
-    the parameter/optimiser tree would not match, or would silently mean something else.
+    Resuming a run whose checkpoint recorded different values is refused (`checkpoints.SettingsMismatch`
+    naming each key): the parameter/optimiser tree would not match, or would silently mean something else.
+    Besides the state's structure this covers the tokenizer (`tokenizer`: its content hash, when given) and
+    the data iterator (`data_settings`). The mesh is not a setting: a run resumes onto any mesh.
     """
     out: dict[str, Any] = {"model.param_dtype": str(config.model.param_dtype),
                            "optimizer.grad_accum_steps": int(config.optimizer.grad_accum_steps),
@@ -232,7 +293,29 @@ def train_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         out.update({"lora.rank": int(config.lora.rank), "lora.alpha": float(config.lora.alpha),
                     "lora.targets": [str(t) for t in config.lora.targets],
                     "lora.stacks": [str(t) for t in config.lora.stacks]})
+    out.update(data_settings(config))
+    if tokenizer_fingerprint:
+        out["tokenizer"] = str(tokenizer_fingerprint)
     return out
+
+
+def data_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings the saved data-iterator position means something under: the global batch and group
+    sizes, the shuffle seed and the training data (the JSONL files, or the BEIR split and mining settings)."""
+    out: dict[str, Any] = {"seed": int(config.seed), "data.batch_size": int(config.data.batch_size),
+                           "data.group_size": int(config.data.group_size)}
+    if config.data.train_jsonl:
+        out["data.train_jsonl"] = [str(Path(f).absolute()) for f in config.data.train_jsonl]
+    else:
+        out.update({"data.dataset": str(config.data.dataset), "data.split": str(config.data.split),
+                    "data.num_negatives": int(config.data.num_negatives),
+                    "data.negatives_depth": int(config.data.negatives_depth)})
+    return out
+
+
+LATER_SETTINGS = ("tokenizer", "seed", "data.")
+"""Prefixes of settings recorded since a later version: a checkpoint that records none of them (written before)
+is not compared on them."""
 
 
 def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float], ...]:
@@ -241,5 +324,5 @@ def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float],
     return tuple(zip(ratios, weights))
 
 
-__all__ = ["default_config", "validate", "ratio_weights", "resolve_total_steps", "train_settings", "DEFAULT_RATIOS",
-           "PAPER_V3_RATIOS"]
+__all__ = ["default_config", "validate", "ratio_weights", "resolve_total_steps", "train_settings", "data_settings",
+           "min_decoder_length", "LATER_SETTINGS", "DTYPES", "DEFAULT_RATIOS", "PAPER_V3_RATIOS"]

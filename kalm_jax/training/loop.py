@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import checkpointing, loader, prompts
+from kalm_jax import checkpointing, loader, locks, prompts
 from kalm_jax.config import get_preset
 from kalm_jax.data import pipeline
 from kalm_jax.model import init_model
@@ -33,7 +33,7 @@ from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab, load_tokenizer as l
 from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
 from kalm_jax import distributed
 from kalm_jax import mesh as sharding
-from kalm_jax.training.checkpoints import Checkpointer
+from kalm_jax.training.checkpoints import Checkpointer, SettingsMismatch
 from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
 from kalm_jax.training.state import configure_for_training
 from kalm_jax.training.step import STEP_BATCH_KEYS, TrainStep, make_train_step
@@ -53,8 +53,8 @@ def data_root(config) -> Path:
 
 
 def instruction_of(config) -> str | bool | None:
-    text = str(config.data.instruction)
-    return None if text == "default" else (prompts.NO_INSTRUCTION if text == "" else text)
+    """`data.instruction` as a prompt instruction (`prompts.resolve_instruction`: "default", "none"/"" or the text)."""
+    return prompts.resolve_instruction(str(config.data.instruction))
 
 
 def training_files(config, workdir: Path) -> list[Path]:
@@ -88,10 +88,23 @@ def training_files(config, workdir: Path) -> list[Path]:
 def load_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
     """The run's tokenizer: `config.tokenizer`, else the workdir's (a resumed run), else the init_from
     checkpoint's own (``tokenizer.model`` or ``tokenizer.json``, via `kalm_jax.loader`), else one trained on
-    the training texts (only when training from scratch). The chosen file is kept in the workdir."""
+    the training texts (only when training from scratch). The chosen file is kept in the workdir.
+
+    The workdir's tokenizer is never replaced: a `config.tokenizer` whose content differs from it raises
+    `SettingsMismatch` naming both files (its checkpoints were trained with the workdir's)."""
+    kept = any((workdir / name).is_file() for name in loader.TOKENIZER_FILENAMES)
     if config.tokenizer:
         tok = load_tokenizer_file(config.tokenizer)
-    elif any((workdir / name).is_file() for name in loader.TOKENIZER_FILENAMES):
+        if kept:
+            own = load_tokenizer_file(workdir)
+            if own.fingerprint() != tok.fingerprint():
+                raise SettingsMismatch(
+                    f"tokenizer: --config.tokenizer={config.tokenizer} (sha256 {tok.fingerprint()[:16]}) is not the "
+                    f"tokenizer this workdir was trained with, {getattr(own, 'path', None) or workdir} (sha256 "
+                    f"{own.fingerprint()[:16]}); resume without --config.tokenizer (the workdir's is used) or start "
+                    "a new run in another --workdir (the workdir's tokenizer is never replaced)")
+            return own
+    elif kept:
         return load_tokenizer_file(workdir)
     elif config.init_from:
         tok = loader.find_tokenizer(config.init_from)
@@ -267,9 +280,19 @@ def threading_main() -> bool:
 
 
 def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, float]:
-    """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics."""
+    """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the final metrics.
+
+    The config is validated before anything else (`training.config.validate`). The run holds the workdir's
+    lock throughout (`locks.job_lock`: process 0 holds it, every process learns the outcome): a second run on
+    the same workdir fails at once with `locks.DirectoryLocked` naming the holder."""
     validate(config)
     workdir = Path(workdir).absolute()
+    with locks.job_lock(workdir, "training run", "wait for it to finish or use another --workdir (two runs would "
+                        "write the same checkpoints and metrics)"):
+        return _train_and_evaluate_locked(config, workdir)
+
+
+def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
     tfds_dir = workdir / "tfds"
     from kalm_jax.data.tfds_builder import prepare
 
@@ -313,7 +336,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
               flush=True)
 
     it = pipeline.training_iterator(tfds_dir, tok, pcfg, name="train")
-    ckpt = Checkpointer(workdir, config.checkpoint, settings=train_settings(config))
+    ckpt = Checkpointer(workdir, config.checkpoint, settings=train_settings(config, tok.fingerprint()))
     restored = ckpt.restore(ts.abstract_state, it)
     if restored is not None:
         state, start = restored
@@ -363,6 +386,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
                                ) * jax.process_count()
                 state, metrics = ts.fn(state, global_batch(local, ts))
                 step += 1
+                ckpt.check()  # a failed (async) save stops the run here: DiskFullError naming its step
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 if not math.isfinite(m["loss"]):
