@@ -113,6 +113,6 @@ def test_a_users_config_file_is_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.load_file("./mine.py:x").arg == "x"
     assert cli.load_file(str(tmp_path / "mine.py")).arg == ""
-    with pytest.raises(cli.ConfigError, match=r"no config file 'mine.py' in the project's configs/ .* a file of your "
+    with pytest.raises(cli.ConfigError, match=r"no config file 'mine.py' in the package's configs .* a file of your "
                                               r"own is a path, e.g. ./mine.py"):
         cli.load_file("mine.py")
