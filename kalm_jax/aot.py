@@ -6,7 +6,7 @@ This module builds the ("data", "fsdp", "tensor") mesh of a config over those de
 compiles the jitted encode, score and train steps with abstract, sharded inputs
 (`jax.ShapeDtypeStruct(..., sharding=...)`), and reports per-device memory against the chip's HBM.
 
-    python -m kalm_jax.aot --config=configs/tpu.py:nano,v5e-256 --topology=v5e-256
+    python -m kalm_jax.aot --config=tpu.py:nano,v5e-256 --topology=v5e-256
 
 A passing check guarantees: the shardings are consistent (every array splits over its mesh axes), the
 program (including the Pallas TPU attention kernel) compiles for that chip generation and slice shape,
@@ -288,7 +288,7 @@ def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", 
 def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None,
                 out=print):
     """Lowering of the real training step, `kalm_jax.training.step.make_train_step` (the config must be a
-    full training config: `configs/tpu.py` or `configs/train.py`)."""
+    full training config: the `tpu.py` or `train.py` config)."""
     import contextlib
 
     from kalm_jax.model import analysis_defaults
@@ -298,7 +298,7 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
     missing = [k for k in ("loss", "optimizer", "mep", "lora", "data") if k not in cfg]
     if missing:
         raise ValueError(f"the train program needs a full training config; sections {missing} are missing "
-                         "(use configs/tpu.py or configs/train.py)")
+                         "(use --config=tpu.py:... or --config=train.py:...)")
     validate(cfg)
     with analysis_defaults() if analysis else contextlib.nullcontext():
         ts = train_step.make_train_step(model_config(preset, layers), cfg, mesh, yes_id=1, no_id=2,
@@ -529,7 +529,7 @@ def mesh_for(cfg, devices: Sequence, num_slices: int = 1):
         mesh = mesh_lib.make_mesh(sizes, devices, num_slices=num_slices)
     except ValueError as e:
         hint = (f" (for --num_slices={num_slices} pass the slice count to the config too, e.g. "
-                f"configs/tpu.py:<preset>,<topology>,{num_slices})") if num_slices > 1 else ""
+                f"--config=tpu.py:<preset>,<topology>,{num_slices})") if num_slices > 1 else ""
         raise ValueError(f"config mesh {sizes} on {len(devices)} devices: {e}{hint}") from None
     return mesh, mesh_lib.rules_dict(_get(cfg, "logical_axis_rules", None))
 

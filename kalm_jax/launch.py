@@ -1,6 +1,6 @@
 """Development launcher: one command as N JAX processes on this machine, with fake CPU devices.
 
-    python -m kalm_jax.launch -n 2 [--devices_per_process 4] -- train.py --config=configs/train.py:tiny --workdir=W
+    python -m kalm_jax.launch -n 2 [--devices_per_process 4] -- train.py --config=train.py:tiny --workdir=W
     python -m kalm_jax.launch -n 2 -- eval.py --config.output_dir=OUT ...
     python -m kalm_jax.launch -n 2 -- -m kalm_jax.training.label --config.teacher=T --config.input=I --config.output=O
 

@@ -1,18 +1,19 @@
 """The one config entry for every command line: an ml_collections config file + ``--config.KEY=VALUE``.
 
-Every CLI (train.py, eval.py, label, convert, export, verify_release, aot, bench, the data tools: bm25, negatives,
-tfds_builder, tokenizer) is configured the same way:
+Every CLI (train, eval, label, convert, export, verify_release, aot, bench, the data tools: bm25, negatives,
+tfds_build, tokenizer) is configured the same way:
 
-    --config=configs/NAME.py[:ARG]     a file with ``get_config(arg)`` returning an ml_collections ConfigDict
-                                       (each CLI has a default file in configs/, so this flag is optional;
-                                       a bare NAME.py[:ARG] means the project's configs/NAME.py; a file
-                                       of your own is a path containing a slash, e.g. ./mine.py)
-    --config.a.b=VALUE                 override one field; VALUE is parsed as the field's type (bool, int,
-                                       float, str, tuple); an unknown key exits with the valid keys there
+    --config=NAME.py[:ARG]     a file with ``get_config(arg)`` returning an ml_collections ConfigDict
+                               (each CLI has a default file shipped in the package, kalm_jax/configs/, so
+                               this flag is optional; a bare NAME.py[:ARG] means the package's file; a file
+                               of your own is a path containing a slash, e.g. ./mine.py)
+    --config.a.b=VALUE         override one field; VALUE is parsed as the field's type (bool, int, float, str,
+                               tuple); an unknown key exits with the valid keys there
 
-Every default lives once, in its configs/ file. A CLI may also take a few plain flags that are not settings of
+Every default lives once, in its config file. A CLI may also take a few plain flags that are not settings of
 the run (``--workdir``, the multi-process flags) and positional arguments mapped onto config fields
-(``convert to-hf SRC OUT`` sets ``command``, ``source`` and ``output``).
+(``convert to-hf SRC OUT`` sets ``command``, ``source`` and ``output``). The command modules beside this one
+(`kalm_jax.cli.train`, `kalm_jax.cli.eval`, ...) are the console commands' entry points (pyproject.toml).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (
             rest.append(a)
         i += 1
     if spec is None:
-        raise ConfigError("--config is required (e.g. --config=configs/train.py:tiny)")
+        raise ConfigError("--config is required (e.g. --config=train.py:tiny)")
     config = load_file(spec)
     if len(rest) > len(positional):
         raise ConfigError(f"unexpected arguments {rest[len(positional):]}"

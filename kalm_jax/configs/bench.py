@@ -1,4 +1,4 @@
-"""Benchmark settings: `python -m kalm_jax.bench [--config=configs/bench.py:<grid|h100|side_by_side>]
+"""Benchmark settings: `python -m kalm_jax.bench [--config=bench.py:<grid|h100|side_by_side>]
 [--config.KEY=VALUE ...]`.
 
 grid (default): the full grid of `kalm_jax.bench.suite.BenchSettings` (meant for a GPU; shrink it on CPU).

@@ -1,7 +1,7 @@
 """Evaluation sweep settings for `eval.py` (ml_collections; override any field with --config.<name>=...).
 
 Example:
-  python eval.py --config=configs/eval.py --config.checkpoint=CKPT --config.data_dir=DATA \
+  python eval.py --config=eval.py --config.checkpoint=CKPT --config.data_dir=DATA \
       --config.datasets=scifact,trec-dl-2019-passage --config.ratios=1,2,4,8,16,32 --config.output_dir=OUT
 """
 

@@ -1,4 +1,4 @@
-"""Training configs: `--config=configs/train.py:<name>`.
+"""Training configs: `--config=train.py:<name>`.
 
 Model-size presets: tiny (CPU demo, from scratch), nano / small / large (T5Gemma 2 shapes; fine-tune
 released checkpoints with `--config.init_from=DIR`). KaLM pipeline stages, optionally with a size:

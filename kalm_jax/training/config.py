@@ -1,6 +1,6 @@
 """The training configuration (an `ml_collections.ConfigDict`): defaults, and validation of user keys.
 
-`configs/train.py` builds the presets (tiny/nano/small/large) and the KaLM stage configs on top of
+The `train.py` config (kalm_jax/configs/) builds the presets (tiny/nano/small/large) and the KaLM stage configs on top of
 `default_config()`. `validate(config)` rejects unknown keys with the list of valid ones, so a typo in a
 config file or an override never passes silently.
 """
