@@ -232,3 +232,60 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "[p0] saved and exiting 0 True" in out and "[p1] saved and exiting 1 True" in out
+
+
+# ------------------------------------------------------------------ host-side barriers
+def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(tmp_path):
+    """Process 0 prepares for 35 s (mining, tokenizer training) while process 1 waits at the barrier; then both
+    run a device collective. A barrier that was itself the first device collective died after 30 s
+    ("Gloo context initialization failed: DEADLINE_EXCEEDED"). A barrier name used twice passes twice."""
+    script = tmp_path / "slow_primary.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from kalm_jax import cli, distributed
+        _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
+        assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
+        import jax, numpy as np
+        from jax.experimental import multihost_utils
+        t0 = time.monotonic()
+        if jax.process_index() == 0:
+            time.sleep(35)
+        distributed.barrier("prepared")
+        waited = time.monotonic() - t0
+        total = int(np.sum(multihost_utils.process_allgather(np.int32(jax.process_index() + 1))))
+        distributed.barrier("prepared")  # the same name again
+        print("RESULT", jax.process_index(), total, waited > 34, flush=True)
+    """))
+    r = launch(["-n", "2", "--devices_per_process", "2", "--", str(script)], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = sorted(line.split() for line in r.stdout.splitlines() if "RESULT" in line)
+    assert rows == [["[p0]", "RESULT", "0", "3", "True"], ["[p1]", "RESULT", "1", "3", "True"]], r.stdout[-3000:]
+
+
+def test_a_barrier_timeout_names_the_barrier_and_the_missing_process(tmp_path):
+    """KALM_BARRIER_TIMEOUT bounds the wait; the error names the barrier, the timeout and who did not arrive."""
+    script = tmp_path / "late.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from kalm_jax import cli, distributed
+        _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
+        assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
+        import jax
+        if jax.process_index() == 1:
+            time.sleep(8)
+        try:
+            distributed.barrier("kalm_train_inputs_primary")
+        except distributed.BarrierTimeout as e:
+            print("TIMEOUT", jax.process_index(), e, flush=True)
+        sys.stdout.flush()
+        os._exit(0)
+    """))
+    e = env()
+    e["KALM_BARRIER_TIMEOUT"] = "3"
+    r = subprocess.run([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1", "--",
+                        str(script)], env=e, capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = r.stdout
+    line = [x for x in out.splitlines() if x.startswith("[p0] TIMEOUT 0")]
+    assert line, out[-3000:] + r.stderr[-3000:]
+    assert "barrier 'kalm_train_inputs_primary'" in line[0] and "3 s" in line[0], line[0]
+    assert "not arrived: process 1" in line[0] and "KALM_BARRIER_TIMEOUT" in line[0], line[0]
