@@ -16,7 +16,9 @@ runs one tiny collective at once, so gloo's context (whose creation fails when a
 Barriers (`barrier`, `primary_first`) wait for host-side work (process 0 mining negatives, training the
 tokenizer, writing a manifest) on the coordination service, never in a device collective, for at most
 KALM_BARRIER_TIMEOUT seconds (default 3600); a timeout is a `BarrierTimeout` naming the barrier and the
-processes that did not arrive.
+processes that did not arrive. A coordinator address on loopback (127.0.0.1, localhost, ::1: the launcher's)
+binds the coordination service to that address only; any other address keeps JAX's default (every
+interface) or JAX_COORDINATOR_BIND_ADDRESS.
 
 The three flags `--coordinator_address`, `--num_processes`, `--process_id` of every CLI are
 `kalm_jax.cli.DISTRIBUTED_FLAGS`; the CLI passes their values to `initialize`.
@@ -24,6 +26,7 @@ The three flags `--coordinator_address`, `--num_processes`, `--process_id` of ev
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -99,14 +102,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if coordinator_address is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=int(num_processes),
-                                   process_id=int(process_id))
+                                   process_id=int(process_id),
+                                   coordinator_bind_address=loopback_bind_address(coordinator_address))
     else:
         env = cluster_env()
         if env is None:
             return False
         log.info("multi-process environment detected (%s): jax.distributed.initialize()", env)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_bind_address=loopback_bind_address(os.environ.get("JAX_COORDINATOR_ADDRESS", "")))
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         # gloo creates its context at the first cross-process collective and gives up when a process is
         # more than 30 s late: create it now, while every process is here, not in the middle of a run.
@@ -117,6 +122,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     log.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def loopback_bind_address(coordinator_address: str) -> str | None:
+    """The coordination service's bind address for `coordinator_address`: the address itself when its host
+    is loopback (127.0.0.0/8, ::1, localhost), else None (JAX's default: JAX_COORDINATOR_BIND_ADDRESS, or
+    every interface, which the other hosts of a real cluster need)."""
+    if os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or ":" not in coordinator_address:
+        return None
+    host = coordinator_address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return coordinator_address
+    try:
+        return coordinator_address if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:  # a host name
+        return None
 
 
 def _initialized() -> bool:

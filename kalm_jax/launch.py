@@ -7,7 +7,7 @@
 Process i runs the command (a `.py` file or `-m module` gets this Python) with
 `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i` appended (PORT: a free port),
 JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=M. Each output line is prefixed
-with `[pI]`. SIGINT / SIGTERM to the launcher are forwarded to every process (a training run saves and
+with `[pI]`. The coordinator listens on 127.0.0.1 only. SIGINT / SIGTERM to the launcher are forwarded to every process (a training run saves and
 exits). When one process fails, the others get SIGTERM, then SIGKILL after `--grace` seconds, and the
 launcher exits with the failing status (128 + signal for a killed process). This is JAX's own runtime
 (`kalm_jax.distributed.initialize`); on a real cluster run the command once per host instead (see
@@ -94,6 +94,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
         raise ValueError(f"-n ({num_processes}) and --devices_per_process ({devices_per_process}) must be >= 1")
     if not command:
         raise ValueError("no command given after --")
+    # 127.0.0.1: kalm_jax.distributed.initialize binds the coordination service to this loopback address.
     address = f"127.0.0.1:{port or free_port()}"
     env = child_env(devices_per_process)
     lock = threading.Lock()

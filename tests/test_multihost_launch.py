@@ -234,7 +234,7 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
     assert "[p0] saved and exiting 0 True" in out and "[p1] saved and exiting 1 True" in out
 
 
-# ------------------------------------------------------------------ host-side barriers
+# ------------------------------------------------------------------ host-side barriers, bind address
 def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(tmp_path):
     """Process 0 prepares for 35 s (mining, tokenizer training) while process 1 waits at the barrier; then both
     run a device collective. A barrier that was itself the first device collective died after 30 s
@@ -289,3 +289,70 @@ def test_a_barrier_timeout_names_the_barrier_and_the_missing_process(tmp_path):
     assert line, out[-3000:] + r.stderr[-3000:]
     assert "barrier 'kalm_train_inputs_primary'" in line[0] and "3 s" in line[0], line[0]
     assert "not arrived: process 1" in line[0] and "KALM_BARRIER_TIMEOUT" in line[0], line[0]
+
+
+def _listening(port: int) -> list:
+    """Local addresses of the sockets listening on TCP `port` (/proc/net/tcp and tcp6, state 0A), as
+    ipaddress objects (an IPv4-mapped IPv6 address as its IPv4 address)."""
+    import ipaddress
+
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            host, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                # 32-bit words in host (little-endian) byte order
+                raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+                addr = ipaddress.ip_address(raw)
+                found.append(getattr(addr, "ipv4_mapped", None) or addr)
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
+def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
+    """The coordination service (unauthenticated gRPC) of a launcher job binds 127.0.0.1, not every interface."""
+    from kalm_jax.launch import free_port
+
+    port = free_port()
+    script = tmp_path / "hold.py"
+    flag = tmp_path / "checked"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        from kalm_jax import cli, distributed
+        _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
+        assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
+        print("ready", flush=True)
+        deadline = time.time() + 60
+        while not os.path.exists({str(flag)!r}) and time.time() < deadline:
+            time.sleep(0.05)
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1",
+                             "--port", str(port), "--", str(script)], env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = []
+        while len([x for x in lines if "ready" in x]) < 2:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        hosts = _listening(port)
+    finally:
+        flag.touch()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    # every interface would be 0.0.0.0 or :: (JAX's default bind address [::]:PORT)
+    assert hosts and all(h.is_loopback for h in hosts), hosts
+
+
+def test_only_a_loopback_coordinator_address_binds_loopback(monkeypatch):
+    """A cluster's coordinator address keeps JAX's default bind (every interface: the other hosts connect)."""
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    bind = distributed.loopback_bind_address
+    assert bind("127.0.0.1:1234") == "127.0.0.1:1234" and bind("localhost:1234") == "localhost:1234"
+    assert bind("[::1]:1234") == "[::1]:1234"
+    assert bind("10.0.0.1:1234") is None and bind("node-0.cluster:1234") is None and bind("") is None
+    monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "10.0.0.1:1234")  # JAX's own setting wins
+    assert bind("127.0.0.1:1234") is None
