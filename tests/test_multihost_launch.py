@@ -234,7 +234,7 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
     assert "[p0] saved and exiting 0 True" in out and "[p1] saved and exiting 1 True" in out
 
 
-# ------------------------------------------------------------------ host-side barriers, bind address
+# ------------------------------------------------------------------ host-side barriers, bind address, escalation
 def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(tmp_path):
     """Process 0 prepares for 35 s (mining, tokenizer training) while process 1 waits at the barrier; then both
     run a device collective. A barrier that was itself the first device collective died after 30 s
@@ -356,3 +356,41 @@ def test_only_a_loopback_coordinator_address_binds_loopback(monkeypatch):
     assert bind("10.0.0.1:1234") is None and bind("node-0.cluster:1234") is None and bind("") is None
     monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "10.0.0.1:1234")  # JAX's own setting wins
     assert bind("127.0.0.1:1234") is None
+
+
+def test_the_launcher_kills_processes_that_ignore_a_forwarded_sigterm(tmp_path):
+    """A process that ignores SIGTERM (hung, or JAX's preemption handler swallowing it) is SIGKILLed
+    --grace seconds after the launcher forwarded the signal."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(textwrap.dedent("""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(120)
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--grace", "2", "--",
+                             str(script)], env=env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    lines = []
+    while len([x for x in lines if "ready" in x]) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert time.monotonic() - t0 < 2 + 15, out  # grace + a margin for a loaded machine
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert "SIGKILL" in out, out
+
+
+@pytest.mark.parametrize("args, flag", [(["--port", "99999"], "--port"), (["--port", "0"], "--port"),
+                                        (["--devices_per_process", "0"], "--devices_per_process"),
+                                        (["--grace", "-1"], "--grace")])
+def test_launcher_flag_errors_name_the_flag(args, flag):
+    r = launch(["-n", "2", *args, "--", "train.py"], timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error:" in r.stderr and flag in r.stderr, r.stderr
