@@ -100,7 +100,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
     # 127.0.0.1: kalm_jax.distributed.initialize binds the coordination service to this loopback address.
     address = f"127.0.0.1:{port or free_port()}"
     env = child_env(devices_per_process)
-    lock = threading.Lock()
+    lock = threading.RLock()  # re-entrant: the signal handler prints under it in the main thread, which may hold it
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     for i in range(num_processes):
