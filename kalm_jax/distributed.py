@@ -9,7 +9,16 @@ computation:
                           #       otherwise one process and nothing is called
 
 CPU collectives across processes use gloo (`jax_cpu_collectives_implementation`), set before the
-runtime starts; it only concerns the CPU backend, so it is harmless on TPU and GPU.
+runtime starts; it only concerns the CPU backend, so it is harmless on TPU and GPU. On CPU, `initialize`
+runs one tiny collective at once, so gloo's context (whose creation fails when a process comes more than
+30 s after the others) exists before any process starts long host-side work.
+
+Barriers (`barrier`, `primary_first`) wait for host-side work (process 0 mining negatives, training the
+tokenizer, writing a manifest) on the coordination service, never in a device collective, for at most
+KALM_BARRIER_TIMEOUT seconds (default 3600); a timeout is a `BarrierTimeout` naming the barrier and the
+processes that did not arrive. A coordinator address on loopback (127.0.0.1, localhost, ::1: the launcher's)
+binds the coordination service to that address only; any other address keeps JAX's default (every
+interface) or JAX_COORDINATOR_BIND_ADDRESS.
 
 The three flags `--coordinator_address`, `--num_processes`, `--process_id` of every CLI are
 `kalm_jax.cli.DISTRIBUTED_FLAGS`; the CLI passes their values to `initialize`.
@@ -17,12 +26,22 @@ The three flags `--coordinator_address`, `--num_processes`, `--process_id` of ev
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import re
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+BARRIER_TIMEOUT_ENV = "KALM_BARRIER_TIMEOUT"
+"""Seconds a process waits at a barrier for the others (default `DEFAULT_BARRIER_TIMEOUT`)."""
+DEFAULT_BARRIER_TIMEOUT = 3600.0
+
+
+class BarrierTimeout(RuntimeError):
+    """Some process did not reach a barrier within the barrier timeout."""
 
 
 def _int_env(name: str) -> int:
@@ -83,17 +102,41 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if coordinator_address is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=int(num_processes),
-                                   process_id=int(process_id))
+                                   process_id=int(process_id),
+                                   coordinator_bind_address=loopback_bind_address(coordinator_address))
     else:
         env = cluster_env()
         if env is None:
             return False
         log.info("multi-process environment detected (%s): jax.distributed.initialize()", env)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_bind_address=loopback_bind_address(os.environ.get("JAX_COORDINATOR_ADDRESS", "")))
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # gloo creates its context at the first cross-process collective and gives up when a process is
+        # more than 30 s late: create it now, while every process is here, not in the middle of a run.
+        barrier("kalm_jax_initialized")
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("kalm_jax_gloo_context")
     log.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def loopback_bind_address(coordinator_address: str) -> str | None:
+    """The coordination service's bind address for `coordinator_address`: the address itself when its host
+    is loopback (127.0.0.0/8, ::1, localhost), else None (JAX's default: JAX_COORDINATOR_BIND_ADDRESS, or
+    every interface, which the other hosts of a real cluster need)."""
+    if os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or ":" not in coordinator_address:
+        return None
+    host = coordinator_address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return coordinator_address
+    try:
+        return coordinator_address if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:  # a host name
+        return None
 
 
 def _initialized() -> bool:
@@ -109,14 +152,51 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Blocks until every process reaches the barrier `name` (no-op with one process)."""
+_barrier_uses: dict[str, int] = {}
+
+
+def barrier_timeout() -> float:
+    """Seconds a barrier waits: KALM_BARRIER_TIMEOUT, default 3600."""
+    raw = os.environ.get(BARRIER_TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_BARRIER_TIMEOUT
+    except ValueError:
+        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{BARRIER_TIMEOUT_ENV}={raw!r} must be > 0 seconds")
+    return value
+
+
+def barrier(name: str, timeout: float | None = None) -> None:
+    """Blocks until every process reaches the barrier `name` (no-op with one process).
+
+    A host-side wait on JAX's coordination service (no device collective, so no collective deadline),
+    for at most `timeout` seconds (default `barrier_timeout()`). Every process must pass the same names
+    in the same order; a name may be used again (each use is a barrier of its own).
+
+    Raises:
+      BarrierTimeout: some process did not arrive in time (the message names the barrier and them).
+    """
     import jax
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _dist
 
-        multihost_utils.sync_global_devices(name)
+    timeout = barrier_timeout() if timeout is None else float(timeout)
+    use = _barrier_uses[name] = _barrier_uses.get(name, 0) + 1
+    try:
+        _dist.global_state.client.wait_at_barrier(f"kalm_jax:{name}:{use}", max(1, int(timeout * 1000)))
+    except Exception as e:  # jax.errors.JaxRuntimeError
+        text = str(e)
+        if "DEADLINE_EXCEEDED" not in text:  # not a timeout (a peer failed, the service is gone): as it is
+            raise
+        missing = re.search(r"timed out task names:\s*((?:\d+\s*)+)", text)
+        who = f"; not arrived: process {', '.join(missing.group(1).split())}" if missing else ""
+        raise BarrierTimeout(
+            f"barrier {name!r} (process {jax.process_index()} of {jax.process_count()}) did not complete within "
+            f"{timeout:g} s{who} (raise {BARRIER_TIMEOUT_ENV}=SECONDS if that process is still working). "
+            f"JAX: {text.splitlines()[0] if text else type(e).__name__}") from e
 
 
 def any_process(flag: bool) -> bool:
@@ -165,4 +245,5 @@ def allgather_json(obj: Any) -> list[Any]:
     return [json.loads(rows[i, :int(n)].tobytes().decode()) for i, n in enumerate(sizes)]
 
 
-__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "any_process", "primary_first", "allgather_json"]
+__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "BarrierTimeout", "barrier_timeout", "any_process",
+           "primary_first", "allgather_json"]

@@ -7,8 +7,9 @@
 Process i runs the command (a `.py` file or `-m module` gets this Python) with
 `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i` appended (PORT: a free port),
 JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=M. Each output line is prefixed
-with `[pI]`. SIGINT / SIGTERM to the launcher are forwarded to every process (a training run saves and
-exits). When one process fails, the others get SIGTERM, then SIGKILL after `--grace` seconds, and the
+with `[pI]`. The coordinator listens on 127.0.0.1 only. SIGINT / SIGTERM to the launcher are forwarded to
+every process (a training run saves and exits); processes still running `--grace` seconds later are
+SIGKILLed. When one process fails, the others get SIGTERM, then SIGKILL after `--grace` seconds, and the
 launcher exits with the failing status (128 + signal for a killed process). This is JAX's own runtime
 (`kalm_jax.distributed.initialize`); on a real cluster run the command once per host instead (see
 docs/multihost.md).
@@ -92,11 +93,14 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
     """Runs `command` as `num_processes` JAX processes; returns the job's exit status (0: all succeeded)."""
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(f"-n ({num_processes}) and --devices_per_process ({devices_per_process}) must be >= 1")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (1..65535)")
     if not command:
         raise ValueError("no command given after --")
+    # 127.0.0.1: kalm_jax.distributed.initialize binds the coordination service to this loopback address.
     address = f"127.0.0.1:{port or free_port()}"
     env = child_env(devices_per_process)
-    lock = threading.Lock()
+    lock = threading.RLock()  # re-entrant: the signal handler prints under it in the main thread, which may hold it
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     for i in range(num_processes):
@@ -123,34 +127,44 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
     for i, p in enumerate(procs):
         threading.Thread(target=_wait, args=(i, p, exits), daemon=True).start()
     running = set(range(num_processes))
+    kill_at = None  # when the processes still running get SIGKILL: --grace after a forwarded signal or a failure
 
     def forward(signum, frame):
+        nonlocal kill_at
         with lock:
-            print(f"[launch] {signal.Signals(signum).name}: forwarding to all processes", flush=True)
+            print(f"[launch] {signal.Signals(signum).name}: forwarding to all processes (SIGKILL to those left "
+                  f"after {grace:g} s)", flush=True)
         for i in sorted(running):
             _signal_group(procs[i], signum)
+        if kill_at is None:
+            kill_at = time.monotonic() + grace
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     status = 0
-    deadline = None  # set when the first process fails: the others' grace ends then
+    failed = False
     try:
         while running:
             try:
                 i, rc = exits.get(timeout=0.1)
             except queue.Empty:
-                if deadline is not None and time.monotonic() >= deadline:
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    with lock:
+                        print(f"[launch] grace of {grace:g} s over: SIGKILL to process "
+                              f"{', '.join(map(str, sorted(running)))}", flush=True)
                     for j in sorted(running):
                         _signal_group(procs[j], signal.SIGKILL)
-                    deadline = float("inf")
+                    kill_at = float("inf")
                 continue
             running.discard(i)
-            if rc != 0 and deadline is None:
+            if rc != 0 and not failed:
+                failed = True
                 status = exit_status(rc)
                 with lock:
                     print(f"[launch] process {i} failed (exit status {status}); stopping the others", flush=True)
                 for j in sorted(running):
                     _signal_group(procs[j], signal.SIGTERM)
-                deadline = time.monotonic() + grace
+                if kill_at is None:
+                    kill_at = time.monotonic() + grace
     finally:
         for j in sorted(running):  # only on an error in this loop
             _signal_group(procs[j], signal.SIGKILL)
@@ -182,10 +196,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="fake CPU devices per process (default: 8 // N, at least 1)")
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     p.add_argument("--grace", type=float, default=10.0,
-                   help="seconds the others get after SIGTERM when one process failed, before SIGKILL")
+                   help="seconds processes get after a SIGTERM (forwarded, or to the others when one process "
+                        "failed) before SIGKILL")
     args = p.parse_args(argv[:cut])
     if args.num_processes < 1:
         p.error(f"-n must be >= 1, got {args.num_processes}")
+    if args.devices_per_process is not None and args.devices_per_process < 1:
+        p.error(f"--devices_per_process must be >= 1, got {args.devices_per_process}")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        p.error(f"--port must be a TCP port in 1..65535, got {args.port}")
+    if not args.grace >= 0:
+        p.error(f"--grace must be >= 0 seconds, got {args.grace}")
     m = args.devices_per_process or max(1, 8 // args.num_processes)
     try:
         return launch(argv[cut + 1:], args.num_processes, m, port=args.port, grace=args.grace)

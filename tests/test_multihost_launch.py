@@ -232,3 +232,165 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "[p0] saved and exiting 0 True" in out and "[p1] saved and exiting 1 True" in out
+
+
+# ------------------------------------------------------------------ host-side barriers, bind address, escalation
+def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(tmp_path):
+    """Process 0 prepares for 35 s (mining, tokenizer training) while process 1 waits at the barrier; then both
+    run a device collective. A barrier that was itself the first device collective died after 30 s
+    ("Gloo context initialization failed: DEADLINE_EXCEEDED"). A barrier name used twice passes twice."""
+    script = tmp_path / "slow_primary.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from kalm_jax import cli, distributed
+        _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
+        assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
+        import jax, numpy as np
+        from jax.experimental import multihost_utils
+        t0 = time.monotonic()
+        if jax.process_index() == 0:
+            time.sleep(35)
+        distributed.barrier("prepared")
+        waited = time.monotonic() - t0
+        total = int(np.sum(multihost_utils.process_allgather(np.int32(jax.process_index() + 1))))
+        distributed.barrier("prepared")  # the same name again
+        print("RESULT", jax.process_index(), total, waited > 34, flush=True)
+    """))
+    r = launch(["-n", "2", "--devices_per_process", "2", "--", str(script)], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = sorted(line.split() for line in r.stdout.splitlines() if "RESULT" in line)
+    assert rows == [["[p0]", "RESULT", "0", "3", "True"], ["[p1]", "RESULT", "1", "3", "True"]], r.stdout[-3000:]
+
+
+def test_a_barrier_timeout_names_the_barrier_and_the_missing_process(tmp_path):
+    """KALM_BARRIER_TIMEOUT bounds the wait; the error names the barrier, the timeout and who did not arrive."""
+    script = tmp_path / "late.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from kalm_jax import cli, distributed
+        _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
+        assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
+        import jax
+        if jax.process_index() == 1:
+            time.sleep(8)
+        try:
+            distributed.barrier("kalm_train_inputs_primary")
+        except distributed.BarrierTimeout as e:
+            print("TIMEOUT", jax.process_index(), e, flush=True)
+        sys.stdout.flush()
+        os._exit(0)
+    """))
+    e = env()
+    e["KALM_BARRIER_TIMEOUT"] = "3"
+    r = subprocess.run([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1", "--",
+                        str(script)], env=e, capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = r.stdout
+    line = [x for x in out.splitlines() if x.startswith("[p0] TIMEOUT 0")]
+    assert line, out[-3000:] + r.stderr[-3000:]
+    assert "barrier 'kalm_train_inputs_primary'" in line[0] and "3 s" in line[0], line[0]
+    assert "not arrived: process 1" in line[0] and "KALM_BARRIER_TIMEOUT" in line[0], line[0]
+
+
+def _listening(port: int) -> list:
+    """Local addresses of the sockets listening on TCP `port` (/proc/net/tcp and tcp6, state 0A), as
+    ipaddress objects (an IPv4-mapped IPv6 address as its IPv4 address)."""
+    import ipaddress
+
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            host, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                # 32-bit words in host (little-endian) byte order
+                raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+                addr = ipaddress.ip_address(raw)
+                found.append(getattr(addr, "ipv4_mapped", None) or addr)
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
+def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
+    """The coordination service (unauthenticated gRPC) of a launcher job binds 127.0.0.1, not every interface."""
+    from kalm_jax.launch import free_port
+
+    port = free_port()
+    script = tmp_path / "hold.py"
+    flag = tmp_path / "checked"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        from kalm_jax import cli, distributed
+        _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
+        assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
+        print("ready", flush=True)
+        deadline = time.time() + 60
+        while not os.path.exists({str(flag)!r}) and time.time() < deadline:
+            time.sleep(0.05)
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1",
+                             "--port", str(port), "--", str(script)], env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = []
+        while len([x for x in lines if "ready" in x]) < 2:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        hosts = _listening(port)
+    finally:
+        flag.touch()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    # every interface would be 0.0.0.0 or :: (JAX's default bind address [::]:PORT)
+    assert hosts and all(h.is_loopback for h in hosts), hosts
+
+
+def test_only_a_loopback_coordinator_address_binds_loopback(monkeypatch):
+    """A cluster's coordinator address keeps JAX's default bind (every interface: the other hosts connect)."""
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    bind = distributed.loopback_bind_address
+    assert bind("127.0.0.1:1234") == "127.0.0.1:1234" and bind("localhost:1234") == "localhost:1234"
+    assert bind("[::1]:1234") == "[::1]:1234"
+    assert bind("10.0.0.1:1234") is None and bind("node-0.cluster:1234") is None and bind("") is None
+    monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "10.0.0.1:1234")  # JAX's own setting wins
+    assert bind("127.0.0.1:1234") is None
+
+
+def test_the_launcher_kills_processes_that_ignore_a_forwarded_sigterm(tmp_path):
+    """A process that ignores SIGTERM (hung, or JAX's preemption handler swallowing it) is SIGKILLed
+    --grace seconds after the launcher forwarded the signal."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(textwrap.dedent("""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(120)
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--grace", "2", "--",
+                             str(script)], env=env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    lines = []
+    while len([x for x in lines if "ready" in x]) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert time.monotonic() - t0 < 2 + 15, out  # grace + a margin for a loaded machine
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert "SIGKILL" in out, out
+
+
+@pytest.mark.parametrize("args, flag", [(["--port", "99999"], "--port"), (["--port", "0"], "--port"),
+                                        (["--devices_per_process", "0"], "--devices_per_process"),
+                                        (["--grace", "-1"], "--grace")])
+def test_launcher_flag_errors_name_the_flag(args, flag):
+    r = launch(["-n", "2", *args, "--", "train.py"], timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error:" in r.stderr and flag in r.stderr, r.stderr

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -269,3 +270,32 @@ def test_locked_workdir_stops_every_process_naming_the_holder(train_args, run_en
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_process_late_to_the_first_step_does_not_fail_the_job(train_args, run_env, tmp_path):
+    """Process 1 reaches the first train step 35 s after process 0 (a slower compile on a loaded host, a
+    compilation cache hit on one process only): the step's cross-process communicator (gloo on CPU), created
+    at the step's first run, gave up after 30 s ("Gloo context initialization failed: DEADLINE_EXCEEDED").
+    Every process now compiles the step, then they meet at a host-side barrier before its first run."""
+    wrapper = tmp_path / "late_train.py"
+    wrapper.write_text(textwrap.dedent(f"""
+        import runpy, sys, time
+        from kalm_jax.training import loop
+        first = loop.global_batch
+        def late(local, ts):  # process 1's first batch comes 35 s late
+            loop.global_batch = first
+            if "--process_id=1" in sys.argv:
+                time.sleep(35)
+            return first(local, ts)
+        loop.global_batch = late
+        sys.argv[0] = {str(REPO / "train.py")!r}
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    """))
+    w = tmp_path / "late"
+    args = [a for a in train_args if not a.startswith("--config.total_steps")] + ["--config.total_steps=2"]
+    cmd = launcher(w, args)
+    cmd[cmd.index("train.py")] = str(wrapper)
+    proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    errors = [line for line in proc.stdout.splitlines() if "Error" in line and "File " not in line][:10]
+    assert proc.returncode == 0, "\n".join(errors) + "\n...\n" + (proc.stdout + proc.stderr)[-3000:]
+    assert [json.loads(x)["step"] for x in (w / "metrics.jsonl").read_text().splitlines()] == [1, 2]

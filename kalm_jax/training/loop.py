@@ -384,7 +384,13 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
                 local = next(it)
                 tokens = float(np.sum(local["enc_mask"]) + np.sum(local["dec_mask"]) * local["labels"].shape[1]
                                ) * jax.process_count()
-                state, metrics = ts.fn(state, global_batch(local, ts))
+                batch = global_batch(local, ts)
+                if step == start and jax.process_count() > 1:
+                    # Every process compiles the step, then they meet: a cross-process communicator (gloo on
+                    # CPU) is created at the step's first run and gives up when a process is 30 s late.
+                    ts.fn.lower(state, batch).compile()
+                    distributed.barrier("kalm_train_step_compiled")
+                state, metrics = ts.fn(state, batch)
                 step += 1
                 ckpt.check()  # a failed (async) save stops the run here: DiskFullError naming its step
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
