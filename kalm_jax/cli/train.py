@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line (imported after parsing: the training modules need the train extra)."""
     from kalm_jax.atomic import DiskFullError
+    from kalm_jax.distributed import BarrierTimeout
     from kalm_jax.checkpointing import CheckpointError
     from kalm_jax.integrity import IntegrityError
     from kalm_jax.locks import DirectoryLocked
@@ -52,7 +53,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from kalm_jax.training.checkpoints import CorruptCheckpoint, SettingsMismatch
 
     return (FileNotFoundError, SettingsMismatch, CorruptCheckpoint, CheckpointError, IntegrityError, TokenizerError,
-            DirectoryLocked, DiskFullError)
+            DirectoryLocked, DiskFullError, BarrierTimeout)
 
 
 if __name__ == "__main__":
