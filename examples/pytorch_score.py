@@ -23,8 +23,10 @@ import torch
 from transformers import AutoModelForSeq2SeqLM
 from transformers.modeling_outputs import BaseModelOutput
 
-SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
-          'Note that the answer can only be "yes" or "no".')
+SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
 INSTRUCTION = "Given a query, retrieve documents that answer the query."
 SPECIAL = ("<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>")
 
@@ -34,9 +36,11 @@ def document_text(doc: str) -> str:
 
 
 def decoder_text(query: str, instruction: str = INSTRUCTION, system: str = SYSTEM) -> str:
-    return ("<bos><start_of_turn>user\n"
-            f"{system}\n\n<Instruct>: {instruction}\n<Query>: {query}<end_of_turn>\n"
-            "<start_of_turn>model\n\n\n\n")
+    return (
+        "<bos><start_of_turn>user\n"
+        f"{system}\n\n<Instruct>: {instruction}\n<Query>: {query}<end_of_turn>\n"
+        "<start_of_turn>model\n\n\n\n"
+    )
 
 
 class PromptTokenizer:
@@ -87,8 +91,8 @@ class PromptTokenizer:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = 1
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
         return ids, mask
 
 
@@ -118,15 +122,26 @@ def encode_passages(model, tok: PromptTokenizer, passages: list[str], ratio: int
 @torch.no_grad()
 def score(model, tok: PromptTokenizer, query_ids, query_mask, pooled, pooled_mask) -> torch.Tensor:
     """FBNL margins [B] (fp32) for B (prompt, pooled passage) pairs, as the released code computes them."""
-    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=pooled), attention_mask=pooled_mask,
-                decoder_input_ids=query_ids, decoder_attention_mask=query_mask)
+    out = model(
+        encoder_outputs=BaseModelOutput(last_hidden_state=pooled),
+        attention_mask=pooled_mask,
+        decoder_input_ids=query_ids,
+        decoder_attention_mask=query_mask,
+    )
     last = query_mask.sum(1) - 1
     logits = out.logits[torch.arange(len(last)), last].float()
     return logits[:, tok.yes_id] - logits[:, tok.no_id]
 
 
-def rerank(model_dir: str, query: str, passages: list[str], ratio: int = 4, instruction: str = INSTRUCTION,
-           dtype: torch.dtype = torch.float32, max_length: int = 1024):
+def rerank(
+    model_dir: str,
+    query: str,
+    passages: list[str],
+    ratio: int = 4,
+    instruction: str = INSTRUCTION,
+    dtype: torch.dtype = torch.float32,
+    max_length: int = 1024,
+):
     """Margins and P(yes) of `passages` (cut to `max_length` tokens) for `query`."""
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype).eval()
     tok = PromptTokenizer(model_dir)
@@ -146,8 +161,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-length", type=int, default=1024, help="passage token limit")
     a = p.parse_args()
-    margins, probs = rerank(a.model_dir, a.query, a.passage, a.ratio, a.instruction, getattr(torch, a.dtype),
-                            a.max_length)
+    margins, probs = rerank(
+        a.model_dir, a.query, a.passage, a.ratio, a.instruction, getattr(torch, a.dtype), a.max_length
+    )
     for m, pr, text in sorted(zip(margins.tolist(), probs.tolist(), a.passage), reverse=True):
         print(f"{m:+9.4f}  P(yes)={pr:.6f}  {text[:80]}")
 

@@ -14,8 +14,25 @@ __version__ = "0.1.0"
 
 quiet_libtpu_without_tpu()
 
-_SUBMODULES = {"config", "layers", "model", "mep", "scoring", "hf", "prompts", "tokenizer", "hf_tokenizer",
-               "checkpointing", "mesh", "passage_states", "reranker", "data", "evaluation", "training", "bench"}
+_SUBMODULES = {
+    "config",
+    "layers",
+    "model",
+    "mep",
+    "scoring",
+    "hf",
+    "prompts",
+    "tokenizer",
+    "hf_tokenizer",
+    "checkpointing",
+    "mesh",
+    "passage_states",
+    "reranker",
+    "data",
+    "evaluation",
+    "training",
+    "bench",
+}
 
 
 def __getattr__(name: str):

@@ -38,8 +38,20 @@ HBM_BYTES: dict[str, int] = {
 }
 # Slice shapes (chips) by chip count. v4/v5p names count TensorCores (2 per chip), v5e/v6e count chips.
 _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
-_SHAPES_3D = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+_SHAPES_3D = {
+    1: (1, 1, 1),
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+    4096: (16, 16, 16),
+}
 _GEN = {  # user prefix -> (libtpu topology prefix, chip config, cores per chip named in the slice name)
     "v4": ("v4", "megacore", 2),
     "v5p": ("v5", "megacore", 2),
@@ -69,8 +81,10 @@ def tpu_slice(name: str) -> TpuSlice:
     """Parses 'v5e-256', 'v5p-128', 'v4-32', 'v6e-8', ... into a `TpuSlice` (ValueError lists valid ones)."""
     m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower().replace("v5litepod", "v5e"))
     if not m:
-        raise ValueError(f"unknown TPU topology {name!r}; expected <generation>-<size> with generation in "
-                         f"{sorted(_GEN)}, e.g. v5e-256, v5p-128, v4-32, v6e-256")
+        raise ValueError(
+            f"unknown TPU topology {name!r}; expected <generation>-<size> with generation in "
+            f"{sorted(_GEN)}, e.g. v5e-256, v5p-128, v4-32, v6e-256"
+        )
     gen, size = m.group(1), int(m.group(2))
     prefix, chip_config, per_chip = _GEN[gen]
     chips, rem = divmod(size, per_chip)
@@ -83,9 +97,15 @@ def tpu_slice(name: str) -> TpuSlice:
         wrap = (True, True, True) if chips >= 64 else (False, False, False)
     else:
         wrap = (shape[0] == 16, shape[1] == 16, False)
-    return TpuSlice(name=f"{gen}-{size}", generation=gen, chips=chips, shape=shape,
-                    topology_name=f"{prefix}:{'x'.join(map(str, shape))}", chip_config_name=chip_config,
-                    wrap=wrap)
+    return TpuSlice(
+        name=f"{gen}-{size}",
+        generation=gen,
+        chips=chips,
+        shape=shape,
+        topology_name=f"{prefix}:{'x'.join(map(str, shape))}",
+        chip_config_name=chip_config,
+        wrap=wrap,
+    )
 
 
 def topology_devices(sl: TpuSlice, num_slices: int = 1) -> list:
@@ -95,12 +115,19 @@ def topology_devices(sl: TpuSlice, num_slices: int = 1) -> list:
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise RuntimeError("AOT compilation for TPU needs the TPU runtime library: pip install 'kalm-jax[tpu]' "
-                           "(the libtpu wheel matching your jax version)") from None
+        raise RuntimeError(
+            "AOT compilation for TPU needs the TPU runtime library: pip install 'kalm-jax[tpu]' "
+            "(the libtpu wheel matching your jax version)"
+        ) from None
     cphb = (2, 2, 1) if sl.chips >= 4 else (1, 1, 1)
     desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=sl.topology_name, chip_config_name=sl.chip_config_name,
-        chips_per_host_bounds=cphb, num_slices=num_slices, wrap=sl.wrap)
+        platform="tpu",
+        topology_name=sl.topology_name,
+        chip_config_name=sl.chip_config_name,
+        chips_per_host_bounds=cphb,
+        num_slices=num_slices,
+        wrap=sl.wrap,
+    )
     return list(desc.devices)
 
 
@@ -160,10 +187,18 @@ class MemoryReport:
         return self.error is None and self.total <= self.hbm
 
     @classmethod
-    def from_compiled(cls, name: str, compiled, hbm: int, seconds: float) -> "MemoryReport":
+    def from_compiled(cls, name: str, compiled, hbm: int, seconds: float) -> MemoryReport:
         m = compiled.memory_analysis()
-        return cls(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
-                   int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes), hbm, seconds)
+        return cls(
+            name,
+            int(m.argument_size_in_bytes),
+            int(m.output_size_in_bytes),
+            int(m.alias_size_in_bytes),
+            int(m.temp_size_in_bytes),
+            int(m.generated_code_size_in_bytes),
+            hbm,
+            seconds,
+        )
 
 
 # e.g. "the total memory required for HLO temporaries (805.51G) exceeds available HBM (15.75G)"
@@ -198,15 +233,21 @@ def compile_report(name: str, lower: Callable[[], Any], mesh, hbm: int) -> Memor
 
 def format_table(reports: Sequence[MemoryReport], title: str = "") -> str:
     """A fixed-width table, GiB per device, one row per program."""
+
     def g(b: int) -> str:
         return f"{b / GiB:10.3f}"
-    head = (f"{'program':<12}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'code':>10}{'total':>10}"
-            f"{'HBM':>10}{'used':>7}{'compile':>9}  fits")
+
+    head = (
+        f"{'program':<12}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'code':>10}{'total':>10}"
+        f"{'HBM':>10}{'used':>7}{'compile':>9}  fits"
+    )
     lines = ([title] if title else []) + [head + "   (GiB per device)", "-" * len(head)]
     for r in reports:
-        lines.append(f"{r.name:<12}{g(r.arguments)}{g(r.outputs)}{g(r.aliased)}{g(r.temporaries)}"
-                     f"{g(r.generated_code)}{g(r.total)}{g(r.hbm)}{100 * r.total / r.hbm:6.0f}%"
-                     f"{r.compile_seconds:8.1f}s  {'yes' if r.fits else 'NO'}")
+        lines.append(
+            f"{r.name:<12}{g(r.arguments)}{g(r.outputs)}{g(r.aliased)}{g(r.temporaries)}"
+            f"{g(r.generated_code)}{g(r.total)}{g(r.hbm)}{100 * r.total / r.hbm:6.0f}%"
+            f"{r.compile_seconds:8.1f}s  {'yes' if r.fits else 'NO'}"
+        )
         if r.error:
             lines.append(f"    compiler: {r.error.splitlines()[0][:300]}")
     return "\n".join(lines)
@@ -217,12 +258,12 @@ def format_table(reports: Sequence[MemoryReport], title: str = "") -> str:
 class Workload:
     """Shapes of one AOT check (global sizes; the batch dims are split over the batch mesh axes)."""
 
-    batch_queries: int = 128   # training queries per step
-    group_size: int = 16       # passages per query (1 positive + negatives)
+    batch_queries: int = 128  # training queries per step
+    group_size: int = 16  # passages per query (1 positive + negatives)
     passage_len: int = 512
-    query_len: int = 128       # decoder prompt length of the score program
-    ratio: int = 4             # MEP ratio of the passage states the decoder reads
-    eval_batch: int = 2048     # passages per encode call and pairs per score call
+    query_len: int = 128  # decoder prompt length of the score program
+    ratio: int = 4  # MEP ratio of the passage states the decoder reads
+    eval_batch: int = 2048  # passages per encode call and pairs per score call
 
 
 def model_config(preset: str, layers: int | None = None):
@@ -233,8 +274,9 @@ def model_config(preset: str, layers: int | None = None):
     mc = get_preset(preset)
     if layers is None:
         return mc
-    return dataclasses.replace(mc, encoder_layer_types=mc.encoder_layer_types[:layers],
-                               decoder_layer_types=mc.decoder_layer_types[:layers])
+    return dataclasses.replace(
+        mc, encoder_layer_types=mc.encoder_layer_types[:layers], decoder_layer_types=mc.decoder_layer_types[:layers]
+    )
 
 
 def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False, layers: int | None = None):
@@ -251,8 +293,9 @@ def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False,
     return nnx.split(model)
 
 
-def lower_encode(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False,
-                 layers: int | None = None):
+def lower_encode(
+    preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False, layers: int | None = None
+):
     """Lowering of `scoring.encode_pool` over [eval_batch, passage_len] passages (bf16 serving weights)."""
     import jax.numpy as jnp
 
@@ -264,12 +307,14 @@ def lower_encode(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16",
     return lambda: scoring.encode_pool.lower(graphdef, params, ids, ids, w.ratio)
 
 
-def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False,
-                layers: int | None = None):
+def lower_score(
+    preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False, layers: int | None = None
+):
     """Lowering of `scoring.score_pairs`: [eval_batch, query_len] prompts against cached passage states."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from kalm_jax import scoring
     from kalm_jax.config import get_preset
@@ -285,8 +330,7 @@ def lower_score(preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", 
     return lambda: scoring.score_pairs.lower(graphdef, params, dec, dec, states, pmask, yes_no)
 
 
-def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None,
-                out=print):
+def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None, out=print):
     """Lowering of the real training step, `kalm_jax.training.step.make_train_step` (the config must be a
     full training config: the `tpu.py` or `train.py` config)."""
     import contextlib
@@ -297,17 +341,27 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
 
     missing = [k for k in ("loss", "optimizer", "mep", "lora", "data") if k not in cfg]
     if missing:
-        raise ValueError(f"the train program needs a full training config; sections {missing} are missing "
-                         "(use --config=tpu.py:... or --config=train.py:...)")
+        raise ValueError(
+            f"the train program needs a full training config; sections {missing} are missing "
+            "(use --config=tpu.py:... or --config=train.py:...)"
+        )
     validate(cfg)
     with analysis_defaults() if analysis else contextlib.nullcontext():
-        ts = train_step.make_train_step(model_config(preset, layers), cfg, mesh, yes_id=1, no_id=2,
-                                        decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len,
-                                        shard_local_passages=True)  # as train.py runs it
+        ts = train_step.make_train_step(
+            model_config(preset, layers),
+            cfg,
+            mesh,
+            yes_id=1,
+            no_id=2,
+            decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len,
+            shard_local_passages=True,
+        )  # as train.py runs it
     if not analysis:
-        out(f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
+        out(
+            f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
             f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)}, "
-            f"remat_policy={_get(cfg, 'model.remat_policy', 'nothing')})")
+            f"remat_policy={_get(cfg, 'model.remat_policy', 'nothing')})"
+        )
 
     def lower():
         with analysis_defaults() if analysis else contextlib.nullcontext():
@@ -337,8 +391,11 @@ def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
     if program == "train":
         t = int(_get(cfg, "data.decoder_length", 0)) or w.query_len
         ratios = tuple(int(r) for r in _get(cfg, "mep.ratios", (w.ratio,)))
-        return w.batch_queries * w.group_size * flops.train_step_flops(
-            mc, w.passage_len, ratios, t, lora=bool(_get(cfg, "lora.enabled", False)))
+        return (
+            w.batch_queries
+            * w.group_size
+            * flops.train_step_flops(mc, w.passage_len, ratios, t, lora=bool(_get(cfg, "lora.enabled", False)))
+        )
     raise ValueError(f"unknown program {program!r}; valid: {list(PROGRAMS)}")
 
 
@@ -363,14 +420,27 @@ def cost_fields(compiled) -> dict[str, float]:
     raw = float(ca.get("optimal_seconds", -1.0))
     unknown = sum(1 for t in _CUSTOM_CALL.findall(compiled.as_text()) if t in UNKNOWN_COST_CALLS)
     secs = raw + unknown
-    return {"xla_flops": float(ca.get("flops", -1.0)), "bytes_accessed": float(ca.get("bytes accessed", -1.0)),
-            "optimal_seconds": secs if secs > 0 else -1.0, "optimal_seconds_raw": raw,
-            "unknown_cost_ops": unknown}
+    return {
+        "xla_flops": float(ca.get("flops", -1.0)),
+        "bytes_accessed": float(ca.get("bytes accessed", -1.0)),
+        "optimal_seconds": secs if secs > 0 else -1.0,
+        "optimal_seconds_raw": raw,
+        "unknown_cost_ops": unknown,
+    }
 
 
-def cost_row(program: str, sl: TpuSlice, num_devices: int, num_slices: int, preset: str, w: Workload,
-             useful_total: int, cost: Mapping[str, float], memory: MemoryReport | None,
-             cfg=None) -> dict[str, Any]:
+def cost_row(
+    program: str,
+    sl: TpuSlice,
+    num_devices: int,
+    num_slices: int,
+    preset: str,
+    w: Workload,
+    useful_total: int,
+    cost: Mapping[str, float],
+    memory: MemoryReport | None,
+    cfg=None,
+) -> dict[str, Any]:
     """One `--report` row (JSON-ready); every figure per chip. The contract scripts rely on: `program`,
     `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`."""
     useful = useful_total / num_devices
@@ -378,29 +448,49 @@ def cost_row(program: str, sl: TpuSlice, num_devices: int, num_slices: int, pres
     ok = secs > 0
     peak = PEAK_BF16[sl.generation]
     row: dict[str, Any] = {
-        "program": program, "topology": sl.name, "num_slices": num_slices, "devices": num_devices,
-        "preset": preset, "n": w.passage_len, "r": w.ratio, "prompt_len": w.query_len,
-        "xla_flops": cost["xla_flops"], "useful_flops": useful,
+        "program": program,
+        "topology": sl.name,
+        "num_slices": num_slices,
+        "devices": num_devices,
+        "preset": preset,
+        "n": w.passage_len,
+        "r": w.ratio,
+        "prompt_len": w.query_len,
+        "xla_flops": cost["xla_flops"],
+        "useful_flops": useful,
         "flops_ratio": cost["xla_flops"] / useful if useful else None,
-        "bytes_accessed": cost["bytes_accessed"], "optimal_seconds": secs,
-        "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs), "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
-        "peak_flops": peak, "predicted_mfu": useful / (secs * peak) if ok else None,
+        "bytes_accessed": cost["bytes_accessed"],
+        "optimal_seconds": secs,
+        "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs),
+        "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
+        "peak_flops": peak,
+        "predicted_mfu": useful / (secs * peak) if ok else None,
         "analysis": ANALYSIS,
     }
     per_chip = w.eval_batch / num_devices
     if program == "encode":
-        row.update(batch=w.eval_batch, passages_per_s=per_chip / secs if ok else None,
-                   tokens_per_s=per_chip * w.passage_len / secs if ok else None)
+        row.update(
+            batch=w.eval_batch,
+            passages_per_s=per_chip / secs if ok else None,
+            tokens_per_s=per_chip * w.passage_len / secs if ok else None,
+        )
     elif program == "score":
         row.update(batch=w.eval_batch, pairs_per_s=per_chip / secs if ok else None)
     else:
         pairs = w.batch_queries * w.group_size / num_devices
-        row.update(batch=w.batch_queries * w.group_size, ratios=list(_get(cfg, "mep.ratios", ())),
-                   examples_per_s=pairs / secs if ok else None,
-                   queries_per_s=w.batch_queries / num_devices / secs if ok else None)
+        row.update(
+            batch=w.batch_queries * w.group_size,
+            ratios=list(_get(cfg, "mep.ratios", ())),
+            examples_per_s=pairs / secs if ok else None,
+            queries_per_s=w.batch_queries / num_devices / secs if ok else None,
+        )
     if memory is not None:
-        row.update(memory_total_bytes=memory.total, memory_temp_bytes=memory.temporaries,
-                   hbm_bytes=memory.hbm, fits=memory.fits)
+        row.update(
+            memory_total_bytes=memory.total,
+            memory_temp_bytes=memory.temporaries,
+            hbm_bytes=memory.hbm,
+            fits=memory.fits,
+        )
     return row
 
 
@@ -416,8 +506,16 @@ def analyse(name: str, lower: Callable[[], Any], mesh) -> tuple[dict[str, float]
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
             raise
-        return ({"xla_flops": -1.0, "bytes_accessed": -1.0, "optimal_seconds": -1.0, "optimal_seconds_raw": -1.0,
-                 "unknown_cost_ops": 0}, msg.strip().splitlines()[0])
+        return (
+            {
+                "xla_flops": -1.0,
+                "bytes_accessed": -1.0,
+                "optimal_seconds": -1.0,
+                "optimal_seconds_raw": -1.0,
+                "unknown_cost_ops": 0,
+            },
+            msg.strip().splitlines()[0],
+        )
 
 
 ANALYSIS_LAYERS = ("all", "sampled")
@@ -468,17 +566,24 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
 
 def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
-    head = (f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
-            f"{'ratio':>7}{'GB acc':>8}{'opt ms':>9}{'MFU':>7}  throughput per chip")
+    head = (
+        f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
+        f"{'ratio':>7}{'GB acc':>8}{'opt ms':>9}{'MFU':>7}  throughput per chip"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        tput = {"encode": lambda: f"{r.get('passages_per_s') or 0:,.0f} passages/s, {r.get('tokens_per_s') or 0:,.0f} tok/s",
-                "score": lambda: f"{r.get('pairs_per_s') or 0:,.0f} pairs/s",
-                "train": lambda: f"{r.get('examples_per_s') or 0:,.1f} pairs/s"}[r["program"]]()
+        if r["program"] == "encode":
+            tput = f"{r.get('passages_per_s') or 0:,.0f} passages/s, {r.get('tokens_per_s') or 0:,.0f} tok/s"
+        elif r["program"] == "score":
+            tput = f"{r.get('pairs_per_s') or 0:,.0f} pairs/s"
+        else:
+            tput = f"{r.get('examples_per_s') or 0:,.1f} pairs/s"
         mfu = f"{100 * r['predicted_mfu']:6.1f}%" if r.get("predicted_mfu") else "    n/a"
-        lines.append(f"{r['program']:<8}{r['topology']:>9}{r['preset']:>7}{r['n']:>6}{r['r']:>4}"
-                     f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
-                     f"{r['bytes_accessed'] / 1e9:8.2f}{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}")
+        lines.append(
+            f"{r['program']:<8}{r['topology']:>9}{r['preset']:>7}{r['n']:>6}{r['r']:>4}"
+            f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
+            f"{r['bytes_accessed'] / 1e9:8.2f}{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"
+        )
         if r.get("analysis_error"):
             lines.append(f"    compiler: {r['analysis_error'][:300]}")
     return "\n".join(lines)
@@ -528,14 +633,27 @@ def mesh_for(cfg, devices: Sequence, num_slices: int = 1):
     try:
         mesh = mesh_lib.make_mesh(sizes, devices, num_slices=num_slices)
     except ValueError as e:
-        hint = (f" (for --num_slices={num_slices} pass the slice count to the config too, e.g. "
-                f"--config=tpu.py:<preset>,<topology>,{num_slices})") if num_slices > 1 else ""
+        hint = (
+            (
+                f" (for --num_slices={num_slices} pass the slice count to the config too, e.g. "
+                f"--config=tpu.py:<preset>,<topology>,{num_slices})"
+            )
+            if num_slices > 1
+            else ""
+        )
         raise ValueError(f"config mesh {sizes} on {len(devices)} devices: {e}{hint}") from None
     return mesh, mesh_lib.rules_dict(_get(cfg, "logical_axis_rules", None))
 
 
-def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGRAMS,
-        out=print, cost: bool = False, analysis_layers: str = "all") -> AotResult:
+def run(
+    cfg,
+    topology: str,
+    num_slices: int = 1,
+    programs: Sequence[str] = PROGRAMS,
+    out=print,
+    cost: bool = False,
+    analysis_layers: str = "all",
+) -> AotResult:
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
     Prints the mesh, the workload and the per-device memory table. With `cost`, also compiles each
@@ -554,8 +672,10 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
     mesh, rules = mesh_for(cfg, devices, num_slices)
     w = workload_from_config(cfg)
     preset = str(_get(cfg, "model.preset", "tiny"))
-    out(f"{num_slices} x {sl.name} ({sl.topology_name}, {len(devices)} devices, "
-        f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); mesh {dict(mesh.shape)}; model {preset}")
+    out(
+        f"{num_slices} x {sl.name} ({sl.topology_name}, {len(devices)} devices, "
+        f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); mesh {dict(mesh.shape)}; model {preset}"
+    )
     out(f"workload: {w}")
 
     def builder(name: str, analysis: bool, layers: int | None = None):
@@ -569,8 +689,9 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
     if cost and analysis_layers == "sampled":
         mc = model_config(preset)
         if mc.encoder_layer_types != mc.decoder_layer_types:
-            raise ValueError("analysis_layers=sampled truncates both stacks alike: it needs equal encoder and "
-                             "decoder layer types")
+            raise ValueError(
+                "analysis_layers=sampled truncates both stacks alike: it needs equal encoder and decoder layer types"
+            )
         types = mc.encoder_layer_types
         samples = layer_samples(types)
     reports, rows = [], []
@@ -590,8 +711,9 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
             fields = sampled[k] if err else extrapolate_costs(types, sampled)
         else:
             fields, err = analyse(name, builder(name, True), mesh)
-        row = cost_row(name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w),
-                       fields, memory, cfg)
+        row = cost_row(
+            name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w), fields, memory, cfg
+        )
         if samples:
             row["analysis"] += f"; extrapolated per layer type from {list(samples)} layers per stack"
             row["analysis_samples"] = {str(k): v for k, v in sampled.items()}
@@ -605,15 +727,27 @@ def run(cfg, topology: str, num_slices: int = 1, programs: Sequence[str] = PROGR
     return AotResult(reports, rows, dict(mesh.shape))
 
 
-def check(cfg, topology: str | None = None, num_slices: int = 1, programs: str = ",".join(PROGRAMS),
-          report: str | None = None, analysis_layers: str = "all") -> int:
+def check(
+    cfg,
+    topology: str | None = None,
+    num_slices: int = 1,
+    programs: str = ",".join(PROGRAMS),
+    report: str | None = None,
+    analysis_layers: str = "all",
+) -> int:
     """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
     from kalm_jax import cli
 
     if not topology:
         raise cli.ConfigError("--topology is required (the TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256)")
-    result = run(cfg, topology, num_slices, [s for s in programs.split(",") if s], cost=report is not None,
-                 analysis_layers=analysis_layers)
+    result = run(
+        cfg,
+        topology,
+        num_slices,
+        [s for s in programs.split(",") if s],
+        cost=report is not None,
+        analysis_layers=analysis_layers,
+    )
     if report:
         from kalm_jax.bench.runner import write_rows
 
@@ -622,8 +756,10 @@ def check(cfg, topology: str | None = None, num_slices: int = 1, programs: str =
     reports = result.memory
     bad = [r for r in reports if not r.fits]
     if bad:
-        print("does not fit: " + "; ".join(
-            f"{r.name} needs {r.total / GiB:.2f} GiB per device, HBM is {r.hbm / GiB:.0f} GiB" for r in bad))
+        print(
+            "does not fit: "
+            + "; ".join(f"{r.name} needs {r.total / GiB:.2f} GiB per device, HBM is {r.hbm / GiB:.0f} GiB" for r in bad)
+        )
         return 1
     print("fits: every program compiled within HBM")
     return 0
@@ -635,18 +771,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A CPU-only host: never grab a local accelerator, and tell libtpu not to probe for TPU VM metadata
     # (the topology is described from the arguments, not discovered).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    for key, value in (
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ):
         os.environ.setdefault(key, value)
     from kalm_jax import cli
 
-    flags = (cli.Flag("topology", None, "TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256"),
-             cli.Flag("num_slices", 1, "slices joined over DCN (data axis spans them)", int),
-             cli.Flag("programs", ",".join(PROGRAMS), "comma-separated subset of encode,score,train"),
-             cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"),
-             cli.Flag("analysis_layers", "all", "with --report: 'all' unrolls every layer in the analysis compile; "
-                      "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
-                      "type (programs too large to unroll whole on this host)"))
+    flags = (
+        cli.Flag("topology", None, "TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256"),
+        cli.Flag("num_slices", 1, "slices joined over DCN (data axis spans them)", int),
+        cli.Flag("programs", ",".join(PROGRAMS), "comma-separated subset of encode,score,train"),
+        cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"),
+        cli.Flag(
+            "analysis_layers",
+            "all",
+            "with --report: 'all' unrolls every layer in the analysis compile; "
+            "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
+            "type (programs too large to unroll whole on this host)",
+        ),
+    )
     return cli.run(check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
 
 

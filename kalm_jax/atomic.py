@@ -19,8 +19,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _prefix(out: Path, kind: str) -> str:
 def _writer_gone(p: Path, out: Path, kind: str) -> bool:
     """Whether the process that made sibling `p` has exited (unknown hosts/names count as alive for
     temporaries, which are only ever deleted, and as gone for complete copies, which are only moved)."""
-    parts = p.name[len(f".{out.name}.{kind}-"):].split("-")
+    parts = p.name[len(f".{out.name}.{kind}-") :].split("-")
     if len(parts) < 2 or not parts[1].isdigit():
         return kind != "tmp"
     if parts[0] != _host():

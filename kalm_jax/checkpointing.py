@@ -46,11 +46,21 @@ def model_meta(model: T5Gemma2) -> dict[str, Any]:
         stacks = [s for s in ("encoder", "decoder") if getattr(model, s).lora_targets]
         first = getattr(model, stacks[0])
         a = getattr(first, f"{first.lora_targets[0]}_lora_a").get_value()
-        lora = {"rank": int(a.shape[-1]), "alpha": first.lora_scale * int(a.shape[-1]),
-                "targets": list(first.lora_targets), "stacks": stacks}
+        lora = {
+            "rank": int(a.shape[-1]),
+            "alpha": first.lora_scale * int(a.shape[-1]),
+            "targets": list(first.lora_targets),
+            "stacks": stacks,
+        }
     dtype = str(jax.numpy.dtype(model.embedding.get_value().dtype))
-    meta = {"format": FORMAT, "version": 1, "config": model.config.to_hf(), "param_dtype": dtype,
-            "compute_dtype": str(jax.numpy.dtype(model.dtype)), "lora": lora}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "config": model.config.to_hf(),
+        "param_dtype": dtype,
+        "compute_dtype": str(jax.numpy.dtype(model.dtype)),
+        "lora": lora,
+    }
     if getattr(model, "hf_source", None):
         # Where the model was imported from, so an HF export can carry that checkpoint's vision tensors.
         meta["hf_source"] = str(model.hf_source)
@@ -79,8 +89,13 @@ def param_tree(model: T5Gemma2) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def save_model(model: T5Gemma2, directory: str | os.PathLike, *, overwrite: bool = False,
-               extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
+def save_model(
+    model: T5Gemma2,
+    directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+) -> Path:
     """Writes a model checkpoint atomically (temporary directory, then rename). Returns the path.
 
     `extra_files` ({name in the checkpoint: source path}, e.g. the tokenizer) are copied in before the rename.
@@ -109,8 +124,10 @@ def restore_params(model: T5Gemma2, params_dir: str | os.PathLike) -> T5Gemma2:
         restored = ocp.StandardCheckpointer().restore(params_dir, target)
     except Exception as e:  # noqa: BLE001 - tensorstore errors carry a multi-KB spec; keep the first line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"{params_dir}: cannot restore the parameters ({type(e).__name__}: {first}); "
-                              "the checkpoint is truncated, corrupt, or of another model shape") from None
+        raise CheckpointError(
+            f"{params_dir}: cannot restore the parameters ({type(e).__name__}: {first}); "
+            "the checkpoint is truncated, corrupt, or of another model shape"
+        ) from None
     nnx.update(model, restored)
     return model
 
@@ -161,8 +178,9 @@ def latest_step_dir(workdir: str | os.PathLike) -> Path | None:
 def is_hf_dir(p: str | os.PathLike) -> bool:
     """True for a Hugging Face checkpoint directory: config.json + *.safetensors (or a sharded index)."""
     p = Path(p)
-    return (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or
-                                              (p / "model.safetensors.index.json").exists())
+    return (p / "config.json").is_file() and (
+        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()
+    )
 
 
 def checkpoint_dir(p: str | os.PathLike) -> Path:
@@ -201,10 +219,16 @@ def load_any(path: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tupl
         except (CheckpointError, integrity.IntegrityError) as e:
             if i == len(steps) - 1:
                 raise
-            log.warning("%s cannot be loaded (%s); falling back to the previous step %s", step, e,
-                        steps[len(steps) - 2 - i].name)
-    raise ValueError(f"{p}: not an HF checkpoint (config.json + *.safetensors), a kalm-jax model checkpoint "
-                     f"({META_FILE} + params/) or a training workdir with checkpoints/<step>/")
+            log.warning(
+                "%s cannot be loaded (%s); falling back to the previous step %s",
+                step,
+                e,
+                steps[len(steps) - 2 - i].name,
+            )
+    raise ValueError(
+        f"{p}: not an HF checkpoint (config.json + *.safetensors), a kalm-jax model checkpoint "
+        f"({META_FILE} + params/) or a training workdir with checkpoints/<step>/"
+    )
 
 
 def fingerprint(model: T5Gemma2) -> str:
@@ -220,6 +244,19 @@ def fingerprint(model: T5Gemma2) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["save_model", "load_model", "load_any", "restore_params", "build_abstract", "model_meta",
-           "param_tree", "latest_step_dir", "step_dirs", "fingerprint", "checkpoint_dir", "is_hf_dir", "META_FILE",
-           "CheckpointError"]
+__all__ = [
+    "save_model",
+    "load_model",
+    "load_any",
+    "restore_params",
+    "build_abstract",
+    "model_meta",
+    "param_tree",
+    "latest_step_dir",
+    "step_dirs",
+    "fingerprint",
+    "checkpoint_dir",
+    "is_hf_dir",
+    "META_FILE",
+    "CheckpointError",
+]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,11 +22,27 @@ _LAYER_TYPES = (SLIDING, FULL)
 # Fields of the HF text config that this implementation models. Anything else in the HF config is kept
 # verbatim in `hf_extra` so that `to_hf` writes back what `from_hf` read.
 _TEXT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window", "layer_types",
-    "rope_parameters", "rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping",
-    "hidden_activation", "max_position_embeddings", "pad_token_id", "eos_token_id", "bos_token_id",
-    "tie_word_embeddings", "attention_bias",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "query_pre_attn_scalar",
+    "sliding_window",
+    "layer_types",
+    "rope_parameters",
+    "rms_norm_eps",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "hidden_activation",
+    "max_position_embeddings",
+    "pad_token_id",
+    "eos_token_id",
+    "bos_token_id",
+    "tie_word_embeddings",
+    "attention_bias",
 )
 _SHARED_FIELDS = tuple(f for f in _TEXT_FIELDS if f not in ("num_hidden_layers", "layer_types"))
 
@@ -81,14 +98,29 @@ class ModelConfig:
                 problems.append(f"{name} must be in [{lo}, {hi}], got {v}")
         if problems:
             raise ValueError(f"{self.source}: invalid config: " + "; ".join(problems))
-        for name in ("query_pre_attn_scalar", "rope_local_theta", "rope_local_factor", "rope_global_theta",
-                     "rope_global_factor", "rms_norm_eps", "final_logit_softcapping", "attn_logit_softcapping"):
+        for name in (
+            "query_pre_attn_scalar",
+            "rope_local_theta",
+            "rope_local_factor",
+            "rope_global_theta",
+            "rope_global_factor",
+            "rms_norm_eps",
+            "final_logit_softcapping",
+            "attn_logit_softcapping",
+        ):
             v = getattr(self, name)
             if v is None and name.endswith("softcapping"):
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or v <= 0:
-                problems.append(f"{name} must be a finite number > 0{' (or null)' if name.endswith('softcapping') else ''}, "
-                                f"got {v!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float, np.floating, np.integer))
+                or not math.isfinite(v)
+                or v <= 0
+            ):
+                problems.append(
+                    f"{name} must be a finite number > 0{' (or null)' if name.endswith('softcapping') else ''}, "
+                    f"got {v!r}"
+                )
         for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
             if isinstance(getattr(self, name), int) and getattr(self, name) >= self.vocab_size:
                 problems.append(f"{name} {getattr(self, name)} is not below vocab_size {self.vocab_size}")
@@ -123,26 +155,28 @@ class ModelConfig:
     def param_counts(self) -> dict[str, int]:
         """Parameter counts: per-stack non-embedding, embedding (incl. eoi vector) and total (text only)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        per_layer = (h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2 + 2 * d + 4 * h + 3 * h * i)
+        per_layer = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2 + 2 * d + 4 * h + 3 * h * i
         enc = per_layer * self.num_encoder_layers + h
         dec = per_layer * self.num_decoder_layers + h
         emb = self.vocab_size * h
         return {"encoder": enc, "decoder": dec, "embedding": emb, "total": enc + dec + emb + h}
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF mapping
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
         """Builds a config from a parsed HF `config.json` of model type `t5gemma2`.
 
         Raises ValueError naming `source` when the file is of another model type or lacks required fields.
         """
         model_type = hf.get("model_type")
         if model_type != "t5gemma2":
-            raise ValueError(f"{source}: model_type is {model_type!r}, expected 't5gemma2' "
-                             "(a T5Gemma 2 or KaLM-Reranker-V1 checkpoint)")
+            raise ValueError(
+                f"{source}: model_type is {model_type!r}, expected 't5gemma2' "
+                "(a T5Gemma 2 or KaLM-Reranker-V1 checkpoint)"
+            )
         enc = hf.get("encoder")
         dec = hf.get("decoder")
         if not isinstance(enc, Mapping) or not isinstance(dec, Mapping):
@@ -150,8 +184,15 @@ class ModelConfig:
         text = enc.get("text_config", enc)
         if not isinstance(text, Mapping):
             raise ValueError(f"{source}: encoder.text_config is missing")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim")
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        )
         for part_name, part in (("encoder.text_config", text), ("decoder", dec)):
             missing = [k for k in required if k not in part]
             if missing:
@@ -162,8 +203,9 @@ class ModelConfig:
             if key in text and key in dec and _norm(a) != _norm(b):
                 mismatched.append(f"{key}: encoder {a!r} vs decoder {b!r}")
         if mismatched:
-            raise ValueError(f"{source}: encoder and decoder text configs differ in fields this "
-                             f"implementation shares: {mismatched}")
+            raise ValueError(
+                f"{source}: encoder and decoder text configs differ in fields this implementation shares: {mismatched}"
+            )
         if text.get("tie_word_embeddings", True) is False or hf.get("tie_word_embeddings", True) is False:
             raise ValueError(f"{source}: tie_word_embeddings=false is not supported (T5Gemma 2 ties them)")
         if text.get("attention_bias", False):
@@ -203,20 +245,28 @@ class ModelConfig:
             decoder_layer_types=_layer_types(dec, source, d),
             sliding_window=window,
             query_pre_attn_scalar=f(text, t, "query_pre_attn_scalar", 256),
-            rope_local_theta=local[0], rope_local_factor=local[1],
-            rope_global_theta=glob[0], rope_global_factor=glob[1],
+            rope_local_theta=local[0],
+            rope_local_factor=local[1],
+            rope_global_theta=glob[0],
+            rope_global_factor=glob[1],
             rms_norm_eps=f(text, t, "rms_norm_eps", 1e-6),
-            final_logit_softcapping=_opt_float(dec.get("final_logit_softcapping"), source, "decoder.final_logit_softcapping"),
-            attn_logit_softcapping=_opt_float(dec.get("attn_logit_softcapping"), source, "decoder.attn_logit_softcapping"),
+            final_logit_softcapping=_opt_float(
+                dec.get("final_logit_softcapping"), source, "decoder.final_logit_softcapping"
+            ),
+            attn_logit_softcapping=_opt_float(
+                dec.get("attn_logit_softcapping"), source, "decoder.attn_logit_softcapping"
+            ),
             max_position_embeddings=i(text, t, "max_position_embeddings", 32768),
             pad_token_id=_int_field(dec.get("pad_token_id", hf.get("pad_token_id", 0)), source, "decoder.pad_token_id"),
             eos_token_id=_int_field(eos, source, "decoder.eos_token_id"),
             bos_token_id=_int_field(dec.get("bos_token_id", hf.get("bos_token_id", 2)), source, "decoder.bos_token_id"),
             boi_token_index=i(enc, e, "boi_token_index", 255_999),
-            eoi_token_index=_int_field(enc.get("eoi_token_index", hf.get("eoi_token_index", 256_000)), source,
-                                       "encoder.eoi_token_index"),
-            image_token_index=_int_field(hf.get("image_token_index", enc.get("image_token_index", 256_001)), source,
-                                         "image_token_index"),
+            eoi_token_index=_int_field(
+                enc.get("eoi_token_index", hf.get("eoi_token_index", 256_000)), source, "encoder.eoi_token_index"
+            ),
+            image_token_index=_int_field(
+                hf.get("image_token_index", enc.get("image_token_index", 256_001)), source, "image_token_index"
+            ),
             mm_tokens_per_image=i(enc, e, "mm_tokens_per_image", 256),
             hidden_activation=act,
             hf_extra=extra,
@@ -299,8 +349,16 @@ class ModelConfig:
         }
 
 
-_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                    image_size=32, patch_size=8, vision_use_head=False, model_type="siglip_vision_model")
+_TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    vision_use_head=False,
+    model_type="siglip_vision_model",
+)
 
 
 def _norm(v):
@@ -315,11 +373,21 @@ def _int_if_whole(v: float):
 # typo (10^6 layers, a 2^40 window) is an error before anything is allocated.
 MAX_LAYERS = 1024
 _INT_RANGES: dict[str, tuple[int, int]] = {
-    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20),
-    "num_heads": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (2, 4096), "sliding_window": (1, 1 << 24),
-    "max_position_embeddings": (1, 1 << 24), "pad_token_id": (0, 1 << 24), "eos_token_id": (0, 1 << 24),
-    "bos_token_id": (0, 1 << 24), "boi_token_index": (0, 1 << 24), "eoi_token_index": (0, 1 << 24),
-    "image_token_index": (0, 1 << 24), "mm_tokens_per_image": (0, 1 << 16),
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 20),
+    "num_heads": (1, 1024),
+    "num_kv_heads": (1, 1024),
+    "head_dim": (2, 4096),
+    "sliding_window": (1, 1 << 24),
+    "max_position_embeddings": (1, 1 << 24),
+    "pad_token_id": (0, 1 << 24),
+    "eos_token_id": (0, 1 << 24),
+    "bos_token_id": (0, 1 << 24),
+    "boi_token_index": (0, 1 << 24),
+    "eoi_token_index": (0, 1 << 24),
+    "image_token_index": (0, 1 << 24),
+    "mm_tokens_per_image": (0, 1 << 16),
 }
 
 
@@ -342,8 +410,12 @@ def _opt_float(v, source: str = "config.json", where: str = "value") -> float | 
     return None if v is None else _float_field(v, source, where)
 
 
-def _rope(text: Mapping[str, Any], layer_type: str, default_theta: float, source: str = "config.json",
-          ) -> tuple[float, float]:
+def _rope(
+    text: Mapping[str, Any],
+    layer_type: str,
+    default_theta: float,
+    source: str = "config.json",
+) -> tuple[float, float]:
     params = text.get("rope_parameters") or {}
     entry = params.get(layer_type) if isinstance(params, Mapping) else None
     if entry is None and layer_type == FULL and text.get("rope_scaling"):
@@ -369,8 +441,11 @@ def _layer_types(part: Mapping[str, Any], source: str, name: str) -> tuple[str, 
         raise ValueError(f"{source}: {name}.num_hidden_layers must be in [1, {MAX_LAYERS}], got {n}")
     types = part.get("layer_types")
     if types is None:
-        every = _int_field(part.get("_sliding_window_pattern", part.get("sliding_window_pattern", 6)), source,
-                           f"{name}.sliding_window_pattern")
+        every = _int_field(
+            part.get("_sliding_window_pattern", part.get("sliding_window_pattern", 6)),
+            source,
+            f"{name}.sliding_window_pattern",
+        )
         if every < 1:
             raise ValueError(f"{source}: {name}.sliding_window_pattern must be >= 1, got {every}")
         return layer_pattern(n, every)
@@ -384,9 +459,16 @@ def _layer_types(part: Mapping[str, Any], source: str, name: str) -> tuple[str, 
 
 def _preset(hidden, inter, layers, heads, kv, window, max_pos) -> ModelConfig:
     return ModelConfig(
-        vocab_size=262_144, hidden_size=hidden, intermediate_size=inter, num_heads=heads,
-        num_kv_heads=kv, head_dim=256, encoder_layer_types=layer_pattern(layers),
-        decoder_layer_types=layer_pattern(layers), sliding_window=window, max_position_embeddings=max_pos,
+        vocab_size=262_144,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=256,
+        encoder_layer_types=layer_pattern(layers),
+        decoder_layer_types=layer_pattern(layers),
+        sliding_window=window,
+        max_position_embeddings=max_pos,
     )
 
 
@@ -399,10 +481,21 @@ PRESETS: dict[str, ModelConfig] = {
     "large": _preset(2560, 10240, 34, 8, 4, 1024, 131072),
     # A few-hundred-kilobyte model for tests and CPU demos (vocab fits a trained SentencePiece model).
     "tiny": ModelConfig(
-        vocab_size=8192, hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1, head_dim=32,
-        encoder_layer_types=(SLIDING, FULL), decoder_layer_types=(SLIDING, FULL), sliding_window=16,
-        query_pre_attn_scalar=32.0, max_position_embeddings=2048,
-        boi_token_index=8189, eoi_token_index=8190, image_token_index=8191, mm_tokens_per_image=4,
+        vocab_size=8192,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        encoder_layer_types=(SLIDING, FULL),
+        decoder_layer_types=(SLIDING, FULL),
+        sliding_window=16,
+        query_pre_attn_scalar=32.0,
+        max_position_embeddings=2048,
+        boi_token_index=8189,
+        eoi_token_index=8190,
+        image_token_index=8191,
+        mm_tokens_per_image=4,
     ),
 }
 
@@ -416,8 +509,11 @@ def get_preset(name: str) -> ModelConfig:
 
 # ---------------------------------------------------------------------- dtypes
 _DTYPES = {
-    "float32": jnp.float32, "fp32": jnp.float32, "f32": jnp.float32,
-    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "f32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
 }
 
 
@@ -426,8 +522,9 @@ def parse_dtype(dtype) -> jnp.dtype:
     if isinstance(dtype, str):
         key = dtype.lower().replace("jnp.", "").replace("torch.", "")
         if key in ("float16", "fp16", "half", "f16"):
-            raise ValueError("float16 is unsupported: T5Gemma 2 produces non-finite logits in fp16; "
-                             "use 'bfloat16' or 'float32'")
+            raise ValueError(
+                "float16 is unsupported: T5Gemma 2 produces non-finite logits in fp16; use 'bfloat16' or 'float32'"
+            )
         if key not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of 'bfloat16', 'float32'")
         return jnp.dtype(_DTYPES[key])
@@ -436,8 +533,9 @@ def parse_dtype(dtype) -> jnp.dtype:
     except TypeError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of 'bfloat16', 'float32'") from None
     if dt == jnp.float16:
-        raise ValueError("float16 is unsupported: T5Gemma 2 produces non-finite logits in fp16; "
-                         "use 'bfloat16' or 'float32'")
+        raise ValueError(
+            "float16 is unsupported: T5Gemma 2 produces non-finite logits in fp16; use 'bfloat16' or 'float32'"
+        )
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"unsupported dtype {dt}; use 'bfloat16' or 'float32'")
     return dt

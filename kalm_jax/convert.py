@@ -40,28 +40,47 @@ def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | No
             continue
         i = Path(path).resolve()
         if i == o or o in i.parents:
-            raise ValueError(f"output {out} {'is' if i == o else 'contains'} the {what} {path}: writing it would "
-                             "destroy the input; choose another output directory")
+            raise ValueError(
+                f"output {out} {'is' if i == o else 'contains'} the {what} {path}: writing it would "
+                "destroy the input; choose another output directory"
+            )
 
 
 def to_hf(args) -> int:
     src = Path(args.src)
     if args.text_only and args.vision_from:
-        raise ValueError("text_only and vision_from contradict each other (no vision tensors vs vision "
-                         "tensors from a directory); pass one of them")
-    refuse_overwriting_inputs(args.out, {"source checkpoint": src, "vision_from directory": args.vision_from,
-                                         "tokenizer": args.tokenizer})
+        raise ValueError(
+            "text_only and vision_from contradict each other (no vision tensors vs vision "
+            "tensors from a directory); pass one of them"
+        )
+    refuse_overwriting_inputs(
+        args.out, {"source checkpoint": src, "vision_from directory": args.vision_from, "tokenizer": args.tokenizer}
+    )
     model = loader.load(src, tokenizer=False).model
     if not args.text_only and not args.vision_from:
-        refuse_overwriting_inputs(args.out, {"HF checkpoint the model was imported from (its vision tensors are "
-                                             "carried over)": getattr(model, "hf_source", None)})
+        refuse_overwriting_inputs(
+            args.out,
+            {
+                "HF checkpoint the model was imported from (its vision tensors are carried over)": getattr(
+                    model, "hf_source", None
+                )
+            },
+        )
     tokenizer = args.tokenizer
     if tokenizer is None:
         found = hf.find_tokenizer_files(*loader.tokenizer_search_dirs(src))
         tokenizer = next(iter(found.values())).parent if found else None
-    out = hf.save(model, model.config, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                  tokenizer=tokenizer, overwrite=args.overwrite,
-                  vision_from=False if args.text_only else args.vision_from, progress=True)
+    out = hf.save(
+        model,
+        model.config,
+        args.out,
+        dtype=args.dtype,
+        max_shard_bytes=args.max_shard_size,
+        tokenizer=tokenizer,
+        overwrite=args.overwrite,
+        vision_from=False if args.text_only else args.vision_from,
+        progress=True,
+    )
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out}: {', '.join(files)}")
     return 0
@@ -71,15 +90,19 @@ def from_hf(args) -> int:
     src = Path(args.src)
     refuse_overwriting_inputs(args.out, {"source HF directory": src})
     if not checkpointing.is_hf_dir(src):
-        raise ValueError(f"{src}: not a Hugging Face checkpoint directory (config.json + *.safetensors); from-hf "
-                         "converts HF directories (to-hf takes any checkpoint)")
+        raise ValueError(
+            f"{src}: not a Hugging Face checkpoint directory (config.json + *.safetensors); from-hf "
+            "converts HF directories (to-hf takes any checkpoint)"
+        )
     model = loader.load(src, dtype=args.dtype, tokenizer=False).model
     extra = {name: path for name, path in hf.find_tokenizer_files(src).items()}
     out = checkpointing.save_model(model, args.out, overwrite=args.overwrite, extra_files=extra)
     print(f"wrote {out} (params in {args.dtype}; tokenizer files: {sorted(extra) or 'none found'})")
     if model.hf_passthrough:
-        print(f"note: {len(model.hf_passthrough)} vision-tower/projector tensors are not converted; `to-hf` "
-              f"carries them from {src} (recorded in {checkpointing.META_FILE}) or from --vision-from")
+        print(
+            f"note: {len(model.hf_passthrough)} vision-tower/projector tensors are not converted; `to-hf` "
+            f"carries them from {src} (recorded in {checkpointing.META_FILE}) or from --vision-from"
+        )
     return 0
 
 
@@ -100,8 +123,11 @@ def _hf_listing(path: Path, config_path: str | None):
         cfg_file = Path(config_path) if config_path else path / "config.json"
     cfg = None
     if cfg_file.is_file():
-        cfg = hf.read_config(cfg_file.parent) if cfg_file.name == "config.json" else \
-            ModelConfig.from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
+        cfg = (
+            hf.read_config(cfg_file.parent)
+            if cfg_file.name == "config.json"
+            else ModelConfig.from_hf(json.loads(cfg_file.read_text()), source=str(cfg_file))
+        )
     return sorted(rows), cfg
 
 
@@ -150,8 +176,11 @@ def inspect(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: does not exist")
-    is_hf = path.is_file() or (path / "config.json").is_file() and (
-        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
+    is_hf = (
+        path.is_file()
+        or (path / "config.json").is_file()
+        and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
+    )
     rows, cfg = _hf_listing(path, args.config) if is_hf else _orbax_listing(path)
     kind = "Hugging Face safetensors" if is_hf else "kalm-jax Orbax checkpoint"
     if not args.summary:
@@ -162,8 +191,13 @@ def inspect(args) -> int:
     groups: dict[str, int] = {}
     for name, shape, _ in rows:
         canon = hf.canonical_name(name)
-        group = ("vision tower + projector" if canon.startswith(hf.PASSTHROUGH_PREFIXES) else
-                 "LoRA factors" if name.endswith(LORA_SUFFIXES) else "text")
+        group = (
+            "vision tower + projector"
+            if canon.startswith(hf.PASSTHROUGH_PREFIXES)
+            else "LoRA factors"
+            if name.endswith(LORA_SUFFIXES)
+            else "text"
+        )
         groups[group] = groups.get(group, 0) + int(np.prod(shape))
     dtypes = sorted({d for _, _, d in rows})
     print(f"\n{path}: {kind}, {len(rows)} tensors, dtypes {dtypes}")
@@ -171,16 +205,24 @@ def inspect(args) -> int:
         print(f"  {group:<26} {n:>15,} parameters")
     print(f"  {'total':<26} {sum(groups.values()):>15,} parameters")
     if cfg is not None:
-        print(f"  config: hidden {cfg.hidden_size}, {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
-              f"vocab {cfg.vocab_size}; text parameters expected: {cfg.param_counts()['total']:,}")
+        print(
+            f"  config: hidden {cfg.hidden_size}, {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
+            f"vocab {cfg.vocab_size}; text parameters expected: {cfg.param_counts()['total']:,}"
+        )
     if args.against is None:
         return 0
     if cfg is None:
         raise ValueError(f"{path}: no config.json to check against; pass --config")
     if is_hf:
         problems, passthrough = hf.check_tensors(cfg, {n: s for n, s, _ in rows})
-        notes = ([f"{len(passthrough)} vision/projector tensors are not converted to {args.against} "
-                  f"(to-hf carries them from this directory)"] if passthrough and args.against == "orbax" else [])
+        notes = (
+            [
+                f"{len(passthrough)} vision/projector tensors are not converted to {args.against} "
+                f"(to-hf carries them from this directory)"
+            ]
+            if passthrough and args.against == "orbax"
+            else []
+        )
     else:
         as_hf, lora, unknown = _orbax_as_hf(rows, cfg)
         problems, _ = hf.check_tensors(cfg, as_hf)
@@ -204,8 +246,10 @@ DEFAULT_DTYPE = {"to-hf": "bfloat16", "from-hf": "float32", "inspect": ""}
 def run(config) -> int:
     """Runs one conversion command from its settings (configs/convert.py)."""
     if config.command not in COMMANDS:
-        raise cli.ConfigError(f"COMMAND must be one of {sorted(COMMANDS)}, got {config.command!r} "
-                              "(python -m kalm_jax.convert to-hf|from-hf|inspect SOURCE [OUTPUT])")
+        raise cli.ConfigError(
+            f"COMMAND must be one of {sorted(COMMANDS)}, got {config.command!r} "
+            "(python -m kalm_jax.convert to-hf|from-hf|inspect SOURCE [OUTPUT])"
+        )
     if not config.source:
         raise cli.ConfigError(f"{config.command} needs SOURCE")
     if config.command != "inspect" and not config.output:
@@ -216,15 +260,25 @@ def run(config) -> int:
     if config.against not in ("", "hf", "orbax"):
         raise cli.ConfigError(f"--config.against must be hf or orbax, got {config.against!r}")
     args = types.SimpleNamespace(
-        src=config.source, out=config.output, path=config.source, dtype=dtype, max_shard_size=config.max_shard_size,
-        tokenizer=config.tokenizer or None, vision_from=config.vision_from or None, text_only=config.text_only,
-        overwrite=config.overwrite, against=config.against or None, config=config.hf_config or None,
-        summary=config.summary)
+        src=config.source,
+        out=config.output,
+        path=config.source,
+        dtype=dtype,
+        max_shard_size=config.max_shard_size,
+        tokenizer=config.tokenizer or None,
+        vision_from=config.vision_from or None,
+        text_only=config.text_only,
+        overwrite=config.overwrite,
+        against=config.against or None,
+        config=config.hf_config or None,
+        summary=config.summary,
+    )
     return COMMANDS[config.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI (`kalm_jax.cli`): positional COMMAND SOURCE [OUTPUT], settings as `--config.KEY=VALUE`."""
+
     def guarded(config) -> int:
         try:
             return run(config)
@@ -234,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             first = (str(e).strip().splitlines() or [""])[0][:500]
             raise RuntimeError(f"{type(e).__name__}: {first}") from None
 
-    return cli.run(guarded, "convert.py", argv=argv, positional=("command", "source", "output"),
-                   errors=(FileNotFoundError, FileExistsError, ValueError, RuntimeError))
+    return cli.run(
+        guarded,
+        "convert.py",
+        argv=argv,
+        positional=("command", "source", "output"),
+        errors=(FileNotFoundError, FileExistsError, ValueError, RuntimeError),
+    )
 
 
 if __name__ == "__main__":

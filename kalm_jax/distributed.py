@@ -30,7 +30,8 @@ import ipaddress
 import logging
 import os
 import re
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,8 +74,9 @@ def cluster_env() -> str | None:
     return "tpu" if running_in_cloud_tpu_vm else None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Starts JAX's distributed runtime when the job has several processes; returns whether it did.
 
     Explicit values (all three, or a coordinator with num_processes=1) are passed to
@@ -91,8 +93,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if any(v is not None for v in given.values()):
         missing = [f"--{k}" for k, v in given.items() if v is None]
         if missing:
-            raise ValueError(f"multi-process start needs --coordinator_address, --num_processes and --process_id; "
-                             f"missing {', '.join(missing)}")
+            raise ValueError(
+                f"multi-process start needs --coordinator_address, --num_processes and --process_id; "
+                f"missing {', '.join(missing)}"
+            )
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
         if ":" not in str(coordinator_address):
@@ -101,9 +105,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return jax.process_count() > 1
     if coordinator_address is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=int(num_processes),
-                                   process_id=int(process_id),
-                                   coordinator_bind_address=loopback_bind_address(coordinator_address))
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=int(num_processes),
+            process_id=int(process_id),
+            coordinator_bind_address=loopback_bind_address(coordinator_address),
+        )
     else:
         env = cluster_env()
         if env is None:
@@ -111,7 +118,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         log.info("multi-process environment detected (%s): jax.distributed.initialize()", env)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            coordinator_bind_address=loopback_bind_address(os.environ.get("JAX_COORDINATOR_ADDRESS", "")))
+            coordinator_bind_address=loopback_bind_address(os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
+        )
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         # gloo creates its context at the first cross-process collective and gives up when a process is
         # more than 30 s late: create it now, while every process is here, not in the middle of a run.
@@ -119,8 +127,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("kalm_jax_gloo_context")
-    log.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "JAX process %d of %d; %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -196,7 +209,8 @@ def barrier(name: str, timeout: float | None = None) -> None:
         raise BarrierTimeout(
             f"barrier {name!r} (process {jax.process_index()} of {jax.process_count()}) did not complete within "
             f"{timeout:g} s{who} (raise {BARRIER_TIMEOUT_ENV}=SECONDS if that process is still working). "
-            f"JAX: {text.splitlines()[0] if text else type(e).__name__}") from e
+            f"JAX: {text.splitlines()[0] if text else type(e).__name__}"
+        ) from e
 
 
 def any_process(flag: bool) -> bool:
@@ -240,10 +254,19 @@ def allgather_json(obj: Any) -> list[Any]:
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray(data.size, np.int64))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
+    padded[: data.size] = data
     rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [json.loads(rows[i, :int(n)].tobytes().decode()) for i, n in enumerate(sizes)]
+    return [json.loads(rows[i, : int(n)].tobytes().decode()) for i, n in enumerate(sizes)]
 
 
-__all__ = ["initialize", "cluster_env", "is_primary", "barrier", "BarrierTimeout", "barrier_timeout", "any_process",
-           "primary_first", "allgather_json"]
+__all__ = [
+    "initialize",
+    "cluster_env",
+    "is_primary",
+    "barrier",
+    "BarrierTimeout",
+    "barrier_timeout",
+    "any_process",
+    "primary_first",
+    "allgather_json",
+]

@@ -105,10 +105,15 @@ class DeviceStates:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if (self.states.ndim != 3 or tuple(self.mask.shape) != tuple(self.states.shape[:2])
-                or np.shape(self.windows) != tuple(self.states.shape[:1])):
-            raise ValueError(f"inconsistent device states: states {self.states.shape}, mask {self.mask.shape}, "
-                             f"windows {self.windows.shape}")
+        if (
+            self.states.ndim != 3
+            or tuple(self.mask.shape) != tuple(self.states.shape[:2])
+            or np.shape(self.windows) != tuple(self.states.shape[:1])
+        ):
+            raise ValueError(
+                f"inconsistent device states: states {self.states.shape}, mask {self.mask.shape}, "
+                f"windows {self.windows.shape}"
+            )
 
     def __len__(self) -> int:
         return int(self.windows.shape[0])
@@ -140,6 +145,7 @@ def is_oom(err: BaseException) -> bool:
 def _process_local(tree):
     """`tree` with every array this process cannot fully address (weights sharded over a multi-process
     training mesh) gathered from all processes (a collective: every process calls it, in the same order)."""
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
@@ -156,8 +162,10 @@ def _check_on_mesh(state, mesh) -> None:
     devices = set(mesh.devices.flat)
     for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
         if not isinstance(x, jax.Array) or not x.sharding.device_set <= devices:
-            raise ValueError(f"weight {jax.tree_util.keystr(path)} is not a jax array on the given mesh's devices: "
-                             "place the weights on the mesh first (e.g. a training state's shardings)")
+            raise ValueError(
+                f"weight {jax.tree_util.keystr(path)} is not a jax array on the given mesh's devices: "
+                "place the weights on the mesh first (e.g. a training state's shardings)"
+            )
 
 
 def _positive_int(value, name: str) -> int:
@@ -188,13 +196,24 @@ class InferenceEngine:
       batch_axes: the mesh axes batches are split over (default: all axes of `mesh`; ``"data"`` without one).
     """
 
-    def __init__(self, model: T5Gemma2, tokenizer: AnyTokenizer | None = None, *,
-                 devices: Sequence[jax.Device] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS,
-                 max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, show_progress: bool | None = None,
-                 yes_id: int | None = None, no_id: int | None = None, buckets: Buckets = Buckets(),
-                 share_weights: bool = True, mesh: Mesh | None = None, batch_axes: str | Sequence[str] | None = None):
+    def __init__(
+        self,
+        model: T5Gemma2,
+        tokenizer: AnyTokenizer | None = None,
+        *,
+        devices: Sequence[jax.Device] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS,
+        max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+        show_progress: bool | None = None,
+        yes_id: int | None = None,
+        no_id: int | None = None,
+        buckets: Buckets = Buckets(),
+        share_weights: bool = True,
+        mesh: Mesh | None = None,
+        batch_axes: str | Sequence[str] | None = None,
+    ):
         if tokenizer is not None:
             check_vocab(tokenizer, model.config.vocab_size, where=str(getattr(tokenizer, "path", None) or "tokenizer"))
             yes_id = tokenizer.yes_id if yes_id is None else yes_id
@@ -204,8 +223,11 @@ class InferenceEngine:
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_document_tokens = _positive_int(max_document_tokens, "max_document_tokens")
         if max_query_tokens is not None:
-            if isinstance(max_query_tokens, bool) or not isinstance(max_query_tokens, (int, np.integer)) \
-                    or max_query_tokens < 0:
+            if (
+                isinstance(max_query_tokens, bool)
+                or not isinstance(max_query_tokens, (int, np.integer))
+                or max_query_tokens < 0
+            ):
                 raise ValueError(f"max_query_tokens must be a non-negative integer or None, got {max_query_tokens!r}")
             max_query_tokens = int(max_query_tokens)
         self.max_query_tokens = max_query_tokens
@@ -253,10 +275,13 @@ class InferenceEngine:
     @property
     def passage_meta(self) -> dict[str, Any]:
         """What `encode` writes into `PassageStates.meta` (fingerprints, document limit, prefix, dtype)."""
-        return {"model": self.model_fingerprint,
-                "tokenizer": self.tokenizer.fingerprint() if self.tokenizer is not None else None,
-                "max_length": self.max_document_tokens, "document_prefix": prompts.DOCUMENT_PREFIX,
-                "compute_dtype": str(jnp.dtype(self.model.dtype))}
+        return {
+            "model": self.model_fingerprint,
+            "tokenizer": self.tokenizer.fingerprint() if self.tokenizer is not None else None,
+            "max_length": self.max_document_tokens,
+            "document_prefix": prompts.DOCUMENT_PREFIX,
+            "compute_dtype": str(jnp.dtype(self.model.dtype)),
+        }
 
     @property
     def state_dtype(self):
@@ -305,8 +330,15 @@ class InferenceEngine:
             show = total >= PROGRESS_MIN_ITEMS
         return tqdm(total=total, desc=desc, unit=unit, disable=not show, dynamic_ncols=True)
 
-    def run_batches(self, n: int, batch_size: int | None, run: Callable[[int, int], None], desc: str,
-                    unit: str = "item", show_progress: bool | None = None) -> None:
+    def run_batches(
+        self,
+        n: int,
+        batch_size: int | None,
+        run: Callable[[int, int], None],
+        desc: str,
+        unit: str = "item",
+        show_progress: bool | None = None,
+    ) -> None:
         """Calls ``run(start, stop)`` over [0, n) in batches; on out-of-memory retries at 3/4 of the size."""
         bs = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
         start = 0
@@ -319,8 +351,11 @@ class InferenceEngine:
                     if not is_oom(err) or stop - start == 1:
                         raise
                     bs = max(1, (stop - start) * 3 // 4)
-                    warnings.warn(f"{desc}: out of memory with a batch of {stop - start}; retrying with batch size "
-                                  f"{bs}", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"{desc}: out of memory with a batch of {stop - start}; retrying with batch size {bs}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                     continue
                 bar.update(stop - start)
                 start = stop
@@ -353,8 +388,9 @@ class InferenceEngine:
         ids_p[:b, :longest] = ids[:, :longest]
         mask_p[:b, :longest] = mask[:, :longest]
         mask_p[b:, 0] = 1  # padding rows get one token so no row is all-masked; they are dropped below
-        pooled, pmask, counts = self._call(scoring.encode_pool, self._graphdef, self._state, *self._put(ids_p, mask_p),
-                                           ratio)
+        pooled, pmask, counts = self._call(
+            scoring.encode_pool, self._graphdef, self._state, *self._put(ids_p, mask_p), ratio
+        )
         c = -(-longest // ratio)
         # slice on the host: slicing the device arrays would compile one program per (b, c)
         pooled, pmask, counts = self._host(pooled), self._host(pmask), self._host(counts)
@@ -373,16 +409,21 @@ class InferenceEngine:
         t, c = self.buckets.decoder_length(dec.shape[1]), self.buckets.window_count(states.shape[1])
         dec_p = np.full((rows, t), self.model.config.pad_token_id, np.int32)
         dmask_p = np.zeros((rows, t), np.int32)
-        dec_p[:b, :dec.shape[1]] = dec
-        dmask_p[:b, :dec.shape[1]] = dmask
+        dec_p[:b, : dec.shape[1]] = dec
+        dmask_p[:b, : dec.shape[1]] = dmask
         dmask_p[b:, 0] = 1
         states_p = np.zeros((rows, c, states.shape[2]), self.state_dtype)
-        states_p[:b, :states.shape[1]] = states
+        states_p[:b, : states.shape[1]] = states
         pmask_p = np.zeros((rows, c), np.int32)
-        pmask_p[:b, :states.shape[1]] = pmask
+        pmask_p[:b, : states.shape[1]] = pmask
         pmask_p[b:, 0] = 1
-        margins = self._call(scoring.score_pairs, self._graphdef, self._state, *self._put(dec_p, dmask_p, states_p,
-                                                                                          pmask_p), self._need_yes_no())
+        margins = self._call(
+            scoring.score_pairs,
+            self._graphdef,
+            self._state,
+            *self._put(dec_p, dmask_p, states_p, pmask_p),
+            self._need_yes_no(),
+        )
         return np.asarray(self._host(margins), np.float32)[:b]
 
     # ------------------------------------------------------------------ tokens
@@ -397,12 +438,15 @@ class InferenceEngine:
             warnings.warn(
                 f"{int(over.sum())} of {len(texts)} documents exceed max_document_tokens={self.max_document_tokens} "
                 f"(the '{prompts.DOCUMENT_PREFIX}' prefix included) and were truncated: {int(cut.max())} tokens cut "
-                f"from the longest ({int(lengths.max())} tokens), {cut.mean():.1f} on average", UserWarning,
-                stacklevel=3)
+                f"from the longest ({int(lengths.max())} tokens), {cut.mean():.1f} on average",
+                UserWarning,
+                stacklevel=3,
+            )
         return [x[: self.max_document_tokens] for x in ids]
 
-    def prompt_ids(self, query: str, instruction: str | bool | None = None, system: str | None = None, *,
-                   warn: bool = True) -> list[int]:
+    def prompt_ids(
+        self, query: str, instruction: str | bool | None = None, system: str | None = None, *, warn: bool = True
+    ) -> list[int]:
         """Decoder prompt token ids for `query`: the query is cut to `max_query_tokens` (a warning says so
         unless `warn` is False) and the whole prompt to `max_prompt_tokens` (the instruction is cut first; a
         system prompt that alone overflows is an error)."""
@@ -416,15 +460,35 @@ class InferenceEngine:
         if warn and self.max_query_tokens is not None:
             n = len(tok.encode(query))
             if n > self.max_query_tokens:
-                warnings.warn(f"query of {n} tokens truncated to max_query_tokens={self.max_query_tokens} "
-                              f"({n - self.max_query_tokens} tokens cut)", UserWarning, stacklevel=3)
-        return prompts.encode_decoder_prompt(tok, query, instruction, system, self.max_query_tokens,
-                                             max_length=self.max_prompt_tokens, cut_instruction=True)
+                warnings.warn(
+                    f"query of {n} tokens truncated to max_query_tokens={self.max_query_tokens} "
+                    f"({n - self.max_query_tokens} tokens cut)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return prompts.encode_decoder_prompt(
+            tok,
+            query,
+            instruction,
+            system,
+            self.max_query_tokens,
+            max_length=self.max_prompt_tokens,
+            cut_instruction=True,
+        )
 
     # ------------------------------------------------------------------ encoding
-    def encode_ids(self, seqs: Sequence[Sequence[int]], ratio: int, *, ids: Sequence[str] | None = None,
-                   storage: str | None = None, meta: dict[str, Any] | None = None, batch_size: int | None = None,
-                   show_progress: bool | None = None, desc: str = "encoding passages") -> PassageStates:
+    def encode_ids(
+        self,
+        seqs: Sequence[Sequence[int]],
+        ratio: int,
+        *,
+        ids: Sequence[str] | None = None,
+        storage: str | None = None,
+        meta: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+        desc: str = "encoding passages",
+    ) -> PassageStates:
         """Encodes tokenized documents (length-sorted, bucketed batches) and pools them at `ratio`.
 
         Returns `PassageStates` in input order: states [P, C, H] in `storage` (default: float32, or bfloat16
@@ -444,8 +508,14 @@ class InferenceEngine:
         meta = dict(self.passage_meta if meta is None else meta)
         hidden = self.model.config.hidden_size
         if not seqs:
-            return PassageStates(np.zeros((0, 0, hidden), np.float32), np.zeros((0, 0), np.int8),
-                                 np.zeros((0, 0), np.int32), ratio, ids, meta=meta).to_storage(storage)
+            return PassageStates(
+                np.zeros((0, 0, hidden), np.float32),
+                np.zeros((0, 0), np.int8),
+                np.zeros((0, 0), np.int32),
+                ratio,
+                ids,
+                meta=meta,
+            ).to_storage(storage)
         empty = [i for i, s in enumerate(seqs) if not s]
         if empty:
             raise ValueError(f"{len(empty)} passages have no tokens (rows {empty[:5]})")
@@ -468,24 +538,42 @@ class InferenceEngine:
         self.run_batches(len(seqs), batch_size, run, desc, "doc", show_progress)
         return PassageStates(states, mask, counts, ratio, ids, meta=meta).to_storage(storage)
 
-    def encode(self, texts: Sequence[str], ratio: int, *, ids: Sequence[str] | None = None, storage: str | None = None,
-               batch_size: int | None = None, show_progress: bool | None = None) -> PassageStates:
+    def encode(
+        self,
+        texts: Sequence[str],
+        ratio: int,
+        *,
+        ids: Sequence[str] | None = None,
+        storage: str | None = None,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> PassageStates:
         """`encode_ids` of raw documents (see `document_ids`)."""
-        return self.encode_ids(self.document_ids(texts), ratio, ids=ids, storage=storage, batch_size=batch_size,
-                               show_progress=show_progress)
+        return self.encode_ids(
+            self.document_ids(texts),
+            ratio,
+            ids=ids,
+            storage=storage,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
 
     # ------------------------------------------------------------------ scoring
     def _check_hidden(self, states: PassageStates | DeviceStates) -> None:
         if states.states.shape[2] != self.model.config.hidden_size:
-            raise ValueError(f"passage states have hidden size {states.states.shape[2]}, the model's is "
-                             f"{self.model.config.hidden_size}")
+            raise ValueError(
+                f"passage states have hidden size {states.states.shape[2]}, the model's is "
+                f"{self.model.config.hidden_size}"
+            )
 
     def _ratio_factor(self, states: PassageStates, ratio: int | None) -> tuple[int, int]:
         """(ratio to score at, re-pooling factor over `states.ratio`); ValueError when it is not a multiple."""
         ratio = states.ratio if ratio is None else mep._check_ratio(ratio)
         if ratio % states.ratio:
-            raise ValueError(f"cannot score at ratio {ratio} from states pooled at ratio {states.ratio}: it must be a "
-                             f"multiple of {states.ratio}")
+            raise ValueError(
+                f"cannot score at ratio {ratio} from states pooled at ratio {states.ratio}: it must be a "
+                f"multiple of {states.ratio}"
+            )
         return ratio, ratio // states.ratio
 
     def _host_batch(self, chunk: PassageStates, factor: int, rows: int) -> tuple[jax.Array, jax.Array]:
@@ -511,8 +599,14 @@ class InferenceEngine:
         st_d, pm_d = self._put(dense, pm)
         return st_d, pm_d
 
-    def place(self, states: PassageStates, *, ratio: int | None = None, batch_size: int | None = None,
-              show_progress: bool | None = None) -> DeviceStates:
+    def place(
+        self,
+        states: PassageStates,
+        *,
+        ratio: int | None = None,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> DeviceStates:
         """Moves a passage-state cache to this engine's devices once, for `margins` to score from.
 
         What a serving system or a sweep keeps hot: afterwards each scoring batch gathers its rows on the device
@@ -560,17 +654,30 @@ class InferenceEngine:
 
     def _check_placed(self, states: DeviceStates, ratio: int | None) -> None:
         if ratio is not None and mep._check_ratio(ratio) != states.ratio:
-            raise ValueError(f"these device states are placed at ratio {states.ratio}, not {ratio}: place the "
-                             f"passage states at ratio {ratio} first (engine.place(states, ratio={ratio}))")
+            raise ValueError(
+                f"these device states are placed at ratio {states.ratio}, not {ratio}: place the "
+                f"passage states at ratio {ratio} first (engine.place(states, ratio={ratio}))"
+            )
 
     def _check_devices(self, states: DeviceStates) -> None:
         if states.states.sharding.device_set != set(self.devices):
-            raise ValueError("these device states were placed on other devices (by another engine): place them "
-                             "with this engine (engine.place(states))")
+            raise ValueError(
+                "these device states were placed on other devices (by another engine): place them "
+                "with this engine (engine.place(states))"
+            )
 
-    def margins(self, prompt_rows: Sequence[Sequence[int]], prompt_of, states: PassageStates | DeviceStates,
-                passage_of, *, ratio: int | None = None, batch_size: int | None = None,
-                show_progress: bool | None = None, desc: str = "scoring") -> np.ndarray:
+    def margins(
+        self,
+        prompt_rows: Sequence[Sequence[int]],
+        prompt_of,
+        states: PassageStates | DeviceStates,
+        passage_of,
+        *,
+        ratio: int | None = None,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+        desc: str = "scoring",
+    ) -> np.ndarray:
         """fp32 margins [N] for pairs (prompt_rows[prompt_of[i]], states row passage_of[i]).
 
         Args:
@@ -619,8 +726,11 @@ class InferenceEngine:
                 st_d, pm_d = self._call(scoring.gather_states, states.states, states.mask, *self._put(idx), width)
             else:
                 st_d, pm_d = self._host_batch(states.select(passage_of[pairs]), factor, rows)
-            dec, dmask = prompts.pad_batch([prompt_rows[i] for i in prompt_of[pairs]] + [[pad_id]] * (rows - b),
-                                           pad_id, pad_to_multiple_of=self.buckets.decoder)
+            dec, dmask = prompts.pad_batch(
+                [prompt_rows[i] for i in prompt_of[pairs]] + [[pad_id]] * (rows - b),
+                pad_id,
+                pad_to_multiple_of=self.buckets.decoder,
+            )
             _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
             dec_d, dmask_d = self._put(dec, dmask)
             margins = self._call(scoring.score_pairs, self._graphdef, self._state, dec_d, dmask_d, st_d, pm_d, yes_no)
@@ -631,8 +741,10 @@ class InferenceEngine:
 
     def __repr__(self) -> str:
         c = self.model.config
-        return (f"InferenceEngine(hidden={c.hidden_size}, dtype={jnp.dtype(self.model.dtype)}, "
-                f"devices={len(self.devices)}, batch_size={self.batch_size}, compiles={self.compiles})")
+        return (
+            f"InferenceEngine(hidden={c.hidden_size}, dtype={jnp.dtype(self.model.dtype)}, "
+            f"devices={len(self.devices)}, batch_size={self.batch_size}, compiles={self.compiles})"
+        )
 
 
 def probability(margins) -> np.ndarray:
@@ -642,5 +754,12 @@ def probability(margins) -> np.ndarray:
     return np.where(m >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
-__all__ = ["InferenceEngine", "DeviceStates", "Buckets", "is_oom", "probability", "DEFAULT_BATCH_SIZE",
-           "DEFAULT_MAX_PROMPT_TOKENS"]
+__all__ = [
+    "InferenceEngine",
+    "DeviceStates",
+    "Buckets",
+    "is_oom",
+    "probability",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_PROMPT_TOKENS",
+]

@@ -12,9 +12,19 @@ import importlib.util
 import os
 
 EXTRA_OF_MODULE = {
-    "grain": "train", "tensorflow_datasets": "train", "array_record": "train", "tensorboardX": "train",
-    "absl": "train", "bm25s": "eval", "Stemmer": "eval", "pytrec_eval": "eval", "matplotlib": "eval",
-    "sklearn": "eval", "torch": "bench", "transformers": "bench", "libtpu": "tpu",
+    "grain": "train",
+    "tensorflow_datasets": "train",
+    "array_record": "train",
+    "tensorboardX": "train",
+    "absl": "train",
+    "bm25s": "eval",
+    "Stemmer": "eval",
+    "pytrec_eval": "eval",
+    "matplotlib": "eval",
+    "sklearn": "eval",
+    "torch": "bench",
+    "transformers": "bench",
+    "libtpu": "tpu",
 }
 """Top-level module name -> the extra that installs it."""
 

@@ -10,8 +10,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +20,28 @@ from tqdm.auto import tqdm
 
 from kalm_jax.atomic import atomic_directory
 from kalm_jax.config import ModelConfig, parse_dtype
-from kalm_jax.hf_layout import (LAYER_NAMES, PASSTHROUGH_PREFIXES, STACKS, TIED_ALIASES, TOP_NAMES, TensorSpec,
-                                canonical_name, hf_shape, tensor_specs)
+from kalm_jax.hf_layout import (
+    LAYER_NAMES,
+    PASSTHROUGH_PREFIXES,
+    STACKS,
+    TIED_ALIASES,
+    TOP_NAMES,
+    TensorSpec,
+    canonical_name,
+    hf_shape,
+    tensor_specs,
+)
 from kalm_jax.model import T5Gemma2, _lora_delta, abstract_model, stack_param_shapes
-from kalm_jax.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, Entry, SafetensorsDir, parse_size,
-                                     plan_shards, read_safetensors_header, write_safetensors)
+from kalm_jax.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ST_DTYPES,
+    Entry,
+    SafetensorsDir,
+    parse_size,
+    plan_shards,
+    read_safetensors_header,
+    write_safetensors,
+)
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -77,8 +94,13 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(jnp.dtype(dtype))
 
 
-def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progress: bool | None = None,
-         ) -> tuple[ModelConfig, T5Gemma2]:
+def load(
+    path: str | os.PathLike,
+    dtype="float32",
+    *,
+    compute_dtype=None,
+    progress: bool | None = None,
+) -> tuple[ModelConfig, T5Gemma2]:
     """Loads an HF T5Gemma 2 / KaLM-Reranker-V1 checkpoint directory into the NNX model.
 
     Args:
@@ -100,14 +122,18 @@ def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progre
         shapes = {name: st.shape_dtype(name)[0] for name in st.names()}
         problems, passthrough = check_tensors(cfg, shapes)
         skip = set(passthrough)
-        problems += [f"{name}: stored as {st.shape_dtype(name)[1]}; model weights must be floating point "
-                     f"({', '.join(FLOAT_ST_DTYPES)})" for name in st.names()
-                     if name not in skip and st.shape_dtype(name)[1] not in FLOAT_ST_DTYPES]
+        problems += [
+            f"{name}: stored as {st.shape_dtype(name)[1]}; model weights must be floating point "
+            f"({', '.join(FLOAT_ST_DTYPES)})"
+            for name in st.names()
+            if name not in skip and st.shape_dtype(name)[1] not in FLOAT_ST_DTYPES
+        ]
         if problems:
             head = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise ValueError(f"{path}: checkpoint does not match its config.json ({len(problems)} problems):\n  "
-                             f"{head}{more}")
+            raise ValueError(
+                f"{path}: checkpoint does not match its config.json ({len(problems)} problems):\n  {head}{more}"
+            )
         model = abstract_model(cfg, param_dtype=param_dtype, dtype=compute_dtype)
         by_canon = {canonical_name(n): n for n in st.names()}
         np_dtype = _np_dtype(param_dtype)
@@ -119,8 +145,10 @@ def load(path: str | os.PathLike, dtype="float32", *, compute_dtype=None, progre
             raw = st.get(by_canon[spec.hf_name])
             if not np.isfinite(raw).all():
                 bad = int(raw.size - np.isfinite(raw).sum())
-                raise ValueError(f"{st.files[by_canon[spec.hf_name]]}: tensor {by_canon[spec.hf_name]} holds {bad} "
-                                 "non-finite values (NaN/inf); refusing to load a broken checkpoint")
+                raise ValueError(
+                    f"{st.files[by_canon[spec.hf_name]]}: tensor {by_canon[spec.hf_name]} holds {bad} "
+                    "non-finite values (NaN/inf); refusing to load a broken checkpoint"
+                )
             value = spec.to_ours(raw, cfg).astype(np_dtype, copy=False)
             if spec.layer is None:
                 _set(model, spec.path, value)
@@ -155,8 +183,15 @@ def _set(model, path: tuple[str, ...], value: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------- export
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 """Tokenizer files copied beside an exported checkpoint when they exist beside its source."""
 
 
@@ -189,8 +224,10 @@ def export_problems(model: T5Gemma2, config: ModelConfig | None = None) -> list[
             problems.append(f"model has no parameter {'.'.join(spec.path)} (needed for {spec.hf_name})")
             continue
         if got != want:
-            problems.append(f"parameter {'.'.join(spec.path)} has shape {got}, but the config needs {want} "
-                            f"(exported as {spec.hf_name.replace('.0.', '.{i}.')})")
+            problems.append(
+                f"parameter {'.'.join(spec.path)} has shape {got}, but the config needs {want} "
+                f"(exported as {spec.hf_name.replace('.0.', '.{i}.')})"
+            )
     for stack in ("encoder", "decoder"):
         ls = getattr(model, stack)
         for name in ls.lora_targets:
@@ -198,7 +235,7 @@ def export_problems(model: T5Gemma2, config: ModelConfig | None = None) -> list[
             a = tuple(getattr(ls, f"{name}_lora_a").get_value().shape)
             b = tuple(getattr(ls, f"{name}_lora_b").get_value().shape)
             n_in = len(a) - 2
-            if a[0] != w[0] or b[0] != w[0] or a[1:-1] != w[1:1 + n_in] or b[2:] != w[1 + n_in:] or a[-1] != b[1]:
+            if a[0] != w[0] or b[0] != w[0] or a[1:-1] != w[1 : 1 + n_in] or b[2:] != w[1 + n_in :] or a[-1] != b[1]:
                 problems.append(f"LoRA factors of {stack}.{name}: A {a} and B {b} do not fit the weight {w}")
     return problems
 
@@ -226,8 +263,12 @@ def hf_tensor(model: T5Gemma2, spec: TensorSpec, dtype=None, *, merge_lora: bool
     return np.ascontiguousarray(out)
 
 
-def iter_hf_tensors(model: T5Gemma2, dtype="bfloat16", *, merge_lora: bool = True,
-                    ) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(
+    model: T5Gemma2,
+    dtype="bfloat16",
+    *,
+    merge_lora: bool = True,
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (Hub name, PyTorch-layout numpy tensor in `dtype`) for every text tensor, one at a time.
 
     LoRA adapters are folded into their base weights on the fly (the model itself is not changed).
@@ -270,10 +311,19 @@ def _vision_config(source: Path) -> dict | None:
     return enc.get("vision_config")
 
 
-def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike, *, dtype="bfloat16",
-         max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES, tokenizer=None, overwrite: bool = False,
-         vision_from: str | os.PathLike | bool | None = None, merge_lora: bool = True,
-         progress: bool | None = None) -> Path:
+def save(
+    model: T5Gemma2,
+    config: ModelConfig | None,
+    out_dir: str | os.PathLike,
+    *,
+    dtype="bfloat16",
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer=None,
+    overwrite: bool = False,
+    vision_from: str | os.PathLike | bool | None = None,
+    merge_lora: bool = True,
+    progress: bool | None = None,
+) -> Path:
     """Writes `model` as a Hugging Face `t5gemma2` checkpoint that `T5Gemma2ForConditionalGeneration` loads.
 
     Output: `config.json` (`config.to_hf()`, dtype set to `dtype`), `generation_config.json`, Hub-layout
@@ -317,8 +367,10 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
     # ---- validate everything before writing anything
     problems = export_problems(model, cfg)
     if problems:
-        raise ValueError(f"cannot export to {out}: the model does not match the config "
-                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"cannot export to {out}: the model does not match the config "
+            f"({len(problems)} problems):\n  " + "\n  ".join(problems)
+        )
     hf_config = cfg.to_hf()
     ModelConfig.from_hf(hf_config, source="the config.json to be written")  # must read back
 
@@ -341,9 +393,11 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
         elif getattr(model, "hf_passthrough", ()):
             passthrough = list(model.hf_passthrough)
             if not source.is_dir():
-                raise FileNotFoundError(f"{source}: the HF checkpoint this model was imported from is gone, so its "
-                                        f"{len(passthrough)} vision tensors cannot be carried; pass vision_from= "
-                                        f"(--config.vision_from) another copy, or vision_from=False (--config.text_only=true)")
+                raise FileNotFoundError(
+                    f"{source}: the HF checkpoint this model was imported from is gone, so its "
+                    f"{len(passthrough)} vision tensors cannot be carried; pass vision_from= "
+                    f"(--config.vision_from) another copy, or vision_from=False (--config.text_only=true)"
+                )
             st_src = SafetensorsDir(source)
             missing = [n for n in passthrough if n not in st_src.files]
             if missing:
@@ -366,8 +420,15 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
     st_name = ST_DTYPES[np_dtype]
     entries: list[Entry] = []
     for spec in tensor_specs(cfg):
-        entries.append(Entry(spec.hf_name, st_name, spec.hf_shape, int(np.prod(spec.hf_shape)) * np_dtype.itemsize,
-                              lambda spec=spec: hf_tensor(model, spec, np_dtype, merge_lora=merge_lora)))
+        entries.append(
+            Entry(
+                spec.hf_name,
+                st_name,
+                spec.hf_shape,
+                int(np.prod(spec.hf_shape)) * np_dtype.itemsize,
+                lambda spec=spec: hf_tensor(model, spec, np_dtype, merge_lora=merge_lora),
+            )
+        )
     for name in passthrough:
         st_dt, shape, nbytes = st_src.raw_entry(name)
         entries.append(Entry(name, st_dt, shape, nbytes, lambda name=name: st_src.raw_bytes(name)))
@@ -375,8 +436,11 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
         raise RuntimeError("safetensors export needs a little-endian host")
 
     shards = plan_shards(entries, max_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     total = sum(e.nbytes for e in entries)
     show = progress if progress is not None else total > (1 << 30)
 
@@ -387,9 +451,12 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
                 for fname, shard in zip(names, shards):
                     write_safetensors(tmp / fname, shard, bar)
             if len(shards) > 1:
-                index = {"metadata": {"total_size": total,
-                                      "total_parameters": sum(int(np.prod(e.shape)) for e in entries)},
-                         "weight_map": {e.name: f for f, shard in zip(names, shards) for e in sorted(shard, key=lambda e: e.name)}}
+                index = {
+                    "metadata": {"total_size": total, "total_parameters": sum(int(np.prod(e.shape)) for e in entries)},
+                    "weight_map": {
+                        e.name: f for f, shard in zip(names, shards) for e in sorted(shard, key=lambda e: e.name)
+                    },
+                }
                 index["weight_map"] = dict(sorted(index["weight_map"].items()))
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for fname, src in tok_files.items():
@@ -400,8 +467,11 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
             if gen_src is not None and gen_src.is_file():
                 shutil.copyfile(gen_src, tmp / "generation_config.json")
             else:
-                gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                       "pad_token_id": cfg.pad_token_id}
+                gen = {
+                    "bos_token_id": cfg.bos_token_id,
+                    "eos_token_id": cfg.eos_token_id,
+                    "pad_token_id": cfg.pad_token_id,
+                }
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
             # config.json last: a directory without it is never mistaken for a checkpoint.
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
@@ -411,7 +481,28 @@ def save(model: T5Gemma2, config: ModelConfig | None, out_dir: str | os.PathLike
     return out
 
 
-__all__ = ["load", "save", "read_config", "tensor_specs", "check_tensors", "export_problems", "hf_tensor",
-           "iter_hf_tensors", "SafetensorsDir", "TensorSpec", "read_safetensors_header", "find_tokenizer_files",
-           "parse_size", "hf_shape", "LAYER_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES", "TOKENIZER_FILES",
-           "TOP_NAMES", "STACKS", "canonical_name", "DEFAULT_MAX_SHARD_BYTES", "ST_DTYPES"]
+__all__ = [
+    "load",
+    "save",
+    "read_config",
+    "tensor_specs",
+    "check_tensors",
+    "export_problems",
+    "hf_tensor",
+    "iter_hf_tensors",
+    "SafetensorsDir",
+    "TensorSpec",
+    "read_safetensors_header",
+    "find_tokenizer_files",
+    "parse_size",
+    "hf_shape",
+    "LAYER_NAMES",
+    "TIED_ALIASES",
+    "PASSTHROUGH_PREFIXES",
+    "TOKENIZER_FILES",
+    "TOP_NAMES",
+    "STACKS",
+    "canonical_name",
+    "DEFAULT_MAX_SHARD_BYTES",
+    "ST_DTYPES",
+]

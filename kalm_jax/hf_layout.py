@@ -9,7 +9,7 @@ einsum kernels ([H, N, D] for q, [N, D, H] for o, [H, I] for gate/up, [I, H] for
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,8 +37,11 @@ TOP_NAMES: dict[str, tuple[str, ...]] = {
     "model.encoder.norm.weight": ("encoder_norm",),
     "model.decoder.norm.weight": ("decoder_norm",),
 }
-TIED_ALIASES = ("model.decoder.embed_tokens.weight", "model.decoder.embed_tokens.eoi_embedding",
-                "lm_head.out_proj.weight")
+TIED_ALIASES = (
+    "model.decoder.embed_tokens.weight",
+    "model.decoder.embed_tokens.eoi_embedding",
+    "lm_head.out_proj.weight",
+)
 PASSTHROUGH_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
 STACKS = {"encoder": "model.encoder.layers", "decoder": "model.decoder.layers"}
 
@@ -49,8 +52,8 @@ class TensorSpec:
 
     hf_name: str
     hf_shape: tuple[int, ...]
-    path: tuple[str, ...]          # attribute path in the model, e.g. ("encoder", "q")
-    layer: int | None              # index into the stacked leading axis, or None
+    path: tuple[str, ...]  # attribute path in the model, e.g. ("encoder", "q")
+    layer: int | None  # index into the stacked leading axis, or None
 
     def to_ours(self, t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         return _to_ours(self.path[-1], t, cfg)
@@ -61,13 +64,33 @@ class TensorSpec:
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """All text tensors of the Hub layout for `cfg`, in a stable order (tied aliases omitted)."""
-    h, n, k, d, i, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.intermediate_size, cfg.vocab_size)
-    shapes = {"q": (n * d, h), "k": (k * d, h), "v": (k * d, h), "o": (h, n * d), "q_norm": (d,),
-              "k_norm": (d,), "pre_attn_norm": (h,), "post_attn_norm": (h,), "pre_ffw_norm": (h,),
-              "post_ffw_norm": (h,), "gate": (i, h), "up": (i, h), "down": (h, i)}
-    specs = [TensorSpec("model.encoder.embed_tokens.weight", (v, h), ("embedding",), None),
-             TensorSpec("model.encoder.embed_tokens.eoi_embedding", (h,), ("eoi_embedding",), None)]
+    h, n, k, d, i, v = (
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
+    shapes = {
+        "q": (n * d, h),
+        "k": (k * d, h),
+        "v": (k * d, h),
+        "o": (h, n * d),
+        "q_norm": (d,),
+        "k_norm": (d,),
+        "pre_attn_norm": (h,),
+        "post_attn_norm": (h,),
+        "pre_ffw_norm": (h,),
+        "post_ffw_norm": (h,),
+        "gate": (i, h),
+        "up": (i, h),
+        "down": (h, i),
+    }
+    specs = [
+        TensorSpec("model.encoder.embed_tokens.weight", (v, h), ("embedding",), None),
+        TensorSpec("model.encoder.embed_tokens.eoi_embedding", (h,), ("eoi_embedding",), None),
+    ]
     for stack, prefix in STACKS.items():
         for layer in range(len(getattr(cfg, f"{stack}_layer_types"))):
             for suffix, ours in LAYER_NAMES.items():
@@ -116,5 +139,14 @@ def canonical_name(name: str) -> str:
     return name.replace("model.encoder.text_model.", "model.encoder.", 1)
 
 
-__all__ = ["LAYER_NAMES", "TOP_NAMES", "TIED_ALIASES", "PASSTHROUGH_PREFIXES", "STACKS", "TensorSpec",
-           "tensor_specs", "hf_shape", "canonical_name"]
+__all__ = [
+    "LAYER_NAMES",
+    "TOP_NAMES",
+    "TIED_ALIASES",
+    "PASSTHROUGH_PREFIXES",
+    "STACKS",
+    "TensorSpec",
+    "tensor_specs",
+    "hf_shape",
+    "canonical_name",
+]

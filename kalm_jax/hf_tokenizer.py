@@ -16,10 +16,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
 
-from kalm_jax.tokenizer import (SpecialIds, BOS, END_OF_TURN, EOS, MODEL_FILENAME, NO, PAD, START_OF_TURN, UNK, YES, Tokenizer,
-                                TokenizerError, check_text)
+from kalm_jax.tokenizer import (
+    BOS,
+    END_OF_TURN,
+    EOS,
+    MODEL_FILENAME,
+    NO,
+    PAD,
+    START_OF_TURN,
+    UNK,
+    YES,
+    SpecialIds,
+    Tokenizer,
+    TokenizerError,
+    check_text,
+)
 
 JSON_FILENAME = "tokenizer.json"
 
@@ -53,7 +65,8 @@ class HFTokenizer(SpecialIds):
             if len(enc.ids) != 1:
                 raise TokenizerError(
                     f"{where}: {word!r} must encode to exactly one token (the score is "
-                    f"logit('yes') - logit('no')), got {len(enc.ids)}: {enc.tokens}")
+                    f"logit('yes') - logit('no')), got {len(enc.ids)}: {enc.tokens}"
+                )
             self._special[word] = enc.ids[0]
 
     @classmethod
@@ -97,7 +110,7 @@ class HFTokenizer(SpecialIds):
         return f"HFTokenizer(path={self.path}, vocab_size={self.vocab_size}, special={self._special})"
 
 
-AnyTokenizer = Union[Tokenizer, HFTokenizer]
+AnyTokenizer = Tokenizer | HFTokenizer
 
 
 def load_tokenizer(path: str | Path) -> AnyTokenizer:
@@ -122,16 +135,21 @@ def check_vocab(tokenizer: AnyTokenizer, model_vocab_size: int, where: str = "to
     if tokenizer.vocab_size > model_vocab_size:
         raise TokenizerError(
             f"{where}: tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has only "
-            f"{model_vocab_size}; this tokenizer was not made for this checkpoint")
+            f"{model_vocab_size}; this tokenizer was not made for this checkpoint"
+        )
     bad = {name: i for name, i in tokenizer.special_ids.items() if not 0 <= int(i) < model_vocab_size}
     if bad:
-        raise TokenizerError(f"{where}: special ids {bad} are not below the model's vocabulary size "
-                             f"{model_vocab_size}; this tokenizer was not made for this checkpoint")
+        raise TokenizerError(
+            f"{where}: special ids {bad} are not below the model's vocabulary size "
+            f"{model_vocab_size}; this tokenizer was not made for this checkpoint"
+        )
     max_id = getattr(tokenizer, "max_id", tokenizer.vocab_size - 1)
     if max_id >= model_vocab_size:
-        raise TokenizerError(f"{where}: tokenizer's largest id {max_id} is not below the model's vocabulary size "
-                             f"{model_vocab_size} (its ids are not contiguous); this tokenizer was not made for "
-                             "this checkpoint")
+        raise TokenizerError(
+            f"{where}: tokenizer's largest id {max_id} is not below the model's vocabulary size "
+            f"{model_vocab_size} (its ids are not contiguous); this tokenizer was not made for "
+            "this checkpoint"
+        )
 
 
 __all__ = ["HFTokenizer", "AnyTokenizer", "load_tokenizer", "check_vocab", "JSON_FILENAME"]

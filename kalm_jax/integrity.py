@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 CHECKSUMS = "checksums.json"
 FORMAT = "kalm-jax-checksums"
@@ -45,12 +45,14 @@ def _files(root: Path, parts: Iterable[str]) -> list[Path]:
 def write(root: str | os.PathLike, parts: Iterable[str]) -> Path:
     """Hashes every file under `root/<part>` for each part and writes `root/checksums.json` atomically."""
     root = Path(root)
-    files = {str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
-             for f in _files(root, parts)}
+    files = {
+        str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in _files(root, parts)
+    }
     out = root / CHECKSUMS
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "algorithm": "sha256", "files": files},
-                              indent=0, sort_keys=True))
+    tmp.write_text(
+        json.dumps({"format": FORMAT, "version": 1, "algorithm": "sha256", "files": files}, indent=0, sort_keys=True)
+    )
     os.replace(tmp, out)
     return out
 

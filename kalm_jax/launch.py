@@ -18,6 +18,7 @@ docs/multihost.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import re
@@ -73,10 +74,8 @@ def _pump(stream, prefix: str, lock: threading.Lock) -> None:
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Signals the process's group (its session: the process and anything it started), if any is left."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait(i: int, proc: subprocess.Popen, exits: queue.Queue) -> None:
@@ -88,8 +87,9 @@ def exit_status(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
 
-def launch(command: list[str], num_processes: int, devices_per_process: int, *, port: int | None = None,
-           grace: float = 10.0) -> int:
+def launch(
+    command: list[str], num_processes: int, devices_per_process: int, *, port: int | None = None, grace: float = 10.0
+) -> int:
     """Runs `command` as `num_processes` JAX processes; returns the job's exit status (0: all succeeded)."""
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(f"-n ({num_processes}) and --devices_per_process ({devices_per_process}) must be >= 1")
@@ -104,21 +104,26 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     for i in range(num_processes):
-        argv = child_command(command) + [f"--coordinator_address={address}", f"--num_processes={num_processes}",
-                                         f"--process_id={i}"]
+        argv = child_command(command) + [
+            f"--coordinator_address={address}",
+            f"--num_processes={num_processes}",
+            f"--process_id={i}",
+        ]
         # stdout and stderr on pipes of their own, each pumped line by line: on one shared pipe, text a
         # library writes to stderr without a newline (gloo's "connected to 1 peer ranks") joined the next
         # stdout line. Both are printed to the launcher's stdout, prefixed.
-        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             preexec_fn=_die_with_parent)
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
         procs.append(p)
         for stream in (p.stdout, p.stderr):
             t = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", lock), daemon=True)
             t.start()
             pumps.append(t)
     with lock:
-        print(f"[launch] {num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
-              f"{' '.join(command)}", flush=True)
+        print(
+            f"[launch] {num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
+            f"{' '.join(command)}",
+            flush=True,
+        )
 
     # One waiter thread per process reports its exit to `exits` as it happens, so the failure reported is the
     # first one, not the lowest-numbered process among several that died within one polling interval (a
@@ -132,8 +137,11 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
     def forward(signum, frame):
         nonlocal kill_at
         with lock:
-            print(f"[launch] {signal.Signals(signum).name}: forwarding to all processes (SIGKILL to those left "
-                  f"after {grace:g} s)", flush=True)
+            print(
+                f"[launch] {signal.Signals(signum).name}: forwarding to all processes (SIGKILL to those left "
+                f"after {grace:g} s)",
+                flush=True,
+            )
         for i in sorted(running):
             _signal_group(procs[i], signum)
         if kill_at is None:
@@ -149,8 +157,11 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
             except queue.Empty:
                 if kill_at is not None and time.monotonic() >= kill_at:
                     with lock:
-                        print(f"[launch] grace of {grace:g} s over: SIGKILL to process "
-                              f"{', '.join(map(str, sorted(running)))}", flush=True)
+                        print(
+                            f"[launch] grace of {grace:g} s over: SIGKILL to process "
+                            f"{', '.join(map(str, sorted(running)))}",
+                            flush=True,
+                        )
                     for j in sorted(running):
                         _signal_group(procs[j], signal.SIGKILL)
                     kill_at = float("inf")
@@ -182,22 +193,35 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv and any(a in ("-h", "--help") for a in argv):
-        print("usage: python -m kalm_jax.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
-              "(script.py | -m module | executable) ARGS...\n\n" + __doc__.strip())
+        print(
+            "usage: python -m kalm_jax.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
+            "(script.py | -m module | executable) ARGS...\n\n" + __doc__.strip()
+        )
         return 0
     if "--" not in argv:
-        print("usage: python -m kalm_jax.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
-              "(script.py | -m module | executable) ARGS...", file=sys.stderr)
+        print(
+            "usage: python -m kalm_jax.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
+            "(script.py | -m module | executable) ARGS...",
+            file=sys.stderr,
+        )
         return 2
     cut = argv.index("--")
     p = argparse.ArgumentParser(prog="python -m kalm_jax.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("-n", "--num_processes", type=int, required=True, help="processes to start")
-    p.add_argument("--devices_per_process", type=int, default=None,
-                   help="fake CPU devices per process (default: 8 // N, at least 1)")
+    p.add_argument(
+        "--devices_per_process",
+        type=int,
+        default=None,
+        help="fake CPU devices per process (default: 8 // N, at least 1)",
+    )
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    p.add_argument("--grace", type=float, default=10.0,
-                   help="seconds processes get after a SIGTERM (forwarded, or to the others when one process "
-                        "failed) before SIGKILL")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds processes get after a SIGTERM (forwarded, or to the others when one process "
+        "failed) before SIGKILL",
+    )
     args = p.parse_args(argv[:cut])
     if args.num_processes < 1:
         p.error(f"-n must be >= 1, got {args.num_processes}")
@@ -209,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--grace must be >= 0 seconds, got {args.grace}")
     m = args.devices_per_process or max(1, 8 // args.num_processes)
     try:
-        return launch(argv[cut + 1:], args.num_processes, m, port=args.port, grace=args.grace)
+        return launch(argv[cut + 1 :], args.num_processes, m, port=args.port, grace=args.grace)
     except ValueError as e:
         p.error(str(e))
         return 2

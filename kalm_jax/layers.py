@@ -87,12 +87,12 @@ class Mask(NamedTuple):
         return keys if self.pattern is None else keys & jnp.asarray(self.pattern)[None]
 
 
-def dense_mask(mask: "Mask | jax.Array") -> jax.Array:
+def dense_mask(mask: Mask | jax.Array) -> jax.Array:
     """A `Mask` as its dense boolean expression; a boolean array (broadcastable to [B, T, S]) as it is."""
     return mask.dense() if isinstance(mask, Mask) else mask
 
 
-def concat_masks(a: "Mask | jax.Array", b: "Mask | jax.Array", t: int, s_a: int, s_b: int) -> "Mask | jax.Array":
+def concat_masks(a: Mask | jax.Array, b: Mask | jax.Array, t: int, s_a: int, s_b: int) -> Mask | jax.Array:
     """The mask of keys [a-keys ; b-keys] for t queries: structured when both are, else dense [B, t, s_a + s_b]."""
     if isinstance(a, Mask) and isinstance(b, Mask):
         pa = np.ones((t, s_a), bool) if a.pattern is None else np.broadcast_to(a.pattern, (t, s_a))
@@ -136,8 +136,15 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | Non
     return impl
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Mask | jax.Array", scale: float,
-              softcap: float | None = None, impl: str = "xla") -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask | jax.Array,
+    scale: float,
+    softcap: float | None = None,
+    impl: str = "xla",
+) -> jax.Array:
     """Grouped-query softmax attention, q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D].
 
     `mask`: a structured `Mask` (key padding [B, S] + static pattern [T, S]) or a boolean array
@@ -157,14 +164,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Mask | jax.Array"
     return _attention_kernel(q, k, v, mask, scale, softcap, impl)
 
 
-def _attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Mask | jax.Array", scale: float,
-                      softcap: float | None, impl: str) -> jax.Array:
+def _attention_kernel(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | jax.Array, scale: float, softcap: float | None, impl: str
+) -> jax.Array:
     """`attention` with a resolved `impl`, over all T x S query-key pairs (no blocking)."""
     if impl in ("dot_product", "cudnn"):
         dense = jnp.broadcast_to(dense_mask(mask), (q.shape[0], q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(
-            q, k, v, mask=dense[:, None], scale=scale,
-            implementation="cudnn" if impl == "cudnn" else "xla").astype(q.dtype)
+            q, k, v, mask=dense[:, None], scale=scale, implementation="cudnn" if impl == "cudnn" else "xla"
+        ).astype(q.dtype)
     if impl in ("tpu_flash", "platform"):
         from kalm_jax import tpu_attention
 
@@ -215,8 +223,12 @@ def band_limits(pattern: np.ndarray | None) -> tuple[int, int] | None:
     lo, hi = int((first - rows)[some].min()), int((last - rows)[some].max())
     start, stop = np.maximum(rows + lo, 0), np.minimum(rows + hi, s - 1)  # the band's run in each row
     want = stop >= start
-    ok = (np.array_equal(some, want) and np.array_equal(first[some], start[some])
-          and np.array_equal(last[some], stop[some]) and np.array_equal(count[some], (last - first + 1)[some]))
+    ok = (
+        np.array_equal(some, want)
+        and np.array_equal(first[some], start[some])
+        and np.array_equal(last[some], stop[some])
+        and np.array_equal(count[some], (last - first + 1)[some])
+    )
     return (lo, hi) if ok else None
 
 
@@ -234,8 +246,11 @@ def band_blocking(mask: Mask, t: int, s: int) -> BandBlocking | None:
         return None
     lo, hi = band
     width = hi - lo + 1
-    block = next(c for c in (_MAX_BLOCK >> i for i in range(_MAX_BLOCK.bit_length()))
-                 if _key_span(c, width) <= _MAX_SPAN_RATIO * width or c == 1)
+    block = next(
+        c
+        for c in (_MAX_BLOCK >> i for i in range(_MAX_BLOCK.bit_length()))
+        if _key_span(c, width) <= _MAX_SPAN_RATIO * width or c == 1
+    )
     span = _key_span(block, width)
     return BandBlocking(lo, hi, block, span) if span < s else None
 
@@ -246,8 +261,16 @@ def _window(x: jax.Array, start: int, length: int) -> jax.Array:
     return jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
 
 
-def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, blocking: BandBlocking, scale: float,
-                     softcap: float | None = None, impl: str = "xla") -> jax.Array:
+def banded_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask,
+    blocking: BandBlocking,
+    scale: float,
+    softcap: float | None = None,
+    impl: str = "xla",
+) -> jax.Array:
     """`attention` under a band mask, block-wise: q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D].
 
     With C = blocking.block, Kb = blocking.span and nb = ceil(T / C): the queries (zero-padded to nb·C)
@@ -265,7 +288,7 @@ def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block
     def key_blocks(x: jax.Array) -> jax.Array:  # [B, S, ...] -> [B·nb, Kb, ...]
         x = _window(x, lo, (nb + nk - 1) * c)
         x = x.reshape(b, nb + nk - 1, c, *x.shape[2:])
-        x = jnp.concatenate([x[:, o:o + nb] for o in range(nk)], axis=2)  # [B, nb, Kb, ...]
+        x = jnp.concatenate([x[:, o : o + nb] for o in range(nk)], axis=2)  # [B, nb, Kb, ...]
         return x.reshape(b * nb, kb, *x.shape[3:])
 
     def query_blocks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [B·nb, C, ...]
@@ -275,14 +298,18 @@ def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block
     if queries is None and nb * c != t:
         queries = jnp.ones((b, t), bool)
     rel = np.arange(kb)[None, :] - np.arange(c)[:, None]  # [C, Kb]: jj - i
-    blocked = Mask(key_blocks(jnp.asarray(mask.keys).astype(bool)), (rel >= 0) & (rel <= hi - lo),
-                   None if queries is None else query_blocks(jnp.asarray(queries).astype(bool)))
+    blocked = Mask(
+        key_blocks(jnp.asarray(mask.keys).astype(bool)),
+        (rel >= 0) & (rel <= hi - lo),
+        None if queries is None else query_blocks(jnp.asarray(queries).astype(bool)),
+    )
     out = _attention_kernel(query_blocks(q), key_blocks(k), key_blocks(v), blocked, scale, softcap, impl)
     return out.reshape(b, nb * c, n, d)[:, :t]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                  softcap: float | None = None) -> jax.Array:
+def xla_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, softcap: float | None = None
+) -> jax.Array:
     """Grouped-query softmax attention in plain XLA (einsums).
 
     q [B, T, N, D], k/v [B, S, K, D], mask bool [B, T, S] -> [B, T, N, D]. Scores and softmax in fp32.
@@ -300,8 +327,17 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     return out.reshape(b, t, n, d)
 
 
-def merged_attention(q: jax.Array, ks: jax.Array, vs: jax.Array, self_mask: "Mask | jax.Array", kc: jax.Array,
-                     vc: jax.Array, cross_mask: "Mask | jax.Array", scale: float, impl: str = "xla") -> jax.Array:
+def merged_attention(
+    q: jax.Array,
+    ks: jax.Array,
+    vs: jax.Array,
+    self_mask: Mask | jax.Array,
+    kc: jax.Array,
+    vc: jax.Array,
+    cross_mask: Mask | jax.Array,
+    scale: float,
+    impl: str = "xla",
+) -> jax.Array:
     """One softmax over two key sets: self keys ks/vs [B, T', K, D] under `self_mask` and cross keys
     kc/vc [B, S, K, D] under `cross_mask` (each a `Mask` or a boolean array broadcastable to [B, T, T'] /
     [B, T, S]).
@@ -315,8 +351,9 @@ def merged_attention(q: jax.Array, ks: jax.Array, vs: jax.Array, self_mask: "Mas
 
     def fused(q, ks, vs, kc, vc, kernel_impl):
         mask = concat_masks(self_mask, cross_mask, t, ks.shape[1], kc.shape[1])
-        return attention(q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, scale,
-                         impl=kernel_impl)
+        return attention(
+            q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, scale, impl=kernel_impl
+        )
 
     if impl in ("dot_product", "cudnn", "tpu_flash"):
         return fused(q, ks, vs, kc, vc, impl)
@@ -343,8 +380,9 @@ def xla_merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, scale: float)
     m = jax.lax.stop_gradient(jnp.maximum(s1.max(-1, keepdims=True), s2.max(-1, keepdims=True)))
     e1, e2 = jnp.exp(s1 - m), jnp.exp(s2 - m)
     z = e1.sum(-1, keepdims=True) + e2.sum(-1, keepdims=True)
-    out = (jnp.einsum("bkgts,bskd->btkgd", (e1 / z).astype(vs.dtype), vs, preferred_element_type=jnp.float32)
-           + jnp.einsum("bkgts,bskd->btkgd", (e2 / z).astype(vc.dtype), vc, preferred_element_type=jnp.float32))
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd", (e1 / z).astype(vs.dtype), vs, preferred_element_type=jnp.float32
+    ) + jnp.einsum("bkgts,bskd->btkgd", (e2 / z).astype(vc.dtype), vc, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(b, t, n, d)
 
 
@@ -372,8 +410,19 @@ def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xl
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
-def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: ModelConfig, impl: str = "xla",
-                           query_index: jax.Array | None = None, cross_layout=None):
+def merged_attention_block(
+    x,
+    enc,
+    w,
+    self_mask,
+    cross_mask,
+    cos,
+    sin,
+    cfg: ModelConfig,
+    impl: str = "xla",
+    query_index: jax.Array | None = None,
+    cross_layout=None,
+):
     """Decoder merged attention: one softmax over [self keys (RoPE) ; passage keys (k_norm, no RoPE)].
 
     x [B, T, H] decoder stream, enc [B, S, H] passage states, self_mask / cross_mask a `Mask` or a bool
@@ -383,20 +432,19 @@ def merged_attention_block(x, enc, w, self_mask, cross_mask, cos, sin, cfg: Mode
     ratios packed: keys and values are projected from them, then unpacked to [B, layout.width, ...].
     """
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
-    ks = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"],
-                  cfg.rms_norm_eps)
+    ks = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
     vs = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
     ks = apply_rope(ks, cos, sin)
     if query_index is not None:
         h = jnp.take_along_axis(h, query_index[:, None, None], axis=1)  # [B, 1, H]
         cos, sin = cos[query_index][:, None], sin[query_index][:, None]  # [B, 1, D]
         dense = dense_mask(self_mask)
-        self_mask = jnp.take_along_axis(jnp.broadcast_to(dense, (x.shape[0],) + dense.shape[1:]),
-                                        query_index[:, None, None], axis=1)  # [B, 1, T]
+        self_mask = jnp.take_along_axis(
+            jnp.broadcast_to(dense, (x.shape[0],) + dense.shape[1:]), query_index[:, None, None], axis=1
+        )  # [B, 1, T]
     q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
-    kc = rms_norm(checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), "k_passage"), w["k_norm"],
-                  cfg.rms_norm_eps)
+    kc = rms_norm(checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), "k_passage"), w["k_norm"], cfg.rms_norm_eps)
     vc = checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["v"]), "v_passage")
     if cross_layout is not None:
         kc, vc = cross_layout.unpack(kc), cross_layout.unpack(vc)

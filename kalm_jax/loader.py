@@ -66,11 +66,13 @@ def find_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
             return load_tokenizer(d)
     raise FileNotFoundError(
         f"{path}: no {MODEL_FILENAME} or {JSON_FILENAME} found for this checkpoint (looked in "
-        f"{', '.join(str(d) for d in dirs)}); pass tokenizer=PATH (--config.tokenizer=PATH on the command line)")
+        f"{', '.join(str(d) for d in dirs)}); pass tokenizer=PATH (--config.tokenizer=PATH on the command line)"
+    )
 
 
-def resolve_tokenizer(tokenizer: str | os.PathLike | AnyTokenizer | None, checkpoint: str | os.PathLike,
-                      vocab_size: int) -> AnyTokenizer:
+def resolve_tokenizer(
+    tokenizer: str | os.PathLike | AnyTokenizer | None, checkpoint: str | os.PathLike, vocab_size: int
+) -> AnyTokenizer:
     """`tokenizer` (object, file or directory) or, when None/empty, the checkpoint's own; checked against
     the model's `vocab_size`."""
     if tokenizer is None or (isinstance(tokenizer, str) and not tokenizer):
@@ -83,8 +85,13 @@ def resolve_tokenizer(tokenizer: str | os.PathLike | AnyTokenizer | None, checkp
     return tok
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None, compute_dtype: str | None = None,
-         tokenizer: str | os.PathLike | AnyTokenizer | None | bool = None) -> Checkpoint:
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    tokenizer: str | os.PathLike | AnyTokenizer | None | bool = None,
+) -> Checkpoint:
     """Loads any supported checkpoint with its tokenizer.
 
     Args:
@@ -133,5 +140,14 @@ def copy_tokenizer(tokenizer: AnyTokenizer, directory: str | os.PathLike) -> Pat
     return target
 
 
-__all__ = ["Checkpoint", "load", "find_tokenizer", "resolve_tokenizer", "tokenizer_search_dirs", "checkpoint_dir",
-           "copy_tokenizer", "tokenizer_source_file", "TOKENIZER_FILENAMES"]
+__all__ = [
+    "Checkpoint",
+    "load",
+    "find_tokenizer",
+    "resolve_tokenizer",
+    "tokenizer_search_dirs",
+    "checkpoint_dir",
+    "copy_tokenizer",
+    "tokenizer_source_file",
+    "TOKENIZER_FILENAMES",
+]

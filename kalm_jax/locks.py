@@ -5,9 +5,9 @@
     with file_lock(path, timeout=600, what="store"):  # waits (logging the holder), then raises LockHeld
 
 The lock is ``fcntl.flock`` on a file (``<directory>/.lock`` for a directory); the file records the holder (pid,
-host, start time) for the error message. The kernel releases the lock when its holder exits, killed or not, so a stale lock never
-blocks a rerun. `job_lock` is the multi-process form: process 0 holds the lock for the whole job and every
-process learns whether it got it.
+host, start time) for the error message. The kernel releases the lock when its holder exits, killed or not, so a
+stale lock never blocks a rerun. `job_lock` is the multi-process form: process 0 holds the lock for the whole job
+and every process learns whether it got it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def file_lock(path: str | os.PathLike, *, timeout: float = 0.0, what: str = "", 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
+    f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime, closed in the finally below
     try:
         start = time.monotonic()
         logged = False
@@ -69,16 +69,23 @@ def file_lock(path: str | os.PathLike, *, timeout: float = 0.0, what: str = "", 
                 if waited >= timeout:
                     raise LockHeld(path, _lock_holder(f), waited) from None
                 if not logged:
-                    log.warning("%s is locked by %s; waiting up to %s s for it%s", path, _lock_holder(f),
-                                f"{timeout:g}", f" ({what})" if what else "")
+                    log.warning(
+                        "%s is locked by %s; waiting up to %s s for it%s",
+                        path,
+                        _lock_holder(f),
+                        f"{timeout:g}",
+                        f" ({what})" if what else "",
+                    )
                     logged = True
                 time.sleep(min(poll, max(0.0, timeout - waited)))
         if logged:
             log.info("%s: got the lock after %.1f s", path, time.monotonic() - start)
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        f.write(
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}\n"
+        )
         f.flush()
         yield path
     finally:
@@ -99,8 +106,9 @@ def exclusive_lock(directory: str | os.PathLike, what: str = "run", hint: str = 
         try:
             path = stack.enter_context(file_lock(out / LOCK_FILE))
         except LockHeld as e:
-            raise DirectoryLocked(f"{out} is in use by another {what} ({e.holder})"
-                                  + (f"; {hint}" if hint else "")) from None
+            raise DirectoryLocked(
+                f"{out} is in use by another {what} ({e.holder})" + (f"; {hint}" if hint else "")
+            ) from None
         yield path
 
 
@@ -118,8 +126,9 @@ def job_lock(directory: str | os.PathLike, what: str = "run", hint: str = "") ->
             except DirectoryLocked as e:
                 refused = e
         if distributed.any_process(refused is not None):
-            raise refused or DirectoryLocked(f"{directory} is in use by another {what} (process 0 could not lock "
-                                             f"it)" + (f"; {hint}" if hint else ""))
+            raise refused or DirectoryLocked(
+                f"{directory} is in use by another {what} (process 0 could not lock it)" + (f"; {hint}" if hint else "")
+            )
         yield
 
 

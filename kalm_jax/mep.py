@@ -83,7 +83,6 @@ def repool(pooled: jax.Array, counts: jax.Array, factor: int) -> tuple[jax.Array
     return _weighted_window_mean(pooled, counts, k)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RatioLayout:
     """Where each ratio's windows sit in a passage's packed windows of several MEP ratios (`pool_packed`).
@@ -111,19 +110,19 @@ class RatioLayout:
         rows, start = [], 0
         for n in self.lengths:
             pad = [(0, 0), (0, self.width - n)] + [(0, 0)] * (x.ndim - 2)
-            rows.append(jnp.pad(x[:, start:start + n], pad))
+            rows.append(jnp.pad(x[:, start : start + n], pad))
             start += n
         return jnp.stack(rows, axis=1).reshape(x.shape[0] * len(self.lengths), self.width, *x.shape[2:])
 
 
-def pool_packed(states: jax.Array, mask: jax.Array, ratios: tuple[int, ...]
-                ) -> tuple[jax.Array, jax.Array, RatioLayout]:
+def pool_packed(
+    states: jax.Array, mask: jax.Array, ratios: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, RatioLayout]:
     """`pool` at every ratio of `ratios`, packed per passage: states [B, N, H], mask [B, N] ->
     (pooled [B, C, H], pooled_mask [B, C] int32, layout) with C = sum over ratios of ceil(N/r)."""
     pooled = [pool(states, mask, r)[:2] for r in ratios]
     layout = RatioLayout(tuple(int(p.shape[1]) for p, _ in pooled))
-    return (jnp.concatenate([p for p, _ in pooled], axis=1), jnp.concatenate([m for _, m in pooled], axis=1),
-            layout)
+    return (jnp.concatenate([p for p, _ in pooled], axis=1), jnp.concatenate([m for _, m in pooled], axis=1), layout)
 
 
 __all__ = ["pool", "repool", "pool_packed", "RatioLayout"]

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = "batch"
@@ -53,17 +54,20 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int | None = None) -> tupl
     known = math.prod(s for s in shape if s != -1)
     if fill:
         if n % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: the fixed axes ({known} devices) do not "
-                             f"divide the {n} available devices")
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, shape))}: the fixed axes ({known} devices) do not "
+                f"divide the {n} available devices"
+            )
         shape[fill[0]] = n // known
     if math.prod(shape) != n:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
-                         f"{n} are available (set one axis to -1 to fill)")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
+            f"{n} are available (set one axis to -1 to fill)"
+        )
     return tuple(shape)  # type: ignore[return-value]
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
-              num_slices: int = 1) -> Mesh:
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None, num_slices: int = 1) -> Mesh:
     """A `Mesh` with axes ("data", "fsdp", "tensor") over `devices` (default: all).
 
     With `num_slices` > 1 (multi-slice TPU, slices joined over DCN) the `data` axis spans the slices
@@ -73,8 +77,10 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     shape = mesh_shape(sizes, len(devices))
     if num_slices > 1:
         if shape[0] % num_slices:
-            raise ValueError(f"mesh data={shape[0]} must be a multiple of num_slices={num_slices} "
-                             "(data parallelism spans the slices over DCN)")
+            raise ValueError(
+                f"mesh data={shape[0]} must be a multiple of num_slices={num_slices} "
+                "(data parallelism spans the slices over DCN)"
+            )
         ici = (shape[0] // num_slices, shape[1], shape[2])
         arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices=devices)
         return Mesh(arr, MESH_AXES)
@@ -148,8 +154,12 @@ def logical_axes(state: nnx.State) -> dict:
 
 def tree_shardings(values: Any, axes: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a tree of arrays/ShapeDtypeStructs given a same-structured tree of axis names."""
-    return jax.tree.map(lambda ax, v: NamedSharding(mesh, logical_to_spec(ax, v.shape, mesh, rules)),
-                        axes, values, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda ax, v: NamedSharding(mesh, logical_to_spec(ax, v.shape, mesh, rules)),
+        axes,
+        values,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def batch_spec(ndim: int, mesh: Mesh, rules: Rules) -> P:
@@ -162,9 +172,11 @@ def check_batch(global_batch: int, mesh: Mesh, rules: Rules) -> None:
     """Raises before compilation if the global batch does not split over the batch mesh axes."""
     n = _axis_size(mesh, rules.get(BATCH))
     if global_batch % n:
-        raise ValueError(f"global batch size {global_batch} is not divisible by the {n} batch shards "
-                         f"(mesh axes {rules.get(BATCH)} of mesh {dict(mesh.shape)}); change data.batch_size "
-                         f"or the mesh")
+        raise ValueError(
+            f"global batch size {global_batch} is not divisible by the {n} batch shards "
+            f"(mesh axes {rules.get(BATCH)} of mesh {dict(mesh.shape)}); change data.batch_size "
+            f"or the mesh"
+        )
 
 
 def summary(params: Any, axes: Any, shardings: Any, mesh: Mesh) -> str:
@@ -182,11 +194,25 @@ def summary(params: Any, axes: Any, shardings: Any, mesh: Mesh) -> str:
             continue
         local = s.shard_shape(v.shape)
         nbytes = int(np.prod(local)) * np.dtype(v.dtype).itemsize
-        seen[kind] = (f"  {'/'.join(keys):<34} {str(tuple(v.shape)):<22} {str(ax):<44} {str(s.spec):<34} "
-                      f"{nbytes / 2**20:8.2f} MiB/device")
+        seen[kind] = (
+            f"  {'/'.join(keys):<34} {str(tuple(v.shape)):<22} {str(ax):<44} {str(s.spec):<34} "
+            f"{nbytes / 2**20:8.2f} MiB/device"
+        )
     header = f"  {'parameter':<34} {'shape':<22} {'logical axes':<44} {'partition spec':<34} {'shard':>8}"
     return "\n".join(lines + [header] + list(seen.values()))
 
 
-__all__ = ["MESH_AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "data_mesh", "rules_dict", "logical_to_spec",
-           "logical_axes", "tree_shardings", "batch_spec", "check_batch", "summary"]
+__all__ = [
+    "MESH_AXES",
+    "DEFAULT_RULES",
+    "mesh_shape",
+    "make_mesh",
+    "data_mesh",
+    "rules_dict",
+    "logical_to_spec",
+    "logical_axes",
+    "tree_shardings",
+    "batch_spec",
+    "check_batch",
+    "summary",
+]

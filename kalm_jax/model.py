@@ -61,18 +61,14 @@ class LayerStack(nnx.Module):
         init = nnx.initializers.normal(stddev=0.02)
         for name, shape in stack_param_shapes(cfg, len(layer_types)).items():
             axes = ("layers", *STACK_PARAMS[name][0])
-            if name.endswith("norm"):
-                value = jnp.zeros(shape, param_dtype)
-            else:
-                value = init(rngs.params(), shape, param_dtype)
+            value = jnp.zeros(shape, param_dtype) if name.endswith("norm") else init(rngs.params(), shape, param_dtype)
             setattr(self, name, _param(value, axes))
 
     @property
     def is_sliding(self) -> np.ndarray:
         return np.asarray([t == SLIDING for t in self.layer_types])
 
-    def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...], *, rngs: nnx.Rngs,
-                 dtype=jnp.float32) -> None:
+    def add_lora(self, rank: int, alpha: float, targets: tuple[str, ...], *, rngs: nnx.Rngs, dtype=jnp.float32) -> None:
         """Adds zero-initialised-delta LoRA factors A [L, *in, r] (normal) and B [L, r, *out] (zeros)."""
         unknown = [t for t in targets if t not in STACK_PARAMS or STACK_PARAMS[t][1] == 0]
         if unknown:
@@ -84,13 +80,19 @@ class LayerStack(nnx.Module):
             w = getattr(self, name)
             axes, n_in = STACK_PARAMS[name]
             shape = w.get_value().shape
-            in_shape, out_shape = shape[1:1 + n_in], shape[1 + n_in:]
+            in_shape, out_shape = shape[1 : 1 + n_in], shape[1 + n_in :]
             a = jax.random.normal(rngs.params(), (shape[0], *in_shape, rank), dtype) / np.sqrt(np.prod(in_shape))
             b = jnp.zeros((shape[0], rank, *out_shape), dtype)
-            setattr(self, f"{name}_lora_a", LoRAParam(a, out_sharding=("layers", *axes[:n_in], "lora_rank"),
-                                                      eager_sharding=False))
-            setattr(self, f"{name}_lora_b", LoRAParam(b, out_sharding=("layers", "lora_rank", *axes[n_in:]),
-                                                      eager_sharding=False))
+            setattr(
+                self,
+                f"{name}_lora_a",
+                LoRAParam(a, out_sharding=("layers", *axes[:n_in], "lora_rank"), eager_sharding=False),
+            )
+            setattr(
+                self,
+                f"{name}_lora_b",
+                LoRAParam(b, out_sharding=("layers", "lora_rank", *axes[n_in:]), eager_sharding=False),
+            )
         self.lora_targets = tuple(targets)
         self.lora_scale = float(alpha) / float(rank)
 
@@ -136,8 +138,11 @@ def layer_period(types: tuple) -> tuple[int, int]:
 def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
     """scale · A @ B reshaped to the weight shape; a [L, *in, r], b [L, r, *out]."""
     n_layers, rank = a.shape[0], a.shape[-1]
-    d = jnp.einsum("lir,lro->lio", a.reshape(n_layers, -1, rank).astype(jnp.float32),
-                   b.reshape(n_layers, rank, -1).astype(jnp.float32))
+    d = jnp.einsum(
+        "lir,lro->lio",
+        a.reshape(n_layers, -1, rank).astype(jnp.float32),
+        b.reshape(n_layers, rank, -1).astype(jnp.float32),
+    )
     return (scale * d).reshape(shape)
 
 
@@ -163,8 +168,9 @@ def remat_saves(name: str) -> tuple[str, ...]:
     parts = [p.strip() for p in str(name).split("+")]
     unknown = [p for p in parts if p not in REMAT_POLICIES]
     if unknown:
-        raise ValueError(f"unknown remat policy {name!r}: {unknown} not in {sorted(REMAT_POLICIES)} "
-                         "(several may be joined by '+')")
+        raise ValueError(
+            f"unknown remat policy {name!r}: {unknown} not in {sorted(REMAT_POLICIES)} (several may be joined by '+')"
+        )
     return tuple(dict.fromkeys(t for p in parts for t in REMAT_POLICIES[p]))
 
 
@@ -251,8 +257,9 @@ class T5Gemma2(nnx.Module):
         self.attention_impl = _DEFAULTS["attention_impl"]
         self.scan_unroll = _DEFAULTS["scan_unroll"]
         h = config.hidden_size
-        self.embedding = _param(nnx.initializers.normal(stddev=1.0)(rngs.params(), (config.vocab_size, h),
-                                                                      param_dtype), ("vocab", "embed"))
+        self.embedding = _param(
+            nnx.initializers.normal(stddev=1.0)(rngs.params(), (config.vocab_size, h), param_dtype), ("vocab", "embed")
+        )
         self.eoi_embedding = _param(jnp.zeros((h,), param_dtype), ("embed",))
         self.encoder = LayerStack(config, config.encoder_layer_types, param_dtype=param_dtype, rngs=rngs)
         self.encoder_norm = _param(jnp.zeros((h,), param_dtype), ("embed",))
@@ -297,6 +304,7 @@ class T5Gemma2(nnx.Module):
         def layer_fn(sliding: bool):
             def fn(carry, xs):
                 return one_layer(carry, stack.layer_weights(xs), sliding)
+
             if self.remat:
                 name = stack_remat_policies(self.remat_policy)["encoder" if stack is self.encoder else "decoder"]
                 fn = jax.checkpoint(fn, policy=remat_policy(name))
@@ -313,8 +321,12 @@ class T5Gemma2(nnx.Module):
             repeats = 0
         if repeats:
             # Reshape the whole stack first (a bitcast), then take the groups in range.
-            grouped = {k: (v if len(all_types) == whole * period else v[:whole * period])
-                       .reshape(whole, period, *v.shape[1:])[:repeats] for k, v in xs_all.items()}
+            grouped = {
+                k: (v if len(all_types) == whole * period else v[: whole * period]).reshape(
+                    whole, period, *v.shape[1:]
+                )[:repeats]
+                for k, v in xs_all.items()
+            }
             x, _ = jax.lax.scan(body, x, grouped, unroll=self.scan_unroll)
         for i in range(repeats * period, stop):
             x = fns[types[i]](x, {k: v[i] for k, v in xs_all.items()})
@@ -337,8 +349,9 @@ class T5Gemma2(nnx.Module):
         x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]))
         return layers.rms_norm(x, self.encoder_norm.get_value(), c.rms_norm_eps)
 
-    def _decoder_inputs(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
-                        layout=None, embedded=None):
+    def _decoder_inputs(
+        self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask, layout=None, embedded=None
+    ):
         """Checked inputs of the decoder: (x [B,T,H] embedded, dec mask [B,T], passages [B,S,H], mask [B,S])
         (with a `mep.RatioLayout`: passages [B/R, layout.total, H] packed, mask [B/R, layout.total])."""
         _check_tokens(decoder_input_ids, decoder_attention_mask, self.config, "decoder_input_ids")
@@ -350,8 +363,10 @@ class T5Gemma2(nnx.Module):
         if embedded is None:
             return self.embed(ids), mask, enc, enc_mask
         if tuple(embedded.shape) != ids.shape + (self.config.hidden_size,):
-            raise ValueError(f"embedded decoder inputs have shape {tuple(embedded.shape)}; decoder_input_ids "
-                             f"{ids.shape} need {ids.shape + (self.config.hidden_size,)}")
+            raise ValueError(
+                f"embedded decoder inputs have shape {tuple(embedded.shape)}; decoder_input_ids "
+                f"{ids.shape} need {ids.shape + (self.config.hidden_size,)}"
+            )
         return embedded.astype(self.dtype), mask, enc, enc_mask
 
     def _decoder_block(self, enc, dec_mask, enc_mask, query_index=None, layout=None):
@@ -364,13 +379,25 @@ class T5Gemma2(nnx.Module):
 
         def block(h, w, sliding, cos, sin):
             self_mask = layers.Mask(dec_mask, sliding_causal if sliding else causal, queries=dec_mask)
-            return layers.merged_attention_block(h, enc, w, self_mask, cross, cos, sin, c, impl=self.attention_impl,
-                                                 query_index=query_index, cross_layout=layout)
+            return layers.merged_attention_block(
+                h,
+                enc,
+                w,
+                self_mask,
+                cross,
+                cos,
+                sin,
+                c,
+                impl=self.attention_impl,
+                query_index=query_index,
+                cross_layout=layout,
+            )
 
         return block
 
-    def decode(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
-               layout=None, embedded=None) -> jax.Array:
+    def decode(
+        self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask, layout=None, embedded=None
+    ) -> jax.Array:
         """Final-norm decoder states [B, T, H] attending to (pooled) passage states [B, S, H] with mask [B, S].
 
         layout: a `mep.RatioLayout` when `encoder_states` [B/R, layout.total, H] / `encoder_mask` hold each
@@ -379,23 +406,25 @@ class T5Gemma2(nnx.Module):
         embedded: `embed(decoder_input_ids)` [B, T, H] when the caller has it (the train step embeds each
           query's prompt once for all its rows: one embedding gradient instead of one per row and pass).
         """
-        x, mask, enc, enc_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, encoder_states,
-                                                      encoder_mask, layout, embedded)
+        x, mask, enc, enc_mask = self._decoder_inputs(
+            decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask, layout, embedded
+        )
         block = self._decoder_block(enc, mask, enc_mask, layout=layout)
         x = self._run_stack(self.decoder, x, block, self._rope(mask.shape[1]))
         return layers.rms_norm(x, self.decoder_norm.get_value(), self.config.rms_norm_eps)
 
-    def _decode_at(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask,
-                   position: jax.Array) -> jax.Array:
+    def _decode_at(
+        self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask, position: jax.Array
+    ) -> jax.Array:
         """Final-norm decoder state [B, H] at `position` [B] only: every layer but the last runs all T
         positions (they are the later layers' keys); the last layer computes the one query row, its MLP
         and the final norm for that row alone."""
-        x, mask, enc, enc_mask = self._decoder_inputs(decoder_input_ids, decoder_attention_mask, encoder_states,
-                                                      encoder_mask)
+        x, mask, enc, enc_mask = self._decoder_inputs(
+            decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask
+        )
         stack = self.decoder
         ropes = self._rope(mask.shape[1])
-        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes,
-                            stop=len(stack.layer_types) - 1)
+        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes, stop=len(stack.layer_types) - 1)
         w = stack.layer_weights({k: v[-1] for k, v in stack.scan_inputs(self.dtype).items()})
         sliding = bool(stack.is_sliding[-1])
         cos, sin = ropes[0] if sliding else ropes[1]
@@ -412,12 +441,14 @@ class T5Gemma2(nnx.Module):
     def decoder_logits(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask) -> jax.Array:
         """Full-vocabulary logits [B, T, V] in fp32 (tied LM head). For analysis and parity, not for scoring."""
         h = self.decode(decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask)
-        logits = jnp.einsum("bth,vh->btv", h, self.embedding.get_value().astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "bth,vh->btv", h, self.embedding.get_value().astype(self.dtype), preferred_element_type=jnp.float32
+        )
         return self._softcap(logits)
 
-    def score_margin(self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask,
-                     yes_id: int, no_id: int) -> jax.Array:
+    def score_margin(
+        self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, yes_id: int, no_id: int
+    ) -> jax.Array:
         """logit(yes) − logit(no) in fp32 [B] at the last real decoder token; P(yes) = sigmoid(margin).
 
         Only the two LM-head rows are used: full-vocabulary logits are never built.
@@ -438,8 +469,15 @@ class T5Gemma2(nnx.Module):
         return self.decoder_logits(decoder_input_ids, decoder_attention_mask, states, attention_mask)
 
     # ------------------------------------------------------------------ LoRA
-    def add_lora(self, rank: int = 96, alpha: float = 48.0, targets=LORA_TARGETS_DEFAULT, *,
-                 stacks=("encoder", "decoder"), rngs: nnx.Rngs | None = None) -> None:
+    def add_lora(
+        self,
+        rank: int = 96,
+        alpha: float = 48.0,
+        targets=LORA_TARGETS_DEFAULT,
+        *,
+        stacks=("encoder", "decoder"),
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
         rngs = rngs or nnx.Rngs(0)
         for s in stacks:
             getattr(self, s).add_lora(rank, alpha, tuple(targets), rngs=rngs)
@@ -495,14 +533,18 @@ def _check_tokens(ids, mask, cfg: ModelConfig, name: str) -> None:
     bad = (ids_np < 0) | (ids_np >= cfg.vocab_size)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise ValueError(f"{name}[{r}, {c}] = {ids_np[r, c]} is outside the vocabulary [0, {cfg.vocab_size}) "
-                         f"({int(bad.sum())} such ids); was the tokenizer made for a larger vocabulary?")
+        raise ValueError(
+            f"{name}[{r}, {c}] = {ids_np[r, c]} is outside the vocabulary [0, {cfg.vocab_size}) "
+            f"({int(bad.sum())} such ids); was the tokenizer made for a larger vocabulary?"
+        )
     if not np.isin(mask_np, (0, 1)).all():
         raise ValueError(f"the mask of {name} must hold only 0 and 1")
     empty = np.flatnonzero(mask_np.sum(axis=1) == 0)
     if empty.size:
-        raise ValueError(f"{name}: rows {empty[:10].tolist()} are all padding (mask all zero); "
-                         "drop them or give them at least one token")
+        raise ValueError(
+            f"{name}: rows {empty[:10].tolist()} are all padding (mask all zero); "
+            "drop them or give them at least one token"
+        )
 
 
 def _check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> None:
@@ -526,5 +568,4 @@ def _check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> Non
         raise ValueError(f"passages {empty[:10].tolist()} are all padding (mask all zero): nothing to attend to")
 
 
-__all__ = ["T5Gemma2", "LayerStack", "init_model", "abstract_model", "count_params", "STACK_PARAMS",
-           "FULL", "SLIDING"]
+__all__ = ["T5Gemma2", "LayerStack", "init_model", "abstract_model", "count_params", "STACK_PARAMS", "FULL", "SLIDING"]

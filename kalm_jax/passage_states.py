@@ -23,8 +23,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -42,8 +43,10 @@ def row_indices(rows, what: str) -> np.ndarray:
     are a TypeError naming `what`; an empty list is no rows."""
     a = np.asarray(rows)
     if a.dtype == np.bool_:
-        raise TypeError(f"{what}: boolean indices are refused (they would be read as rows 0 and 1); pass row "
-                        f"numbers, e.g. np.flatnonzero(mask)")
+        raise TypeError(
+            f"{what}: boolean indices are refused (they would be read as rows 0 and 1); pass row "
+            f"numbers, e.g. np.flatnonzero(mask)"
+        )
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{what}: row indices must be integers, got {a.dtype} (e.g. {a.reshape(-1)[0]!r})")
     return a.astype(np.int64)
@@ -70,8 +73,10 @@ def read_json(path: Path, what: str):
 def check_ids(ids, where: str, count: int | None = None) -> list[str]:
     """`ids` if it is a list of unique strings (of length `count`); PassageStatesError otherwise."""
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise PassageStatesError(f"{where}: ids must be a JSON list of strings, got {type(ids).__name__}"
-                                 + ("" if not isinstance(ids, list) else " with non-string entries"))
+        raise PassageStatesError(
+            f"{where}: ids must be a JSON list of strings, got {type(ids).__name__}"
+            + ("" if not isinstance(ids, list) else " with non-string entries")
+        )
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PassageStatesError(f"{where}: duplicate passage id {dup!r}")
@@ -98,8 +103,9 @@ class PassageStates:
 
     def __post_init__(self):
         if self.states.ndim != 3 or self.mask.shape != self.states.shape[:2] or self.counts.shape != self.mask.shape:
-            raise ValueError(f"inconsistent shapes: states {self.states.shape}, mask {self.mask.shape}, "
-                             f"counts {self.counts.shape}")
+            raise ValueError(
+                f"inconsistent shapes: states {self.states.shape}, mask {self.mask.shape}, counts {self.counts.shape}"
+            )
         if self.ids is not None and len(self.ids) != len(self.states):
             raise ValueError(f"{len(self.ids)} ids for {len(self.states)} passages")
 
@@ -125,7 +131,7 @@ class PassageStates:
             return _finite((self.states.astype(np.float32) * self.scale[..., None]).astype(dtype), where)
         return _finite(np.asarray(self.states).astype(dtype), where)
 
-    def select(self, rows: Sequence[int] | np.ndarray, *, trim: bool = True) -> "PassageStates":
+    def select(self, rows: Sequence[int] | np.ndarray, *, trim: bool = True) -> PassageStates:
         """Rows `rows` (in that order); with `trim`, windows beyond the longest selected passage are dropped.
 
         `rows` are integer row numbers; float or boolean arrays are a TypeError (`row_indices`): select a
@@ -137,12 +143,16 @@ class PassageStates:
         if self.meta.get("path"):  # read from disk: refuse NaN/inf rows as they are read
             _finite(states, f"{self.meta['path']}/states.npy")
         return PassageStates(
-            states=states, mask=mask[:, :width],
-            counts=np.asarray(self.counts[rows, :width]), ratio=self.ratio,
+            states=states,
+            mask=mask[:, :width],
+            counts=np.asarray(self.counts[rows, :width]),
+            ratio=self.ratio,
             ids=[self.ids[i] for i in rows] if self.ids is not None else None,
-            scale=np.asarray(self.scale[rows, :width]) if self.scale is not None else None, meta=dict(self.meta))
+            scale=np.asarray(self.scale[rows, :width]) if self.scale is not None else None,
+            meta=dict(self.meta),
+        )
 
-    def repool(self, factor: int) -> "PassageStates":
+    def repool(self, factor: int) -> PassageStates:
         """Count-weighted re-pooling to ratio `factor`·ratio, returned in the same storage dtype.
 
         What it guarantees: the result is the exact count-weighted mean, computed in fp32, of the *stored*
@@ -156,18 +166,26 @@ class PassageStates:
         """
         factor = mep._check_ratio(factor)
         pooled, pmask, counts = mep.repool(self.dense(np.float32), self.counts, factor)
-        out = PassageStates(np.asarray(pooled), np.asarray(pmask, np.int8), np.asarray(counts, np.int32),
-                            self.ratio * factor, self.ids, meta=dict(self.meta))
+        out = PassageStates(
+            np.asarray(pooled),
+            np.asarray(pmask, np.int8),
+            np.asarray(counts, np.int32),
+            self.ratio * factor,
+            self.ids,
+            meta=dict(self.meta),
+        )
         return out.to_storage(self.storage)
 
-    def to_ratio(self, ratio: int) -> "PassageStates":
+    def to_ratio(self, ratio: int) -> PassageStates:
         """These states at `ratio`, which must be a multiple of the stored ratio."""
         if ratio % self.ratio:
-            raise ValueError(f"cannot derive ratio {ratio} from states pooled at ratio {self.ratio}: "
-                             f"it must be a multiple of {self.ratio}")
+            raise ValueError(
+                f"cannot derive ratio {ratio} from states pooled at ratio {self.ratio}: "
+                f"it must be a multiple of {self.ratio}"
+            )
         return self if ratio == self.ratio else self.repool(ratio // self.ratio)
 
-    def to_storage(self, storage: str) -> "PassageStates":
+    def to_storage(self, storage: str) -> PassageStates:
         """Converts to float32, bfloat16 or int8 (symmetric per-window absmax quantisation)."""
         if storage not in STORAGE:
             raise ValueError(f"unknown storage {storage!r}; choose from {STORAGE}")
@@ -185,7 +203,7 @@ class PassageStates:
         return dataclasses.replace(self, states=states, scale=scale)
 
     @classmethod
-    def concatenate(cls, parts: Sequence["PassageStates"]) -> "PassageStates":
+    def concatenate(cls, parts: Sequence[PassageStates]) -> PassageStates:
         """Stacks passages of several batches, padding windows to the widest."""
         if not parts:
             raise ValueError("nothing to concatenate")
@@ -200,10 +218,15 @@ class PassageStates:
 
         ids = None if any(p.ids is None for p in parts) else [i for p in parts for i in p.ids]
         scale = None if parts[0].scale is None else np.concatenate([pad(p.scale) for p in parts])
-        return cls(np.concatenate([pad(np.asarray(p.states)) for p in parts]),
-                   np.concatenate([pad(np.asarray(p.mask)) for p in parts]),
-                   np.concatenate([pad(np.asarray(p.counts)) for p in parts]), parts[0].ratio, ids, scale,
-                   dict(parts[0].meta))
+        return cls(
+            np.concatenate([pad(np.asarray(p.states)) for p in parts]),
+            np.concatenate([pad(np.asarray(p.mask)) for p in parts]),
+            np.concatenate([pad(np.asarray(p.counts)) for p in parts]),
+            parts[0].ratio,
+            ids,
+            scale,
+            dict(parts[0].meta),
+        )
 
     # ------------------------------------------------------------------ disk
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -220,9 +243,17 @@ class PassageStates:
                 (tmp / "ids.json").write_text(json.dumps(list(self.ids)))
             meta = {k: v for k, v in self.meta.items() if k != "path"}
             files = {f.name: integrity.file_sha256(f) for f in sorted(tmp.iterdir())}
-            manifest = {"format": FORMAT, "version": 1, "ratio": self.ratio, "storage": self.storage,
-                        "shape": list(self.states.shape), "has_ids": self.ids is not None, "meta": meta,
-                        "content": self.content_hash(), "files": files}
+            manifest = {
+                "format": FORMAT,
+                "version": 1,
+                "ratio": self.ratio,
+                "storage": self.storage,
+                "shape": list(self.states.shape),
+                "has_ids": self.ids is not None,
+                "meta": meta,
+                "content": self.content_hash(),
+                "files": files,
+            }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         return out
 
@@ -245,8 +276,15 @@ class PassageStates:
         return value if isinstance(value, str) else None
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, expect_meta: dict[str, Any] | None = None,
-             mmap: bool = True, hidden_size: int | None = None, verify: bool = True) -> "PassageStates":
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        expect_meta: dict[str, Any] | None = None,
+        mmap: bool = True,
+        hidden_size: int | None = None,
+        verify: bool = True,
+    ) -> PassageStates:
         """Reads and validates a directory written by `save` (see the module docstring for the checks).
 
         expect_meta: entries (e.g. model/tokenizer fingerprints, max_length) that must equal the stored
@@ -273,12 +311,17 @@ class PassageStates:
             raise PassageStatesError(f"{manifest_path}: storage {storage!r}, expected one of {STORAGE}")
         if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
             raise PassageStatesError(f"{manifest_path}: ratio must be an integer >= 1, got {ratio!r}")
-        if (not isinstance(shape, list) or len(shape) != 3
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape)
+        ):
             raise PassageStatesError(f"{manifest_path}: shape must be [passages, windows, hidden], got {shape!r}")
         if hidden_size is not None and shape[2] != hidden_size:
-            raise PassageStatesError(f"{d}: states have hidden size {shape[2]}, the model's is {hidden_size}; they "
-                                     "were encoded by another model")
+            raise PassageStatesError(
+                f"{d}: states have hidden size {shape[2]}, the model's is {hidden_size}; they "
+                "were encoded by another model"
+            )
         meta = manifest.get("meta", {})
         if not isinstance(meta, dict):
             raise PassageStatesError(f"{manifest_path}: meta must be an object, got {type(meta).__name__}")
@@ -298,8 +341,10 @@ class PassageStates:
             except (ValueError, OSError, EOFError) as e:
                 raise PassageStatesError(f"{path}: not a readable .npy file ({e})") from None
             if a.dtype != np.dtype(dtype) or a.shape != want:
-                raise PassageStatesError(f"{path}: {a.dtype} {a.shape}, expected {np.dtype(dtype)} {want} "
-                                         f"(storage {storage}, manifest shape {shape})")
+                raise PassageStatesError(
+                    f"{path}: {a.dtype} {a.shape}, expected {np.dtype(dtype)} {want} "
+                    f"(storage {storage}, manifest shape {shape})"
+                )
             return a
 
         p, c, _ = shape
@@ -308,8 +353,10 @@ class PassageStates:
             states = states.view(ml_dtypes.bfloat16)
         has_scale = (d / "scale.npy").exists()
         if has_scale != (storage == "int8"):
-            raise PassageStatesError(f"{d}: {'a stray scale.npy with' if has_scale else 'no scale.npy for'} "
-                                     f"{storage} states (scale.npy belongs to int8 storage only)")
+            raise PassageStatesError(
+                f"{d}: {'a stray scale.npy with' if has_scale else 'no scale.npy for'} "
+                f"{storage} states (scale.npy belongs to int8 storage only)"
+            )
         scale = _finite(array("scale.npy", np.float32, (p, c)), f"{d}/scale.npy") if has_scale else None
         if scale is not None and (np.asarray(scale) < 0).any():
             raise PassageStatesError(f"{d}/scale.npy: negative scales")
@@ -319,8 +366,9 @@ class PassageStates:
             raise PassageStatesError(f"{d}/mask.npy: values other than 0/1")
         cn = np.asarray(counts)
         if cn.size and (cn.min() < 0 or cn.max() > ratio or ((cn > 0) != (np.asarray(mask) > 0)).any()):
-            raise PassageStatesError(f"{d}/counts.npy: window counts must be in [0, ratio={ratio}] and > 0 exactly "
-                                     "where mask.npy is 1")
+            raise PassageStatesError(
+                f"{d}/counts.npy: window counts must be in [0, ratio={ratio}] and > 0 exactly where mask.npy is 1"
+            )
         ids = None
         if manifest.get("has_ids"):
             ids = check_ids(read_json(d / "ids.json", "the passage ids"), f"{d}/ids.json", p)
@@ -344,12 +392,16 @@ def _verify(d: Path, manifest: dict[str, Any], states: PassageStates) -> None:
             if not path.is_file():
                 raise integrity.IntegrityError(f"{path}: missing (listed in {d}/manifest.json)")
             if integrity.file_sha256(path) != want:
-                raise integrity.IntegrityError(f"{path}: contents changed since it was written (sha256 mismatch with "
-                                               f"{d}/manifest.json): the file is corrupt; delete {d} to re-encode")
+                raise integrity.IntegrityError(
+                    f"{path}: contents changed since it was written (sha256 mismatch with "
+                    f"{d}/manifest.json): the file is corrupt; delete {d} to re-encode"
+                )
     elif isinstance(manifest.get("content"), str) and states.content_hash() != manifest["content"]:
-        raise integrity.IntegrityError(f"{d}: states.npy / mask.npy / counts.npy / scale.npy changed since they were "
-                                       f"written (content sha256 mismatch with {d}/manifest.json): corrupt; delete "
-                                       f"{d} to re-encode")
+        raise integrity.IntegrityError(
+            f"{d}: states.npy / mask.npy / counts.npy / scale.npy changed since they were "
+            f"written (content sha256 mismatch with {d}/manifest.json): corrupt; delete "
+            f"{d} to re-encode"
+        )
 
 
 __all__ = ["PassageStates", "PassageStatesError", "STORAGE", "check_ids", "read_json"]

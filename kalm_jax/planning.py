@@ -27,8 +27,9 @@ def derive_mesh(chips: int, batch_shards: int, num_slices: int = 1) -> tuple[int
     return num_slices, fsdp, chips // fsdp
 
 
-def qkv_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, decoder_len: int,
-                    ratios: tuple[int, ...], tensor: int) -> int:
+def qkv_remat_bytes(
+    model, queries_per_chip: int, group: int, passage_len: int, decoder_len: int, ratios: tuple[int, ...], tensor: int
+) -> int:
     """Estimated bytes per chip that remat policy "qkv" keeps: the bf16 q / k / v projections of every layer
     (query heads split over `tensor`, kv heads whole) for the encoder's passages, the decoder's prompts
     (one pass per MEP ratio) and the passage windows the decoder projects to keys / values."""
@@ -40,13 +41,15 @@ def qkv_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, 
     return 2 * (enc + dec)
 
 
-def mlp_out_remat_bytes(model, queries_per_chip: int, group: int, passage_len: int, decoder_len: int,
-                        ratios: tuple[int, ...]) -> int:
+def mlp_out_remat_bytes(
+    model, queries_per_chip: int, group: int, passage_len: int, decoder_len: int, ratios: tuple[int, ...]
+) -> int:
     """Estimated bytes per chip that keeping the MLP down projections' outputs ("mlp_out") adds: bf16
     [tokens, hidden] per layer, the encoder's passages and the decoder's prompts (one pass per MEP ratio)."""
     pairs = queries_per_chip * group
-    tokens = (model.num_encoder_layers * pairs * passage_len
-              + model.num_decoder_layers * pairs * decoder_len * len(ratios))
+    tokens = model.num_encoder_layers * pairs * passage_len + model.num_decoder_layers * pairs * decoder_len * len(
+        ratios
+    )
     return 2 * tokens * model.hidden_size
 
 
@@ -66,12 +69,30 @@ def logical_axis_rules(model, fsdp: int) -> tuple[tuple[str, Any], ...]:
     XLA moves the MLP activations by all-to-all in the backward pass. When the fsdp size does not divide
     embed, mlp takes fsdp too. Size-1 mesh axes are skipped, so tensor = 1 meshes are unaffected."""
     mlp = "tensor" if model.hidden_size % fsdp == 0 else ("fsdp", "tensor")
-    return (("batch", ("data", "fsdp")), ("vocab", "fsdp"), ("embed", "fsdp"), ("mlp", mlp),
-            ("head_dim", "fsdp"), ("heads", "tensor"), ("kv_heads", None), ("layers", None), ("lora_rank", None))
+    return (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "fsdp"),
+        ("embed", "fsdp"),
+        ("mlp", mlp),
+        ("head_dim", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", None),
+        ("layers", None),
+        ("lora_rank", None),
+    )
 
 
-def remat_policy(model, *, queries_per_chip: int, group: int, passage_len: int, decoder_len: int,
-                 ratios: tuple[int, ...], tensor: int, hbm_bytes: int) -> str:
+def remat_policy(
+    model,
+    *,
+    queries_per_chip: int,
+    group: int,
+    passage_len: int,
+    decoder_len: int,
+    ratios: tuple[int, ...],
+    tensor: int,
+    hbm_bytes: int,
+) -> str:
     """What remat keeps, by the estimates above, most time saved per byte first: the q / k / v projections
     when they take at most 1/8 of HBM (XLA's plan holds about twice the estimate), then the down
     projections' outputs and the encoder's gate / up while all kept take at most 3/8 of HBM."""
@@ -101,11 +122,24 @@ def plan_for_slice(c, topology: str, num_slices: int = 1):
     c.logical_axis_rules = logical_axis_rules(model, fsdp)
     c.mesh = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
     c.model.remat_policy = remat_policy(
-        model, queries_per_chip=max(1, int(c.data.batch_size) // (data * fsdp)), group=int(c.data.group_size),
-        passage_len=int(c.data.max_document_tokens), decoder_len=int(c.data.decoder_length),
-        ratios=tuple(c.mep.ratios), tensor=tensor, hbm_bytes=tpu.hbm_bytes)
+        model,
+        queries_per_chip=max(1, int(c.data.batch_size) // (data * fsdp)),
+        group=int(c.data.group_size),
+        passage_len=int(c.data.max_document_tokens),
+        decoder_len=int(c.data.decoder_length),
+        ratios=tuple(c.mep.ratios),
+        tensor=tensor,
+        hbm_bytes=tpu.hbm_bytes,
+    )
     return c
 
 
-__all__ = ["derive_mesh", "qkv_remat_bytes", "mlp_out_remat_bytes", "encoder_mlp_in_remat_bytes",
-           "logical_axis_rules", "remat_policy", "plan_for_slice"]
+__all__ = [
+    "derive_mesh",
+    "qkv_remat_bytes",
+    "mlp_out_remat_bytes",
+    "encoder_mlp_in_remat_bytes",
+    "logical_axis_rules",
+    "remat_policy",
+    "plan_for_slice",
+]

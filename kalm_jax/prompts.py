@@ -33,7 +33,7 @@ import numpy as np
 from kalm_jax.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_INSTRUCTION = (
-    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
     'Note that the answer can only be "yes" or "no".'
 )
 DEFAULT_INSTRUCTION = "Given a query, retrieve documents that answer the query."
@@ -196,12 +196,19 @@ def encode_decoder_prompt(
             cut = tokenizer.decode(ins_ids[:keep])
             ids = tokenizer.encode(decoder_text(q, cut, system))
             if len(ids) <= max_length:
-                warnings.warn(f"instruction of {len(ins_ids)} tokens cut to {keep} tokens so the decoder prompt "
-                              f"fits max_prompt_tokens={max_length}", UserWarning, stacklevel=3)
+                warnings.warn(
+                    f"instruction of {len(ins_ids)} tokens cut to {keep} tokens so the decoder prompt "
+                    f"fits max_prompt_tokens={max_length}",
+                    UserWarning,
+                    stacklevel=3,
+                )
                 return ids
             keep -= max(1, len(ids) - max_length)
-        warnings.warn(f"instruction of {len(ins_ids)} tokens dropped: the decoder prompt must fit "
-                      f"max_prompt_tokens={max_length}", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"instruction of {len(ins_ids)} tokens dropped: the decoder prompt must fit max_prompt_tokens={max_length}",
+            UserWarning,
+            stacklevel=3,
+        )
         instruction = NO_INSTRUCTION
         ids = tokenizer.encode(decoder_text(q, instruction, system))
         if len(ids) <= max_length:
@@ -213,8 +220,10 @@ def encode_decoder_prompt(
         if len(ids) <= max_length:
             return ids
         budget -= max(1, len(ids) - max_length)
-    raise ValueError(f"the decoder prompt template alone (system and instruction included) has {len(ids)} tokens, "
-                     f"more than max_length={max_length}; shorten the system instruction or raise the limit")
+    raise ValueError(
+        f"the decoder prompt template alone (system and instruction included) has {len(ids)} tokens, "
+        f"more than max_length={max_length}; shorten the system instruction or raise the limit"
+    )
 
 
 def tokenize_decoder_prompts(
@@ -237,8 +246,14 @@ def tokenize_decoder_prompts(
     if instructions is not None and len(instructions) != len(queries):
         raise ValueError(f"{len(instructions)} instructions for {len(queries)} queries")
     seqs = [
-        encode_decoder_prompt(tokenizer, q, instructions[i] if instructions is not None else instruction,
-                              system, max_query_tokens, max_length=length)
+        encode_decoder_prompt(
+            tokenizer,
+            q,
+            instructions[i] if instructions is not None else instruction,
+            system,
+            max_query_tokens,
+            max_length=length,
+        )
         for i, q in enumerate(queries)
     ]
     return pad_batch(seqs, tokenizer.pad_id, length=length, pad_to_multiple_of=pad_to_multiple_of)

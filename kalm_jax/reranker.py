@@ -73,11 +73,20 @@ class Reranker:
       show_progress: progress bars: True, False, or None (only for lists of >= 256 items).
     """
 
-    def __init__(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int = DEFAULT_RATIO,
-                 max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
-                 max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS,
-                 batch_size: int = DEFAULT_BATCH_SIZE, instruction: str | None = None, system: str | None = None,
-                 devices: Sequence[jax.Device] | None = None, show_progress: bool | None = None):
+    def __init__(
+        self,
+        model: T5Gemma2,
+        tokenizer: AnyTokenizer,
+        *,
+        ratio: int = DEFAULT_RATIO,
+        max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
+        max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        instruction: str | None = None,
+        system: str | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        show_progress: bool | None = None,
+    ):
         self.ratio = mep._check_ratio(ratio)
         if instruction is not None and not isinstance(instruction, (str, bool)):
             raise TypeError(f"instruction must be a str, None or False, got {type(instruction).__name__}")
@@ -85,16 +94,29 @@ class Reranker:
             raise TypeError(f"system must be a str or None, got {type(system).__name__}")
         self.instruction = instruction
         self.system = system
-        self.engine = InferenceEngine(model, tokenizer, devices=devices, batch_size=batch_size,
-                                      max_document_tokens=max_document_tokens, max_query_tokens=max_query_tokens,
-                                      show_progress=show_progress)
+        self.engine = InferenceEngine(
+            model,
+            tokenizer,
+            devices=devices,
+            batch_size=batch_size,
+            max_document_tokens=max_document_tokens,
+            max_query_tokens=max_query_tokens,
+            show_progress=show_progress,
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | None = None, ratio: int = DEFAULT_RATIO,
-                        max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
-                        max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS, *,
-                        tokenizer: str | Path | AnyTokenizer | None = None, **kwargs) -> "Reranker":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | None = None,
+        ratio: int = DEFAULT_RATIO,
+        max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
+        max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS,
+        *,
+        tokenizer: str | Path | AnyTokenizer | None = None,
+        **kwargs,
+    ) -> Reranker:
         """Loads a reranker from any checkpoint `kalm_jax.loader.load` accepts.
 
         Args:
@@ -112,8 +134,14 @@ class Reranker:
             raise ValueError(f"dtype={dtype!r}: use 'bfloat16' or 'float32' (fp16 gives non-finite logits)")
         parse_dtype(dtype)
         _, model, tok = loader.load(path, dtype=dtype, tokenizer=tokenizer)
-        return cls(model, tok, ratio=ratio, max_query_tokens=max_query_tokens,
-                   max_document_tokens=max_document_tokens, **kwargs)
+        return cls(
+            model,
+            tok,
+            ratio=ratio,
+            max_query_tokens=max_query_tokens,
+            max_document_tokens=max_document_tokens,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ engine-backed attributes
     @property
@@ -157,13 +185,21 @@ class Reranker:
 
     def load_passages(self, directory: str | Path, *, mmap: bool = True) -> PassageStates:
         """`PassageStates.load` that refuses states written by another model, tokenizer or document limit."""
-        return PassageStates.load(directory, expect_meta=self.passage_meta, mmap=mmap,
-                                  hidden_size=self.model.config.hidden_size)
+        return PassageStates.load(
+            directory, expect_meta=self.passage_meta, mmap=mmap, hidden_size=self.model.config.hidden_size
+        )
 
     # ------------------------------------------------------------------ encoding
-    def encode_passages(self, texts: Sequence[str], ratio: int | None = None, batch_size: int | None = None, *,
-                        ids: Sequence[str] | None = None, storage: str | None = None,
-                        show_progress: bool | None = None) -> PassageStates:
+    def encode_passages(
+        self,
+        texts: Sequence[str],
+        ratio: int | None = None,
+        batch_size: int | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        storage: str | None = None,
+        show_progress: bool | None = None,
+    ) -> PassageStates:
         """Encodes documents once and pools them (MEP) for reuse by any query.
 
         Args:
@@ -180,8 +216,9 @@ class Reranker:
         ratio = self.ratio if ratio is None else mep._check_ratio(ratio)
         if ids is not None:
             ids = _check_ids(ids, len(texts))
-        return self.engine.encode(texts, ratio, ids=ids, storage=storage, batch_size=batch_size,
-                                  show_progress=show_progress)
+        return self.engine.encode(
+            texts, ratio, ids=ids, storage=storage, batch_size=batch_size, show_progress=show_progress
+        )
 
     # ------------------------------------------------------------------ scoring
     def _prompt(self, query: str, instruction) -> list[int]:
@@ -195,31 +232,64 @@ class Reranker:
         meta, mine = passages.meta, self.passage_meta
         for key, name in (("model", "model"), ("tokenizer", "tokenizer")):
             if key not in meta:
-                warnings.warn(f"{what}: PassageStates.meta has no {name} fingerprint; cannot check that they were "
-                              f"encoded by this reranker's {name}", UserWarning, stacklevel=4)
+                warnings.warn(
+                    f"{what}: PassageStates.meta has no {name} fingerprint; cannot check that they were "
+                    f"encoded by this reranker's {name}",
+                    UserWarning,
+                    stacklevel=4,
+                )
             elif meta[key] != mine[key]:
-                raise ValueError(f"{what}: passage states were encoded by another {name} (fingerprint "
-                                 f"{meta[key]!r}, this reranker's is {mine[key]!r}); encode them again with "
-                                 f"this reranker's encode_passages")
+                raise ValueError(
+                    f"{what}: passage states were encoded by another {name} (fingerprint "
+                    f"{meta[key]!r}, this reranker's is {mine[key]!r}); encode them again with "
+                    f"this reranker's encode_passages"
+                )
         if "max_length" in meta and meta["max_length"] != mine["max_length"]:
-            warnings.warn(f"{what}: passage states were encoded with max_length={meta['max_length']}, this "
-                          f"reranker uses max_document_tokens={mine['max_length']}", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"{what}: passage states were encoded with max_length={meta['max_length']}, this "
+                f"reranker uses max_document_tokens={mine['max_length']}",
+                UserWarning,
+                stacklevel=4,
+            )
         if passages.ratio > self.ratio or self.ratio % passages.ratio:
-            raise ValueError(f"{what}: states pooled at ratio {passages.ratio} cannot serve this reranker's ratio "
-                             f"{self.ratio} (re-pooling only makes a ratio coarser, by an integer factor); encode "
-                             f"at ratio {self.ratio} or a divisor of it, or build the Reranker with "
-                             f"ratio={passages.ratio}")
+            raise ValueError(
+                f"{what}: states pooled at ratio {passages.ratio} cannot serve this reranker's ratio "
+                f"{self.ratio} (re-pooling only makes a ratio coarser, by an integer factor); encode "
+                f"at ratio {self.ratio} or a divisor of it, or build the Reranker with "
+                f"ratio={passages.ratio}"
+            )
         return passages
 
-    def _margins(self, prompt_ids: Sequence[Sequence[int]], prompt_of: np.ndarray, passages: PassageStates,
-                 passage_of: np.ndarray, batch_size: int | None, show_progress: bool | None) -> np.ndarray:
+    def _margins(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        prompt_of: np.ndarray,
+        passages: PassageStates,
+        passage_of: np.ndarray,
+        batch_size: int | None,
+        show_progress: bool | None,
+    ) -> np.ndarray:
         """fp32 margins [N] for pairs (prompt_ids[prompt_of[i]], passages[passage_of[i]]) at the reranker's ratio."""
-        return self.engine.margins(prompt_ids, prompt_of, passages, passage_of, ratio=self.ratio,
-                                   batch_size=batch_size, show_progress=show_progress)
+        return self.engine.margins(
+            prompt_ids,
+            prompt_of,
+            passages,
+            passage_of,
+            ratio=self.ratio,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
 
-    def score(self, query: str, passages: Sequence[str] | PassageStates, instruction: str | bool | None = None,
-              return_margin: bool = False, *, batch_size: int | None = None,
-              show_progress: bool | None = None) -> np.ndarray:
+    def score(
+        self,
+        query: str,
+        passages: Sequence[str] | PassageStates,
+        instruction: str | bool | None = None,
+        return_margin: bool = False,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
         """Relevance of each passage to `query`.
 
         Args:
@@ -235,13 +305,20 @@ class Reranker:
         query = _check_query(query)
         states = self._as_states(passages)
         prompt = self._prompt(query, instruction)
-        margins = self._margins([prompt], np.zeros(len(states), np.int64), states, np.arange(len(states)),
-                                batch_size, show_progress)
+        margins = self._margins(
+            [prompt], np.zeros(len(states), np.int64), states, np.arange(len(states)), batch_size, show_progress
+        )
         return margins if return_margin else probability(margins)
 
-    def predict(self, pairs: Sequence[Sequence[str]], batch_size: int | None = None,
-                instruction: str | bool | None = None, return_margin: bool = False, *,
-                show_progress: bool | None = None) -> np.ndarray:
+    def predict(
+        self,
+        pairs: Sequence[Sequence[str]],
+        batch_size: int | None = None,
+        instruction: str | bool | None = None,
+        return_margin: bool = False,
+        *,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
         """Scores (query, document) pairs like `CrossEncoder.predict`; each distinct document is encoded once.
 
         Returns:
@@ -268,9 +345,17 @@ class Reranker:
         margins = self._margins(prompt_ids, q_of, states, d_of, batch_size, show_progress)
         return margins if return_margin else probability(margins)
 
-    def rank(self, query: str, documents: Sequence[str] | PassageStates, top_k: int | None = None,
-             return_documents: bool = False, instruction: str | bool | None = None, *,
-             batch_size: int | None = None, show_progress: bool | None = None) -> list[dict[str, Any]]:
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str] | PassageStates,
+        top_k: int | None = None,
+        return_documents: bool = False,
+        instruction: str | bool | None = None,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> list[dict[str, Any]]:
         """Documents sorted by relevance to `query`, like `CrossEncoder.rank`.
 
         Returns:
@@ -278,16 +363,16 @@ class Reranker:
           ``margin``, ``id`` (when `documents` are `PassageStates` with ids) and ``text`` (with
           `return_documents`; texts only). Ties in P(yes) are broken by the margin, then by corpus_id.
         """
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                                  or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         is_states = isinstance(documents, PassageStates)
         if is_states and return_documents:
             raise ValueError("return_documents=True needs the document texts; PassageStates hold no text")
         if not is_states:
             documents = _check_texts(documents, "documents")
-        margins = self.score(query, documents, instruction, return_margin=True, batch_size=batch_size,
-                             show_progress=show_progress)
+        margins = self.score(
+            query, documents, instruction, return_margin=True, batch_size=batch_size, show_progress=show_progress
+        )
         probs = probability(margins)
         order = np.lexsort((np.arange(len(margins)), -margins))[:top_k]
         ranked = []
@@ -302,11 +387,13 @@ class Reranker:
 
     def __repr__(self) -> str:
         c = self.model.config
-        return (f"Reranker(hidden={c.hidden_size}, layers={c.num_encoder_layers}+{c.num_decoder_layers}, "
-                f"dtype={jnp.dtype(self.model.dtype)}, "
-                f"ratio={self.ratio}, max_query_tokens={self.max_query_tokens}, "
-                f"max_document_tokens={self.max_document_tokens}, batch_size={self.batch_size}, "
-                f"devices={len(self.devices)})")
+        return (
+            f"Reranker(hidden={c.hidden_size}, layers={c.num_encoder_layers}+{c.num_decoder_layers}, "
+            f"dtype={jnp.dtype(self.model.dtype)}, "
+            f"ratio={self.ratio}, max_query_tokens={self.max_query_tokens}, "
+            f"max_document_tokens={self.max_document_tokens}, batch_size={self.batch_size}, "
+            f"devices={len(self.devices)})"
+        )
 
 
 def default_dtype() -> str:

@@ -3,12 +3,13 @@ and a streaming writer that never holds a whole shard in memory."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,14 +46,15 @@ def weights_file(root: Path) -> Path:
     inside `root`), then `model.safetensors` (an index beside it is ignored), then `model.safetensors.index.json`.
     Any other *.safetensors file is never read; a directory with none of these is a FileNotFoundError."""
     explicit = None
-    try:
+    # no or unreadable config.json: `read_config` reports it where a config is needed
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         explicit = json.loads((root / "config.json").read_text()).get("transformers_weights")
-    except (OSError, ValueError, AttributeError):
-        pass  # no or unreadable config.json: `read_config` reports it where a config is needed
     if explicit is not None:
         if not isinstance(explicit, str) or not explicit.endswith((".safetensors", ".safetensors.index.json")):
-            raise ValueError(f"{root / 'config.json'}: transformers_weights {explicit!r} is neither a *.safetensors "
-                             "nor a *.safetensors.index.json file")
+            raise ValueError(
+                f"{root / 'config.json'}: transformers_weights {explicit!r} is neither a *.safetensors "
+                "nor a *.safetensors.index.json file"
+            )
         file = _inside(root, explicit, f"{root / 'config.json'} transformers_weights")
         if not file.is_file():
             raise FileNotFoundError(f"{file}: named by transformers_weights in {root / 'config.json'}, does not exist")
@@ -61,9 +63,15 @@ def weights_file(root: Path) -> Path:
         if (root / name).is_file():
             return root / name
     others = sorted(p.name for p in root.glob("*.safetensors"))
-    raise FileNotFoundError(f"{root}: no {SINGLE_FILE} and no {INDEX_FILE}"
-                            + (f"; transformers does not load the other *.safetensors files here ({others[:5]}): "
-                               f"rename a single file to {SINGLE_FILE} or write {INDEX_FILE}" if others else ""))
+    raise FileNotFoundError(
+        f"{root}: no {SINGLE_FILE} and no {INDEX_FILE}"
+        + (
+            f"; transformers does not load the other *.safetensors files here ({others[:5]}): "
+            f"rename a single file to {SINGLE_FILE} or write {INDEX_FILE}"
+            if others
+            else ""
+        )
+    )
 
 
 class SafetensorsDir:
@@ -81,7 +89,7 @@ class SafetensorsDir:
         self._shapes: dict[str, tuple[tuple[int, ...], str]] = {}
         source = weights_file(self.root)
         if not source.name.endswith(".index.json"):
-            self.files = {name: source for name in self._handle(source).keys()}
+            self.files = {name: source for name in self._handle(source).keys()}  # noqa: SIM118 - a safe_open handle, not a dict
             return
         index = source
         try:
@@ -97,16 +105,20 @@ class SafetensorsDir:
             raise FileNotFoundError(f"{index} names shard files that do not exist: {missing[:5]}")
         self.files = {}
         for shard in shards:
-            for name in self._handle(shard).keys():
+            for name in self._handle(shard).keys():  # noqa: SIM118 - a safe_open handle
                 if name in self.files:
-                    raise ValueError(f"tensor {name} is stored in two shard files, {self.files[name]} and {shard} "
-                                     f"(both named by {index}); refusing to choose one")
+                    raise ValueError(
+                        f"tensor {name} is stored in two shard files, {self.files[name]} and {shard} "
+                        f"(both named by {index}); refusing to choose one"
+                    )
                 self.files[name] = shard
         for name, shard in mapped.items():
             if self.files.get(name) != shard:
                 where = f"it is in {self.files[name]}" if name in self.files else "no shard it names holds it"
-                raise ValueError(f"{index} maps tensor {name} to {shard}, which does not hold it ({where}); "
-                                 "the index does not describe these shards")
+                raise ValueError(
+                    f"{index} maps tensor {name} to {shard}, which does not hold it ({where}); "
+                    "the index does not describe these shards"
+                )
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -168,8 +180,12 @@ def read_safetensors_header(file: str | os.PathLike) -> tuple[dict, int]:
 
 
 ST_DTYPES: dict[np.dtype, str] = {
-    np.dtype(jnp.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16",
-    np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
+    np.dtype(jnp.float32): "F32",
+    np.dtype(jnp.bfloat16): "BF16",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
 }
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 """Hub convention: shards of at most 5 GB (a tensor larger than the limit gets a shard of its own)."""
@@ -215,9 +231,14 @@ def _write_safetensors(path: Path, entries: Sequence[Entry], bar) -> None:
             data = e.produce()
             if isinstance(data, np.ndarray):
                 if data.nbytes != e.nbytes or tuple(data.shape) != e.shape:
-                    raise RuntimeError(f"{e.name}: produced shape {data.shape} ({data.nbytes} bytes), "
-                                       f"planned {e.shape} ({e.nbytes} bytes)")
-                if e.st_dtype in ("F32", "BF16", "F16", "F64") and not np.isfinite(data.astype(np.float32, copy=False)).all():
+                    raise RuntimeError(
+                        f"{e.name}: produced shape {data.shape} ({data.nbytes} bytes), "
+                        f"planned {e.shape} ({e.nbytes} bytes)"
+                    )
+                if (
+                    e.st_dtype in ("F32", "BF16", "F16", "F64")
+                    and not np.isfinite(data.astype(np.float32, copy=False)).all()
+                ):
                     raise ValueError(f"tensor {e.name} holds non-finite values (NaN/inf); refusing to export it")
                 data.tofile(f)
             else:
@@ -248,8 +269,17 @@ def parse_size(size: int | str) -> int:
         value = size
     else:
         text = str(size).strip().upper().replace(" ", "")
-        units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
-                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+        units = {
+            "KIB": 1 << 10,
+            "MIB": 1 << 20,
+            "GIB": 1 << 30,
+            "TIB": 1 << 40,
+            "KB": 10**3,
+            "MB": 10**6,
+            "GB": 10**9,
+            "TB": 10**12,
+            "B": 1,
+        }
         for unit, mult in units.items():
             if text.endswith(unit):
                 try:
@@ -267,5 +297,17 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-__all__ = ["SafetensorsDir", "DiskFullError", "read_safetensors_header", "ST_DTYPES", "DEFAULT_MAX_SHARD_BYTES", "Entry",
-           "write_safetensors", "plan_shards", "parse_size", "weights_file", "SINGLE_FILE", "INDEX_FILE"]
+__all__ = [
+    "SafetensorsDir",
+    "DiskFullError",
+    "read_safetensors_header",
+    "ST_DTYPES",
+    "DEFAULT_MAX_SHARD_BYTES",
+    "Entry",
+    "write_safetensors",
+    "plan_shards",
+    "parse_size",
+    "weights_file",
+    "SINGLE_FILE",
+    "INDEX_FILE",
+]

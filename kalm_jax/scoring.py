@@ -47,12 +47,12 @@ def encode_pool(graphdef, state, input_ids, attention_mask, ratio: int):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def score_pairs(graphdef, state, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask,
-                yes_no):
+def score_pairs(graphdef, state, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, yes_no):
     """Pure jitted FBNL scoring: margins [B] fp32 for decoder prompts [B,T] against passages [B,C,H]."""
     model = nnx.merge(graphdef, state)
-    return model.score_margin(decoder_input_ids, decoder_attention_mask, passage_states, passage_mask,
-                              yes_no[0], yes_no[1])
+    return model.score_margin(
+        decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, yes_no[0], yes_no[1]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("factor", "dtype"))
@@ -74,8 +74,9 @@ def gather_states(states, mask, rows, width: int):
     return states[rows, :width], mask[rows, :width].astype(jnp.int32)
 
 
-def encode_passages(model: T5Gemma2, input_ids, attention_mask, ratio: int = 4) -> tuple[np.ndarray, np.ndarray,
-                                                                                           np.ndarray]:
+def encode_passages(
+    model: T5Gemma2, input_ids, attention_mask, ratio: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Array-level encode + MEP through a one-device `InferenceEngine` (see `InferenceEngine.encode_batch`).
 
     Returns numpy (states [B, ceil(S/r), H] float32, mask [B, C], counts [B, C]).
@@ -83,11 +84,13 @@ def encode_passages(model: T5Gemma2, input_ids, attention_mask, ratio: int = 4) 
     from kalm_jax.engine import InferenceEngine
 
     return InferenceEngine(model, devices=jax.local_devices()[:1], share_weights=False).encode_batch(
-        input_ids, attention_mask, ratio)
+        input_ids, attention_mask, ratio
+    )
 
 
-def score(model: T5Gemma2, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask,
-          yes_id: int, no_id: int) -> np.ndarray:
+def score(
+    model: T5Gemma2, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, yes_id: int, no_id: int
+) -> np.ndarray:
     """Array-level FBNL margins (fp32, [B]) through a one-device `InferenceEngine` (`score_batch`)."""
     from kalm_jax.engine import InferenceEngine
 
@@ -102,5 +105,14 @@ def probability(margins) -> np.ndarray:
     return _probability(margins)
 
 
-__all__ = ["encode_pool", "score_pairs", "repool_states", "gather_states", "encode_passages", "score", "probability",
-           "bucket", "batch_bucket"]
+__all__ = [
+    "encode_pool",
+    "score_pairs",
+    "repool_states",
+    "gather_states",
+    "encode_passages",
+    "score",
+    "probability",
+    "bucket",
+    "batch_bucket",
+]

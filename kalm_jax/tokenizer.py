@@ -51,8 +51,10 @@ def check_text(text, where: str = "text") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise TokenizerError(f"{where} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
-                             f"{e.start} (decode the source text with errors='replace')") from None
+        raise TokenizerError(
+            f"{where} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+            f"{e.start} (decode the source text with errors='replace')"
+        ) from None
     return text
 
 
@@ -121,7 +123,8 @@ class Tokenizer(SpecialIds):
                 pieces = [self.sp.id_to_piece(i) for i in ids]
                 raise TokenizerError(
                     f"{where}: {word!r} must encode to exactly one token (the score is "
-                    f"logit('yes') - logit('no')), got {len(ids)}: {pieces}")
+                    f"logit('yes') - logit('no')), got {len(ids)}: {pieces}"
+                )
             self._special[word] = ids[0]
         by_length = sorted(SPECIAL_TOKENS, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(re.escape(t) for t in by_length) + ")")
@@ -178,8 +181,10 @@ class Tokenizer(SpecialIds):
         user_defined = reserved + [START_OF_TURN, END_OF_TURN]
         min_vocab = 4 + len(user_defined) + 256 + 64
         if vocab_size < min_vocab:
-            raise ValueError(f"vocab_size={vocab_size} is too small; need at least {min_vocab} "
-                             f"(specials, reserved pieces and 256 byte-fallback pieces)")
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small; need at least {min_vocab} "
+                f"(specials, reserved pieces and 256 byte-fallback pieces)"
+            )
         sentences = (t for t in texts if t)
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
@@ -187,8 +192,14 @@ class Tokenizer(SpecialIds):
             model_writer=buf,
             vocab_size=vocab_size,
             model_type=model_type,
-            pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-            pad_piece=PAD, eos_piece=EOS, bos_piece=BOS, unk_piece=UNK,
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            pad_piece=PAD,
+            eos_piece=EOS,
+            bos_piece=BOS,
+            unk_piece=UNK,
             user_defined_symbols=user_defined,
             byte_fallback=True,
             add_dummy_prefix=False,
@@ -306,8 +317,9 @@ def run_cli(config) -> int:
     from kalm_jax.data.textfile import iter_lines
 
     if not config.out:
-        raise cli.ConfigError("--config.out is required (python -m kalm_jax.tokenizer --config.out=DIR "
-                              "--config.beir=DATA/scifact)")
+        raise cli.ConfigError(
+            "--config.out is required (python -m kalm_jax.tokenizer --config.out=DIR --config.beir=DATA/scifact)"
+        )
     if not config.beir and not config.text:
         raise cli.ConfigError("--config.beir and/or --config.text is required (BEIR dataset directories, text files)")
     if config.model_type not in ("unigram", "bpe"):
@@ -315,16 +327,22 @@ def run_cli(config) -> int:
 
     def texts():
         for d in config.beir:
-            corpus_file = next((Path(d) / n for n in ("corpus.jsonl.gz", "corpus.jsonl") if (Path(d) / n).is_file()),
-                               None)
+            corpus_file = next(
+                (Path(d) / n for n in ("corpus.jsonl.gz", "corpus.jsonl") if (Path(d) / n).is_file()), None
+            )
             if corpus_file is None:
                 raise FileNotFoundError(f"{d}: no corpus.jsonl[.gz]")
             yield from (passage_text(doc) for doc in load_corpus(corpus_file).values())
         for f in config.text:
             yield from (line for _, line in iter_lines(str(f)))
 
-    tok = Tokenizer.train(itertools.islice(texts(), config.max_texts), config.out, config.vocab_size,
-                          model_type=config.model_type, gemma_layout=config.gemma_layout)
+    tok = Tokenizer.train(
+        itertools.islice(texts(), config.max_texts),
+        config.out,
+        config.vocab_size,
+        model_type=config.model_type,
+        gemma_layout=config.gemma_layout,
+    )
     print(f"{tok.path}: vocab {tok.vocab_size}, special ids {tok.special_ids}, sha256 {tok.fingerprint()}")
     return 0
 

@@ -57,8 +57,9 @@ INTERPRET = False
 _MASKS: dict[tuple, _sm.Mask] = {}
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float,
-                    softcap: float | None = None) -> jax.Array:
+def flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float, softcap: float | None = None
+) -> jax.Array:
     """Splash attention with the `layers.attention` signature (see module docstring).
 
     q [B, T, N, D], k/v [B, S, K, D], `mask` a `layers.Mask` (keys [B, S], static pattern [T, S] or None,
@@ -71,8 +72,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float
     other mesh axes see the full batch slice.
     """
     if softcap is not None:
-        raise NotImplementedError("attention logit soft-capping is not wired to the TPU splash kernel; "
-                                  "set kalm_jax.layers.TPU_ATTENTION_IMPL = 'xla'")
+        raise NotImplementedError(
+            "attention logit soft-capping is not wired to the TPU splash kernel; "
+            "set kalm_jax.layers.TPU_ATTENTION_IMPL = 'xla'"
+        )
     b, t = q.shape[:2]
     s = k.shape[1]
     if not isinstance(mask, layers.Mask):  # dense: the single scoring row, B·N·1·S scores
@@ -86,11 +89,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float
         else:
             empty = np.flatnonzero(~pattern.any(axis=1))
             if empty.size:
-                raise ValueError(f"Mask.pattern rows {empty[:10].tolist()} see no key: the splash kernel "
-                                 "would divide by zero there")
+                raise ValueError(
+                    f"Mask.pattern rows {empty[:10].tolist()} see no key: the splash kernel would divide by zero there"
+                )
     keys = jnp.broadcast_to(jnp.asarray(mask.keys).astype(bool), (b, s))
-    queries = (jnp.ones((b, t), bool) if mask.queries is None
-               else jnp.broadcast_to(jnp.asarray(mask.queries).astype(bool), (b, t)))
+    queries = (
+        jnp.ones((b, t), bool)
+        if mask.queries is None
+        else jnp.broadcast_to(jnp.asarray(mask.queries).astype(bool), (b, t))
+    )
 
     def local(q, k, v, keys, queries):
         return _splash(q, k, v, keys, queries, pattern, float(scale))
@@ -159,12 +166,19 @@ def _build_static_mask(pattern: np.ndarray, rows: int, cols: int, fold: int) -> 
         return _sm.LocalMask((rows, cols), (left, right), offset=0)
     dense = np.zeros((rows, cols), bool)
     dense[: fold * t, :s] = np.tile(pattern, (fold, 1))
-    dense[fold * t:] = True
+    dense[fold * t :] = True
     return _sm.NumpyMask(dense)
 
 
-def _splash(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, queries: jax.Array,
-            pattern: np.ndarray | None, scale: float) -> jax.Array:
+def _splash(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keys: jax.Array,
+    queries: jax.Array,
+    pattern: np.ndarray | None,
+    scale: float,
+) -> jax.Array:
     """One shard: q [B, T, N, D], k/v [B, S, K, D], keys [B, S] bool, queries [B, T] bool -> [B, T, N, D]."""
     b, t, n, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -183,13 +197,25 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, queries: 
     kv_seg = jnp.pad(keys.astype(jnp.int32), ((0, 0), (0, sp - s)))
 
     bq, bkv = _block(rp), _block(sp)
-    blocks = _sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
-                            block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
-                            block_q_dq=bq, block_kv_dq=bkv)
+    blocks = _sk.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
     # Built per trace: its metadata arrays are staged into the trace (an eager build would run on the
     # lowering's mesh, which for AOT is a compile-only TPU topology).
-    kernel = _sk.make_splash_mha(_sm.MultiHeadMask([static_mask(pattern, rp, sp, fold)] * heads),
-                                 block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=INTERPRET)
+    kernel = _sk.make_splash_mha(
+        _sm.MultiHeadMask([static_mask(pattern, rp, sp, fold)] * heads),
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=INTERPRET,
+    )
 
     def row(q, k, v, qs_, ks_):
         return kernel(q, k, v, segment_ids=_sk.SegmentIds(q=qs_, kv=ks_))

@@ -37,14 +37,29 @@ class Reference:
 
 REFERENCES: dict[str, tuple[Reference, ...]] = {
     "nano": (
-        Reference("default instruction", None, (0.99984646, 6.8936106e-07), (8.78125, -14.1875),
-                  "Nano model card, CrossEncoder, bf16, chunk_size=4"),
-        Reference("web-search instruction", WEB_INSTRUCTION, (0.997285, 5.896418e-07), None,
-                  "Nano model card, CrossEncoder prompt=..., bf16, chunk_size=4"),
+        Reference(
+            "default instruction",
+            None,
+            (0.99984646, 6.8936106e-07),
+            (8.78125, -14.1875),
+            "Nano model card, CrossEncoder, bf16, chunk_size=4",
+        ),
+        Reference(
+            "web-search instruction",
+            WEB_INSTRUCTION,
+            (0.997285, 5.896418e-07),
+            None,
+            "Nano model card, CrossEncoder prompt=..., bf16, chunk_size=4",
+        ),
     ),
     "large": (
-        Reference("default instruction", None, (0.99980897, 4.93699e-06), (8.5625, -12.21875),
-                  "Large vllm_support/README.md, bf16, encoder_chunk_size=4"),
+        Reference(
+            "default instruction",
+            None,
+            (0.99980897, 4.93699e-06),
+            (8.5625, -12.21875),
+            "Large vllm_support/README.md, bf16, encoder_chunk_size=4",
+        ),
     ),
 }
 """Published reference outputs per released size (each entry names its source). Small has none."""
@@ -81,8 +96,9 @@ def variant_for(config: ModelConfig) -> str:
         return HIDDEN_TO_VARIANT[config.hidden_size]
     except KeyError:
         known = ", ".join(f"{h} ({v})" for h, v in HIDDEN_TO_VARIANT.items())
-        raise ValueError(f"hidden size {config.hidden_size} is not a released KaLM-Reranker-V1 size ({known}); "
-                         f"pass --config.variant") from None
+        raise ValueError(
+            f"hidden size {config.hidden_size} is not a released KaLM-Reranker-V1 size ({known}); pass --config.variant"
+        ) from None
 
 
 def _logit(p: float) -> float:
@@ -92,25 +108,48 @@ def _logit(p: float) -> float:
 def verify(reranker, variant: str, rtol: float = 1e-2) -> list[Row]:
     """Scores the model-card example for each reference case of `variant`; one `Row` per document."""
     if variant not in REFERENCES:
-        raise KeyError(f"no published reference outputs for variant {variant!r} "
-                       f"(references exist for: {', '.join(sorted(REFERENCES))})")
+        raise KeyError(
+            f"no published reference outputs for variant {variant!r} "
+            f"(references exist for: {', '.join(sorted(REFERENCES))})"
+        )
     rows = []
     for ref in REFERENCES[variant]:
         margins = reranker.score(QUERY, list(DOCUMENTS), instruction=ref.instruction, return_margin=True)
         for i, doc in enumerate(DOCUMENTS):
             ref_margin = ref.margins[i] if ref.margins is not None else _logit(ref.scores[i])
             m = float(margins[i])
-            rows.append(Row(ref.case, doc, ref.scores[i], 1.0 / (1.0 + math.exp(-m)) if m > -700 else 0.0,
-                            ref_margin, ref.margins is None, m, rtol * abs(ref_margin)))
+            rows.append(
+                Row(
+                    ref.case,
+                    doc,
+                    ref.scores[i],
+                    1.0 / (1.0 + math.exp(-m)) if m > -700 else 0.0,
+                    ref_margin,
+                    ref.margins is None,
+                    m,
+                    rtol * abs(ref_margin),
+                )
+            )
     return rows
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """A fixed-width pass/fail table (margins marked * were derived as logit(published P(yes)))."""
     head = ("case", "document", "P(yes) ref", "P(yes) ours", "margin ref", "margin ours", "|diff|", "tol", "")
-    body = [(r.case, r.document[:44], f"{r.ref_score:.8g}", f"{r.score:.8g}",
-             f"{r.ref_margin:.5f}{'*' if r.ref_margin_derived else ''}", f"{r.margin:.5f}", f"{r.error:.4f}",
-             f"{r.tolerance:.4f}", "PASS" if r.passed else "FAIL") for r in rows]
+    body = [
+        (
+            r.case,
+            r.document[:44],
+            f"{r.ref_score:.8g}",
+            f"{r.score:.8g}",
+            f"{r.ref_margin:.5f}{'*' if r.ref_margin_derived else ''}",
+            f"{r.margin:.5f}",
+            f"{r.error:.4f}",
+            f"{r.tolerance:.4f}",
+            "PASS" if r.passed else "FAIL",
+        )
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -126,12 +165,15 @@ def run(config) -> int:
     try:
         if not config.path:
             raise ValueError("PATH is required: python -m kalm_jax.verify_release PATH")
-        reranker = Reranker.from_pretrained(config.path, dtype=config.dtype, ratio=config.ratio,
-                                            tokenizer=config.tokenizer or None)
+        reranker = Reranker.from_pretrained(
+            config.path, dtype=config.dtype, ratio=config.ratio, tokenizer=config.tokenizer or None
+        )
         variant = variant_for(reranker.model.config) if config.variant == "auto" else config.variant
         if variant not in REFERENCES:
-            raise KeyError(f"no published reference outputs for variant {variant!r} (references exist for: "
-                           f"{', '.join(sorted(REFERENCES))}); nothing to compare with")
+            raise KeyError(
+                f"no published reference outputs for variant {variant!r} (references exist for: "
+                f"{', '.join(sorted(REFERENCES))}); nothing to compare with"
+            )
     except (OSError, ValueError, KeyError) as err:
         print(f"verify_release: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2

@@ -69,8 +69,15 @@ def tokenizer_json(tokenizer, tmp_path_factory):
 
     from transformers.convert_slow_tokenizer import GemmaConverter
 
-    orig = types.SimpleNamespace(vocab_file=str(tokenizer.path), pad_token="<pad>", eos_token="<eos>",
-                                 bos_token="<bos>", unk_token="<unk>", add_prefix_space=False, legacy=False)
+    orig = types.SimpleNamespace(
+        vocab_file=str(tokenizer.path),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        add_prefix_space=False,
+        legacy=False,
+    )
     d = tmp_path_factory.mktemp("tokjson")
     GemmaConverter(orig).converted().save(str(d / "tokenizer.json"))
     return d / "tokenizer.json"

@@ -29,8 +29,15 @@ def test_tpu_slice_names():
 
 def test_aot_uses_the_one_mesh_module():
     """No private copies of the mesh axes, rules or mesh building, and no stand-in train step."""
-    for name in ("MESH_AXES", "DEFAULT_RULES", "logical_to_spec", "build_mesh", "resolve_mesh_shape", "_rules",
-                 "lower_proxy_train"):
+    for name in (
+        "MESH_AXES",
+        "DEFAULT_RULES",
+        "logical_to_spec",
+        "build_mesh",
+        "resolve_mesh_shape",
+        "_rules",
+        "lower_proxy_train",
+    ):
         assert not hasattr(aot, name), name
     source = (REPO / "kalm_jax" / "aot.py").read_text()
     assert source.count("except ImportError") == 1  # only libtpu's install hint, no import fallbacks
@@ -41,11 +48,18 @@ def _tpu_config(arg: str):
     return cli.load_file(str(REPO / "configs" / "tpu.py") + ":" + arg)
 
 
-@pytest.mark.parametrize("arg, mesh", [
-    ("nano,v5e-256", (1, 128, 2)), ("large,v5p-128", (1, 64, 1)),   # the previously tabled entries
-    ("nano,v5e-16", (1, 16, 1)), ("small,v6e-8", (1, 8, 1)), ("large,v4-32", (1, 16, 1)),  # untabled
-    ("small,v5p-1024", (1, 128, 4)), ("nano,v5e-16,2", (2, 16, 1)),
-])
+@pytest.mark.parametrize(
+    "arg, mesh",
+    [
+        ("nano,v5e-256", (1, 128, 2)),
+        ("large,v5p-128", (1, 64, 1)),  # the previously tabled entries
+        ("nano,v5e-16", (1, 16, 1)),
+        ("small,v6e-8", (1, 8, 1)),
+        ("large,v4-32", (1, 16, 1)),  # untabled
+        ("small,v5p-1024", (1, 128, 4)),
+        ("nano,v5e-16,2", (2, 16, 1)),
+    ],
+)
 def test_tpu_config_derives_a_mesh_for_any_slice(arg, mesh):
     cfg = _tpu_config(arg)
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == mesh
@@ -111,15 +125,23 @@ def test_tpu_config_keeps_the_qkv_projections_where_they_fit():
     assert tpu.qkv_remat_bytes(get_preset("small"), 1, 16, 512, 192, (1, 2, 4, 8, 16, 32), 2) == expected
     # down's outputs: [tokens, 1152] per layer, 16 x 512 encoder and 16 x 192 x 6 decoder tokens; the
     # encoder's gate / up: 26 layers x 16 x 512 tokens x 2 x 6912 / 2 (tensor); bf16.
-    assert tpu.mlp_out_remat_bytes(get_preset("small"), 1, 16, 512, 192, (1, 2, 4, 8, 16, 32)) == \
-        2 * 1152 * 26 * (16 * 512 + 16 * 192 * 6)
+    assert tpu.mlp_out_remat_bytes(get_preset("small"), 1, 16, 512, 192, (1, 2, 4, 8, 16, 32)) == 2 * 1152 * 26 * (
+        16 * 512 + 16 * 192 * 6
+    )
     assert tpu.encoder_mlp_in_remat_bytes(get_preset("small"), 1, 16, 512, 2) == 2 * 26 * 16 * 512 * 2 * 3456
-    policies = {arg: str(_tpu_config(arg).model.remat_policy)
-                for arg in ("small,v5e-256", "nano,v5e-256", "large,v5e-256", "small,v5e-16", "small,v5p-64")}
+    policies = {
+        arg: str(_tpu_config(arg).model.remat_policy)
+        for arg in ("small,v5e-256", "nano,v5e-256", "large,v5e-256", "small,v5e-16", "small,v5p-64")
+    }
     kept = "encoder:qkv+mlp_in+mlp_out,decoder:qkv+mlp_out"  # small on v5e-256: 5.95 GiB, <= 3/8 of 16 GiB
     # small on v5p-64 (4 queries per chip): q/k/v 9.5 + down 5.9 GiB <= 3/8 of 95 GiB, + gate / up 21.9 is not
-    assert policies == {"small,v5e-256": kept, "nano,v5e-256": kept, "large,v5e-256": "nothing",
-                        "small,v5e-16": "nothing", "small,v5p-64": "qkv+mlp_out"}, policies
+    assert policies == {
+        "small,v5e-256": kept,
+        "nano,v5e-256": kept,
+        "large,v5e-256": "nothing",
+        "small,v5e-16": "nothing",
+        "small,v5p-64": "qkv+mlp_out",
+    }, policies
 
 
 @pytest.fixture()
@@ -128,8 +150,12 @@ def libtpu_env(monkeypatch):
         import libtpu  # noqa: F401
     except ImportError:
         pytest.fail("TPU AOT tests need the libtpu wheel: pip install -e '.[test]' (or 'kalm-jax[tpu]')")
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    for key, value in (
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ):
         monkeypatch.setenv(key, value)
 
 
@@ -170,8 +196,15 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
 def test_aot_reports_does_not_fit(libtpu_env, capsys):
     """A deliberately oversized encode batch: exit 1 with 'does not fit' and the figures, no crash."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
-    rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=encode",
-                   "--config.eval.batch_size=65536", "--config.data.max_document_tokens=2048"])
+    rc = aot.main(
+        [
+            f"--config={config}",
+            "--topology=v5e-4",
+            "--programs=encode",
+            "--config.eval.batch_size=65536",
+            "--config.data.max_document_tokens=2048",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 1
     assert "does not fit: encode needs" in text and "HBM is 16 GiB" in text
@@ -195,7 +228,9 @@ def test_aot_two_slice_train_step(libtpu_env, capsys):
     rc = aot.main([f"--config={config}", "--topology=v5e-4", "--num_slices=2", "--programs=train"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "2 x v5e-4" in text and "8 devices" in text and "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in text  # tiny: 4 queries, 2 per slice
+    assert (
+        "2 x v5e-4" in text and "8 devices" in text and "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in text
+    )  # tiny: 4 queries, 2 per slice
 
 
 def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
@@ -212,8 +247,15 @@ def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["program"] for r in rows] == ["encode", "score"]
     for r in rows:
-        for key in ("program", "topology", "xla_flops", "useful_flops", "bytes_accessed", "optimal_seconds",
-                    "predicted_mfu"):
+        for key in (
+            "program",
+            "topology",
+            "xla_flops",
+            "useful_flops",
+            "bytes_accessed",
+            "optimal_seconds",
+            "predicted_mfu",
+        ):
             assert key in r, key
         assert r["topology"] == "v5e-4" and r["optimal_seconds"] > 0 and r["bytes_accessed"] > 0
         assert 0.9 <= r["xla_flops"] / r["useful_flops"] <= 1.5, r
@@ -223,15 +265,17 @@ def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
     from kalm_jax.config import get_preset
 
     # per chip: the global batch's useful FLOPs over the 4 chips
-    assert rows[0]["useful_flops"] == pytest.approx(cfg.eval.batch_size * flops.encoder_flops(get_preset("tiny"), 64) / 4)
+    assert rows[0]["useful_flops"] == pytest.approx(
+        cfg.eval.batch_size * flops.encoder_flops(get_preset("tiny"), 64) / 4
+    )
     assert rows[0]["tokens_per_s"] == pytest.approx(rows[0]["passages_per_s"] * 64)
     assert rows[1]["pairs_per_s"] > 0
 
 
 def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
-    """`layer_samples` picks 2, 3 and one period of 5 sliding + 1 full (never a 1-layer program); `extrapolate_costs` recovers the
-    whole stack's cost from samples that follow constant + per-layer-type costs, and refuses a failed
-    sample (cost -1) instead of fitting it."""
+    """`layer_samples` picks 2, 3 and one period of 5 sliding + 1 full (never a 1-layer program);
+    `extrapolate_costs` recovers the whole stack's cost from samples that follow constant + per-layer-type
+    costs, and refuses a failed sample (cost -1) instead of fitting it."""
     from kalm_jax.config import get_preset
 
     types = get_preset("small").encoder_layer_types  # 26 layers: 22 sliding, 4 full
@@ -239,8 +283,13 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
     assert aot.layer_samples(get_preset("tiny").encoder_layer_types) == ()  # 2 layers: compile it whole
     assert aot.layer_samples(("full",) * 5) == (2, 3)
     assert aot.layer_samples(("full", "sliding", "sliding")) == ()  # samples would not be smaller
-    fixed = {"xla_flops": 7.0, "bytes_accessed": 70.0, "optimal_seconds": 0.7, "optimal_seconds_raw": -1.3,
-             "unknown_cost_ops": 2}
+    fixed = {
+        "xla_flops": 7.0,
+        "bytes_accessed": 70.0,
+        "optimal_seconds": 0.7,
+        "optimal_seconds_raw": -1.3,
+        "unknown_cost_ops": 2,
+    }
     per = {"sliding_attention": (3.0, 30.0, 0.3, 0.3, 1), "full_attention": (5.0, 50.0, 0.5, 0.5, 0)}
 
     def cost(layers):
@@ -256,8 +305,9 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
     for key in aot._COST_KEYS:
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
     with pytest.raises(ValueError, match="optimal_seconds of a sampled analysis compile is unknown"):
-        aot.extrapolate_costs(types, {2: cost(types[:2]), 3: {**cost(types[:3]), "optimal_seconds": -1.0},
-                                      6: cost(types[:6])})
+        aot.extrapolate_costs(
+            types, {2: cost(types[:2]), 3: {**cost(types[:3]), "optimal_seconds": -1.0}, 6: cost(types[:6])}
+        )
 
 
 def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_path, capsys, monkeypatch):
@@ -271,12 +321,18 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_pat
     from kalm_jax import config as config_lib
 
     tiny = config_lib.get_preset("tiny")
-    eight = dataclasses.replace(tiny, encoder_layer_types=config_lib.layer_pattern(8),
-                                decoder_layer_types=config_lib.layer_pattern(8))
+    eight = dataclasses.replace(
+        tiny, encoder_layer_types=config_lib.layer_pattern(8), decoder_layer_types=config_lib.layer_pattern(8)
+    )
     monkeypatch.setattr(config_lib, "get_preset", lambda name: eight if name == "tiny" else tiny)
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
-    workload = ["--config.eval.batch_size=64", "--config.data.max_document_tokens=64",
-                "--config.data.max_query_tokens=32", "--programs=encode,score", "--topology=v5e-4"]
+    workload = [
+        "--config.eval.batch_size=64",
+        "--config.data.max_document_tokens=64",
+        "--config.data.max_query_tokens=32",
+        "--programs=encode,score",
+        "--topology=v5e-4",
+    ]
     rows = {}
     for how in ("all", "sampled"):
         out = tmp_path / f"{how}.json"

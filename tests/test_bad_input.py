@@ -22,21 +22,33 @@ def test_empty_batch(model):
 
 
 def test_all_padding_passage(model):
-    ids = np.ones((2, 8), np.int32); mask = np.ones((2, 8), np.int32); mask[1] = 0
+    ids = np.ones((2, 8), np.int32)
+    mask = np.ones((2, 8), np.int32)
+    mask[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] are all padding"):
         scoring.encode_passages(model, ids, mask, 4)
-    states = np.zeros((2, 3, 64), np.float32); pmask = np.ones((2, 3), np.int32); pmask[0] = 0
+    states = np.zeros((2, 3, 64), np.float32)
+    pmask = np.ones((2, 3), np.int32)
+    pmask[0] = 0
     with pytest.raises(ValueError, match=r"passages \[0\] are all padding"):
         scoring.score(model, ids, np.ones_like(ids), states, pmask, 5, 6)
 
 
 def test_token_ids_out_of_range(model):
-    ids = np.full((1, 4), 3, np.int64); ids[0, 2] = 600
+    ids = np.full((1, 4), 3, np.int64)
+    ids[0, 2] = 600
     with pytest.raises(ValueError, match=r"input_ids\[0, 2\] = 600 is outside the vocabulary"):
         model.encode(ids, np.ones_like(ids))
     with pytest.raises(ValueError, match="yes_id=512"):
-        scoring.score(model, np.ones((1, 4), np.int32), np.ones((1, 4), np.int32),
-                      np.zeros((1, 2, 64), np.float32), np.ones((1, 2), np.int32), 512, 3)
+        scoring.score(
+            model,
+            np.ones((1, 4), np.int32),
+            np.ones((1, 4), np.int32),
+            np.zeros((1, 2, 64), np.float32),
+            np.ones((1, 2), np.int32),
+            512,
+            3,
+        )
 
 
 def test_ratio_below_one(model):
@@ -66,7 +78,8 @@ def test_missing_and_misshaped_tensors_are_named(tiny_hf, tmp_path):
     del tensors["model.decoder.layers.1.mlp.up_proj.weight"]
     tensors["model.encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((3, 64), np.float32)
     tensors["model.encoder.layers.9.extra.weight"] = np.zeros((2,), np.float32)
-    out = tmp_path / "broken"; out.mkdir()
+    out = tmp_path / "broken"
+    out.mkdir()
     shutil.copy(tiny_hf[0] / "config.json", out / "config.json")
     save_file(tensors, str(out / "model.safetensors"))
     with pytest.raises(ValueError) as err:
@@ -79,7 +92,6 @@ def test_missing_and_misshaped_tensors_are_named(tiny_hf, tmp_path):
 
 def test_sharded_checkpoint_and_vision_passthrough(tiny_hf, tmp_path):
     import torch
-
     from transformers import T5Gemma2ForConditionalGeneration
 
     torch_model = T5Gemma2ForConditionalGeneration.from_pretrained(tiny_hf[0])

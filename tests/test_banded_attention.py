@@ -76,10 +76,10 @@ def test_blocked_equals_dense(t, s, pattern):
     b = 3
     q, k, v = _qkv(rng, b, t, s)
     keys = np.ones((b, s), bool)
-    keys[1, 2 * s // 3:] = False
+    keys[1, 2 * s // 3 :] = False
     keys[2, 3:] = False
     queries = np.ones((b, t), bool)
-    queries[1, 2 * t // 3:] = False
+    queries[1, 2 * t // 3 :] = False
     queries[2, 3:] = False
     mask = layers.Mask(jnp.asarray(keys), pattern, jnp.asarray(queries))
     assert layers.band_blocking(mask, t, s) is not None  # the blocked path is taken
@@ -109,10 +109,16 @@ def test_blocked_with_softcap_and_dot_product():
     dense = mask.dense()
     seen = np.asarray(jnp.broadcast_to(dense, (2, t, t))).any(-1)  # row 1 from query 38 on sees no key
     assert not seen.all()
-    np.testing.assert_allclose(np.asarray(layers.attention(q, k, v, mask, 0.3, softcap=5.0))[seen],
-                               np.asarray(layers.xla_attention(q, k, v, dense, 0.3, softcap=5.0))[seen], atol=2e-6)
-    np.testing.assert_allclose(np.asarray(layers.attention(q, k, v, mask, 0.3, impl="dot_product"))[seen],
-                               np.asarray(layers.xla_attention(q, k, v, dense, 0.3))[seen], atol=2e-6)
+    np.testing.assert_allclose(
+        np.asarray(layers.attention(q, k, v, mask, 0.3, softcap=5.0))[seen],
+        np.asarray(layers.xla_attention(q, k, v, dense, 0.3, softcap=5.0))[seen],
+        atol=2e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(layers.attention(q, k, v, mask, 0.3, impl="dot_product"))[seen],
+        np.asarray(layers.xla_attention(q, k, v, dense, 0.3))[seen],
+        atol=2e-6,
+    )
 
 
 def test_tiny_model_encode_blocked_equals_dense(monkeypatch):

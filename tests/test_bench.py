@@ -23,9 +23,24 @@ def test_cli_tiny_writes_contract_json(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    rc = main(["--config.shapes=tiny", "--config.encode_lengths=32", "--config.score_lengths=32", "--config.ratios=1,4", "--config.candidates=4",
-               "--config.prompt_len=16", "--config.encode_tokens=128", "--config.warmup=1", "--config.repeats=2", "--config.rotations=2",
-               "--config.peak_sizes=128", "--config.peer_on_cpu=true", f"--config.out={out}", f"--config.markdown={md}"])
+    rc = main(
+        [
+            "--config.shapes=tiny",
+            "--config.encode_lengths=32",
+            "--config.score_lengths=32",
+            "--config.ratios=1,4",
+            "--config.candidates=4",
+            "--config.prompt_len=16",
+            "--config.encode_tokens=128",
+            "--config.warmup=1",
+            "--config.repeats=2",
+            "--config.rotations=2",
+            "--config.peak_sizes=128",
+            "--config.peer_on_cpu=true",
+            f"--config.out={out}",
+            f"--config.markdown={md}",
+        ]
+    )
     assert rc == 0
     rows = json.loads(out.read_text())
     kinds = {r["kind"] for r in rows}
@@ -61,7 +76,8 @@ def test_cli_tiny_writes_contract_json(tmp_path, capsys):
     peers = {(r["op"], r["r"]): r for r in rows if r["kind"] == "peer"}
     assert set(peers) == {("encode", 1), ("score", 1), ("score", 4)}
     assert peers[("score", 4)]["speedup"] == pytest.approx(
-        scores[4]["pairs_per_s"] / peers[("score", 4)]["peer_pairs_per_s"])
+        scores[4]["pairs_per_s"] / peers[("score", 4)]["peer_pairs_per_s"]
+    )
 
     train = [r for r in rows if r["kind"] == "train"]
     assert {r["mode"] for r in train} == {"full", "lora"}
@@ -104,7 +120,8 @@ def test_flop_model_matches_hand_count():
     assert flops.decoder_flops(TINY, t, c) == expect
 
     assert flops.online_ratio(TINY, 64, 4, t) == pytest.approx(
-        (flops.encoder_flops(TINY, 64) + flops.decoder_flops(TINY, t, 16)) / flops.decoder_flops(TINY, t, 16))
+        (flops.encoder_flops(TINY, 64) + flops.decoder_flops(TINY, t, 16)) / flops.decoder_flops(TINY, t, 16)
+    )
     length = t + 64
     ce_full, ce_slide = layers.causal_window(length), layers.causal_window(length, TINY.sliding_window)
     ce = 2 * length * linear + (_count(ce_full) + _count(ce_slide)) * pair + 2 * 2 * 64
@@ -120,15 +137,17 @@ def _random_mask(rng, b, t, s):
 def test_attention_implementations_agree_on_cpu():
     rng = np.random.default_rng(0)
     b, t, s, n, k, d = 2, 7, 13, 4, 2, 16
-    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                for shape in ((b, t, n, d), (b, s, k, d), (b, s, k, d)))
+    q, kk, v = (
+        jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((b, t, n, d), (b, s, k, d), (b, s, k, d))
+    )
     mask = _random_mask(rng, b, t, s)
     ref = layers.attention(q, kk, v, mask, 0.25, impl="xla")
     # Independent NumPy reference (float64, GQA by repeating kv heads).
     kr, vr = np.repeat(np.asarray(kk, np.float64), n // k, 2), np.repeat(np.asarray(v, np.float64), n // k, 2)
     sc = np.einsum("btnd,bsnd->bnts", np.asarray(q, np.float64), kr) * 0.25
     sc = np.where(np.asarray(mask)[:, None], sc, -np.inf)
-    p = np.exp(sc - sc.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(ref), np.einsum("bnts,bsnd->btnd", p, vr), atol=1e-5)
     fused = layers.attention(q, kk, v, mask, 0.25, impl="dot_product")
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=1e-5)
@@ -147,8 +166,14 @@ def test_attention_implementations_agree_on_cpu():
 def test_model_attention_impl_switch_keeps_margins():
     model = init_model(TINY, seed=1)
     rng = np.random.default_rng(1)
-    ids = rng.integers(3, 8000, (3, 40)); mask = np.ones_like(ids); mask[1, 25:] = 0; ids[mask == 0] = 0
-    dec = rng.integers(3, 8000, (3, 9)); dmask = np.ones_like(dec); dmask[2, 6:] = 0; dec[dmask == 0] = 0
+    ids = rng.integers(3, 8000, (3, 40))
+    mask = np.ones_like(ids)
+    mask[1, 25:] = 0
+    ids[mask == 0] = 0
+    dec = rng.integers(3, 8000, (3, 9))
+    dmask = np.ones_like(dec)
+    dmask[2, 6:] = 0
+    dec[dmask == 0] = 0
     out = {}
     for impl in ("xla", "dot_product"):
         model.attention_impl = impl
@@ -169,8 +194,12 @@ def test_peer_pipeline_scores_what_kalm_jax_scores(tmp_path):
     p.model.save_pretrained(tmp_path)
     _, model = hf.load(tmp_path)
     rng = np.random.default_rng(2)
-    ids = rng.integers(3, 8000, (2, 24)); mask = np.ones_like(ids); mask[0, 17:] = 0; ids[mask == 0] = 0
-    dec = rng.integers(3, 8000, (2, 8)); dmask = np.ones_like(dec)
+    ids = rng.integers(3, 8000, (2, 24))
+    mask = np.ones_like(ids)
+    mask[0, 17:] = 0
+    ids[mask == 0] = 0
+    dec = rng.integers(3, 8000, (2, 8))
+    dmask = np.ones_like(dec)
     t = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
     pooled, pmask = peer_lib.encode_fn(p, 4)(t(ids), t(mask))
     margins = peer_lib.score_fn(p, 7, 9)(t(dec), t(dmask), pooled, pmask).numpy()
@@ -186,13 +215,30 @@ def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
     from kalm_jax.bench import suite
     from kalm_jax.bench.__main__ import main
 
-    assert (suite.H100.shapes, suite.H100.encode_lengths, suite.H100.score_lengths, suite.H100.ratios,
-            suite.H100.candidates, suite.H100.train) == (("nano", "large"), (512, 4096), (512, 4096), (1, 4, 8),
-                                                         100, False)
+    assert (
+        suite.H100.shapes,
+        suite.H100.encode_lengths,
+        suite.H100.score_lengths,
+        suite.H100.ratios,
+        suite.H100.candidates,
+        suite.H100.train,
+    ) == (("nano", "large"), (512, 4096), (512, 4096), (1, 4, 8), 100, False)
     monkeypatch.chdir(tmp_path)
-    rc = main(["--config=bench.py:h100", "--config.shapes=tiny", "--config.encode_lengths=32", "--config.score_lengths=32", "--config.ratios=4",
-               "--config.candidates=4", "--config.prompt_len=16", "--config.encode_tokens=64", "--config.repeats=1", "--config.peak_sizes=128",
-               "--config.peer=off"])
+    rc = main(
+        [
+            "--config=bench.py:h100",
+            "--config.shapes=tiny",
+            "--config.encode_lengths=32",
+            "--config.score_lengths=32",
+            "--config.ratios=4",
+            "--config.candidates=4",
+            "--config.prompt_len=16",
+            "--config.encode_tokens=64",
+            "--config.repeats=1",
+            "--config.peak_sizes=128",
+            "--config.peer=off",
+        ]
+    )
     assert rc == 0
     rows = json.loads((tmp_path / "bench_h100.json").read_text())
     assert {r["kind"] for r in rows} == {"encode", "score", "online_ratio", "peer"}  # no train rows in this suite
@@ -216,17 +262,34 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(suite, "score_row", flaky)
     out = tmp_path / "rows.json"
-    rc = main(["--config.shapes=tiny", "--config.encode_lengths=32", "--config.score_lengths=32", "--config.ratios=1,4",
-               "--config.candidates=2", "--config.prompt_len=8", "--config.encode_tokens=64", "--config.repeats=1",
-               "--config.warmup=0", "--config.rotations=1", "--config.peak_sizes=128", "--config.peer=off",
-               "--config.train=false", f"--config.out={out}"])
+    rc = main(
+        [
+            "--config.shapes=tiny",
+            "--config.encode_lengths=32",
+            "--config.score_lengths=32",
+            "--config.ratios=1,4",
+            "--config.candidates=2",
+            "--config.prompt_len=8",
+            "--config.encode_tokens=64",
+            "--config.repeats=1",
+            "--config.warmup=0",
+            "--config.rotations=1",
+            "--config.peak_sizes=128",
+            "--config.peer=off",
+            "--config.train=false",
+            f"--config.out={out}",
+        ]
+    )
     assert rc == 1
     rows = json.loads(out.read_text())
     failed = [r for r in rows if str(r.get("skipped", "")).startswith("failed:")]
     assert [(r["kind"], r["r"]) for r in failed] == [("score", 4)]
     assert "cuDNN refused the mask" in failed[0]["skipped"]
-    assert {(r["kind"], r.get("r")) for r in rows if "skipped" not in r} >= {("encode", 1), ("score", 1),
-                                                                             ("online_ratio", 1)}
+    assert {(r["kind"], r.get("r")) for r in rows if "skipped" not in r} >= {
+        ("encode", 1),
+        ("score", 1),
+        ("online_ratio", 1),
+    }
     assert "cuDNN refused the mask" in capsys.readouterr().err
 
 
@@ -237,8 +300,20 @@ def test_side_by_side_same_weights_interleaved(tmp_path):
     from kalm_jax.bench.__main__ import main
 
     out = tmp_path / "sbs.json"
-    rc = main(["--config=bench.py:side_by_side", "--config.shapes=tiny", "--config.dtype=float32", "--config.score_lengths=48", "--config.ratios=4",
-               "--config.candidates=3", "--config.prompt_len=12", "--config.rounds=2", "--config.repeats=1", f"--config.out={out}"])
+    rc = main(
+        [
+            "--config=bench.py:side_by_side",
+            "--config.shapes=tiny",
+            "--config.dtype=float32",
+            "--config.score_lengths=48",
+            "--config.ratios=4",
+            "--config.candidates=3",
+            "--config.prompt_len=12",
+            "--config.rounds=2",
+            "--config.repeats=1",
+            f"--config.out={out}",
+        ]
+    )
     assert rc == 0
     enc, sc = json.loads(out.read_text())
     assert (enc["op"], sc["op"]) == ("encode", "score") and enc["rounds"] == sc["rounds"] == 2

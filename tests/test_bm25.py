@@ -42,6 +42,10 @@ def test_index_save_load_and_small_corpus(data_dir, tmp_path):
     assert again.doc_ids == index.doc_ids
     assert again.search(ds.queries, 10, show_progress=False) == index.search(ds.queries, 10, show_progress=False)
     # k beyond the corpus size is clamped; a stop-word-only query gets an empty ranking.
-    run = bm25_run({"a": "solar power plants", "b": "wind power", "c": "the cat"},
-                   {"q": "power of the wind", "s": "the of and"}, k=10, show_progress=False)
+    run = bm25_run(
+        {"a": "solar power plants", "b": "wind power", "c": "the cat"},
+        {"q": "power of the wind", "s": "the of and"},
+        k=10,
+        show_progress=False,
+    )
     assert list(run["q"]) == ["b", "a"] and run["s"] == {}

@@ -13,11 +13,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from torch_reference import torch_forward
 
 from kalm_jax import checkpointing, convert, hf, prompts, scoring
 from kalm_jax.config import get_preset
 from kalm_jax.model import LoRAParam, init_model
-from torch_reference import torch_forward
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -137,11 +137,14 @@ def torch_model(exported):
     from transformers import T5Gemma2ForConditionalGeneration
 
     model, info = T5Gemma2ForConditionalGeneration.from_pretrained(
-        exported[1], attn_implementation="eager", output_loading_info=True)
+        exported[1], attn_implementation="eager", output_loading_info=True
+    )
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     # A text-only export: only the (unused) vision tower is left to transformers' initialisation.
-    assert all(k.startswith(("model.encoder.vision_tower", "model.encoder.multi_modal_projector"))
-               for k in info["missing_keys"])
+    assert all(
+        k.startswith(("model.encoder.vision_tower", "model.encoder.multi_modal_projector"))
+        for k in info["missing_keys"]
+    )
     return model.eval()
 
 
@@ -210,8 +213,11 @@ def test_pytorch_recipe_matches_score_margin(exported, torch_model, tokenizer, s
     pooled, pmask, _ = scoring.encode_passages(model, ids, mask, ratio)
     np.testing.assert_allclose(pooled, pooled_t.numpy(), atol=TOL, rtol=0)
     np.testing.assert_array_equal(pmask, pmask_t.numpy())
-    margins = np.asarray(model.score_margin(q_ids, q_mask, np.tile(pooled, (rep, 1, 1)), np.tile(pmask, (rep, 1)),
-                                            tokenizer.yes_id, tokenizer.no_id))
+    margins = np.asarray(
+        model.score_margin(
+            q_ids, q_mask, np.tile(pooled, (rep, 1, 1)), np.tile(pmask, (rep, 1)), tokenizer.yes_id, tokenizer.no_id
+        )
+    )
     np.testing.assert_allclose(margins_t.numpy(), margins, atol=TOL, rtol=0)
     assert np.ptp(margins) > 1e-3  # passages and queries really get different scores
 
@@ -244,8 +250,11 @@ def test_training_workdir_to_hf_to_orbax_is_identical(exported, tokenizer, tmp_p
     assert convert.main(["to-hf", str(tmp_path / "plain"), str(tmp_path / "hf2"), "--config.dtype=float32"]) == 0
     assert convert.main(["from-hf", str(tmp_path / "hf2"), str(tmp_path / "back2")]) == 0
     _, back2 = checkpointing.load_model(tmp_path / "back2")
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(y), np.asarray(x)),
-                 checkpointing.param_tree(merged), checkpointing.param_tree(back2))
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(np.asarray(y), np.asarray(x)),
+        checkpointing.param_tree(merged),
+        checkpointing.param_tree(back2),
+    )
 
 
 def test_hf_with_vision_through_orbax_and_back_is_bit_exact(tiny_hf, tmp_path):
@@ -280,8 +289,18 @@ def test_inspect_names_offending_tensors(tiny_hf, tmp_path, capsys):
     assert "missing tensor model.encoder.layers.0.self_attn.k_norm.weight" in text
     assert "unexpected tensor model.decoder.layers.1.self_attn.extra_proj.weight" in text
     # The lone file, checked against an explicit config, and the intact source: listing + counts, exit 0.
-    assert convert.main(["inspect", str(bad / "model.safetensors"), "--config.against=hf",
-                         "--config.hf_config", str(src / "config.json")]) == 1
+    assert (
+        convert.main(
+            [
+                "inspect",
+                str(bad / "model.safetensors"),
+                "--config.against=hf",
+                "--config.hf_config",
+                str(src / "config.json"),
+            ]
+        )
+        == 1
+    )
     assert convert.main(["inspect", str(src), "--config.against=hf"]) == 0
     text = capsys.readouterr().out
     assert "model.encoder.layers.0.self_attn.q_proj.weight" in text and "[128, 64]" in text
@@ -345,10 +364,22 @@ def test_train_py_checkpoint_to_hf_and_back(data_dir, tmp_path):
 
     workdir = tmp_path / "run"
     env = dict(os.environ, KALM_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs' / 'train.py'}:tiny",
-                    f"--workdir={workdir}", "--config.total_steps=1", "--config.checkpoint.every=1",
-                    "--config.eval.num_queries=2", "--config.log_every=1"],
-                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            f"--config={REPO / 'configs' / 'train.py'}:tiny",
+            f"--workdir={workdir}",
+            "--config.total_steps=1",
+            "--config.checkpoint.every=1",
+            "--config.eval.num_queries=2",
+            "--config.log_every=1",
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
     assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
     assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0

@@ -148,8 +148,17 @@ def test_run_bad_rows(tmp_path):
 
 def test_training_jsonl_roundtrip_and_validation(tmp_path):
     examples = [
-        TrainingExample(query="q1", pos=["p"], neg=["n1", "n2"], pos_scores=[0.9], neg_scores=[0.1, 0.2],
-                        prompt="Given a claim, find evidence.", qid="1", pos_ids=["d1"], neg_ids=["d2", "d3"]),
+        TrainingExample(
+            query="q1",
+            pos=["p"],
+            neg=["n1", "n2"],
+            pos_scores=[0.9],
+            neg_scores=[0.1, 0.2],
+            prompt="Given a claim, find evidence.",
+            qid="1",
+            pos_ids=["d1"],
+            neg_ids=["d2", "d3"],
+        ),
         TrainingExample(query="q2", pos=["p2", "p3"], neg=["n"]),
     ]
     for name in ("train.jsonl", "train.jsonl.gz"):
@@ -172,8 +181,11 @@ def test_training_jsonl_roundtrip_and_validation(tmp_path):
     good = read_training_jsonl(bad, on_error="skip", skipped=skipped)
     assert [e.query for e in good] == ["ok"]
     assert skipped.counts == {"invalid training example": 4, "malformed JSON": 1}
-    for lineno, msg in ((4, "'query' must be a non-empty string"), (5, r"'pos'\[0\] is an empty text"),
-                        (6, "'neg' is empty")):
+    for lineno, msg in (
+        (4, "'query' must be a non-empty string"),
+        (5, r"'pos'\[0\] is an empty text"),
+        (6, "'neg' is empty"),
+    ):
         one = tmp_path / f"one{lineno}.jsonl"
         one.write_text("\n".join(lines[:1] + [lines[lineno - 1]]) + "\n")
         with pytest.raises(DataError, match=rf"one{lineno}\.jsonl:2: {msg}"):

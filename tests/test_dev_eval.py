@@ -25,8 +25,9 @@ def test_dev_eval_scores_on_the_training_mesh_without_copying_the_weights(tokeni
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
     ts = make_train_step(get_preset("tiny"), cfg, mesh, yes_id=tokenizer.yes_id, no_id=tokenizer.no_id, donate=False)
     model = build_model(get_preset("tiny"), cfg, abstract=False)
-    dev = DevSet.build(data_dir / "scifact", "test", tokenizer, num_queries=3, depth=5, max_document_tokens=32,
-                       max_query_tokens=16)
+    dev = DevSet.build(
+        data_dir / "scifact", "test", tokenizer, num_queries=3, depth=5, max_document_tokens=32, max_query_tokens=16
+    )
     want = dev.rerank(model, tokenizer, ratio=4)  # an engine over a copy of the weights on this process's devices
 
     state = ts.init_state(model)
@@ -39,14 +40,16 @@ def test_dev_eval_scores_on_the_training_mesh_without_copying_the_weights(tokeni
         def wrapper(*args, **kwargs):
             touched.extend(f"{name} {x.shape}" for x in leaves_of(*args) if id(x) in ids)
             return real(*args, **kwargs)
+
         return wrapper
 
     first_arg = lambda x, *_: jax.tree.leaves(x)  # noqa: E731
     monkeypatch.setattr(ArrayImpl, "__array__", spy("np.asarray", ArrayImpl.__array__, lambda self, *_: [self]))
     monkeypatch.setattr(jax, "device_get", spy("jax.device_get", jax.device_get, first_arg))
     monkeypatch.setattr(jax, "device_put", spy("jax.device_put", jax.device_put, first_arg))
-    monkeypatch.setattr(multihost_utils, "process_allgather", spy("process_allgather",
-                                                                  multihost_utils.process_allgather, first_arg))
+    monkeypatch.setattr(
+        multihost_utils, "process_allgather", spy("process_allgather", multihost_utils.process_allgather, first_arg)
+    )
     got = dev.rerank(ts.model(state), tokenizer, ratio=4, mesh=ts.mesh, batch_axes=ts.rules.get(sharding.BATCH))
     assert not touched, f"dev evaluation copied or read the training weights: {touched[:5]}"
     assert got.keys() == want.keys()

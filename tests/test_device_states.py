@@ -92,7 +92,6 @@ def test_bad_ratio_hidden_size_index_and_engine_are_refused(engine, cache, pairs
     foreign = DeviceStates(jnp.zeros((1, 16, 3)), jnp.ones((1, 16), jnp.int32), np.ones(1, np.int64), 1)
     with pytest.raises(ValueError, match="hidden size 3"):
         engine.margins(prompt_rows, [0], foreign, [0])
-    one = InferenceEngine(engine.model, None, devices=jax.local_devices()[:1], yes_id=5, no_id=6,
-                          share_weights=False)
+    one = InferenceEngine(engine.model, None, devices=jax.local_devices()[:1], yes_id=5, no_id=6, share_weights=False)
     with pytest.raises(ValueError, match="placed on other devices"):
         one.margins(prompt_rows, [0], placed, [0])

@@ -45,8 +45,9 @@ def test_probability_never_compiles(compiles):
         p = probability(np.linspace(-30, 30, n, dtype=np.float32))
         assert p.dtype == np.float32 and p.shape == (n,)
     assert compiles.n == before
-    np.testing.assert_allclose(probability([-1000.0, 0.0, 1000.0, 2.0]), [0.0, 0.5, 1.0, 1 / (1 + np.exp(-2.0))],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        probability([-1000.0, 0.0, 1000.0, 2.0]), [0.0, 0.5, 1.0, 1 / (1 + np.exp(-2.0))], rtol=1e-6
+    )
     np.testing.assert_array_equal(scoring.probability([0.0]), [0.5])
 
 
@@ -66,8 +67,9 @@ def test_states_repooled_on_the_device_equal_states_encoded_at_the_coarser_ratio
     fine = rr.encode_passages(docs[:9], ratio=1)
     coarse = rr.encode_passages(docs[:9], ratio=4)
     q = "glioblastoma stem cells"
-    np.testing.assert_allclose(rr.score(q, fine, return_margin=True), rr.score(q, coarse, return_margin=True),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        rr.score(q, fine, return_margin=True), rr.score(q, coarse, return_margin=True), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("ratio", [31, 33, 1000])
@@ -118,8 +120,11 @@ def test_margins_refuse_float_and_boolean_pair_indices(rr, docs):
     ok = rr.engine.margins(prompt, [0, 0], states, [2, 1])
     same = rr.engine.margins(prompt, np.zeros(2, np.uint8), states, np.array([2, 1], np.int32))
     np.testing.assert_array_equal(same, ok)
-    for name, args in (("passage_of", ([0], [1.7])), ("passage_of", ([0, 0], np.array([1.0, 2.0]))),
-                       ("prompt_of", ([0.0], [1]))):
+    for name, args in (
+        ("passage_of", ([0], [1.7])),
+        ("passage_of", ([0, 0], np.array([1.0, 2.0]))),
+        ("prompt_of", ([0.0], [1])),
+    ):
         with pytest.raises(TypeError, match=rf"{name}: row indices must be integers, got float"):
             rr.engine.margins(prompt, args[0], states, args[1])
     for name, args in (("passage_of", ([0, 0, 0], np.array([True, False, True]))), ("prompt_of", ([True], [1]))):
@@ -165,8 +170,12 @@ def test_bad_arguments_name_themselves(rr):
         rr.encode_passages(["p", "q"], ids=["a", "a"])
     states = rr.encode_passages(["p", "q"])
     with pytest.raises(ValueError, match="hidden size 3"):
-        rr.engine.margins([[2, 3]], [0], type(states)(np.zeros((1, 1, 3), np.float32), np.ones((1, 1), np.int8),
-                                                     np.ones((1, 1), np.int32), 4), [0])
+        rr.engine.margins(
+            [[2, 3]],
+            [0],
+            type(states)(np.zeros((1, 1, 3), np.float32), np.ones((1, 1), np.int8), np.ones((1, 1), np.int32), 4),
+            [0],
+        )
 
 
 def test_repool_guarantee_per_storage(rr, docs):

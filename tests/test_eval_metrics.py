@@ -30,10 +30,19 @@ def test_dl19_bm25_first_stage_is_the_published_figure(dl19):
 def test_measures_equal_ir_measures(dl19, level):
     qrels, run = dl19
     ours = metrics.evaluate(qrels, run, relevance_level=level, recall_cutoffs=(10, 100))
-    ms = [ir_measures.nDCG @ 10, ir_measures.AP(rel=level), ir_measures.RR(rel=level) @ 10,
-          ir_measures.R(rel=level) @ 10, ir_measures.R(rel=level) @ 100]
-    ref = dict(zip(["ndcg_cut_10", "map", "recip_rank", "recall_10", "recall_100"],
-                   (ir_measures.calc_aggregate(ms, qrels, run)[m] for m in ms)))
+    ms = [
+        ir_measures.nDCG @ 10,
+        ir_measures.AP(rel=level),
+        ir_measures.RR(rel=level) @ 10,
+        ir_measures.R(rel=level) @ 10,
+        ir_measures.R(rel=level) @ 100,
+    ]
+    ref = dict(
+        zip(
+            ["ndcg_cut_10", "map", "recip_rank", "recall_10", "recall_100"],
+            (ir_measures.calc_aggregate(ms, qrels, run)[m] for m in ms),
+        )
+    )
     for name, value in ref.items():
         assert ours[name] == pytest.approx(value, abs=1e-9), name
 
@@ -42,8 +51,9 @@ def test_missing_queries_count_as_zero_like_trec_eval_c(dl19):
     qrels, run = dl19
     partial = dict(list(run.items())[:30])
     ours = metrics.evaluate(qrels, partial, relevance_level=2)
-    per_q = {(r.query_id, str(r.measure)): r.value for r in ir_measures.iter_calc([ir_measures.nDCG @ 10], qrels,
-                                                                                  partial)}
+    per_q = {
+        (r.query_id, str(r.measure)): r.value for r in ir_measures.iter_calc([ir_measures.nDCG @ 10], qrels, partial)
+    }
     assert ours["ndcg_cut_10"] == pytest.approx(sum(per_q.values()) / 43, abs=1e-9)
     assert ours["num_ranked"] == 30
 
@@ -52,8 +62,9 @@ def test_run_file_round_trip_scores_the_same(dl19, tmp_path):
     qrels, run = dl19
     write_run(run, tmp_path / "r.trec.gz")  # scores written exactly (repr of the float)
     assert read_run(tmp_path / "r.trec.gz") == run
-    assert metrics.evaluate(qrels, read_run(tmp_path / "r.trec.gz"), relevance_level=2) == \
-        metrics.evaluate(qrels, run, relevance_level=2)
+    assert metrics.evaluate(qrels, read_run(tmp_path / "r.trec.gz"), relevance_level=2) == metrics.evaluate(
+        qrels, run, relevance_level=2
+    )
 
 
 def test_hand_computed_graded_ndcg_and_mrr_cut():

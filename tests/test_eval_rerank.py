@@ -70,8 +70,13 @@ def test_oracle_reaches_ideal_ndcg_of_the_pool(dl19, tokenizer, cascade):
 def test_top_k_and_unknown_docs(dl19, tokenizer):
     ds, run = dl19
     docs = sorted({d for r in run.values() for d in r})
-    source = PassageStates(np.arange(len(docs), dtype=np.float32)[:, None, None] * np.ones((1, 1, 2), np.float32),
-                           np.ones((len(docs), 1), np.int8), np.ones((len(docs), 1), np.int32), 1, docs)
+    source = PassageStates(
+        np.arange(len(docs), dtype=np.float32)[:, None, None] * np.ones((1, 1, 2), np.float32),
+        np.ones((len(docs), 1), np.int8),
+        np.ones((len(docs), 1), np.int32),
+        1,
+        docs,
+    )
     rows = rerank.tokenize_prompts(tokenizer, dict(list(ds.queries.items())[:3]))
     out = rerank.rerank(OracleMargins(ds.qrels, rows, docs), rows, run, source, 1, top_k=7, progress=False)
     for q in rows:

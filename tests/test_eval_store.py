@@ -10,7 +10,8 @@ from kalm_jax import prompts, scoring
 from kalm_jax.config import get_preset
 from kalm_jax.data.beir import load_beir
 from kalm_jax.engine import InferenceEngine
-from kalm_jax.evaluation import rerank, store as store_lib
+from kalm_jax.evaluation import rerank
+from kalm_jax.evaluation import store as store_lib
 from kalm_jax.model import init_model
 
 MAX_LEN = 96
@@ -175,13 +176,34 @@ def test_two_concurrent_writers_leave_every_passage_exactly_once(tmp_path, token
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     root = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
     ranges = [(0, 26), (14, 40)]
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(tokenizer.path), str(tmp_path / "texts.json"),
-                               str(lo), str(hi), str(tmp_path / f"ready{i}"), str(tmp_path / f"ready{1 - i}")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, (lo, hi) in enumerate(ranges)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITER,
+                str(root),
+                str(tokenizer.path),
+                str(tmp_path / "texts.json"),
+                str(lo),
+                str(hi),
+                str(tmp_path / f"ready{i}"),
+                str(tmp_path / f"ready{1 - i}"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, (lo, hi) in enumerate(ranges)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
     manifest = json.loads((root / "manifest.json").read_text())

@@ -16,7 +16,9 @@ import pytest
 from kalm_jax import checkpointing, scoring
 from kalm_jax.config import get_preset
 from kalm_jax.data.trec import read_run
-from kalm_jax.evaluation import metrics, rerank, results as results_lib, store as store_lib, sweep
+from kalm_jax.evaluation import metrics, rerank, sweep
+from kalm_jax.evaluation import results as results_lib
+from kalm_jax.evaluation import store as store_lib
 from kalm_jax.model import init_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +34,17 @@ def ckpt(tmp_path_factory, tokenizer):
 
 
 def _config(data_dir, out, ckpt=None, **kw):
-    cfg = dict(data_dir=str(data_dir), datasets=",".join(DATASETS), output_dir=str(out), ratios="1,4,8",
-               max_queries=2, top_k=10, max_document_tokens=64, progress=False, checkpoint=str(ckpt) if ckpt else "")
+    cfg = dict(
+        data_dir=str(data_dir),
+        datasets=",".join(DATASETS),
+        output_dir=str(out),
+        ratios="1,4,8",
+        max_queries=2,
+        top_k=10,
+        max_document_tokens=64,
+        progress=False,
+        checkpoint=str(ckpt) if ckpt else "",
+    )
     cfg.update(kw)
     return cfg
 
@@ -68,8 +79,9 @@ def test_sweep_end_to_end_output_contract(finished, ckpt, data_dir):
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert lines == rows and len(rows) == 2 * (1 + 3)
     cells = {(r["dataset"], r["stage"], r["checkpoint"], r["ratio"], r["instruction"]) for r in rows}
-    assert cells == {(d, "first_stage", None, None, None) for d in DATASETS} | \
-        {(d, "rerank", str(ckpt), r, "default") for d in DATASETS for r in (1, 4, 8)}
+    assert cells == {(d, "first_stage", None, None, None) for d in DATASETS} | {
+        (d, "rerank", str(ckpt), r, "default") for d in DATASETS for r in (1, 4, 8)
+    }
     for r in rows:
         assert {"dataset", "split", "stage", "checkpoint", "ratio", "instruction", "metrics"} <= set(r)
         assert r["split"] == "test"
@@ -77,8 +89,9 @@ def test_sweep_end_to_end_output_contract(finished, ckpt, data_dir):
         assert all(isinstance(v, float) for k, v in r["metrics"].items() if k != "roc_auc")
         # the run file written for the cell scores what the row says
         ds = sweep.prepare_dataset(sweep.Settings.from_config(_config(data_dir, out)), r["dataset"])
-        again = metrics.evaluate(ds.qrels, read_run(out / r["run_file"]), relevance_level=ds.relevance_level,
-                                 recall_cutoffs=(10, 100))
+        again = metrics.evaluate(
+            ds.qrels, read_run(out / r["run_file"]), relevance_level=ds.relevance_level, recall_cutoffs=(10, 100)
+        )
         assert again["ndcg_cut_10"] == pytest.approx(r["metrics"]["ndcg_cut_10"], abs=1e-9)
         if r["stage"] == "rerank":
             c = r["cost"]
@@ -101,11 +114,10 @@ def test_second_run_encodes_and_scores_nothing_and_grid_growth_reuses_the_store(
     assert counters == {"encode": 0, "rerank": []}
     grown = sweep.run_sweep(_config(data_dir, out, ckpt, ratios="1,2,4,8"))
     assert counters["encode"] == 0 and counters["rerank"] == [2, 2]  # ratio 2 re-pooled from the stored ratio 1
-    assert grown[:len(rows)] == rows and len(grown) == len(rows) + 2
+    assert grown[: len(rows)] == rows and len(grown) == len(rows) + 2
 
 
-def test_crash_midway_then_rerun_finishes_only_missing_cells(tmp_path, data_dir, ckpt, counters, monkeypatch,
-                                                             finished):
+def test_crash_midway_then_rerun_finishes_only_missing_cells(tmp_path, data_dir, ckpt, counters, monkeypatch, finished):
     out = tmp_path / "out"
     real_append, appended = results_lib.append, []
 
@@ -176,9 +188,20 @@ def test_cli_first_stage_only_reports_the_dl19_bm25_figure(data_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), f"--config.data_dir={data_dir}",
-         "--config.datasets=trec-dl-2019-passage", "--config.first_stage=run:runs/bm25.top100.trec.gz",
-         f"--config.output_dir={out}", "--config.progress=False"], env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(REPO / "eval.py"),
+            f"--config.data_dir={data_dir}",
+            "--config.datasets=trec-dl-2019-passage",
+            "--config.first_stage=run:runs/bm25.top100.trec.gz",
+            f"--config.output_dir={out}",
+            "--config.progress=False",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert row["stage"] == "first_stage" and row["checkpoint"] is None

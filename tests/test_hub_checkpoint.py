@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from kalm_jax import loader, scoring
-from kalm_jax.data.trec import read_run
 from kalm_jax.data.training_jsonl import TrainingExample, read_training_jsonl, write_training_jsonl
+from kalm_jax.data.trec import read_run
 from kalm_jax.hf_tokenizer import HFTokenizer
 from kalm_jax.reranker import Reranker
 from kalm_jax.training.label import label
@@ -53,8 +53,9 @@ def mini_beir(tmp_path_factory, scifact_texts):
             f.write(json.dumps({"_id": k, "title": "", "text": v}) + "\n")
     (d / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
     (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td3\t1\n")
-    (d / "run.trec").write_text("".join(f"{q} Q0 {k} {r + 1} {10.0 - r} bm25\n" for q in queries
-                                        for r, k in enumerate(docs)))
+    (d / "run.trec").write_text(
+        "".join(f"{q} Q0 {k} {r + 1} {10.0 - r} bm25\n" for q in queries for r, k in enumerate(docs))
+    )
     return d, docs, queries
 
 
@@ -67,27 +68,58 @@ def test_every_job_agrees_on_a_hub_checkpoint(hub_checkpoint, mini_beir, tmp_pat
     ckpt = loader.load(hub, dtype="float32")
     assert isinstance(ckpt.tokenizer, HFTokenizer) and ckpt.tokenizer.path.name == "tokenizer.json"
 
-    rr = Reranker.from_pretrained(hub, dtype="float32", ratio=RATIO, max_document_tokens=DOC_TOKENS,
-                                  max_query_tokens=QUERY_TOKENS, show_progress=False)
+    rr = Reranker.from_pretrained(
+        hub,
+        dtype="float32",
+        ratio=RATIO,
+        max_document_tokens=DOC_TOKENS,
+        max_query_tokens=QUERY_TOKENS,
+        show_progress=False,
+    )
     assert isinstance(rr.tokenizer, HFTokenizer)
     states = rr.encode_passages(texts, ratio=1)  # encoded once at ratio 1, scored at 4 (exact re-pooling)
     reranker = {q: rr.score(text, states, return_margin=True) for q, text in queries.items()}
 
     jsonl = tmp_path / "train.jsonl"
-    write_training_jsonl([TrainingExample(query=text, pos=[texts[0]], neg=texts[1:]) for text in queries.values()],
-                         jsonl)
-    label(hub, jsonl, tmp_path / "labelled.jsonl", ratio=RATIO, fmt="logit", max_document_tokens=DOC_TOKENS,
-          max_query_tokens=QUERY_TOKENS, show_progress=False)
-    labelled = {q: np.asarray(ex.pos_scores + ex.neg_scores)
-                for q, ex in zip(queries, read_training_jsonl(tmp_path / "labelled.jsonl"))}
+    write_training_jsonl(
+        [TrainingExample(query=text, pos=[texts[0]], neg=texts[1:]) for text in queries.values()], jsonl
+    )
+    label(
+        hub,
+        jsonl,
+        tmp_path / "labelled.jsonl",
+        ratio=RATIO,
+        fmt="logit",
+        max_document_tokens=DOC_TOKENS,
+        max_query_tokens=QUERY_TOKENS,
+        show_progress=False,
+    )
+    labelled = {
+        q: np.asarray(ex.pos_scores + ex.neg_scores)
+        for q, ex in zip(queries, read_training_jsonl(tmp_path / "labelled.jsonl"))
+    }
 
     out = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), f"--config.checkpoint={hub}", f"--config.data_dir={data.parent}",
-         "--config.datasets=mini", f"--config.ratios={RATIO}", "--config.first_stage=run:run.trec",
-         f"--config.max_document_tokens={DOC_TOKENS}", f"--config.max_query_tokens={QUERY_TOKENS}",
-         f"--config.output_dir={out}", "--config.progress=False", "--config.report=False"],
-        env=_env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(REPO / "eval.py"),
+            f"--config.checkpoint={hub}",
+            f"--config.data_dir={data.parent}",
+            "--config.datasets=mini",
+            f"--config.ratios={RATIO}",
+            "--config.first_stage=run:run.trec",
+            f"--config.max_document_tokens={DOC_TOKENS}",
+            f"--config.max_query_tokens={QUERY_TOKENS}",
+            f"--config.output_dir={out}",
+            "--config.progress=False",
+            "--config.report=False",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     cell = next(r for r in rows if r["stage"] == "rerank")
@@ -104,12 +136,30 @@ def test_train_py_fine_tunes_from_a_hub_checkpoint_with_its_tokenizer_json(hub_c
     hub, _ = hub_checkpoint
     work = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--config=configs/train.py:tiny", f"--workdir={work}",
-         f"--config.init_from={hub}", "--config.epochs=0.004", "--config.checkpoint.every=2",
-         "--config.eval.num_queries=0", "--config.data.batch_size=2", "--config.data.group_size=2",
-         "--config.data.max_document_tokens=32", "--config.data.max_query_tokens=8", "--config.mep.ratios=(1,4)",
-         "--config.optimizer.warmup_steps=1", f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"],
-        env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--config=configs/train.py:tiny",
+            f"--workdir={work}",
+            f"--config.init_from={hub}",
+            "--config.epochs=0.004",
+            "--config.checkpoint.every=2",
+            "--config.eval.num_queries=0",
+            "--config.data.batch_size=2",
+            "--config.data.group_size=2",
+            "--config.data.max_document_tokens=32",
+            "--config.data.max_query_tokens=8",
+            "--config.mep.ratios=(1,4)",
+            "--config.optimizer.warmup_steps=1",
+            f"--config.data.data_dir={data_dir}",
+            "--config.tensorboard=False",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "tokenizer.json").read_bytes() == (hub / "tokenizer.json").read_bytes()
     assert not (work / "tokenizer.model").exists()  # the checkpoint's tokenizer, never a newly trained one
@@ -164,8 +214,9 @@ def only_through_engine(monkeypatch):
     return calls
 
 
-def test_clients_reach_the_jitted_functions_only_through_the_engine(hub_checkpoint, mini_beir, tmp_path, data_dir,
-                                                                     only_through_engine, tokenizer):
+def test_clients_reach_the_jitted_functions_only_through_the_engine(
+    hub_checkpoint, mini_beir, tmp_path, data_dir, only_through_engine, tokenizer
+):
     from kalm_jax.evaluation import sweep
     from kalm_jax.training.dev_eval import DevSet
 
@@ -174,14 +225,31 @@ def test_clients_reach_the_jitted_functions_only_through_the_engine(hub_checkpoi
     rr = Reranker.from_pretrained(hub, dtype="float32", max_document_tokens=DOC_TOKENS, show_progress=False)
     rr.score("a query", list(docs.values())[:3])
     assert only_through_engine["encode_pool"] and only_through_engine["score_pairs"]
-    sweep.run_sweep({"checkpoint": str(hub), "data_dir": str(data.parent), "datasets": "mini", "ratios": "1,4",
-                     "first_stage": "run:run.trec", "max_document_tokens": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
-                     "progress": False, "report": False})
+    sweep.run_sweep(
+        {
+            "checkpoint": str(hub),
+            "data_dir": str(data.parent),
+            "datasets": "mini",
+            "ratios": "1,4",
+            "first_stage": "run:run.trec",
+            "max_document_tokens": DOC_TOKENS,
+            "output_dir": str(tmp_path / "o"),
+            "progress": False,
+            "report": False,
+        }
+    )
     jsonl = tmp_path / "t.jsonl"
     write_training_jsonl([TrainingExample(query="q", pos=["a passage"], neg=["another one"])], jsonl)
     label(hub, jsonl, tmp_path / "l.jsonl", show_progress=False)
-    dev = DevSet.build(data, "test", rr.tokenizer, num_queries=2, depth=3, max_document_tokens=DOC_TOKENS,
-                       max_query_tokens=QUERY_TOKENS)
+    dev = DevSet.build(
+        data,
+        "test",
+        rr.tokenizer,
+        num_queries=2,
+        depth=3,
+        max_document_tokens=DOC_TOKENS,
+        max_query_tokens=QUERY_TOKENS,
+    )
     assert 0.0 <= dev.evaluate(rr.model, rr.tokenizer, ratio=4)["dev_ndcg@10"] <= 1.0
     rr.score("a query", rr.encode_passages(list(docs.values())[:3], ratio=1))  # re-pooled on the device
     assert only_through_engine["repool_states"] > 0
@@ -215,9 +283,19 @@ def test_a_sweep_holds_one_copy_of_the_weights_per_device(hub_checkpoint, mini_b
     before = buffers((4096, 64), np.dtype(np.float32))
 
     monkeypatch.setattr(rerank, "rerank", snapshot)
-    sweep.run_sweep({"checkpoint": str(hub), "data_dir": str(data.parent), "datasets": "mini", "ratios": "4",
-                     "first_stage": "run:run.trec", "max_document_tokens": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
-                     "progress": False, "report": False})
+    sweep.run_sweep(
+        {
+            "checkpoint": str(hub),
+            "data_dir": str(data.parent),
+            "datasets": "mini",
+            "ratios": "4",
+            "first_stage": "run:run.trec",
+            "max_document_tokens": DOC_TOKENS,
+            "output_dir": str(tmp_path / "o"),
+            "progress": False,
+            "report": False,
+        }
+    )
     assert seen and all(set(s.values()) == {1} for s in seen), seen
 
 
@@ -230,9 +308,17 @@ def test_rerun_with_a_replaced_checkpoint_or_changed_data_refuses(hub_checkpoint
     shutil.copytree(hub_checkpoint[0], ck)
     data = tmp_path / "data"
     shutil.copytree(mini_beir[0].parent, data)
-    cfg = {"checkpoint": str(ck), "data_dir": str(data), "datasets": "mini", "ratios": "4",
-           "first_stage": "run:run.trec", "max_document_tokens": DOC_TOKENS, "output_dir": str(tmp_path / "o"),
-           "progress": False, "report": False}
+    cfg = {
+        "checkpoint": str(ck),
+        "data_dir": str(data),
+        "datasets": "mini",
+        "ratios": "4",
+        "first_stage": "run:run.trec",
+        "max_document_tokens": DOC_TOKENS,
+        "output_dir": str(tmp_path / "o"),
+        "progress": False,
+        "report": False,
+    }
     rows = sweep.run_sweep(cfg)
     assert all(r["data_identity"] for r in rows) and rows[-1]["checkpoint_identity"]
     assert sweep.run_sweep(cfg) == rows  # unchanged inputs: resumes, nothing to do

@@ -11,7 +11,9 @@ from kalm_jax import mep
 def _loop_reference(states, mask, r):
     b, n, h = states.shape
     c = -(-n // r)
-    out = np.zeros((b, c, h)); omask = np.zeros((b, c), int); counts = np.zeros((b, c), int)
+    out = np.zeros((b, c, h))
+    omask = np.zeros((b, c), int)
+    counts = np.zeros((b, c), int)
     for i in range(b):
         for j in range(c):
             rows = [t for t in range(j * r, min(n, (j + 1) * r)) if mask[i, t]]
@@ -80,7 +82,7 @@ def test_packed_ratios_unpack_to_one_padded_row_per_passage_and_ratio():
     assert rows.shape == (15, 37, 8) and row_mask.shape == (15, 37)
     for p in range(5):
         for k, r in enumerate(ratios):
-            ref, ref_mask, _ = _loop_reference(states[p:p + 1], mask[p:p + 1], r)
+            ref, ref_mask, _ = _loop_reference(states[p : p + 1], mask[p : p + 1], r)
             c = ref.shape[1]
             np.testing.assert_allclose(rows[p * 3 + k, :c], ref[0], atol=1e-6)
             np.testing.assert_array_equal(row_mask[p * 3 + k, :c], ref_mask[0])
@@ -110,8 +112,11 @@ def test_decoder_refuses_packed_passages_that_do_not_fit_the_layout():
         model.decode(ids, ones, packed, emptied, layout)
     # inputs embedded by the caller (the train step embeds each prompt once): the same states
     embedded = model.embed(ids)
-    np.testing.assert_array_equal(model.decode(ids, ones, packed, pmask, layout, embedded=embedded),
-                                  model.decode(ids, ones, packed, pmask, layout))
-    with pytest.raises(ValueError,
-                       match=rf"embedded decoder inputs have shape \(4, 2, {h}\); decoder_input_ids \(4, 3\)"):
+    np.testing.assert_array_equal(
+        model.decode(ids, ones, packed, pmask, layout, embedded=embedded),
+        model.decode(ids, ones, packed, pmask, layout),
+    )
+    with pytest.raises(
+        ValueError, match=rf"embedded decoder inputs have shape \(4, 2, {h}\); decoder_input_ids \(4, 3\)"
+    ):
         model.decode(ids, ones, packed, pmask, layout, embedded=embedded[:, :2])

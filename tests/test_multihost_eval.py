@@ -47,14 +47,35 @@ def run_env():
 
 
 def eval_args(ckpt: Path, data_dir: Path, out: Path) -> list[str]:
-    return ["eval.py", f"--config.checkpoint={ckpt}", f"--config.data_dir={data_dir}", "--config.datasets=scifact",
-            f"--config.output_dir={out}", f"--config.ratios={','.join(map(str, RATIOS))}", "--config.max_queries=4",
-            "--config.top_k=10", "--config.max_document_tokens=64", "--config.progress=False", "--config.report=False"]
+    return [
+        "eval.py",
+        f"--config.checkpoint={ckpt}",
+        f"--config.data_dir={data_dir}",
+        "--config.datasets=scifact",
+        f"--config.output_dir={out}",
+        f"--config.ratios={','.join(map(str, RATIOS))}",
+        "--config.max_queries=4",
+        "--config.top_k=10",
+        "--config.max_document_tokens=64",
+        "--config.progress=False",
+        "--config.report=False",
+    ]
 
 
 def launcher(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "2", "--grace", "3", "--",
-            *args]
+    return [
+        sys.executable,
+        "-m",
+        "kalm_jax.launch",
+        "-n",
+        "2",
+        "--devices_per_process",
+        "2",
+        "--grace",
+        "3",
+        "--",
+        *args,
+    ]
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -75,8 +96,14 @@ def open_store(out: Path) -> store_lib.PassageStore:
 def single(ckpt, data_dir, run_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_one") / "out"
     env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, *eval_args(ckpt, data_dir, out)], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, *eval_args(ckpt, data_dir, out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return out
 
@@ -85,22 +112,30 @@ def single(ckpt, data_dir, run_env, tmp_path_factory):
 def two(ckpt, data_dir, run_env, tmp_path_factory):
     """The two-process sweep killed after its first rerank cell, then rerun: (out, rows before the kill)."""
     out = tmp_path_factory.mktemp("eval_two") / "out"
-    proc = subprocess.Popen(launcher(eval_args(ckpt, data_dir, out)), env=run_env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        launcher(eval_args(ckpt, data_dir, out)),
+        env=run_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + TIMEOUT
     results = out / "results.jsonl"
     while not (results.exists() and '"rerank"' in results.read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"sweep ended (rc {proc.returncode}) before its first rerank cell:\n"
-                                 f"{proc.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"sweep ended (rc {proc.returncode}) before its first rerank cell:\n{proc.stdout.read()[-4000:]}"
+            )
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # the launcher dies; its processes get SIGKILL with it (PR_SET_PDEATHSIG)
     proc.communicate(timeout=60)
     before = rows_of(out)
     assert len(before) < 1 + len(RATIOS), "the sweep finished before it could be killed"
-    r = subprocess.run(launcher(eval_args(ckpt, data_dir, out)), env=run_env, cwd=REPO, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        launcher(eval_args(ckpt, data_dir, out)), env=run_env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert r.returncode == 0, r.stdout[-4000:]
     return out, before
 
@@ -120,8 +155,8 @@ def test_two_processes_write_the_same_metrics_as_one(single, two):
 def test_killed_sweep_resumes_with_only_the_missing_cells(two):
     out, before = two
     after = rows_of(out)
-    assert after[:len(before)] == before  # finished cells kept as they were
-    for row in after[len(before):]:
+    assert after[: len(before)] == before  # finished cells kept as they were
+    for row in after[len(before) :]:
         assert row["stage"] == "rerank" and row["cost"]["encoded_passages"] == 0  # the store was not re-encoded
 
 

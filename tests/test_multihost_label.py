@@ -52,8 +52,13 @@ def train_jsonl(data_dir, tmp_path_factory):
     for q in sorted(ds.qrels)[:40]:
         pos = [d for d, rel in ds.qrels[q].items() if rel > 0 and d in ds.corpus][:1]
         neg = [d for d in rng.choice(ids, 3, replace=False) if d not in ds.qrels[q]]
-        examples.append(TrainingExample(query=ds.queries[q], pos=[passage_text(ds.corpus[d]) for d in pos],
-                                        neg=[passage_text(ds.corpus[d]) for d in neg]))
+        examples.append(
+            TrainingExample(
+                query=ds.queries[q],
+                pos=[passage_text(ds.corpus[d]) for d in pos],
+                neg=[passage_text(ds.corpus[d]) for d in neg],
+            )
+        )
     path = tmp_path_factory.mktemp("label_in") / "train.jsonl"
     write_training_jsonl(examples, path)
     return path
@@ -61,28 +66,51 @@ def train_jsonl(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_env(tmp_path_factory):
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("label_jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    e = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("label_jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     e.pop("XLA_FLAGS", None)
     return e
 
 
 def label_args(teacher: Path, src: Path, out: Path) -> list[str]:
-    return ["-m", "kalm_jax.training.label", f"--config.teacher={teacher}", f"--config.input={src}",
-            f"--config.output={out}", "--config.max_document_tokens=32", "--config.max_query_tokens=16",
-            f"--config.shard_size={SHARD}", "--config.batch_size=8"]
+    return [
+        "-m",
+        "kalm_jax.training.label",
+        f"--config.teacher={teacher}",
+        f"--config.input={src}",
+        f"--config.output={out}",
+        "--config.max_document_tokens=32",
+        "--config.max_query_tokens=16",
+        f"--config.shard_size={SHARD}",
+        "--config.batch_size=8",
+    ]
 
 
 def launcher(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "4", "--grace", "3", "--",
-            *args]
+    return [
+        sys.executable,
+        "-m",
+        "kalm_jax.launch",
+        "-n",
+        "2",
+        "--devices_per_process",
+        "4",
+        "--grace",
+        "3",
+        "--",
+        *args,
+    ]
 
 
 def pair_counts(src: Path) -> list[int]:
     """Pairs per shard of `src`."""
     n = [len(ex.pos) + len(ex.neg) for ex in read_training_jsonl(src)]
-    return [sum(n[a:a + SHARD]) for a in range(0, len(n), SHARD)]
+    return [sum(n[a : a + SHARD]) for a in range(0, len(n), SHARD)]
 
 
 def logged(out: str) -> dict[str, tuple[int, int, int, int]]:
@@ -104,18 +132,31 @@ def assert_same_labels(a: Path, b: Path) -> None:
 def single(teacher, train_jsonl, run_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("label_one") / "labelled.jsonl"
     env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, *label_args(teacher, train_jsonl, out)], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, *label_args(teacher, train_jsonl, out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert not parts_dir(out).exists()
     return out
 
 
-def test_two_processes_each_label_their_half_and_write_what_one_process_writes(single, teacher, train_jsonl, run_env,
-                                                                               tmp_path):
+def test_two_processes_each_label_their_half_and_write_what_one_process_writes(
+    single, teacher, train_jsonl, run_env, tmp_path
+):
     out = tmp_path / "labelled.jsonl"
-    r = subprocess.run(launcher(label_args(teacher, train_jsonl, out)), env=run_env, cwd=REPO, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        launcher(label_args(teacher, train_jsonl, out)),
+        env=run_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     counts = pair_counts(train_jsonl)
     assert len(counts) == 20
@@ -129,14 +170,21 @@ def test_killed_labelling_resumes_with_only_the_unfinished_shards(single, teache
     out = tmp_path / "labelled.jsonl"
     parts = parts_dir(out)
     saved = lambda: sorted(p.name for p in parts.glob("shard-*.json")) if parts.is_dir() else []  # noqa: E731
-    proc = subprocess.Popen(launcher(label_args(teacher, train_jsonl, out)), env=run_env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        launcher(label_args(teacher, train_jsonl, out)),
+        env=run_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + TIMEOUT
     while len(saved()) < 3:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"labelling ended (rc {proc.returncode}) before 3 shards were saved:\n"
-                                 f"{proc.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"labelling ended (rc {proc.returncode}) before 3 shards were saved:\n{proc.stdout.read()[-4000:]}"
+            )
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # the launcher dies; its processes get SIGKILL with it (PR_SET_PDEATHSIG)
     proc.communicate(timeout=60)
@@ -145,12 +193,20 @@ def test_killed_labelling_resumes_with_only_the_unfinished_shards(single, teache
     assert not out.exists() and 3 <= len(before) < 20, before
     done = {int(name.split("-")[1]) for name in before}
     todo = [k for k in range(20) if k not in done]
-    r = subprocess.run(launcher(label_args(teacher, train_jsonl, out)), env=run_env, cwd=REPO, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        launcher(label_args(teacher, train_jsonl, out)),
+        env=run_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     counts = pair_counts(train_jsonl)
     half = len(todo) // 2
-    assert logged(r.stdout) == {"p0": (sum(counts[k] for k in todo[:half]), half, len(done), 20),
-                                "p1": (sum(counts[k] for k in todo[half:]), len(todo) - half, len(done), 20)}
+    assert logged(r.stdout) == {
+        "p0": (sum(counts[k] for k in todo[:half]), half, len(done), 20),
+        "p1": (sum(counts[k] for k in todo[half:]), len(todo) - half, len(done), 20),
+    }
     assert_same_labels(out, single)
     assert not parts.exists()

@@ -4,6 +4,7 @@ independent of the process count) and the shard-local passage gather (no all-gat
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kalm_jax import distributed
 from kalm_jax.data.pipeline import CollateGroups, PipelineConfig, ShardedBatchSampler
@@ -32,31 +34,42 @@ def env() -> dict:
 
 
 def launch(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kalm_jax.launch", *args], env=env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "kalm_jax.launch", *args],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_output_lines_of_stdout_and_stderr_stay_apart(tmp_path):
     """A library's stderr text without a newline (gloo's "connected to 1 peer ranks") must not join the
     process's next stdout line."""
     script = tmp_path / "mixed.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys, time
         sys.stderr.write("[lib] no newline"); sys.stderr.flush()
         time.sleep(0.2)
         print("RESULT", sys.argv[-1], flush=True)
-    """))
+    """)
+    )
     r = launch(["-n", "2", "--devices_per_process", "1", "--", str(script)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert sorted(line for line in lines if "RESULT" in line) == ["[p0] RESULT --process_id=0",
-                                                                  "[p1] RESULT --process_id=1"], lines
+    assert sorted(line for line in lines if "RESULT" in line) == [
+        "[p0] RESULT --process_id=0",
+        "[p1] RESULT --process_id=1",
+    ], lines
     assert sorted(line for line in lines if "[lib]" in line) == ["[p0] [lib] no newline", "[p1] [lib] no newline"]
 
 
 def test_two_processes_sum_a_global_array(tmp_path):
     script = tmp_path / "sum.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from kalm_jax import cli, distributed
         _, a = cli.parse(__import__("sys").argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
         assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
@@ -69,20 +82,24 @@ def test_two_processes_sum_a_global_array(tmp_path):
         print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), float(total),
               distributed.any_process(jax.process_index() == 1), distributed.is_primary())
         distributed.barrier("end")
-    """))
+    """)
+    )
     r = launch(["-n", "2", "--devices_per_process", "3", "--", str(script)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = sorted(line.split() for line in r.stdout.splitlines() if "RESULT" in line)
     # 6 devices: 0+1+2 + 100+101+102 = 306; stop flags agree; only process 0 is primary.
-    assert rows == [["[p0]", "RESULT", "0", "2", "6", "306.0", "True", "True"],
-                    ["[p1]", "RESULT", "1", "2", "6", "306.0", "True", "False"]]
+    assert rows == [
+        ["[p0]", "RESULT", "0", "2", "6", "306.0", "True", "True"],
+        ["[p1]", "RESULT", "1", "2", "6", "306.0", "True", "False"],
+    ]
 
 
 def test_one_failing_process_stops_the_job(tmp_path):
     script = tmp_path / "fail.py"
     # Process 1 fails once all three have started (a launcher that reacts at once would otherwise stop
     # the others before they print).
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, time
         rank = int([a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1])
         print("started", rank, flush=True)
@@ -92,7 +109,8 @@ def test_one_failing_process_stops_the_job(tmp_path):
                 time.sleep(0.01)
             sys.exit(3)
         time.sleep(120)
-    """))
+    """)
+    )
     t0 = time.monotonic()
     r = launch(["-n", "3", "--grace", "1", "--", str(script)], timeout=60)
     assert r.returncode == 3, r.stdout
@@ -108,7 +126,8 @@ def test_the_first_failure_is_reported_when_others_follow_at_once(tmp_path):
     lowest-numbered failure (134) instead of the first (3)."""
     script = tmp_path / "cascade.py"
     flag = tmp_path / "dying"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, time
         rank = int([a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1])
         time.sleep(0.5)
@@ -119,7 +138,8 @@ def test_the_first_failure_is_reported_when_others_follow_at_once(tmp_path):
             time.sleep(0.001)
         time.sleep(0.02)
         os.abort()
-    """))
+    """)
+    )
     for _ in range(3):
         flag.unlink(missing_ok=True)
         r = launch(["-n", "2", "--grace", "1", "--", str(script)], timeout=60)
@@ -145,16 +165,16 @@ def test_partial_distributed_flags_are_rejected():
 # ------------------------------------------------------------------------------ per-process data shards
 def _epoch(num_records: int, global_batch: int, shards: int, processes: int, steps: int):
     """Record keys and rngs of the first `steps` global batches, as `processes` hosts assemble them."""
-    cfg = PipelineConfig(batch_size=global_batch // processes, group_size=2, batch_shards=shards // processes,
-                         seed=11)
+    cfg = PipelineConfig(batch_size=global_batch // processes, group_size=2, batch_shards=shards // processes, seed=11)
     samplers = [ShardedBatchSampler(num_records, cfg, p, processes) for p in range(processes)]
     per_host = global_batch // processes
     batches = []
     for t in range(steps):  # the DataLoader visits p + m * processes for host p's m-th record
         rows = [samplers[p][p + (t * per_host + j) * processes] for p in range(processes) for j in range(per_host)]
         batches.append(([r.record_key for r in rows], [int(r.rng.integers(1 << 30)) for r in rows]))
-    return batches, [[samplers[p][p + m * processes].record_key for m in range(steps * per_host)]
-                     for p in range(processes)]
+    return batches, [
+        [samplers[p][p + m * processes].record_key for m in range(steps * per_host)] for p in range(processes)
+    ]
 
 
 def test_process_shards_are_disjoint_complete_and_independent_of_process_count():
@@ -180,10 +200,18 @@ def test_collate_deduplicates_within_each_batch_shard():
     groups = []
     for q in range(4):  # queries 0, 1 share passage "7"; queries 2, 3 share it too (other shard)
         ids = np.array([[7, 7, 7], [10 + q, 1, 1]], np.int32)
-        groups.append({"enc_ids": ids, "enc_mask": np.ones_like(ids), "dec_ids": np.zeros(4, np.int32),
-                       "dec_mask": np.ones(4, np.int32), "labels": np.array([1, 0], np.float32),
-                       "teacher": np.zeros(2, np.float32), "teacher_mask": np.zeros(2, np.float32),
-                       "example_id": np.int32(q)})
+        groups.append(
+            {
+                "enc_ids": ids,
+                "enc_mask": np.ones_like(ids),
+                "dec_ids": np.zeros(4, np.int32),
+                "dec_mask": np.ones(4, np.int32),
+                "labels": np.array([1, 0], np.float32),
+                "teacher": np.zeros(2, np.float32),
+                "teacher_mask": np.zeros(2, np.float32),
+                "example_id": np.int32(q),
+            }
+        )
     whole, split = CollateGroups(0)(groups), CollateGroups(0, shards=2)(groups)
     assert whole["passage_index"].tolist() == [[0, 1], [0, 2], [0, 3], [0, 4]]
     assert split["passage_index"].tolist() == [[0, 1], [0, 2], [4, 5], [4, 6]]
@@ -201,8 +229,11 @@ def test_shard_local_gather_has_no_all_gather():
     index = (np.arange(rows) // 4 * 4 + rng.integers(0, 4, rows)).astype(np.int32)  # within each 4-row shard
     counts = {}
     for shards in (1, 8):
-        f = jax.jit(lambda t, i: gather_rows(jnp.tanh(t), i, shards), in_shardings=(table_sh, index_sh),
-                    out_shardings=table_sh)
+        f = jax.jit(
+            functools.partial(lambda t, i, shards: gather_rows(jnp.tanh(t), i, shards), shards=shards),
+            in_shardings=(table_sh, index_sh),
+            out_shardings=table_sh,
+        )
         np.testing.assert_allclose(f(table, index), np.tanh(table)[index], rtol=1e-6)
         counts[shards] = f.lower(table, index).compile().as_text().count("all-gather")
     assert counts[1] > 0 and counts[8] == 0, counts
@@ -210,7 +241,8 @@ def test_shard_local_gather_has_no_all_gather():
 
 def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
     script = tmp_path / "wait.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import signal, sys, time
         rank = [a for a in sys.argv if a.startswith("--process_id=")][0].split("=")[1]
         got = []
@@ -220,9 +252,15 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
         while not got and time.time() < deadline:
             time.sleep(0.05)
         print("saved and exiting", rank, bool(got), flush=True)
-    """))
-    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--", str(script)], env=env(),
-                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--", str(script)],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     while len([x for x in lines if "ready" in x]) < 2:
         line = proc.stdout.readline()
@@ -240,7 +278,8 @@ def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(
     run a device collective. A barrier that was itself the first device collective died after 30 s
     ("Gloo context initialization failed: DEADLINE_EXCEEDED"). A barrier name used twice passes twice."""
     script = tmp_path / "slow_primary.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys, time
         from kalm_jax import cli, distributed
         _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
@@ -255,7 +294,8 @@ def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(
         total = int(np.sum(multihost_utils.process_allgather(np.int32(jax.process_index() + 1))))
         distributed.barrier("prepared")  # the same name again
         print("RESULT", jax.process_index(), total, waited > 34, flush=True)
-    """))
+    """)
+    )
     r = launch(["-n", "2", "--devices_per_process", "2", "--", str(script)], timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = sorted(line.split() for line in r.stdout.splitlines() if "RESULT" in line)
@@ -265,7 +305,8 @@ def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(
 def test_a_barrier_timeout_names_the_barrier_and_the_missing_process(tmp_path):
     """KALM_BARRIER_TIMEOUT bounds the wait; the error names the barrier, the timeout and who did not arrive."""
     script = tmp_path / "late.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, sys, time
         from kalm_jax import cli, distributed
         _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
@@ -279,11 +320,18 @@ def test_a_barrier_timeout_names_the_barrier_and_the_missing_process(tmp_path):
             print("TIMEOUT", jax.process_index(), e, flush=True)
         sys.stdout.flush()
         os._exit(0)
-    """))
+    """)
+    )
     e = env()
     e["KALM_BARRIER_TIMEOUT"] = "3"
-    r = subprocess.run([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1", "--",
-                        str(script)], env=e, capture_output=True, text=True, timeout=120, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1", "--", str(script)],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     out = r.stdout
     line = [x for x in out.splitlines() if x.startswith("[p0] TIMEOUT 0")]
     assert line, out[-3000:] + r.stderr[-3000:]
@@ -305,7 +353,7 @@ def _listening(port: int) -> list:
             host, hexport = local.split(":")
             if state == "0A" and int(hexport, 16) == port:
                 # 32-bit words in host (little-endian) byte order
-                raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+                raw = b"".join(bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, len(host), 8))
                 addr = ipaddress.ip_address(raw)
                 found.append(getattr(addr, "ipv4_mapped", None) or addr)
     return found
@@ -319,7 +367,8 @@ def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
     port = free_port()
     script = tmp_path / "hold.py"
     flag = tmp_path / "checked"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, time
         from kalm_jax import cli, distributed
         _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
@@ -328,10 +377,27 @@ def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
         deadline = time.time() + 60
         while not os.path.exists({str(flag)!r}) and time.time() < deadline:
             time.sleep(0.05)
-    """))
-    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1",
-                             "--port", str(port), "--", str(script)], env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                            text=True)
+    """)
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kalm_jax.launch",
+            "-n",
+            "2",
+            "--devices_per_process",
+            "1",
+            "--port",
+            str(port),
+            "--",
+            str(script),
+        ],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines = []
         while len([x for x in lines if "ready" in x]) < 2:
@@ -362,14 +428,21 @@ def test_the_launcher_kills_processes_that_ignore_a_forwarded_sigterm(tmp_path):
     """A process that ignores SIGTERM (hung, or JAX's preemption handler swallowing it) is SIGKILLed
     --grace seconds after the launcher forwarded the signal."""
     script = tmp_path / "stubborn.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("ready", flush=True)
         time.sleep(120)
-    """))
-    proc = subprocess.Popen([sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--grace", "2", "--",
-                             str(script)], env=env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--grace", "2", "--", str(script)],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     while len([x for x in lines if "ready" in x]) < 2:
         line = proc.stdout.readline()
@@ -387,9 +460,15 @@ def test_the_launcher_kills_processes_that_ignore_a_forwarded_sigterm(tmp_path):
     assert "SIGKILL" in out, out
 
 
-@pytest.mark.parametrize("args, flag", [(["--port", "99999"], "--port"), (["--port", "0"], "--port"),
-                                        (["--devices_per_process", "0"], "--devices_per_process"),
-                                        (["--grace", "-1"], "--grace")])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--port", "99999"], "--port"),
+        (["--port", "0"], "--port"),
+        (["--devices_per_process", "0"], "--devices_per_process"),
+        (["--grace", "-1"], "--grace"),
+    ],
+)
 def test_launcher_flag_errors_name_the_flag(args, flag):
     r = launch(["-n", "2", *args, "--", "train.py"], timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr

@@ -2,8 +2,8 @@
 
 Five short runs of the tiny preset (6 steps, global batch 8): one process straight; two processes
 straight; two processes stopped by a SIGTERM to process 1 after step 2 (both save at the same step),
-resumed, SIGKILLed (process 1) after the step-4 checkpoint, and resumed again. The per-step losses of every two-process run
-match the one-process run within 1e-5; the interrupted run ends bit-identical to the straight one.
+resumed, SIGKILLed (process 1) after the step-4 checkpoint, and resumed again. The per-step losses of every
+two-process run match the one-process run within 1e-5; the interrupted run ends bit-identical to the straight one.
 """
 
 from __future__ import annotations
@@ -43,8 +43,13 @@ def train_jsonl(data_dir, tmp_path_factory):
     for q in sorted(ds.qrels)[:40]:
         pos = [d for d, rel in ds.qrels[q].items() if rel > 0 and d in ds.corpus][:1]
         neg = [d for d in rng.choice(ids, 3, replace=False) if d not in ds.qrels[q]]
-        examples.append(TrainingExample(query=ds.queries[q], pos=[passage_text(ds.corpus[d]) for d in pos],
-                                        neg=[passage_text(ds.corpus[d]) for d in neg]))
+        examples.append(
+            TrainingExample(
+                query=ds.queries[q],
+                pos=[passage_text(ds.corpus[d]) for d in pos],
+                neg=[passage_text(ds.corpus[d]) for d in neg],
+            )
+        )
     path = tmp_path_factory.mktemp("mh_train") / "train.jsonl"
     write_training_jsonl(examples, path)
     return path
@@ -52,25 +57,53 @@ def train_jsonl(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_env(tmp_path_factory):
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    e = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     e.pop("XLA_FLAGS", None)
     return e
 
 
 @pytest.fixture(scope="module")
 def train_args(train_jsonl, tokenizer, data_dir):
-    return [f"--config={REPO}/configs/train.py:tiny", f"--config.total_steps={STEPS}", "--config.checkpoint.every=2",
-            "--config.eval.num_queries=0", f"--config.data.train_jsonl=('{train_jsonl}',)",
-            f"--config.tokenizer={tokenizer.path}", "--config.data.batch_size=8", "--config.data.group_size=2",
-            "--config.data.max_document_tokens=32", "--config.data.max_query_tokens=8", "--config.mep.ratios=(1,4)",
-            "--config.optimizer.warmup_steps=2", f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"]
+    return [
+        f"--config={REPO}/configs/train.py:tiny",
+        f"--config.total_steps={STEPS}",
+        "--config.checkpoint.every=2",
+        "--config.eval.num_queries=0",
+        f"--config.data.train_jsonl=('{train_jsonl}',)",
+        f"--config.tokenizer={tokenizer.path}",
+        "--config.data.batch_size=8",
+        "--config.data.group_size=2",
+        "--config.data.max_document_tokens=32",
+        "--config.data.max_query_tokens=8",
+        "--config.mep.ratios=(1,4)",
+        "--config.optimizer.warmup_steps=2",
+        f"--config.data.data_dir={data_dir}",
+        "--config.tensorboard=False",
+    ]
 
 
 def launcher(workdir: Path, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "4", "--grace", "3", "--",
-            "train.py", *args, f"--workdir={workdir}"]
+    return [
+        sys.executable,
+        "-m",
+        "kalm_jax.launch",
+        "-n",
+        "2",
+        "--devices_per_process",
+        "4",
+        "--grace",
+        "3",
+        "--",
+        "train.py",
+        *args,
+        f"--workdir={workdir}",
+    ]
 
 
 def losses(workdir: Path) -> list[float]:
@@ -126,8 +159,14 @@ def popen(cmd: list[str], env: dict) -> subprocess.Popen:
 def single(train_args, run_env, tmp_path_factory):
     w = tmp_path_factory.mktemp("one_process")
     env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, "train.py", *train_args, f"--workdir={w}"], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, "train.py", *train_args, f"--workdir={w}"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return w
 
@@ -156,8 +195,14 @@ def mesh(data: int, fsdp: int, tensor: int) -> list[str]:
 
 def one_process(workdir: Path, args: list[str], env: dict) -> str:
     env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, "train.py", *args, f"--workdir={workdir}"], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, "train.py", *args, f"--workdir={workdir}"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return r.stdout + r.stderr
 
@@ -184,7 +229,9 @@ def test_resume_on_another_mesh_and_process_count(single, straight, train_args, 
         shutil.rmtree(w / "checkpoints" / str(step))
     assert checkpoint_steps(w) == [2]
     assert sorted(p.name for p in (w / "checkpoints/2/data_iter").glob("process_*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     logged = (w / "metrics.jsonl").read_text().splitlines()[:2]
     one_process(w, [*train_args, *mesh(2, 2, 2)], run_env)
     assert (w / "metrics.jsonl").read_text().splitlines()[:2] == logged  # resumed at step 2
@@ -196,8 +243,9 @@ def test_sigterm_stop_sigkill_and_resume(single, straight, train_args, run_env, 
     # 1. SIGTERM to process 1 only, once step 2 is logged: both processes save the same step (2, or 3 when
     #    process 1 had already passed its step-2 stop check) and exit 0.
     proc = popen(launcher(w, train_args), run_env)
-    wait_for(lambda: (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").read_text().count("\n") >= 2, proc,
-             "step 2")
+    wait_for(
+        lambda: (w / "metrics.jsonl").exists() and (w / "metrics.jsonl").read_text().count("\n") >= 2, proc, "step 2"
+    )
     os.kill(child_pid(proc.pid, 1), signal.SIGTERM)
     out = finish(proc)
     assert proc.returncode == 0, out[-4000:]
@@ -229,16 +277,27 @@ def test_dev_evaluation_runs_on_two_processes(train_args, run_env, tmp_path):
     (mesh fsdp=8), dev evaluation scores on the training mesh with the state's own arrays (no gather of the
     weights; tests/test_dev_eval.py checks none is copied or read to the host) and logs what one process logs."""
     args = [a for a in train_args if not a.startswith(("--config.eval.num_queries", "--config.total_steps"))]
-    args += ["--config.total_steps=2", "--config.eval.num_queries=3", "--config.eval.depth=4", "--config.mesh.data=1",
-             "--config.mesh.fsdp=8"]
+    args += [
+        "--config.total_steps=2",
+        "--config.eval.num_queries=3",
+        "--config.eval.depth=4",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=8",
+    ]
     w = tmp_path / "dev"
     proc = subprocess.run(launcher(w, args), env=run_env, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "[p0] mesh {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 cpu devices" in proc.stdout
     one = tmp_path / "dev_one"
     env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, "train.py", *args, f"--workdir={one}"], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, "train.py", *args, f"--workdir={one}"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
@@ -255,10 +314,21 @@ def test_locked_workdir_stops_every_process_naming_the_holder(train_args, run_en
     """Two processes on a workdir another run holds: process 0 cannot take `<workdir>/.lock`, every process
     learns it and the job exits 2 at once naming the holder; nothing is prepared in the workdir."""
     w = tmp_path / "locked"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom kalm_jax.locks import exclusive_lock\n"
-        "with exclusive_lock(sys.argv[1], 'training run'):\n    print('locked', flush=True)\n    time.sleep(600)"),
-        str(w)], env=run_env, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom kalm_jax.locks import exclusive_lock\n"
+                "with exclusive_lock(sys.argv[1], 'training run'):\n"
+                "    print('locked', flush=True)\n    time.sleep(600)"
+            ),
+            str(w),
+        ],
+        env=run_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.monotonic()
@@ -278,7 +348,8 @@ def test_a_process_late_to_the_first_step_does_not_fail_the_job(train_args, run_
     at the step's first run, gave up after 30 s ("Gloo context initialization failed: DEADLINE_EXCEEDED").
     Every process now compiles the step, then they meet at a host-side barrier before its first run."""
     wrapper = tmp_path / "late_train.py"
-    wrapper.write_text(textwrap.dedent(f"""
+    wrapper.write_text(
+        textwrap.dedent(f"""
         import runpy, sys, time
         from kalm_jax.training import loop
         first = loop.global_batch
@@ -290,7 +361,8 @@ def test_a_process_late_to_the_first_step_does_not_fail_the_job(train_args, run_
         loop.global_batch = late
         sys.argv[0] = {str(REPO / "train.py")!r}
         runpy.run_path(sys.argv[0], run_name="__main__")
-    """))
+    """)
+    )
     w = tmp_path / "late"
     args = [a for a in train_args if not a.startswith("--config.total_steps")] + ["--config.total_steps=2"]
     cmd = launcher(w, args)

@@ -36,12 +36,15 @@ def test_no_judged_positive_among_negatives(train, train_run):
 
 
 def test_sampling_range_and_determinism(train, train_run):
-    a = mine_hard_negatives(train, train_run, num_negatives=5, sample_start=10, sample_end=30, seed=1,
-                            show_progress=False)
-    b = mine_hard_negatives(train, train_run, num_negatives=5, sample_start=10, sample_end=30, seed=1,
-                            show_progress=False)
-    c = mine_hard_negatives(train, train_run, num_negatives=5, sample_start=10, sample_end=30, seed=2,
-                            show_progress=False)
+    a = mine_hard_negatives(
+        train, train_run, num_negatives=5, sample_start=10, sample_end=30, seed=1, show_progress=False
+    )
+    b = mine_hard_negatives(
+        train, train_run, num_negatives=5, sample_start=10, sample_end=30, seed=1, show_progress=False
+    )
+    c = mine_hard_negatives(
+        train, train_run, num_negatives=5, sample_start=10, sample_end=30, seed=2, show_progress=False
+    )
     assert a == b and a != c
     for ex in a:
         window = [d for d, _ in ranked(train_run[ex.qid])][10:30]
@@ -52,9 +55,19 @@ def test_sampling_range_and_determinism(train, train_run):
 
 def test_cli_writes_valid_jsonl(data_dir, tmp_path, capsys):
     out = tmp_path / "adi.jsonl.gz"
-    assert main([f"--config.data_dir={data_dir}", "--config.dataset=adi", "--config.split=test", f"--config.out={out}",
-                 "--config.num_negatives=7",
-                 "--config.prompt=Given a query, retrieve documents that answer the query."]) == 0
+    assert (
+        main(
+            [
+                f"--config.data_dir={data_dir}",
+                "--config.dataset=adi",
+                "--config.split=test",
+                f"--config.out={out}",
+                "--config.num_negatives=7",
+                "--config.prompt=Given a query, retrieve documents that answer the query.",
+            ]
+        )
+        == 0
+    )
     examples = read_training_jsonl(out)
     ds = load_beir(data_dir / "adi", "test")
     assert len(examples) == len(ds.qrels)

@@ -23,9 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-COMMANDS = ("kalm-train", "kalm-eval", "kalm-convert", "kalm-export", "kalm-label", "kalm-aot", "kalm-bench",
-            "kalm-bm25", "kalm-negatives", "kalm-tfds-build", "kalm-tokenizer", "kalm-verify-release", "kalm-report",
-            "kalm-launch")
+COMMANDS = (
+    "kalm-train",
+    "kalm-eval",
+    "kalm-convert",
+    "kalm-export",
+    "kalm-label",
+    "kalm-aot",
+    "kalm-bench",
+    "kalm-bm25",
+    "kalm-negatives",
+    "kalm-tfds-build",
+    "kalm-tokenizer",
+    "kalm-verify-release",
+    "kalm-report",
+    "kalm-launch",
+)
 
 
 def _scripts() -> list[str]:
@@ -51,21 +64,46 @@ def core_venv(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "kalm_jax", src / "kalm_jax", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(root / "dist"), str(src)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(root / "dist"),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+    )
     wheel = next((root / "dist").glob("kalm_jax-*.whl"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True,
-                   timeout=900, env=_env(venv), cwd=root)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        check=True,
+        timeout=900,
+        env=_env(venv),
+        cwd=root,
+    )
     return venv
 
 
 def test_every_console_command_is_installed_and_answers_help(core_venv, tmp_path):
     assert _scripts() == sorted(COMMANDS)
     for command in COMMANDS:
-        r = subprocess.run([str(core_venv / "bin" / command), "--help"], capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path, env=_env(core_venv))
+        r = subprocess.run(
+            [str(core_venv / "bin" / command), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env=_env(core_venv),
+        )
         assert r.returncode == 0, (command, r.stdout[-2000:], r.stderr[-2000:])
         assert "usage" in r.stdout.lower(), (command, r.stdout[:500])
         assert "Traceback" not in r.stderr, (command, r.stderr[-2000:])
@@ -73,16 +111,32 @@ def test_every_console_command_is_installed_and_answers_help(core_venv, tmp_path
 
 def test_packaged_configs_are_found_outside_the_checkout(core_venv, tmp_path):
     """A bare config name means the package's file, from any directory (a user's own file is a path)."""
-    r = subprocess.run([str(core_venv / "bin" / "kalm-train"), "--config=train.py:nano", "--help"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(core_venv))
+    r = subprocess.run(
+        [str(core_venv / "bin" / "kalm-train"), "--config=train.py:nano", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=_env(core_venv),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "site-packages" in r.stdout and "preset: nano" in r.stdout, r.stdout[:1500]
 
 
 def test_a_command_needing_an_extra_names_the_install_in_one_line(core_venv, tmp_path, data_dir):
-    r = subprocess.run([str(core_venv / "bin" / "kalm-eval"), f"--config.data_dir={data_dir}",
-                        "--config.datasets=scifact", f"--config.output_dir={tmp_path / 'out'}"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(core_venv))
+    r = subprocess.run(
+        [
+            str(core_venv / "bin" / "kalm-eval"),
+            f"--config.data_dir={data_dir}",
+            "--config.datasets=scifact",
+            f"--config.output_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=_env(core_venv),
+    )
     assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
     lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert lines and "pip install 'kalm-jax[eval]'" in lines[-1], r.stderr[-2000:]
@@ -91,8 +145,14 @@ def test_a_command_needing_an_extra_names_the_install_in_one_line(core_venv, tmp
 
 def test_core_install_converts_and_ranks_with_a_hub_checkpoint(core_venv, hub_checkpoint, tmp_path):
     hub_checkpoint, _ = hub_checkpoint
-    r = subprocess.run([str(core_venv / "bin" / "kalm-convert"), "inspect", str(hub_checkpoint)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env(core_venv))
+    r = subprocess.run(
+        [str(core_venv / "bin" / "kalm-convert"), "inspect", str(hub_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=_env(core_venv),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "t5gemma2" in r.stdout.lower() or "layers" in r.stdout.lower(), r.stdout[:2000]
     script = textwrap.dedent(f"""
@@ -104,8 +164,14 @@ def test_core_install_converts_and_ranks_with_a_hub_checkpoint(core_venv, hub_ch
         print(json.dumps({{"ranked": ranked, "file": __import__("kalm_jax").__file__,
                            "torch": "torch" in mods, "grain": "grain" in mods}}))
     """)
-    r = subprocess.run([str(core_venv / "bin" / "python"), "-c", script], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path, env=_env(core_venv))
+    r = subprocess.run(
+        [str(core_venv / "bin" / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=_env(core_venv),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert str(core_venv) in out["file"], out["file"]  # the installed wheel, not the checkout

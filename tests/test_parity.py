@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from torch_reference import build_tiny_hf, official_pool, torch_forward
 
 from kalm_jax import hf, mep
-from torch_reference import build_tiny_hf, official_pool, torch_forward
 
 TOL = 1e-4
 CASES = {
     # GQA, sliding window 4, sequences longer than the window on both sides, linear global RoPE x8.
     "gqa": dict(heads=4, kv_heads=2, window=4),
     # MHA, odd window, three layers, linear RoPE on both layer types.
-    "mha": dict(heads=2, kv_heads=2, window=5, local_factor=2.0, global_factor=4.0,
-                layers=("sliding_attention", "full_attention", "sliding_attention")),
+    "mha": dict(
+        heads=2,
+        kv_heads=2,
+        window=5,
+        local_factor=2.0,
+        global_factor=4.0,
+        layers=("sliding_attention", "full_attention", "sliding_attention"),
+    ),
     # A layer pattern of period 3 over 7 layers: two whole periods in the layer scan + one layer after it.
-    "period3": dict(heads=2, kv_heads=1, window=3,
-                    layers=("sliding_attention", "sliding_attention", "full_attention") * 2 + ("sliding_attention",)),
+    "period3": dict(
+        heads=2,
+        kv_heads=1,
+        window=3,
+        layers=("sliding_attention", "sliding_attention", "full_attention") * 2 + ("sliding_attention",),
+    ),
     # Multi-query with final logit soft-capping.
     "mqa_softcap": dict(heads=2, kv_heads=1, window=6, softcap=30.0),
 }
@@ -82,5 +92,4 @@ def test_margins_on_pooled_passages_match(case, ratio):
     assert margins.dtype == np.float32
     np.testing.assert_allclose(margins, ref_margin, atol=TOL, rtol=0)
     full = np.asarray(model.decoder_logits(dec_ids, dec_mask, pooled, pmask))
-    np.testing.assert_allclose(margins, full[np.arange(3), last, yes_id] - full[np.arange(3), last, no_id],
-                               atol=1e-5)
+    np.testing.assert_allclose(margins, full[np.arange(3), last, yes_id] - full[np.arange(3), last, no_id], atol=1e-5)

@@ -14,8 +14,18 @@ def _states(r=2, seed=0):
     x = rng.normal(size=(6, 29, 16)).astype(np.float32)
     mask = (np.arange(29)[None] < rng.integers(1, 30, 6)[:, None]).astype(np.int32)
     pooled, pmask, counts = mep.pool(x, mask, r)
-    return x, mask, PassageStates(np.asarray(pooled), np.asarray(pmask), np.asarray(counts), r,
-                                  ids=[f"d{i}" for i in range(6)], meta={"model": "abc"})
+    return (
+        x,
+        mask,
+        PassageStates(
+            np.asarray(pooled),
+            np.asarray(pmask),
+            np.asarray(counts),
+            r,
+            ids=[f"d{i}" for i in range(6)],
+            meta={"model": "abc"},
+        ),
+    )
 
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
@@ -47,7 +57,7 @@ def test_select_and_concatenate():
     sub = ps.select([3, 1])
     assert sub.ids == ["d3", "d1"]
     np.testing.assert_array_equal(sub.dense()[0], ps.dense()[3, : sub.mask.shape[1]])
-    assert not ps.mask[[3, 1], sub.mask.shape[1]:].any()
+    assert not ps.mask[[3, 1], sub.mask.shape[1] :].any()
     both = PassageStates.concatenate([ps.select([0]), ps.select([1, 2])])
     assert len(both) == 3 and both.ids == ["d0", "d1", "d2"]
 

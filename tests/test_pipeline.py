@@ -10,8 +10,14 @@ import pytest
 from kalm_jax import prompts
 from kalm_jax.data.beir import load_beir
 from kalm_jax.data.negatives import mine_hard_negatives
-from kalm_jax.data.pipeline import (PipelineConfig, batch_shapes, decoder_length, sample_group, steps_per_epoch,
-                                    training_iterator)
+from kalm_jax.data.pipeline import (
+    PipelineConfig,
+    batch_shapes,
+    decoder_length,
+    sample_group,
+    steps_per_epoch,
+    training_iterator,
+)
 from kalm_jax.data.textfile import DataError
 from kalm_jax.data.tfds_builder import data_source, prepare
 from kalm_jax.data.training_jsonl import write_training_jsonl
@@ -44,7 +50,7 @@ def examples(data_dir, scifact_index):
 def prepared(examples, tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     write_training_jsonl(examples[: N // 2], root / "a.jsonl")
-    write_training_jsonl(examples[N // 2:], root / "b.jsonl.gz")
+    write_training_jsonl(examples[N // 2 :], root / "b.jsonl.gz")
     prepare({"train": [root / "a.jsonl", root / "b.jsonl.gz"]}, root / "data", "scifact")
     return root / "data"
 
@@ -83,11 +89,13 @@ def test_batch_contents_and_static_shapes(prepared, tokenizer, examples):
         assert (batch["enc_ids"][n_unique:] == tokenizer.pad_id).all()
         for b, eid in enumerate(batch["example_id"]):
             ex = examples[int(eid)]
-            texts = [tokenizer.decode(batch["enc_ids"][r][batch["enc_mask"][r] == 1].tolist())
-                     for r in batch["passage_index"][b]]
+            texts = [
+                tokenizer.decode(batch["enc_ids"][r][batch["enc_mask"][r] == 1].tolist())
+                for r in batch["passage_index"][b]
+            ]
             expect = [tokenizer.decode(tokenizer.encode(prompts.document_text(p))[:64]) for p in ex.pos + ex.neg]
             assert texts[0] in expect[: len(ex.pos)]
-            assert all(t in expect[len(ex.pos):] for t in texts[1:])
+            assert all(t in expect[len(ex.pos) :] for t in texts[1:])
             negs = batch["passage_index"][b, 1:]
             if len(ex.neg) >= CFG.group_size - 1:
                 assert len(set(negs.tolist())) == CFG.group_size - 1
@@ -105,8 +113,7 @@ def test_batch_contents_and_static_shapes(prepared, tokenizer, examples):
 
 
 def test_two_hosts_disjoint_union(prepared, tokenizer):
-    cfg = PipelineConfig(batch_size=8, group_size=2, max_document_tokens=16, max_query_tokens=8, seed=3,
-                         num_epochs=1)
+    cfg = PipelineConfig(batch_size=8, group_size=2, max_document_tokens=16, max_query_tokens=8, seed=3, num_epochs=1)
     seen = []
     for host in range(2):
         it = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=host, process_count=2)
@@ -122,8 +129,7 @@ def test_resume_from_state(prepared, tokenizer):
     _batches(it, 5)
     state = it.get_state()
     expected = _batches(it, 3)
-    resumed = training_iterator(prepared, tokenizer, CFG, name="scifact", process_index=1, process_count=2,
-                                state=state)
+    resumed = training_iterator(prepared, tokenizer, CFG, name="scifact", process_index=1, process_count=2, state=state)
     assert all(_same(a, b) for a, b in zip(expected, _batches(resumed, 3)))
     fresh = training_iterator(prepared, tokenizer, CFG, name="scifact", process_index=1, process_count=2)
     assert not _same(next(fresh), expected[0])
@@ -132,23 +138,25 @@ def test_resume_from_state(prepared, tokenizer):
 def test_seed_determinism_and_epochs(prepared, tokenizer):
     def first(seed, n=2):
         cfg = PipelineConfig(**{**CFG.__dict__, "seed": seed})
-        return _batches(training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0,
-                                          process_count=1), n)
+        return _batches(
+            training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1), n
+        )
 
     a, b, c = first(1), first(1), first(2)
     assert all(_same(x, y) for x, y in zip(a, b))
     assert not _same(a[0], c[0])
     # A second epoch reorders the records and resamples each group.
-    cfg = PipelineConfig(batch_size=N, group_size=4, max_document_tokens=16, max_query_tokens=8, seed=1,
-                         num_epochs=2)
+    cfg = PipelineConfig(batch_size=N, group_size=4, max_document_tokens=16, max_query_tokens=8, seed=1, num_epochs=2)
     it = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1)
     e1, e2 = _batches(it, 2)
     assert sorted(e1["example_id"].tolist()) == sorted(e2["example_id"].tolist())
     assert e1["example_id"].tolist() != e2["example_id"].tolist()
 
     def groups(batch):
-        return {int(e): tuple(map(bytes, batch["enc_ids"][batch["passage_index"][b]]))
-                for b, e in enumerate(batch["example_id"])}
+        return {
+            int(e): tuple(map(bytes, batch["enc_ids"][batch["passage_index"][b]]))
+            for b, e in enumerate(batch["example_id"])
+        }
 
     g1, g2 = groups(e1), groups(e2)
     assert sum(g1[e] != g2[e] for e in g1) > len(g1) // 2
@@ -160,10 +168,29 @@ def _global_stream(prepared, tokenizer, global_batch, shards, processes, steps, 
     """The first `steps` global batches as `processes` hosts with `shards` batch shards each assemble them:
     per step, (example_id, its G passages' token rows) of every row in global row order. Also each host's
     iterator (for its state)."""
-    cfg = PipelineConfig(**{"batch_size": global_batch // processes, "group_size": 2, "max_document_tokens": 16,
-                            "max_query_tokens": 8, "seed": 5, "batch_shards": shards, **kw})
-    its = [training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=p, process_count=processes,
-                             state=None if states is None else states[p]) for p in range(processes)]
+    cfg = PipelineConfig(
+        **{
+            "batch_size": global_batch // processes,
+            "group_size": 2,
+            "max_document_tokens": 16,
+            "max_query_tokens": 8,
+            "seed": 5,
+            "batch_shards": shards,
+            **kw,
+        }
+    )
+    its = [
+        training_iterator(
+            prepared,
+            tokenizer,
+            cfg,
+            name="scifact",
+            process_index=p,
+            process_count=processes,
+            state=None if states is None else states[p],
+        )
+        for p in range(processes)
+    ]
     out = []
     for _ in range(steps):
         rows = []
@@ -196,11 +223,25 @@ def test_epoch_is_one_permutation_for_every_mesh(prepared, tokenizer):
     the same for every mesh, and different for another seed."""
     orders = []
     for shards, processes, workers in [(8, 1, 0), (2, 2, 0), (1, 4, 0), (4, 1, 3)]:  # 3 workers: 100 % 3 != 0
-        cfg = PipelineConfig(batch_size=8 // processes, group_size=2, max_document_tokens=8, max_query_tokens=4,
-                             seed=5, batch_shards=shards, num_epochs=1, worker_count=workers)
-        hosts = [[b["example_id"].tolist() for b in training_iterator(
-            prepared, tokenizer, cfg, name="scifact", process_index=p, process_count=processes)]
-            for p in range(processes)]
+        cfg = PipelineConfig(
+            batch_size=8 // processes,
+            group_size=2,
+            max_document_tokens=8,
+            max_query_tokens=4,
+            seed=5,
+            batch_shards=shards,
+            num_epochs=1,
+            worker_count=workers,
+        )
+        hosts = [
+            [
+                b["example_id"].tolist()
+                for b in training_iterator(
+                    prepared, tokenizer, cfg, name="scifact", process_index=p, process_count=processes
+                )
+            ]
+            for p in range(processes)
+        ]
         assert len({len(h) for h in hosts}) == 1 and len(hosts[0]) == steps_per_epoch(N, cfg, processes) == N // 8
         orders.append([e for step in zip(*hosts) for rows in step for e in rows])
     assert sorted(orders[0]) == list(range(N))
@@ -240,8 +281,14 @@ def test_checkpoint_reads_any_process_file_and_translates_grain_states(prepared,
     _, its = _global_stream(prepared, tokenizer, 8, 8, 1, 0)
     Checkpointer._restore_data_iter(step, 1, its[0])
     assert _global_stream(prepared, tokenizer, 8, 8, 1, 3, states=[its[0].get_state()])[0] == straight[1:]
-    legacy = {"version": 2, "last_seen_indices": {"0": 13}, "last_worker_index": -1, "worker_count": 0,
-              "sampler": "ShardedBatchSampler(...)", "data_source": "..."}
+    legacy = {
+        "version": 2,
+        "last_seen_indices": {"0": 13},
+        "last_worker_index": -1,
+        "worker_count": 0,
+        "sampler": "ShardedBatchSampler(...)",
+        "data_source": "...",
+    }
     (step / "data_iter" / "process_1-of-2.json").write_text(json.dumps(legacy))
     Checkpointer._restore_data_iter(step, 2, its[0])
     assert its[0].global_batches == 2
@@ -276,14 +323,14 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
 
 
 def test_worker_processes_resume(prepared, tokenizer):
-    cfg = PipelineConfig(batch_size=4, group_size=4, max_document_tokens=32, max_query_tokens=16, seed=5,
-                         worker_count=2)
+    cfg = PipelineConfig(
+        batch_size=4, group_size=4, max_document_tokens=32, max_query_tokens=16, seed=5, worker_count=2
+    )
     it = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1)
     _batches(it, 3)
     state = it.get_state()
     expected = _batches(it, 2)
-    resumed = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1,
-                                state=state)
+    resumed = training_iterator(prepared, tokenizer, cfg, name="scifact", process_index=0, process_count=1, state=state)
     assert all(_same(a, b) for a, b in zip(expected, _batches(resumed, 2)))
 
 
@@ -294,9 +341,17 @@ def test_cli_prepares_train_and_validation_lists(examples, tmp_path, capsys):
     write_training_jsonl(examples[:30], tmp_path / "a.jsonl")
     write_training_jsonl(examples[30:50], tmp_path / "b.jsonl.gz")
     write_training_jsonl(examples[50:60], tmp_path / "v.jsonl")
-    assert main([f"--config.train={tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl.gz'}",
-                 f"--config.validation={tmp_path / 'v.jsonl'}", f"--config.data_dir={tmp_path / 'data'}",
-                 "--config.name=cli"]) == 0
+    assert (
+        main(
+            [
+                f"--config.train={tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl.gz'}",
+                f"--config.validation={tmp_path / 'v.jsonl'}",
+                f"--config.data_dir={tmp_path / 'data'}",
+                "--config.name=cli",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train: 50 examples" in out and "validation: 10 examples" in out, out
     assert len(data_source(tmp_path / "data", "cli", "validation")) == 10

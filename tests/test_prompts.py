@@ -8,11 +8,13 @@ import pytest
 
 from kalm_jax import prompts
 
-SYSTEM = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
-          'Note that the answer can only be "yes" or "no".')
+SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
 EXPECTED_DEFAULT = (
     "<bos><start_of_turn>user\n"
-    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
     'Note that the answer can only be "yes" or "no".\n\n'
     "<Instruct>: Given a query, retrieve documents that answer the query.\n"
     "<Query>: What is the capital of China?<end_of_turn>\n"
@@ -37,18 +39,30 @@ def test_decoder_text_default():
 
 def test_decoder_text_custom_instruction_and_system():
     got = prompts.decoder_text("q?", "Given a web search query, retrieve passages that answer the query.", "Sys.")
-    assert got == ("<bos><start_of_turn>user\nSys.\n\n"
-                   "<Instruct>: Given a web search query, retrieve passages that answer the query.\n"
-                   "<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+    assert got == (
+        "<bos><start_of_turn>user\nSys.\n\n"
+        "<Instruct>: Given a web search query, retrieve passages that answer the query.\n"
+        "<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n"
+    )
 
 
 NO_LINE = "<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n"
-DEFAULT_LINE = ("<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Instruct>: Given a query, retrieve documents that answer "
-                "the query.\n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n")
-# Every spelling of "no instruction" / "the default" and the prompt it must give (one rule: prompts.resolve_instruction).
-SPELLINGS = [(None, DEFAULT_LINE), ("default", DEFAULT_LINE), (False, NO_LINE), ("", NO_LINE), ("none", NO_LINE),
-             ("None", NO_LINE), (" none ", NO_LINE),
-             ("Find the claim.", DEFAULT_LINE.replace(prompts.DEFAULT_INSTRUCTION, "Find the claim."))]
+DEFAULT_LINE = (
+    "<bos><start_of_turn>user\n" + SYSTEM + "\n\n<Instruct>: Given a query, retrieve documents that answer "
+    "the query.\n<Query>: q?<end_of_turn>\n<start_of_turn>model\n\n\n\n"
+)
+# Every spelling of "no instruction" / "the default" and the prompt it must give
+# (one rule: prompts.resolve_instruction).
+SPELLINGS = [
+    (None, DEFAULT_LINE),
+    ("default", DEFAULT_LINE),
+    (False, NO_LINE),
+    ("", NO_LINE),
+    ("none", NO_LINE),
+    ("None", NO_LINE),
+    (" none ", NO_LINE),
+    ("Find the claim.", DEFAULT_LINE.replace(prompts.DEFAULT_INSTRUCTION, "Find the claim.")),
+]
 
 
 def test_stage1_without_instruction():
@@ -63,12 +77,14 @@ def tiny_reranker(tokenizer):
     from kalm_jax.model import init_model
     from kalm_jax.reranker import Reranker
 
-    return lambda instruction=None: Reranker(init_model(get_preset("tiny"), seed=0), tokenizer,
-                                             instruction=instruction)
+    return lambda instruction=None: Reranker(init_model(get_preset("tiny"), seed=0), tokenizer, instruction=instruction)
 
 
-@pytest.mark.parametrize("spelling,want", [s for s in SPELLINGS if isinstance(s[0], str)],
-                         ids=[repr(s[0]) for s in SPELLINGS if isinstance(s[0], str)])
+@pytest.mark.parametrize(
+    "spelling,want",
+    [s for s in SPELLINGS if isinstance(s[0], str)],
+    ids=[repr(s[0]) for s in SPELLINGS if isinstance(s[0], str)],
+)
 def test_no_instruction_means_the_same_in_the_reranker_training_and_eval(tokenizer, tiny_reranker, spelling, want):
     """The exact prompt of each spelling through the three entry points: `Reranker(instruction=...)` (and per call),
     training's `data.instruction` (the pipeline's tokenized group, and a per-example `prompt` field) and eval.py's
@@ -89,18 +105,31 @@ def test_no_instruction_means_the_same_in_the_reranker_training_and_eval(tokeniz
 
     c = default_config()
     c.data.instruction = spelling
-    pcfg = pipeline.PipelineConfig(batch_size=1, group_size=2, max_document_tokens=16, max_query_tokens=16,
-                                   instruction=instruction_of(c))
-    element = {"pos": [b"a"], "neg": [b"b"], "source": b"t.jsonl:1", "query": b"q?", "has_prompt": False,
-               "prompt": b"", "has_scores": False, "example_id": 0}
-    for el, cfg in ((element, pcfg), (dict(element, has_prompt=True, prompt=spelling.encode()),
-                                      dataclasses.replace(pcfg, instruction=None))):
+    pcfg = pipeline.PipelineConfig(
+        batch_size=1, group_size=2, max_document_tokens=16, max_query_tokens=16, instruction=instruction_of(c)
+    )
+    element = {
+        "pos": [b"a"],
+        "neg": [b"b"],
+        "source": b"t.jsonl:1",
+        "query": b"q?",
+        "has_prompt": False,
+        "prompt": b"",
+        "has_scores": False,
+        "example_id": 0,
+    }
+    for el, cfg in (
+        (element, pcfg),
+        (dict(element, has_prompt=True, prompt=spelling.encode()), dataclasses.replace(pcfg, instruction=None)),
+    ):
         out = pipeline.SampleAndTokenize(tokenizer, cfg, pipeline.decoder_length(tokenizer, cfg)).random_map(
-            el, np.random.default_rng(0))
+            el, np.random.default_rng(0)
+        )
         assert out["dec_ids"][: out["dec_mask"].sum()].tolist() == want_ids
 
-    settings = Settings.from_config({"data_dir": "d", "datasets": "x", "output_dir": "o", "ratios": "4",
-                                     "instructions": spelling or "none"})
+    settings = Settings.from_config(
+        {"data_dir": "d", "datasets": "x", "output_dir": "o", "ratios": "4", "instructions": spelling or "none"}
+    )
     label = settings.instructions[0]
     got = tokenize_prompts(reranker.engine, {"q": "q?"}, settings.instruction_value(label))["q"]
     assert got.tolist() == want_ids
@@ -110,9 +139,11 @@ def test_long_query_truncated_before_insertion(tokenizer):
     # Digits are split into single tokens, so a 600-digit query truncated to 128 tokens is its first 128 digits.
     query = "1234567890" * 60
     assert len(tokenizer.encode(query)) == 600
-    expected = ("<bos><start_of_turn>user\n" + SYSTEM + "\n\n"
-                "<Instruct>: Given a query, retrieve documents that answer the query.\n"
-                "<Query>: " + ("1234567890" * 13)[:128] + "<end_of_turn>\n<start_of_turn>model\n\n\n\n")
+    expected = (
+        "<bos><start_of_turn>user\n" + SYSTEM + "\n\n"
+        "<Instruct>: Given a query, retrieve documents that answer the query.\n"
+        "<Query>: " + ("1234567890" * 13)[:128] + "<end_of_turn>\n<start_of_turn>model\n\n\n\n"
+    )
     short = prompts.truncate_query(tokenizer, query, 128)
     assert prompts.decoder_text(short) == expected
     ids, mask = prompts.tokenize_decoder_prompts(tokenizer, [query], max_query_tokens=128)

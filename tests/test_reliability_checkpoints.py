@@ -51,7 +51,7 @@ def save_steps(workdir: Path, base, steps=(3, 6), settings=True) -> None:
     c, ts, state = base
     ck = Checkpointer(workdir, c.checkpoint, settings=train_settings(c) if settings else None)
     for s in steps:
-        st = dict(state, step=jnp.asarray(s, jnp.int32), params=jax.tree.map(lambda x: x + s, state["params"]))
+        st = dict(state, step=jnp.asarray(s, jnp.int32), params=jax.tree.map(lambda x, s=s: x + s, state["params"]))
         assert ck.save(st, checkpointing.model_meta(ts.model(st)), None, force=True)
     ck.close()
 
@@ -109,8 +109,9 @@ def test_bit_flip_is_detected_quarantined_and_never_deleted(base, tmp_path, capl
         restored, step = ck.restore(ts.abstract_state, None)
     ck.close()
     assert step == 3 and "sha256 mismatch" in caplog.text
-    np.testing.assert_array_equal(np.asarray(restored["params"]["embedding"]),
-                                  np.asarray(state["params"]["embedding"]) + 3)
+    np.testing.assert_array_equal(
+        np.asarray(restored["params"]["embedding"]), np.asarray(state["params"]["embedding"]) + 3
+    )
     assert (tmp_path / "corrupt_checkpoints" / "6" / "params").is_dir()
     # the same step corrupted again: the earlier quarantined copy is kept, the new one goes beside it
     save_steps(tmp_path, base, steps=(6,))
@@ -124,8 +125,10 @@ def test_bit_flip_is_detected_quarantined_and_never_deleted(base, tmp_path, capl
 def test_only_step_corrupt_is_an_error_and_stays_in_place(base, tmp_path):
     c, ts, _ = base
     save_steps(tmp_path, base, steps=(3,))
-    f = max((p for p in (tmp_path / "checkpoints" / "3" / "params").rglob("*") if p.is_file()),
-            key=lambda p: p.stat().st_size)
+    f = max(
+        (p for p in (tmp_path / "checkpoints" / "3" / "params").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
     f.write_bytes(f.read_bytes()[:37])  # truncated
     ck = Checkpointer(tmp_path, c.checkpoint, settings=train_settings(c))
     with pytest.raises(CorruptCheckpoint, match="truncated") as e:
@@ -151,8 +154,9 @@ def test_model_checkpoint_checksums_and_load_any_fallback(base, tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         _, m = checkpointing.load_any(w)
     assert "falling back" in caplog.text
-    np.testing.assert_array_equal(np.asarray(checkpointing.param_tree(m)["embedding"]),
-                                  np.asarray(state["params"]["embedding"]) + 3)
+    np.testing.assert_array_equal(
+        np.asarray(checkpointing.param_tree(m)["embedding"]), np.asarray(state["params"]["embedding"]) + 3
+    )
     # a path to a file inside a checkpoint means its directory
     _, m2 = checkpointing.load_any(w / "checkpoints" / "3" / "kalm_model" / "kalm_model.json")
     assert m2.config == m.config
@@ -203,8 +207,12 @@ def test_changed_data_iterator_setting_is_named_and_the_mesh_is_not_a_setting(ba
     with pytest.raises(SettingsMismatch) as e:
         ck.restore(ts.abstract_state, None)
     ck.close()
-    for needle in ("data.group_size: checkpoint 2, now 4", "seed: checkpoint 0, now 7", "data.train_jsonl: checkpoint"
-                   " '<unset>', now [", "data.dataset: checkpoint 'scifact', now '<unset>'"):
+    for needle in (
+        "data.group_size: checkpoint 2, now 4",
+        "seed: checkpoint 0, now 7",
+        "data.train_jsonl: checkpoint '<unset>', now [",
+        "data.dataset: checkpoint 'scifact', now '<unset>'",
+    ):
         assert needle in str(e.value)
     other_mesh = run_config()
     other_mesh.mesh.data, other_mesh.mesh.fsdp, other_mesh.mesh.tensor = 2, 2, 2
@@ -236,8 +244,11 @@ def test_other_tokenizer_on_resume_is_refused_and_the_workdirs_is_kept(base, tok
     before = (w / "tokenizer.model").read_bytes()
     c = run_config()
     c.tokenizer = str(other.path)
-    with pytest.raises(SettingsMismatch, match=r"tokenizer: --config.tokenizer=.* is not the tokenizer this workdir "
-                                               r"was trained with"):
+    with pytest.raises(
+        SettingsMismatch,
+        match=r"tokenizer: --config.tokenizer=.* is not the tokenizer this workdir "
+        r"was trained with",
+    ):
         load_tokenizer(c, w, [])
     assert (w / "tokenizer.model").read_bytes() == before
     assert sorted(p.name for p in w.iterdir()) == ["tokenizer.model"]
@@ -252,7 +263,8 @@ def test_other_tokenizer_on_resume_is_refused_and_the_workdirs_is_kept(base, tok
     assert ck.save(st, checkpointing.model_meta(ts.model(st)), None, force=True)
     ck.close()
     ck = Checkpointer(w2, c0.checkpoint, settings=train_settings(c0, other.fingerprint()))
-    with pytest.raises(SettingsMismatch, match=f"tokenizer: checkpoint '{tokenizer.fingerprint()}', now "
-                                               f"'{other.fingerprint()}'"):
+    with pytest.raises(
+        SettingsMismatch, match=f"tokenizer: checkpoint '{tokenizer.fingerprint()}', now '{other.fingerprint()}'"
+    ):
         ck.restore(ts.abstract_state, None)
     ck.close()

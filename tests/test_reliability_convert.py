@@ -4,7 +4,6 @@ named, weights of the wrong dtype or non-finite refused, index entries leaving t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -51,7 +50,12 @@ def test_to_hf_onto_its_own_input_and_contradictory_flags_are_refused(hf_copy, t
     assert "destroy the input" in capsys.readouterr().err
     assert convert.main(["to-hf", str(ck), str(hf_copy), "--config.overwrite=true"]) == 2  # the model's own HF source
     assert "destroy the input" in capsys.readouterr().err
-    assert convert.main(["to-hf", str(ck), str(tmp_path / "o"), "--config.text_only=true", "--config.vision_from", str(hf_copy)]) == 2
+    assert (
+        convert.main(
+            ["to-hf", str(ck), str(tmp_path / "o"), "--config.text_only=true", "--config.vision_from", str(hf_copy)]
+        )
+        == 2
+    )
     assert "text_only and vision_from" in capsys.readouterr().err
     assert snapshot(ck) == before and not (tmp_path / "o").exists()
 
@@ -162,7 +166,7 @@ def write_shards(d: Path, tensors: dict, extra: dict | None = None, weight_map: 
     """`tensors` in two shards + model.safetensors.index.json (`extra`: more tensors in the second shard only)."""
     names = sorted(tensors)
     files = [d / "model-00001-of-00002.safetensors", d / "model-00002-of-00002.safetensors"]
-    halves = [{n: tensors[n] for n in names[: len(names) // 2]}, {n: tensors[n] for n in names[len(names) // 2:]}]
+    halves = [{n: tensors[n] for n in names[: len(names) // 2]}, {n: tensors[n] for n in names[len(names) // 2 :]}]
     halves[1].update(extra or {})
     for f, half in zip(files, halves):
         save_file(half, f, metadata={"format": "pt"})
@@ -200,8 +204,11 @@ def test_a_directory_transformers_cannot_load_is_refused(hf_copy):
     (hf_copy / "model.safetensors").rename(hf_copy / "weights.safetensors")
     with pytest.raises(OSError, match="no file named model.safetensors"):
         transformers_weights(hf_copy)
-    with pytest.raises(FileNotFoundError, match=r"no model.safetensors and no model.safetensors.index.json; "
-                                                r"transformers does not load .*weights.safetensors"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no model.safetensors and no model.safetensors.index.json; "
+        r"transformers does not load .*weights.safetensors",
+    ):
         hf.load(hf_copy)
 
 
@@ -222,8 +229,11 @@ def test_an_index_pointing_a_tensor_at_the_wrong_shard_names_tensor_index_and_sh
     name = sorted(base)[0]  # stored in the first shard, mapped to the second
     files = write_shards(hf_copy, base, weight_map={name: "model-00002-of-00002.safetensors"})
     index = hf_copy / "model.safetensors.index.json"
-    with pytest.raises(ValueError, match=rf"{index} maps tensor {name} to {files[1]}, which does not hold it "
-                                         rf"\(it is in {files[0]}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{index} maps tensor {name} to {files[1]}, which does not hold it "
+        rf"\(it is in {files[0]}\)",
+    ):
         hf.load(hf_copy)
     assert convert.main(["inspect", str(hf_copy)]) == 2  # the CLI reports it on one line
     err = capsys.readouterr().err.strip()

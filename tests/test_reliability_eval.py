@@ -40,18 +40,24 @@ def test_torn_last_line_is_skipped_by_both(tmp_path):
 
 
 def test_lock_is_exclusive_and_released_by_a_killed_holder(tmp_path):
-    with output_lock(tmp_path):
-        with pytest.raises(OutputDirLocked, match=f"pid "):
-            with output_lock(tmp_path):
-                pass
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "print('locked', flush=True); time.sleep(60)"), str(tmp_path / results.LOCK_FILE)],
-        stdout=subprocess.PIPE, text=True)
+    with output_lock(tmp_path), pytest.raises(OutputDirLocked, match="pid "), output_lock(tmp_path):
+        pass
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+                "print('locked', flush=True); time.sleep(60)"
+            ),
+            str(tmp_path / results.LOCK_FILE),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(OutputDirLocked):
-        with output_lock(tmp_path):
-            pass
+    with pytest.raises(OutputDirLocked), output_lock(tmp_path):
+        pass
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     with output_lock(tmp_path):  # a killed run leaves no stale lock
@@ -59,8 +65,14 @@ def test_lock_is_exclusive_and_released_by_a_killed_holder(tmp_path):
 
 
 def test_run_sweep_refuses_a_directory_in_use(tmp_path, data_dir):
-    cfg = {"data_dir": str(data_dir), "datasets": "scifact", "output_dir": str(tmp_path / "out"), "ratios": "4",
-           "progress": False, "report": False}
+    cfg = {
+        "data_dir": str(data_dir),
+        "datasets": "scifact",
+        "output_dir": str(tmp_path / "out"),
+        "ratios": "4",
+        "progress": False,
+        "report": False,
+    }
     with output_lock(tmp_path / "out"):
         t0 = time.perf_counter()
         with pytest.raises(OutputDirLocked, match="in use by another run"):
@@ -69,10 +81,20 @@ def test_run_sweep_refuses_a_directory_in_use(tmp_path, data_dir):
     assert not (tmp_path / "out" / results.RESULTS).exists()
 
 
-@pytest.mark.parametrize("field,value", [("max_queries", -3), ("relevance_level", -1), ("max_document_tokens", -1),
-                                         ("batch_pairs", 0), ("encode_batch_size", 0), ("top_k", 2.5),
-                                         ("shard_size", True), ("store_lock_timeout", -1.0),
-                                         ("store_lock_timeout", float("nan"))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_queries", -3),
+        ("relevance_level", -1),
+        ("max_document_tokens", -1),
+        ("batch_pairs", 0),
+        ("encode_batch_size", 0),
+        ("top_k", 2.5),
+        ("shard_size", True),
+        ("store_lock_timeout", -1.0),
+        ("store_lock_timeout", float("nan")),
+    ],
+)
 def test_bad_settings_are_named(tmp_path, field, value):
     cfg = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4", field: value}
     with pytest.raises(SweepConfigError, match=field):
@@ -80,8 +102,9 @@ def test_bad_settings_are_named(tmp_path, field, value):
 
 
 def test_unreadable_sweep_config_is_named(tmp_path):
-    s = Settings.from_config({"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"),
-                              "ratios": "4"})
+    s = Settings.from_config(
+        {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4"}
+    )
     results.check_output_dir(s)
     (tmp_path / "o" / results.CONFIG_FILE).write_text("{truncated")
     with pytest.raises(SweepConfigError, match="sweep_config.json: not a valid sweep config"):
@@ -95,13 +118,16 @@ def _near_tie_dataset(root):
     d = root / "ties"
     (d / "qrels").mkdir(parents=True)
     docs = [f"d{i}" for i in range(8)]
-    (d / "corpus.jsonl").write_text("".join(json.dumps({"_id": x, "title": "", "text": f"text {x}"}) + "\n"
-                                            for x in docs))
-    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{j}", "text": f"query {j}"}) + "\n"
-                                             for j in range(6)))
+    (d / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": x, "title": "", "text": f"text {x}"}) + "\n" for x in docs)
+    )
+    (d / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{j}", "text": f"query {j}"}) + "\n" for j in range(6))
+    )
     # the relevant doc (lowest id) is ahead by 3e-8 of docs with higher ids; other docs trail by whole points
-    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{j}\td{j % 3}\t1\n"
-                                                                                   for j in range(6)))
+    (d / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{j}\td{j % 3}\t1\n" for j in range(6))
+    )
     lines = []
     for j in range(6):
         rel = j % 3
@@ -122,8 +148,14 @@ def test_run_files_reproduce_results_exactly_also_after_a_resume(tmp_path):
 
     _near_tie_dataset(tmp_path)
     out = tmp_path / "out"
-    cfg = {"data_dir": str(tmp_path), "datasets": "ties", "output_dir": str(out), "first_stage": "run:first.trec",
-           "progress": False, "report": False}
+    cfg = {
+        "data_dir": str(tmp_path),
+        "datasets": "ties",
+        "output_dir": str(out),
+        "first_stage": "run:first.trec",
+        "progress": False,
+        "report": False,
+    }
     (row,) = run_sweep(cfg)
     written = read_run(out / row["run_file"])
     qrels = load_qrels(tmp_path / "ties" / "qrels" / "test.tsv")
@@ -148,8 +180,14 @@ def test_eval_cli_prints_a_data_error_as_one_line(tmp_path):
     (d / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "alpha"}\n')
     (d / "queries.jsonl").write_text('{"_id": "q1", "text": "alpha?"}\n{"_id": "q2", "text": \n')
     (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
-    args = [sys.executable, str(repo / "eval.py"), f"--config.data_dir={tmp_path}", "--config.datasets=broken",
-            f"--config.output_dir={tmp_path / 'out'}", "--config.progress=False"]
+    args = [
+        sys.executable,
+        str(repo / "eval.py"),
+        f"--config.data_dir={tmp_path}",
+        "--config.datasets=broken",
+        f"--config.output_dir={tmp_path / 'out'}",
+        "--config.progress=False",
+    ]
     env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"}
     env.pop("KALM_DEBUG", None)
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)

@@ -61,8 +61,15 @@ def test_non_finite_states_are_refused_when_read(tmp_path):
         loaded.to_ratio(2)
 
 
-@pytest.mark.parametrize("ids,needle", [("d0-0", "list of strings"), (["a", "a", "b"], "duplicate passage id 'a'"),
-                                        ([1, 2, 3], "non-string"), (["a"], "1 ids for 3 passages")])
+@pytest.mark.parametrize(
+    "ids,needle",
+    [
+        ("d0-0", "list of strings"),
+        (["a", "a", "b"], "duplicate passage id 'a'"),
+        ([1, 2, 3], "non-string"),
+        (["a"], "1 ids for 3 passages"),
+    ],
+)
 def test_bad_ids_are_refused(tmp_path, ids, needle):
     d = states().save(tmp_path / "s")
     (d / "ids.json").write_text(json.dumps(ids))
@@ -117,14 +124,14 @@ def test_store_shard_listed_twice_or_shared_ids_are_refused(tmp_path):
     st = make_store(tmp_path / "store2")
     (st.root / "r1" / "shard-00001" / "ids.json").write_text(json.dumps(["d0-0", "x", "y"]))
     with pytest.raises(PassageStatesError, match="also in shard shard-00000"):
-        PassageStore.open(st.root, KEY).index
+        _ = PassageStore.open(st.root, KEY).index
 
 
 def test_derived_shard_follows_its_source(tmp_path, caplog):
     st = make_store(tmp_path / "store")
     first = st.lookup(["d0-1"], 4)
     want = mep.repool(states(seed=0).dense()[1:2], states(seed=0).counts[1:2], 4)[0]
-    np.testing.assert_allclose(first.dense()[0, :want.shape[1]], np.asarray(want)[0], rtol=1e-6)
+    np.testing.assert_allclose(first.dense()[0, : want.shape[1]], np.asarray(want)[0], rtol=1e-6)
     # the ratio-1 shard is replaced (e.g. re-encoded): the ratio-4 shard derived from it must not be served
     changed = states(seed=0)
     changed.states[:] *= 2
@@ -139,8 +146,9 @@ def test_derived_shard_follows_its_source(tmp_path, caplog):
 def test_disk_full_while_saving_states_names_the_directory_and_keeps_nothing(tmp_path, monkeypatch):
     from kalm_jax.atomic import DiskFullError
 
-    states = PassageStates(np.ones((2, 3, 4), np.float32), np.ones((2, 3), np.int8), np.ones((2, 3), np.int32), 4,
-                           ["a", "b"])
+    states = PassageStates(
+        np.ones((2, 3, 4), np.float32), np.ones((2, 3), np.int8), np.ones((2, 3), np.int32), 4, ["a", "b"]
+    )
 
     def short_write(*args, **kwargs):
         raise OSError("8192 requested and 1092 written")  # numpy's message for a short write on a full disk
@@ -160,10 +168,19 @@ def test_store_lock_waits_then_names_its_holder(tmp_path, caplog):
     from kalm_jax.evaluation.store import StoreLocked, lock_path
 
     root = tmp_path / "store"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from kalm_jax.locks import file_lock\n"
-        "with file_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)"), str(lock_path(root))],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from kalm_jax.locks import file_lock\n"
+                "with file_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)"
+            ),
+            str(lock_path(root)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         t0 = time.perf_counter()

@@ -11,9 +11,17 @@ from kalm_jax.tokenizer import TokenizerError
 
 
 def word_level(vocab: dict[str, int]) -> HFTokenizer:
-    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
     return HFTokenizer(json.dumps(spec).encode())
 
 

@@ -101,8 +101,9 @@ def test_single_device_matches_data_parallel(ckpt, rr, docs, queries):
     assert len(jax.local_devices()) == 8 and rr.mesh is not None  # conftest's 8 host devices
     one = Reranker.from_pretrained(ckpt[0], dtype="float32", devices=jax.local_devices()[:1])
     assert len(one.devices) == 1 and one.mesh.devices.size == 1
-    np.testing.assert_allclose(one.score(queries[0], docs, return_margin=True),
-                               rr.score(queries[0], docs, return_margin=True), atol=1e-5)
+    np.testing.assert_allclose(
+        one.score(queries[0], docs, return_margin=True), rr.score(queries[0], docs, return_margin=True), atol=1e-5
+    )
 
 
 def test_rank_orders_by_score_and_honours_top_k(rr, docs, queries):
@@ -168,8 +169,9 @@ def test_repool_equals_encoding_at_coarser_ratio(rr, tokenizer, docs, queries):
     np.testing.assert_array_equal(rep.counts, coarse.counts)
     np.testing.assert_allclose(rep.states, coarse.states, atol=1e-5)
     q = queries[0]
-    np.testing.assert_allclose(rr.score(q, fine, return_margin=True), rr.score(q, coarse, return_margin=True),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        rr.score(q, fine, return_margin=True), rr.score(q, coarse, return_margin=True), atol=1e-4
+    )
     with pytest.raises(ValueError, match="ratio 8 cannot serve this reranker's ratio 4"):
         rr.score(q, rr.encode_passages(docs[:2], ratio=8))
     with pytest.raises(ValueError, match="ratio 3 cannot serve"):
@@ -195,8 +197,11 @@ def test_long_documents_are_truncated_with_a_warning(ckpt, tokenizer, docs, quer
     long_doc = " ".join(docs)
     n = len(tokenizer.encode(prompts.document_text(long_doc)))
     assert n > 200
-    with pytest.warns(UserWarning, match=rf"1 of 2 documents exceed max_document_tokens=64 .*truncated: "
-                                         rf"{n - 64} tokens cut from the longest \({n} tokens\)"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"1 of 2 documents exceed max_document_tokens=64 .*truncated: "
+        rf"{n - 64} tokens cut from the longest \({n} tokens\)",
+    ):
         states = short.encode_passages([docs[0], long_doc])
     assert states.mask[1].sum() == 16 and states.counts[1].sum() == 64
     with warnings.catch_warnings(record=True):
@@ -242,7 +247,8 @@ def test_out_of_memory_backs_off_to_three_quarters(rr, docs, monkeypatch):
         got = rr.encode_passages(docs, batch_size=32)
     assert [str(w.message) for w in caught] == [
         "encoding passages: out of memory with a batch of 12; retrying with batch size 9",
-        "encoding passages: out of memory with a batch of 9; retrying with batch size 6"]
+        "encoding passages: out of memory with a batch of 9; retrying with batch size 6",
+    ]
     assert seen[:3] == [16, 16, 8]  # 12 rows (bucket 16) -> 9 (bucket 16) -> 6 (bucket 8)
     # Same states up to fp32 rounding (a batch of 8 is another compiled program than one of 16).
     np.testing.assert_allclose(got.states, want.states, rtol=1e-5, atol=2e-6)
@@ -311,5 +317,6 @@ def test_reranker_on_a_hub_style_dir_with_only_tokenizer_json(ckpt, rr, tokenize
     shutil.copy(tokenizer_json, hub / "tokenizer.json")
     r = Reranker.from_pretrained(hub, dtype="float32")
     assert isinstance(r.tokenizer, HFTokenizer)
-    np.testing.assert_allclose(r.score(queries[0], docs[:5], return_margin=True),
-                               rr.score(queries[0], docs[:5], return_margin=True), atol=1e-6)
+    np.testing.assert_allclose(
+        r.score(queries[0], docs[:5], return_margin=True), rr.score(queries[0], docs[:5], return_margin=True), atol=1e-6
+    )

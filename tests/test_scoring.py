@@ -16,11 +16,13 @@ def loaded(tiny_hf):
 
 def _batch(seed, b=4, s=23, t=11):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 500, (b, s)); mask = np.ones_like(ids)
+    ids = rng.integers(3, 500, (b, s))
+    mask = np.ones_like(ids)
     for i, n in enumerate(rng.integers(3, s + 1, b)):
         mask[i, n:] = 0
     ids[mask == 0] = 0
-    dec = rng.integers(3, 500, (b, t)); dmask = np.ones_like(dec)
+    dec = rng.integers(3, 500, (b, t))
+    dmask = np.ones_like(dec)
     for i, n in enumerate(rng.integers(2, t + 1, b)):
         dmask[i, n:] = 0
     dec[dmask == 0] = 0

@@ -13,10 +13,27 @@ from kalm_jax.tokenizer import GEMMA_RESERVED, Tokenizer, TokenizerError
 def _raw_spm(texts, out_path, vocab_size, user_defined, **kw):
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=user_defined, byte_fallback=True, add_dummy_prefix=False,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2, num_threads=2, **kw)
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=user_defined,
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+        num_threads=2,
+        **kw,
+    )
     out_path.write_bytes(buf.getvalue())
     return out_path
 
@@ -77,8 +94,9 @@ def test_supplied_gemma_like_tokenizer_ids_read_from_model(scifact_texts, tmp_pa
     assert tok.path == path
 
     # Same pieces, different places: the ids must follow the model, not be assumed.
-    shifted = _raw_spm(scifact_texts[:1000], tmp_path / "shifted.model", 1200,
-                       ["<end_of_turn>", "yes", "<start_of_turn>", "no"])
+    shifted = _raw_spm(
+        scifact_texts[:1000], tmp_path / "shifted.model", 1200, ["<end_of_turn>", "yes", "<start_of_turn>", "no"]
+    )
     tok2 = Tokenizer.load(shifted)
     assert (tok2.end_of_turn_id, tok2.yes_id, tok2.start_of_turn_id, tok2.no_id) == (4, 5, 6, 7)
 

@@ -27,31 +27,32 @@ def _case(name: str):
     """(q [B, T, N, D], k, v [B, S, K, D], Mask, real query rows [B, T] bool) of a named mask structure."""
     rng = np.random.default_rng(0)
     b, d = 2, 32
-    if name == "full_padding":        # every key, key padding; G = 2, T = S = 140 (heads folded: 280 rows)
+    if name == "full_padding":  # every key, key padding; G = 2, T = S = 140 (heads folded: 280 rows)
         t, s, n, kh = 140, 140, 4, 2
         keys = _padding(b, s, [140, 97])
         mask = layers.Mask(keys, None, queries=keys)
-    elif name == "window":            # the encoder's bidirectional window, unfolded (LocalMask), G = 2
+    elif name == "window":  # the encoder's bidirectional window, unfolded (LocalMask), G = 2
         t, s, n, kh = 128, 128, 4, 2
         keys = _padding(b, s, [128, 75])
         mask = layers.Mask(keys, layers.encoder_window(t, 16), queries=keys)
-    elif name == "window_short":      # window on 20 tokens padded to 128, G = 1 (LocalMask)
+    elif name == "window_short":  # window on 20 tokens padded to 128, G = 1 (LocalMask)
         t, s, n, kh = 20, 20, 2, 2
         keys = _padding(b, s, [20, 13])
         mask = layers.Mask(keys, layers.encoder_window(t, 6), queries=keys)
-    elif name == "causal":            # causal self-attention, 130 queries padded to 256 (CausalMask)
+    elif name == "causal":  # causal self-attention, 130 queries padded to 256 (CausalMask)
         t, s, n, kh = 130, 130, 2, 2
         keys = _padding(b, s, [130, 71])
         mask = layers.Mask(keys, layers.causal_window(t), queries=keys)
-    elif name == "no_padding_key":    # padding queries but no padding key anywhere (128 = no padded keys):
+    elif name == "no_padding_key":  # padding queries but no padding key anywhere (128 = no padded keys):
         t, s, n, kh = 128, 128, 2, 1  # those rows are fully masked by the segment ids and must stay finite
         keys = jnp.ones((b, s), jnp.int32)
         mask = layers.Mask(keys, layers.causal_window(t), queries=_padding(b, t, [128, 100]))
-    elif name == "merged_sliding":    # decoder: sliding-causal self keys ++ passage keys, G = 4 (folded)
+    elif name == "merged_sliding":  # decoder: sliding-causal self keys ++ passage keys, G = 4 (folded)
         t, sp, n, kh = 24, 150, 4, 1
         dec, enc = _padding(b, t, [24, 17]), _padding(b, sp, [150, 61])
-        mask = layers.concat_masks(layers.Mask(dec, layers.causal_window(t, 8), queries=dec), layers.Mask(enc),
-                                   t, t, sp)
+        mask = layers.concat_masks(
+            layers.Mask(dec, layers.causal_window(t, 8), queries=dec), layers.Mask(enc), t, t, sp
+        )
         s, keys = t + sp, dec
     else:
         raise KeyError(name)
@@ -62,8 +63,9 @@ def _case(name: str):
     return q, k, v, mask, real
 
 
-@pytest.mark.parametrize("name", ["full_padding", "window", "window_short", "causal", "no_padding_key",
-                                  "merged_sliding"])
+@pytest.mark.parametrize(
+    "name", ["full_padding", "window", "window_short", "causal", "no_padding_key", "merged_sliding"]
+)
 def test_splash_matches_xla(interpret, name):
     q, k, v, mask, real = _case(name)
     weight = jnp.asarray(real, jnp.float32)[:, :, None, None]  # the loss reads the real rows only
@@ -91,8 +93,9 @@ def test_static_mask_structure():
     assert isinstance(tpu_attention.static_mask(layers.causal_window(200), 256, 256), sm.CausalMask)
     sliding = tpu_attention.static_mask(layers.causal_window(200, 64), 256, 256)
     assert isinstance(sliding, sm.LocalMask) and sliding.window_size == (63, 0)
-    merged = layers.concat_masks(layers.Mask(jnp.ones((1, 64)), layers.causal_window(64)),
-                                 layers.Mask(jnp.ones((1, 100))), 64, 64, 100)
+    merged = layers.concat_masks(
+        layers.Mask(jnp.ones((1, 64)), layers.causal_window(64)), layers.Mask(jnp.ones((1, 100))), 64, 64, 100
+    )
     folded = tpu_attention.static_mask(merged.pattern, 256, 256, fold=4)
     assert isinstance(folded, sm.NumpyMask)
     np.testing.assert_array_equal(folded.array[64:128, :164], merged.pattern)  # second folded head
@@ -116,8 +119,9 @@ def test_dense_mask_takes_the_einsum_path():
     q = jnp.asarray(rng.normal(size=(2, 1, 4, 16)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(2, 30, 2, 16)), jnp.float32)
     mask = jnp.asarray(rng.random((2, 1, 30)) > 0.3)
-    np.testing.assert_array_equal(tpu_attention.flash_attention(q, k, k, mask, 0.3),
-                                  layers.xla_attention(q, k, k, mask, 0.3))
+    np.testing.assert_array_equal(
+        tpu_attention.flash_attention(q, k, k, mask, 0.3), layers.xla_attention(q, k, k, mask, 0.3)
+    )
     text = jax.jit(lambda q, k: tpu_attention.flash_attention(q, k, k, mask, 0.3)).lower(q, k).as_text()
     assert "tpu_custom_call" not in text and "pallas" not in text
 
@@ -130,5 +134,6 @@ def test_platform_dispatch_on_cpu_is_the_einsum_path():
     np.testing.assert_array_equal(layers.attention(q, k, v, mask, 0.2, impl="auto"), want)
     dense = jnp.broadcast_to(mask.dense(), (q.shape[0], q.shape[1], k.shape[1]))
     seen = np.asarray(dense).any(-1)  # rows that see a key (a fully masked row averages other values)
-    np.testing.assert_allclose(np.asarray(want)[seen], np.asarray(layers.xla_attention(q, k, v, dense, 0.2))[seen],
-                               atol=2e-6, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(want)[seen], np.asarray(layers.xla_attention(q, k, v, dense, 0.2))[seen], atol=2e-6, rtol=0
+    )

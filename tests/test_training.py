@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from kalm_jax import checkpointing, scoring
-from kalm_jax.config import get_preset
 from kalm_jax import mesh as sharding
+from kalm_jax.config import get_preset
 from kalm_jax.training import losses
 from kalm_jax.training.checkpoints import Checkpointer
 from kalm_jax.training.config import default_config, validate
@@ -80,7 +80,9 @@ def test_losses_match_torch():
     t_nan = np.where(mask > 0, t, np.nan).astype(np.float32)
     keep = torch.tensor(mask > 0)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(tm[keep], torch.tensor(t)[keep]).item()
-    assert float(losses.distill_bce(jnp.asarray(m), jnp.asarray(t_nan), jnp.asarray(mask))) == pytest.approx(ref, rel=1e-6)
+    assert float(losses.distill_bce(jnp.asarray(m), jnp.asarray(t_nan), jnp.asarray(mask))) == pytest.approx(
+        ref, rel=1e-6
+    )
     logits = torch.tensor(rng.normal(size=(4, 5, 50)).astype(np.float32))
     logp = torch.log_softmax(logits, -1)
     ref = torch.nn.functional.nll_loss(logp.reshape(-1, 50), torch.tensor(np.where(y > 0, 7, 9).reshape(-1))).item()
@@ -128,19 +130,23 @@ def test_train_step_scores_every_ratio_like_the_serving_engine(per_pass):
     cfg.mep.ratios_per_pass = per_pass  # 0: one pass; 3: passes of (1, 2, 4) and (32,)
     cfg.loss.listwise = cfg.loss.distill = 0.0
     model = build_model(get_preset("tiny"), cfg, abstract=False)
-    ts = make_train_step(get_preset("tiny"), cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:4]),
-                         yes_id=10, no_id=11, donate=False)
+    ts = make_train_step(
+        get_preset("tiny"), cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:4]), yes_id=10, no_id=11, donate=False
+    )
     _, metrics, _ = ts.grad_fn(ts.init_state(model), ts.place_batch(batch))
     engine = InferenceEngine(model, None, yes_id=10, no_id=11, show_progress=False)
     n_unique = int((batch["enc_mask"].sum(1) > 0).sum())
-    states = engine.encode_ids([row[m > 0].tolist() for row, m in zip(batch["enc_ids"][:n_unique],
-                                                                        batch["enc_mask"][:n_unique])], 1)
+    states = engine.encode_ids(
+        [row[m > 0].tolist() for row, m in zip(batch["enc_ids"][:n_unique], batch["enc_mask"][:n_unique])], 1
+    )
     prompts = [row[m > 0].tolist() for row, m in zip(batch["dec_ids"], batch["dec_mask"])]
     for r in cfg.mep.ratios:
-        margins = engine.margins(prompts, np.repeat(np.arange(B), G), states, batch["passage_index"].reshape(-1),
-                                 ratio=r).reshape(B, G)
-        ref = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(margins),
-                                                                   torch.tensor(batch["labels"])).item()
+        margins = engine.margins(
+            prompts, np.repeat(np.arange(B), G), states, batch["passage_index"].reshape(-1), ratio=r
+        ).reshape(B, G)
+        ref = torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.tensor(margins), torch.tensor(batch["labels"])
+        ).item()
         assert float(metrics[f"loss/r{r}"]) == pytest.approx(ref, abs=2e-5), r
         assert float(metrics[f"accuracy/r{r}"]) == np.mean(np.argmax(margins, -1) == 0), r
 
@@ -166,16 +172,19 @@ def test_remat_policies_save_what_they_name_and_keep_the_gradients():
         if policy in (None, "projections"):
             loss, _, grads = ts.grad_fn(state, placed)
             results[policy] = (float(loss), jax.device_get(grads))
-    assert (dots["nothing"] > dots["qkv"] > dots["qkv+mlp_out"] > dots["projections"] >= dots[None]
-            and dots["qkv"] > dots[per_stack] > dots["qkv+mlp_in"]), dots
+    assert (
+        dots["nothing"] > dots["qkv"] > dots["qkv+mlp_out"] > dots["projections"] >= dots[None]
+        and dots["qkv"] > dots[per_stack] > dots["qkv+mlp_in"]
+    ), dots
     (loss0, grads0), (loss, grads) = results[None], results["projections"]
     assert loss == pytest.approx(loss0, rel=1e-6)
     for (path, g0), g in zip(jax.tree_util.tree_flatten_with_path(grads0)[0], jax.tree.leaves(grads)):
         np.testing.assert_allclose(g, g0, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
     cfg = small_config()
     cfg.model.remat_policy = "qkv+everything"
-    with pytest.raises(ValueError,
-                       match=r"model.remat_policy: unknown remat policy 'qkv\+everything': \['everything'\]"):
+    with pytest.raises(
+        ValueError, match=r"model.remat_policy: unknown remat policy 'qkv\+everything': \['everything'\]"
+    ):
         validate(cfg)
     cfg.model.remat_policy = "encoder:qkv,decodr:qkv"
     with pytest.raises(ValueError, match=r"'decodr:qkv' is not 'encoder:POLICY' or 'decoder:POLICY'"):
@@ -285,12 +294,25 @@ def train_jsonl(data_dir, scifact_index, tmp_path_factory):
 
 
 def cli(workdir: Path, jsonl: Path, tokenizer, data_dir, steps: int = 2 * N) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), f"--config={REPO}/configs/train.py:tiny", f"--workdir={workdir}",
-            f"--config.total_steps={steps}", f"--config.checkpoint.every={N}", "--config.eval.num_queries=0",
-            f"--config.data.train_jsonl=('{jsonl}',)", f"--config.tokenizer={tokenizer.path}",
-            "--config.data.batch_size=4", "--config.data.group_size=2", "--config.data.max_document_tokens=32",
-            "--config.data.max_query_tokens=8", "--config.mep.ratios=(1,4)", "--config.optimizer.warmup_steps=2",
-            f"--config.data.data_dir={data_dir}", "--config.tensorboard=False"]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"--config={REPO}/configs/train.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.total_steps={steps}",
+        f"--config.checkpoint.every={N}",
+        "--config.eval.num_queries=0",
+        f"--config.data.train_jsonl=('{jsonl}',)",
+        f"--config.tokenizer={tokenizer.path}",
+        "--config.data.batch_size=4",
+        "--config.data.group_size=2",
+        "--config.data.max_document_tokens=32",
+        "--config.data.max_query_tokens=8",
+        "--config.mep.ratios=(1,4)",
+        "--config.optimizer.warmup_steps=2",
+        f"--config.data.data_dir={data_dir}",
+        "--config.tensorboard=False",
+    ]
 
 
 def env():
@@ -321,8 +343,9 @@ def test_straight_run_learns_and_writes_metrics(straight_run):
 
 def test_sigkill_and_resume_is_bitwise_exact(straight_run, train_jsonl, tokenizer, data_dir, tmp_path):
     w = tmp_path / "killed"
-    proc = subprocess.Popen(cli(w, train_jsonl, tokenizer, data_dir), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli(w, train_jsonl, tokenizer, data_dir), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = w / "checkpoints" / str(N)
     deadline = time.time() + 400
     while not (first / "commit_success.txt").exists() and proc.poll() is None and time.time() < deadline:
@@ -394,25 +417,41 @@ def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path):
             from kalm_jax import mep
 
             pooled, pmask, _ = mep.pool(states, mask, 4)
-            dec, dmask = prompts.tokenize_decoder_prompts(tokenizer, [ex.query], max_query_tokens=16,
-                                                          pad_to_multiple_of=None)
+            dec, dmask = prompts.tokenize_decoder_prompts(
+                tokenizer, [ex.query], max_query_tokens=16, pad_to_multiple_of=None
+            )
             margin = model.score_margin(dec, dmask, pooled, pmask, tokenizer.yes_id, tokenizer.no_id)
             assert got == pytest.approx(float(jax.nn.sigmoid(margin[0])), abs=1e-5)
     assert src.read_text().count("pos_scores") == 0  # input untouched
 
 
 def test_cli_override_typo_lists_valid_keys(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={REPO}/configs/train.py:tiny",
-                        f"--workdir={tmp_path}", "--config.optimizer.lrr=1"], env=env(), capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            f"--config={REPO}/configs/train.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.optimizer.lrr=1",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     assert "optimizer has no 'lrr'" in r.stderr and "'lr'" in r.stderr and "'warmup_steps'" in r.stderr
 
 
 def test_sigterm_saves_and_exits(train_jsonl, tokenizer, data_dir, tmp_path):
     w = tmp_path / "term"
-    proc = subprocess.Popen(cli(w, train_jsonl, tokenizer, data_dir, steps=200), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(w, train_jsonl, tokenizer, data_dir, steps=200),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = w / "metrics.jsonl"
     deadline = time.time() + 300
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
@@ -429,8 +468,11 @@ def test_sigterm_saves_and_exits(train_jsonl, tokenizer, data_dir, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train_jsonl, tokenizer, data_dir, tmp_path):
     w = tmp_path / "nan"
     args = cli(w, train_jsonl, tokenizer, data_dir, steps=6) + [
-        "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0", "--config.optimizer.clip_norm=0",
-        "--config.checkpoint.every=1"]
+        "--config.optimizer.lr=1e30",
+        "--config.optimizer.warmup_steps=0",
+        "--config.optimizer.clip_norm=0",
+        "--config.checkpoint.every=1",
+    ]
     r = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "non-finite loss" in r.stderr and "Last good checkpoint" in r.stderr
@@ -460,17 +502,25 @@ def test_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(train_js
     """A second train.py on a workdir a running train.py holds exits 2 at once naming the holder's pid, and writes
     nothing; once the holder is SIGKILLed the lock is free (the next run gets past it). Before the fix both ran."""
     w = tmp_path / "locked"
-    holder = subprocess.Popen(cli(w, train_jsonl, tokenizer, data_dir, steps=10_000), env=env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen(
+        cli(w, train_jsonl, tokenizer, data_dir, steps=10_000),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
-        while holder.poll() is None and time.time() < deadline and (
-                not (w / ".lock").exists() or f"pid {holder.pid} " not in (w / ".lock").read_text()):
+        while (
+            holder.poll() is None
+            and time.time() < deadline
+            and (not (w / ".lock").exists() or f"pid {holder.pid} " not in (w / ".lock").read_text())
+        ):
             time.sleep(0.05)
         assert holder.poll() is None, "the first run exited"
         t0 = time.perf_counter()
-        r = subprocess.run(cli(w, train_jsonl, tokenizer, data_dir), env=env(), capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run(
+            cli(w, train_jsonl, tokenizer, data_dir), env=env(), capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 2, r.stderr[-3000:]
         assert f"is in use by another training run (pid {holder.pid} on " in r.stderr, r.stderr[-3000:]
         assert "Traceback" not in r.stderr
@@ -479,8 +529,9 @@ def test_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(train_js
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    r = subprocess.run(cli(w, tmp_path / "missing.jsonl", tokenizer, data_dir), env=env(), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        cli(w, tmp_path / "missing.jsonl", tokenizer, data_dir), env=env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2 and "data.train_jsonl: no such files" in r.stderr, r.stderr[-3000:]
     assert "in use by another" not in r.stderr
 
@@ -491,8 +542,9 @@ def _can_mount_tmpfs() -> bool:
     if shutil.which("unshare") is None:
         return False
     try:
-        r = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True, timeout=30)
+        r = subprocess.run(
+            ["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
@@ -500,8 +552,9 @@ def _can_mount_tmpfs() -> bool:
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -Urm to mount a small tmpfs (user namespaces)")
 @pytest.mark.parametrize("async_save", [True, False])
-def test_disk_full_checkpoint_stops_training_with_disk_full_error(async_save, train_jsonl, tokenizer, data_dir,
-                                                                  tmp_path):
+def test_disk_full_checkpoint_stops_training_with_disk_full_error(
+    async_save, train_jsonl, tokenizer, data_dir, tmp_path
+):
     """`<workdir>/checkpoints` on a 64 KiB tmpfs (a real ENOSPC inside Orbax/TensorStore): train.py stops at the
     first failed save with `DiskFullError` naming the step directory, exit 2, and leaves no
     `*.orbax-checkpoint-tmp*` behind. Before the fix: raw RESOURCE_EXHAUSTED tracebacks, training went on, the
@@ -509,11 +562,16 @@ def test_disk_full_checkpoint_stops_training_with_disk_full_error(async_save, tr
     w = tmp_path / "full"
     (w / "checkpoints").mkdir(parents=True)
     args = cli(w, train_jsonl, tokenizer, data_dir, steps=8) + [
-        "--config.checkpoint.every=2", f"--config.checkpoint.async_save={async_save}"]
-    script = ('mount -t tmpfs -o size=64k tmpfs "$0/checkpoints" || exit 99; "$@"; rc=$?; '
-              'ls -A "$0/checkpoints" > "$0/listing.txt"; exit $rc')
-    r = subprocess.run(["unshare", "-Urm", "sh", "-c", script, str(w), *args], env=env(), capture_output=True,
-                       text=True, timeout=600)
+        "--config.checkpoint.every=2",
+        f"--config.checkpoint.async_save={async_save}",
+    ]
+    script = (
+        'mount -t tmpfs -o size=64k tmpfs "$0/checkpoints" || exit 99; "$@"; rc=$?; '
+        'ls -A "$0/checkpoints" > "$0/listing.txt"; exit $rc'
+    )
+    r = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script, str(w), *args], env=env(), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"{w}/checkpoints/2: the disk is full; checkpoint step 2 was not saved" in r.stderr, r.stderr[-3000:]
     assert "orbax-checkpoint-tmp" not in (w / "listing.txt").read_text()

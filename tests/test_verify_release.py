@@ -35,8 +35,12 @@ def table(margins, scale=1.0):
     m0 = tuple(x * scale for x in margins[None])
     p1 = tuple(float(1 / (1 + np.exp(-x * scale))) for x in margins[WEB_INSTRUCTION])
     p0 = tuple(float(1 / (1 + np.exp(-x))) for x in m0)
-    return {"tiny": (Reference("default instruction", None, p0, m0, "torch"),
-                     Reference("web-search instruction", WEB_INSTRUCTION, p1, None, "torch"))}
+    return {
+        "tiny": (
+            Reference("default instruction", None, p0, m0, "torch"),
+            Reference("web-search instruction", WEB_INSTRUCTION, p1, None, "torch"),
+        )
+    }
 
 
 def test_passes_against_matching_reference(release, monkeypatch, capsys):
@@ -56,7 +60,9 @@ def test_fails_when_margins_are_off_by_more_than_rtol(release, monkeypatch, caps
     assert verify_release.main([str(path), "--config.variant=tiny", "--config.dtype=float32"]) == 1
     out = capsys.readouterr().out
     assert out.count("FAIL") == 5 and "FAIL: 0/4 rows" in out
-    assert verify_release.main([str(path), "--config.variant=tiny", "--config.dtype=float32", "--config.rtol=0.05"]) == 0
+    assert (
+        verify_release.main([str(path), "--config.variant=tiny", "--config.dtype=float32", "--config.rtol=0.05"]) == 0
+    )
 
 
 def test_unknown_size_and_missing_reference(release, capsys, tmp_path):

@@ -2,7 +2,8 @@
 
 Rows: kind in {encode, score, online_ratio, peer, train}, with shape, n, r where they apply and the
 measured figures. Runs on whatever backend JAX has; the PyTorch peer runs when torch + CUDA exist (or
-with --config.peer_on_cpu=true). Settings: configs/bench.py[:grid|h100|side_by_side]. See docs/performance.md for the row fields and the FLOP model.
+with --config.peer_on_cpu=true). Settings: the bench.py config [:grid|h100|side_by_side]. See docs/performance.md
+for the row fields and the FLOP model.
 """
 
 from __future__ import annotations
@@ -48,13 +49,21 @@ def run_bench(config) -> int:
     from tqdm import tqdm
 
     fields = {f.name for f in dataclasses.fields(suite.BenchSettings)}
-    settings = suite.BenchSettings(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                                      for k, v in config.items() if k in fields})
+    settings = suite.BenchSettings(
+        **{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items() if k in fields}
+    )
     peer = {"auto": None, "on": True, "off": False}[config.peer]
     peak = tuple(int(x) for x in config.peak_sizes if int(x) > 0) or None
     bar = tqdm(desc="bench", unit="row", file=sys.stderr)
-    rows = runner.run(settings, peer=peer, peer_on_cpu=config.peer_on_cpu, out=out, peak_sizes=peak,
-                      progress=bar.set_postfix_str, on_row=lambda _: bar.update())
+    rows = runner.run(
+        settings,
+        peer=peer,
+        peer_on_cpu=config.peer_on_cpu,
+        out=out,
+        peak_sizes=peak,
+        progress=bar.set_postfix_str,
+        on_row=lambda _: bar.update(),
+    )
     bar.close()
     report.print_tables(rows)
     if markdown:
@@ -71,10 +80,19 @@ def run_bench(config) -> int:
 def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
     from kalm_jax.bench import report, runner, side_by_side
 
-    rows = side_by_side.run(config.shapes[0], n=config.score_lengths[0], r=config.ratios[0],
-                            candidates=config.candidates, prompt_len=config.prompt_len, dtype=config.dtype,
-                            rounds=config.rounds, repeats=config.repeats, warmup=config.warmup, seed=config.seed,
-                            progress=lambda m: print(m, file=sys.stderr))
+    rows = side_by_side.run(
+        config.shapes[0],
+        n=config.score_lengths[0],
+        r=config.ratios[0],
+        candidates=config.candidates,
+        prompt_len=config.prompt_len,
+        dtype=config.dtype,
+        rounds=config.rounds,
+        repeats=config.repeats,
+        warmup=config.warmup,
+        seed=config.seed,
+        progress=lambda m: print(m, file=sys.stderr),
+    )
     report.print_tables(rows)
     if out:
         runner.write_rows(rows, out)

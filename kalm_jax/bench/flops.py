@@ -69,11 +69,16 @@ def decoder_flops(cfg: ModelConfig, t: int, c: int) -> int:
     kinds = cfg.decoder_layer_types
     for kind in kinds[:-1]:
         self_keys = causal_visible_keys(t, cfg.sliding_window, kind == SLIDING)
-        total += (t * token_linear_flops(cfg) + c * kv_projection_flops(cfg)
-                  + (self_keys + t * c) * attention_pair_flops(cfg))
+        total += (
+            t * token_linear_flops(cfg) + c * kv_projection_flops(cfg) + (self_keys + t * c) * attention_pair_flops(cfg)
+        )
     last_keys = min(t, cfg.sliding_window) if kinds[-1] == SLIDING else t
-    total += ((t + c) * kv_projection_flops(cfg) + token_linear_flops(cfg) - kv_projection_flops(cfg)
-              + (last_keys + c) * attention_pair_flops(cfg))
+    total += (
+        (t + c) * kv_projection_flops(cfg)
+        + token_linear_flops(cfg)
+        - kv_projection_flops(cfg)
+        + (last_keys + c) * attention_pair_flops(cfg)
+    )
     return total
 
 
@@ -126,6 +131,20 @@ def cache_bytes(cfg: ModelConfig, n: int, r: int, itemsize: int = 2) -> int:
     return c * cfg.hidden_size * itemsize + c * 4
 
 
-__all__ = ["token_linear_flops", "attention_pair_flops", "kv_projection_flops", "encoder_flops",
-           "decoder_flops", "no_cache_flops", "online_ratio", "cross_encoder_flops", "cross_encoder_ratio",
-           "train_flops", "train_step_flops", "cache_bytes", "cached_states", "bidirectional_visible_keys", "causal_visible_keys"]
+__all__ = [
+    "token_linear_flops",
+    "attention_pair_flops",
+    "kv_projection_flops",
+    "encoder_flops",
+    "decoder_flops",
+    "no_cache_flops",
+    "online_ratio",
+    "cross_encoder_flops",
+    "cross_encoder_ratio",
+    "train_flops",
+    "train_step_flops",
+    "cache_bytes",
+    "cached_states",
+    "bidirectional_visible_keys",
+    "causal_visible_keys",
+]

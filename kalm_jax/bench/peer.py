@@ -9,7 +9,8 @@ and the margin is read from them (`use_cache=False`, so no KV cache is built for
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -47,13 +48,13 @@ def build(name: str, device: str, dtype: str = "bfloat16", seed: int = 0) -> Pee
     from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
 
     cfg = get_preset(name)
-    torch_dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-                   "fp32": torch.float32}[dtype]
+    torch_dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[
+        dtype
+    ]
     hf_cfg = T5Gemma2Config.from_dict(cfg.to_hf())
     torch.manual_seed(seed)
     with torch.device(device):
-        model = T5Gemma2ForConditionalGeneration._from_config(hf_cfg, dtype=torch_dtype,
-                                                              attn_implementation="sdpa")
+        model = T5Gemma2ForConditionalGeneration._from_config(hf_cfg, dtype=torch_dtype, attn_implementation="sdpa")
     return Peer(name, cfg, model.eval(), device, torch_dtype)
 
 
@@ -92,8 +93,13 @@ def score_fn(peer: Peer, yes_id: int, no_id: int) -> Callable:
 
     @torch.inference_mode()
     def run(dec_ids, dec_mask, states, pmask):
-        logits = peer.model(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=pmask,
-                            decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask, use_cache=False).logits
+        logits = peer.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states),
+            attention_mask=pmask,
+            decoder_input_ids=dec_ids,
+            decoder_attention_mask=dec_mask,
+            use_cache=False,
+        ).logits
         last = dec_mask.sum(1) - 1
         z = logits[torch.arange(logits.shape[0], device=logits.device), last][:, [yes_id, no_id]].float()
         return z[:, 0] - z[:, 1]
@@ -143,8 +149,9 @@ def _halving(batch: int, device: str, run: Callable[[int], dict[str, Any]]) -> d
             _reset_peak(device)
 
 
-def encode_row(peer: Peer, n: int, batch: int, *, warmup: int, repeats: int, rotations: int,
-               seed: int = 0) -> dict[str, Any]:
+def encode_row(
+    peer: Peer, n: int, batch: int, *, warmup: int, repeats: int, rotations: int, seed: int = 0
+) -> dict[str, Any]:
     """The peer's passage encoding (+ pool at r = 1): tokens/s."""
     import torch
 
@@ -153,17 +160,28 @@ def encode_row(peer: Peer, n: int, batch: int, *, warmup: int, repeats: int, rot
 
     def run(b: int) -> dict[str, Any]:
         _reset_peak(peer.device)
-        inputs = [(torch.as_tensor(rng.integers(3, peer.cfg.boi_token_index, (b, n)), device=peer.device),
-                   torch.ones((b, n), dtype=torch.long, device=peer.device)) for _ in range(rotations)]
+        inputs = [
+            (
+                torch.as_tensor(rng.integers(3, peer.cfg.boi_token_index, (b, n)), device=peer.device),
+                torch.ones((b, n), dtype=torch.long, device=peer.device),
+            )
+            for _ in range(rotations)
+        ]
         t = time_host(fn, inputs, _sync(peer.device), warmup=warmup, repeats=repeats)
-        return {"batch": b, "tokens_per_s": b * n / t.median_s, "median_s": t.median_s,
-                "flops_per_s": flops.encoder_flops(peer.cfg, n) * b / t.median_s, "peak_bytes": _peak(peer.device)}
+        return {
+            "batch": b,
+            "tokens_per_s": b * n / t.median_s,
+            "median_s": t.median_s,
+            "flops_per_s": flops.encoder_flops(peer.cfg, n) * b / t.median_s,
+            "peak_bytes": _peak(peer.device),
+        }
 
     return {"op": "encode", "n": n, "r": 1, **_halving(batch, peer.device, run)}
 
 
-def score_row(peer: Peer, n: int, r: int, batch: int, prompt_len: int, *, warmup: int, repeats: int,
-              rotations: int, seed: int = 0) -> dict[str, Any]:
+def score_row(
+    peer: Peer, n: int, r: int, batch: int, prompt_len: int, *, warmup: int, repeats: int, rotations: int, seed: int = 0
+) -> dict[str, Any]:
     """The peer's scoring of cached pooled states (released path, full logits): pairs/s."""
     import torch
 
@@ -175,16 +193,25 @@ def score_row(peer: Peer, n: int, r: int, batch: int, prompt_len: int, *, warmup
         _reset_peak(peer.device)
         inputs = []
         for _ in range(rotations):
-            states = torch.as_tensor(rng.standard_normal((b, c, peer.cfg.hidden_size), dtype=np.float32),
-                                     device=peer.device).to(peer.torch_dtype)
-            inputs.append((torch.as_tensor(rng.integers(3, peer.cfg.boi_token_index, (b, prompt_len)),
-                                           device=peer.device),
-                           torch.ones((b, prompt_len), dtype=torch.long, device=peer.device),
-                           states, torch.ones((b, c), dtype=torch.long, device=peer.device)))
+            states = torch.as_tensor(
+                rng.standard_normal((b, c, peer.cfg.hidden_size), dtype=np.float32), device=peer.device
+            ).to(peer.torch_dtype)
+            inputs.append(
+                (
+                    torch.as_tensor(rng.integers(3, peer.cfg.boi_token_index, (b, prompt_len)), device=peer.device),
+                    torch.ones((b, prompt_len), dtype=torch.long, device=peer.device),
+                    states,
+                    torch.ones((b, c), dtype=torch.long, device=peer.device),
+                )
+            )
         t = time_host(fn, inputs, _sync(peer.device), warmup=warmup, repeats=repeats)
-        return {"batch": b, "pairs_per_s": b / t.median_s, "median_s": t.median_s,
-                "flops_per_s": flops.decoder_flops(peer.cfg, prompt_len, c) * b / t.median_s,
-                "peak_bytes": _peak(peer.device)}
+        return {
+            "batch": b,
+            "pairs_per_s": b / t.median_s,
+            "median_s": t.median_s,
+            "flops_per_s": flops.decoder_flops(peer.cfg, prompt_len, c) * b / t.median_s,
+            "peak_bytes": _peak(peer.device),
+        }
 
     return {"op": "score", "n": n, "r": r, **_halving(batch, peer.device, run)}
 

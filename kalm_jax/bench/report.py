@@ -2,36 +2,88 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # kind -> [(column title, row key, format)]
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
-    "encode": [("shape", "shape", "s"), ("n", "n", "d"), ("batch", "batch", "d"), ("tokens/s", "tokens_per_s", ",.0f"),
-               ("TFLOP/s", "flops_per_s", "t"), ("MFU", "mfu", "%"), ("median ms", "median_s", "ms"),
-               ("compile s", "compile_s", ".1f"), ("program MiB", "program_bytes", "mib"),
-               ("peak MiB", "peak_bytes", "mib"), ("cache B/passage", "cache_bytes_per_passage", ",d")],
-    "score": [("shape", "shape", "s"), ("n", "n", "d"), ("r", "r", "d"), ("batch", "batch", "d"),
-              ("pairs/s", "pairs_per_s", ",.0f"), ("TFLOP/s", "flops_per_s", "t"), ("MFU", "mfu", "%"),
-              ("median ms", "median_s", "ms"), ("host-states pairs/s", "pairs_per_s_host_states", ",.0f"),
-              ("host-states ms", "median_s_host_states", "ms"), ("compile s", "compile_s", ".1f"),
-              ("program MiB", "program_bytes", "mib"), ("peak MiB", "peak_bytes", "mib"),
-              ("cache B/passage", "cache_bytes_per_passage", ",d")],
-    "online_ratio": [("shape", "shape", "s"), ("n", "n", "d"), ("r", "r", "d"),
-                     ("measured", "measured_ratio", ".2f"), ("analytic", "analytic_ratio", ".2f"),
-                     ("measured/analytic", "measured_over_analytic", ".2f"),
-                     ("cross-enc analytic", "cross_encoder_analytic_ratio", ".1f")],
-    "peer": [("shape", "shape", "s"), ("op", "op", "s"), ("n", "n", "d"), ("r", "r", "d"),
-             ("ours tok/s", "ours_tokens_per_s", ",.0f"), ("peer tok/s", "peer_tokens_per_s", ",.0f"),
-             ("ours pairs/s", "ours_pairs_per_s", ",.0f"), ("peer pairs/s", "peer_pairs_per_s", ",.0f"),
-             ("speedup", "speedup", ".2f"), ("peer batch", "peer_batch", "d"), ("note", "peer_error", "s")],
-    "side_by_side": [("shape", "shape", "s"), ("op", "op", "s"), ("n", "n", "d"), ("r", "r", "d"),
-                     ("batch", "batch", "d"), ("ours tok/s", "ours_tokens_per_s", ",.0f"),
-                     ("peer tok/s", "peer_tokens_per_s", ",.0f"), ("ours pairs/s", "ours_pairs_per_s", ",.1f"),
-                     ("peer pairs/s", "peer_pairs_per_s", ",.1f"), ("speedup", "speedup", ".2f"),
-                     ("min", "speedup_min", ".2f"), ("max", "speedup_max", ".2f"), ("rounds", "rounds", "d"),
-                     ("max abs Δ state", "max_abs_state_diff", ".1e"), ("max abs Δ margin", "max_abs_margin_diff", ".1e")],
-    "train": [("shape", "shape", "s"), ("mode", "mode", "s"), ("batch", "batch", "d"), ("step ms", "step_s", "ms"),
-              ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", "%"), ("compile s", "compile_s", ".1f")],
+    "encode": [
+        ("shape", "shape", "s"),
+        ("n", "n", "d"),
+        ("batch", "batch", "d"),
+        ("tokens/s", "tokens_per_s", ",.0f"),
+        ("TFLOP/s", "flops_per_s", "t"),
+        ("MFU", "mfu", "%"),
+        ("median ms", "median_s", "ms"),
+        ("compile s", "compile_s", ".1f"),
+        ("program MiB", "program_bytes", "mib"),
+        ("peak MiB", "peak_bytes", "mib"),
+        ("cache B/passage", "cache_bytes_per_passage", ",d"),
+    ],
+    "score": [
+        ("shape", "shape", "s"),
+        ("n", "n", "d"),
+        ("r", "r", "d"),
+        ("batch", "batch", "d"),
+        ("pairs/s", "pairs_per_s", ",.0f"),
+        ("TFLOP/s", "flops_per_s", "t"),
+        ("MFU", "mfu", "%"),
+        ("median ms", "median_s", "ms"),
+        ("host-states pairs/s", "pairs_per_s_host_states", ",.0f"),
+        ("host-states ms", "median_s_host_states", "ms"),
+        ("compile s", "compile_s", ".1f"),
+        ("program MiB", "program_bytes", "mib"),
+        ("peak MiB", "peak_bytes", "mib"),
+        ("cache B/passage", "cache_bytes_per_passage", ",d"),
+    ],
+    "online_ratio": [
+        ("shape", "shape", "s"),
+        ("n", "n", "d"),
+        ("r", "r", "d"),
+        ("measured", "measured_ratio", ".2f"),
+        ("analytic", "analytic_ratio", ".2f"),
+        ("measured/analytic", "measured_over_analytic", ".2f"),
+        ("cross-enc analytic", "cross_encoder_analytic_ratio", ".1f"),
+    ],
+    "peer": [
+        ("shape", "shape", "s"),
+        ("op", "op", "s"),
+        ("n", "n", "d"),
+        ("r", "r", "d"),
+        ("ours tok/s", "ours_tokens_per_s", ",.0f"),
+        ("peer tok/s", "peer_tokens_per_s", ",.0f"),
+        ("ours pairs/s", "ours_pairs_per_s", ",.0f"),
+        ("peer pairs/s", "peer_pairs_per_s", ",.0f"),
+        ("speedup", "speedup", ".2f"),
+        ("peer batch", "peer_batch", "d"),
+        ("note", "peer_error", "s"),
+    ],
+    "side_by_side": [
+        ("shape", "shape", "s"),
+        ("op", "op", "s"),
+        ("n", "n", "d"),
+        ("r", "r", "d"),
+        ("batch", "batch", "d"),
+        ("ours tok/s", "ours_tokens_per_s", ",.0f"),
+        ("peer tok/s", "peer_tokens_per_s", ",.0f"),
+        ("ours pairs/s", "ours_pairs_per_s", ",.1f"),
+        ("peer pairs/s", "peer_pairs_per_s", ",.1f"),
+        ("speedup", "speedup", ".2f"),
+        ("min", "speedup_min", ".2f"),
+        ("max", "speedup_max", ".2f"),
+        ("rounds", "rounds", "d"),
+        ("max abs Δ state", "max_abs_state_diff", ".1e"),
+        ("max abs Δ margin", "max_abs_margin_diff", ".1e"),
+    ],
+    "train": [
+        ("shape", "shape", "s"),
+        ("mode", "mode", "s"),
+        ("batch", "batch", "d"),
+        ("step ms", "step_s", "ms"),
+        ("tokens/s", "tokens_per_s", ",.0f"),
+        ("MFU", "mfu", "%"),
+        ("compile s", "compile_s", ".1f"),
+    ],
 }
 
 
@@ -61,8 +113,9 @@ def tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], list[li
             keep = [c for c in cols if any(r.get(c[1]) is not None for r in measured)]
             out.append((kind, [c[0] for c in keep], [[fmt(r.get(k), f) for _, k, f in keep] for r in measured]))
         for r in skipped:
-            out.append((f"{kind} ({r['shape']}{', ' + r['mode'] if 'mode' in r else ''}) skipped: {r['skipped']}",
-                        [], []))
+            out.append(
+                (f"{kind} ({r['shape']}{', ' + r['mode'] if 'mode' in r else ''}) skipped: {r['skipped']}", [], [])
+            )
     return out
 
 

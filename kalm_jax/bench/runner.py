@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kalm_jax.bench import peer as peer_lib
 from kalm_jax.bench import suite
@@ -44,19 +45,42 @@ def _peer_rows(settings: suite.BenchSettings, device: str, progress: Callable[[s
 
 def _join_peer(raw: dict[str, Any], ours: dict[str, Any], peak: float) -> dict[str, Any]:
     rate = "tokens_per_s" if raw["op"] == "encode" else "pairs_per_s"
-    row = {"kind": "peer", "shape": raw["shape"], "op": raw["op"], "n": raw["n"], "r": raw["r"],
-           "device": ours["device"], "dtype": ours["dtype"], "peer_impl": "transformers T5Gemma2 sdpa",
-           "peer_batch": raw["batch"], "ours_batch": ours["batch"], f"ours_{rate}": ours[rate]}
+    row = {
+        "kind": "peer",
+        "shape": raw["shape"],
+        "op": raw["op"],
+        "n": raw["n"],
+        "r": raw["r"],
+        "device": ours["device"],
+        "dtype": ours["dtype"],
+        "peer_impl": "transformers T5Gemma2 sdpa",
+        "peer_batch": raw["batch"],
+        "ours_batch": ours["batch"],
+        f"ours_{rate}": ours[rate],
+    }
     if "error" in raw:
         return {**row, "peer_error": raw["error"], f"peer_{rate}": None, "speedup": None}
-    return {**row, f"peer_{rate}": raw[rate], "speedup": ours[rate] / raw[rate],
-            "peer_mfu": raw["flops_per_s"] / peak if peak else None, "ours_mfu": ours.get("mfu"),
-            "peer_median_s": raw["median_s"], "peer_peak_bytes": raw["peak_bytes"]}
+    return {
+        **row,
+        f"peer_{rate}": raw[rate],
+        "speedup": ours[rate] / raw[rate],
+        "peer_mfu": raw["flops_per_s"] / peak if peak else None,
+        "ours_mfu": ours.get("mfu"),
+        "peer_median_s": raw["median_s"],
+        "peer_peak_bytes": raw["peak_bytes"],
+    }
 
 
-def run(settings: suite.BenchSettings, *, peer: bool | None = None, peer_on_cpu: bool = False,
-        out: Path | None = None, peak_sizes=None, progress: Callable[[str], None] = lambda _: None,
-        on_row: Callable[[dict[str, Any]], None] = lambda _: None) -> list[dict[str, Any]]:
+def run(
+    settings: suite.BenchSettings,
+    *,
+    peer: bool | None = None,
+    peer_on_cpu: bool = False,
+    out: Path | None = None,
+    peak_sizes=None,
+    progress: Callable[[str], None] = lambda _: None,
+    on_row: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> list[dict[str, Any]]:
     """All rows for `settings`. `peer`: None = run the peer when torch + CUDA exist (or `peer_on_cpu`)."""
     rows: list[dict[str, Any]] = []
 

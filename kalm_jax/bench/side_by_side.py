@@ -15,7 +15,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,9 +33,20 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(name: str, *, n: int = 512, r: int = 4, candidates: int = 16, prompt_len: int = 64,
-        dtype: str = "float32", rounds: int = 5, repeats: int = 3, warmup: int = 1, seed: int = 0,
-        progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+def run(
+    name: str,
+    *,
+    n: int = 512,
+    r: int = 4,
+    candidates: int = 16,
+    prompt_len: int = 64,
+    dtype: str = "float32",
+    rounds: int = 5,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
     """Two rows (kind "side_by_side", op "encode" and "score") for preset `name` on this host's CPU.
 
     Encode: `candidates` passages of n tokens, pooled at r (tokens/s). Score: `candidates` pairs of a
@@ -83,31 +95,57 @@ def run(name: str, *, n: int = 512, r: int = 4, candidates: int = 16, prompt_len
     times: dict[str, list[float]] = {k: [] for k in ("ours_encode", "peer_encode", "ours_score", "peer_score")}
     for i in range(rounds):
         progress(f"side by side: round {i + 1}/{rounds}")
-        for key, fn in (("ours_encode", ours_enc), ("peer_encode", peer_enc), ("ours_score", ours_sc),
-                        ("peer_score", peer_sc)):
+        for key, fn in (
+            ("ours_encode", ours_enc),
+            ("peer_encode", peer_enc),
+            ("ours_score", ours_sc),
+            ("peer_score", peer_sc),
+        ):
             times[key].append(_median_time(fn, repeats))
     peer_lib.release(peer)
 
-    base = {"kind": "side_by_side", "shape": name, "n": n, "r": r, "dtype": dtype, "device": "cpu",
-            "rounds": rounds, "repeats": repeats, "timing": "interleaved rounds (ours, peer alternating)",
-            "peer_impl": "transformers T5Gemma2 sdpa (released pipeline)", "ours_impl": "kalm_jax InferenceEngine"}
+    base = {
+        "kind": "side_by_side",
+        "shape": name,
+        "n": n,
+        "r": r,
+        "dtype": dtype,
+        "device": "cpu",
+        "rounds": rounds,
+        "repeats": repeats,
+        "timing": "interleaved rounds (ours, peer alternating)",
+        "peer_impl": "transformers T5Gemma2 sdpa (released pipeline)",
+        "ours_impl": "kalm_jax InferenceEngine",
+    }
     c = flops.cached_states(n, r)
     rows = []
     for op, unit, amount in (("encode", "tokens_per_s", candidates * n), ("score", "pairs_per_s", candidates)):
         ours_s, peer_s = times[f"ours_{op}"], times[f"peer_{op}"]
         speedups = [p / o for o, p in zip(ours_s, peer_s)]
-        row = {**base, "op": op, "batch": candidates, f"ours_{unit}": amount / statistics.median(ours_s),
-               f"peer_{unit}": amount / statistics.median(peer_s), "ours_median_s": statistics.median(ours_s),
-               "peer_median_s": statistics.median(peer_s), "speedup": statistics.median(speedups),
-               "speedup_min": min(speedups), "speedup_max": max(speedups), "ours_round_s": ours_s,
-               "peer_round_s": peer_s}
+        row = {
+            **base,
+            "op": op,
+            "batch": candidates,
+            f"ours_{unit}": amount / statistics.median(ours_s),
+            f"peer_{unit}": amount / statistics.median(peer_s),
+            "ours_median_s": statistics.median(ours_s),
+            "peer_median_s": statistics.median(peer_s),
+            "speedup": statistics.median(speedups),
+            "speedup_min": min(speedups),
+            "speedup_max": max(speedups),
+            "ours_round_s": ours_s,
+            "peer_round_s": peer_s,
+        }
         if op == "encode":
             row["max_abs_state_diff"] = float(np.max(np.abs(peer_states.float().numpy() - states)))
             row["flops_per_passage"] = flops.encoder_flops(cfg, n)
         else:
-            row.update(prompt_len=prompt_len, cached_states=c,
-                       max_abs_margin_diff=float(np.max(np.abs(peer_margins - ours_margins))),
-                       flops_per_pair=flops.decoder_flops(cfg, prompt_len, c))
+            row.update(
+                prompt_len=prompt_len,
+                cached_states=c,
+                max_abs_margin_diff=float(np.max(np.abs(peer_margins - ours_margins))),
+                flops_per_pair=flops.decoder_flops(cfg, prompt_len, c),
+            )
         rows.append(row)
     return rows
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,8 +33,14 @@ def compile_aot(jitted, *args, **static) -> tuple[Callable, float]:
     return compiled, time.perf_counter() - start
 
 
-def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple], *, warmup: int = 2, repeats: int = 5,
-               compile_s: float | None = None) -> Timing:
+def time_calls(
+    fn: Callable[..., Any],
+    inputs: Sequence[tuple],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    compile_s: float | None = None,
+) -> Timing:
     """Times `fn(*inputs[i % len(inputs)])` with `jax.block_until_ready` after every call.
 
     Inputs rotate through `inputs` (distinct arrays already on device) so no call reuses the previous
@@ -54,8 +61,9 @@ def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple], *, warmup: int =
     return Timing(statistics.median(times), min(times), max(times), repeats, compile_s)
 
 
-def time_host(fn: Callable[..., Any], inputs: Sequence[tuple], sync: Callable[[], None], *, warmup: int = 2,
-              repeats: int = 5) -> Timing:
+def time_host(
+    fn: Callable[..., Any], inputs: Sequence[tuple], sync: Callable[[], None], *, warmup: int = 2, repeats: int = 5
+) -> Timing:
     """`time_calls` for non-JAX work (the PyTorch peer): `sync()` (e.g. torch.cuda.synchronize) ends each call."""
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
@@ -79,8 +87,9 @@ def compiled_bytes(compiled) -> int | None:
         return None
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - getattr(m, "alias_size_in_bytes", 0))
+    return int(
+        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - getattr(m, "alias_size_in_bytes", 0)
+    )
 
 
 def device_peak_bytes(device=None) -> int | None:
@@ -95,8 +104,9 @@ def device_peak_bytes(device=None) -> int | None:
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
 
 
-def measure_matmul_peak(dtype="bfloat16", sizes: Sequence[int] | None = None, *, repeats: int = 5,
-                        chain: int = 8) -> dict[str, Any]:
+def measure_matmul_peak(
+    dtype="bfloat16", sizes: Sequence[int] | None = None, *, repeats: int = 5, chain: int = 8
+) -> dict[str, Any]:
     """Measured dense matmul throughput (FLOP/s) in `dtype`: the MFU denominator.
 
     Runs a jitted chain of `chain` dependent [m, m] @ [m, m] products per call (amortising dispatch) for
@@ -112,15 +122,26 @@ def measure_matmul_peak(dtype="bfloat16", sizes: Sequence[int] | None = None, *,
     def run(a, b):
         def body(_, x):
             return jnp.dot(x, b, preferred_element_type=jnp.float32).astype(dt)
+
         return jax.lax.fori_loop(0, chain, body, a)
 
-    best = {"peak_flops": 0.0, "size": None, "dtype": str(dt), "backend": jax.default_backend(),
-            "device": jax.local_devices()[0].device_kind}
+    best = {
+        "peak_flops": 0.0,
+        "size": None,
+        "dtype": str(dt),
+        "backend": jax.default_backend(),
+        "device": jax.local_devices()[0].device_kind,
+    }
     for m in sizes:
         keys = jax.random.split(jax.random.key(m), 4)
         # Scaled so the chained products stay O(1) (no inf/denormal slow paths).
-        inputs = [(jax.random.normal(keys[i], (m, m), dt), (jax.random.normal(keys[i + 2], (m, m), dt) / np.sqrt(m)).astype(dt))
-                  for i in range(2)]
+        inputs = [
+            (
+                jax.random.normal(keys[i], (m, m), dt),
+                (jax.random.normal(keys[i + 2], (m, m), dt) / np.sqrt(m)).astype(dt),
+            )
+            for i in range(2)
+        ]
         t = time_calls(run, inputs, warmup=1, repeats=repeats)
         flops = 2.0 * m * m * m * chain / t.median_s
         if flops > best["peak_flops"]:
@@ -128,5 +149,12 @@ def measure_matmul_peak(dtype="bfloat16", sizes: Sequence[int] | None = None, *,
     return best
 
 
-__all__ = ["Timing", "compile_aot", "time_calls", "time_host", "compiled_bytes", "device_peak_bytes",
-           "measure_matmul_peak"]
+__all__ = [
+    "Timing",
+    "compile_aot",
+    "time_calls",
+    "time_host",
+    "compiled_bytes",
+    "device_peak_bytes",
+    "measure_matmul_peak",
+]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -38,9 +39,9 @@ def _make(training, cfg, settings, mode: str) -> TrainStep:
     import jax
     import numpy as np
 
+    from kalm_jax import mesh as sharding
     from kalm_jax.bench.timing import compile_aot
     from kalm_jax.training import config as train_config
-    from kalm_jax import mesh as sharding
     from kalm_jax.training.state import build_model
     from kalm_jax.training.step import make_train_step
 
@@ -65,11 +66,18 @@ def _make(training, cfg, settings, mode: str) -> TrainStep:
     hi = cfg.boi_token_index
 
     def batch():
-        return ts.place_batch({
-            "enc_ids": rng.integers(3, hi, (g, n)).astype(np.int32), "enc_mask": np.ones((g, n), np.int32),
-            "passage_index": np.arange(g, dtype=np.int32)[None], "dec_ids": rng.integers(3, hi, (1, t)).astype(np.int32),
-            "dec_mask": np.ones((1, t), np.int32), "labels": np.eye(1, g, dtype=np.float32),
-            "teacher": np.full((1, g), np.nan, np.float32), "teacher_mask": np.zeros((1, g), np.float32)})
+        return ts.place_batch(
+            {
+                "enc_ids": rng.integers(3, hi, (g, n)).astype(np.int32),
+                "enc_mask": np.ones((g, n), np.int32),
+                "passage_index": np.arange(g, dtype=np.int32)[None],
+                "dec_ids": rng.integers(3, hi, (1, t)).astype(np.int32),
+                "dec_mask": np.ones((1, t), np.int32),
+                "labels": np.eye(1, g, dtype=np.float32),
+                "teacher": np.full((1, g), np.nan, np.float32),
+                "teacher_mask": np.zeros((1, g), np.float32),
+            }
+        )
 
     batches = [batch() for _ in range(max(2, int(settings.rotations)))]
     compiled, compile_s = compile_aot(ts.fn, ts.abstract_state, ts.abstract_batch)

@@ -58,9 +58,11 @@ def load_file(spec: str | Path) -> ml_collections.ConfigDict:
     path, arg = resolve(spec)
     if not Path(path).is_file() and Path(path).parent == CONFIG_DIR:
         known = sorted(p.name for p in CONFIG_DIR.glob("*.py") if p.name != "__init__.py")
-        raise ConfigError(f"--config: no config file {Path(path).name!r} in the package's configs ({CONFIG_DIR}; a "
-                          f"bare name means a file there: {known}); a file of your own is a path, e.g. "
-                          f"./{Path(path).name}")
+        raise ConfigError(
+            f"--config: no config file {Path(path).name!r} in the package's configs ({CONFIG_DIR}; a "
+            f"bare name means a file there: {known}); a file of your own is a path, e.g. "
+            f"./{Path(path).name}"
+        )
     if not Path(path).is_file():
         raise ConfigError(f"--config: no such config file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"_kalm_config_{Path(path).stem}", path)
@@ -143,8 +145,9 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             section = ".".join(parts[:i]) or "<top level>"
             valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ConfigError(f"unknown config key --config.{key}: {section} has no {part!r}; valid keys there: "
-                              f"{valid}")
+            raise ConfigError(
+                f"unknown config key --config.{key}: {section} has no {part!r}; valid keys there: {valid}"
+            )
         if i < len(parts) - 1:
             node = node[part]
     current = node[parts[-1]]
@@ -169,16 +172,21 @@ class Flag:
 
 
 DISTRIBUTED_FLAGS = (
-    Flag("coordinator_address", None, "HOST:PORT of process 0's coordinator (jax.distributed.initialize); default: "
-         "auto-detected on TPU pods / SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, else one process"),
+    Flag(
+        "coordinator_address",
+        None,
+        "HOST:PORT of process 0's coordinator (jax.distributed.initialize); default: "
+        "auto-detected on TPU pods / SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, else one process",
+    ),
     Flag("num_processes", None, "number of JAX processes in the job (with --coordinator_address)", int),
     Flag("process_id", None, "this process's index in [0, num_processes) (with --coordinator_address)", int),
 )
 """The multi-process flags of train.py, eval.py and label, passed to `kalm_jax.distributed.initialize`."""
 
 
-def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (),
-          positional: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+def parse(
+    argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (), positional: Sequence[str] = ()
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """Parses a command line: ``--config``, ``--config.*`` overrides, `flags` and `positional` fields.
 
     Returns (config, {flag name: value}). Raises `ConfigError` naming what is wrong.
@@ -198,7 +206,7 @@ def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (
             spec = args[i + 1]
             i += 1
         elif a.startswith("--config."):
-            key, sep, raw = a[len("--config."):].partition("=")
+            key, sep, raw = a[len("--config.") :].partition("=")
             if not sep:
                 if i + 1 >= len(args):
                     raise ConfigError(f"--config.{key} needs a value (--config.{key}=VALUE)")
@@ -233,8 +241,10 @@ def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (
         raise ConfigError("--config is required (e.g. --config=train.py:tiny)")
     config = load_file(spec)
     if len(rest) > len(positional):
-        raise ConfigError(f"unexpected arguments {rest[len(positional):]}"
-                          + (f"; this command takes {' '.join(p.upper() for p in positional)}" if positional else ""))
+        raise ConfigError(
+            f"unexpected arguments {rest[len(positional) :]}"
+            + (f"; this command takes {' '.join(p.upper() for p in positional)}" if positional else "")
+        )
     for name, raw in zip(positional, rest):
         apply_override(config, name, raw)
     for key, raw in overrides:
@@ -244,10 +254,11 @@ def parse(argv: Sequence[str], default_config: str, *, flags: Sequence[Flag] = (
 
 def _usage(spec: str | None, flags: Sequence[Flag], positional: Sequence[str]) -> str:
     """The help text: the flags, then the settings of the config `spec` (the default, or the one given)."""
-    lines = [f"usage: {Path(sys.argv[0]).name} {' '.join(p.upper() for p in positional)} "
-             f"[--config=FILE[:ARG]] [--config.KEY=VALUE ...]"
-             + "".join(f" [--{f.name}=...]" for f in flags),
-             f"  --config: {':'.join(x for x in resolve(spec) if x) if spec else '(required)'}"]
+    lines = [
+        f"usage: {Path(sys.argv[0]).name} {' '.join(p.upper() for p in positional)} "
+        f"[--config=FILE[:ARG]] [--config.KEY=VALUE ...]" + "".join(f" [--{f.name}=...]" for f in flags),
+        f"  --config: {':'.join(x for x in resolve(spec) if x) if spec else '(required)'}",
+    ]
     lines += [f"  --{f.name}: {f.help}" for f in flags]
     try:
         cfg = load_file(spec) if spec else None
@@ -260,9 +271,15 @@ def _usage(spec: str | None, flags: Sequence[Flag], positional: Sequence[str]) -
     return "\n".join(lines)
 
 
-def run(main: Callable[..., int | None], default_config: str, *, argv: Sequence[str] | None = None,
-        flags: Sequence[Flag] = (), positional: Sequence[str] = (),
-        errors: tuple[type[BaseException], ...] | Callable[[], tuple[type[BaseException], ...]] = ()) -> int:
+def run(
+    main: Callable[..., int | None],
+    default_config: str,
+    *,
+    argv: Sequence[str] | None = None,
+    flags: Sequence[Flag] = (),
+    positional: Sequence[str] = (),
+    errors: tuple[type[BaseException], ...] | Callable[[], tuple[type[BaseException], ...]] = (),
+) -> int:
     """Parses the command line and calls ``main(config, **flag_values)``; returns its exit status.
 
     A `ConfigError` exits with status 2 and its message; so do `errors` raised by `main` (one line, no
@@ -333,5 +350,16 @@ def setup_logging() -> None:
         handler.addFilter(_QuietLibraries())
 
 
-__all__ = ["run", "parse", "setup_logging", "DISTRIBUTED_FLAGS", "load_file", "apply_override", "parse_value", "config_file", "Flag", "ConfigError",
-           "CONFIG_DIR"]
+__all__ = [
+    "run",
+    "parse",
+    "setup_logging",
+    "DISTRIBUTED_FLAGS",
+    "load_file",
+    "apply_override",
+    "parse_value",
+    "config_file",
+    "Flag",
+    "ConfigError",
+    "CONFIG_DIR",
+]

@@ -40,16 +40,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line (imported after parsing: the sweep's modules need the eval extra)."""
     from kalm_jax.atomic import DiskFullError
-    from kalm_jax.distributed import BarrierTimeout
     from kalm_jax.data.textfile import DataError
+    from kalm_jax.distributed import BarrierTimeout
     from kalm_jax.evaluation.results import OutputDirLocked
     from kalm_jax.evaluation.settings import SweepConfigError
     from kalm_jax.evaluation.store import StaleStoreError, StoreLocked
     from kalm_jax.integrity import IntegrityError
     from kalm_jax.passage_states import PassageStatesError
 
-    return (SweepConfigError, OutputDirLocked, FileNotFoundError, DataError, StaleStoreError, StoreLocked,
-            PassageStatesError, IntegrityError, DiskFullError, BarrierTimeout)
+    return (
+        SweepConfigError,
+        OutputDirLocked,
+        FileNotFoundError,
+        DataError,
+        StaleStoreError,
+        StoreLocked,
+        PassageStatesError,
+        IntegrityError,
+        DiskFullError,
+        BarrierTimeout,
+    )
 
 
 if __name__ == "__main__":

@@ -38,22 +38,36 @@ def run(config, workdir=None, coordinator_address=None, num_processes=None, proc
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status."""
-    return cli.run(run, "train.py:tiny", argv=argv,
-                   flags=(cli.Flag("workdir", None, "run directory"), *cli.DISTRIBUTED_FLAGS), errors=user_errors)
+    return cli.run(
+        run,
+        "train.py:tiny",
+        argv=argv,
+        flags=(cli.Flag("workdir", None, "run directory"), *cli.DISTRIBUTED_FLAGS),
+        errors=user_errors,
+    )
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line (imported after parsing: the training modules need the train extra)."""
     from kalm_jax.atomic import DiskFullError
-    from kalm_jax.distributed import BarrierTimeout
     from kalm_jax.checkpointing import CheckpointError
+    from kalm_jax.distributed import BarrierTimeout
     from kalm_jax.integrity import IntegrityError
     from kalm_jax.locks import DirectoryLocked
     from kalm_jax.tokenizer import TokenizerError
     from kalm_jax.training.checkpoints import CorruptCheckpoint, SettingsMismatch
 
-    return (FileNotFoundError, SettingsMismatch, CorruptCheckpoint, CheckpointError, IntegrityError, TokenizerError,
-            DirectoryLocked, DiskFullError, BarrierTimeout)
+    return (
+        FileNotFoundError,
+        SettingsMismatch,
+        CorruptCheckpoint,
+        CheckpointError,
+        IntegrityError,
+        TokenizerError,
+        DirectoryLocked,
+        DiskFullError,
+        BarrierTimeout,
+    )
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ def get_config(arg: str = "grid") -> ml_collections.ConfigDict:
     settings = suite.H100 if name == "h100" else suite.BenchSettings()
     c = ml_collections.ConfigDict(dataclasses.asdict(settings))
     c.suite = name
-    c.peer = "auto"             # PyTorch peer rows: auto (when torch + CUDA exist), on, off
-    c.peer_on_cpu = False       # run the peer on CPU when there is no CUDA
-    c.peak_sizes = (0,)         # square matmul sizes for the peak measurement; (0,) = the runner's default
-    c.out = "bench_h100.json" if name == "h100" else ""      # JSON file for the rows (rewritten after every row)
-    c.markdown = "bench_h100.md" if name == "h100" else ""   # also write the tables as markdown here
-    c.rounds = 5                # interleaved rounds of side_by_side
+    c.peer = "auto"  # PyTorch peer rows: auto (when torch + CUDA exist), on, off
+    c.peer_on_cpu = False  # run the peer on CPU when there is no CUDA
+    c.peak_sizes = (0,)  # square matmul sizes for the peak measurement; (0,) = the runner's default
+    c.out = "bench_h100.json" if name == "h100" else ""  # JSON file for the rows (rewritten after every row)
+    c.markdown = "bench_h100.md" if name == "h100" else ""  # also write the tables as markdown here
+    c.rounds = 5  # interleaved rounds of side_by_side
     return c

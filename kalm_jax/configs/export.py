@@ -6,8 +6,8 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.source = ""            # training workdir, step dir, model checkpoint or HF dir (positional)
-    c.output = ""            # model checkpoint directory to write (positional)
-    c.keep_lora = False      # keep the adapters separate (no merge)
+    c.source = ""  # training workdir, step dir, model checkpoint or HF dir (positional)
+    c.output = ""  # model checkpoint directory to write (positional)
+    c.keep_lora = False  # keep the adapters separate (no merge)
     c.overwrite = False
     return c

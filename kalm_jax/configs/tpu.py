@@ -20,8 +20,9 @@ def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
     c = default_config()  # the training config (kalm_jax.training.config), full fine-tuning
     c.model.update(preset=preset, param_dtype="float32", compute_dtype="bfloat16", remat=True)
     c.lora.enabled = False
-    c.data.update(batch_size=BATCH_QUERIES, group_size=16, max_document_tokens=512, max_query_tokens=128,
-                  decoder_length=192)  # prompt overhead + 128 query tokens, as train.py
+    c.data.update(
+        batch_size=BATCH_QUERIES, group_size=16, max_document_tokens=512, max_query_tokens=128, decoder_length=192
+    )  # prompt overhead + 128 query tokens, as train.py
     c.eval.update(ratio=4, batch_size=2048)
     if preset == "tiny":  # a CPU-test-sized workload
         c.data.update(batch_size=4, group_size=2, max_document_tokens=64, max_query_tokens=16, decoder_length=16)

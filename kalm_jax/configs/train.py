@@ -2,10 +2,10 @@
 
 Model-size presets: tiny (CPU demo, from scratch), nano / small / large (T5Gemma 2 shapes; fine-tune
 released checkpoints with `--config.init_from=DIR`). KaLM pipeline stages, optionally with a size:
-`stage1` (general reranking, no instruction), `stage2` (task instructions), `stage3` (distillation from
-teacher scores written by `python -m kalm_jax.training.label`), e.g. `configs/train.py:stage2,small` (at most one
-size and one stage); each stage is one epoch over its data (`epochs=1`). Option `mep_v3`: train on the paper's documented MEP ratios {2, 8, 32, 128}
-instead of the default r = 1, 2, 4, 8, 16, 32 (e.g. `configs/train.py:stage2,small,mep_v3`).
+`stage1` (general reranking, no instruction), `stage2` (task instructions), `stage3` (distillation from teacher
+scores written by `python -m kalm_jax.training.label`), e.g. `configs/train.py:stage2,small` (at most one size and
+one stage); each stage is one epoch over its data (`epochs=1`). Option `mep_v3`: train on the paper's documented MEP
+ratios {2, 8, 32, 128} instead of the default r = 1, 2, 4, 8, 16, 32 (e.g. `configs/train.py:stage2,small,mep_v3`).
 """
 
 from kalm_jax.training.config import PAPER_V3_RATIOS, default_config
@@ -61,15 +61,15 @@ def _size(c, size):
 def _stage(c, stage):
     c.epochs = 1.0  # the paper trains one epoch per stage (total_steps is derived from the data size)
     if stage == "stage1":
-        c.data.instruction = ""          # no <Instruct> line
+        c.data.instruction = ""  # no <Instruct> line
         c.data.use_example_prompt = False
     elif stage == "stage2":
-        c.data.instruction = "default"   # per-example `prompt` fields win
+        c.data.instruction = "default"  # per-example `prompt` fields win
         c.data.use_example_prompt = True
     elif stage == "stage3":
         c.data.instruction = "default"
         c.loss.pointwise = 0.0
-        c.loss.distill = 1.0             # needs pos_scores/neg_scores (python -m kalm_jax.training.label)
+        c.loss.distill = 1.0  # needs pos_scores/neg_scores (python -m kalm_jax.training.label)
 
 
 def get_config(arg: str = "tiny"):
@@ -77,13 +77,17 @@ def get_config(arg: str = "tiny"):
     parts = [p.strip() for p in (arg or "tiny").split(",") if p.strip()]
     unknown = [p for p in parts if p not in SIZES + STAGES + OPTIONS]
     if unknown:
-        raise ValueError(f"unknown config preset(s) {unknown}; valid: sizes {SIZES}, stages {STAGES}, options "
-                         f"{OPTIONS} (combine as 'stage2,small,mep_v3')")
+        raise ValueError(
+            f"unknown config preset(s) {unknown}; valid: sizes {SIZES}, stages {STAGES}, options "
+            f"{OPTIONS} (combine as 'stage2,small,mep_v3')"
+        )
     for kind, names in (("size", SIZES), ("stage", STAGES)):
         chosen = [p for p in parts if p in names]
         if len(chosen) > 1:
-            raise ValueError(f"config presets {chosen} name more than one {kind}; combine at most one size {SIZES} "
-                             f"and one stage {STAGES} (e.g. 'stage2,small'); run the stages one after another")
+            raise ValueError(
+                f"config presets {chosen} name more than one {kind}; combine at most one size {SIZES} "
+                f"and one stage {STAGES} (e.g. 'stage2,small'); run the stages one after another"
+            )
     size = next((p for p in parts if p in SIZES), "nano" if any(p in STAGES for p in parts) else "tiny")
     _size(c, size)
     for p in parts:

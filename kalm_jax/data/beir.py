@@ -94,8 +94,12 @@ def load_corpus(path: str | Path, on_error: OnError = "raise", skipped: SkipCoun
         doc_id = str(doc_id)
         title, text = obj.get("title") or "", obj.get("text")
         if not isinstance(text, str) or not isinstance(title, str):
-            handle(DataError(path, lineno, f"doc {doc_id!r}: 'text' and 'title' must be strings"), on_error, skipped,
-                   "bad field type")
+            handle(
+                DataError(path, lineno, f"doc {doc_id!r}: 'text' and 'title' must be strings"),
+                on_error,
+                skipped,
+                "bad field type",
+            )
             continue
         if not (title.strip() or text.strip()):
             handle(DataError(path, lineno, f"doc {doc_id!r} has empty title and text"), on_error, skipped, "empty doc")
@@ -118,8 +122,9 @@ def load_queries(path: str | Path, on_error: OnError = "raise", skipped: SkipCou
         qid = str(qid)
         text = obj.get("text")
         if not isinstance(text, str) or not text.strip():
-            handle(DataError(path, lineno, f"query {qid!r} has empty or missing text"), on_error, skipped,
-                   "empty query")
+            handle(
+                DataError(path, lineno, f"query {qid!r} has empty or missing text"), on_error, skipped, "empty query"
+            )
             continue
         if qid in queries:
             handle(DataError(path, lineno, f"duplicate query id {qid!r}"), on_error, skipped, "duplicate query id")
@@ -147,26 +152,46 @@ def load_qrels(path: str | Path, on_error: OnError = "raise", skipped: SkipCount
         elif len(cols) == 3:
             qid, doc_id, score = cols
         else:
-            handle(DataError(path, lineno, f"expected 3 (BEIR) or 4 (TREC) columns, got {len(cols)}"), on_error,
-                   skipped, "malformed qrels row")
+            handle(
+                DataError(path, lineno, f"expected 3 (BEIR) or 4 (TREC) columns, got {len(cols)}"),
+                on_error,
+                skipped,
+                "malformed qrels row",
+            )
             continue
         try:
             value = float(score)
         except ValueError:
-            handle(DataError(path, lineno, f"relevance {score!r} is not a number"), on_error, skipped,
-                   "malformed qrels row")
+            handle(
+                DataError(path, lineno, f"relevance {score!r} is not a number"),
+                on_error,
+                skipped,
+                "malformed qrels row",
+            )
             continue
         if not math.isfinite(value) or not value.is_integer():
-            handle(DataError(path, lineno, f"relevance {score.strip()!r} is not an integer grade"), on_error, skipped,
-                   "malformed qrels row")
+            handle(
+                DataError(path, lineno, f"relevance {score.strip()!r} is not an integer grade"),
+                on_error,
+                skipped,
+                "malformed qrels row",
+            )
             continue
         rel = int(value)
         q, d = qid.strip(), doc_id.strip()
         old = qrels.get(q, {}).get(d)
         if old is not None and old != rel:
-            handle(DataError(path, lineno, f"query {q!r} doc {d!r} judged {rel} here but {old} on line "
-                             f"{first_line[(q, d)]} (conflicting duplicate)"), on_error, skipped,
-                   "conflicting qrels duplicate")
+            handle(
+                DataError(
+                    path,
+                    lineno,
+                    f"query {q!r} doc {d!r} judged {rel} here but {old} on line "
+                    f"{first_line[(q, d)]} (conflicting duplicate)",
+                ),
+                on_error,
+                skipped,
+                "conflicting qrels duplicate",
+            )
             continue
         first_line.setdefault((q, d), lineno)
         qrels.setdefault(q, {})[d] = rel
@@ -212,8 +237,14 @@ def load_beir(
     return BeirDataset(path=data_dir, split=split, corpus=corpus, queries=queries, qrels=qrels, skipped=skipped)
 
 
-def _check_missing(qrels: Qrels, queries: Mapping[str, str], corpus: Mapping[str, Doc], path: Path,
-                   on_missing: OnMissing, skipped: SkipCounter) -> Qrels:
+def _check_missing(
+    qrels: Qrels,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, Doc],
+    path: Path,
+    on_missing: OnMissing,
+    skipped: SkipCounter,
+) -> Qrels:
     if on_missing not in ("raise", "keep", "drop"):
         raise ValueError(f"on_missing must be 'raise', 'keep' or 'drop', got {on_missing!r}")
     missing_q = [q for q in qrels if q not in queries]
@@ -224,17 +255,28 @@ def _check_missing(qrels: Qrels, queries: Mapping[str, str], corpus: Mapping[str
         lines = _qrels_line_numbers(path)
         if missing_q:
             q = missing_q[0]
-            raise DataError(path, lines.get((q, None)),
-                            f"query id {q!r} is not in queries.jsonl ({len(missing_q)} such queries); "
-                            "pass on_missing='keep' or 'drop' to accept")
+            raise DataError(
+                path,
+                lines.get((q, None)),
+                f"query id {q!r} is not in queries.jsonl ({len(missing_q)} such queries); "
+                "pass on_missing='keep' or 'drop' to accept",
+            )
         q, d = missing_d[0]
-        raise DataError(path, lines.get((q, d)),
-                        f"doc id {d!r} (query {q!r}) is not in the corpus ({len(missing_d)} such judgments); "
-                        "pass on_missing='keep' or 'drop' to accept")
+        raise DataError(
+            path,
+            lines.get((q, d)),
+            f"doc id {d!r} (query {q!r}) is not in the corpus ({len(missing_d)} such judgments); "
+            "pass on_missing='keep' or 'drop' to accept",
+        )
     skipped.counts["qrels query not in queries"] += len(missing_q)
     skipped.counts["qrels doc not in corpus"] += len(missing_d)
-    log.warning("%s: %d qrels queries not in queries.jsonl, %d judgments of docs not in the corpus (%s)",
-                path, len(missing_q), len(missing_d), on_missing)
+    log.warning(
+        "%s: %d qrels queries not in queries.jsonl, %d judgments of docs not in the corpus (%s)",
+        path,
+        len(missing_q),
+        len(missing_d),
+        on_missing,
+    )
     if on_missing == "keep":
         return qrels
     out: Qrels = {}
@@ -263,8 +305,12 @@ def write_beir(dataset: BeirDataset, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     with atomic_write(out_dir / "corpus.jsonl.gz") as f:
         for doc_id, doc in dataset.corpus.items():
-            f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""), "text": doc.get("text", "")},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {"_id": doc_id, "title": doc.get("title", ""), "text": doc.get("text", "")}, ensure_ascii=False
+                )
+                + "\n"
+            )
     with atomic_write(out_dir / "queries.jsonl") as f:
         for qid, text in dataset.queries.items():
             f.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")

@@ -38,8 +38,9 @@ class BM25Index:
       retriever: the `bm25s.BM25` object.
     """
 
-    def __init__(self, retriever: bm25s.BM25, doc_ids: list[str], language: str = "english",
-                 stopwords: str | None = "en"):
+    def __init__(
+        self, retriever: bm25s.BM25, doc_ids: list[str], language: str = "english", stopwords: str | None = "en"
+    ):
         self.retriever = retriever
         self.doc_ids = doc_ids
         self.language = language
@@ -83,8 +84,13 @@ class BM25Index:
         import bm25s
 
         qids = list(queries)
-        tokens = bm25s.tokenize([queries[q] for q in qids], stopwords=self.stopwords or [], stemmer=self._stemmer,
-                                return_ids=False, show_progress=False)
+        tokens = bm25s.tokenize(
+            [queries[q] for q in qids],
+            stopwords=self.stopwords or [],
+            stemmer=self._stemmer,
+            return_ids=False,
+            show_progress=False,
+        )
         k = min(k, len(self.doc_ids))
         run: Run = {}
         empty = [q for q, t in zip(qids, tokens) if not t]
@@ -92,8 +98,9 @@ class BM25Index:
             log.warning("%d queries have no indexable term and get an empty ranking, e.g. %r", len(empty), empty[:3])
         keep = [i for i, t in enumerate(tokens) if t]
         if keep:
-            rows, scores = self.retriever.retrieve([tokens[i] for i in keep], k=k, show_progress=show_progress,
-                                                   n_threads=1)
+            rows, scores = self.retriever.retrieve(
+                [tokens[i] for i in keep], k=k, show_progress=show_progress, n_threads=1
+            )
         for qid in qids:
             run[qid] = {}
         for j, i in enumerate(keep):
@@ -120,7 +127,9 @@ class BM25Index:
         retriever = bm25s.BM25.load(str(directory), allow_pickle=False, show_progress=False)
         n_rows = int(np.asarray(retriever.scores["num_docs"]))
         if n_rows != len(meta["doc_ids"]):
-            raise ValueError(f"{directory}: index has {n_rows} documents but {DOC_IDS_FILE} lists {len(meta['doc_ids'])}")
+            raise ValueError(
+                f"{directory}: index has {n_rows} documents but {DOC_IDS_FILE} lists {len(meta['doc_ids'])}"
+            )
         return cls(retriever, meta["doc_ids"], meta["language"], meta["stopwords"])
 
 
@@ -139,8 +148,10 @@ def run_cli(config) -> int:
 
     for key in ("data_dir", "dataset", "out"):
         if not config[key]:
-            raise cli.ConfigError(f"--config.{key} is required (python -m kalm_jax.data.bm25 --config.data_dir=DIR "
-                                  "--config.dataset=scifact --config.out=run.trec.gz)")
+            raise cli.ConfigError(
+                f"--config.{key} is required (python -m kalm_jax.data.bm25 --config.data_dir=DIR "
+                "--config.dataset=scifact --config.out=run.trec.gz)"
+            )
     if config.on_missing not in ("raise", "keep", "drop"):
         raise cli.ConfigError(f"--config.on_missing must be raise, keep or drop, got {config.on_missing!r}")
     cli.setup_logging()
@@ -152,7 +163,9 @@ def run_cli(config) -> int:
     per_query = evaluator.evaluate(run)
     ndcg = np.mean([m["ndcg_cut_10"] for m in per_query.values()])
     recall = np.mean([m["recall_100"] for m in per_query.values()])
-    print(f"{config.dataset}/{config.split}: {len(run)} queries -> {config.out}; nDCG@10 {ndcg:.4f}, R@100 {recall:.4f}")
+    print(
+        f"{config.dataset}/{config.split}: {len(run)} queries -> {config.out}; nDCG@10 {ndcg:.4f}, R@100 {recall:.4f}"
+    )
     return 0
 
 

@@ -79,7 +79,8 @@ def mine_hard_negatives(
         pos_texts = [dataset.passage(d) for d in pos_ids]
         pos_set = set(pos_texts)
         candidates = [
-            d for d, _ in ranked(run[qid])[sample_start:sample_end]
+            d
+            for d, _ in ranked(run[qid])[sample_start:sample_end]
             if judged.get(d, 0) <= 0 and d in dataset.corpus and dataset.passage(d) not in pos_set
         ]
         if not candidates:
@@ -88,10 +89,17 @@ def mine_hard_negatives(
         if len(candidates) > num_negatives:
             picked = example_rng(seed, qid).choice(len(candidates), size=num_negatives, replace=False)
             candidates = [candidates[i] for i in sorted(picked)]
-        examples.append(TrainingExample(
-            query=dataset.queries[qid], pos=pos_texts, neg=[dataset.passage(d) for d in candidates],
-            prompt=prompt, qid=qid, pos_ids=pos_ids, neg_ids=candidates,
-        ))
+        examples.append(
+            TrainingExample(
+                query=dataset.queries[qid],
+                pos=pos_texts,
+                neg=[dataset.passage(d) for d in candidates],
+                prompt=prompt,
+                qid=qid,
+                pos_ids=pos_ids,
+                neg_ids=candidates,
+            )
+        )
     if skipped.total:
         log.warning("%s/%s: %d queries skipped: %s", dataset.path, dataset.split, skipped.total, dict(skipped.counts))
     return examples
@@ -107,8 +115,10 @@ def run_cli(config) -> int:
 
     for key in ("data_dir", "dataset", "out"):
         if not config[key]:
-            raise cli.ConfigError(f"--config.{key} is required (python -m kalm_jax.data.negatives "
-                                  "--config.data_dir=DIR --config.dataset=scifact --config.out=train.jsonl)")
+            raise cli.ConfigError(
+                f"--config.{key} is required (python -m kalm_jax.data.negatives "
+                "--config.data_dir=DIR --config.dataset=scifact --config.out=train.jsonl)"
+            )
     if config.on_error not in ("raise", "skip"):
         raise cli.ConfigError(f"--config.on_error must be raise or skip, got {config.on_error!r}")
     if config.on_missing not in ("raise", "keep", "drop"):
@@ -116,8 +126,9 @@ def run_cli(config) -> int:
     cli.setup_logging()
     logging.getLogger("bm25s").setLevel(logging.WARNING)
 
-    ds = load_beir(Path(config.data_dir) / config.dataset, config.split, on_error=config.on_error,
-                   on_missing=config.on_missing)
+    ds = load_beir(
+        Path(config.data_dir) / config.dataset, config.split, on_error=config.on_error, on_missing=config.on_missing
+    )
     if config.run:
         run: Run = read_run(config.run)
     else:
@@ -125,14 +136,23 @@ def run_cli(config) -> int:
         if config.save_run:
             write_run(run, config.save_run, tag="bm25")
     skipped = SkipCounter()
-    examples = mine_hard_negatives(ds, run, num_negatives=config.num_negatives, sample_start=config.sample_start,
-                                   sample_end=config.sample_end, seed=config.seed,
-                                   min_positive_score=config.min_positive_score, prompt=config.prompt or None,
-                                   skipped=skipped)
+    examples = mine_hard_negatives(
+        ds,
+        run,
+        num_negatives=config.num_negatives,
+        sample_start=config.sample_start,
+        sample_end=config.sample_end,
+        seed=config.seed,
+        min_positive_score=config.min_positive_score,
+        prompt=config.prompt or None,
+        skipped=skipped,
+    )
     n = write_training_jsonl(examples, config.out)
     negs = [len(e.neg) for e in examples]
-    print(f"{n} examples -> {config.out}; negatives per query min {min(negs, default=0)} "
-          f"mean {np.mean(negs) if negs else 0:.1f}; skipped {dict(skipped.counts)}")
+    print(
+        f"{n} examples -> {config.out}; negatives per query min {min(negs, default=0)} "
+        f"mean {np.mean(negs) if negs else 0:.1f}; skipped {dict(skipped.counts)}"
+    )
     return 0
 
 

@@ -46,8 +46,17 @@ from kalm_jax.tokenizer import Tokenizer
 
 STATE_VERSION = 1  # of `TrainingIterator.get_state`
 
-BATCH_KEYS = ("enc_ids", "enc_mask", "passage_index", "dec_ids", "dec_mask", "labels", "teacher", "teacher_mask",
-              "example_id")
+BATCH_KEYS = (
+    "enc_ids",
+    "enc_mask",
+    "passage_index",
+    "dec_ids",
+    "dec_mask",
+    "labels",
+    "teacher",
+    "teacher_mask",
+    "example_id",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +135,14 @@ def batch_shapes(config: PipelineConfig, dec_len: int) -> dict[str, tuple[tuple[
     b, g, s = config.batch_size, config.group_size, config.max_document_tokens
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
     return {
-        "enc_ids": ((b * g, s), i32), "enc_mask": ((b * g, s), i32), "passage_index": ((b, g), i32),
-        "dec_ids": ((b, dec_len), i32), "dec_mask": ((b, dec_len), i32),
-        "labels": ((b, g), f32), "teacher": ((b, g), f32), "teacher_mask": ((b, g), f32),
+        "enc_ids": ((b * g, s), i32),
+        "enc_mask": ((b * g, s), i32),
+        "passage_index": ((b, g), i32),
+        "dec_ids": ((b, dec_len), i32),
+        "dec_mask": ((b, dec_len), i32),
+        "labels": ((b, g), f32),
+        "teacher": ((b, g), f32),
+        "teacher_mask": ((b, g), f32),
         "example_id": ((b,), i32),
     }
 
@@ -166,14 +180,16 @@ class SampleAndTokenize(grain.transforms.RandomMap):
             raise ValueError(f"{source}: example has {len(pos)} positives and {len(neg)} negatives; need >= 1 each")
         p, n = sample_group(len(pos), len(neg), cfg.group_size, rng)
         passages = [pos[p]] + [neg[i] for i in n]
-        enc_ids, enc_mask = prompts.tokenize_documents(tok, passages, cfg.max_document_tokens,
-                                                       length=cfg.max_document_tokens)
+        enc_ids, enc_mask = prompts.tokenize_documents(
+            tok, passages, cfg.max_document_tokens, length=cfg.max_document_tokens
+        )
         instruction = cfg.instruction
         if cfg.use_example_prompt and bool(element["has_prompt"]):
             instruction = _text(element["prompt"])
         try:
             dec_ids, dec_mask = prompts.tokenize_decoder_prompts(
-                tok, [_text(element["query"])], instruction, cfg.system, cfg.max_query_tokens, length=self.dec_len)
+                tok, [_text(element["query"])], instruction, cfg.system, cfg.max_query_tokens, length=self.dec_len
+            )
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
         teacher = np.full(cfg.group_size, np.nan, np.float32)
@@ -185,8 +201,13 @@ class SampleAndTokenize(grain.transforms.RandomMap):
         labels = np.zeros(cfg.group_size, np.float32)
         labels[0] = 1.0
         return {
-            "enc_ids": enc_ids, "enc_mask": enc_mask, "dec_ids": dec_ids[0], "dec_mask": dec_mask[0],
-            "labels": labels, "teacher": teacher, "teacher_mask": np.isfinite(teacher).astype(np.float32),
+            "enc_ids": enc_ids,
+            "enc_mask": enc_mask,
+            "dec_ids": dec_ids[0],
+            "dec_mask": dec_mask[0],
+            "labels": labels,
+            "teacher": teacher,
+            "teacher_mask": np.isfinite(teacher).astype(np.float32),
             "example_id": np.int32(element["example_id"]),
         }
 
@@ -211,13 +232,13 @@ class CollateGroups:
         index = np.empty(b * g, np.int32)
         block = b * g // self.shards
         for lo in range(0, b * g, block):
-            _, first, inverse = np.unique(rows[lo:lo + block], axis=0, return_index=True, return_inverse=True)
+            _, first, inverse = np.unique(rows[lo : lo + block], axis=0, return_index=True, return_inverse=True)
             order = np.argsort(first)
             rank = np.empty_like(order)
             rank[order] = np.arange(order.size)
-            enc_ids[lo:lo + order.size] = rows[lo + first[order]]
-            enc_mask[lo:lo + order.size] = masks[lo + first[order]]
-            index[lo:lo + block] = lo + rank[inverse.reshape(-1)]
+            enc_ids[lo : lo + order.size] = rows[lo + first[order]]
+            enc_mask[lo : lo + order.size] = masks[lo + first[order]]
+            index[lo : lo + block] = lo + rank[inverse.reshape(-1)]
         out = {"enc_ids": enc_ids, "enc_mask": enc_mask, "passage_index": index.reshape(b, g)}
         for key in ("dec_ids", "dec_mask", "labels", "teacher", "teacher_mask", "example_id"):
             out[key] = np.stack([x[key] for x in groups])
@@ -240,14 +261,20 @@ class ShardedBatchSampler:
     batches: `TrainingIterator` stops after the last whole global batch.
     """
 
-    def __init__(self, num_records: int, config: PipelineConfig, process_index: int, process_count: int,
-                 start_batch: int = 0):
+    def __init__(
+        self, num_records: int, config: PipelineConfig, process_index: int, process_count: int, start_batch: int = 0
+    ):
         self.batch_size, self.global_batch = config.batch_size, config.batch_size * process_count
         self.process_index, self.process_count, self.start_batch = process_index, process_count, start_batch
         self.workers = max(1, config.worker_count)
         self._shard_options = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
-        self.order = grain.samplers.IndexSampler(num_records=num_records, shard_options=grain.sharding.NoSharding(),
-                                                 shuffle=config.shuffle, num_epochs=None, seed=config.seed)
+        self.order = grain.samplers.IndexSampler(
+            num_records=num_records,
+            shard_options=grain.sharding.NoSharding(),
+            shuffle=config.shuffle,
+            num_epochs=None,
+            seed=config.seed,
+        )
         total = total_batches(num_records, config, process_count)
         if total is None:
             self._len = None
@@ -275,9 +302,11 @@ class ShardedBatchSampler:
         return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
 
     def __repr__(self) -> str:
-        return (f"ShardedBatchSampler(rows {self.process_index * self.batch_size}.."
-                f"{(self.process_index + 1) * self.batch_size - 1} of global batches of {self.global_batch} from "
-                f"global batch {self.start_batch}, {self.workers} worker(s), {self.order!r})")
+        return (
+            f"ShardedBatchSampler(rows {self.process_index * self.batch_size}.."
+            f"{(self.process_index + 1) * self.batch_size - 1} of global batches of {self.global_batch} from "
+            f"global batch {self.start_batch}, {self.workers} worker(s), {self.order!r})"
+        )
 
 
 def total_batches(num_records: int, config: PipelineConfig, process_count: int) -> int | None:
@@ -300,11 +329,17 @@ class TrainingIterator:
     and continues with a fresh Grain DataLoader at the saved global batch (`seek`).
     """
 
-    def __init__(self, source: Any, tokenizer: Tokenizer, config: PipelineConfig, process_index: int,
-                 process_count: int):
+    def __init__(
+        self, source: Any, tokenizer: Tokenizer, config: PipelineConfig, process_index: int, process_count: int
+    ):
         self._args = (source, tokenizer, config, process_index, process_count)
-        self.settings = {"num_records": len(source), "global_batch_size": config.batch_size * process_count,
-                         "seed": config.seed, "shuffle": config.shuffle, "num_epochs": config.num_epochs}
+        self.settings = {
+            "num_records": len(source),
+            "global_batch_size": config.batch_size * process_count,
+            "seed": config.seed,
+            "shuffle": config.shuffle,
+            "num_epochs": config.num_epochs,
+        }
         self.total = total_batches(len(source), config, process_count)
         self.seek(0)
 
@@ -312,8 +347,9 @@ class TrainingIterator:
         """Continues at global batch `global_batches` of the stream."""
         source, tokenizer, config, p, n = self._args
         self.global_batches = int(global_batches)
-        self._it = iter(make_loader(source, tokenizer, config, process_index=p, process_count=n,
-                                    start_batch=self.global_batches))
+        self._it = iter(
+            make_loader(source, tokenizer, config, process_index=p, process_count=n, start_batch=self.global_batches)
+        )
 
     def __iter__(self) -> TrainingIterator:
         return self
@@ -326,8 +362,9 @@ class TrainingIterator:
         return batch
 
     def get_state(self) -> bytes:
-        return json.dumps({"version": STATE_VERSION, "global_batches": self.global_batches, **self.settings},
-                          indent=1, sort_keys=True).encode()
+        return json.dumps(
+            {"version": STATE_VERSION, "global_batches": self.global_batches, **self.settings}, indent=1, sort_keys=True
+        ).encode()
 
     def set_state(self, state: bytes) -> None:
         try:
@@ -337,7 +374,8 @@ class TrainingIterator:
         if isinstance(saved, dict) and "last_seen_indices" in saved:
             raise LegacyIteratorState(
                 "a data-iterator state in Grain's per-process format, written before the input order was one global "
-                "order (it depends on the mesh that wrote it)")
+                "order (it depends on the mesh that wrote it)"
+            )
         if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION or "global_batches" not in saved:
             raise ValueError(f"not a data-iterator state of version {STATE_VERSION}: {str(saved)[:200]}")
         diff = [f"{k} {saved.get(k)!r} when saved, {v!r} now" for k, v in self.settings.items() if saved.get(k) != v]
@@ -372,18 +410,26 @@ def make_loader(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(source) < process_count * config.batch_size:
-        raise ValueError(f"{len(source)} examples are fewer than one batch of {config.batch_size} "
-                         f"on each of {process_count} hosts")
+        raise ValueError(
+            f"{len(source)} examples are fewer than one batch of {config.batch_size} on each of {process_count} hosts"
+        )
     sampler = ShardedBatchSampler(len(source), config, process_index, process_count, start_batch)
     if config.worker_count > 0:
         _allow_grain_workers_outside_absl_app()
     dec_len = decoder_length(tokenizer, config)
     operations = [
         SampleAndTokenize(tokenizer, config, dec_len),
-        grain.transforms.Batch(config.batch_size, drop_remainder=True, batch_fn=CollateGroups(tokenizer.pad_id, config.batch_shards)),
+        grain.transforms.Batch(
+            config.batch_size, drop_remainder=True, batch_fn=CollateGroups(tokenizer.pad_id, config.batch_shards)
+        ),
     ]
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=operations,
+        worker_count=config.worker_count,
+        worker_buffer_size=config.worker_buffer_size,
+    )
 
 
 def _allow_grain_workers_outside_absl_app() -> None:

@@ -102,12 +102,20 @@ def iter_jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            handle(DataError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})"), on_error, skipped,
-                   "malformed JSON")
+            handle(
+                DataError(path, lineno, f"malformed JSON ({e.msg} at column {e.colno})"),
+                on_error,
+                skipped,
+                "malformed JSON",
+            )
             continue
         if not isinstance(obj, dict):
-            handle(DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}"), on_error, skipped,
-                   "not a JSON object")
+            handle(
+                DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}"),
+                on_error,
+                skipped,
+                "not a JSON object",
+            )
             continue
         yield lineno, obj
 

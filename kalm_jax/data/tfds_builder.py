@@ -44,19 +44,21 @@ def _sha256(path: Path) -> str:
 
 def _features() -> tfds.features.FeaturesDict:
     text = tfds.features.Text()
-    return tfds.features.FeaturesDict({
-        "example_id": np.int64,
-        "source": text,
-        "qid": text,
-        "query": text,
-        "prompt": text,
-        "has_prompt": np.bool_,
-        "pos": tfds.features.Sequence(text),
-        "neg": tfds.features.Sequence(text),
-        "pos_scores": tfds.features.Sequence(np.float32),
-        "neg_scores": tfds.features.Sequence(np.float32),
-        "has_scores": np.bool_,
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "example_id": np.int64,
+            "source": text,
+            "qid": text,
+            "query": text,
+            "prompt": text,
+            "has_prompt": np.bool_,
+            "pos": tfds.features.Sequence(text),
+            "neg": tfds.features.Sequence(text),
+            "pos_scores": tfds.features.Sequence(np.float32),
+            "neg_scores": tfds.features.Sequence(np.float32),
+            "has_scores": np.bool_,
+        }
+    )
 
 
 class KalmRerankerTraining(tfds.core.GeneratorBasedBuilder):
@@ -80,7 +82,9 @@ class KalmRerankerTraining(tfds.core.GeneratorBasedBuilder):
         self._on_error = on_error
         self.skipped = SkipCounter()
         kwargs.setdefault("file_format", "array_record")
-        config = tfds.core.BuilderConfig(name=name, version=VERSION, release_notes={}, description=f"training data {name!r}")
+        config = tfds.core.BuilderConfig(
+            name=name, version=VERSION, release_notes={}, description=f"training data {name!r}"
+        )
         super().__init__(config=config, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -110,19 +114,22 @@ class KalmRerankerTraining(tfds.core.GeneratorBasedBuilder):
         for file_index, path in enumerate(files):
             for lineno, ex in iter_training_jsonl(path, self._on_error, self.skipped):
                 has_scores = ex.pos_scores is not None and ex.neg_scores is not None
-                yield f"{file_index}:{lineno}", {
-                    "example_id": example_id,
-                    "source": f"{path}:{lineno}",
-                    "qid": ex.qid or "",
-                    "query": ex.query,
-                    "prompt": ex.prompt or "",
-                    "has_prompt": ex.prompt is not None,
-                    "pos": ex.pos,
-                    "neg": ex.neg,
-                    "pos_scores": np.asarray(ex.pos_scores if has_scores else [], np.float32),
-                    "neg_scores": np.asarray(ex.neg_scores if has_scores else [], np.float32),
-                    "has_scores": has_scores,
-                }
+                yield (
+                    f"{file_index}:{lineno}",
+                    {
+                        "example_id": example_id,
+                        "source": f"{path}:{lineno}",
+                        "qid": ex.qid or "",
+                        "query": ex.query,
+                        "prompt": ex.prompt or "",
+                        "has_prompt": ex.prompt is not None,
+                        "pos": ex.pos,
+                        "neg": ex.neg,
+                        "pos_scores": np.asarray(ex.pos_scores if has_scores else [], np.float32),
+                        "neg_scores": np.asarray(ex.neg_scores if has_scores else [], np.float32),
+                        "has_scores": has_scores,
+                    },
+                )
                 example_id += 1
         if example_id == 0:
             raise ValueError(f"no valid training example in {[str(p) for p in files]}")
@@ -154,8 +161,10 @@ def prepare(
         stored = json.loads(json.dumps(builder.info.metadata.get("inputs")))
         wanted = builder.input_fingerprint()
         if stored != wanted:
-            raise ValueError(f"{dataset_dir}: already prepared from other inputs ({stored}); "
-                             f"requested {wanted}; use another name or overwrite=True")
+            raise ValueError(
+                f"{dataset_dir}: already prepared from other inputs ({stored}); "
+                f"requested {wanted}; use another name or overwrite=True"
+            )
         return dataset_dir
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if overwrite:
@@ -164,7 +173,9 @@ def prepare(
             shutil.rmtree(dataset_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     if builder.skipped.total:
-        log.warning("%s: skipped %d invalid lines: %s", dataset_dir, builder.skipped.total, dict(builder.skipped.counts))
+        log.warning(
+            "%s: skipped %d invalid lines: %s", dataset_dir, builder.skipped.total, dict(builder.skipped.counts)
+        )
     return dataset_dir
 
 
@@ -184,8 +195,10 @@ def run_cli(config) -> int:
     from kalm_jax import cli
 
     if not config.train:
-        raise cli.ConfigError("--config.train is required (python -m kalm_jax.data.tfds_builder "
-                              "--config.train=a.jsonl,b.jsonl.gz --config.data_dir=DIR --config.name=my_mix)")
+        raise cli.ConfigError(
+            "--config.train is required (python -m kalm_jax.data.tfds_builder "
+            "--config.train=a.jsonl,b.jsonl.gz --config.data_dir=DIR --config.name=my_mix)"
+        )
     if not config.data_dir:
         raise cli.ConfigError("--config.data_dir is required (the TFDS data directory)")
     if config.on_error not in ("raise", "skip"):

@@ -89,9 +89,14 @@ def parse_example(obj: dict[str, Any], min_neg: int = 1) -> TrainingExample:
             raise ValueError(f"'{key}' must be a list as long as its texts")
         ids[key] = [str(v) for v in value] if value is not None else None
     return TrainingExample(
-        query=query, pos=pos, neg=neg,
-        pos_scores=_scores(obj, "pos_scores", len(pos)), neg_scores=_scores(obj, "neg_scores", len(neg)),
-        prompt=prompt, qid=str(qid) if qid is not None else None, **ids,
+        query=query,
+        pos=pos,
+        neg=neg,
+        pos_scores=_scores(obj, "pos_scores", len(pos)),
+        neg_scores=_scores(obj, "neg_scores", len(neg)),
+        prompt=prompt,
+        qid=str(qid) if qid is not None else None,
+        **ids,
     )
 
 

@@ -23,24 +23,36 @@ def read_run(path: str | Path, on_error: OnError = "raise", skipped: SkipCounter
             continue
         cols = line.split()
         if len(cols) != 6:
-            handle(DataError(path, lineno, f"expected 6 columns 'qid Q0 docid rank score tag', got {len(cols)}"),
-                   on_error, skipped, "malformed run row")
+            handle(
+                DataError(path, lineno, f"expected 6 columns 'qid Q0 docid rank score tag', got {len(cols)}"),
+                on_error,
+                skipped,
+                "malformed run row",
+            )
             continue
         qid, _, doc_id, rank, score, _ = cols
         try:
             int(rank)
             value = float(score)
         except ValueError:
-            handle(DataError(path, lineno, f"rank {rank!r} / score {score!r} is not a number"), on_error, skipped,
-                   "malformed run row")
+            handle(
+                DataError(path, lineno, f"rank {rank!r} / score {score!r} is not a number"),
+                on_error,
+                skipped,
+                "malformed run row",
+            )
             continue
         if not math.isfinite(value):
             handle(DataError(path, lineno, f"score {score!r} is not finite"), on_error, skipped, "malformed run row")
             continue
         docs = run.setdefault(qid, {})
         if doc_id in docs:
-            handle(DataError(path, lineno, f"doc {doc_id!r} listed twice for query {qid!r}"), on_error, skipped,
-                   "duplicate run entry")
+            handle(
+                DataError(path, lineno, f"doc {doc_id!r} listed twice for query {qid!r}"),
+                on_error,
+                skipped,
+                "duplicate run entry",
+            )
             continue
         docs[doc_id] = value
     return run
@@ -55,8 +67,9 @@ def ranked(docs: Mapping[str, float], k: int | None = None) -> list[tuple[str, f
     return items if k is None else items[:k]
 
 
-def write_run(run: Mapping[str, Mapping[str, float]], path: str | Path, tag: str = "kalm_jax",
-              k: int | None = None) -> None:
+def write_run(
+    run: Mapping[str, Mapping[str, float]], path: str | Path, tag: str = "kalm_jax", k: int | None = None
+) -> None:
     """Writes a run (gzip if ``*.gz``) atomically, ranks 1..n by descending score, at most `k` per query.
 
     Scores are written as the shortest text that reads back as the same float64 (``repr``; a float32 score

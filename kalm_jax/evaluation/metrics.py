@@ -60,9 +60,15 @@ def _clean(run: Run) -> dict[str, dict[str, float]]:
     return {str(q): {str(d): float(s) for d, s in docs.items()} for q, docs in run.items() if docs}
 
 
-def evaluate(qrels: Qrels, run: Run, *, relevance_level: int = 1,
-             recall_cutoffs: Sequence[int] = DEFAULT_RECALL_CUTOFFS, ndcg_cutoffs: Sequence[int] = (10,),
-             per_query: bool = False) -> dict[str, float] | tuple[dict[str, float], dict[str, dict[str, float]]]:
+def evaluate(
+    qrels: Qrels,
+    run: Run,
+    *,
+    relevance_level: int = 1,
+    recall_cutoffs: Sequence[int] = DEFAULT_RECALL_CUTOFFS,
+    ndcg_cutoffs: Sequence[int] = (10,),
+    per_query: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, dict[str, float]]]:
     """trec_eval measures of `run` against `qrels`, averaged over all judged queries (``-c``).
 
     Args:
@@ -90,8 +96,11 @@ def evaluate(qrels: Qrels, run: Run, *, relevance_level: int = 1,
     pq = full.evaluate(judged_run)
     for q, vals in rr.evaluate(cut(judged_run, MRR_DEPTH)).items():
         pq.setdefault(q, {})["recip_rank"] = vals["recip_rank"]
-    names = [f"ndcg_cut_{int(k)}" for k in ndcg_cutoffs] + ["recip_rank", "map"] + \
-            [f"recall_{int(k)}" for k in recall_cutoffs]
+    names = (
+        [f"ndcg_cut_{int(k)}" for k in ndcg_cutoffs]
+        + ["recip_rank", "map"]
+        + [f"recall_{int(k)}" for k in recall_cutoffs]
+    )
     means = {m: _mean_over_judged(pq, qrels, m) for m in names}
     means["num_queries"] = float(len(qrels))
     means["num_ranked"] = float(len(judged_run))
@@ -105,8 +114,10 @@ def ideal_run(qrels: Qrels, run: Run) -> dict[str, dict[str, float]]:
 
     Its metrics are the ceiling any reranker of this candidate pool can reach.
     """
-    return {q: {d: float(qrels.get(q, {}).get(d, 0)) - 1e-6 * i for i, d in enumerate(sorted(docs))}
-            for q, docs in run.items()}
+    return {
+        q: {d: float(qrels.get(q, {}).get(d, 0)) - 1e-6 * i for i, d in enumerate(sorted(docs))}
+        for q, docs in run.items()
+    }
 
 
 def roc_auc(qrels: Qrels, run: Run, *, relevance_level: int = 1) -> float:
@@ -131,8 +142,9 @@ def roc_auc(qrels: Qrels, run: Run, *, relevance_level: int = 1) -> float:
     return float(roc_auc_score(np.asarray(labels), np.asarray(scores, np.float64)))
 
 
-def candidate_coverage(qrels: Qrels, run: Run, corpus_ids: Iterable[str] | None = None, *,
-                       relevance_level: int = 1) -> dict[str, float]:
+def candidate_coverage(
+    qrels: Qrels, run: Run, corpus_ids: Iterable[str] | None = None, *, relevance_level: int = 1
+) -> dict[str, float]:
     """How much of the judged-relevant material the candidate pool and corpus hold.
 
     Returns ``relevant`` (judged-relevant pairs), ``relevant_in_pool`` (of them, retrieved), and
@@ -140,12 +152,20 @@ def candidate_coverage(qrels: Qrels, run: Run, corpus_ids: Iterable[str] | None 
     """
     corpus = set(corpus_ids) if corpus_ids is not None else None
     rel = [(q, d) for q, docs in qrels.items() for d, g in docs.items() if g >= relevance_level]
-    out = {"relevant": float(len(rel)),
-           "relevant_in_pool": float(sum(d in run.get(q, {}) for q, d in rel))}
+    out = {"relevant": float(len(rel)), "relevant_in_pool": float(sum(d in run.get(q, {}) for q, d in rel))}
     if corpus is not None:
         out["relevant_in_corpus"] = float(sum(d in corpus for _, d in rel))
     return out
 
 
-__all__ = ["evaluate", "roc_auc", "ideal_run", "cut", "candidate_coverage", "relevance_level_for", "HEADLINE",
-           "MRR_DEPTH", "DEFAULT_RELEVANCE_LEVELS"]
+__all__ = [
+    "evaluate",
+    "roc_auc",
+    "ideal_run",
+    "cut",
+    "candidate_coverage",
+    "relevance_level_for",
+    "HEADLINE",
+    "MRR_DEPTH",
+    "DEFAULT_RELEVANCE_LEVELS",
+]

@@ -48,29 +48,43 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _sort_key(r: Mapping[str, Any]):
-    return (r["dataset"], r["stage"] != "first_stage", str(r.get("checkpoint")), str(r.get("instruction")),
-            r.get("ratio") or 0)
+    return (
+        r["dataset"],
+        r["stage"] != "first_stage",
+        str(r.get("checkpoint")),
+        str(r.get("instruction")),
+        r.get("ratio") or 0,
+    )
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Per dataset: quality of the first stage and every reranked cell, then cache size and online cost."""
-    out = ["# Evaluation sweep summary", "",
-           "Quality: trec_eval measures averaged over all judged queries (`-c`); MRR is cut at 10; binary "
-           "measures use the dataset's relevance level. Cost: cache bytes on disk for the dataset's candidate "
-           "passages at that ratio, and online seconds per query (prompt + state lookup + scoring, compilation "
-           "excluded).", ""]
+    out = [
+        "# Evaluation sweep summary",
+        "",
+        "Quality: trec_eval measures averaged over all judged queries (`-c`); MRR is cut at 10; binary "
+        "measures use the dataset's relevance level. Cost: cache bytes on disk for the dataset's candidate "
+        "passages at that ratio, and online seconds per query (prompt + state lookup + scoring, compilation "
+        "excluded).",
+        "",
+    ]
     for ds in sorted({r["dataset"] for r in rows}):
         part = sorted((r for r in rows if r["dataset"] == ds), key=_sort_key)
         first = next((r for r in part if r["stage"] == "first_stage"), None)
         out += [f"## {ds} ({part[0]['split']})", ""]
         if first is not None:
-            out.append(f"First stage: `{first.get('first_stage', '?')}`, {first.get('queries', '?')} queries, "
-                       f"relevance level {first.get('relevance_level', '?')}.")
+            out.append(
+                f"First stage: `{first.get('first_stage', '?')}`, {first.get('queries', '?')} queries, "
+                f"relevance level {first.get('relevance_level', '?')}."
+            )
             if first.get("warnings"):
                 out.append("Data warnings: " + ", ".join(f"{v} × {k}" for k, v in first["warnings"].items()) + ".")
             out.append("")
-        header = ["stage", "checkpoint", "instruction", "ratio"] + [LABELS[m] for m in QUALITY] + \
-                 ["cache / passage", "cache total", "online s / query"]
+        header = (
+            ["stage", "checkpoint", "instruction", "ratio"]
+            + [LABELS[m] for m in QUALITY]
+            + ["cache / passage", "cache total", "online s / query"]
+        )
         body = []
         base = first["metrics"].get(HEADLINE) if first else None
         for r in part:
@@ -78,18 +92,36 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             ndcg = _fmt(m.get(HEADLINE))
             if r["stage"] == "rerank" and base is not None and m.get(HEADLINE) is not None:
                 ndcg += f" ({m[HEADLINE] - base:+.4f})"
-            body.append([r["stage"], _short(r.get("checkpoint")), _fmt(r.get("instruction")), _fmt(r.get("ratio")),
-                         ndcg] + [_fmt(m.get(k)) for k in QUALITY[1:]] +
-                        [_bytes(c.get("cache_bytes_per_passage")), _bytes(c.get("cache_bytes")),
-                         _fmt(c.get("online_seconds_per_query"), 5)])
+            body.append(
+                [r["stage"], _short(r.get("checkpoint")), _fmt(r.get("instruction")), _fmt(r.get("ratio")), ndcg]
+                + [_fmt(m.get(k)) for k in QUALITY[1:]]
+                + [
+                    _bytes(c.get("cache_bytes_per_passage")),
+                    _bytes(c.get("cache_bytes")),
+                    _fmt(c.get("online_seconds_per_query"), 5),
+                ]
+            )
         out += [_table(header, body), ""]
     return "\n".join(out)
 
 
 def flat(row: Mapping[str, Any]) -> dict[str, Any]:
     """One CSV record: the cell keys, metrics as ``metric.<name>`` and costs as ``cost.<name>``."""
-    d = {k: row.get(k) for k in ("dataset", "split", "stage", "checkpoint", "ratio", "instruction", "queries",
-                                 "relevance_level", "run_file", "finished")}
+    d = {
+        k: row.get(k)
+        for k in (
+            "dataset",
+            "split",
+            "stage",
+            "checkpoint",
+            "ratio",
+            "instruction",
+            "queries",
+            "relevance_level",
+            "run_file",
+            "finished",
+        )
+    }
     d.update({f"metric.{k}": v for k, v in row.get("metrics", {}).items()})
     d.update({f"cost.{k}": v for k, v in (row.get("cost") or {}).items()})
     return d
@@ -124,11 +156,23 @@ def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[
         series: dict[str, list] = {}
         for r in sorted(rr, key=lambda r: r["ratio"]):
             series.setdefault(f"{_short(r['checkpoint'])} / {r['instruction']}", []).append(r)
-        specs = [("ndcg_vs_ratio", "MEP ratio r", "nDCG@10", lambda r: r["ratio"], lambda r: r["metrics"][HEADLINE]),
-                 ("cache_vs_ratio", "MEP ratio r", "cache bytes / passage", lambda r: r["ratio"],
-                  lambda r: r["cost"]["cache_bytes_per_passage"]),
-                 ("quality_vs_cost", "online seconds / query", "nDCG@10",
-                  lambda r: r["cost"]["online_seconds_per_query"], lambda r: r["metrics"][HEADLINE])]
+        specs = [
+            ("ndcg_vs_ratio", "MEP ratio r", "nDCG@10", lambda r: r["ratio"], lambda r: r["metrics"][HEADLINE]),
+            (
+                "cache_vs_ratio",
+                "MEP ratio r",
+                "cache bytes / passage",
+                lambda r: r["ratio"],
+                lambda r: r["cost"]["cache_bytes_per_passage"],
+            ),
+            (
+                "quality_vs_cost",
+                "online seconds / query",
+                "nDCG@10",
+                lambda r: r["cost"]["online_seconds_per_query"],
+                lambda r: r["metrics"][HEADLINE],
+            ),
+        ]
         for name, xl, yl, fx, fy in specs:
             fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
             for label, pts in series.items():

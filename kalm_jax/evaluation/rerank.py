@@ -33,8 +33,16 @@ class Scorer(Protocol):
 
     compiles: int
 
-    def margins(self, prompt_rows: Sequence[Sequence[int]], prompt_of, states: PassageStates, passage_of, *,
-                batch_size: int | None = None, show_progress: bool | None = None) -> np.ndarray:
+    def margins(
+        self,
+        prompt_rows: Sequence[Sequence[int]],
+        prompt_of,
+        states: PassageStates,
+        passage_of,
+        *,
+        batch_size: int | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
         """fp32 margins [N] for pairs (prompt_rows[prompt_of[i]], states row passage_of[i])."""
 
 
@@ -108,7 +116,7 @@ def _batches(items: list[tuple[str, list[str]]], batch_pairs: int):
     batch, size = [], 0
     for qid, docs in items:
         for start in range(0, len(docs), batch_pairs):
-            part = docs[start:start + batch_pairs]
+            part = docs[start : start + batch_pairs]
             if size and size + len(part) > batch_pairs:
                 yield batch
                 batch, size = [], 0
@@ -118,9 +126,17 @@ def _batches(items: list[tuple[str, list[str]]], batch_pairs: int):
         yield batch
 
 
-def score_candidates(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], source: StateSource,
-                     candidates: Mapping[str, list[str]], ratio: int, *, batch_pairs: int = 256,
-                     progress: bool = False, desc: str = "rerank") -> tuple[Run, int, float, float]:
+def score_candidates(
+    scorer: Scorer,
+    prompt_rows: Mapping[str, np.ndarray],
+    source: StateSource,
+    candidates: Mapping[str, list[str]],
+    ratio: int,
+    *,
+    batch_pairs: int = 256,
+    progress: bool = False,
+    desc: str = "rerank",
+) -> tuple[Run, int, float, float]:
     """Scores every (query, candidate) pair; returns ({qid: {doc: margin}}, pairs, online s, compile s)."""
     from tqdm.auto import tqdm
 
@@ -132,14 +148,21 @@ def score_candidates(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], sour
     online = compile_s = 0.0
     with tqdm(total=total_pairs, desc=desc, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for batch in _batches(items, batch_pairs):
-            def run_batch():
+
+            def run_batch(batch=batch):
                 qids = list(dict.fromkeys(q for q, _ in batch))
                 row_of = {q: i for i, q in enumerate(qids)}
                 prompt_of = np.asarray([row_of[q] for q, docs in batch for _ in docs], np.int64)
                 docs = [d for _, ds in batch for d in ds]
                 st = source.lookup(docs, ratio)
-                margins = scorer.margins([prompt_rows[q] for q in qids], prompt_of, st, np.arange(len(docs)),
-                                         batch_size=len(docs), show_progress=False)
+                margins = scorer.margins(
+                    [prompt_rows[q] for q in qids],
+                    prompt_of,
+                    st,
+                    np.arange(len(docs)),
+                    batch_size=len(docs),
+                    show_progress=False,
+                )
                 return [qids[i] for i in prompt_of], docs, np.asarray(margins, np.float32)
 
             t0 = time.perf_counter()
@@ -159,23 +182,43 @@ def score_candidates(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], sour
     return out, total_pairs, online, compile_s
 
 
-def tokenize_prompts(prompter, queries: Mapping[str, str], instruction: str | bool | None = None, *,
-                     system: str | None = None,
-                     max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS) -> dict[str, np.ndarray]:
+def tokenize_prompts(
+    prompter,
+    queries: Mapping[str, str],
+    instruction: str | bool | None = None,
+    *,
+    system: str | None = None,
+    max_query_tokens: int | None = prompts.INFERENCE_QUERY_MAX_TOKENS,
+) -> dict[str, np.ndarray]:
     """Decoder prompt token ids per query id (unpadded int32 rows).
 
     `prompter` is an `InferenceEngine` (its query limit and prompt budget apply; `max_query_tokens` is
     ignored) or a bare tokenizer (then `max_query_tokens` cuts the query).
     """
     if hasattr(prompter, "prompt_ids"):
-        return {q: np.asarray(prompter.prompt_ids(text, instruction, system, warn=False), np.int32) for q, text in queries.items()}
-    return {q: np.asarray(prompts.encode_decoder_prompt(prompter, text, instruction, system, max_query_tokens),
-                          np.int32) for q, text in queries.items()}
+        return {
+            q: np.asarray(prompter.prompt_ids(text, instruction, system, warn=False), np.int32)
+            for q, text in queries.items()
+        }
+    return {
+        q: np.asarray(prompts.encode_decoder_prompt(prompter, text, instruction, system, max_query_tokens), np.int32)
+        for q, text in queries.items()
+    }
 
 
-def rerank(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], run: Mapping[str, Mapping[str, float]],
-           source, ratio: int, *, top_k: int | None = 100, cascade: tuple[int, int] | None = None,
-           batch_pairs: int = 256, progress: bool = True, desc: str = "rerank") -> RerankOutput:
+def rerank(
+    scorer: Scorer,
+    prompt_rows: Mapping[str, np.ndarray],
+    run: Mapping[str, Mapping[str, float]],
+    source,
+    ratio: int,
+    *,
+    top_k: int | None = 100,
+    cascade: tuple[int, int] | None = None,
+    batch_pairs: int = 256,
+    progress: bool = True,
+    desc: str = "rerank",
+) -> RerankOutput:
     """Reranks the top `top_k` candidates of every query of `prompt_rows` with `margin_fn`.
 
     Args:
@@ -195,19 +238,30 @@ def rerank(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], run: Mapping[s
     candidates = {q: _candidates(run, q, top_k) for q in prompt_rows}
     unknown = sorted({d for docs in candidates.values() for d in docs if d not in source})
     if unknown:
-        raise KeyError(f"{len(unknown)} candidate docs have no cached passage states, e.g. {unknown[:5]}; "
-                       "encode them into the store first")
+        raise KeyError(
+            f"{len(unknown)} candidate docs have no cached passage states, e.g. {unknown[:5]}; "
+            "encode them into the store first"
+        )
     if cascade is None:
-        scores, pairs, online, comp = score_candidates(scorer, prompt_rows, source, candidates, ratio,
-                                                       batch_pairs=batch_pairs, progress=progress, desc=desc)
+        scores, pairs, online, comp = score_candidates(
+            scorer, prompt_rows, source, candidates, ratio, batch_pairs=batch_pairs, progress=progress, desc=desc
+        )
         return RerankOutput(scores, len(prompt_rows), pairs, online, comp)
     coarse_ratio, keep = cascade
-    coarse, pairs, online, comp = score_candidates(scorer, prompt_rows, source, candidates, coarse_ratio,
-                                                   batch_pairs=batch_pairs, progress=progress,
-                                                   desc=f"{desc} (cascade r={coarse_ratio})")
+    coarse, pairs, online, comp = score_candidates(
+        scorer,
+        prompt_rows,
+        source,
+        candidates,
+        coarse_ratio,
+        batch_pairs=batch_pairs,
+        progress=progress,
+        desc=f"{desc} (cascade r={coarse_ratio})",
+    )
     top = {q: [d for d, _ in sorted(s.items(), key=lambda kv: (-kv[1], kv[0]))[:keep]] for q, s in coarse.items()}
-    fine, pairs2, online2, comp2 = score_candidates(scorer, prompt_rows, source, top, ratio,
-                                                    batch_pairs=batch_pairs, progress=progress, desc=desc)
+    fine, pairs2, online2, comp2 = score_candidates(
+        scorer, prompt_rows, source, top, ratio, batch_pairs=batch_pairs, progress=progress, desc=desc
+    )
     merged: Run = {}
     for q, s in coarse.items():
         f = fine.get(q, {})
@@ -219,9 +273,20 @@ def rerank(scorer: Scorer, prompt_rows: Mapping[str, np.ndarray], run: Mapping[s
     return RerankOutput(merged, len(prompt_rows), pairs + pairs2, online + online2, comp + comp2)
 
 
-def rerank_run(engine, queries: Mapping[str, str], run: Mapping[str, Mapping[str, float]], states, ratio: int,
-               instruction: str | bool | None = None, *, system: str | None = None, top_k: int | None = 100,
-               cascade: tuple[int, int] | None = None, batch_pairs: int = 256, progress: bool = False) -> Run:
+def rerank_run(
+    engine,
+    queries: Mapping[str, str],
+    run: Mapping[str, Mapping[str, float]],
+    states,
+    ratio: int,
+    instruction: str | bool | None = None,
+    *,
+    system: str | None = None,
+    top_k: int | None = 100,
+    cascade: tuple[int, int] | None = None,
+    batch_pairs: int = 256,
+    progress: bool = False,
+) -> Run:
     """Reranks `run` for `queries` with `engine` (an `InferenceEngine`) over cached `states`; {qid: {doc: margin}}.
 
     `states` is a `PassageStates` with ids (at `ratio` or a divisor of it) or a `store.PassageStore`;
@@ -229,9 +294,19 @@ def rerank_run(engine, queries: Mapping[str, str], run: Mapping[str, Mapping[str
     Feed the result to `metrics.evaluate(qrels, run)`.
     """
     rows = tokenize_prompts(engine, queries, instruction, system=system)
-    return rerank(engine, rows, run, states, ratio, top_k=top_k, cascade=cascade, batch_pairs=batch_pairs,
-                  progress=progress).run
+    return rerank(
+        engine, rows, run, states, ratio, top_k=top_k, cascade=cascade, batch_pairs=batch_pairs, progress=progress
+    ).run
 
 
-__all__ = ["rerank_run", "rerank", "RerankOutput", "Scorer", "InMemoryStates", "StateSource", "as_source",
-           "score_candidates", "tokenize_prompts"]
+__all__ = [
+    "rerank_run",
+    "rerank",
+    "RerankOutput",
+    "Scorer",
+    "InMemoryStates",
+    "StateSource",
+    "as_source",
+    "score_candidates",
+    "tokenize_prompts",
+]

@@ -54,8 +54,9 @@ def scan(data: bytes, path: Path | str = RESULTS) -> tuple[list[dict[str, Any]],
                 raise ValueError(f"a JSON {type(row).__name__}, not an object")
         except (ValueError, UnicodeDecodeError) as e:
             if i == last:
-                log.warning("%s:%d: ignoring a torn last line (interrupted write); the cell will be redone", path,
-                            i + 1)
+                log.warning(
+                    "%s:%d: ignoring a torn last line (interrupted write); the cell will be redone", path, i + 1
+                )
                 return rows, start, False
             raise ValueError(f"{path}:{i + 1}: not a JSON row ({e})") from None
         rows.append(row)
@@ -112,21 +113,37 @@ def check_output_dir(settings: Settings) -> None:
         try:
             stored = json.loads(path.read_text()).get("identity", {})
         except (ValueError, UnicodeDecodeError, AttributeError) as e:
-            raise SweepConfigError(f"{path}: not a valid sweep config ({type(e).__name__}: {e}); it records which "
-                                   f"settings produced {RESULTS}: restore it or use a new output_dir") from None
+            raise SweepConfigError(
+                f"{path}: not a valid sweep config ({type(e).__name__}: {e}); it records which "
+                f"settings produced {RESULTS}: restore it or use a new output_dir"
+            ) from None
         diff = {k: (stored.get(k), v) for k, v in ident.items() if stored.get(k) != v}
         if diff:
             details = "; ".join(f"{k}: results used {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise SweepConfigError(f"{out} holds results of a different configuration ({details}); "
-                                   "use a new output_dir (finished results are never overwritten)")
+            raise SweepConfigError(
+                f"{out} holds results of a different configuration ({details}); "
+                "use a new output_dir (finished results are never overwritten)"
+            )
     elif (out / RESULTS).exists():
-        raise SweepConfigError(f"{out} has {RESULTS} but no {CONFIG_FILE}: cannot tell which settings produced "
-                               "it; use a new output_dir")
+        raise SweepConfigError(
+            f"{out} has {RESULTS} but no {CONFIG_FILE}: cannot tell which settings produced it; use a new output_dir"
+        )
     else:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"identity": ident}, indent=1, sort_keys=True))
         os.replace(tmp, path)
 
 
-__all__ = ["RESULTS", "CONFIG_FILE", "LOCK_FILE", "OutputDirLocked", "cell_key", "scan", "read_results", "append",
-           "check_output_dir", "output_lock", "output_job_lock"]
+__all__ = [
+    "RESULTS",
+    "CONFIG_FILE",
+    "LOCK_FILE",
+    "OutputDirLocked",
+    "cell_key",
+    "scan",
+    "read_results",
+    "append",
+    "check_output_dir",
+    "output_lock",
+    "output_job_lock",
+]

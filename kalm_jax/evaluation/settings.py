@@ -15,8 +15,21 @@ from kalm_jax.passage_states import STORAGE
 DEFAULT_LABEL, NONE_LABEL = "default", "none"
 
 #: Settings the numbers depend on: an output dir whose results used other values is refused.
-IDENTITY_FIELDS = ("split", "first_stage", "top_k", "max_queries", "max_document_tokens", "max_query_tokens", "storage",
-                   "store_ratio", "system", "cascade", "dtype", "relevance_level", "on_unknown_docs")
+IDENTITY_FIELDS = (
+    "split",
+    "first_stage",
+    "top_k",
+    "max_queries",
+    "max_document_tokens",
+    "max_query_tokens",
+    "storage",
+    "store_ratio",
+    "system",
+    "cascade",
+    "dtype",
+    "relevance_level",
+    "on_unknown_docs",
+)
 
 
 class SweepConfigError(ValueError):
@@ -65,7 +78,7 @@ class Settings:
     report: bool = True
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Settings":
+    def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
         """From an ml_collections ConfigDict (or a dict); list fields accept lists or comma-separated strings
         (instructions: a list, or a string separated by ``|`` since instructions contain commas)."""
         c = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
@@ -83,26 +96,48 @@ class Settings:
         if not datasets:
             raise SweepConfigError("config.datasets is empty: name at least one dataset folder under data_dir")
         known = {f.name for f in dataclasses.fields(cls)}
-        extra = {k: v for k, v in c.items() if k in known and k not in (
-            "data_dir", "datasets", "output_dir", "checkpoints", "ratios", "instructions", "store_dir")}
-        s = cls(data_dir=Path(c["data_dir"]), datasets=datasets, output_dir=Path(c["output_dir"]),
-                checkpoints=list(dict.fromkeys(checkpoints)), ratios=sorted(set(ratios)),
-                instructions=_list(c.get("instructions", DEFAULT_LABEL), "|") or [DEFAULT_LABEL],
-                store_dir=Path(c["store_dir"]) if c.get("store_dir") else None, **extra)
+        extra = {
+            k: v
+            for k, v in c.items()
+            if k in known
+            and k not in ("data_dir", "datasets", "output_dir", "checkpoints", "ratios", "instructions", "store_dir")
+        }
+        s = cls(
+            data_dir=Path(c["data_dir"]),
+            datasets=datasets,
+            output_dir=Path(c["output_dir"]),
+            checkpoints=list(dict.fromkeys(checkpoints)),
+            ratios=sorted(set(ratios)),
+            instructions=_list(c.get("instructions", DEFAULT_LABEL), "|") or [DEFAULT_LABEL],
+            store_dir=Path(c["store_dir"]) if c.get("store_dir") else None,
+            **extra,
+        )
         s.validate()
         return s
 
     def validate(self) -> None:
         """Raises SweepConfigError naming the first invalid field (type, range, or contradiction)."""
-        minimum = {"top_k": 1, "max_queries": 0, "max_document_tokens": 1, "max_query_tokens": 1, "relevance_level": 0,
-                   "batch_pairs": 1, "encode_batch_size": 1, "shard_size": 1, "store_ratio": 0}
+        minimum = {
+            "top_k": 1,
+            "max_queries": 0,
+            "max_document_tokens": 1,
+            "max_query_tokens": 1,
+            "relevance_level": 0,
+            "batch_pairs": 1,
+            "encode_batch_size": 1,
+            "shard_size": 1,
+            "store_ratio": 0,
+        }
         for name, lo in minimum.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise SweepConfigError(f"{name} must be an integer, got {v!r}")
             if v < lo:
-                meaning = {"max_queries": " (0 = all queries)", "relevance_level": " (0 = the dataset's default)",
-                           "store_ratio": " (0 = the gcd of the ratios)"}.get(name, "")
+                meaning = {
+                    "max_queries": " (0 = all queries)",
+                    "relevance_level": " (0 = the dataset's default)",
+                    "store_ratio": " (0 = the gcd of the ratios)",
+                }.get(name, "")
                 raise SweepConfigError(f"{name} must be >= {lo}{meaning}, got {v}")
         if not (self.first_stage == "bm25" or self.first_stage.startswith("run:")):
             raise SweepConfigError(f"first_stage must be 'bm25' or 'run:<path>', got {self.first_stage!r}")
@@ -120,9 +155,11 @@ class Settings:
         if self.cascade_pair is not None:
             coarse, keep = self.cascade_pair
             if coarse < 1 or keep < 1:
-                raise SweepConfigError(f"cascade must be 'COARSE_RATIO:KEEP' with COARSE_RATIO >= 1 and KEEP >= 1 "
-                                       f"(score all candidates at ratio COARSE_RATIO, rescore the top KEEP), got "
-                                       f"{self.cascade!r}")
+                raise SweepConfigError(
+                    f"cascade must be 'COARSE_RATIO:KEEP' with COARSE_RATIO >= 1 and KEEP >= 1 "
+                    f"(score all candidates at ratio COARSE_RATIO, rescore the top KEEP), got "
+                    f"{self.cascade!r}"
+                )
         finest = self.finest_ratio
         bad = [r for r in self.ratios + ([self.cascade_pair[0]] if self.cascade_pair else []) if r % finest]
         if bad:

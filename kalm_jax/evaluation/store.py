@@ -80,12 +80,17 @@ def store_lock(root: str | os.PathLike, timeout: float = LOCK_TIMEOUT) -> Iterat
     root = Path(root).absolute()
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(file_lock(lock_path(root), timeout=timeout,
-                                          what=f"another run is writing the passage-state store {root}"))
+            stack.enter_context(
+                file_lock(
+                    lock_path(root), timeout=timeout, what=f"another run is writing the passage-state store {root}"
+                )
+            )
         except LockHeld as e:
-            raise StoreLocked(f"{root}: the passage-state store is locked by another run ({e.holder}); waited "
-                              f"{e.waited:.0f} s (lock timeout {timeout:g} s). Wait for that run, raise the "
-                              "timeout (eval: --config.store_lock_timeout), or use another store_dir") from None
+            raise StoreLocked(
+                f"{root}: the passage-state store is locked by another run ({e.holder}); waited "
+                f"{e.waited:.0f} s (lock timeout {timeout:g} s). Wait for that run, raise the "
+                "timeout (eval: --config.store_lock_timeout), or use another store_dir"
+            ) from None
         yield
 
 
@@ -109,10 +114,18 @@ def _check_shards(shards, manifest: Path) -> list[dict[str, Any]]:
     for i, sh in enumerate(shards):
         name = sh.get("name") if isinstance(sh, dict) else None
         count = sh.get("count") if isinstance(sh, dict) else None
-        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-                or Path(name).is_absolute()):
-            raise PassageStatesError(f"{manifest}: shard {i} has name {name!r}; shard names must be plain directory "
-                                     "names inside the store (refusing paths that leave it)")
+        if (
+            not isinstance(name, str)
+            or not name
+            or name in (".", "..")
+            or "/" in name
+            or "\\" in name
+            or Path(name).is_absolute()
+        ):
+            raise PassageStatesError(
+                f"{manifest}: shard {i} has name {name!r}; shard names must be plain directory "
+                "names inside the store (refusing paths that leave it)"
+            )
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise PassageStatesError(f"{manifest}: shard {name!r} has count {count!r}, expected an integer >= 0")
         if name in seen:
@@ -133,12 +146,17 @@ class StoreKey:
     pooling: str = POOLING_VERSION
 
     @classmethod
-    def for_engine(cls, engine, ratio: int, storage: str = "float32") -> "StoreKey":
+    def for_engine(cls, engine, ratio: int, storage: str = "float32") -> StoreKey:
         """The key of states encoded by `engine` (an `InferenceEngine`) at `ratio`, stored as `storage`."""
         if storage not in STORAGE:
             raise ValueError(f"unknown storage {storage!r}; choose from {STORAGE}")
-        return cls(engine.model_fingerprint, engine.tokenizer.fingerprint(), int(engine.max_document_tokens),
-                   mep._check_ratio(ratio), storage)
+        return cls(
+            engine.model_fingerprint,
+            engine.tokenizer.fingerprint(),
+            int(engine.max_document_tokens),
+            mep._check_ratio(ratio),
+            storage,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,8 +203,9 @@ class PassageStore:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: str | os.PathLike, key: StoreKey, *, on_stale: OnStale = "error",
-             lock_timeout: float = LOCK_TIMEOUT) -> "PassageStore":
+    def open(
+        cls, root: str | os.PathLike, key: StoreKey, *, on_stale: OnStale = "error", lock_timeout: float = LOCK_TIMEOUT
+    ) -> PassageStore:
         """Opens (or creates) the store at `root` for `key`.
 
         A store written for a different key raises `StaleStoreError` naming every differing field, or is
@@ -203,7 +222,7 @@ class PassageStore:
         return store
 
     @classmethod
-    def _open(cls, root: Path, key: StoreKey, on_stale: OnStale) -> "PassageStore":
+    def _open(cls, root: Path, key: StoreKey, on_stale: OnStale) -> PassageStore:
         manifest = root / MANIFEST
         if manifest.is_file():
             stored, shards = _read_manifest(manifest)
@@ -214,7 +233,8 @@ class PassageStore:
             if on_stale == "error":
                 raise StaleStoreError(
                     f"{root}: passage-state store was written for a different setting ({details}). "
-                    "Use another store directory, or on_stale='reencode' to delete and re-encode it.")
+                    "Use another store directory, or on_stale='reencode' to delete and re-encode it."
+                )
             log.warning("%s: stale passage-state store (%s); deleting it and re-encoding", root, details)
             shutil.rmtree(root)
         elif root.exists() and any(root.iterdir()):
@@ -232,8 +252,9 @@ class PassageStore:
         stored, shards = _read_manifest(manifest)
         diff = [k for k, v in self.key.as_dict().items() if stored.get(k) != v]
         if diff:
-            raise StaleStoreError(f"{self.root}: another run replaced the store for a different setting ({diff}) "
-                                  "since this run opened it")
+            raise StaleStoreError(
+                f"{self.root}: another run replaced the store for a different setting ({diff}) since this run opened it"
+            )
         if shards != self.shards:
             self.shards = shards
             self._index = None
@@ -241,13 +262,17 @@ class PassageStore:
 
     def _next_shard_number(self) -> int:
         """A shard number no listed shard uses (names are `shard-<n>` or `shard-<n>-p<process>`)."""
-        used = [int(sh["name"].split("-")[1]) for sh in self.shards
-                if sh["name"].startswith("shard-") and sh["name"].split("-")[1].isdigit()]
+        used = [
+            int(sh["name"].split("-")[1])
+            for sh in self.shards
+            if sh["name"].startswith("shard-") and sh["name"].split("-")[1].isdigit()
+        ]
         return max([len(self.shards), *(n + 1 for n in used)])
 
     def _write_manifest(self) -> None:
-        _write_json_atomic(self.root / MANIFEST, {"format": FORMAT, "version": 1, "key": self.key.as_dict(),
-                                                  "shards": self.shards})
+        _write_json_atomic(
+            self.root / MANIFEST, {"format": FORMAT, "version": 1, "key": self.key.as_dict(), "shards": self.shards}
+        )
 
     # ------------------------------------------------------------------ contents
     @property
@@ -260,8 +285,9 @@ class PassageStore:
                 ids = check_ids(read_json(path, "the passage ids"), str(path), int(shard["count"]))
                 for i, d in enumerate(ids):
                     if d in index:
-                        raise PassageStatesError(f"{path}: passage id {d!r} is also in shard "
-                                                 f"{self.shards[index[d][0]]['name']}")
+                        raise PassageStatesError(
+                            f"{path}: passage id {d!r} is also in shard {self.shards[index[d][0]]['name']}"
+                        )
                     index[d] = (s, i)
             self._index = index
         return self._index
@@ -281,8 +307,16 @@ class PassageStore:
         return self.root / f"r{ratio}" / name
 
     # ------------------------------------------------------------------ encoding
-    def ensure(self, engine, texts: Mapping[str, str], doc_ids: Iterable[str], *, batch_size: int | None = None,
-               shard_size: int = 4096, progress: bool = True) -> int:
+    def ensure(
+        self,
+        engine,
+        texts: Mapping[str, str],
+        doc_ids: Iterable[str],
+        *,
+        batch_size: int | None = None,
+        shard_size: int = 4096,
+        progress: bool = True,
+    ) -> int:
         """Encodes the passages of `doc_ids` that are not stored yet; returns how many were encoded.
 
         Runs under the store lock (process 0 takes it; every process then re-reads the manifest), so
@@ -297,9 +331,11 @@ class PassageStore:
             get shorter than 3/4 of its longest, so padding to the longest costs at most a third.
         """
         if engine.model_fingerprint != self.key.model or int(engine.max_document_tokens) != self.key.max_length:
-            raise ValueError(f"{self.root}: this engine (model {engine.model_fingerprint}, max_document_tokens "
-                             f"{engine.max_document_tokens}) does not match the store's key (model {self.key.model}, "
-                             f"max_length {self.key.max_length})")
+            raise ValueError(
+                f"{self.root}: this engine (model {engine.model_fingerprint}, max_document_tokens "
+                f"{engine.max_document_tokens}) does not match the store's key (model {self.key.model}, "
+                f"max_length {self.key.max_length})"
+            )
         doc_ids = list(doc_ids)
         primary = distributed.is_primary()
         with contextlib.ExitStack() as stack:
@@ -320,8 +356,15 @@ class PassageStore:
                 self._reload()  # process 0 holds the lock: the manifest is the one it read
             return self._ensure_locked(engine, texts, doc_ids, batch_size, shard_size, progress)
 
-    def _ensure_locked(self, engine, texts: Mapping[str, str], doc_ids: list[str], batch_size: int | None,
-                       shard_size: int, progress: bool) -> int:
+    def _ensure_locked(
+        self,
+        engine,
+        texts: Mapping[str, str],
+        doc_ids: list[str],
+        batch_size: int | None,
+        shard_size: int,
+        progress: bool,
+    ) -> int:
         todo = self.missing(doc_ids)
         absent = [d for d in todo if d not in texts]
         if absent:
@@ -332,9 +375,10 @@ class PassageStore:
 
         tokens: dict[str, list[int]] = {}
         step = 1024
-        for start in tqdm(range(0, len(todo), step), desc="tokenize passages", unit="batch", disable=not progress,
-                          dynamic_ncols=True):
-            chunk = todo[start:start + step]
+        for start in tqdm(
+            range(0, len(todo), step), desc="tokenize passages", unit="batch", disable=not progress, dynamic_ncols=True
+        ):
+            chunk = todo[start : start + step]
             tokens.update(zip(chunk, engine.document_ids([texts[d] for d in chunk], warn=False)))
         empty = [d for d in todo if not tokens[d]]
         if empty:
@@ -343,26 +387,40 @@ class PassageStore:
         import jax
 
         if jax.process_count() > 1:
-            return self._ensure_split(engine, tokens, list(_length_shards(order, tokens, shard_size)), batch_size,
-                                      progress)
-        with tqdm(total=len(order), desc=f"encode passages (r={self.key.ratio})", unit="doc",
-                  disable=not progress, dynamic_ncols=True) as bar:
+            return self._ensure_split(
+                engine, tokens, list(_length_shards(order, tokens, shard_size)), batch_size, progress
+            )
+        with tqdm(
+            total=len(order),
+            desc=f"encode passages (r={self.key.ratio})",
+            unit="doc",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
             for shard_ids in _length_shards(order, tokens, shard_size):
-                states = engine.encode_ids([tokens[d] for d in shard_ids], self.key.ratio, ids=list(shard_ids),
-                                           storage=self.key.storage, batch_size=batch_size, show_progress=False)
+                states = engine.encode_ids(
+                    [tokens[d] for d in shard_ids],
+                    self.key.ratio,
+                    ids=list(shard_ids),
+                    storage=self.key.storage,
+                    batch_size=batch_size,
+                    show_progress=False,
+                )
                 self._add_shard(states)
                 bar.update(len(shard_ids))
         self.encoded += len(order)
         return len(order)
 
-    def _ensure_split(self, engine, tokens: Mapping[str, list[int]], plan: list[list[str]], batch_size: int | None,
-                      progress: bool) -> int:
+    def _ensure_split(
+        self, engine, tokens: Mapping[str, list[int]], plan: list[list[str]], batch_size: int | None, progress: bool
+    ) -> int:
         """Multi-process `ensure` (every process calls it with the same plan): shard j of the plan is split
         into one contiguous part per process; process p encodes and saves its part as `shard-{n}-p{p}` (n:
         the shard's number in the store, so names never collide); after a barrier process 0 commits the
         manifest once. A part already saved by an interrupted run (same ids, same key) is kept."""
-        from kalm_jax import distributed
         import jax
+
+        from kalm_jax import distributed
 
         rank, nproc = jax.process_index(), jax.process_count()
         base = self._next_shard_number()
@@ -371,15 +429,21 @@ class PassageStore:
         for j, shard_ids in enumerate(plan):
             bounds = np.linspace(0, len(shard_ids), nproc + 1).round().astype(int)
             for p in range(nproc):
-                ids = shard_ids[bounds[p]:bounds[p + 1]]
+                ids = shard_ids[bounds[p] : bounds[p + 1]]
                 if not ids:
                     continue
                 name = f"shard-{base + j:05d}-p{p}"
                 parts.append({"name": name, "count": len(ids)})
                 if p != rank or self._holds(name, ids):
                     continue
-                states = engine.encode_ids([tokens[d] for d in ids], self.key.ratio, ids=list(ids),
-                                           storage=self.key.storage, batch_size=batch_size, show_progress=False)
+                states = engine.encode_ids(
+                    [tokens[d] for d in ids],
+                    self.key.ratio,
+                    ids=list(ids),
+                    storage=self.key.storage,
+                    batch_size=batch_size,
+                    show_progress=False,
+                )
                 states.meta = {**self.key.as_dict(), "shard": name}
                 states.save(self._shard_dir(self.key.ratio, name), overwrite=True)
                 mine += len(ids)
@@ -424,8 +488,10 @@ class PassageStore:
         """Memory-mapped shards at `ratio` (derived from the finest ratio and saved if not yet on disk)."""
         ratio = mep._check_ratio(ratio)
         if ratio % self.key.ratio:
-            raise ValueError(f"{self.root}: ratio {ratio} cannot be derived from the stored ratio {self.key.ratio} "
-                             f"(it must be a multiple of it)")
+            raise ValueError(
+                f"{self.root}: ratio {ratio} cannot be derived from the stored ratio {self.key.ratio} "
+                f"(it must be a multiple of it)"
+            )
         if ratio in self._loaded and len(self._loaded[ratio]) == len(self.shards):
             return self._loaded[ratio]
         expect = self.key.as_dict()
@@ -443,8 +509,10 @@ class PassageStore:
             if hidden is not None and states.states.shape[2] != hidden:
                 raise PassageStatesError(f"{d}: hidden size {states.states.shape[2]}, other shards have {hidden}")
             if states.ratio != ratio or len(states) != shard["count"]:
-                raise ValueError(f"{d}: holds {len(states)} passages at ratio {states.ratio}, manifest says "
-                                 f"{shard['count']} at ratio {ratio}")
+                raise ValueError(
+                    f"{d}: holds {len(states)} passages at ratio {states.ratio}, manifest says "
+                    f"{shard['count']} at ratio {ratio}"
+                )
             out.append(states)
         self._loaded[ratio] = out
         return out
@@ -455,8 +523,11 @@ class PassageStore:
         changed since (re-encoded, replaced) makes it stale, and it is derived again."""
         d = self._shard_dir(ratio, name)
         source = PassageStates.stored_content(self._shard_dir(self.key.ratio, name))
-        return not (d / "manifest.json").is_file() or PassageStates.stored_content(d) is None or (
-            PassageStates.load(d, expect_meta=self.key.as_dict(), verify=False).meta.get("derived_from") != source)
+        return (
+            not (d / "manifest.json").is_file()
+            or PassageStates.stored_content(d) is None
+            or (PassageStates.load(d, expect_meta=self.key.as_dict(), verify=False).meta.get("derived_from") != source)
+        )
 
     def _derive(self, ratio: int, name: str) -> None:
         d, src = self._shard_dir(ratio, name), self._shard_dir(self.key.ratio, name)
@@ -492,8 +563,12 @@ class PassageStore:
         n = sum(len(s) for s in shards)
         total = sum(_dir_bytes(self._shard_dir(ratio, sh["name"])) for sh in self.shards)
         used = sum(s.bytes_per_passage * len(s) for s in shards)
-        return {"passages": float(n), "bytes": float(total), "bytes_per_passage": total / max(1, n),
-                "state_bytes_per_passage": used / max(1, n)}
+        return {
+            "passages": float(n),
+            "bytes": float(total),
+            "bytes_per_passage": total / max(1, n),
+            "state_bytes_per_passage": used / max(1, n),
+        }
 
 
 __all__ = ["PassageStore", "StoreKey", "StaleStoreError", "POOLING_VERSION"]

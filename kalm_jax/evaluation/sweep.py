@@ -35,10 +35,12 @@ import jax
 from kalm_jax import distributed, loader
 from kalm_jax.data.beir import BeirDataset, load_beir
 from kalm_jax.data.trec import read_run, write_run
-from kalm_jax.evaluation import metrics, rerank, results as results_lib, store as store_lib
+from kalm_jax.engine import InferenceEngine
+from kalm_jax.evaluation import metrics, rerank
+from kalm_jax.evaluation import results as results_lib
+from kalm_jax.evaluation import store as store_lib
 from kalm_jax.evaluation.results import CONFIG_FILE, RESULTS, cell_key, read_results
 from kalm_jax.evaluation.settings import DEFAULT_LABEL, NONE_LABEL, Settings, SweepConfigError
-from kalm_jax.engine import InferenceEngine
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class Prepared:
 def _first_stage_path(settings: Settings, dataset: str) -> Path | None:
     if settings.first_stage == "bm25":
         return None
-    p = Path(settings.first_stage[len("run:"):])
+    p = Path(settings.first_stage[len("run:") :])
     return p if p.is_absolute() else settings.data_dir / dataset / p
 
 
@@ -112,7 +114,7 @@ def prepare_dataset(settings: Settings, name: str) -> Prepared:
     warnings = {k: v for k, v in data.skipped.counts.items() if v}
     queries = dict(data.queries)
     if settings.max_queries:
-        queries = dict(list(queries.items())[:settings.max_queries])
+        queries = dict(list(queries.items())[: settings.max_queries])
     qrels = {q: data.qrels[q] for q in queries if q in data.qrels}
     level = settings.relevance_level or metrics.relevance_level_for(name)
     cached = settings.output_dir / "runs" / name / "first_stage.trec.gz"
@@ -131,18 +133,25 @@ def prepare_dataset(settings: Settings, name: str) -> Prepared:
         run = {q: full.get(q, {}) for q in queries}
         unknown = sorted({d for docs in run.values() for d in docs if d not in data.corpus})
         if unknown:
-            msg = (f"{path}: {len(unknown)} docs of the run are not in {name}'s corpus, e.g. {unknown[:5]}")
+            msg = f"{path}: {len(unknown)} docs of the run are not in {name}'s corpus, e.g. {unknown[:5]}"
             if settings.on_unknown_docs == "error":
                 raise ValueError(msg + "; set on_unknown_docs='drop' to drop them (they cannot be reranked)")
             log.warning("%s; dropping them", msg)
             warnings["run docs not in corpus"] = len(unknown)
             run = {q: {d: s for d, s in docs.items() if d in data.corpus} for q, docs in run.items()}
-        run = {q: dict(sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))[:settings.top_k]) for q, docs in run.items()}
+        run = {
+            q: dict(sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))[: settings.top_k]) for q, docs in run.items()
+        }
         write_run(run, cached, tag="first_stage")
     empty = [q for q in queries if not run.get(q)]
     if empty:
-        log.warning("%s: %d of %d queries have no first-stage candidates (they score 0), e.g. %s", name, len(empty),
-                    len(queries), empty[:3])
+        log.warning(
+            "%s: %d of %d queries have no first-stage candidates (they score 0), e.g. %s",
+            name,
+            len(empty),
+            len(queries),
+            empty[:3],
+        )
         warnings["queries without candidates"] = len(empty)
     for reason, count in warnings.items():
         log.warning("%s/%s: %d × %s", name, settings.split, count, reason)
@@ -157,7 +166,7 @@ def _metrics(settings: Settings, prep: Prepared, run: Mapping[str, Mapping[str, 
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 # ------------------------------------------------------------------------------------------- identities
@@ -197,9 +206,11 @@ def check_identities(out: Path, rows, identities: Mapping[str, Mapping[str, str]
         if ck and now is not None and row.get("checkpoint_identity") not in (None, now):
             problems.append(f"checkpoint {ck}: replaced since its results of {row.get('finished')}")
     if problems:
-        raise SweepConfigError(f"{out} holds results of other data or models under the same names:\n  "
-                               + "\n  ".join(dict.fromkeys(problems))
-                               + "\nuse a new output_dir (finished results are never overwritten or mixed)")
+        raise SweepConfigError(
+            f"{out} holds results of other data or models under the same names:\n  "
+            + "\n  ".join(dict.fromkeys(problems))
+            + "\nuse a new output_dir (finished results are never overwritten or mixed)"
+        )
 
 
 # ------------------------------------------------------------------------------------------- the sweep
@@ -231,34 +242,59 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
     distributed.primary_first(lambda: results_lib.check_output_dir(settings), "sweep_output_dir")
     out = settings.output_dir
     existing = read_results(out)
-    identities = {"data": {ds: data_identity(settings, ds) for ds in settings.datasets},
-                  "checkpoint": {ck: path_identity(ck) for ck in settings.checkpoints}}
+    identities = {
+        "data": {ds: data_identity(settings, ds) for ds in settings.datasets},
+        "checkpoint": {ck: path_identity(ck) for ck in settings.checkpoints},
+    }
     check_identities(out, existing, identities)
     done = {cell_key(r) for r in existing}
     split = settings.split
 
     def todo_cells(ds: str, ck: str) -> list[tuple[str, int]]:
-        return [(ins, r) for ins in settings.instructions for r in settings.ratios
-                if (ds, split, "rerank", ck, r, ins) not in done]
+        return [
+            (ins, r)
+            for ins in settings.instructions
+            for r in settings.ratios
+            if (ds, split, "rerank", ck, r, ins) not in done
+        ]
 
-    n_cells = len(settings.datasets) * (1 + len(settings.checkpoints) * len(settings.instructions) *
-                                        len(settings.ratios))
+    n_cells = len(settings.datasets) * (
+        1 + len(settings.checkpoints) * len(settings.instructions) * len(settings.ratios)
+    )
     primary = distributed.is_primary()
-    bar = tqdm(total=n_cells, desc="sweep cells", unit="cell", disable=not settings.progress or not primary,
-               dynamic_ncols=True, position=0)
+    bar = tqdm(
+        total=n_cells,
+        desc="sweep cells",
+        unit="cell",
+        disable=not settings.progress or not primary,
+        dynamic_ncols=True,
+        position=0,
+    )
     bar.update(sum(1 for k in done if k[0] in settings.datasets and k[1] == split))
     prepared: dict[str, Prepared] = {}
     try:
         for ds in settings.datasets:
-            prep = prepared[ds] = distributed.primary_first(lambda: prepare_dataset(settings, ds), f"sweep_prepare:{ds}")
+            prep = prepared[ds] = distributed.primary_first(
+                lambda ds=ds: prepare_dataset(settings, ds), f"sweep_prepare:{ds}"
+            )
             key = (ds, split, "first_stage", None, None, None)
             if key not in done:
-                row = {"dataset": ds, "split": split, "stage": "first_stage", "checkpoint": None, "ratio": None,
-                       "instruction": None, "metrics": _metrics(settings, prep, prep.run),
-                       "first_stage": settings.first_stage, "queries": len(prep.queries),
-                       "relevance_level": prep.relevance_level, "warnings": prep.warnings,
-                       "run_file": f"runs/{ds}/first_stage.trec.gz", "data_identity": identities["data"][ds],
-                       "finished": _now()}
+                row = {
+                    "dataset": ds,
+                    "split": split,
+                    "stage": "first_stage",
+                    "checkpoint": None,
+                    "ratio": None,
+                    "instruction": None,
+                    "metrics": _metrics(settings, prep, prep.run),
+                    "first_stage": settings.first_stage,
+                    "queries": len(prep.queries),
+                    "relevance_level": prep.relevance_level,
+                    "warnings": prep.warnings,
+                    "run_file": f"runs/{ds}/first_stage.trec.gz",
+                    "data_identity": identities["data"][ds],
+                    "finished": _now(),
+                }
                 if primary:
                     results_lib.append(out, row)
                 done.add(key)
@@ -267,9 +303,14 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
             if not any(todo_cells(ds, ck) for ds in settings.datasets):
                 continue
             model, tokenizer = load_model(ck, settings)
-            engine = InferenceEngine(model, tokenizer, batch_size=settings.encode_batch_size,
-                                     max_document_tokens=settings.max_document_tokens,
-                                     max_query_tokens=settings.max_query_tokens, show_progress=False)
+            engine = InferenceEngine(
+                model,
+                tokenizer,
+                batch_size=settings.encode_batch_size,
+                max_document_tokens=settings.max_document_tokens,
+                max_query_tokens=settings.max_query_tokens,
+                show_progress=False,
+            )
             key = store_lib.StoreKey.for_engine(engine, settings.finest_ratio, settings.storage)
             for ds in settings.datasets:
                 cells = todo_cells(ds, ck)
@@ -278,39 +319,78 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                 prep = prepared[ds]
                 root = (settings.store_dir or out / "store") / checkpoint_slug(ck) / ds
                 st = distributed.primary_first(
-                    lambda: store_lib.PassageStore.open(root, key, on_stale=settings.on_stale,
-                                                      lock_timeout=settings.store_lock_timeout), f"sweep_store:{root}")
-                encoded = st.ensure(engine, _Texts(prep.data), prep.candidates, shard_size=settings.shard_size,
-                                    progress=settings.progress and primary)
+                    lambda root=root, key=key: store_lib.PassageStore.open(
+                        root, key, on_stale=settings.on_stale, lock_timeout=settings.store_lock_timeout
+                    ),
+                    f"sweep_store:{root}",
+                )
+                encoded = st.ensure(
+                    engine,
+                    _Texts(prep.data),
+                    prep.candidates,
+                    shard_size=settings.shard_size,
+                    progress=settings.progress and primary,
+                )
                 block = query_block(list(prep.queries))
                 for ins in dict.fromkeys(i for i, _ in cells):
-                    rows = rerank.tokenize_prompts(engine, {q: prep.queries[q] for q in block},
-                                                   settings.instruction_value(ins), system=settings.system or None)
+                    rows = rerank.tokenize_prompts(
+                        engine,
+                        {q: prep.queries[q] for q in block},
+                        settings.instruction_value(ins),
+                        system=settings.system or None,
+                    )
                     for _, ratio in (c for c in cells if c[0] == ins):
                         for r in dict.fromkeys([ratio, *(settings.cascade_pair[:1] if settings.cascade_pair else [])]):
-                            distributed.primary_first(lambda: st.shards_at(r), f"sweep_ratio:{root}:{r}")
-                        res = rerank.rerank(engine, rows, prep.run, st, ratio, top_k=settings.top_k,
-                                            cascade=settings.cascade_pair, batch_pairs=settings.batch_pairs,
-                                            progress=settings.progress and primary, desc=f"{ds} r={ratio}")
+                            distributed.primary_first(lambda st=st, r=r: st.shards_at(r), f"sweep_ratio:{root}:{r}")
+                        res = rerank.rerank(
+                            engine,
+                            rows,
+                            prep.run,
+                            st,
+                            ratio,
+                            top_k=settings.top_k,
+                            cascade=settings.cascade_pair,
+                            batch_pairs=settings.batch_pairs,
+                            progress=settings.progress and primary,
+                            desc=f"{ds} r={ratio}",
+                        )
                         res = gather_blocks(res, list(prep.queries))
                         run_file = f"runs/{ds}/{checkpoint_slug(ck)}.{instruction_slug(ins)}.r{ratio}.trec.gz"
                         if primary:
                             write_run(res.run, out / run_file, tag=f"kalm_r{ratio}")
                         size = st.sizes(ratio)
-                        cost = {"cache_bytes": size["bytes"], "cache_bytes_per_passage": size["bytes_per_passage"],
-                                "state_bytes_per_passage": size["state_bytes_per_passage"],
-                                "cached_passages": size["passages"], "storage": settings.storage,
-                                "online_seconds_per_query": res.seconds_per_query,
-                                "online_seconds": res.online_seconds, "compile_seconds": res.compile_seconds,
-                                "pairs": res.pairs, "devices": len(engine.devices) * jax.process_count(),
-                                "processes": jax.process_count(), "encoded_passages": encoded}
-                        row = {"dataset": ds, "split": split, "stage": "rerank", "checkpoint": ck, "ratio": ratio,
-                               "instruction": ins, "metrics": _metrics(settings, prep, res.run), "cost": cost,
-                               "queries": len(prep.queries), "relevance_level": prep.relevance_level,
-                               "model_fingerprint": key.model, "store": str(root), "run_file": run_file,
-                               "data_identity": identities["data"][ds],
-                               "checkpoint_identity": identities["checkpoint"][ck],
-                               "finished": _now()}
+                        cost = {
+                            "cache_bytes": size["bytes"],
+                            "cache_bytes_per_passage": size["bytes_per_passage"],
+                            "state_bytes_per_passage": size["state_bytes_per_passage"],
+                            "cached_passages": size["passages"],
+                            "storage": settings.storage,
+                            "online_seconds_per_query": res.seconds_per_query,
+                            "online_seconds": res.online_seconds,
+                            "compile_seconds": res.compile_seconds,
+                            "pairs": res.pairs,
+                            "devices": len(engine.devices) * jax.process_count(),
+                            "processes": jax.process_count(),
+                            "encoded_passages": encoded,
+                        }
+                        row = {
+                            "dataset": ds,
+                            "split": split,
+                            "stage": "rerank",
+                            "checkpoint": ck,
+                            "ratio": ratio,
+                            "instruction": ins,
+                            "metrics": _metrics(settings, prep, res.run),
+                            "cost": cost,
+                            "queries": len(prep.queries),
+                            "relevance_level": prep.relevance_level,
+                            "model_fingerprint": key.model,
+                            "store": str(root),
+                            "run_file": run_file,
+                            "data_identity": identities["data"][ds],
+                            "checkpoint_identity": identities["checkpoint"][ck],
+                            "finished": _now(),
+                        }
                         if primary:
                             results_lib.append(out, row)
                         done.add(cell_key(row))
@@ -330,7 +410,7 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
 def query_block(qids: list[str]) -> list[str]:
     """This process's contiguous block of `qids` (all of them with one process)."""
     n, p = jax.process_count(), jax.process_index()
-    return qids[len(qids) * p // n:len(qids) * (p + 1) // n]
+    return qids[len(qids) * p // n : len(qids) * (p + 1) // n]
 
 
 def gather_blocks(res: rerank.RerankOutput, qids: list[str]) -> rerank.RerankOutput:
@@ -338,12 +418,17 @@ def gather_blocks(res: rerank.RerankOutput, qids: list[str]) -> rerank.RerankOut
     pairs add up, online and compile seconds are the slowest process's (wall time)."""
     if jax.process_count() == 1:
         return res
-    parts = distributed.allgather_json({"run": res.run, "pairs": res.pairs, "online": res.online_seconds,
-                                        "compile": res.compile_seconds})
+    parts = distributed.allgather_json(
+        {"run": res.run, "pairs": res.pairs, "online": res.online_seconds, "compile": res.compile_seconds}
+    )
     merged = {q: d for part in parts for q, d in part["run"].items()}
-    return rerank.RerankOutput({q: merged[q] for q in qids if q in merged}, len(qids),
-                               sum(p["pairs"] for p in parts), max(p["online"] for p in parts),
-                               max(p["compile"] for p in parts))
+    return rerank.RerankOutput(
+        {q: merged[q] for q in qids if q in merged},
+        len(qids),
+        sum(p["pairs"] for p in parts),
+        max(p["online"] for p in parts),
+        max(p["compile"] for p in parts),
+    )
 
 
 class _Texts(Mapping):
@@ -365,5 +450,16 @@ class _Texts(Mapping):
         return len(self.data.corpus)
 
 
-__all__ = ["run_sweep", "Settings", "read_results", "cell_key", "load_checkpoint",
-           "prepare_dataset", "check_inputs", "checkpoint_slug", "SweepConfigError", "RESULTS", "CONFIG_FILE"]
+__all__ = [
+    "run_sweep",
+    "Settings",
+    "read_results",
+    "cell_key",
+    "load_checkpoint",
+    "prepare_dataset",
+    "check_inputs",
+    "checkpoint_slug",
+    "SweepConfigError",
+    "RESULTS",
+    "CONFIG_FILE",
+]

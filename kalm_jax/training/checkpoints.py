@@ -79,15 +79,26 @@ class Checkpointer:
         keep = [policies.LatestN(n=max(1, int(self.cfg.keep)))]
         if int(self.cfg.keep_best) > 0:
             metric = self.metric
-            keep.append(policies.BestN(get_metric_fn=lambda m: m[metric], reverse=False,
-                                       n=int(self.cfg.keep_best), keep_checkpoints_without_metrics=False))
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=lambda m: m[metric],
+                    reverse=False,
+                    n=int(self.cfg.keep_best),
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=bool(self.cfg.async_save),
-            preservation_policy=policies.AnyPreservationPolicy(keep), create=True,
-            cleanup_tmp_directories=True)
-        handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
-                    "kalm_model": ocp.JsonCheckpointHandler(filename="kalm_model.json"),
-                    "data_iter": grain.checkpoint.CheckpointHandler()}
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "train_state": ocp.StandardCheckpointHandler(),
+            "kalm_model": ocp.JsonCheckpointHandler(filename="kalm_model.json"),
+            "data_iter": grain.checkpoint.CheckpointHandler(),
+        }
         return ocp.CheckpointManager(self.root, options=options, item_names=ITEMS, item_handlers=handlers)
 
     def steps(self) -> list[int]:
@@ -96,17 +107,20 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: dict, meta: dict, data_iter: Any | None, *, metrics: dict | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, state: dict, meta: dict, data_iter: Any | None, *, metrics: dict | None = None, force: bool = False
+    ) -> bool:
         """Starts an (async) save of `state` at `state["step"]`; returns whether a save was started."""
         step = int(jax.device_get(state["step"]))
         if step in self.manager.all_steps():
             return False
         if self.settings is not None:
             meta = {**meta, "train_settings": self.settings}
-        args = {"params": ocp.args.StandardSave(state["params"]),
-                "train_state": ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
-                "kalm_model": ocp.args.JsonSave(meta)}
+        args = {
+            "params": ocp.args.StandardSave(state["params"]),
+            "train_state": ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
+            "kalm_model": ocp.args.JsonSave(meta),
+        }
         if data_iter is not None:
             args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         clean = None
@@ -126,8 +140,9 @@ class Checkpointer:
             # `manager.save` waited for the previous (async) save, so every older step is committed: hash them
             # in the background (file reads only; no Orbax calls off the main thread). This step is sealed by
             # the next save or by `wait`/`close`.
-            self._sealer = threading.Thread(target=self.seal, kwargs={"exclude": step}, daemon=True,
-                                            name="checkpoint-checksums")
+            self._sealer = threading.Thread(
+                target=self.seal, kwargs={"exclude": step}, daemon=True, name="checkpoint-checksums"
+            )
             self._sealer.start()
         return started
 
@@ -146,8 +161,11 @@ class Checkpointer:
     def _raise_if_disk_full(self, err: BaseException, steps: list[int | None]) -> None:
         """`err` as a `DiskFullError` naming the step being written, after removing its partial directory."""
         text = str(err)
-        if not (atomic.as_disk_full(err, self.root) is not None or "RESOURCE_EXHAUSTED" in text
-                or "No space left on device" in text):
+        if not (
+            atomic.as_disk_full(err, self.root) is not None
+            or "RESOURCE_EXHAUSTED" in text
+            or "No space left on device" in text
+        ):
             return
         written = [s for s in steps if s is not None]
         step = next((s for s in written if f"/{s}.orbax-checkpoint-tmp" in text), written[0] if written else None)
@@ -159,9 +177,11 @@ class Checkpointer:
         atexit.register(self._remove_partial, step)
         first = next((ln for ln in text.splitlines() if ln.strip()), type(err).__name__)[:300]
         self._failed = atomic.DiskFullError(
-            errno.ENOSPC, f"{where}: the disk is full; checkpoint step {step} was not saved and its partial "
+            errno.ENOSPC,
+            f"{where}: the disk is full; checkpoint step {step} was not saved and its partial "
             f"directory was removed. Free space and rerun the same command to resume from the last saved step "
-            f"({first})")
+            f"({first})",
+        )
         raise self._failed from None
 
     def _remove_partial(self, step: int | None) -> None:
@@ -223,10 +243,17 @@ class Checkpointer:
                 if not older:
                     raise CorruptCheckpoint(
                         f"{e}\nNo older checkpoint to fall back to; {self.root / str(step)} is left in place. Move "
-                        "it aside to start this run from scratch, or use a new --workdir.") from None
+                        "it aside to start this run from scratch, or use a new --workdir."
+                    ) from None
                 dest = self._quarantine(step)
-                log.warning("checkpoint %s/%d cannot be restored, it is corrupt (%s); moved it to %s, resuming from step %d",
-                            self.root, step, e, dest, older[-1])
+                log.warning(
+                    "checkpoint %s/%d cannot be restored, it is corrupt (%s); moved it to %s, resuming from step %d",
+                    self.root,
+                    step,
+                    e,
+                    dest,
+                    older[-1],
+                )
 
     def _quarantine(self, step: int) -> Path:
         """Moves a corrupt step to <workdir>/corrupt_checkpoints/<step>[.n] (a free name; nothing deleted)."""
@@ -256,13 +283,18 @@ class Checkpointer:
 
         recorded_later = any(k.startswith(LATER_SETTINGS) for k in saved)  # else written before they were recorded
         keys = sorted(set(saved) | {k for k in self.settings if recorded_later or not k.startswith(LATER_SETTINGS)})
-        diff = [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {self.settings.get(k, '<unset>')!r}"
-                for k in keys if saved.get(k) != self.settings.get(k)]
+        diff = [
+            f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {self.settings.get(k, '<unset>')!r}"
+            for k in keys
+            if saved.get(k) != self.settings.get(k)
+        ]
         if diff:
             raise SettingsMismatch(
                 f"{self.root / str(step)} was written with different settings that change the train state:\n  "
-                + "\n  ".join(diff) + "\nResume with the checkpoint's values, or start a new run in another "
-                "--workdir (the checkpoints are left untouched).")
+                + "\n  ".join(diff)
+                + "\nResume with the checkpoint's values, or start a new run in another "
+                "--workdir (the checkpoints are left untouched)."
+            )
 
     def _restore_step(self, step: int, abstract_state: dict, data_iter: Any | None) -> dict:
         d = self.root / str(step)
@@ -273,8 +305,10 @@ class Checkpointer:
         if data_iter is not None:
             self._restore_data_iter(d, step, data_iter)
         abstract_ts = {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
-        args = {"params": ocp.args.StandardRestore(abstract_state["params"]),
-                "train_state": ocp.args.StandardRestore(abstract_ts)}
+        args = {
+            "params": ocp.args.StandardRestore(abstract_state["params"]),
+            "train_state": ocp.args.StandardRestore(abstract_ts),
+        }
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 - classified below: a different structure vs a broken file
@@ -284,7 +318,8 @@ class Checkpointer:
                     f"{d}: its train state does not fit the current configuration ({type(e).__name__}: {first}). "
                     "A setting that changes the parameter or optimiser state differs from the run that wrote it "
                     "(model, LoRA, optimizer.grad_accum_steps, optimizer.clip_norm, ...); resume with the original "
-                    "settings or use a new --workdir (the checkpoints are left untouched).") from None
+                    "settings or use a new --workdir (the checkpoints are left untouched)."
+                ) from None
             raise CorruptCheckpoint(f"{d}: cannot be read ({type(e).__name__}: {first})") from None
         ts = out["train_state"]
         restored_step = int(jax.device_get(ts["step"]))
@@ -307,8 +342,10 @@ class Checkpointer:
             log.warning("%s: %s; continuing the global order at batch %d", files[0], e, step)
             data_iter.seek(step)
         except ValueError as e:
-            raise SettingsMismatch(f"{files[0]}: {e}. Resume with the settings of the run that wrote it, or start a "
-                                   "new run in another --workdir (the checkpoints are left untouched).") from None
+            raise SettingsMismatch(
+                f"{files[0]}: {e}. Resume with the settings of the run that wrote it, or start a "
+                "new run in another --workdir (the checkpoints are left untouched)."
+            ) from None
         except OSError as e:
             raise CorruptCheckpoint(f"{files[0]}: cannot be read ({e})") from None
 

@@ -1,7 +1,7 @@
 """The training configuration (an `ml_collections.ConfigDict`): defaults, and validation of user keys.
 
-The `train.py` config (kalm_jax/configs/) builds the presets (tiny/nano/small/large) and the KaLM stage configs on top of
-`default_config()`. `validate(config)` rejects unknown keys with the list of valid ones, so a typo in a
+The `train.py` config (kalm_jax/configs/) builds the presets (tiny/nano/small/large) and the KaLM stage configs on
+top of `default_config()`. `validate(config)` rejects unknown keys with the list of valid ones, so a typo in a
 config file or an override never passes silently.
 """
 
@@ -33,8 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"           # from-scratch shape (ignored with init_from)
-    c.model.param_dtype = "float32"   # master weights
+    c.model.preset = "tiny"  # from-scratch shape (ignored with init_from)
+    c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators
     c.model.remat = False
     c.model.remat_policy = "nothing"  # what remat keeps per layer (both stacks or per stack): kalm_jax.model
@@ -51,31 +51,33 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.stacks = ("encoder", "decoder")
 
     c.data = ml_collections.ConfigDict()
-    c.data.data_dir = ""          # BEIR datasets root; "" = $KALM_DATA_DIR
-    c.data.dataset = "scifact"    # BEIR dataset to mine training groups from when train_jsonl is empty
+    c.data.data_dir = ""  # BEIR datasets root; "" = $KALM_DATA_DIR
+    c.data.dataset = "scifact"  # BEIR dataset to mine training groups from when train_jsonl is empty
     c.data.split = "train"
-    c.data.train_jsonl = ()       # FlagEmbedding-style JSONL files; () = mine from data.dataset
+    c.data.train_jsonl = ()  # FlagEmbedding-style JSONL files; () = mine from data.dataset
     c.data.num_negatives = 15
     c.data.negatives_depth = 100
-    c.data.batch_size = 16        # global queries per step (split over hosts and batch shards)
+    c.data.batch_size = 16  # global queries per step (split over hosts and batch shards)
     c.data.group_size = 16
     c.data.max_document_tokens = 512
     c.data.max_query_tokens = 128
-    c.data.decoder_length = 0     # 0 = derived from the tokenizer and max_query_tokens
-    c.data.instruction = "default"  # "default" = DEFAULT_INSTRUCTION; "" or "none" = no <Instruct> line (stage 1); else the text
+    c.data.decoder_length = 0  # 0 = derived from the tokenizer and max_query_tokens
+    c.data.instruction = (
+        "default"  # "default" = DEFAULT_INSTRUCTION; "" or "none" = no <Instruct> line (stage 1); else the text
+    )
     c.data.use_example_prompt = True
     c.data.worker_count = 0
 
     c.mep = ml_collections.ConfigDict()
     c.mep.ratios = DEFAULT_RATIOS
-    c.mep.weights = ()            # () = 1.0 per ratio
-    c.mep.ratios_per_pass = 1     # ratios scored by one decoder pass (0 = all in one pass)
+    c.mep.weights = ()  # () = 1.0 per ratio
+    c.mep.ratios_per_pass = 1  # ratios scored by one decoder pass (0 = all in one pass)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.pointwise = 1.0        # 2-way yes/no NLL
-    c.loss.full_vocab = 0.0       # full-vocabulary NLL
-    c.loss.distill = 0.0          # BCE against teacher P(yes)
-    c.loss.listwise = 0.0         # group softmax CE over margins
+    c.loss.pointwise = 1.0  # 2-way yes/no NLL
+    c.loss.full_vocab = 0.0  # full-vocabulary NLL
+    c.loss.distill = 0.0  # BCE against teacher P(yes)
+    c.loss.listwise = 0.0  # group softmax CE over margins
     c.loss.listwise_temperature = 1.0
     c.loss.teacher_format = "prob"  # teacher scores are P(yes) ("prob") or margins/logits ("logit")
 
@@ -104,7 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 0              # 0 = only before and after training
+    c.eval.every = 0  # 0 = only before and after training
     c.eval.dataset = "scifact"
     c.eval.split = "test"
     c.eval.num_queries = 50
@@ -131,27 +133,45 @@ def _keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
 # Numeric ranges of the settings: (kind, low, high, low inclusive); kind "int" refuses fractions and bools.
 _INF = float("inf")
 RANGES: dict[str, tuple[str, float, float, bool]] = {
-    "seed": ("int", 0, _INF, True), "total_steps": ("int", 1, _INF, True), "epochs": ("float", 0, _INF, True),
-    "tokenizer_vocab_size": ("int", 1, _INF, True), "lora.rank": ("int", 1, _INF, True),
+    "seed": ("int", 0, _INF, True),
+    "total_steps": ("int", 1, _INF, True),
+    "epochs": ("float", 0, _INF, True),
+    "tokenizer_vocab_size": ("int", 1, _INF, True),
+    "lora.rank": ("int", 1, _INF, True),
     "lora.alpha": ("float", 0, _INF, False),
-    "data.num_negatives": ("int", 0, _INF, True), "data.negatives_depth": ("int", 1, _INF, True),
+    "data.num_negatives": ("int", 0, _INF, True),
+    "data.negatives_depth": ("int", 1, _INF, True),
     "mep.ratios_per_pass": ("int", 0, _INF, True),
-    "data.batch_size": ("int", 1, _INF, True), "data.group_size": ("int", 1, _INF, True),
-    "data.max_document_tokens": ("int", 1, _INF, True), "data.max_query_tokens": ("int", 1, _INF, True),
-    "data.decoder_length": ("int", 0, _INF, True), "data.worker_count": ("int", 0, _INF, True),
-    "loss.pointwise": ("float", 0, _INF, True), "loss.full_vocab": ("float", 0, _INF, True),
-    "loss.distill": ("float", 0, _INF, True), "loss.listwise": ("float", 0, _INF, True),
+    "data.batch_size": ("int", 1, _INF, True),
+    "data.group_size": ("int", 1, _INF, True),
+    "data.max_document_tokens": ("int", 1, _INF, True),
+    "data.max_query_tokens": ("int", 1, _INF, True),
+    "data.decoder_length": ("int", 0, _INF, True),
+    "data.worker_count": ("int", 0, _INF, True),
+    "loss.pointwise": ("float", 0, _INF, True),
+    "loss.full_vocab": ("float", 0, _INF, True),
+    "loss.distill": ("float", 0, _INF, True),
+    "loss.listwise": ("float", 0, _INF, True),
     "loss.listwise_temperature": ("float", 0, _INF, False),
-    "optimizer.lr": ("float", 0, _INF, False), "optimizer.warmup_steps": ("int", 0, _INF, True),
-    "optimizer.end_lr_ratio": ("float", 0, 1, True), "optimizer.b1": ("float", 0, 1, True),
-    "optimizer.b2": ("float", 0, 1, True), "optimizer.eps": ("float", 0, _INF, False),
-    "optimizer.weight_decay": ("float", 0, _INF, True), "optimizer.clip_norm": ("float", 0, _INF, True),
+    "optimizer.lr": ("float", 0, _INF, False),
+    "optimizer.warmup_steps": ("int", 0, _INF, True),
+    "optimizer.end_lr_ratio": ("float", 0, 1, True),
+    "optimizer.b1": ("float", 0, 1, True),
+    "optimizer.b2": ("float", 0, 1, True),
+    "optimizer.eps": ("float", 0, _INF, False),
+    "optimizer.weight_decay": ("float", 0, _INF, True),
+    "optimizer.clip_norm": ("float", 0, _INF, True),
     "optimizer.grad_accum_steps": ("int", 1, _INF, True),
-    "checkpoint.every": ("int", 1, _INF, True), "checkpoint.keep": ("int", 1, _INF, True),
+    "checkpoint.every": ("int", 1, _INF, True),
+    "checkpoint.keep": ("int", 1, _INF, True),
     "checkpoint.keep_best": ("int", 0, _INF, True),
-    "eval.every": ("int", 0, _INF, True), "eval.num_queries": ("int", 0, _INF, True),
-    "eval.depth": ("int", 1, _INF, True), "eval.ratio": ("int", 1, _INF, True), "eval.batch_size": ("int", 1, _INF, True),
-    "log_every": ("int", 1, _INF, True), "peak_flops_per_device": ("float", 0, _INF, True),
+    "eval.every": ("int", 0, _INF, True),
+    "eval.num_queries": ("int", 0, _INF, True),
+    "eval.depth": ("int", 1, _INF, True),
+    "eval.ratio": ("int", 1, _INF, True),
+    "eval.batch_size": ("int", 1, _INF, True),
+    "log_every": ("int", 1, _INF, True),
+    "peak_flops_per_device": ("float", 0, _INF, True),
 }
 
 
@@ -215,24 +235,27 @@ def _value_problems(config: ml_collections.ConfigDict) -> list[str]:
     if bad:
         problems.append(f"mep.ratios must be integers >= 1, got {bad} in {ratios}")
     elif len(set(int(r) for r in ratios)) != len(ratios):
-        problems.append(f"mep.ratios must not repeat a ratio (each is trained once; use mep.weights to weight "
-                        f"one), got {ratios}")
+        problems.append(
+            f"mep.ratios must not repeat a ratio (each is trained once; use mep.weights to weight one), got {ratios}"
+        )
     weights = tuple(config.mep.weights)
     if weights and len(weights) != len(ratios):
         problems.append(f"mep.weights has {len(weights)} entries for {len(ratios)} ratios {ratios} (or () = 1.0 each)")
-    elif any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
-             for w in weights):
+    elif any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights):
         problems.append(f"mep.weights must be finite numbers >= 0, got {weights}")
     elif weights and not any(w > 0 for w in weights):
-        problems.append(f"mep.weights must give at least one ratio a weight > 0 (all zero trains nothing), got "
-                        f"{weights}")
+        problems.append(
+            f"mep.weights must give at least one ratio a weight > 0 (all zero trains nothing), got {weights}"
+        )
     dec = config.data.decoder_length
     if _is_int(dec) and dec != 0:
         need = min_decoder_length(config)
         if dec < need:
-            problems.append(f"data.decoder_length must be 0 (derived from the tokenizer) or at least {need} (the "
-                            f"decoder prompt template with data.instruction has at least {need - 1} tokens, plus one "
-                            f"query token), got {dec}")
+            problems.append(
+                f"data.decoder_length must be 0 (derived from the tokenizer) or at least {need} (the "
+                f"decoder prompt template with data.instruction has at least {need - 1} tokens, plus one "
+                f"query token), got {dec}"
+            )
     return problems
 
 
@@ -283,16 +306,23 @@ def train_settings(config: ml_collections.ConfigDict, tokenizer_fingerprint: str
     Besides the state's structure this covers the tokenizer (`tokenizer`: its content hash, when given) and
     the data iterator (`data_settings`). The mesh is not a setting: a run resumes onto any mesh.
     """
-    out: dict[str, Any] = {"model.param_dtype": str(config.model.param_dtype),
-                           "optimizer.grad_accum_steps": int(config.optimizer.grad_accum_steps),
-                           "optimizer.clip_norm > 0": float(config.optimizer.clip_norm) > 0,
-                           "lora.enabled": bool(config.lora.enabled)}
+    out: dict[str, Any] = {
+        "model.param_dtype": str(config.model.param_dtype),
+        "optimizer.grad_accum_steps": int(config.optimizer.grad_accum_steps),
+        "optimizer.clip_norm > 0": float(config.optimizer.clip_norm) > 0,
+        "lora.enabled": bool(config.lora.enabled),
+    }
     if not config.init_from:
         out["model.preset"] = str(config.model.preset)
     if config.lora.enabled:
-        out.update({"lora.rank": int(config.lora.rank), "lora.alpha": float(config.lora.alpha),
-                    "lora.targets": [str(t) for t in config.lora.targets],
-                    "lora.stacks": [str(t) for t in config.lora.stacks]})
+        out.update(
+            {
+                "lora.rank": int(config.lora.rank),
+                "lora.alpha": float(config.lora.alpha),
+                "lora.targets": [str(t) for t in config.lora.targets],
+                "lora.stacks": [str(t) for t in config.lora.stacks],
+            }
+        )
     out.update(data_settings(config))
     if tokenizer_fingerprint:
         out["tokenizer"] = str(tokenizer_fingerprint)
@@ -302,14 +332,22 @@ def train_settings(config: ml_collections.ConfigDict, tokenizer_fingerprint: str
 def data_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The settings the saved data-iterator position means something under: the global batch and group
     sizes, the shuffle seed and the training data (the JSONL files, or the BEIR split and mining settings)."""
-    out: dict[str, Any] = {"seed": int(config.seed), "data.batch_size": int(config.data.batch_size),
-                           "data.group_size": int(config.data.group_size)}
+    out: dict[str, Any] = {
+        "seed": int(config.seed),
+        "data.batch_size": int(config.data.batch_size),
+        "data.group_size": int(config.data.group_size),
+    }
     if config.data.train_jsonl:
         out["data.train_jsonl"] = [str(Path(f).absolute()) for f in config.data.train_jsonl]
     else:
-        out.update({"data.dataset": str(config.data.dataset), "data.split": str(config.data.split),
-                    "data.num_negatives": int(config.data.num_negatives),
-                    "data.negatives_depth": int(config.data.negatives_depth)})
+        out.update(
+            {
+                "data.dataset": str(config.data.dataset),
+                "data.split": str(config.data.split),
+                "data.num_negatives": int(config.data.num_negatives),
+                "data.negatives_depth": int(config.data.negatives_depth),
+            }
+        )
     return out
 
 
@@ -324,5 +362,16 @@ def ratio_weights(config: ml_collections.ConfigDict) -> tuple[tuple[int, float],
     return tuple(zip(ratios, weights))
 
 
-__all__ = ["default_config", "validate", "ratio_weights", "resolve_total_steps", "train_settings", "data_settings",
-           "min_decoder_length", "LATER_SETTINGS", "DTYPES", "DEFAULT_RATIOS", "PAPER_V3_RATIOS"]
+__all__ = [
+    "default_config",
+    "validate",
+    "ratio_weights",
+    "resolve_total_steps",
+    "train_settings",
+    "data_settings",
+    "min_decoder_length",
+    "LATER_SETTINGS",
+    "DTYPES",
+    "DEFAULT_RATIOS",
+    "PAPER_V3_RATIOS",
+]

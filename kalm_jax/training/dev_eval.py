@@ -41,15 +41,25 @@ class DevSet:
     qrels: dict[str, dict[str, int]]
     first_stage: dict[str, dict[str, float]]
     doc_ids: list[str]
-    doc_tokens: list[list[int]]      # encoder token ids per passage (prefix included, cut to the limit)
+    doc_tokens: list[list[int]]  # encoder token ids per passage (prefix included, cut to the limit)
     query_ids: list[str]
-    prompt_tokens: list[list[int]]   # decoder prompt token ids per query
-    pairs: np.ndarray                # [N, 2] (query row, passage row)
+    prompt_tokens: list[list[int]]  # decoder prompt token ids per query
+    pairs: np.ndarray  # [N, 2] (query row, passage row)
     max_document_tokens: int = 512
 
     @classmethod
-    def build(cls, dataset_dir: str | Path, split: str, tokenizer: AnyTokenizer, *, num_queries: int, depth: int,
-              max_document_tokens: int, max_query_tokens: int, instruction: str | bool | None = None) -> DevSet:
+    def build(
+        cls,
+        dataset_dir: str | Path,
+        split: str,
+        tokenizer: AnyTokenizer,
+        *,
+        num_queries: int,
+        depth: int,
+        max_document_tokens: int,
+        max_query_tokens: int,
+        instruction: str | bool | None = None,
+    ) -> DevSet:
         ds = load_beir(dataset_dir, split)
         qids = sorted(ds.qrels)[:num_queries]
         index = BM25Index.build(ds.corpus, show_progress=False)
@@ -57,21 +67,46 @@ class DevSet:
         doc_ids = sorted({d for q in qids for d in run.get(q, {})})
         row = {d: i for i, d in enumerate(doc_ids)}
         doc_tokens = [prompts.encode_document(tokenizer, ds.passage(d), max_document_tokens) for d in doc_ids]
-        prompt_tokens = [prompts.encode_decoder_prompt(tokenizer, ds.queries[q], instruction, None, max_query_tokens)
-                         for q in qids]
+        prompt_tokens = [
+            prompts.encode_decoder_prompt(tokenizer, ds.queries[q], instruction, None, max_query_tokens) for q in qids
+        ]
         pairs = np.asarray([(i, row[d]) for i, q in enumerate(qids) for d in run.get(q, {})], np.int64).reshape(-1, 2)
-        return cls({q: ds.qrels[q] for q in qids}, {q: run.get(q, {}) for q in qids}, doc_ids, doc_tokens, qids,
-                   prompt_tokens, pairs, max_document_tokens)
+        return cls(
+            {q: ds.qrels[q] for q in qids},
+            {q: run.get(q, {}) for q in qids},
+            doc_ids,
+            doc_tokens,
+            qids,
+            prompt_tokens,
+            pairs,
+            max_document_tokens,
+        )
 
-    def rerank(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64,
-               mesh: Mesh | None = None, batch_axes: str | Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    def rerank(
+        self,
+        model: T5Gemma2,
+        tokenizer: AnyTokenizer,
+        *,
+        ratio: int,
+        batch_size: int = 64,
+        mesh: Mesh | None = None,
+        batch_axes: str | Sequence[str] | None = None,
+    ) -> dict[str, dict[str, float]]:
         """The reranked run {qid: {docid: margin}}, scored through a fresh `InferenceEngine` of `model`.
 
         With `mesh` (the training mesh holding `model`'s weights) the engine runs over that mesh with the weights
         where they are, batches split over `batch_axes` (see the module docstring); every process must call it.
         Without, the weights are copied onto this process's devices."""
-        engine = InferenceEngine(model, tokenizer, batch_size=batch_size, max_document_tokens=self.max_document_tokens,
-                                 share_weights=False, show_progress=False, mesh=mesh, batch_axes=batch_axes)
+        engine = InferenceEngine(
+            model,
+            tokenizer,
+            batch_size=batch_size,
+            max_document_tokens=self.max_document_tokens,
+            share_weights=False,
+            show_progress=False,
+            mesh=mesh,
+            batch_axes=batch_axes,
+        )
         # meta={}: no fingerprint of the weights (it would read every weight to the host)
         states = engine.encode_ids(self.doc_tokens, ratio, storage="float32", meta={})
         margins = engine.margins(self.prompt_tokens, self.pairs[:, 0], states, self.pairs[:, 1])
@@ -85,12 +120,19 @@ class DevSet:
 
         return float(evaluate(self.qrels, run)["ndcg_cut_10"])
 
-    def evaluate(self, model: T5Gemma2, tokenizer: AnyTokenizer, *, ratio: int, batch_size: int = 64,
-                 mesh: Mesh | None = None, batch_axes: str | Sequence[str] | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: T5Gemma2,
+        tokenizer: AnyTokenizer,
+        *,
+        ratio: int,
+        batch_size: int = 64,
+        mesh: Mesh | None = None,
+        batch_axes: str | Sequence[str] | None = None,
+    ) -> dict[str, float]:
         """{"dev_ndcg@10": reranked, "dev_bm25_ndcg@10": first stage} (`mesh`, `batch_axes`: see `rerank`)."""
         run = self.rerank(model, tokenizer, ratio=ratio, batch_size=batch_size, mesh=mesh, batch_axes=batch_axes)
-        return {"dev_ndcg@10": self.ndcg10(run),
-                "dev_bm25_ndcg@10": self.ndcg10(self.first_stage)}
+        return {"dev_ndcg@10": self.ndcg10(run), "dev_bm25_ndcg@10": self.ndcg10(self.first_stage)}
 
 
 __all__ = ["DevSet"]

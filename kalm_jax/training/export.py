@@ -7,6 +7,7 @@ or tokenizer.json) is copied next to the exported checkpoint when it is found.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from kalm_jax import checkpointing, loader
@@ -18,10 +19,8 @@ def export(source: str | Path, out_dir: str | Path, *, merge_lora: bool = True, 
     if merge_lora and model.has_lora:
         model.merge_lora()
     out = checkpointing.save_model(model, out_dir, overwrite=overwrite)
-    try:
+    with contextlib.suppress(FileNotFoundError):  # a checkpoint without a tokenizer exports without one
         loader.copy_tokenizer(loader.find_tokenizer(source), out)
-    except FileNotFoundError:
-        pass  # a checkpoint without a tokenizer exports without one; pass it when loading
     return out
 
 
@@ -35,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         print(export(config.source, config.output, merge_lora=not config.keep_lora, overwrite=config.overwrite))
         return 0
 
-    return cli.run(run, "export.py", argv=argv, positional=("source", "output"),
-                   errors=(FileNotFoundError, FileExistsError, ValueError))
+    return cli.run(
+        run,
+        "export.py",
+        argv=argv,
+        positional=("source", "output"),
+        errors=(FileNotFoundError, FileExistsError, ValueError),
+    )
 
 
 if __name__ == "__main__":

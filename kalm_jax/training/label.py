@@ -65,9 +65,13 @@ def _read_shard(path: Path, key: str, start: int, stop: int, examples: list[Trai
     try:
         obj = json.loads(path.read_text())
         scores = obj["scores"]
-        if (obj["key"] != key or (obj["start"], obj["stop"]) != (start, stop) or obj["examples"] != _digest(examples)
-                or len(scores) != len(examples)
-                or any(len(s) != len(ex.pos) + len(ex.neg) for s, ex in zip(scores, examples))):
+        if (
+            obj["key"] != key
+            or (obj["start"], obj["stop"]) != (start, stop)
+            or obj["examples"] != _digest(examples)
+            or len(scores) != len(examples)
+            or any(len(s) != len(ex.pos) + len(ex.neg) for s, ex in zip(scores, examples))
+        ):
             return None
         return scores
     except (OSError, ValueError, KeyError, TypeError):
@@ -87,15 +91,27 @@ def _score(engine: InferenceEngine, chunk: list[TrainingExample], ratio: int, fm
     out, at = [], 0
     for ex in chunk:
         n = len(ex.pos) + len(ex.neg)
-        out.append([float(x) for x in scores[at:at + n]])
+        out.append([float(x) for x in scores[at : at + n]])
         at += n
     return out
 
 
-def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, *, tokenizer: str | Path | None = None,
-          ratio: int = 4, fmt: str = "prob", max_document_tokens: int = 512, max_query_tokens: int = 128,
-          batch_size: int = 64, examples_per_batch: int = 16, dtype: str | None = None, shard_size: int = SHARD_SIZE,
-          show_progress: bool = True) -> int:
+def label(
+    teacher: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    ratio: int = 4,
+    fmt: str = "prob",
+    max_document_tokens: int = 512,
+    max_query_tokens: int = 128,
+    batch_size: int = 64,
+    examples_per_batch: int = 16,
+    dtype: str | None = None,
+    shard_size: int = SHARD_SIZE,
+    show_progress: bool = True,
+) -> int:
     """Writes `output_path` = `input_path` with teacher pos_scores/neg_scores; returns the example count.
 
     The teacher and its tokenizer come from `kalm_jax.loader.load` (any checkpoint: HF directory with
@@ -111,8 +127,14 @@ def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, 
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     examples = read_training_jsonl(input_path)
     _, model, tok = loader.load(teacher, dtype=dtype, tokenizer=tokenizer)
-    engine = InferenceEngine(model, tok, batch_size=batch_size, max_document_tokens=max_document_tokens,
-                             max_query_tokens=max_query_tokens, show_progress=False)
+    engine = InferenceEngine(
+        model,
+        tok,
+        batch_size=batch_size,
+        max_document_tokens=max_document_tokens,
+        max_query_tokens=max_query_tokens,
+        show_progress=False,
+    )
     bounds = [(a, min(a + shard_size, len(examples))) for a in range(0, len(examples), shard_size)]
     parts = parts_dir(output_path)
     proc, procs = jax.process_index(), jax.process_count()
@@ -120,11 +142,21 @@ def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, 
     done: dict[int, list] = {}
     plan = None
     if distributed.is_primary():
-        key = hashlib.sha256(json.dumps({
-            "teacher": engine.model_fingerprint, "tokenizer": tok.fingerprint(), "ratio": int(ratio), "format": fmt,
-            "max_document_tokens": int(max_document_tokens), "max_query_tokens": int(max_query_tokens),
-            "examples_per_batch": int(examples_per_batch), "compute_dtype": str(np.dtype(engine.model.dtype)),
-        }, sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "teacher": engine.model_fingerprint,
+                    "tokenizer": tok.fingerprint(),
+                    "ratio": int(ratio),
+                    "format": fmt,
+                    "max_document_tokens": int(max_document_tokens),
+                    "max_query_tokens": int(max_query_tokens),
+                    "examples_per_batch": int(examples_per_batch),
+                    "compute_dtype": str(np.dtype(engine.model.dtype)),
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:16]
         for k, (a, b) in enumerate(bounds):
             scores = _read_shard(_shard_path(parts, k, len(bounds)), key, a, b, examples[a:b])
             if scores is not None:
@@ -132,21 +164,25 @@ def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, 
         plan = {"key": key, "todo": [k for k in range(len(bounds)) if k not in done]}
     plan = distributed.allgather_json(plan)[0]
     todo = plan["todo"]
-    mine = todo[len(todo) * proc // procs:len(todo) * (proc + 1) // procs]  # this process's contiguous block
+    mine = todo[len(todo) * proc // procs : len(todo) * (proc + 1) // procs]  # this process's contiguous block
     scored: dict[str, list] = {}
     pairs = 0
     for k in tqdm(mine, desc="labelling", unit="shard", disable=not show_progress):
         a, b = bounds[k]
         scores = []
         for start in range(a, b, examples_per_batch):
-            scores += _score(engine, examples[start:min(start + examples_per_batch, b)], ratio, fmt)
+            scores += _score(engine, examples[start : min(start + examples_per_batch, b)], ratio, fmt)
         with atomic_write(_shard_path(parts, k, len(bounds))) as f:
-            json.dump({"key": plan["key"], "start": a, "stop": b, "examples": _digest(examples[a:b]),
-                       "scores": scores}, f)
+            json.dump(
+                {"key": plan["key"], "start": a, "stop": b, "examples": _digest(examples[a:b]), "scores": scores}, f
+            )
         scored[str(k)] = scores
         pairs += sum(len(s) for s in scores)
-    print(f"labelling: process {proc} of {procs} scored {pairs} pairs in {len(mine)} shards "
-          f"({len(bounds) - len(todo)} of {len(bounds)} shards already done)", flush=True)
+    print(
+        f"labelling: process {proc} of {procs} scored {pairs} pairs in {len(mine)} shards "
+        f"({len(bounds) - len(todo)} of {len(bounds)} shards already done)",
+        flush=True,
+    )
     gathered = distributed.allgather_json(scored)
     if distributed.is_primary():
         for part in gathered:
@@ -154,7 +190,7 @@ def label(teacher: str | Path, input_path: str | Path, output_path: str | Path, 
         out = []
         for k, (a, b) in enumerate(bounds):
             for ex, s in zip(examples[a:b], done[k]):
-                out.append(dataclasses.replace(ex, pos_scores=s[:len(ex.pos)], neg_scores=s[len(ex.pos):]))
+                out.append(dataclasses.replace(ex, pos_scores=s[: len(ex.pos)], neg_scores=s[len(ex.pos) :]))
         write_training_jsonl(out, output_path)
         shutil.rmtree(parts, ignore_errors=True)
     distributed.barrier("label_written")
@@ -167,10 +203,19 @@ def main(config, coordinator_address=None, num_processes=None, process_id=None) 
         if not config[key]:
             raise cli.ConfigError(f"--config.{key} is required")
     distributed.initialize(coordinator_address, num_processes, process_id)
-    n = label(config.teacher, config.input, config.output, tokenizer=config.tokenizer or None, ratio=config.ratio,
-              fmt=config.format, max_document_tokens=config.max_document_tokens,
-              max_query_tokens=config.max_query_tokens, batch_size=config.batch_size, dtype=config.dtype or None,
-              shard_size=config.shard_size)
+    n = label(
+        config.teacher,
+        config.input,
+        config.output,
+        tokenizer=config.tokenizer or None,
+        ratio=config.ratio,
+        fmt=config.format,
+        max_document_tokens=config.max_document_tokens,
+        max_query_tokens=config.max_query_tokens,
+        batch_size=config.batch_size,
+        dtype=config.dtype or None,
+        shard_size=config.shard_size,
+    )
     if distributed.is_primary():
         print(f"labelled {n} examples -> {config.output}")
     return 0

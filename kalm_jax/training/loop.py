@@ -25,14 +25,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import checkpointing, loader, locks, prompts
+from kalm_jax import checkpointing, distributed, loader, locks, prompts
+from kalm_jax import mesh as sharding
 from kalm_jax.config import get_preset
 from kalm_jax.data import pipeline
+from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab
+from kalm_jax.hf_tokenizer import load_tokenizer as load_tokenizer_file
 from kalm_jax.model import init_model
-from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab, load_tokenizer as load_tokenizer_file
 from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
-from kalm_jax import distributed
-from kalm_jax import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer, SettingsMismatch
 from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
 from kalm_jax.training.state import configure_for_training
@@ -41,8 +41,16 @@ from kalm_jax.training.step import STEP_BATCH_KEYS, TrainStep, make_train_step
 log = logging.getLogger(__name__)
 
 # bf16 peak FLOP/s per device, for the MFU estimate (override with config.peak_flops_per_device).
-PEAK_FLOPS = {"v4": 275e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12, "v6": 918e12, "h100": 989e12,
-              "h200": 989e12, "a100": 312e12}
+PEAK_FLOPS = {
+    "v4": 275e12,
+    "v5 lite": 197e12,
+    "v5e": 197e12,
+    "v5p": 459e12,
+    "v6": 918e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+}
 
 
 def data_root(config) -> Path:
@@ -73,12 +81,19 @@ def training_files(config, workdir: Path) -> list[Path]:
         from kalm_jax.data.training_jsonl import write_training_jsonl
 
         ds = load_beir(data_root(config) / config.data.dataset, config.data.split)
-        log.info("mining hard negatives: %s/%s, %d judged queries", config.data.dataset, config.data.split,
-                 len(ds.qrels))
+        log.info(
+            "mining hard negatives: %s/%s, %d judged queries", config.data.dataset, config.data.split, len(ds.qrels)
+        )
         index = BM25Index.build(ds.corpus, show_progress=False)
         run = index.search(ds.queries, k=int(config.data.negatives_depth), show_progress=False)
-        examples = mine_hard_negatives(ds, run, num_negatives=int(config.data.num_negatives), seed=int(config.seed),
-                                       sample_end=int(config.data.negatives_depth), show_progress=False)
+        examples = mine_hard_negatives(
+            ds,
+            run,
+            num_negatives=int(config.data.num_negatives),
+            seed=int(config.seed),
+            sample_end=int(config.data.negatives_depth),
+            show_progress=False,
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         write_training_jsonl(examples, out)
         log.info("wrote %d training groups to %s", len(examples), out)
@@ -102,7 +117,8 @@ def load_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
                     f"tokenizer: --config.tokenizer={config.tokenizer} (sha256 {tok.fingerprint()[:16]}) is not the "
                     f"tokenizer this workdir was trained with, {getattr(own, 'path', None) or workdir} (sha256 "
                     f"{own.fingerprint()[:16]}); resume without --config.tokenizer (the workdir's is used) or start "
-                    "a new run in another --workdir (the workdir's tokenizer is never replaced)")
+                    "a new run in another --workdir (the workdir's tokenizer is never replaced)"
+                )
             return own
     elif kept:
         return load_tokenizer_file(workdir)
@@ -134,7 +150,7 @@ def build_model(config, tok: AnyTokenizer):
     else:
         model_cfg = get_preset(config.model.preset)
         model = init_model(model_cfg, seed=int(config.seed), param_dtype=config.model.param_dtype)
-        check_vocab(tok, model_cfg.vocab_size, where="str(getattr(tok, 'path', None) or 'the run\'s tokenizer')")
+        check_vocab(tok, model_cfg.vocab_size, where="str(getattr(tok, 'path', None) or 'the run's tokenizer')")
     return model_cfg, configure_for_training(model, config, seed=int(config.seed))
 
 
@@ -152,10 +168,12 @@ def local_batch_shards(ts: TrainStep) -> int:
     per_process = b // n
     expected = [p * per_process + c * rows for c in range(max(1, per_process // rows))]
     if rows * n > b or starts != expected:
-        raise ValueError(f"process {p} of {n} holds batch rows starting at {starts} (shards of {rows} rows) of the "
-                         f"global batch {b}; each process must hold its own contiguous {per_process} rows: use a mesh "
-                         f"whose batch axes ({ts.rules.get(sharding.BATCH)}) span all {jax.device_count()} "
-                         f"devices' processes in order (e.g. mesh.fsdp=-1)")
+        raise ValueError(
+            f"process {p} of {n} holds batch rows starting at {starts} (shards of {rows} rows) of the "
+            f"global batch {b}; each process must hold its own contiguous {per_process} rows: use a mesh "
+            f"whose batch axes ({ts.rules.get(sharding.BATCH)}) span all {jax.device_count()} "
+            f"devices' processes in order (e.g. mesh.fsdp=-1)"
+        )
     return len(starts)
 
 
@@ -174,13 +192,16 @@ def global_batch(local: dict, ts: TrainStep) -> dict:
         index = local["passage_index"].reshape(blocks, -1) - jax.process_index() * rows
         lo = (np.arange(blocks) * (rows // blocks))[:, None]
         if ((index < lo) | (index >= lo + rows // blocks)).any():
-            raise ValueError(f"batch passage_index points outside its batch shard ({blocks} shards of "
-                             f"{b_local // blocks} queries on this process): the pipeline's batch_shards must "
-                             f"equal the local batch shards")
+            raise ValueError(
+                f"batch passage_index points outside its batch shard ({blocks} shards of "
+                f"{b_local // blocks} queries on this process): the pipeline's batch_shards must "
+                f"equal the local batch shards"
+            )
     if jax.process_count() == 1:
         return ts.place_batch(local)
-    return {k: jax.make_array_from_process_local_data(ts.batch_shardings[k], np.asarray(local[k]))
-            for k in STEP_BATCH_KEYS}
+    return {
+        k: jax.make_array_from_process_local_data(ts.batch_shardings[k], np.asarray(local[k])) for k in STEP_BATCH_KEYS
+    }
 
 
 def flops_per_step(model_cfg, config, dec_len: int) -> float:
@@ -287,8 +308,11 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, flo
     the same workdir fails at once with `locks.DirectoryLocked` naming the holder."""
     validate(config)
     workdir = Path(workdir).absolute()
-    with locks.job_lock(workdir, "training run", "wait for it to finish or use another --workdir (two runs would "
-                        "write the same checkpoints and metrics)"):
+    with locks.job_lock(
+        workdir,
+        "training run",
+        "wait for it to finish or use another --workdir (two runs would write the same checkpoints and metrics)",
+    ):
         return _train_and_evaluate_locked(config, workdir)
 
 
@@ -309,31 +333,46 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
 
         groups = tfds.builder_from_directory(str(prepared)).info.splits["train"].num_examples
         steps = resolve_total_steps(config, groups)
-        log.info("epochs=%s over %d training groups at batch %d: %d steps", config.epochs, groups,
-                 int(config.data.batch_size), steps)
+        log.info(
+            "epochs=%s over %d training groups at batch %d: %d steps",
+            config.epochs,
+            groups,
+            int(config.data.batch_size),
+            steps,
+        )
         with config.unlocked():
             config.total_steps = steps
     if int(config.data.batch_size) % jax.process_count():
         raise ValueError(f"data.batch_size {config.data.batch_size} does not split over {jax.process_count()} hosts")
     pcfg = pipeline.PipelineConfig(
-        batch_size=int(config.data.batch_size) // jax.process_count(), group_size=int(config.data.group_size),
-        max_document_tokens=int(config.data.max_document_tokens), max_query_tokens=int(config.data.max_query_tokens),
-        decoder_length=int(config.data.decoder_length) or None, seed=int(config.seed),
-        instruction=instruction_of(config), use_example_prompt=bool(config.data.use_example_prompt),
-        worker_count=int(config.data.worker_count))
+        batch_size=int(config.data.batch_size) // jax.process_count(),
+        group_size=int(config.data.group_size),
+        max_document_tokens=int(config.data.max_document_tokens),
+        max_query_tokens=int(config.data.max_query_tokens),
+        decoder_length=int(config.data.decoder_length) or None,
+        seed=int(config.seed),
+        instruction=instruction_of(config),
+        use_example_prompt=bool(config.data.use_example_prompt),
+        worker_count=int(config.data.worker_count),
+    )
     dec_len = pipeline.decoder_length(tok, pcfg)
 
     model_cfg, model = build_model(config, tok)
     mesh = sharding.make_mesh(config.mesh)
-    ts = make_train_step(model_cfg, config, mesh, yes_id=tok.yes_id, no_id=tok.no_id, decoder_length=dec_len,
-                         shard_local_passages=True)
+    ts = make_train_step(
+        model_cfg, config, mesh, yes_id=tok.yes_id, no_id=tok.no_id, decoder_length=dec_len, shard_local_passages=True
+    )
     pcfg = dataclasses.replace(pcfg, batch_shards=local_batch_shards(ts))
-    log.info("model %s; trainable: %s\n%s", config.model.preset if not config.init_from else config.init_from,
-             "LoRA factors" if config.lora.enabled else "all parameters",
-             sharding.summary(ts.abstract_state["params"], ts.param_axes, ts.state_shardings["params"], mesh))
+    log.info(
+        "model %s; trainable: %s\n%s",
+        config.model.preset if not config.init_from else config.init_from,
+        "LoRA factors" if config.lora.enabled else "all parameters",
+        sharding.summary(ts.abstract_state["params"], ts.param_axes, ts.state_shardings["params"], mesh),
+    )
     if jax.process_index() == 0:
-        print(sharding.summary(ts.abstract_state["params"], ts.param_axes, ts.state_shardings["params"], mesh),
-              flush=True)
+        print(
+            sharding.summary(ts.abstract_state["params"], ts.param_axes, ts.state_shardings["params"], mesh), flush=True
+        )
 
     it = pipeline.training_iterator(tfds_dir, tok, pcfg, name="train")
     ckpt = Checkpointer(workdir, config.checkpoint, settings=train_settings(config, tok.fingerprint()))
@@ -352,17 +391,29 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
     if int(config.eval.num_queries) > 0:
         from kalm_jax.training.dev_eval import DevSet
 
-        dev = DevSet.build(data_root(config) / config.eval.dataset, config.eval.split, tok,
-                           num_queries=int(config.eval.num_queries), depth=int(config.eval.depth),
-                           max_document_tokens=int(config.data.max_document_tokens),
-                           max_query_tokens=int(config.data.max_query_tokens), instruction=instruction_of(config))
+        dev = DevSet.build(
+            data_root(config) / config.eval.dataset,
+            config.eval.split,
+            tok,
+            num_queries=int(config.eval.num_queries),
+            depth=int(config.eval.depth),
+            max_document_tokens=int(config.data.max_document_tokens),
+            max_query_tokens=int(config.data.max_query_tokens),
+            instruction=instruction_of(config),
+        )
 
     def evaluate() -> dict[str, float]:
         if dev is None:
             return {}
         # on the training mesh, with the state's own sharded arrays: no weight copy, no host gather
-        return dev.evaluate(ts.model(state), tok, ratio=int(config.eval.ratio), batch_size=int(config.eval.batch_size),
-                            mesh=ts.mesh, batch_axes=ts.rules.get(sharding.BATCH))
+        return dev.evaluate(
+            ts.model(state),
+            tok,
+            ratio=int(config.eval.ratio),
+            batch_size=int(config.eval.batch_size),
+            mesh=ts.mesh,
+            batch_axes=ts.rules.get(sharding.BATCH),
+        )
 
     writer = MetricsWriter(workdir, bool(config.tensorboard), start)
     total = int(config.total_steps)
@@ -382,8 +433,10 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
             while step < total:
                 t0 = time.perf_counter()
                 local = next(it)
-                tokens = float(np.sum(local["enc_mask"]) + np.sum(local["dec_mask"]) * local["labels"].shape[1]
-                               ) * jax.process_count()
+                tokens = (
+                    float(np.sum(local["enc_mask"]) + np.sum(local["dec_mask"]) * local["labels"].shape[1])
+                    * jax.process_count()
+                )
                 batch = global_batch(local, ts)
                 if step == start and jax.process_count() > 1:
                     # Every process compiles the step, then they meet: a cross-process communicator (gloo on
@@ -397,10 +450,12 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
                 dt = time.perf_counter() - t0
                 if not math.isfinite(m["loss"]):
                     raise FloatingPointError(
-                        f"non-finite loss {m['loss']} at step {step} ({ {k: v for k, v in m.items() if 'loss' in k} }); "
+                        f"non-finite loss {m['loss']} at step {step} "
+                        f"({ {k: v for k, v in m.items() if 'loss' in k} }); "
                         f"stopping without saving this state. Last good checkpoint: "
                         f"{f'{ckpt.root}/{last_saved}' if last_saved is not None else 'none'}. "
-                        "Lower optimizer.lr, check the data, or raise optimizer.warmup_steps.")
+                        "Lower optimizer.lr, check the data, or raise optimizer.warmup_steps."
+                    )
                 m.update(step_time_s=dt, tokens_per_s=tokens / dt)
                 if peak:
                     m["mfu"] = flops / dt / peak
@@ -412,14 +467,22 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
                 if step % every_log == 0 or step == total or step == start + 1:
-                    log.info("step %d/%d loss %.4f %s grad_norm %.3f lr %.2e %.3fs/step %.0f tok/s%s", step, total,
-                             m["loss"], " ".join(f"r{r}={m[f'loss/r{r}']:.3f}" for r, _ in ratio_weights(config)),
-                             m["grad_norm"], m["lr"], dt, m["tokens_per_s"],
-                             f" mfu {m['mfu']:.1%}" if "mfu" in m else "")
+                    log.info(
+                        "step %d/%d loss %.4f %s grad_norm %.3f lr %.2e %.3fs/step %.0f tok/s%s",
+                        step,
+                        total,
+                        m["loss"],
+                        " ".join(f"r{r}={m[f'loss/r{r}']:.3f}" for r, _ in ratio_weights(config)),
+                        m["grad_norm"],
+                        m["lr"],
+                        dt,
+                        m["tokens_per_s"],
+                        f" mfu {m['mfu']:.1%}" if "mfu" in m else "",
+                    )
                 stop = distributed.any_process(preempt.requested)  # every process stops at the same step
-                if (every_ckpt and step % every_ckpt == 0) or step == total or stop:
-                    if ckpt.save(state, meta, it, metrics=m, force=True):
-                        last_saved = step
+                due = (every_ckpt and step % every_ckpt == 0) or step == total or stop
+                if due and ckpt.save(state, meta, it, metrics=m, force=True):
+                    last_saved = step
                 result.update(m)
                 if stop:
                     log.warning("preempted at step %d: checkpoint saved, exiting", step)

@@ -34,8 +34,9 @@ def pointwise_nll(margins: jax.Array, labels: jax.Array, mask: jax.Array | None 
     return _masked_mean(nll, jnp.ones_like(m) if mask is None else mask)
 
 
-def full_vocab_nll(logp_yes: jax.Array, logp_no: jax.Array, labels: jax.Array,
-                   mask: jax.Array | None = None) -> jax.Array:
+def full_vocab_nll(
+    logp_yes: jax.Array, logp_no: jax.Array, labels: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
     """Full-vocabulary NLL of the gold token: -[y·log p(yes) + (1-y)·log p(no)]; inputs [B, G]."""
     y = labels.astype(jnp.float32)
     nll = -(y * logp_yes.astype(jnp.float32) + (1.0 - y) * logp_no.astype(jnp.float32))
@@ -87,5 +88,12 @@ def combine(terms: dict[str, jax.Array], weights: dict[str, float]) -> jax.Array
     return total
 
 
-__all__ = ["pointwise_nll", "full_vocab_nll", "distill_bce", "listwise_ce", "teacher_probability", "combine",
-           "LOSS_NAMES"]
+__all__ = [
+    "pointwise_nll",
+    "full_vocab_nll",
+    "distill_bce",
+    "listwise_ce",
+    "teacher_probability",
+    "combine",
+    "LOSS_NAMES",
+]

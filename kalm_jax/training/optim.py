@@ -21,8 +21,12 @@ def schedule(opt: Any, total_steps: int) -> optax.Schedule:
     updates = max(1, int(total_steps) // accum)
     warmup = min(int(opt.warmup_steps), max(updates - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=float(opt.lr), warmup_steps=warmup,
-        decay_steps=max(updates, warmup + 1), end_value=float(opt.lr) * float(opt.end_lr_ratio))
+        init_value=0.0,
+        peak_value=float(opt.lr),
+        warmup_steps=warmup,
+        decay_steps=max(updates, warmup + 1),
+        end_value=float(opt.lr) * float(opt.end_lr_ratio),
+    )
 
 
 def make_optimizer(opt: Any, total_steps: int) -> optax.GradientTransformation:
@@ -32,8 +36,9 @@ def make_optimizer(opt: Any, total_steps: int) -> optax.GradientTransformation:
     parts = []
     if float(opt.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(opt.clip_norm)))
-    parts.append(optax.adamw(sched, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
-                             weight_decay=float(opt.weight_decay)))
+    parts.append(
+        optax.adamw(sched, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+    )
     tx = optax.chain(*parts)
     if int(opt.grad_accum_steps) > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=int(opt.grad_accum_steps))

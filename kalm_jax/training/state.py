@@ -10,7 +10,8 @@ The trainable subset is every parameter in full fine-tuning and only the LoRA fa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -61,11 +62,20 @@ def build_model(model_cfg: ModelConfig, train_cfg: Any, *, seed: int = 0, abstra
     """The model (abstract by default) described by `model_cfg` and the `model`/`lora` config sections."""
 
     def make():
-        m = T5Gemma2(model_cfg, param_dtype=parse_dtype(train_cfg.model.param_dtype),
-                     dtype=parse_dtype(train_cfg.model.compute_dtype), rngs=nnx.Rngs(seed))
+        m = T5Gemma2(
+            model_cfg,
+            param_dtype=parse_dtype(train_cfg.model.param_dtype),
+            dtype=parse_dtype(train_cfg.model.compute_dtype),
+            rngs=nnx.Rngs(seed),
+        )
         if train_cfg.lora.enabled:
-            m.add_lora(int(train_cfg.lora.rank), float(train_cfg.lora.alpha), tuple(train_cfg.lora.targets),
-                       stacks=tuple(train_cfg.lora.stacks), rngs=nnx.Rngs(seed + 1))
+            m.add_lora(
+                int(train_cfg.lora.rank),
+                float(train_cfg.lora.alpha),
+                tuple(train_cfg.lora.targets),
+                stacks=tuple(train_cfg.lora.stacks),
+                rngs=nnx.Rngs(seed + 1),
+            )
         m.remat = bool(train_cfg.model.remat)
         m.remat_policy = str(train_cfg.model.remat_policy)
         return m
@@ -76,8 +86,13 @@ def build_model(model_cfg: ModelConfig, train_cfg: Any, *, seed: int = 0, abstra
 def configure_for_training(model: T5Gemma2, train_cfg: Any, *, seed: int = 0) -> T5Gemma2:
     """Adds LoRA factors (when enabled and absent) and sets remat/compute dtype on a concrete model."""
     if train_cfg.lora.enabled and not model.has_lora:
-        model.add_lora(int(train_cfg.lora.rank), float(train_cfg.lora.alpha), tuple(train_cfg.lora.targets),
-                       stacks=tuple(train_cfg.lora.stacks), rngs=nnx.Rngs(seed + 1))
+        model.add_lora(
+            int(train_cfg.lora.rank),
+            float(train_cfg.lora.alpha),
+            tuple(train_cfg.lora.targets),
+            stacks=tuple(train_cfg.lora.stacks),
+            rngs=nnx.Rngs(seed + 1),
+        )
     model.remat = bool(train_cfg.model.remat)
     model.remat_policy = str(train_cfg.model.remat_policy)
     model.dtype = parse_dtype(train_cfg.model.compute_dtype)
@@ -91,5 +106,12 @@ def param_tree(model: T5Gemma2) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-__all__ = ["split_params", "merge_params", "trainable_predicate", "is_lora_path", "build_model",
-           "configure_for_training", "param_tree"]
+__all__ = [
+    "split_params",
+    "merge_params",
+    "trainable_predicate",
+    "is_lora_path",
+    "build_model",
+    "configure_for_training",
+    "param_tree",
+]

@@ -15,36 +15,43 @@ pass (`pair_scores`); the weighted losses of all ratios are summed. Metrics: tot
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kalm_jax import mep
+from kalm_jax import mesh as sharding
 from kalm_jax.config import ModelConfig
 from kalm_jax.model import T5Gemma2
-from kalm_jax import mesh as sharding
 from kalm_jax.training import losses, optim
 from kalm_jax.training.config import ratio_weights
 from kalm_jax.training.state import build_model, merge_params, param_tree, split_params, trainable_predicate
 
 # Batch entries the step consumes (the pipeline's `example_id` is host-side only).
-STEP_BATCH_KEYS = ("enc_ids", "enc_mask", "passage_index", "dec_ids", "dec_mask", "labels", "teacher",
-                   "teacher_mask")
+STEP_BATCH_KEYS = ("enc_ids", "enc_mask", "passage_index", "dec_ids", "dec_mask", "labels", "teacher", "teacher_mask")
 
 
 def batch_structs(batch_size: int, group_size: int, passage_len: int, decoder_len: int) -> dict[str, tuple]:
     """(shape, dtype) of each step input for a global batch of `batch_size` queries."""
     b, g = batch_size, group_size
     i32, f32 = jnp.int32, jnp.float32
-    return {"enc_ids": ((b * g, passage_len), i32), "enc_mask": ((b * g, passage_len), i32),
-            "passage_index": ((b, g), i32), "dec_ids": ((b, decoder_len), i32),
-            "dec_mask": ((b, decoder_len), i32), "labels": ((b, g), f32), "teacher": ((b, g), f32),
-            "teacher_mask": ((b, g), f32)}
+    return {
+        "enc_ids": ((b * g, passage_len), i32),
+        "enc_mask": ((b * g, passage_len), i32),
+        "passage_index": ((b, g), i32),
+        "dec_ids": ((b, decoder_len), i32),
+        "dec_mask": ((b, decoder_len), i32),
+        "labels": ((b, g), f32),
+        "teacher": ((b, g), f32),
+        "teacher_mask": ((b, g), f32),
+    }
 
 
 @dataclasses.dataclass
@@ -119,9 +126,19 @@ def gather_rows(table: jax.Array, index: jax.Array, shards: int = 1) -> jax.Arra
     return out.reshape(index.shape[0], *table.shape[1:])
 
 
-def pair_scores(model: T5Gemma2, batch: dict, ratios: tuple[int, ...], yes_id: int, no_id: int, *,
-                full_vocab: bool, constrain: Callable[[jax.Array], jax.Array], enc_states: jax.Array,
-                dec_embedded: jax.Array, passage_shards: int = 1):
+def pair_scores(
+    model: T5Gemma2,
+    batch: dict,
+    ratios: tuple[int, ...],
+    yes_id: int,
+    no_id: int,
+    *,
+    full_vocab: bool,
+    constrain: Callable[[jax.Array], jax.Array],
+    enc_states: jax.Array,
+    dec_embedded: jax.Array,
+    passage_shards: int = 1,
+):
     """Margins [R, B, G] fp32 at each of the R MEP `ratios`, and (with `full_vocab`) log p(yes), log p(no)
     [R, B, G], from one decoder pass over all B·G·R (pair, ratio) rows.
 
@@ -147,8 +164,9 @@ def pair_scores(model: T5Gemma2, batch: dict, ratios: tuple[int, ...], yes_id: i
     dec_ids = jnp.repeat(batch["dec_ids"], g * n_r, axis=0)
     dec_mask = jnp.repeat(batch["dec_mask"], g * n_r, axis=0)
     last = jnp.maximum(jnp.sum(dec_mask, axis=1) - 1, 0)
-    h = constrain(model.decode(dec_ids, dec_mask, p_states, p_mask, layout,
-                               embedded=jnp.repeat(dec_embedded, g * n_r, axis=0)))
+    h = constrain(
+        model.decode(dec_ids, dec_mask, p_states, p_mask, layout, embedded=jnp.repeat(dec_embedded, g * n_r, axis=0))
+    )
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     table = model.embedding.get_value()
     rows = jnp.take(table, jnp.asarray([yes_id, no_id]), axis=0).astype(model.dtype)
@@ -160,8 +178,9 @@ def pair_scores(model: T5Gemma2, batch: dict, ratios: tuple[int, ...], yes_id: i
     margins = per_ratio(yn[:, 0] - yn[:, 1])
     if not full_vocab:
         return margins, None
-    logits = model._softcap(jnp.einsum("bh,vh->bv", h_last, table.astype(model.dtype),
-                                       preferred_element_type=jnp.float32))
+    logits = model._softcap(
+        jnp.einsum("bh,vh->bv", h_last, table.astype(model.dtype), preferred_element_type=jnp.float32)
+    )
     lse = jax.nn.logsumexp(logits, axis=-1)
     return margins, (per_ratio(yn[:, 0] - lse), per_ratio(yn[:, 1] - lse))
 
@@ -181,9 +200,17 @@ def loss_terms(margins, logps, batch, loss_cfg) -> dict[str, jax.Array]:
     return terms
 
 
-def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_id: int, no_id: int,
-                    decoder_length: int | None = None, donate: bool = True,
-                    shard_local_passages: bool = False) -> TrainStep:
+def make_train_step(
+    model_cfg: ModelConfig,
+    train_cfg: Any,
+    mesh: Mesh,
+    *,
+    yes_id: int,
+    no_id: int,
+    decoder_length: int | None = None,
+    donate: bool = True,
+    shard_local_passages: bool = False,
+) -> TrainStep:
     """Builds the sharded train step for `model_cfg` under `train_cfg` (see `training/config.py`).
 
     Args:
@@ -215,7 +242,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
     yes_id, no_id = int(yes_id), int(no_id)
     ratios = ratio_weights(train_cfg)
     per_pass = int(train_cfg.mep.ratios_per_pass) or len(ratios)
-    passes = [ratios[i:i + per_pass] for i in range(0, len(ratios), per_pass)]  # decoder passes
+    passes = [ratios[i : i + per_pass] for i in range(0, len(ratios), per_pass)]  # decoder passes
     loss_cfg = train_cfg.loss
     full_vocab = bool(float(loss_cfg.full_vocab))
     weights = {k: float(loss_cfg[k]) for k in losses.LOSS_NAMES}
@@ -236,18 +263,22 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
     sched = optim.schedule(train_cfg.optimizer, int(train_cfg.total_steps))
     replicated = NamedSharding(mesh, P())
     abs_opt = jax.eval_shape(tx.init, abs_trainable)
-    opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, abs_opt, trainable_shardings,
-                                          transform_non_params=lambda _: replicated)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sh: sh, abs_opt, trainable_shardings, transform_non_params=lambda _: replicated
+    )
     state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
     abs_state_tree = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params, "opt_state": abs_opt}
-    abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                  abs_state_tree, state_shardings)
+    abstract_state = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abs_state_tree, state_shardings
+    )
 
     structs = batch_structs(b, g, s, t)
-    batch_shardings = {k: NamedSharding(mesh, sharding.batch_spec(len(shape), mesh, rules))
-                       for k, (shape, _) in structs.items()}
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_shardings[k])
-                      for k, (shape, dt) in structs.items()}
+    batch_shardings = {
+        k: NamedSharding(mesh, sharding.batch_spec(len(shape), mesh, rules)) for k, (shape, _) in structs.items()
+    }
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_shardings[k]) for k, (shape, dt) in structs.items()
+    }
     act_sharding = NamedSharding(mesh, P(rules.get(sharding.BATCH), None, None))
     passage_shards = b // batch_shardings["passage_index"].shard_shape((b, g))[0] if shard_local_passages else 1
 
@@ -264,9 +295,18 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
         wsum = sum(w for _, w in ratios)
         scored = []  # (ratio, weight, margins [B, G], logps or None)
         for group in passes:
-            m, lp = pair_scores(model, batch, tuple(r for r, _ in group), yes_id, no_id, full_vocab=full_vocab,
-                                constrain=constrain, enc_states=enc_states, dec_embedded=dec_embedded,
-                                passage_shards=passage_shards)
+            m, lp = pair_scores(
+                model,
+                batch,
+                tuple(r for r, _ in group),
+                yes_id,
+                no_id,
+                full_vocab=full_vocab,
+                constrain=constrain,
+                enc_states=enc_states,
+                dec_embedded=dec_embedded,
+                passage_shards=passage_shards,
+            )
             scored += [(r, w, m[k], None if lp is None else (lp[0][k], lp[1][k])) for k, (r, w) in enumerate(group)]
         for r, w, margins, logps in scored:
             terms = loss_terms(margins, logps, batch, loss_cfg)
@@ -284,10 +324,14 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params, frozen_params, batch)
         updates, opt_state = tx.update(grads, state["opt_state"], train_params)
         new_train = optax.apply_updates(train_params, updates)
-        new_state = {"step": state["step"] + 1, "params": merge_params(new_train, frozen_params),
-                     "opt_state": opt_state}
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                       lr=sched(state["step"] // accum).astype(jnp.float32))
+        new_state = {
+            "step": state["step"] + 1,
+            "params": merge_params(new_train, frozen_params),
+            "opt_state": opt_state,
+        }
+        metrics.update(
+            loss=loss, grad_norm=optax.global_norm(grads), lr=sched(state["step"] // accum).astype(jnp.float32)
+        )
         return new_state, metrics
 
     def grad_only(state, batch):
@@ -295,15 +339,40 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: Any, mesh: Mesh, *, yes_i
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params, frozen_params, batch)
         return loss, metrics, grads
 
-    grad_fn = jax.jit(grad_only, in_shardings=(state_shardings, batch_shardings),
-                      out_shardings=(replicated, replicated, trainable_shardings))
-    fn = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
-    return TrainStep(fn=fn, abstract_state=abstract_state, abstract_batch=abstract_batch,
-                     state_shardings=state_shardings, batch_shardings=batch_shardings, param_axes=param_axes,
-                     graphdef=graphdef, tx=tx, trainable=trainable, mesh=mesh, rules=rules,
-                     grad_fn=grad_fn, passage_shards=passage_shards)
+    grad_fn = jax.jit(
+        grad_only,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(replicated, replicated, trainable_shardings),
+    )
+    fn = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,) if donate else (),
+    )
+    return TrainStep(
+        fn=fn,
+        abstract_state=abstract_state,
+        abstract_batch=abstract_batch,
+        state_shardings=state_shardings,
+        batch_shardings=batch_shardings,
+        param_axes=param_axes,
+        graphdef=graphdef,
+        tx=tx,
+        trainable=trainable,
+        mesh=mesh,
+        rules=rules,
+        grad_fn=grad_fn,
+        passage_shards=passage_shards,
+    )
 
 
-__all__ = ["make_train_step", "TrainStep", "batch_structs", "gather_rows", "pair_scores", "loss_terms",
-           "STEP_BATCH_KEYS"]
+__all__ = [
+    "make_train_step",
+    "TrainStep",
+    "batch_structs",
+    "gather_rows",
+    "pair_scores",
+    "loss_terms",
+    "STEP_BATCH_KEYS",
+]
