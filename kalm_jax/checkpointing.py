@@ -135,7 +135,7 @@ def restore_params(model: T5Gemma2, params_dir: str | os.PathLike) -> T5Gemma2:
 def load_model(directory: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tuple[ModelConfig, T5Gemma2]:
     """Loads a model checkpoint written by `save_model` (or a training step directory)."""
     d = Path(directory)
-    meta_path = _find_meta(d)
+    meta_path = find_meta(d)
     if meta_path is None:
         raise FileNotFoundError(f"{d}: no {META_FILE} (not a kalm-jax model checkpoint)")
     try:
@@ -154,7 +154,7 @@ def load_model(directory: str | os.PathLike, *, dtype=None, compute_dtype=None) 
     return model.config, model
 
 
-def _find_meta(d: Path) -> Path | None:
+def find_meta(d: Path) -> Path | None:
     for candidate in (d / META_FILE, d / "kalm_model" / META_FILE, d / "kalm_model" / "metadata"):
         if candidate.is_file():
             return candidate
@@ -210,9 +210,9 @@ def load_any(path: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tupl
         from kalm_jax import hf
 
         return hf.load(p, dtype=dtype or "float32", compute_dtype=compute_dtype)
-    if _find_meta(p) is not None:
+    if find_meta(p) is not None:
         return load_model(p, dtype=dtype, compute_dtype=compute_dtype)
-    steps = [s for s in step_dirs(p) if _find_meta(s) is not None]
+    steps = [s for s in step_dirs(p) if find_meta(s) is not None]
     for i, step in enumerate(reversed(steps)):
         try:
             return load_model(step, dtype=dtype, compute_dtype=compute_dtype)

@@ -136,8 +136,8 @@ def _orbax_listing(path: Path):
     import jax
     import orbax.checkpoint as ocp
 
-    step = path if checkpointing._find_meta(path) is not None else checkpointing.latest_step_dir(path)
-    meta_path = checkpointing._find_meta(step) if step is not None else None
+    step = path if checkpointing.find_meta(path) is not None else checkpointing.latest_step_dir(path)
+    meta_path = checkpointing.find_meta(step) if step is not None else None
     if meta_path is None:
         raise ValueError(f"{path}: not an HF directory/.safetensors file nor a kalm-jax checkpoint")
     meta = json.loads(meta_path.read_text())

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from kalm_jax import checkpointing, mep, prompts, scoring
 from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab
 from kalm_jax.mesh import data_mesh
-from kalm_jax.model import T5Gemma2, _check_passages, _check_tokens
+from kalm_jax.model import T5Gemma2, check_passages, check_tokens
 from kalm_jax.passage_states import STORAGE, PassageStates, row_indices
 
 DEFAULT_BATCH_SIZE = 32
@@ -377,10 +377,10 @@ class InferenceEngine:
         Returns numpy (states [B, C, H] float32, mask [B, C] int32, counts [B, C] int32), C = ceil(S/ratio)
         with S the longest real row (windows beyond it trimmed, so bucketing padding never shows).
         """
-        ratio = mep._check_ratio(ratio)
+        ratio = mep.check_ratio(ratio)
         ids = np.asarray(input_ids)
         mask = np.asarray(attention_mask)
-        _check_tokens(ids, mask, self.model.config, "input_ids")
+        check_tokens(ids, mask, self.model.config, "input_ids")
         b, longest = ids.shape
         rows, width = self.rows(b), self.buckets.document_length(longest, ratio)
         ids_p = np.full((rows, width), self.model.config.pad_token_id, np.int32)
@@ -402,8 +402,8 @@ class InferenceEngine:
         dmask = np.asarray(decoder_attention_mask)
         states = np.asarray(passage_states)
         pmask = np.asarray(passage_mask)
-        _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
-        _check_passages(states, pmask, dec, self.model.config)
+        check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
+        check_passages(states, pmask, dec, self.model.config)
         b = dec.shape[0]
         rows = self.rows(b)
         t, c = self.buckets.decoder_length(dec.shape[1]), self.buckets.window_count(states.shape[1])
@@ -495,7 +495,7 @@ class InferenceEngine:
         for a bf16 model), mask / counts [P, C], C = ceil(longest / ratio); ``meta`` = `meta` or
         `passage_meta`.
         """
-        ratio = mep._check_ratio(ratio)
+        ratio = mep.check_ratio(ratio)
         if storage is None:
             storage = "bfloat16" if self.model.dtype == jnp.bfloat16 else "float32"
         if storage not in STORAGE:
@@ -568,7 +568,7 @@ class InferenceEngine:
 
     def _ratio_factor(self, states: PassageStates, ratio: int | None) -> tuple[int, int]:
         """(ratio to score at, re-pooling factor over `states.ratio`); ValueError when it is not a multiple."""
-        ratio = states.ratio if ratio is None else mep._check_ratio(ratio)
+        ratio = states.ratio if ratio is None else mep.check_ratio(ratio)
         if ratio % states.ratio:
             raise ValueError(
                 f"cannot score at ratio {ratio} from states pooled at ratio {states.ratio}: it must be a "
@@ -653,7 +653,7 @@ class InferenceEngine:
         return DeviceStates(placed[0], placed[1], windows, ratio, states.ids, dict(states.meta))
 
     def _check_placed(self, states: DeviceStates, ratio: int | None) -> None:
-        if ratio is not None and mep._check_ratio(ratio) != states.ratio:
+        if ratio is not None and mep.check_ratio(ratio) != states.ratio:
             raise ValueError(
                 f"these device states are placed at ratio {states.ratio}, not {ratio}: place the "
                 f"passage states at ratio {ratio} first (engine.place(states, ratio={ratio}))"
@@ -731,7 +731,7 @@ class InferenceEngine:
                 pad_id,
                 pad_to_multiple_of=self.buckets.decoder,
             )
-            _check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
+            check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
             dec_d, dmask_d = self._put(dec, dmask)
             margins = self._call(scoring.score_pairs, self._graphdef, self._state, dec_d, dmask_d, st_d, pm_d, yes_no)
             out[pairs] = np.asarray(self._host(margins), np.float32)[:b]

@@ -31,7 +31,7 @@ from kalm_jax.hf_layout import (
     hf_shape,
     tensor_specs,
 )
-from kalm_jax.model import T5Gemma2, _lora_delta, abstract_model, stack_param_shapes
+from kalm_jax.model import T5Gemma2, abstract_model, lora_delta, stack_param_shapes
 from kalm_jax.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ST_DTYPES,
@@ -255,7 +255,7 @@ def hf_tensor(model: T5Gemma2, spec: TensorSpec, dtype=None, *, merge_lora: bool
         if merge_lora and name in stack.lora_targets:
             a = getattr(stack, f"{name}_lora_a").get_value()[spec.layer][None]
             b = getattr(stack, f"{name}_lora_b").get_value()[spec.layer][None]
-            delta = _lora_delta(a, b, (1, *value.shape), stack.lora_scale)[0]
+            delta = lora_delta(a, b, (1, *value.shape), stack.lora_scale)[0]
             value = (value.astype(jnp.float32) + delta).astype(value.dtype)
     out = spec.to_hf(np.asarray(value), cfg)
     if dtype is not None:
@@ -290,8 +290,8 @@ def find_tokenizer_files(*dirs: str | os.PathLike | None) -> dict[str, Path]:
 
 def _tokenizer_files(tokenizer) -> dict[str, Path | bytes]:
     """`tokenizer` (a kalm_jax Tokenizer, a tokenizer.model file or a directory) -> files to write."""
-    if hasattr(tokenizer, "_proto_bytes"):
-        return {"tokenizer.model": tokenizer._proto_bytes}
+    if hasattr(tokenizer, "proto_bytes"):
+        return {"tokenizer.model": tokenizer.proto_bytes}
     p = Path(tokenizer)
     if p.is_file():
         return {"tokenizer.model" if p.suffix == ".model" else p.name: p}

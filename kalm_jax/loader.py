@@ -128,7 +128,7 @@ def copy_tokenizer(tokenizer: AnyTokenizer, directory: str | os.PathLike) -> Pat
     name = MODEL_FILENAME if isinstance(tokenizer, Tokenizer) else JSON_FILENAME
     target = directory / name
     if isinstance(tokenizer, Tokenizer) and tokenizer.path is None:
-        target.write_bytes(tokenizer._proto_bytes)
+        target.write_bytes(tokenizer.proto_bytes)
     elif isinstance(tokenizer, HFTokenizer) and tokenizer.path is None:
         target.write_bytes(tokenizer._bytes)
     else:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _check_ratio(ratio) -> int:
+def check_ratio(ratio) -> int:
     if isinstance(ratio, bool) or not isinstance(ratio, int):
         try:
             as_int = int(ratio)
@@ -61,7 +61,7 @@ def pool(states: jax.Array, mask: jax.Array, ratio: int) -> tuple[jax.Array, jax
       pooled [B, ceil(N/r), H] (dtype of `states`; sums in fp32), pooled_mask [B, C] int32 (1 where the
       window has a valid token), counts [B, C] int32 (valid tokens per window).
     """
-    r = _check_ratio(ratio)
+    r = check_ratio(ratio)
     if states.ndim != 3 or mask.shape != states.shape[:2]:
         raise ValueError(f"pool expects states [B, N, H] and mask [B, N]; got {states.shape} and {mask.shape}")
     return _weighted_window_mean(states, mask, r)
@@ -77,7 +77,7 @@ def repool(pooled: jax.Array, counts: jax.Array, factor: int) -> tuple[jax.Array
     Returns:
       pooled [B, ceil(C/k), H], pooled_mask [B, ceil(C/k)] int32, counts [B, ceil(C/k)] int32.
     """
-    k = _check_ratio(factor)
+    k = check_ratio(factor)
     if pooled.ndim != 3 or counts.shape != pooled.shape[:2]:
         raise ValueError(f"repool expects pooled [B, C, H] and counts [B, C]; got {pooled.shape}, {counts.shape}")
     return _weighted_window_mean(pooled, counts, k)

@@ -102,7 +102,7 @@ class LayerStack(nnx.Module):
             w = getattr(self, name)
             a = getattr(self, f"{name}_lora_a").get_value()
             b = getattr(self, f"{name}_lora_b").get_value()
-            delta = _lora_delta(a, b, w.get_value().shape, self.lora_scale)
+            delta = lora_delta(a, b, w.get_value().shape, self.lora_scale)
             w.set_value((w.get_value().astype(jnp.float32) + delta).astype(w.get_value().dtype))
             delattr(self, f"{name}_lora_a")
             delattr(self, f"{name}_lora_b")
@@ -121,7 +121,7 @@ class LayerStack(nnx.Module):
         w = {name: xs[name] for name in STACK_PARAMS}
         for name in self.lora_targets:
             a, b = xs[f"{name}_lora_a"][None], xs[f"{name}_lora_b"][None]
-            w[name] = w[name] + _lora_delta(a, b, (1, *w[name].shape), self.lora_scale)[0].astype(w[name].dtype)
+            w[name] = w[name] + lora_delta(a, b, (1, *w[name].shape), self.lora_scale)[0].astype(w[name].dtype)
         return w
 
 
@@ -135,7 +135,7 @@ def layer_period(types: tuple) -> tuple[int, int]:
     return max(n, 1), 0
 
 
-def _lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
+def lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
     """scale · A @ B reshaped to the weight shape; a [L, *in, r], b [L, r, *out]."""
     n_layers, rank = a.shape[0], a.shape[-1]
     d = jnp.einsum(
@@ -335,7 +335,7 @@ class T5Gemma2(nnx.Module):
     # ------------------------------------------------------------------ public API
     def encode(self, input_ids, attention_mask) -> jax.Array:
         """Final-norm encoder states [B, S, H] (compute dtype) of right-padded ids/mask [B, S]."""
-        _check_tokens(input_ids, attention_mask, self.config, "input_ids")
+        check_tokens(input_ids, attention_mask, self.config, "input_ids")
         ids = jnp.asarray(input_ids, jnp.int32)
         mask = jnp.asarray(attention_mask, jnp.int32)
         c = self.config
@@ -354,8 +354,8 @@ class T5Gemma2(nnx.Module):
     ):
         """Checked inputs of the decoder: (x [B,T,H] embedded, dec mask [B,T], passages [B,S,H], mask [B,S])
         (with a `mep.RatioLayout`: passages [B/R, layout.total, H] packed, mask [B/R, layout.total])."""
-        _check_tokens(decoder_input_ids, decoder_attention_mask, self.config, "decoder_input_ids")
-        _check_passages(encoder_states, encoder_mask, decoder_input_ids, self.config, layout)
+        check_tokens(decoder_input_ids, decoder_attention_mask, self.config, "decoder_input_ids")
+        check_passages(encoder_states, encoder_mask, decoder_input_ids, self.config, layout)
         ids = jnp.asarray(decoder_input_ids, jnp.int32)
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
         enc = jnp.asarray(encoder_states).astype(self.dtype)
@@ -518,7 +518,7 @@ def _concrete(x) -> np.ndarray | None:
     return np.asarray(x)
 
 
-def _check_tokens(ids, mask, cfg: ModelConfig, name: str) -> None:
+def check_tokens(ids, mask, cfg: ModelConfig, name: str) -> None:
     ids_np, mask_np = _concrete(ids), _concrete(mask)
     if ids_np is None or mask_np is None:
         return
@@ -547,7 +547,7 @@ def _check_tokens(ids, mask, cfg: ModelConfig, name: str) -> None:
         )
 
 
-def _check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> None:
+def check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> None:
     rows = 1 if layout is None else len(layout.lengths)  # decoder rows per passage row
     if layout is not None and (np.ndim(states) != 3 or np.shape(states)[1] != layout.total):
         raise ValueError(f"packed passage states must be [batch, {layout.total}, hidden], got {np.shape(states)}")

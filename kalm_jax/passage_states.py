@@ -164,7 +164,7 @@ class PassageStates:
         and keeps the fp32 result (no second rounding); store float32 states when bit-level agreement with
         direct encoding at every ratio matters.
         """
-        factor = mep._check_ratio(factor)
+        factor = mep.check_ratio(factor)
         pooled, pmask, counts = mep.repool(self.dense(np.float32), self.counts, factor)
         out = PassageStates(
             np.asarray(pooled),

@@ -87,7 +87,7 @@ class Reranker:
         devices: Sequence[jax.Device] | None = None,
         show_progress: bool | None = None,
     ):
-        self.ratio = mep._check_ratio(ratio)
+        self.ratio = mep.check_ratio(ratio)
         if instruction is not None and not isinstance(instruction, (str, bool)):
             raise TypeError(f"instruction must be a str, None or False, got {type(instruction).__name__}")
         if system is not None and not isinstance(system, str):
@@ -213,7 +213,7 @@ class Reranker:
           ``meta`` = `passage_meta` (model/tokenizer fingerprints, max length).
         """
         texts = _check_texts(texts, "texts")
-        ratio = self.ratio if ratio is None else mep._check_ratio(ratio)
+        ratio = self.ratio if ratio is None else mep.check_ratio(ratio)
         if ids is not None:
             ids = _check_ids(ids, len(texts))
         return self.engine.encode(

@@ -227,6 +227,11 @@ class Tokenizer(SpecialIds):
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    @property
+    def proto_bytes(self) -> bytes:
+        """The serialized SentencePiece model (what ``tokenizer.model`` holds)."""
+        return self._proto_bytes
+
     def fingerprint(self) -> str:
         """sha256 hex digest of the serialized model, for cache keys."""
         return hashlib.sha256(self._proto_bytes).hexdigest()

@@ -233,9 +233,9 @@ def test_training_workdir_to_hf_to_orbax_is_identical(exported, tokenizer, tmp_p
     # The layout train.py writes: <workdir>/checkpoints/<step>/{params/, kalm_model.json}.
     workdir = tmp_path / "run"
     checkpointing.save_model(model, workdir / "checkpoints" / "7")
-    (workdir / "tokenizer.model").write_bytes(tokenizer._proto_bytes)
+    (workdir / "tokenizer.model").write_bytes(tokenizer.proto_bytes)
     assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
-    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer._proto_bytes
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer.proto_bytes
     assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "tokenizer.model").is_file()
     _, back = checkpointing.load_model(tmp_path / "back")

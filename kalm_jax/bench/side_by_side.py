@@ -55,7 +55,7 @@ def run(
     import torch
 
     from kalm_jax import hf
-    from kalm_jax.bench.suite import _token_ids, engine_for
+    from kalm_jax.bench.suite import engine_for, token_ids
 
     progress(f"side by side: building {name} (peer, then the same weights in kalm-jax)")
     peer = peer_lib.build(name, "cpu", dtype, seed)
@@ -65,9 +65,9 @@ def run(
     rng = np.random.default_rng(seed)
     yes_id, no_id = int(rng.integers(3, 1000)), int(rng.integers(1000, 2000))
     engine = engine_for(model, yes_id, no_id)
-    ids = _token_ids(rng, cfg, (candidates, n))
+    ids = token_ids(rng, cfg, (candidates, n))
     mask = np.ones_like(ids)
-    dec = _token_ids(rng, cfg, (candidates, prompt_len))
+    dec = token_ids(rng, cfg, (candidates, prompt_len))
     dmask = np.ones_like(dec)
     t = lambda a: torch.as_tensor(np.array(a), dtype=torch.long)  # noqa: E731
     peer_encode = peer_lib.encode_fn(peer, r)

@@ -110,7 +110,7 @@ def _is_oom(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def _token_ids(rng: np.random.Generator, cfg: ModelConfig, shape) -> np.ndarray:
+def token_ids(rng: np.random.Generator, cfg: ModelConfig, shape) -> np.ndarray:
     # Ordinary text tokens: avoid pad/eos/bos and the image/eoi ids at the top of the vocabulary.
     return rng.integers(3, cfg.boi_token_index, shape, dtype=np.int32)
 
@@ -147,7 +147,7 @@ def encode_row(ctx: ShapeContext, n: int, settings: BenchSettings, peak_flops: f
 
     def run(batch: int) -> dict[str, Any]:
         inputs = [
-            (_token_ids(rng, ctx.cfg, (batch, n)), np.ones((batch, n), np.int32)) for _ in range(settings.rotations)
+            (token_ids(rng, ctx.cfg, (batch, n)), np.ones((batch, n), np.int32)) for _ in range(settings.rotations)
         ]
 
         def call(ids, mask):
@@ -193,7 +193,7 @@ def score_row(ctx: ShapeContext, n: int, r: int, settings: BenchSettings, peak_f
         host_inputs, device_inputs = [], []
         for _ in range(settings.rotations):
             states = rng.standard_normal((batch, c, ctx.cfg.hidden_size), dtype=np.float32).astype(engine.state_dtype)
-            prompt = _token_ids(rng, ctx.cfg, (t,))
+            prompt = token_ids(rng, ctx.cfg, (t,))
             mask = np.ones((batch, c), np.int32)
             host_inputs.append(
                 (np.broadcast_to(prompt, (batch, t)).copy(), np.ones((batch, t), np.int32), states, mask)

@@ -1,4 +1,4 @@
-"""Settings of `python -m kalm_jax.data.tfds_builder --config.KEY=VALUE ...`: reranker training JSONL prepared into
+"""Settings of `kalm-tfds-build --config.KEY=VALUE ...`: reranker training JSONL prepared into
 TFDS array_record under data_dir/kalm_reranker_training/<name>/1.0.0."""
 
 import ml_collections

@@ -8,7 +8,7 @@ Each builder config is one named dataset (``name``) under ``data_dir/kalm_rerank
 The sha256 of the input files is recorded in the dataset metadata; preparing the same name again from
 different files raises instead of silently reusing stale data.
 
-CLI (settings in configs/tfds_builder.py): ``python -m kalm_jax.data.tfds_builder --config.train=a.jsonl,b.jsonl.gz
+CLI (settings in configs/tfds_builder.py): ``kalm-tfds-build --config.train=a.jsonl,b.jsonl.gz
 --config.data_dir=DIR --config.name=scifact``
 """
 
@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -196,7 +195,7 @@ def run_cli(config) -> int:
 
     if not config.train:
         raise cli.ConfigError(
-            "--config.train is required (python -m kalm_jax.data.tfds_builder "
+            "--config.train is required (kalm-tfds-build "
             "--config.train=a.jsonl,b.jsonl.gz --config.data_dir=DIR --config.name=my_mix)"
         )
     if not config.data_dir:
@@ -210,9 +209,3 @@ def run_cli(config) -> int:
     for split in splits:
         print(f"{split}: {len(data_source(config.data_dir, config.name, split))} examples in {out}")
     return 0
-
-
-if __name__ == "__main__":
-    from kalm_jax.cli.tfds_build import main
-
-    sys.exit(main())

@@ -154,7 +154,7 @@ class StoreKey:
             engine.model_fingerprint,
             engine.tokenizer.fingerprint(),
             int(engine.max_document_tokens),
-            mep._check_ratio(ratio),
+            mep.check_ratio(ratio),
             storage,
         )
 
@@ -486,7 +486,7 @@ class PassageStore:
     # ------------------------------------------------------------------ reading
     def shards_at(self, ratio: int) -> list[PassageStates]:
         """Memory-mapped shards at `ratio` (derived from the finest ratio and saved if not yet on disk)."""
-        ratio = mep._check_ratio(ratio)
+        ratio = mep.check_ratio(ratio)
         if ratio % self.key.ratio:
             raise ValueError(
                 f"{self.root}: ratio {ratio} cannot be derived from the stored ratio {self.key.ratio} "
