@@ -25,7 +25,7 @@ def get_config(arg: str = "nano,v5e-256") -> ml_collections.ConfigDict:
     )  # prompt overhead + 128 query tokens, as train.py
     c.eval.update(ratio=4, batch_size=2048)
     if preset == "tiny":  # a CPU-test-sized workload
-        c.data.update(batch_size=4, group_size=2, max_document_tokens=64, max_query_tokens=16, decoder_length=16)
+        c.data.update(batch_size=4, group_size=2, max_document_tokens=64, max_query_tokens=16, decoder_length=64)
         c.mep.ratios = (1, 4)
         c.eval.batch_size = 8
     return plan_for_slice(c, topology, num_slices)
