@@ -15,6 +15,7 @@ EXTRA_OF_MODULE = {
     "grain": "train", "tensorflow_datasets": "train", "array_record": "train", "tensorboardX": "train",
     "absl": "train", "bm25s": "eval", "Stemmer": "eval", "pytrec_eval": "eval", "matplotlib": "eval",
     "sklearn": "eval", "torch": "bench", "transformers": "bench", "libtpu": "tpu",
+    "mteb": "mteb", "datasets": "mteb",
 }
 """Top-level module name -> the extra that installs it."""
 

@@ -31,6 +31,7 @@ CLIS = {
     "aot": ([sys.executable, "-m", "kalm_jax.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
     "bench": ([sys.executable, "-m", "kalm_jax.bench"], "shapez", "<top level>", "'shapes'"),
     "bm25": ([sys.executable, "-m", "kalm_jax.data.bm25"], "k2", "<top level>", "'k1'"),
+    "mteb": ([sys.executable, "-m", "kalm_jax.mteb"], "taks", "<top level>", "'tasks'"),
     "negatives": ([sys.executable, "-m", "kalm_jax.data.negatives"], "num_negative", "<top level>",
                   "'num_negatives'"),
     "tfds_builder": ([sys.executable, "-m", "kalm_jax.data.tfds_builder"], "validaton", "<top level>",
@@ -76,7 +77,7 @@ def test_values_are_parsed_as_the_fields_type(tmp_path):
 
 def test_every_default_lives_in_configs():
     """Each CLI's default config file exists and loads."""
-    for name in ("train.py:tiny", "eval.py", "label.py", "convert.py", "tpu.py:nano,v5e-4", "bench.py", "bm25.py",
+    for name in ("train.py:tiny", "eval.py", "label.py", "convert.py", "tpu.py:nano,v5e-4", "bench.py", "bm25.py", "mteb.py",
                  "negatives.py", "tfds_builder.py", "tokenizer.py"):
         assert cli.load_file(cli.config_file(name)) is not None, name
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 COMMANDS = ("kalm-train", "kalm-eval", "kalm-convert", "kalm-export", "kalm-label", "kalm-aot", "kalm-bench",
             "kalm-bm25", "kalm-negatives", "kalm-tfds-build", "kalm-tokenizer", "kalm-verify-release", "kalm-report",
-            "kalm-launch")
+            "kalm-launch", "kalm-mteb")
 
 
 def _scripts() -> list[str]:
