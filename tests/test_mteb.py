@@ -7,7 +7,7 @@
   T5Gemma2ForConditionalGeneration, the released way) on the same DataLoaders to 1e-4;
 - an instruction task puts the instruction in ``<Instruct>`` only (not appended to the query);
 - a passage-state store makes a second run encode nothing; a non-finite score is a named error;
-- the CLI writes MTEB's result files and reports an unavailable task in one line.
+- the CLI writes MTEB's result files and reports an unknown task, or one whose data is not cached, in one line.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ def _search(model, task):
                           top_ranked=split["top_ranked"], **kw), split
 
 
-@pytest.mark.slow
 def test_mteb_ndcg_equals_eval_py_and_pair_scores_equal_reranker(hub_checkpoint, reranker, data_dir, tmp_path):
     hub, _ = hub_checkpoint
     eval_rows = sweep.run_sweep({
@@ -169,8 +168,12 @@ def test_store_reuses_encodings_and_non_finite_scores_are_named(reranker, data_d
     assert meta.framework == ["JAX"] and "cross-encoder" in meta.model_type
 
 
-def test_cli_writes_mteb_results_and_names_an_unavailable_task(hub_checkpoint, data_dir, tmp_path, capsys):
+def test_cli_writes_mteb_results_and_names_an_unavailable_task(hub_checkpoint, data_dir, tmp_path, capsys,
+                                                                monkeypatch):
     from kalm_jax.cli import mteb as mteb_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what the CLI sets by default, restored after the test
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
     hub, _ = hub_checkpoint
     common = [f"--config.checkpoint={hub}", f"--config.data_dir={data_dir}", f"--config.output_dir={tmp_path}",
@@ -187,3 +190,7 @@ def test_cli_writes_mteb_results_and_names_an_unavailable_task(hub_checkpoint, d
     assert mteb_cli.main([*common, "--config.tasks=NoSuchMtebTask"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: task 'NoSuchMtebTask'"), err
+    # a named MTEB task is loaded from the Hugging Face cache only; without its data: one line, nothing downloaded
+    assert mteb_cli.main([*common, "--config.tasks=SciFact"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: task 'SciFact': its data is not available offline"), err

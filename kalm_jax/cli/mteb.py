@@ -11,7 +11,6 @@ HF_DATASETS_OFFLINE default to 1). MTEB writes its result files under OUT/result
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -87,7 +86,6 @@ def run(config) -> int:
                            prediction_folder=out / "predictions" if config.save_predictions else None,
                            show_progress_bar=config.progress)
     for tr in result.task_results:
-        logging.info("%s: main score %s", tr.task_name, tr.get_score())
         print(f"{tr.task_name}\t{tr.get_score():.5f}")
     print(f"MTEB results in {out / 'results'}; pairs {model.stats['pairs']}, distinct documents "
           f"{model.stats['distinct_documents']}, encoded {model.stats['encoded_documents']}")

@@ -25,4 +25,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kalm_jax.mteb' has no attribute {name!r}")
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["KaLMJaxReranker", "NonFiniteScoreError", "local_task", "task_name", "text_id"]

@@ -17,6 +17,7 @@ query as well, this adapter does not: the instruction goes in ``<Instruct>`` onl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -125,7 +126,7 @@ class KaLMJaxReranker:
     def engine(self):
         return self.reranker.engine
 
-    @property
+    @functools.cached_property
     def mteb_model_meta(self):
         """`mteb.models.ModelMeta` of this checkpoint: a cross-encoder in the JAX framework."""
         from mteb.models.model_meta import ModelMeta
