@@ -172,8 +172,15 @@ def test_cli_writes_mteb_results_and_names_an_unavailable_task(hub_checkpoint, d
                                                                 monkeypatch):
     from kalm_jax.cli import mteb as mteb_cli
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what the CLI sets by default, restored after the test
+    import datasets.config
+    import huggingface_hub.constants
+
+    # what the CLI sets (kalm_jax.cli.mteb.offline), restored after the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
 
     hub, _ = hub_checkpoint
     common = [f"--config.checkpoint={hub}", f"--config.data_dir={data_dir}", f"--config.output_dir={tmp_path}",
@@ -194,3 +201,4 @@ def test_cli_writes_mteb_results_and_names_an_unavailable_task(hub_checkpoint, d
     assert mteb_cli.main([*common, "--config.tasks=SciFact"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: task 'SciFact': its data is not available offline"), err
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True

@@ -56,6 +56,20 @@ def _tasks(config) -> list:
     return tasks
 
 
+def offline() -> None:
+    """No Hub access: HF_HUB_OFFLINE and HF_DATASETS_OFFLINE default to 1 (a value the user set wins). huggingface_hub
+    and datasets read them when imported, so modules already imported in this process are told as well."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if os.environ["HF_HUB_OFFLINE"].strip().upper() not in ("1", "ON", "YES", "TRUE"):
+        return
+    for module, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                          ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        if module in sys.modules:
+            for name in names:
+                setattr(sys.modules[module], name, True)
+
+
 def run(config) -> int:
     """Evaluates `config.checkpoint` on `config.tasks` with MTEB (the CLI's body, after parsing)."""
     if not config.checkpoint:
@@ -66,8 +80,7 @@ def run(config) -> int:
         raise FileNotFoundError(f"checkpoint {config.checkpoint} does not exist")
     if config.overwrite not in ("only-missing", "always", "never"):
         raise cli.ConfigError(f"config.overwrite must be only-missing, always or never, got {config.overwrite!r}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    offline()
     cli.setup_logging()
     import mteb
 
