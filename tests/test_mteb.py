@@ -161,6 +161,8 @@ def test_store_reuses_encodings_and_non_finite_scores_are_named(reranker, data_d
     monkeypatch.setattr(reranker.engine, "margins", lambda *a, **k: np.array([0.5, np.nan, 1.0], np.float32))
     with pytest.raises(NonFiniteScoreError, match="non-finite yes/no logits for 1 of 3 pairs"):
         model.score_pairs(["q"] * 3, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 queries for 1 documents"):
+        model.score_pairs(["q", "r"], ["a"])
     with pytest.raises(ValueError, match="encode_ratio=3 must divide ratio=4"):
         KaLMJaxReranker(reranker, encode_ratio=3)
     assert not hasattr(model, "encode")  # MTEB checks the encoder protocol first

@@ -173,6 +173,8 @@ class KaLMJaxReranker:
         Each distinct document is encoded once (at `encode_ratio`, or read from the store), each distinct
         (query, instruction) prompt tokenized once; pairs are scored at `ratio` over the cached states."""
         n = len(queries)
+        if len(documents) != n:
+            raise ValueError(f"{n} queries for {len(documents)} documents: pairs are row-aligned")
         if instructions is not None and len(instructions) != n:
             raise ValueError(f"{len(instructions)} instructions for {n} queries")
         for i, (q, d) in enumerate(zip(queries, documents)):
