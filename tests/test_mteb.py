@@ -102,7 +102,7 @@ def test_scores_equal_the_released_pytorch_wrapper(hub_checkpoint, reranker, dat
 
     hub, _ = hub_checkpoint
     pt_dir = tmp_path / "pt"
-    shutil.copytree(hub, pt_dir)  # AutoTokenizer needs the special tokens named (released repos ship this file)
+    shutil.copytree(hub, pt_dir)  # AutoTokenizer needs the special tokens named; the fixture has tokenizer.json only
     (pt_dir / "tokenizer_config.json").write_text(json.dumps(
         {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}))
     torch_model = KaLMRerankerWrapper(str(pt_dir), device="cpu", dtype="float32", query_max_length=QUERY_TOKENS,
