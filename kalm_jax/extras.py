@@ -25,6 +25,8 @@ EXTRA_OF_MODULE = {
     "torch": "bench",
     "transformers": "bench",
     "libtpu": "tpu",
+    "mteb": "mteb",
+    "datasets": "mteb",
 }
 """Top-level module name -> the extra that installs it."""
 

@@ -35,8 +35,9 @@ CLIS = {
     "aot": ([sys.executable, "-m", "kalm_jax.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
     "bench": ([sys.executable, "-m", "kalm_jax.bench"], "shapez", "<top level>", "'shapes'"),
     "bm25": ([sys.executable, "-m", "kalm_jax.data.bm25"], "k2", "<top level>", "'k1'"),
+    "mteb": ([sys.executable, "-m", "kalm_jax.mteb"], "taks", "<top level>", "'tasks'"),
     "negatives": ([sys.executable, "-m", "kalm_jax.data.negatives"], "num_negative", "<top level>", "'num_negatives'"),
-    "tfds_builder": ([sys.executable, "-m", "kalm_jax.data.tfds_builder"], "validaton", "<top level>", "'validation'"),
+    "tfds_builder": ([sys.executable, "-m", "kalm_jax.cli.tfds_build"], "validaton", "<top level>", "'validation'"),
     "tokenizer": ([sys.executable, "-m", "kalm_jax.tokenizer"], "no_gemma_layout", "<top level>", "'gemma_layout'"),
 }
 
@@ -88,6 +89,7 @@ def test_values_are_parsed_as_the_fields_type(tmp_path):
 
 def test_every_default_lives_in_configs():
     """Each CLI's default config file exists and loads."""
+    "mteb": ([sys.executable, "-m", "kalm_jax.mteb"], "taks", "<top level>", "'tasks'"),
     for name in (
         "train.py:tiny",
         "eval.py",

@@ -38,6 +38,7 @@ COMMANDS = (
     "kalm-verify-release",
     "kalm-report",
     "kalm-launch",
+    "kalm-mteb",
 )
 
 
