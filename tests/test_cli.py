@@ -89,7 +89,6 @@ def test_values_are_parsed_as_the_fields_type(tmp_path):
 
 def test_every_default_lives_in_configs():
     """Each CLI's default config file exists and loads."""
-    "mteb": ([sys.executable, "-m", "kalm_jax.mteb"], "taks", "<top level>", "'tasks'"),
     for name in (
         "train.py:tiny",
         "eval.py",
@@ -98,6 +97,7 @@ def test_every_default_lives_in_configs():
         "tpu.py:nano,v5e-4",
         "bench.py",
         "bm25.py",
+        "mteb.py",
         "negatives.py",
         "tfds_builder.py",
         "tokenizer.py",
