@@ -40,7 +40,7 @@ class NonFiniteScoreError(FloatingPointError):
     """The model produced a non-finite yes/no margin for some pairs (fp16 weights, or broken weights)."""
 
 
-def _columns(loader, names: Sequence[str]) -> dict[str, list]:
+def columns(loader, names: Sequence[str]) -> dict[str, list]:
     """The columns `names` (those present) of an MTEB DataLoader, in row order.
 
     MTEB's loaders wrap a `datasets.Dataset` (read column-wise, no collation); any other iterable of batches
@@ -129,7 +129,7 @@ class KaLMJaxReranker:
                 show_progress=show_progress,
             )
         self.ratio = self.reranker.ratio
-        self.encode_ratio = self.ratio if encode_ratio is None else mep._check_ratio(encode_ratio)
+        self.encode_ratio = self.ratio if encode_ratio is None else mep.check_ratio(encode_ratio)
         if self.ratio % self.encode_ratio:
             raise ValueError(
                 f"encode_ratio={self.encode_ratio} must divide ratio={self.ratio} (coarser ratios are "
@@ -209,9 +209,9 @@ class KaLMJaxReranker:
         else ``text``; the instruction: the ``instruction`` column when present, else the adapter's. Documents:
         ``text``. MTEB's `batch_size` sizes its DataLoaders only; scoring uses `score_batch_size`.
         """
-        q_cols = _columns(inputs1, ("text", "query", "instruction"))
+        q_cols = columns(inputs1, ("text", "query", "instruction"))
         queries = q_cols.get("query", q_cols.get("text"))
-        documents = _columns(inputs2, ("text",)).get("text")
+        documents = columns(inputs2, ("text",)).get("text")
         if queries is None or documents is None:
             raise ValueError("KaLMJaxReranker.predict needs a 'text' column in both inputs (text tasks only)")
         if len(queries) != len(documents):

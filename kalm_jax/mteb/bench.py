@@ -31,11 +31,11 @@ class NaivePerPairReranker:
 
     def predict(self, inputs1, inputs2, **kwargs) -> np.ndarray:
         from kalm_jax.engine import probability
-        from kalm_jax.mteb.adapter import _columns
+        from kalm_jax.mteb.adapter import columns
 
-        q = _columns(inputs1, ("text", "query"))
+        q = columns(inputs1, ("text", "query"))
         queries = q.get("query", q.get("text"))
-        documents = _columns(inputs2, ("text",))["text"]
+        documents = columns(inputs2, ("text",))["text"]
         engine, rr = self.reranker.engine, self.reranker
         order = np.argsort([-(len(a) + len(b)) for a, b in zip(queries, documents)], kind="stable")
         out = np.zeros(len(queries), np.float32)
