@@ -65,7 +65,7 @@ def test_gather_runs_on_the_device_with_bounded_compilation(engine, cache, pairs
         for size in sizes:
             passage_of = rng.integers(0, 8, size)
             passage_of[0] = longest
-            margins = engine.margins(prompt_rows[:1], np.zeros(size), placed, passage_of, batch_size=size)
+            margins = engine.margins(prompt_rows[:1], np.zeros(size, np.int64), placed, passage_of, batch_size=size)
             assert margins.shape == (size,) and np.isfinite(margins).all()
         return engine.compiles - before, scoring.gather_states._cache_size() - gathers
 
