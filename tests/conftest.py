@@ -98,3 +98,48 @@ def hub_checkpoint(tokenizer_json, tmp_path_factory):
     shutil.copy(tokenizer_json, d / "tokenizer.json")
     assert not (d / "tokenizer.model").exists()
     return d, torch_model
+
+
+# The slow lane: real multi-process jobs, ahead-of-time TPU compiles, subprocess training runs, the wheel test and
+# the longest numerical sweeps (each several seconds to minutes on 2 cores). `pytest -m "not slow"` is the fast lane;
+# CI runs everything. Entries are fnmatch patterns of "file::test-name[params]".
+SLOW = (
+    "test_multihost_*.py::*",
+    "test_packaging.py::*",
+    "test_aot.py::test_aot_",
+    "test_aot.py::test_sampled_analysis",
+    "test_training.py::test_sigkill",
+    "test_training.py::test_sigterm",
+    "test_training.py::test_label_writes",
+    "test_training.py::test_same_loss_and_grads_on_every_mesh",
+    "test_training.py::test_non_finite_loss",
+    "test_training.py::test_disk_full_checkpoint",
+    "test_training.py::test_lora_trains_only_adapters",
+    "test_training.py::test_straight_run",
+    "test_training.py::test_loss_falls",
+    "test_training.py::test_second_run_on_a_locked_workdir",
+    "test_training.py::test_train_step_scores_every_ratio",
+    "test_convert.py::test_train_py_checkpoint",
+    "test_convert.py::test_lora_merged_export",
+    "test_bench.py::test_cli_tiny",
+    "test_hub_checkpoint.py::test_train_py_fine_tunes",
+    "test_banded_attention.py::test_blocked_equals_dense",
+    "test_tpu_attention.py::test_splash_matches_xla",
+    "test_engine.py::test_finer_states_served",
+    "test_eval_store.py::test_two_concurrent_writers",
+    "test_pipeline.py::test_global_batch_is_independent",
+    "test_scoring.py::test_entry_points_equal_model_methods",
+    "test_parity.py::test_margins_on_pooled_passages_match[[]*-[238]]",  # ratios 1 and 4 stay fast
+    "test_training.py::test_remat_policies",
+    "test_training.py::test_corrupt_latest_falls_back_onto_another_mesh",
+    "test_bench.py::test_h100_suite",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    import fnmatch
+
+    for item in items:
+        test = item.nodeid.rpartition("/")[2]
+        if any(fnmatch.fnmatchcase(test, pattern + ("" if pattern.endswith(("*", "]")) else "*")) for pattern in SLOW):
+            item.add_marker(pytest.mark.slow)
