@@ -8,7 +8,7 @@ Encoder (passage) text: ``"<Document>: {doc}"``. Decoder (query) text: the Gemma
 (one string, no line break after ``<end_of_turn>\\n``). Both are tokenized without added special tokens
 (the literal ``<bos>`` becomes the BOS id), right padded with the pad id.
 
-Stage-1 ("without instruction") prompt: its exact form is UNKNOWN in the paper (research/paper.md §1.3; the
+Stage-1 ("without instruction") prompt: its exact form is UNKNOWN in the paper (arXiv 2606.22807; the
 released wrapper's behaviour for an empty instruction is not documented either). This module's choice drops the
 whole ``<Instruct>: ...\\n`` line and keeps the system instruction and everything else unchanged; it is not
 claimed to be the authors' string.
