@@ -291,19 +291,10 @@ def run(
     from kalm_jax.extras import missing_extra_message
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    user_errors: tuple[type[BaseException], ...] = ()  # read when an exception is matched, after the assignment
     try:
         config, values = parse(argv, default_config, flags=flags, positional=positional)
         user_errors = errors() if callable(errors) else errors
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        message = missing_extra_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    try:
         status = main(config, **values)
     except (ConfigError, *user_errors) as e:
         if debug():
