@@ -116,7 +116,7 @@ def exclusive_lock(directory: str | os.PathLike, what: str = "run", hint: str = 
 def job_lock(directory: str | os.PathLike, what: str = "run", hint: str = "") -> Iterator[None]:
     """`exclusive_lock` for a multi-process job: process 0 holds it for the block; every process raises
     `DirectoryLocked` when process 0 could not get it (every process must enter it: a collective)."""
-    from kalm_jax import distributed
+    from kalm_jax.parallel import distributed
 
     with contextlib.ExitStack() as stack:
         refused = None

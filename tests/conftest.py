@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kalm_jax.data.beir import load_corpus, passage_text  # noqa: E402
-from kalm_jax.tokenizer import Tokenizer  # noqa: E402
+from kalm_jax.text.spm import Tokenizer  # noqa: E402
 
 
 def _default_data_dir() -> Path:

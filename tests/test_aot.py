@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from kalm_jax import aot, cli
+from kalm_jax import cli
+from kalm_jax.perf import aot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,9 +74,9 @@ def _weights_per_device(arg: str, mesh_shape: tuple[int, int, int]) -> tuple[flo
     from flax import nnx
     from jax.sharding import AbstractMesh
 
-    from kalm_jax import mesh as mesh_lib
-    from kalm_jax.config import get_preset
-    from kalm_jax.model import abstract_model
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.model.t5gemma2 import abstract_model
+    from kalm_jax.parallel import mesh as mesh_lib
 
     cfg = _tpu_config(arg)
     mesh = AbstractMesh(mesh_shape, mesh_lib.MESH_AXES)
@@ -116,8 +117,8 @@ def test_tpu_config_keeps_the_qkv_projections_where_they_fit():
     projections' outputs and the encoder's gate / up while all kept take at most 3/8: small and nano on
     v5e-256 (1 query x 16 passages per fsdp shard, tensor 2) keep all three, large there and small on
     v5e-16 (8 queries per chip) recompute everything."""
-    from kalm_jax import planning as tpu
-    from kalm_jax.config import get_preset
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.perf import planning as tpu
 
     # 26 + 26 layers; q 2 heads x 256 + k, v 256 each per token; 16 x 512 passage tokens, 16 x 192 prompt
     # tokens per ratio (6), 16 x (512 + 256 + ... + 16) passage windows (keys and values only); bf16.
@@ -164,8 +165,8 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     and the per-device argument bytes cover the fsdp-sharded bf16 weights and the batch shard."""
     from flax import nnx
 
-    from kalm_jax.config import get_preset
-    from kalm_jax.model import abstract_model
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.model.t5gemma2 import abstract_model
 
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,score"])
@@ -261,8 +262,8 @@ def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
         assert 0.9 <= r["xla_flops"] / r["useful_flops"] <= 1.5, r
         assert 0 < r["predicted_mfu"] < 1
     cfg = _tpu_config("tiny,v5e-4")
-    from kalm_jax.bench import flops
-    from kalm_jax.config import get_preset
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.perf.bench import flops
 
     # per chip: the global batch's useful FLOPs over the 4 chips
     assert rows[0]["useful_flops"] == pytest.approx(
@@ -276,7 +277,7 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
     """`layer_samples` picks 2, 3 and one period of 5 sliding + 1 full (never a 1-layer program);
     `extrapolate_costs` recovers the whole stack's cost from samples that follow constant + per-layer-type
     costs, and refuses a failed sample (cost -1) instead of fitting it."""
-    from kalm_jax.config import get_preset
+    from kalm_jax.model.config import get_preset
 
     types = get_preset("small").encoder_layer_types  # 26 layers: 22 sliding, 4 full
     assert aot.layer_samples(types) == (2, 3, 6)
@@ -318,7 +319,7 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_pat
     import dataclasses
     import json
 
-    from kalm_jax import config as config_lib
+    from kalm_jax.model import config as config_lib
 
     tiny = config_lib.get_preset("tiny")
     eight = dataclasses.replace(

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from kalm_jax import hf, scoring
+from kalm_jax.checkpoints import hf
+from kalm_jax.inference import scoring
 
 
 @pytest.fixture(scope="module")

@@ -7,47 +7,47 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kalm_jax import layers
-from kalm_jax.config import get_preset
-from kalm_jax.model import init_model
+from kalm_jax.model.attention import banded, dispatch, masks, xla
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
 
 
 def test_band_limits_of_the_model_patterns():
     # Encoder window W: key j visible from query i when -((W+1)//2 - 1) <= j - i <= W//2.
-    assert layers.band_limits(layers.encoder_window(40, 16)) == (-7, 8)
-    assert layers.band_limits(layers.encoder_window(9, 4)) == (-1, 2)
-    assert layers.band_limits(layers.encoder_window(1100, 512)) == (-255, 256)
-    assert layers.band_limits(layers.encoder_window(50, 12)[:37]) == (-5, 6)  # rectangular [T, S]
-    assert layers.band_limits(layers.encoder_window(50, 12)[20:]) == (15, 26)  # rows from query 20 on
-    assert layers.band_limits(layers.causal_window(30, 5)) == (-4, 0)
-    assert layers.band_limits(layers.causal_window(30)) == (-29, 0)
+    assert banded.band_limits(masks.encoder_window(40, 16)) == (-7, 8)
+    assert banded.band_limits(masks.encoder_window(9, 4)) == (-1, 2)
+    assert banded.band_limits(masks.encoder_window(1100, 512)) == (-255, 256)
+    assert banded.band_limits(masks.encoder_window(50, 12)[:37]) == (-5, 6)  # rectangular [T, S]
+    assert banded.band_limits(masks.encoder_window(50, 12)[20:]) == (15, 26)  # rows from query 20 on
+    assert banded.band_limits(masks.causal_window(30, 5)) == (-4, 0)
+    assert banded.band_limits(masks.causal_window(30)) == (-29, 0)
     # Not bands: a hole inside the band, causal keys followed by always-visible passage keys, nothing.
-    holed = layers.encoder_window(20, 6).copy()
+    holed = masks.encoder_window(20, 6).copy()
     holed[5, 6] = False
-    assert layers.band_limits(holed) is None
-    shortened = layers.encoder_window(20, 6).copy()
+    assert banded.band_limits(holed) is None
+    shortened = masks.encoder_window(20, 6).copy()
     shortened[10, 13] = False  # a shorter run in one row
-    assert layers.band_limits(shortened) is None
-    assert layers.band_limits(np.eye(6, dtype=bool)[::-1].copy()) is None  # an anti-diagonal
-    merged = np.concatenate([layers.causal_window(8), np.ones((8, 5), bool)], axis=1)
-    assert layers.band_limits(merged) is None
-    assert layers.band_limits(None) is None
-    assert layers.band_limits(np.zeros((4, 4), bool)) is None
+    assert banded.band_limits(shortened) is None
+    assert banded.band_limits(np.eye(6, dtype=bool)[::-1].copy()) is None  # an anti-diagonal
+    merged = np.concatenate([masks.causal_window(8), np.ones((8, 5), bool)], axis=1)
+    assert banded.band_limits(merged) is None
+    assert banded.band_limits(None) is None
+    assert banded.band_limits(np.zeros((4, 4), bool)) is None
 
 
 def test_blocking_choice():
     def blocking(t, s, pattern):
-        return layers.band_blocking(layers.Mask(jnp.ones((1, s), bool), pattern), t, s)
+        return banded.band_blocking(masks.Mask(jnp.ones((1, s), bool), pattern), t, s)
 
     # nano / small (W = 512): blocks of 128 queries see 640 keys, so only passages longer than 640 block.
-    assert blocking(1024, 1024, layers.encoder_window(1024, 512)) == layers.BandBlocking(-255, 256, 128, 640)
-    assert blocking(640, 640, layers.encoder_window(640, 512)) is None
+    assert blocking(1024, 1024, masks.encoder_window(1024, 512)) == banded.BandBlocking(-255, 256, 128, 640)
+    assert blocking(640, 640, masks.encoder_window(640, 512)) is None
     # large (W = 1024): 1152 keys per block of 128.
-    assert blocking(1536, 1536, layers.encoder_window(1536, 1024)).span == 1152
+    assert blocking(1536, 1536, masks.encoder_window(1536, 1024)).span == 1152
     # tiny (W = 16): blocks of 4 queries see 20 keys (1.25 W).
-    assert blocking(64, 64, layers.encoder_window(64, 16)) == layers.BandBlocking(-7, 8, 4, 20)
-    assert blocking(8, 8, layers.causal_window(8)) is None  # the span covers every key
-    assert layers.band_blocking(layers.Mask(jnp.ones((1, 64), bool)), 64, 64) is None  # no pattern
+    assert blocking(64, 64, masks.encoder_window(64, 16)) == banded.BandBlocking(-7, 8, 4, 20)
+    assert blocking(8, 8, masks.causal_window(8)) is None  # the span covers every key
+    assert banded.band_blocking(masks.Mask(jnp.ones((1, 64), bool)), 64, 64) is None  # no pattern
 
 
 def _qkv(rng, b, t, s, n=4, kh=2, d=8):
@@ -60,13 +60,13 @@ def _qkv(rng, b, t, s, n=4, kh=2, d=8):
 # (t, s, pattern): windows of the tiny preset (16), the parity tests (4, 5), an odd one, nano's 512; a
 # causal sliding window; lengths not a multiple of the block; one rectangular band (t != s).
 CASES = [
-    (70, 70, layers.encoder_window(70, 16)),
-    (19, 19, layers.encoder_window(19, 4)),
-    (23, 23, layers.encoder_window(23, 5)),
-    (131, 131, layers.encoder_window(131, 7)),
-    (700, 700, layers.encoder_window(700, 512)),
-    (67, 67, layers.causal_window(67, 16)),
-    (37, 50, layers.encoder_window(50, 12)[:37]),
+    (70, 70, masks.encoder_window(70, 16)),
+    (19, 19, masks.encoder_window(19, 4)),
+    (23, 23, masks.encoder_window(23, 5)),
+    (131, 131, masks.encoder_window(131, 7)),
+    (700, 700, masks.encoder_window(700, 512)),
+    (67, 67, masks.causal_window(67, 16)),
+    (37, 50, masks.encoder_window(50, 12)[:37]),
 ]
 
 
@@ -81,20 +81,20 @@ def test_blocked_equals_dense(t, s, pattern):
     queries = np.ones((b, t), bool)
     queries[1, 2 * t // 3 :] = False
     queries[2, 3:] = False
-    mask = layers.Mask(jnp.asarray(keys), pattern, jnp.asarray(queries))
-    assert layers.band_blocking(mask, t, s) is not None  # the blocked path is taken
+    mask = masks.Mask(jnp.asarray(keys), pattern, jnp.asarray(queries))
+    assert banded.band_blocking(mask, t, s) is not None  # the blocked path is taken
     dense = jnp.broadcast_to(mask.dense(), (b, t, s))
     seen = np.asarray(dense).any(-1)  # rows with at least one visible key (a fully masked row differs)
-    out = layers.attention(q, k, v, mask, 0.3, impl="xla")
-    ref = layers.xla_attention(q, k, v, dense, 0.3)
+    out = dispatch.attention(q, k, v, mask, 0.3, impl="xla")
+    ref = xla.xla_attention(q, k, v, dense, 0.3)
     assert out.shape == ref.shape == (b, t, 4, 8)
     np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(ref)[seen], atol=2e-6, rtol=0)
     assert np.isfinite(np.asarray(out)).all()
 
     # Gradients with respect to q, k and v agree too (cotangent on the rows that see a key).
     ct = jnp.asarray(rng.normal(size=ref.shape), jnp.float32) * jnp.asarray(seen)[:, :, None, None]
-    grads = jax.grad(lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, 0.3) * ct), (0, 1, 2))(q, k, v)
-    refs = jax.grad(lambda q, k, v: jnp.sum(layers.xla_attention(q, k, v, dense, 0.3) * ct), (0, 1, 2))(q, k, v)
+    grads = jax.grad(lambda q, k, v: jnp.sum(dispatch.attention(q, k, v, mask, 0.3) * ct), (0, 1, 2))(q, k, v)
+    refs = jax.grad(lambda q, k, v: jnp.sum(xla.xla_attention(q, k, v, dense, 0.3) * ct), (0, 1, 2))(q, k, v)
     for g, r in zip(grads, refs):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=0)
 
@@ -104,19 +104,19 @@ def test_blocked_with_softcap_and_dot_product():
     t = 45
     q, k, v = _qkv(rng, 2, t, t)
     # No query padding given and 45 queries in blocks of 4: the padded queries are marked inside.
-    mask = layers.Mask(jnp.ones((2, t), bool).at[1, 30:].set(False), layers.encoder_window(t, 16))
-    assert layers.band_blocking(mask, t, t).block == 4
+    mask = masks.Mask(jnp.ones((2, t), bool).at[1, 30:].set(False), masks.encoder_window(t, 16))
+    assert banded.band_blocking(mask, t, t).block == 4
     dense = mask.dense()
     seen = np.asarray(jnp.broadcast_to(dense, (2, t, t))).any(-1)  # row 1 from query 38 on sees no key
     assert not seen.all()
     np.testing.assert_allclose(
-        np.asarray(layers.attention(q, k, v, mask, 0.3, softcap=5.0))[seen],
-        np.asarray(layers.xla_attention(q, k, v, dense, 0.3, softcap=5.0))[seen],
+        np.asarray(dispatch.attention(q, k, v, mask, 0.3, softcap=5.0))[seen],
+        np.asarray(xla.xla_attention(q, k, v, dense, 0.3, softcap=5.0))[seen],
         atol=2e-6,
     )
     np.testing.assert_allclose(
-        np.asarray(layers.attention(q, k, v, mask, 0.3, impl="dot_product"))[seen],
-        np.asarray(layers.xla_attention(q, k, v, dense, 0.3))[seen],
+        np.asarray(dispatch.attention(q, k, v, mask, 0.3, impl="dot_product"))[seen],
+        np.asarray(xla.xla_attention(q, k, v, dense, 0.3))[seen],
         atol=2e-6,
     )
 
@@ -131,10 +131,10 @@ def test_tiny_model_encode_blocked_equals_dense(monkeypatch):
     mask = np.ones_like(ids)
     mask[1, 53:] = 0
     ids[mask == 0] = 0
-    window = layers.encoder_window(80, cfg.sliding_window)
-    assert layers.band_blocking(layers.Mask(jnp.asarray(mask), window), 80, 80) is not None
+    window = masks.encoder_window(80, cfg.sliding_window)
+    assert banded.band_blocking(masks.Mask(jnp.asarray(mask), window), 80, 80) is not None
     blocked = np.asarray(model.encode(ids, mask))
-    monkeypatch.setattr(layers, "band_blocking", lambda *args: None)
+    monkeypatch.setattr(dispatch, "band_blocking", lambda *args: None)
     dense = np.asarray(model.encode(ids, mask))
     real = mask.astype(bool)
     np.testing.assert_allclose(blocked[real], dense[real], atol=1e-5, rtol=0)

@@ -10,16 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kalm_jax import layers, scoring
-from kalm_jax.bench import flops
-from kalm_jax.config import get_preset
-from kalm_jax.model import init_model
+from kalm_jax.inference import scoring
+from kalm_jax.model.attention import dispatch, masks
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
+from kalm_jax.perf.bench import flops
 
 TINY = get_preset("tiny")
 
 
 def test_cli_tiny_writes_contract_json(tmp_path, capsys):
-    from kalm_jax.bench.__main__ import main
+    from kalm_jax.perf.bench.__main__ import main
 
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
@@ -104,13 +105,13 @@ def test_flop_model_matches_hand_count():
     assert flops.attention_pair_flops(TINY) == pair == 256
 
     n = 40  # longer than the window, so the sliding layer sees fewer keys
-    full, sliding = np.ones((n, n), bool), layers.encoder_window(n, TINY.sliding_window)
+    full, sliding = np.ones((n, n), bool), masks.encoder_window(n, TINY.sliding_window)
     assert _count(sliding) == 40 * 16 - (7 * 8 // 2 + 8 * 9 // 2)  # W keys per query, minus the clipped edges
     assert flops.encoder_flops(TINY, n) == 2 * n * linear + (_count(sliding) + _count(full)) * pair
 
     t, c = 20, 10  # prompt longer than the window (16): the sliding layer sees fewer keys
-    dslide = layers.causal_window(t, TINY.sliding_window)
-    assert _count(layers.causal_window(t)) == t * (t + 1) // 2
+    dslide = masks.causal_window(t, TINY.sliding_window)
+    assert _count(masks.causal_window(t)) == t * (t + 1) // 2
     kv = 2 * 2 * 64 * 1 * 32
     # layer 1 (sliding): every position; layer 2 (full, the last): k/v of every position, the rest for the
     # scoring position only (it sees all t self keys and the c passage states)
@@ -123,7 +124,7 @@ def test_flop_model_matches_hand_count():
         (flops.encoder_flops(TINY, 64) + flops.decoder_flops(TINY, t, 16)) / flops.decoder_flops(TINY, t, 16)
     )
     length = t + 64
-    ce_full, ce_slide = layers.causal_window(length), layers.causal_window(length, TINY.sliding_window)
+    ce_full, ce_slide = masks.causal_window(length), masks.causal_window(length, TINY.sliding_window)
     ce = 2 * length * linear + (_count(ce_full) + _count(ce_slide)) * pair + 2 * 2 * 64
     assert flops.cross_encoder_flops(TINY, 64, t) == ce
 
@@ -141,7 +142,7 @@ def test_attention_implementations_agree_on_cpu():
         jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((b, t, n, d), (b, s, k, d), (b, s, k, d))
     )
     mask = _random_mask(rng, b, t, s)
-    ref = layers.attention(q, kk, v, mask, 0.25, impl="xla")
+    ref = dispatch.attention(q, kk, v, mask, 0.25, impl="xla")
     # Independent NumPy reference (float64, GQA by repeating kv heads).
     kr, vr = np.repeat(np.asarray(kk, np.float64), n // k, 2), np.repeat(np.asarray(v, np.float64), n // k, 2)
     sc = np.einsum("btnd,bsnd->bnts", np.asarray(q, np.float64), kr) * 0.25
@@ -149,18 +150,18 @@ def test_attention_implementations_agree_on_cpu():
     p = np.exp(sc - sc.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(ref), np.einsum("bnts,bsnd->btnd", p, vr), atol=1e-5)
-    fused = layers.attention(q, kk, v, mask, 0.25, impl="dot_product")
+    fused = dispatch.attention(q, kk, v, mask, 0.25, impl="dot_product")
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=1e-5)
-    auto = layers.attention(q, kk, v, mask, 0.25, impl="auto")
+    auto = dispatch.attention(q, kk, v, mask, 0.25, impl="auto")
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
     if jax.default_backend() == "cpu":
         # On a CPU backend "auto" lowers the einsum reference (the TPU kernel only for TPU lowerings).
-        assert layers.resolve_attention_impl("auto", jnp.bfloat16, 256) == "platform"
-        assert layers.resolve_attention_impl("auto", jnp.bfloat16, 256, softcap=50.0) == "xla"
+        assert dispatch.resolve_attention_impl("auto", jnp.bfloat16, 256) == "platform"
+        assert dispatch.resolve_attention_impl("auto", jnp.bfloat16, 256, softcap=50.0) == "xla"
     with pytest.raises(ValueError, match="valid"):
-        layers.resolve_attention_impl("flash", jnp.bfloat16, 256)
+        dispatch.resolve_attention_impl("flash", jnp.bfloat16, 256)
     with pytest.raises(ValueError, match="softcapping"):
-        layers.resolve_attention_impl("cudnn", jnp.bfloat16, 256, softcap=50.0)
+        dispatch.resolve_attention_impl("cudnn", jnp.bfloat16, 256, softcap=50.0)
 
 
 def test_model_attention_impl_switch_keeps_margins():
@@ -187,8 +188,8 @@ def test_peer_pipeline_scores_what_kalm_jax_scores(tmp_path):
     """The PyTorch peer (released path: pool -> model(encoder_outputs=pooled) -> yes/no at the last token)
     gives kalm-jax's margins for the same weights, so the speed comparison is like for like."""
     torch = pytest.importorskip("torch")
-    from kalm_jax import hf
-    from kalm_jax.bench import peer as peer_lib
+    from kalm_jax.checkpoints import hf
+    from kalm_jax.perf.bench import peer as peer_lib
 
     p = peer_lib.build("tiny", "cpu", "float32", seed=3)
     p.model.save_pretrained(tmp_path)
@@ -212,8 +213,8 @@ def test_peer_pipeline_scores_what_kalm_jax_scores(tmp_path):
 def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
     """bench.py:h100 is the fixed grid (nano, large; n 512/4096; r 1,4,8; 100 candidates; no train) and
     writes one JSON and one markdown table; flags given explicitly shrink it so CPU runs the same path."""
-    from kalm_jax.bench import suite
-    from kalm_jax.bench.__main__ import main
+    from kalm_jax.perf.bench import suite
+    from kalm_jax.perf.bench.__main__ import main
 
     assert (
         suite.H100.shapes,
@@ -250,8 +251,8 @@ def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     """One cell that raises (here: the score cell at r = 4) becomes a `skipped: failed: ...` row; the other
     cells are still measured and written, and the exit status is 1."""
-    from kalm_jax.bench import suite
-    from kalm_jax.bench.__main__ import main
+    from kalm_jax.perf.bench import suite
+    from kalm_jax.perf.bench.__main__ import main
 
     real = suite.score_row
 
@@ -297,7 +298,7 @@ def test_side_by_side_same_weights_interleaved(tmp_path):
     """bench.py:side_by_side: kalm-jax (through the engine) and the PyTorch peer on identical weights give
     the same pooled states and margins; both sides are timed in every round."""
     pytest.importorskip("torch")
-    from kalm_jax.bench.__main__ import main
+    from kalm_jax.perf.bench.__main__ import main
 
     out = tmp_path / "sbs.json"
     rc = main(

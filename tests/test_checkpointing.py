@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kalm_jax import checkpointing
-from kalm_jax.config import get_preset
-from kalm_jax.model import init_model
+from kalm_jax.checkpoints import orbax_io
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
 
 
 def _leaves(model):
-    return [np.asarray(x) for x in jax.tree.leaves(checkpointing.param_tree(model))]
+    return [np.asarray(x) for x in jax.tree.leaves(orbax_io.param_tree(model))]
 
 
 def test_round_trip_with_lora(tmp_path):
@@ -21,25 +21,25 @@ def test_round_trip_with_lora(tmp_path):
     model.add_lora(4, 8.0, ("q", "o"), rngs=nnx.Rngs(1))
     b = model.decoder.q_lora_b
     b.set_value(b.get_value() + 0.01)
-    path = checkpointing.save_model(model, tmp_path / "ckpt")
-    cfg, back = checkpointing.load_model(path)
+    path = orbax_io.save_model(model, tmp_path / "ckpt")
+    cfg, back = orbax_io.load_model(path)
     assert cfg == model.config and back.has_lora
     for x, y in zip(_leaves(model), _leaves(back)):
         assert x.dtype == y.dtype and np.array_equal(x, y)
-    assert checkpointing.fingerprint(model) == checkpointing.fingerprint(back)
+    assert orbax_io.fingerprint(model) == orbax_io.fingerprint(back)
     with pytest.raises(FileExistsError):
-        checkpointing.save_model(model, path)
+        orbax_io.save_model(model, path)
     assert not list(tmp_path.glob(".ckpt.tmp-*"))
 
 
 def test_load_any_dispatch(tiny_hf, tmp_path):
-    cfg, model = checkpointing.load_any(tiny_hf[0])
+    cfg, model = orbax_io.load_any(tiny_hf[0])
     assert cfg.num_kv_heads == 2
-    path = checkpointing.save_model(model, tmp_path / "m")
-    cfg2, again = checkpointing.load_any(path, dtype="bfloat16")
+    path = orbax_io.save_model(model, tmp_path / "m")
+    cfg2, again = orbax_io.load_any(path, dtype="bfloat16")
     assert again.embedding.get_value().dtype == np.dtype("bfloat16")
     with pytest.raises(ValueError, match="not an HF checkpoint"):
-        checkpointing.load_any(tmp_path)
+        orbax_io.load_any(tmp_path)
     with pytest.raises(FileNotFoundError):
-        checkpointing.load_any(tmp_path / "nope")
-    assert checkpointing.fingerprint(model) != checkpointing.fingerprint(init_model(cfg, seed=9))
+        orbax_io.load_any(tmp_path / "nope")
+    assert orbax_io.fingerprint(model) != orbax_io.fingerprint(init_model(cfg, seed=9))

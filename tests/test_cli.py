@@ -30,15 +30,20 @@ CLIS = {
         "'warmup_steps'",
     ),
     "eval.py": ([sys.executable, str(REPO / "eval.py")], "ratioz", "<top level>", "'ratios'"),
-    "label": ([sys.executable, "-m", "kalm_jax.training.label"], "teachr", "<top level>", "'teacher'"),
-    "convert": ([sys.executable, "-m", "kalm_jax.convert", "inspect", "x"], "againts", "<top level>", "'against'"),
-    "aot": ([sys.executable, "-m", "kalm_jax.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
-    "bench": ([sys.executable, "-m", "kalm_jax.bench"], "shapez", "<top level>", "'shapes'"),
-    "bm25": ([sys.executable, "-m", "kalm_jax.data.bm25"], "k2", "<top level>", "'k1'"),
+    "label": ([sys.executable, "-m", "kalm_jax.cli.label"], "teachr", "<top level>", "'teacher'"),
+    "convert": (
+        [sys.executable, "-m", "kalm_jax.cli.convert", "inspect", "x"],
+        "againts",
+        "<top level>",
+        "'against'",
+    ),
+    "aot": ([sys.executable, "-m", "kalm_jax.perf.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
+    "bench": ([sys.executable, "-m", "kalm_jax.perf.bench"], "shapez", "<top level>", "'shapes'"),
+    "bm25": ([sys.executable, "-m", "kalm_jax.cli.bm25"], "k2", "<top level>", "'k1'"),
     "mteb": ([sys.executable, "-m", "kalm_jax.mteb"], "taks", "<top level>", "'tasks'"),
-    "negatives": ([sys.executable, "-m", "kalm_jax.data.negatives"], "num_negative", "<top level>", "'num_negatives'"),
+    "negatives": ([sys.executable, "-m", "kalm_jax.cli.negatives"], "num_negative", "<top level>", "'num_negatives'"),
     "tfds_builder": ([sys.executable, "-m", "kalm_jax.cli.tfds_build"], "validaton", "<top level>", "'validation'"),
-    "tokenizer": ([sys.executable, "-m", "kalm_jax.tokenizer"], "no_gemma_layout", "<top level>", "'gemma_layout'"),
+    "tokenizer": ([sys.executable, "-m", "kalm_jax.cli.tokenizer"], "no_gemma_layout", "<top level>", "'gemma_layout'"),
 }
 
 
@@ -108,10 +113,10 @@ def test_every_default_lives_in_configs():
 @pytest.mark.parametrize(
     "module, missing",
     [
-        ("kalm_jax.data.bm25", "data_dir"),
-        ("kalm_jax.data.negatives", "data_dir"),
+        ("kalm_jax.cli.bm25", "data_dir"),
+        ("kalm_jax.cli.negatives", "data_dir"),
         ("kalm_jax.cli.tfds_build", "train"),
-        ("kalm_jax.tokenizer", "out"),
+        ("kalm_jax.cli.tokenizer", "out"),
     ],
 )
 def test_data_clis_name_a_missing_required_field(module, missing, capsys):

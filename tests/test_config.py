@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from kalm_jax import config as C
-from kalm_jax.model import abstract_model, count_params
+from kalm_jax.model import config as C
+from kalm_jax.model.t5gemma2 import abstract_model, count_params
 
 # Published figures: the KaLM-Reranker-V1 model cards (https://huggingface.co/KaLM-Embedding; non-embedding
 # params per stack, embedding params) and the T5Gemma 2 text-parameter totals (embedding once, no vision tower)

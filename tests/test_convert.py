@@ -15,9 +15,12 @@ import pytest
 from flax import nnx
 from torch_reference import torch_forward
 
-from kalm_jax import checkpointing, convert, hf, prompts, scoring
-from kalm_jax.config import get_preset
-from kalm_jax.model import LoRAParam, init_model
+from kalm_jax.checkpoints import hf, orbax_io
+from kalm_jax.cli import convert as convert_cli
+from kalm_jax.inference import scoring
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import LoRAParam, init_model
+from kalm_jax.text import prompts
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -125,10 +128,10 @@ def _lora_trained_tiny():
 def exported(tmp_path_factory, tokenizer):
     """A LoRA-trained tiny JAX model and its fp32 HF export (with the scifact tokenizer)."""
     model = _lora_trained_tiny()
-    before = jax.tree.map(np.asarray, checkpointing.param_tree(model))
+    before = jax.tree.map(np.asarray, orbax_io.param_tree(model))
     out = hf.save(model, None, tmp_path_factory.mktemp("export") / "hf", dtype="float32", tokenizer=tokenizer)
     assert model.has_lora  # the caller's model is not merged or otherwise changed
-    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, checkpointing.param_tree(model)))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, orbax_io.param_tree(model)))
     return model, out
 
 
@@ -232,37 +235,37 @@ def test_training_workdir_to_hf_to_orbax_is_identical(exported, tokenizer, tmp_p
     model, _ = exported
     # The layout train.py writes: <workdir>/checkpoints/<step>/{params/, kalm_model.json}.
     workdir = tmp_path / "run"
-    checkpointing.save_model(model, workdir / "checkpoints" / "7")
+    orbax_io.save_model(model, workdir / "checkpoints" / "7")
     (workdir / "tokenizer.model").write_bytes(tokenizer.proto_bytes)
-    assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
+    assert convert_cli.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer.proto_bytes
-    assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert convert_cli.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "tokenizer.model").is_file()
-    _, back = checkpointing.load_model(tmp_path / "back")
+    _, back = orbax_io.load_model(tmp_path / "back")
     merged = nnx.clone(model)
     merged.merge_lora()
-    a, b = checkpointing.param_tree(merged), checkpointing.param_tree(back)
+    a, b = orbax_io.param_tree(merged), orbax_io.param_tree(back)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-6), a, b)
 
     # Without LoRA the fp32 trip Orbax -> HF -> Orbax is bit-exact.
-    checkpointing.save_model(merged, tmp_path / "plain")
-    assert convert.main(["to-hf", str(tmp_path / "plain"), str(tmp_path / "hf2"), "--config.dtype=float32"]) == 0
-    assert convert.main(["from-hf", str(tmp_path / "hf2"), str(tmp_path / "back2")]) == 0
-    _, back2 = checkpointing.load_model(tmp_path / "back2")
+    orbax_io.save_model(merged, tmp_path / "plain")
+    assert convert_cli.main(["to-hf", str(tmp_path / "plain"), str(tmp_path / "hf2"), "--config.dtype=float32"]) == 0
+    assert convert_cli.main(["from-hf", str(tmp_path / "hf2"), str(tmp_path / "back2")]) == 0
+    _, back2 = orbax_io.load_model(tmp_path / "back2")
     jax.tree.map(
         lambda x, y: np.testing.assert_array_equal(np.asarray(y), np.asarray(x)),
-        checkpointing.param_tree(merged),
-        checkpointing.param_tree(back2),
+        orbax_io.param_tree(merged),
+        orbax_io.param_tree(back2),
     )
 
 
 def test_hf_with_vision_through_orbax_and_back_is_bit_exact(tiny_hf, tmp_path):
     src = tiny_hf[0]
-    assert convert.main(["from-hf", str(src), str(tmp_path / "ckpt")]) == 0
-    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
+    assert convert_cli.main(["from-hf", str(src), str(tmp_path / "ckpt")]) == 0
+    assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
     _assert_bit_exact(src, tmp_path / "hf")
-    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "text"), "--config.text_only=true"]) == 0
+    assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "text"), "--config.text_only=true"]) == 0
     names = set(_raw(tmp_path / "text"))
     assert names == {s.hf_name for s in hf.tensor_specs(hf.read_config(src))}
 
@@ -282,7 +285,7 @@ def test_inspect_names_offending_tensors(tiny_hf, tmp_path, capsys):
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     (bad / "config.json").write_text((src / "config.json").read_text())
 
-    assert convert.main(["inspect", str(bad), "--config.against=hf", "--config.summary=true"]) == 1
+    assert convert_cli.main(["inspect", str(bad), "--config.against=hf", "--config.summary=true"]) == 1
     text = capsys.readouterr().out
     assert "3 problems" in text
     assert "model.decoder.layers.1.mlp.up_proj.weight has shape (100, 64), expected (128, 64)" in text
@@ -290,7 +293,7 @@ def test_inspect_names_offending_tensors(tiny_hf, tmp_path, capsys):
     assert "unexpected tensor model.decoder.layers.1.self_attn.extra_proj.weight" in text
     # The lone file, checked against an explicit config, and the intact source: listing + counts, exit 0.
     assert (
-        convert.main(
+        convert_cli.main(
             [
                 "inspect",
                 str(bad / "model.safetensors"),
@@ -301,15 +304,15 @@ def test_inspect_names_offending_tensors(tiny_hf, tmp_path, capsys):
         )
         == 1
     )
-    assert convert.main(["inspect", str(src), "--config.against=hf"]) == 0
+    assert convert_cli.main(["inspect", str(src), "--config.against=hf"]) == 0
     text = capsys.readouterr().out
     assert "model.encoder.layers.0.self_attn.q_proj.weight" in text and "[128, 64]" in text
     assert "vision tower + projector" in text and "OK: matches" in text
 
 
 def test_inspect_orbax_checkpoint(exported, tmp_path, capsys):
-    checkpointing.save_model(exported[0], tmp_path / "ckpt")
-    assert convert.main(["inspect", str(tmp_path / "ckpt"), "--config.against=hf"]) == 0
+    orbax_io.save_model(exported[0], tmp_path / "ckpt")
+    assert convert_cli.main(["inspect", str(tmp_path / "ckpt"), "--config.against=hf"]) == 0
     text = capsys.readouterr().out
     assert "decoder.q_lora_b" in text and "LoRA factors are folded" in text and "OK: matches" in text
 
@@ -380,13 +383,13 @@ def test_train_py_checkpoint_to_hf_and_back(data_dir, tmp_path):
         cwd=tmp_path,
         capture_output=True,
     )
-    assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
+    assert convert_cli.main(["to-hf", str(workdir), str(tmp_path / "hf"), "--config.dtype=float32"]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
-    assert convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
-    _, trained = checkpointing.load_any(workdir)
-    _, back = checkpointing.load_model(tmp_path / "back")
+    assert convert_cli.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    _, trained = orbax_io.load_any(workdir)
+    _, back = orbax_io.load_model(tmp_path / "back")
     if trained.has_lora:
         trained.merge_lora()
-    a, b = checkpointing.param_tree(trained), checkpointing.param_tree(back)
+    a, b = orbax_io.param_tree(trained), orbax_io.param_tree(back)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(y), np.asarray(x)), a, b)

@@ -10,8 +10,8 @@ import pytest
 from jax._src.array import ArrayImpl
 from jax.experimental import multihost_utils
 
-from kalm_jax import mesh as sharding
-from kalm_jax.config import get_preset
+from kalm_jax.model.config import get_preset
+from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training.config import default_config
 from kalm_jax.training.dev_eval import DevSet
 from kalm_jax.training.state import build_model

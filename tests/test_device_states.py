@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kalm_jax import scoring
-from kalm_jax.config import get_preset
-from kalm_jax.engine import DeviceStates, InferenceEngine
-from kalm_jax.model import init_model
-from kalm_jax.passage_states import PassageStates
+from kalm_jax.inference import programs
+from kalm_jax.inference.engine import DeviceStates, InferenceEngine
+from kalm_jax.inference.states import PassageStates
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
 
 TINY = get_preset("tiny")
 
@@ -61,13 +61,13 @@ def test_gather_runs_on_the_device_with_bounded_compilation(engine, cache, pairs
     rng = np.random.default_rng(2)
 
     def run(sizes):
-        before, gathers = engine.compiles, scoring.gather_states._cache_size()
+        before, gathers = engine.compiles, programs.gather_states._cache_size()
         for size in sizes:
             passage_of = rng.integers(0, 8, size)
             passage_of[0] = longest
             margins = engine.margins(prompt_rows[:1], np.zeros(size, np.int64), placed, passage_of, batch_size=size)
             assert margins.shape == (size,) and np.isfinite(margins).all()
-        return engine.compiles - before, scoring.gather_states._cache_size() - gathers
+        return engine.compiles - before, programs.gather_states._cache_size() - gathers
 
     sizes = [1, 2, 3, 5, 8, 13, 21, 30]
     buckets = {engine.rows(s) for s in sizes}  # (8, 16, 32 with the 8 test devices)

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from kalm_jax import mep, scoring
-from kalm_jax.engine import Buckets, InferenceEngine, is_oom, probability
-from kalm_jax.reranker import Reranker
+from kalm_jax.inference.engine import Buckets, InferenceEngine, is_oom, probability
+from kalm_jax.inference.engine import probability as engine_probability
+from kalm_jax.inference.reranker import Reranker
+from kalm_jax.model import mep
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_probability_never_compiles(compiles):
     np.testing.assert_allclose(
         probability([-1000.0, 0.0, 1000.0, 2.0]), [0.0, 0.5, 1.0, 1 / (1 + np.exp(-2.0))], rtol=1e-6
     )
-    np.testing.assert_array_equal(scoring.probability([0.0]), [0.5])
+    np.testing.assert_array_equal(engine_probability([0.0]), [0.5])
 
 
 def test_finer_states_served_to_a_coarser_reranker_compile_a_bounded_number_of_programs(rr, docs, compiles):
@@ -80,7 +81,7 @@ def test_odd_ratios_pad_to_a_multiple_of_the_ratio_not_the_lcm(rr, docs, ratio):
     ids, mask = rr.engine.document_ids(docs[:4]), None
     longest = max(len(x) for x in ids)
     assert states.states.shape[1] == -(-longest // ratio)
-    from kalm_jax import prompts
+    from kalm_jax.text import prompts
 
     ids, mask = prompts.pad_batch(ids, rr.tokenizer.pad_id)
     ref, ref_mask, ref_counts = mep.pool(rr.model.encode(ids, mask), mask, ratio)
@@ -93,7 +94,7 @@ def test_a_ratio_longer_than_every_document_pools_each_to_one_state_without_padd
     # were padded to 10**6 tokens, an encoder allocation of 7.28 TiB); longer documents still pad to the ratio.
     assert Buckets().document_length(3, 10**6) == 128 and Buckets().document_length(200, 10**6) == 256
     assert Buckets().document_length(128, 128) == 128 and Buckets().document_length(300, 200) == 400
-    from kalm_jax import prompts
+    from kalm_jax.text import prompts
 
     big = 10**6
     pooled, pmask, counts = mep.pool(np.ones((1, 3, 4), np.float32), np.ones((1, 3), np.int32), 10**12)

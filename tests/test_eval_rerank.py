@@ -10,7 +10,7 @@ import pytest
 from kalm_jax.data.beir import load_beir
 from kalm_jax.data.trec import read_run
 from kalm_jax.evaluation import metrics, rerank
-from kalm_jax.passage_states import PassageStates
+from kalm_jax.inference.states import PassageStates
 
 
 class OracleMargins:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kalm_jax import prompts, scoring
-from kalm_jax.config import get_preset
 from kalm_jax.data.beir import load_beir
-from kalm_jax.engine import InferenceEngine
 from kalm_jax.evaluation import rerank
 from kalm_jax.evaluation import store as store_lib
-from kalm_jax.model import init_model
+from kalm_jax.inference import programs, scoring
+from kalm_jax.inference.engine import InferenceEngine
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
+from kalm_jax.text import prompts
 
 MAX_LEN = 96
 
@@ -36,13 +37,13 @@ def texts(scifact):
 @pytest.fixture
 def count_encoder(monkeypatch):
     calls = {"n": 0, "rows": 0}
-    real = scoring.encode_pool
+    real = programs.encode_pool
 
     def counting(graphdef, state, ids, mask, ratio):
         calls["n"] += 1
         return real(graphdef, state, ids, mask, ratio)
 
-    monkeypatch.setattr(scoring, "encode_pool", counting)
+    monkeypatch.setattr(programs, "encode_pool", counting)
     return calls
 
 
@@ -143,11 +144,11 @@ def test_scores_through_the_store_equal_scores_from_text(tmp_path, model, tokeni
 WRITER = r"""
 import json, sys, time
 from pathlib import Path
-from kalm_jax.config import get_preset
-from kalm_jax.engine import InferenceEngine
+from kalm_jax.model.config import get_preset
+from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.evaluation import store as store_lib
-from kalm_jax.model import init_model
-from kalm_jax.tokenizer import Tokenizer
+from kalm_jax.model.t5gemma2 import init_model
+from kalm_jax.text.spm import Tokenizer
 
 root, tok, texts_file, lo, hi, me, other = sys.argv[1:]
 texts = json.loads(Path(texts_file).read_text())

@@ -23,11 +23,12 @@ import jax
 import numpy as np
 import pytest
 
-from kalm_jax import loader, scoring
+from kalm_jax.checkpoints import loader
 from kalm_jax.data.training_jsonl import TrainingExample, read_training_jsonl, write_training_jsonl
 from kalm_jax.data.trec import read_run
-from kalm_jax.hf_tokenizer import HFTokenizer
-from kalm_jax.reranker import Reranker
+from kalm_jax.inference import programs
+from kalm_jax.inference.reranker import Reranker
+from kalm_jax.text.hf_json import HFTokenizer
 from kalm_jax.training.label import label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def test_train_py_fine_tunes_from_a_hub_checkpoint_with_its_tokenizer_json(hub_c
 
 
 def test_a_tokenizer_of_another_model_is_an_error(hub_checkpoint, tmp_path):
-    from kalm_jax.tokenizer import TokenizerError
+    from kalm_jax.text.spm import TokenizerError
 
     hub, _ = hub_checkpoint
     small = tmp_path / "small"
@@ -193,21 +194,21 @@ def test_a_tokenizer_of_another_model_is_an_error(hub_checkpoint, tmp_path):
 # ----------------------------------------------------------------------------------------- one engine
 @pytest.fixture
 def only_through_engine(monkeypatch):
-    """Wraps the jitted encode / score / re-pool functions: every call must come from kalm_jax/engine.py."""
+    """Wraps the jitted encode / score / re-pool functions: every call must come from kalm_jax/inference/engine.py."""
     calls = {"encode_pool": 0, "score_pairs": 0, "repool_states": 0}
-    engine_file = str(Path(scoring.__file__).with_name("engine.py"))
+    engine_file = str(Path(programs.__file__).with_name("engine.py"))
 
     def wrap(name):
-        real = getattr(scoring, name)
+        real = getattr(programs, name)
 
         def checked(*a, **k):
             files = [f.filename for f in traceback.extract_stack()]
-            assert engine_file in files, f"scoring.{name} reached without the engine: {files[-4:]}"
+            assert engine_file in files, f"programs.{name} reached without the engine: {files[-4:]}"
             calls[name] += 1
             return real(*a, **k)
 
         checked._cache_size = real._cache_size
-        monkeypatch.setattr(scoring, name, checked)
+        monkeypatch.setattr(programs, name, checked)
 
     for name in calls:
         wrap(name)

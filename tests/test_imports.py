@@ -1,4 +1,4 @@
-"""Module boundaries: no module uses another module's private (``_name``) functions or constants.
+"""Module boundaries: no import cycles, and no module uses another module's private (``_name``) names.
 
 What one module needs from another is public in the other (promoted, with a docstring); the check reads every
 ``from kalm_jax.x import _y`` and every ``x._y`` on an imported kalm_jax module, at any depth of the code.
@@ -56,11 +56,73 @@ def test_no_private_name_is_used_across_modules():
 def test_the_check_sees_a_private_import(tmp_path):
     """The checker itself: a module importing another's private name is reported."""
     probe = PACKAGE / "_import_check_probe.py"
-    probe.write_text("from kalm_jax.mep import _hidden\nfrom kalm_jax import model\nmodel._secret\n")
+    probe.write_text("from kalm_jax.model.mep import _hidden\nfrom kalm_jax.model import t5gemma2\nt5gemma2._secret\n")
     try:
         assert _private_uses(probe) == [
-            "kalm_jax._import_check_probe: from kalm_jax.mep import _hidden",
-            "kalm_jax._import_check_probe: kalm_jax.model._secret",
+            "kalm_jax._import_check_probe: from kalm_jax.model.mep import _hidden",
+            "kalm_jax._import_check_probe: kalm_jax.model.t5gemma2._secret",
         ]
     finally:
         probe.unlink()
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The kalm_jax modules `path` imports, at any depth of its code (lazy imports included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kalm_jax") and not node.level:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                out.add(full if full in modules else node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("kalm_jax"))
+    return out & modules
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                found.append(sorted(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others (lazy imports count too)."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(p) for p in paths}
+    graph = {_module_name(p): _imports(p, modules) - {_module_name(p)} for p in paths}
+    assert not _cycles(graph), "import cycles:\n" + "\n".join(" <-> ".join(c) for c in _cycles(graph))
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

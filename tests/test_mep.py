@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kalm_jax import mep
+from kalm_jax.model import mep
 
 
 def _loop_reference(states, mask, r):
@@ -92,8 +92,8 @@ def test_packed_ratios_unpack_to_one_padded_row_per_passage_and_ratio():
 
 
 def test_decoder_refuses_packed_passages_that_do_not_fit_the_layout():
-    from kalm_jax.config import get_preset
-    from kalm_jax.model import init_model
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.model.t5gemma2 import init_model
 
     model = init_model(get_preset("tiny"), seed=0)
     h = model.config.hidden_size

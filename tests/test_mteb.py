@@ -21,8 +21,8 @@ import pytest
 from mteb.models.search_wrappers import SearchCrossEncoderWrapper
 
 from kalm_jax.evaluation import sweep
+from kalm_jax.inference.reranker import Reranker
 from kalm_jax.mteb import KaLMJaxReranker, NonFiniteScoreError, local_task
-from kalm_jax.reranker import Reranker
 
 RATIO = 4
 DOC_TOKENS, QUERY_TOKENS = 96, 32

@@ -1,4 +1,4 @@
-"""eval.py as 2 JAX processes x 2 CPU devices (kalm_jax.launch) against 1 process: the same metrics, a
+"""eval.py as 2 JAX processes x 2 CPU devices (kalm_jax.parallel.launch) against 1 process: the same metrics, a
 store written by 2 processes that opens in 1 with the same states, and a sweep killed on all processes
 that resumes with only the missing cells.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kalm_jax import checkpointing
-from kalm_jax.config import get_preset
+from kalm_jax.checkpoints import orbax_io
 from kalm_jax.evaluation import store as store_lib
-from kalm_jax.model import init_model
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 400
@@ -34,7 +34,7 @@ RATIOS = (1, 4, 8)
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("mh_ckpt") / "tiny"
-    checkpointing.save_model(init_model(get_preset("tiny"), seed=11), d)
+    orbax_io.save_model(init_model(get_preset("tiny"), seed=11), d)
     shutil.copy(tokenizer.path, d / "tokenizer.model")
     return d
 
@@ -66,7 +66,7 @@ def launcher(args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "kalm_jax.launch",
+        "kalm_jax.parallel.launch",
         "-n",
         "2",
         "--devices_per_process",

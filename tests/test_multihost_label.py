@@ -1,4 +1,4 @@
-"""`python -m kalm_jax.training.label` as 2 JAX processes x 4 CPU devices (kalm_jax.launch) against 1 process x 8.
+"""`kalm-label` as 2 JAX processes x 4 CPU devices (kalm_jax.parallel.launch) against 1 process x 8.
 
 40 scifact training groups (1 positive, up to 3 negatives) labelled by a tiny random teacher in shards of 2
 examples (20 shards): one process; two processes (each scores only its contiguous half of the shards, the
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kalm_jax import checkpointing
-from kalm_jax.config import get_preset
+from kalm_jax.checkpoints import orbax_io
 from kalm_jax.data.training_jsonl import read_training_jsonl
-from kalm_jax.model import init_model
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.training.label import parts_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ LOG = re.compile(r"\[(p\d)\] labelling: process (\d) of 2 scored (\d+) pairs in 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("label_teacher") / "tiny"
-    checkpointing.save_model(init_model(get_preset("tiny"), seed=5), d)
+    orbax_io.save_model(init_model(get_preset("tiny"), seed=5), d)
     shutil.copy(tokenizer.path, d / "tokenizer.model")
     return d
 
@@ -95,7 +95,7 @@ def launcher(args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "kalm_jax.launch",
+        "kalm_jax.parallel.launch",
         "-n",
         "2",
         "--devices_per_process",

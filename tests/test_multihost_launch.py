@@ -20,8 +20,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kalm_jax import distributed
 from kalm_jax.data.pipeline import CollateGroups, PipelineConfig, ShardedBatchSampler
+from kalm_jax.parallel import distributed
 from kalm_jax.training.step import gather_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def env() -> dict:
 
 def launch(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "kalm_jax.launch", *args],
+        [sys.executable, "-m", "kalm_jax.cli.launch", *args],
         env=env(),
         capture_output=True,
         text=True,
@@ -70,7 +70,8 @@ def test_two_processes_sum_a_global_array(tmp_path):
     script = tmp_path / "sum.py"
     script.write_text(
         textwrap.dedent("""
-        from kalm_jax import cli, distributed
+        from kalm_jax import cli
+        from kalm_jax.parallel import distributed
         _, a = cli.parse(__import__("sys").argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
         assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
         import jax, jax.numpy as jnp, numpy as np
@@ -255,7 +256,7 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
     """)
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--", str(script)],
+        [sys.executable, "-m", "kalm_jax.cli.launch", "-n", "2", "--", str(script)],
         env=env(),
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -281,7 +282,8 @@ def test_a_barrier_outwaits_host_work_longer_than_the_first_collective_deadline(
     script.write_text(
         textwrap.dedent("""
         import sys, time
-        from kalm_jax import cli, distributed
+        from kalm_jax import cli
+        from kalm_jax.parallel import distributed
         _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
         assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
         import jax, numpy as np
@@ -308,7 +310,8 @@ def test_a_barrier_timeout_names_the_barrier_and_the_missing_process(tmp_path):
     script.write_text(
         textwrap.dedent("""
         import os, sys, time
-        from kalm_jax import cli, distributed
+        from kalm_jax import cli
+        from kalm_jax.parallel import distributed
         _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
         assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
         import jax
@@ -325,7 +328,7 @@ def test_a_barrier_timeout_names_the_barrier_and_the_missing_process(tmp_path):
     e = env()
     e["KALM_BARRIER_TIMEOUT"] = "3"
     r = subprocess.run(
-        [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--devices_per_process", "1", "--", str(script)],
+        [sys.executable, "-m", "kalm_jax.cli.launch", "-n", "2", "--devices_per_process", "1", "--", str(script)],
         env=e,
         capture_output=True,
         text=True,
@@ -362,7 +365,7 @@ def _listening(port: int) -> list:
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
 def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
     """The coordination service (unauthenticated gRPC) of a launcher job binds 127.0.0.1, not every interface."""
-    from kalm_jax.launch import free_port
+    from kalm_jax.parallel.launch import free_port
 
     port = free_port()
     script = tmp_path / "hold.py"
@@ -370,7 +373,8 @@ def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
     script.write_text(
         textwrap.dedent(f"""
         import os, sys, time
-        from kalm_jax import cli, distributed
+        from kalm_jax import cli
+        from kalm_jax.parallel import distributed
         _, a = cli.parse(sys.argv[1:], "label.py", flags=cli.DISTRIBUTED_FLAGS)
         assert distributed.initialize(a["coordinator_address"], a["num_processes"], a["process_id"])
         print("ready", flush=True)
@@ -383,7 +387,7 @@ def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
         [
             sys.executable,
             "-m",
-            "kalm_jax.launch",
+            "kalm_jax.parallel.launch",
             "-n",
             "2",
             "--devices_per_process",
@@ -437,7 +441,7 @@ def test_the_launcher_kills_processes_that_ignore_a_forwarded_sigterm(tmp_path):
     """)
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kalm_jax.launch", "-n", "2", "--grace", "2", "--", str(script)],
+        [sys.executable, "-m", "kalm_jax.cli.launch", "-n", "2", "--grace", "2", "--", str(script)],
         env=env(),
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""train.py as 2 JAX processes x 4 CPU devices (kalm_jax.launch) against 1 process x 8 devices.
+"""train.py as 2 JAX processes x 4 CPU devices (kalm_jax.parallel.launch) against 1 process x 8 devices.
 
 Five short runs of the tiny preset (6 steps, global batch 8): one process straight; two processes
 straight; two processes stopped by a SIGTERM to process 1 after step 2 (both save at the same step),
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from kalm_jax import checkpointing
+from kalm_jax.checkpoints import orbax_io
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -92,7 +92,7 @@ def launcher(workdir: Path, args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "kalm_jax.launch",
+        "kalm_jax.parallel.launch",
         "-n",
         "2",
         "--devices_per_process",
@@ -118,8 +118,8 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def final_params(workdir: Path) -> list[np.ndarray]:
-    _, model = checkpointing.load_any(workdir)
-    return jax.tree.leaves(checkpointing.param_tree(model))
+    _, model = orbax_io.load_any(workdir)
+    return jax.tree.leaves(orbax_io.param_tree(model))
 
 
 def child_pid(launcher_pid: int, process_id: int) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from kalm_jax.cli.negatives import main
 from kalm_jax.data.beir import load_beir
-from kalm_jax.data.negatives import main, mine_hard_negatives
+from kalm_jax.data.negatives import mine_hard_negatives
 from kalm_jax.data.training_jsonl import read_training_jsonl
 from kalm_jax.data.trec import ranked
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from torch_reference import build_tiny_hf, official_pool, torch_forward
 
-from kalm_jax import hf, mep
+from kalm_jax.checkpoints import hf
+from kalm_jax.model import mep
 
 TOL = 1e-4
 CASES = {

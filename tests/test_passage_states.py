@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kalm_jax import mep
-from kalm_jax.passage_states import PassageStates
+from kalm_jax.inference.states import PassageStates
+from kalm_jax.model import mep
 
 
 def _states(r=2, seed=0):

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from kalm_jax import prompts
 from kalm_jax.data.beir import load_beir
 from kalm_jax.data.negatives import mine_hard_negatives
 from kalm_jax.data.pipeline import (
@@ -21,6 +20,7 @@ from kalm_jax.data.pipeline import (
 from kalm_jax.data.textfile import DataError
 from kalm_jax.data.tfds_builder import data_source, prepare
 from kalm_jax.data.training_jsonl import write_training_jsonl
+from kalm_jax.text import prompts
 
 N = 800
 CFG = PipelineConfig(batch_size=8, group_size=4, max_document_tokens=64, max_query_tokens=24, seed=7)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kalm_jax import prompts
+from kalm_jax.text import prompts
 
 SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -73,9 +73,9 @@ def test_stage1_without_instruction():
 
 @pytest.fixture(scope="module")
 def tiny_reranker(tokenizer):
-    from kalm_jax.config import get_preset
-    from kalm_jax.model import init_model
-    from kalm_jax.reranker import Reranker
+    from kalm_jax.inference.reranker import Reranker
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.model.t5gemma2 import init_model
 
     return lambda instruction=None: Reranker(init_model(get_preset("tiny"), seed=0), tokenizer, instruction=instruction)
 

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kalm_jax import checkpointing, integrity
-from kalm_jax import mesh as sharding
-from kalm_jax.config import get_preset
-from kalm_jax.model import init_model
+from kalm_jax.checkpoints import integrity, orbax_io
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
+from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer, CorruptCheckpoint, SettingsMismatch
 from kalm_jax.training.config import default_config, train_settings
 from kalm_jax.training.loop import MetricsWriter
@@ -52,7 +52,7 @@ def save_steps(workdir: Path, base, steps=(3, 6), settings=True) -> None:
     ck = Checkpointer(workdir, c.checkpoint, settings=train_settings(c) if settings else None)
     for s in steps:
         st = dict(state, step=jnp.asarray(s, jnp.int32), params=jax.tree.map(lambda x, s=s: x + s, state["params"]))
-        assert ck.save(st, checkpointing.model_meta(ts.model(st)), None, force=True)
+        assert ck.save(st, orbax_io.model_meta(ts.model(st)), None, force=True)
     ck.close()
 
 
@@ -141,24 +141,24 @@ def test_only_step_corrupt_is_an_error_and_stays_in_place(base, tmp_path):
 def test_model_checkpoint_checksums_and_load_any_fallback(base, tmp_path, caplog):
     c, ts, state = base
     model = ts.model(state)
-    out = checkpointing.save_model(model, tmp_path / "m")
+    out = orbax_io.save_model(model, tmp_path / "m")
     assert (out / integrity.CHECKSUMS).is_file()
-    checkpointing.load_model(out)
+    orbax_io.load_model(out)
     flip_bytes(out)
     with pytest.raises(integrity.IntegrityError, match="sha256 mismatch"):
-        checkpointing.load_model(out)
+        orbax_io.load_model(out)
     # a workdir whose latest step is broken: load_any falls back to the previous complete step
     w = tmp_path / "w"
     save_steps(w, base)
     flip_bytes(w / "checkpoints" / "6")
     with caplog.at_level(logging.WARNING):
-        _, m = checkpointing.load_any(w)
+        _, m = orbax_io.load_any(w)
     assert "falling back" in caplog.text
     np.testing.assert_array_equal(
-        np.asarray(checkpointing.param_tree(m)["embedding"]), np.asarray(state["params"]["embedding"]) + 3
+        np.asarray(orbax_io.param_tree(m)["embedding"]), np.asarray(state["params"]["embedding"]) + 3
     )
     # a path to a file inside a checkpoint means its directory
-    _, m2 = checkpointing.load_any(w / "checkpoints" / "3" / "kalm_model" / "kalm_model.json")
+    _, m2 = orbax_io.load_any(w / "checkpoints" / "3" / "kalm_model" / "kalm_model.json")
     assert m2.config == m.config
 
 
@@ -176,17 +176,17 @@ def test_torn_metrics_line_does_not_break_resume(tmp_path):
 
 def test_truncated_params_without_checksums_give_a_short_message(base, tmp_path):
     c, ts, state = base
-    out = checkpointing.save_model(ts.model(state), tmp_path / "m")
+    out = orbax_io.save_model(ts.model(state), tmp_path / "m")
     (out / integrity.CHECKSUMS).unlink()  # an older checkpoint: nothing to verify against
     for f in (out / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 100:
             f.write_bytes(f.read_bytes()[:37])
-    with pytest.raises(checkpointing.CheckpointError, match="cannot restore the parameters") as e:
-        checkpointing.load_model(out)
+    with pytest.raises(orbax_io.CheckpointError, match="cannot restore the parameters") as e:
+        orbax_io.load_model(out)
     assert len(str(e.value)) < 800
-    (out / checkpointing.META_FILE).write_text('{"format": ')
-    with pytest.raises(checkpointing.CheckpointError, match="kalm_model.json: not valid JSON"):
-        checkpointing.load_model(out)
+    (out / orbax_io.META_FILE).write_text('{"format": ')
+    with pytest.raises(orbax_io.CheckpointError, match="kalm_model.json: not valid JSON"):
+        orbax_io.load_model(out)
 
 
 # ---------------------------------------------------------------------- tokenizer and data-iterator settings
@@ -221,7 +221,7 @@ def test_changed_data_iterator_setting_is_named_and_the_mesh_is_not_a_setting(ba
     legacy = {k: v for k, v in train_settings(c).items() if not k.startswith(("tokenizer", "seed", "data."))}
     ck = Checkpointer(old, c.checkpoint, settings=legacy)
     st = dict(base[2], step=jnp.asarray(3, jnp.int32))
-    assert ck.save(st, checkpointing.model_meta(ts.model(st)), None, force=True)
+    assert ck.save(st, orbax_io.model_meta(ts.model(st)), None, force=True)
     ck.close()
     ck = Checkpointer(old, c.checkpoint, settings=train_settings(c, "f" * 64))
     assert ck.restore(ts.abstract_state, None)[1] == 3
@@ -233,7 +233,7 @@ def test_other_tokenizer_on_resume_is_refused_and_the_workdirs_is_kept(base, tok
     `tokenizer`, and the workdir's tokenizer file is never overwritten (before: replaced, training went on)."""
     import shutil
 
-    from kalm_jax.tokenizer import Tokenizer
+    from kalm_jax.text.spm import Tokenizer
     from kalm_jax.training.loop import load_tokenizer
 
     other = Tokenizer.train(scifact_texts[:400], tmp_path / "other", vocab_size=1000)
@@ -260,7 +260,7 @@ def test_other_tokenizer_on_resume_is_refused_and_the_workdirs_is_kept(base, tok
     w2 = tmp_path / "w2"
     ck = Checkpointer(w2, c0.checkpoint, settings=train_settings(c0, tokenizer.fingerprint()))
     st = dict(base[2], step=jnp.asarray(3, jnp.int32))
-    assert ck.save(st, checkpointing.model_meta(ts.model(st)), None, force=True)
+    assert ck.save(st, orbax_io.model_meta(ts.model(st)), None, force=True)
     ck.close()
     ck = Checkpointer(w2, c0.checkpoint, settings=train_settings(c0, other.fingerprint()))
     with pytest.raises(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kalm_jax import hf
-from kalm_jax.config import ModelConfig, get_preset
+from kalm_jax.checkpoints import hf
+from kalm_jax.model.config import ModelConfig, get_preset
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +160,8 @@ def test_identical_duplicate_and_float_grades_are_accepted(tmp_path):
 
 
 def test_empty_device_list_is_a_named_error():
-    from kalm_jax.engine import InferenceEngine
-    from kalm_jax.model import init_model
+    from kalm_jax.inference.engine import InferenceEngine
+    from kalm_jax.model.t5gemma2 import init_model
 
     with pytest.raises(ValueError, match="devices is empty"):
         InferenceEngine(init_model(get_preset("tiny"), seed=0), devices=[])

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from kalm_jax import checkpointing, convert, hf
-from kalm_jax.safetensors_io import DiskFullError, Entry, write_safetensors
+from kalm_jax.checkpoints import hf, orbax_io
+from kalm_jax.checkpoints.safetensors_io import DiskFullError, Entry, write_safetensors
+from kalm_jax.cli import convert as convert_cli
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
@@ -37,21 +38,23 @@ def test_from_hf_onto_its_own_input_is_refused(hf_copy, tmp_path, capsys):
     link = tmp_path / "link"
     link.symlink_to(hf_copy)
     for out in (hf_copy, link, tmp_path / "hf" / ".." / "hf", tmp_path):
-        assert convert.main(["from-hf", str(hf_copy), str(out), "--config.overwrite=true"]) == 2
+        assert convert_cli.main(["from-hf", str(hf_copy), str(out), "--config.overwrite=true"]) == 2
         assert "destroy the input" in capsys.readouterr().err
     assert snapshot(hf_copy) == before
 
 
 def test_to_hf_onto_its_own_input_and_contradictory_flags_are_refused(hf_copy, tmp_path, capsys):
     ck = tmp_path / "ck"
-    assert convert.main(["from-hf", str(hf_copy), str(ck)]) == 0
+    assert convert_cli.main(["from-hf", str(hf_copy), str(ck)]) == 0
     before = snapshot(ck)
-    assert convert.main(["to-hf", str(ck), str(ck), "--config.overwrite=true"]) == 2
-    assert "destroy the input" in capsys.readouterr().err
-    assert convert.main(["to-hf", str(ck), str(hf_copy), "--config.overwrite=true"]) == 2  # the model's own HF source
+    assert convert_cli.main(["to-hf", str(ck), str(ck), "--config.overwrite=true"]) == 2
     assert "destroy the input" in capsys.readouterr().err
     assert (
-        convert.main(
+        convert_cli.main(["to-hf", str(ck), str(hf_copy), "--config.overwrite=true"]) == 2
+    )  # the model's own HF source
+    assert "destroy the input" in capsys.readouterr().err
+    assert (
+        convert_cli.main(
             ["to-hf", str(ck), str(tmp_path / "o"), "--config.text_only=true", "--config.vision_from", str(hf_copy)]
         )
         == 2
@@ -65,7 +68,7 @@ def test_cli_prints_one_line_for_any_error(hf_copy, tmp_path, capsys, monkeypatc
         raise RuntimeError("tensorstore said no\n" + "spec " * 2000)
 
     monkeypatch.setattr(hf, "load", boom)
-    assert convert.main(["from-hf", str(hf_copy), str(tmp_path / "o")]) == 2
+    assert convert_cli.main(["from-hf", str(hf_copy), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: RuntimeError: tensorstore said no"
 
@@ -122,7 +125,7 @@ def test_corrupt_safetensors_error_names_the_file(hf_copy):
 
 
 def test_load_any_accepts_a_file_inside_an_hf_checkpoint(hf_copy):
-    cfg, _ = checkpointing.load_any(hf_copy / "config.json")
+    cfg, _ = orbax_io.load_any(hf_copy / "config.json")
     assert cfg == hf.read_config(hf_copy)
 
 
@@ -235,6 +238,6 @@ def test_an_index_pointing_a_tensor_at_the_wrong_shard_names_tensor_index_and_sh
         rf"\(it is in {files[0]}\)",
     ):
         hf.load(hf_copy)
-    assert convert.main(["inspect", str(hf_copy)]) == 2  # the CLI reports it on one line
+    assert convert_cli.main(["inspect", str(hf_copy)]) == 2  # the CLI reports it on one line
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"maps tensor {name} to {files[1]}" in err

@@ -9,9 +9,9 @@ import logging
 import numpy as np
 import pytest
 
-from kalm_jax import mep
 from kalm_jax.evaluation.store import PassageStore, StoreKey
-from kalm_jax.passage_states import PassageStates, PassageStatesError
+from kalm_jax.inference.states import PassageStates, PassageStatesError
+from kalm_jax.model import mep
 
 
 def states(n=3, c=8, h=4, seed=0, ids=True) -> PassageStates:
@@ -204,7 +204,7 @@ def flip_last_byte(path):
 @pytest.mark.parametrize("name", ["states.npy", "ids.json"])
 def test_a_flipped_bit_is_a_named_integrity_error(tmp_path, name):
     """A saved file that changed after it was written loads with an IntegrityError naming it, not silently."""
-    from kalm_jax.integrity import IntegrityError
+    from kalm_jax.checkpoints.integrity import IntegrityError
 
     d = states().save(tmp_path / "s")
     PassageStates.load(d)
@@ -219,7 +219,7 @@ def test_a_flipped_bit_is_a_named_integrity_error(tmp_path, name):
 
 
 def test_a_flipped_bit_in_a_store_shard_is_named_and_older_directories_use_the_content_hash(tmp_path):
-    from kalm_jax.integrity import IntegrityError
+    from kalm_jax.checkpoints.integrity import IntegrityError
 
     st = make_store(tmp_path / "store")
     path = st.root / "r1" / "shard-00001" / "states.npy"

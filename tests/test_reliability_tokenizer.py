@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kalm_jax.hf_tokenizer import HFTokenizer, check_vocab
-from kalm_jax.tokenizer import TokenizerError
+from kalm_jax.text.hf_json import HFTokenizer, check_vocab
+from kalm_jax.text.spm import TokenizerError
 
 
 def word_level(vocab: dict[str, int]) -> HFTokenizer:

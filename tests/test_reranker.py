@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kalm_jax import checkpointing, mep, prompts
+from kalm_jax.checkpoints import orbax_io
 from kalm_jax.data.beir import load_queries
-from kalm_jax.hf_tokenizer import HFTokenizer, check_vocab, load_tokenizer
-from kalm_jax.passage_states import PassageStates
-from kalm_jax.reranker import Reranker
-from kalm_jax.tokenizer import TokenizerError
+from kalm_jax.inference import programs
+from kalm_jax.inference.reranker import Reranker
+from kalm_jax.inference.states import PassageStates
+from kalm_jax.model import mep
+from kalm_jax.text import prompts
+from kalm_jax.text.hf_json import HFTokenizer, check_vocab, load_tokenizer
+from kalm_jax.text.spm import TokenizerError
 
 VOCAB, EOI = 4096, 4093
 
@@ -230,10 +233,9 @@ def test_non_string_input_errors(rr, docs):
 
 
 def test_out_of_memory_backs_off_to_three_quarters(rr, docs, monkeypatch):
-    from kalm_jax import scoring
 
     want = rr.encode_passages(docs)
-    real = scoring.encode_pool
+    real = programs.encode_pool
     seen = []
 
     def small_device(graphdef, state, ids, mask, ratio):
@@ -242,7 +244,7 @@ def test_out_of_memory_backs_off_to_three_quarters(rr, docs, monkeypatch):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
         return real(graphdef, state, ids, mask, ratio)
 
-    monkeypatch.setattr(scoring, "encode_pool", small_device)
+    monkeypatch.setattr(programs, "encode_pool", small_device)
     with pytest.warns(RuntimeWarning) as caught:
         got = rr.encode_passages(docs, batch_size=32)
     assert [str(w.message) for w in caught] == [
@@ -255,7 +257,7 @@ def test_out_of_memory_backs_off_to_three_quarters(rr, docs, monkeypatch):
 
 
 def test_orbax_checkpoint_with_separate_tokenizer(rr, ckpt, docs, queries, tmp_path):
-    checkpointing.save_model(rr.model, tmp_path / "model")
+    orbax_io.save_model(rr.model, tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="pass tokenizer=PATH"):
         Reranker.from_pretrained(tmp_path / "model", dtype="float32")
     other = Reranker.from_pretrained(tmp_path / "model", dtype="float32", tokenizer=ckpt[0] / "tokenizer.model")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kalm_jax import hf, mep, scoring
+from kalm_jax.checkpoints import hf
+from kalm_jax.inference import programs, scoring
+from kalm_jax.inference.engine import probability as engine_probability
+from kalm_jax.model import mep
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def test_entry_points_equal_model_methods(loaded, ratio):
     margins = scoring.score(model, dec, dmask, states, pmask, 7, 9)
     ref = np.asarray(model.score_margin(dec, dmask, ref_states, ref_mask, 7, 9))
     np.testing.assert_allclose(margins, ref, atol=2e-5)
-    p = scoring.probability(margins)
+    p = engine_probability(margins)
     assert np.all((p > 0) & (p < 1))
 
 
@@ -54,14 +57,14 @@ def test_bucketing_reuses_compiled_programs(loaded):
         ids, mask, dec, dmask = _batch(0, b=4, s=s)
         states, pmask, _ = scoring.encode_passages(model, ids, mask, 4)
         scoring.score(model, dec, dmask, states, pmask, 7, 9)
-    enc_before, score_before = scoring.encode_pool._cache_size(), scoring.score_pairs._cache_size()
+    enc_before, score_before = programs.encode_pool._cache_size(), programs.score_pairs._cache_size()
     for b, s in [(3, 20), (4, 30), (3, 100)]:
         ids, mask, dec, dmask = _batch(b, b=b, s=s)
         states, pmask, _ = scoring.encode_passages(model, ids, mask, 4)
         scoring.score(model, dec, dmask, states, pmask, 7, 9)
     # All fall in batch bucket 4, length bucket 128 and a warmed window bucket: nothing recompiles.
-    assert scoring.encode_pool._cache_size() == enc_before
-    assert scoring.score_pairs._cache_size() == score_before
+    assert programs.encode_pool._cache_size() == enc_before
+    assert programs.score_pairs._cache_size() == score_before
 
 
 def test_bf16_scoring_agrees_with_fp32(tiny_hf):

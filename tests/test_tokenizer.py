@@ -7,7 +7,7 @@ import io
 import pytest
 import sentencepiece as spm
 
-from kalm_jax.tokenizer import GEMMA_RESERVED, Tokenizer, TokenizerError
+from kalm_jax.text.spm import GEMMA_RESERVED, Tokenizer, TokenizerError
 
 
 def _raw_spm(texts, out_path, vocab_size, user_defined, **kw):
@@ -116,7 +116,7 @@ def test_missing_turn_marker_is_rejected(scifact_texts, tmp_path):
 
 
 def test_cli_trains_from_beir(data_dir, tmp_path, capsys):
-    from kalm_jax.tokenizer import main
+    from kalm_jax.cli.tokenizer import main
 
     assert main([f"--config.out={tmp_path}", f"--config.beir={data_dir / 'med'}", "--config.vocab_size=1500"]) == 0
     tok = Tokenizer.load(tmp_path)

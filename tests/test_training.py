@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from kalm_jax import checkpointing, scoring
-from kalm_jax import mesh as sharding
-from kalm_jax.config import get_preset
+from kalm_jax.checkpoints import orbax_io
+from kalm_jax.inference import scoring
+from kalm_jax.model.config import get_preset
+from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training import losses
 from kalm_jax.training.checkpoints import Checkpointer
 from kalm_jax.training.config import default_config, validate
@@ -122,7 +123,7 @@ def test_train_step_scores_every_ratio_like_the_serving_engine(per_pass):
     """A decoder pass scores several MEP ratios (each row's passage padded to the longest with masked
     windows): each ratio's loss equals torch's BCE over the margins the serving engine computes at that
     ratio alone."""
-    from kalm_jax.engine import InferenceEngine
+    from kalm_jax.inference.engine import InferenceEngine
 
     batch = synthetic_batch(seed=3)
     cfg = small_config(fsdp=2, tensor=2)
@@ -267,8 +268,8 @@ def test_lora_trains_only_adapters_and_merged_export_matches(tmp_path):
     want = scoring.score(adapted, batch["dec_ids"], batch["dec_mask"], states, pmask, 10, 11)
     from kalm_jax.training.export import export
 
-    src = checkpointing.save_model(adapted, tmp_path / "adapted")
-    _, merged = checkpointing.load_model(export(src, tmp_path / "merged"))
+    src = orbax_io.save_model(adapted, tmp_path / "adapted")
+    _, merged = orbax_io.load_model(export(src, tmp_path / "merged"))
     assert not merged.has_lora
     states_m, pmask_m, _ = scoring.encode_passages(merged, batch["enc_ids"][:B], batch["enc_mask"][:B], 2)
     got = scoring.score(merged, batch["dec_ids"], batch["dec_mask"], states_m, pmask_m, 10, 11)
@@ -324,8 +325,8 @@ def env():
 
 
 def final_params(workdir: Path) -> dict:
-    _, model = checkpointing.load_any(workdir)
-    return checkpointing.param_tree(model)
+    _, model = orbax_io.load_any(workdir)
+    return orbax_io.param_tree(model)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +371,7 @@ def test_corrupt_latest_falls_back_onto_another_mesh(straight_run, tmp_path, cap
     w = tmp_path / "copy"
     shutil.copytree(straight_run, w)
     meta = json.loads((w / "checkpoints" / str(N) / "kalm_model" / "kalm_model.json").read_text())
-    want = checkpointing.param_tree(checkpointing.load_model(w / "checkpoints" / str(N))[1])
+    want = orbax_io.param_tree(orbax_io.load_model(w / "checkpoints" / str(N))[1])
     for f in (w / "checkpoints" / str(2 * N) / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 100:
             f.write_bytes(f.read_bytes()[:37])
@@ -380,7 +381,7 @@ def test_corrupt_latest_falls_back_onto_another_mesh(straight_run, tmp_path, cap
     tc.loss.listwise = tc.loss.distill = 0.0
     tc.total_steps = 2 * N
     tc.optimizer.warmup_steps = 2
-    model_cfg = checkpointing.build_abstract(meta).config
+    model_cfg = orbax_io.build_abstract(meta).config
     ts = make_train_step(model_cfg, tc, sharding.make_mesh(tc.mesh), yes_id=10, no_id=11)
     ck = Checkpointer(w, tc.checkpoint)
     with caplog.at_level(logging.WARNING):
@@ -398,25 +399,25 @@ def test_corrupt_latest_falls_back_onto_another_mesh(straight_run, tmp_path, cap
 def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path):
     import shutil
 
-    from kalm_jax import prompts
     from kalm_jax.data.training_jsonl import read_training_jsonl
-    from kalm_jax.model import init_model
+    from kalm_jax.model.t5gemma2 import init_model
+    from kalm_jax.text import prompts
     from kalm_jax.training.label import label
 
-    teacher = checkpointing.save_model(init_model(get_preset("tiny"), seed=3), tmp_path / "teacher")
+    teacher = orbax_io.save_model(init_model(get_preset("tiny"), seed=3), tmp_path / "teacher")
     shutil.copyfile(tokenizer.path, teacher / "tokenizer.model")
     src = tmp_path / "in.jsonl"
     src.write_text("".join(train_jsonl.read_text().splitlines(keepends=True)[:3]))
     out = tmp_path / "out.jsonl"
     assert label(teacher, src, out, max_document_tokens=32, max_query_tokens=16, show_progress=False) == 3
-    _, model = checkpointing.load_model(teacher)
+    _, model = orbax_io.load_model(teacher)
     for ex in read_training_jsonl(out):
         passages = ex.pos + ex.neg
         assert len(ex.pos_scores) == len(ex.pos) and len(ex.neg_scores) == len(ex.neg)
         for text, got in zip(passages, ex.pos_scores + ex.neg_scores):
             ids, mask = prompts.tokenize_documents(tokenizer, [text], 32)
             states = model.encode(ids, mask)
-            from kalm_jax import mep
+            from kalm_jax.model import mep
 
             pooled, pmask, _ = mep.pool(states, mask, 4)
             dec, dmask = prompts.tokenize_decoder_prompts(
@@ -464,7 +465,7 @@ def test_sigterm_saves_and_exits(train_jsonl, tokenizer, data_dir, tmp_path):
     assert "SIGTERM received" in err
     done = len(metrics.read_text().splitlines())
     assert 2 <= done < 200
-    assert checkpointing.latest_step_dir(w).name == str(done)
+    assert orbax_io.latest_step_dir(w).name == str(done)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train_jsonl, tokenizer, data_dir, tmp_path):

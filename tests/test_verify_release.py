@@ -8,8 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from kalm_jax import prompts, verify_release
-from kalm_jax.verify_release import DOCUMENTS, QUERY, WEB_INSTRUCTION, Reference
+from kalm_jax.checkpoints import verify_release
+from kalm_jax.checkpoints.verify_release import DOCUMENTS, QUERY, WEB_INSTRUCTION, Reference
+from kalm_jax.cli import verify_release as verify_release_cli
+from kalm_jax.text import prompts
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_passes_against_matching_reference(release, monkeypatch, capsys):
     path, margins = release
     monkeypatch.setattr(verify_release, "REFERENCES", table(margins))
     monkeypatch.setattr(verify_release, "HIDDEN_TO_VARIANT", {64: "tiny"})
-    assert verify_release.main([str(path), "--config.dtype=float32"]) == 0
+    assert verify_release_cli.main([str(path), "--config.dtype=float32"]) == 0
     out = capsys.readouterr().out
     assert "variant tiny" in out and out.count("PASS") == 5 and "FAIL" not in out
     assert "4/4 rows within rtol=0.01" in out
@@ -57,21 +59,22 @@ def test_passes_against_matching_reference(release, monkeypatch, capsys):
 def test_fails_when_margins_are_off_by_more_than_rtol(release, monkeypatch, capsys):
     path, margins = release
     monkeypatch.setattr(verify_release, "REFERENCES", table(margins, scale=1.03))
-    assert verify_release.main([str(path), "--config.variant=tiny", "--config.dtype=float32"]) == 1
+    assert verify_release_cli.main([str(path), "--config.variant=tiny", "--config.dtype=float32"]) == 1
     out = capsys.readouterr().out
     assert out.count("FAIL") == 5 and "FAIL: 0/4 rows" in out
     assert (
-        verify_release.main([str(path), "--config.variant=tiny", "--config.dtype=float32", "--config.rtol=0.05"]) == 0
+        verify_release_cli.main([str(path), "--config.variant=tiny", "--config.dtype=float32", "--config.rtol=0.05"])
+        == 0
     )
 
 
 def test_unknown_size_and_missing_reference(release, capsys, tmp_path):
     path, _ = release
-    assert verify_release.main([str(path), "--config.dtype=float32"]) == 2
+    assert verify_release_cli.main([str(path), "--config.dtype=float32"]) == 2
     assert "hidden size 64 is not a released KaLM-Reranker-V1 size" in capsys.readouterr().err
-    assert verify_release.main([str(path), "--config.variant=small", "--config.dtype=float32"]) == 2
+    assert verify_release_cli.main([str(path), "--config.variant=small", "--config.dtype=float32"]) == 2
     assert "no published reference outputs for variant 'small'" in capsys.readouterr().err
-    assert verify_release.main([str(tmp_path / "missing")]) == 2
+    assert verify_release_cli.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -181,7 +181,7 @@ DISTRIBUTED_FLAGS = (
     Flag("num_processes", None, "number of JAX processes in the job (with --coordinator_address)", int),
     Flag("process_id", None, "this process's index in [0, num_processes) (with --coordinator_address)", int),
 )
-"""The multi-process flags of train.py, eval.py and label, passed to `kalm_jax.distributed.initialize`."""
+"""The multi-process flags of train.py, eval.py and label, passed to `kalm_jax.parallel.distributed.initialize`."""
 
 
 def parse(

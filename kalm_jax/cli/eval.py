@@ -20,7 +20,7 @@ from kalm_jax import cli
 def run(config, coordinator_address=None, num_processes=None, process_id=None) -> int:
     """Runs the sweep `config` (the CLI's body, after parsing)."""
     cli.setup_logging()
-    from kalm_jax import distributed
+    from kalm_jax.parallel import distributed
 
     distributed.initialize(coordinator_address, num_processes, process_id)
     from kalm_jax.evaluation import sweep
@@ -40,13 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line (imported after parsing: the sweep's modules need the eval extra)."""
     from kalm_jax.atomic import DiskFullError
+    from kalm_jax.checkpoints.integrity import IntegrityError
     from kalm_jax.data.textfile import DataError
-    from kalm_jax.distributed import BarrierTimeout
     from kalm_jax.evaluation.results import OutputDirLocked
     from kalm_jax.evaluation.settings import SweepConfigError
     from kalm_jax.evaluation.store import StaleStoreError, StoreLocked
-    from kalm_jax.integrity import IntegrityError
-    from kalm_jax.passage_states import PassageStatesError
+    from kalm_jax.inference.states import PassageStatesError
+    from kalm_jax.parallel.distributed import BarrierTimeout
 
     return (
         SweepConfigError,

@@ -4,7 +4,7 @@
 
 Resumes from DIR when it holds checkpoints (docs/training.md). Multi-process: the same command on every host
 (auto-detected on TPU pods / SLURM), or `--coordinator_address=H:P --num_processes=N --process_id=I`, or
-`python -m kalm_jax.launch -n N -- train.py ...` on one machine (docs/multihost.md).
+`kalm-launch -n N -- train.py ...` on one machine (docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def run(config, workdir=None, coordinator_address=None, num_processes=None, proc
     from kalm_jax.training.config import validate
 
     validate(config)  # every value checked before the runtime starts and minutes of data preparation
-    from kalm_jax import distributed
+    from kalm_jax.parallel import distributed
 
     distributed.initialize(coordinator_address, num_processes, process_id)
     import jax
@@ -50,11 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line (imported after parsing: the training modules need the train extra)."""
     from kalm_jax.atomic import DiskFullError
-    from kalm_jax.checkpointing import CheckpointError
-    from kalm_jax.distributed import BarrierTimeout
-    from kalm_jax.integrity import IntegrityError
+    from kalm_jax.checkpoints.integrity import IntegrityError
+    from kalm_jax.checkpoints.orbax_io import CheckpointError
     from kalm_jax.locks import DirectoryLocked
-    from kalm_jax.tokenizer import TokenizerError
+    from kalm_jax.parallel.distributed import BarrierTimeout
+    from kalm_jax.text.spm import TokenizerError
     from kalm_jax.training.checkpoints import CorruptCheckpoint, SettingsMismatch
 
     return (

@@ -1,7 +1,7 @@
-"""Benchmark settings: `python -m kalm_jax.bench [--config=bench.py:<grid|h100|side_by_side>]
+"""Benchmark settings: `python -m kalm_jax.perf.bench [--config=bench.py:<grid|h100|side_by_side>]
 [--config.KEY=VALUE ...]`.
 
-grid (default): the full grid of `kalm_jax.bench.suite.BenchSettings` (meant for a GPU; shrink it on CPU).
+grid (default): the full grid of `kalm_jax.perf.bench.suite.BenchSettings` (meant for a GPU; shrink it on CPU).
 h100: the fixed H100 grid (`suite.H100`: nano and large, n 512/4096, r 1/4/8, 100 candidates, peer rows, no
 train rows), written to bench_h100.json + bench_h100.md; any field given with --config.* overrides it.
 side_by_side: kalm-jax vs the PyTorch peer on identical weights in interleaved rounds (first `shapes` entry,
@@ -16,7 +16,7 @@ SUITES = ("grid", "h100", "side_by_side")
 
 
 def get_config(arg: str = "grid") -> ml_collections.ConfigDict:
-    from kalm_jax.bench import suite
+    from kalm_jax.perf.bench import suite
 
     name = (arg or "grid").strip()
     if name not in SUITES:

@@ -1,4 +1,4 @@
-"""Settings of `python -m kalm_jax.data.bm25 --config.KEY=VALUE ...`: a BM25 top-k TREC run over a BEIR dataset
+"""Settings of `kalm-bm25 --config.KEY=VALUE ...`: a BM25 top-k TREC run over a BEIR dataset
 (bm25s, English stop words, Snowball stemming), scored with nDCG@10 and R@100 against the split's qrels."""
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""Settings of the conversion CLI: `python -m kalm_jax.convert COMMAND SOURCE [OUTPUT] [--config.KEY=VALUE ...]`.
+"""Settings of the conversion CLI: `kalm-convert COMMAND SOURCE [OUTPUT] [--config.KEY=VALUE ...]`.
 
 COMMAND is `to-hf` (any checkpoint -> Hugging Face t5gemma2 directory), `from-hf` (HF directory -> kalm-jax
 model checkpoint) or `inspect` (list tensors; with `against`, check them against a layout).

@@ -1,4 +1,4 @@
-"""Settings of `python -m kalm_jax.training.export SOURCE OUTPUT [--config.KEY=VALUE ...]`: a training run's model
+"""Settings of `kalm-export SOURCE OUTPUT [--config.KEY=VALUE ...]`: a training run's model
 with LoRA merged, written as a standalone kalm-jax model checkpoint (with the run's tokenizer)."""
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""Settings of the `label` command (`python -m kalm_jax.training.label --config.KEY=VALUE ...`): teacher scores
+"""Settings of the `label` command (`kalm-label --config.KEY=VALUE ...`): teacher scores
 written into training JSONL for stage-3 distillation."""
 
 import ml_collections

@@ -10,7 +10,7 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.checkpoint = ""  # any checkpoint kalm_jax.loader.load reads (required)
+    c.checkpoint = ""  # any checkpoint kalm_jax.checkpoints.loader.load reads (required)
     c.dtype = ""  # float32 | bfloat16; empty = float32 on CPU, bfloat16 on accelerators
     c.data_dir = ""  # directory holding BEIR dataset folders (required)
     c.datasets = "scifact"  # comma-separated local tasks (kalm_jax.mteb.local_task)

@@ -1,4 +1,4 @@
-"""Settings of `python -m kalm_jax.data.negatives --config.KEY=VALUE ...`: BM25 (or a given first-stage run) hard
+"""Settings of `kalm-negatives --config.KEY=VALUE ...`: BM25 (or a given first-stage run) hard
 negatives mined from a BEIR split into reranker training JSONL."""
 
 import ml_collections

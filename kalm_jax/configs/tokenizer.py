@@ -1,4 +1,4 @@
-"""Settings of `python -m kalm_jax.tokenizer --config.KEY=VALUE ...`: a SentencePiece tokenizer trained with the
+"""Settings of `kalm-tokenizer --config.KEY=VALUE ...`: a SentencePiece tokenizer trained with the
 Gemma special-token layout from BEIR corpus passages and/or text files."""
 
 import ml_collections

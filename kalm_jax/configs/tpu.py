@@ -2,13 +2,13 @@
 
 Keys follow the training config (`train.py`, kalm_jax.training.config): model.*, data.*, mesh.*, eval.*.
 Global batch 128 queries x group 16 (2048 passages of 512 tokens, prompts of 128 tokens). The mesh, the
-logical-axis rules and the remat policy are derived for the slice by `kalm_jax.planning.plan_for_slice`;
+logical-axis rules and the remat policy are derived for the slice by `kalm_jax.perf.planning.plan_for_slice`;
 the optional third argument is the number of slices (as aot's `--num_slices`).
 """
 
 import ml_collections
 
-from kalm_jax.planning import plan_for_slice
+from kalm_jax.perf.planning import plan_for_slice
 from kalm_jax.training.config import default_config
 
 BATCH_QUERIES = 128

@@ -3,7 +3,7 @@
 Model-size presets: tiny (CPU demo, from scratch), nano / small / large (T5Gemma 2 shapes; fine-tune
 released checkpoints with `--config.init_from=DIR`). KaLM pipeline stages, optionally with a size:
 `stage1` (general reranking, no instruction), `stage2` (task instructions), `stage3` (distillation from teacher
-scores written by `python -m kalm_jax.training.label`), e.g. `configs/train.py:stage2,small` (at most one size and
+scores written by `kalm-label`), e.g. `configs/train.py:stage2,small` (at most one size and
 one stage); each stage is one epoch over its data (`epochs=1`). Option `mep_v3`: train on the paper's documented MEP
 ratios {2, 8, 32, 128} instead of the default r = 1, 2, 4, 8, 16, 32 (e.g. `configs/train.py:stage2,small,mep_v3`).
 """
@@ -69,7 +69,7 @@ def _stage(c, stage):
     elif stage == "stage3":
         c.data.instruction = "default"
         c.loss.pointwise = 0.0
-        c.loss.distill = 1.0  # needs pos_scores/neg_scores (python -m kalm_jax.training.label)
+        c.loss.distill = 1.0  # needs pos_scores/neg_scores (kalm-label)
 
 
 def get_config(arg: str = "tiny"):

@@ -1,4 +1,4 @@
-"""Settings of `python -m kalm_jax.verify_release PATH [--config.KEY=VALUE ...]`: the model-card example scored
+"""Settings of `kalm-verify-release PATH [--config.KEY=VALUE ...]`: the model-card example scored
 and compared with the published KaLM-Reranker-V1 numbers."""
 
 import ml_collections

@@ -4,7 +4,7 @@ Defaults k1=0.9, b=0.4 (the Anserini/Pyserini defaults), Lucene IDF, passages as
 (title + text). A `BM25Index` is built once and reused for any number of query sets; it saves to and
 loads from a directory (numpy arrays + JSON, no pickle).
 
-CLI (settings in configs/bm25.py): ``python -m kalm_jax.data.bm25 --config.data_dir=DIR --config.dataset=scifact
+CLI (settings in configs/bm25.py): ``kalm-bm25 --config.data_dir=DIR --config.dataset=scifact
 --config.split=test --config.k=100 --config.out=run.trec.gz``
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,7 +148,7 @@ def run_cli(config) -> int:
     for key in ("data_dir", "dataset", "out"):
         if not config[key]:
             raise cli.ConfigError(
-                f"--config.{key} is required (python -m kalm_jax.data.bm25 --config.data_dir=DIR "
+                f"--config.{key} is required (kalm-bm25 --config.data_dir=DIR "
                 "--config.dataset=scifact --config.out=run.trec.gz)"
             )
     if config.on_missing not in ("raise", "keep", "drop"):
@@ -167,14 +166,3 @@ def run_cli(config) -> int:
         f"{config.dataset}/{config.split}: {len(run)} queries -> {config.out}; nDCG@10 {ndcg:.4f}, R@100 {recall:.4f}"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The CLI (`kalm_jax.cli`): settings of configs/bm25.py as `--config.KEY=VALUE`; returns the exit status."""
-    from kalm_jax import cli
-
-    return cli.run(run_cli, "bm25.py", argv=argv, errors=(FileNotFoundError, ValueError))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

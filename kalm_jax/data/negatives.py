@@ -7,7 +7,7 @@ document judged relevant at any grade (> 0) and every document whose passage tex
 rank order; a query with fewer candidates keeps all of them (the training pipeline then samples with
 replacement). Queries with no positive or no candidate are skipped and counted, never silently.
 
-CLI (settings in configs/negatives.py): ``python -m kalm_jax.data.negatives --config.data_dir=DIR
+CLI (settings in configs/negatives.py): ``kalm-negatives --config.data_dir=DIR
 --config.dataset=scifact --config.split=train --config.out=train.jsonl``
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def run_cli(config) -> int:
     for key in ("data_dir", "dataset", "out"):
         if not config[key]:
             raise cli.ConfigError(
-                f"--config.{key} is required (python -m kalm_jax.data.negatives "
+                f"--config.{key} is required (kalm-negatives "
                 "--config.data_dir=DIR --config.dataset=scifact --config.out=train.jsonl)"
             )
     if config.on_error not in ("raise", "skip"):
@@ -154,14 +153,3 @@ def run_cli(config) -> int:
         f"mean {np.mean(negs) if negs else 0:.1f}; skipped {dict(skipped.counts)}"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The CLI (`kalm_jax.cli`): settings of configs/negatives.py as `--config.KEY=VALUE`; returns the exit status."""
-    from kalm_jax import cli
-
-    return cli.run(run_cli, "negatives.py", argv=argv, errors=(FileNotFoundError, ValueError))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

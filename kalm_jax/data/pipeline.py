@@ -40,9 +40,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from kalm_jax import prompts
 from kalm_jax.data.tfds_builder import data_source
-from kalm_jax.tokenizer import Tokenizer
+from kalm_jax.text import prompts
+from kalm_jax.text.spm import Tokenizer
 
 STATE_VERSION = 1  # of `TrainingIterator.get_state`
 

@@ -1,7 +1,7 @@
 """Sweep reports from OUT/results.jsonl: summary.md (markdown tables), results.csv and PNG plots.
 
 Everything here is derived from the results file alone, so a report can be regenerated at any time
-(``python -m kalm_jax.evaluation.report OUT``) and never holds a number the results file does not.
+(``kalm-report OUT``) and never holds a number the results file does not.
 """
 
 from __future__ import annotations
@@ -211,17 +211,3 @@ def write_report(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]
     os.replace(tmp, md)
     write_csv(rows, out / "results.csv")
     return {"summary": md, "csv": out / "results.csv", "plots": plot(rows, out / "plots")}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Regenerate summary.md, results.csv and plots from OUT/results.jsonl")
-    p.add_argument("output_dir")
-    args = p.parse_args(argv)
-    paths = write_report(args.output_dir)
-    print(f"wrote {paths['summary']}, {paths['csv']} and {len(paths['plots'])} plots")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@
 The online path of the reranker: each query's decoder prompt is tokenized once, its candidates' pooled
 states are looked up by doc id (from an in-memory `PassageStates` or a `PassageStore`), and (prompt,
 passage) pairs of several queries are scored together by the inference engine
-(`kalm_jax.engine.InferenceEngine.margins`). No passage is encoded here.
+(`kalm_jax.inference.engine.InferenceEngine.margins`). No passage is encoded here.
 
 `rerank_run(engine, queries, run, states, ratio, instruction)` returns the reranked run; `rerank` also
 returns timings. A cascade scores the whole
@@ -20,8 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
-from kalm_jax import prompts
-from kalm_jax.passage_states import PassageStates
+from kalm_jax.inference.states import PassageStates
+from kalm_jax.text import prompts
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ Run = dict[str, dict[str, float]]
 
 
 class Scorer(Protocol):
-    """What `rerank` scores with: `kalm_jax.engine.InferenceEngine` (or a test double of its `margins`)."""
+    """What `rerank` scores with: `kalm_jax.inference.engine.InferenceEngine` (or a test double of its `margins`)."""
 
     compiles: int
 

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kalm_jax import prompts
-from kalm_jax.passage_states import STORAGE
+from kalm_jax.inference.states import STORAGE
+from kalm_jax.text import prompts
 
 DEFAULT_LABEL, NONE_LABEL = "default", "none"
 

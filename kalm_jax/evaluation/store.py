@@ -45,9 +45,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kalm_jax import distributed, mep
+from kalm_jax.inference.states import STORAGE, PassageStates, PassageStatesError, check_ids, read_json
 from kalm_jax.locks import LockHeld, file_lock
-from kalm_jax.passage_states import STORAGE, PassageStates, PassageStatesError, check_ids, read_json
+from kalm_jax.model import mep
+from kalm_jax.parallel import distributed
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +421,7 @@ class PassageStore:
         manifest once. A part already saved by an interrupted run (same ids, same key) is kept."""
         import jax
 
-        from kalm_jax import distributed
+        from kalm_jax.parallel import distributed
 
         rank, nproc = jax.process_index(), jax.process_count()
         base = self._next_shard_number()

@@ -32,15 +32,16 @@ from typing import Any
 
 import jax
 
-from kalm_jax import distributed, loader
+from kalm_jax.checkpoints import loader
 from kalm_jax.data.beir import BeirDataset, load_beir
 from kalm_jax.data.trec import read_run, write_run
-from kalm_jax.engine import InferenceEngine
 from kalm_jax.evaluation import metrics, rerank
 from kalm_jax.evaluation import results as results_lib
 from kalm_jax.evaluation import store as store_lib
 from kalm_jax.evaluation.results import CONFIG_FILE, RESULTS, cell_key, read_results
 from kalm_jax.evaluation.settings import DEFAULT_LABEL, NONE_LABEL, Settings, SweepConfigError
+from kalm_jax.inference.engine import InferenceEngine
+from kalm_jax.parallel import distributed
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ ModelLoader = Callable[[str, Settings], tuple[Any, Any]]
 
 
 def load_checkpoint(path: str, settings: Settings):
-    """(model, tokenizer) for a checkpoint path, through the one loader (`kalm_jax.loader.load`)."""
+    """(model, tokenizer) for a checkpoint path, through the one loader (`kalm_jax.checkpoints.loader.load`)."""
     _, model, tokenizer = loader.load(path, dtype=settings.dtype, tokenizer=settings.tokenizer or None)
     return model, tokenizer
 

@@ -7,7 +7,7 @@ fast: within one `predict` call each distinct document is encoded once (MEP-pool
 passage-state store across runs), each distinct (query, instruction) prompt is tokenized once, and every pair is
 scored by the decoder over the cached states in large length-sorted batches (`InferenceEngine.margins`).
 
-What equals the released wrapper: the prompt strings (`kalm_jax.prompts`, byte for byte), the query cut (512
+What equals the released wrapper: the prompt strings (`kalm_jax.text.prompts`, byte for byte), the query cut (512
 tokens) and the document cut (1024 tokens, ``<Document>: `` prefix included), MEP ratio 4, the returned score
 P(yes) = softmax(yes, no)[yes] = sigmoid(logit(yes) - logit(no)) (float32), and a non-finite score is an error.
 On instruction tasks the instruction comes from the queries' ``instruction`` column and the raw query from their
@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from kalm_jax import mep, prompts
-from kalm_jax.engine import probability
-from kalm_jax.passage_states import PassageStates
+from kalm_jax.inference.engine import probability
+from kalm_jax.inference.states import PassageStates
+from kalm_jax.model import mep
+from kalm_jax.text import prompts
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class KaLMJaxReranker:
     """An MTEB cross-encoder (`mteb.models.models_protocols.CrossEncoderProtocol`) backed by kalm-jax.
 
     Args:
-      checkpoint: any checkpoint `kalm_jax.loader.load` reads (HF directory, export, training workdir or step),
+      checkpoint: any checkpoint `kalm_jax.checkpoints.loader.load` reads (HF directory, export, training workdir
+          or step),
         or a ready `kalm_jax.Reranker` (its engine and settings are used as they are).
       ratio: MEP ratio the pairs are scored at (the released default, 4).
       encode_ratio: ratio the documents are encoded (and stored) at; a divisor of `ratio` (default `ratio`).
@@ -106,7 +108,7 @@ class KaLMJaxReranker:
         device: Any = None,
         show_progress: bool | None = False,
     ):
-        from kalm_jax.reranker import Reranker
+        from kalm_jax.inference.reranker import Reranker
 
         if device is not None:
             log.info("KaLMJaxReranker: device=%r ignored; kalm-jax runs on JAX's devices", device)

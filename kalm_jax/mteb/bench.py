@@ -30,7 +30,7 @@ class NaivePerPairReranker:
         self.mteb_model_meta = None
 
     def predict(self, inputs1, inputs2, **kwargs) -> np.ndarray:
-        from kalm_jax.engine import probability
+        from kalm_jax.inference.engine import probability
         from kalm_jax.mteb.adapter import columns
 
         q = columns(inputs1, ("text", "query"))
@@ -74,9 +74,9 @@ def run(config) -> int:
             raise cli.ConfigError(f"config.{name} is required")
     import jax
 
+    from kalm_jax.inference.reranker import Reranker
     from kalm_jax.mteb.adapter import KaLMJaxReranker
     from kalm_jax.mteb.tasks import local_task
-    from kalm_jax.reranker import Reranker
 
     rr = Reranker.from_pretrained(
         config.checkpoint,

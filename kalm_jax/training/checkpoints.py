@@ -1,9 +1,9 @@
 """Training checkpoints: an Orbax CheckpointManager over `<workdir>/checkpoints/<step>/`.
 
 Each step directory holds the items
-  params/        the full parameter tree (`checkpointing.param_tree(model)` layout, LoRA factors incl.)
+  params/        the full parameter tree (`orbax_io.param_tree(model)` layout, LoRA factors incl.)
   train_state/   {"step", "opt_state"}
-  kalm_model/    kalm_model.json = `checkpointing.model_meta(model)` (so `checkpointing.load_any` works)
+  kalm_model/    kalm_model.json = `orbax_io.model_meta(model)` (so `orbax_io.load_any` works)
   data_iter/     the data-iterator state (`pipeline.TrainingIterator`: the position in the global batch
                  stream, the same on every process and mesh), one file per process
 Saves are asynchronous; the manager keeps the last `keep` steps plus the `keep_best` best by
@@ -13,7 +13,7 @@ process's when the process count changed).
 
 Integrity and safety of resuming:
 - once a step is complete, `<step>/checksums.json` records the sha256 of every file of its `params`,
-  `train_state` and `kalm_model` items (`kalm_jax.integrity`); it is verified before the step is restored;
+  `train_state` and `kalm_model` items (`kalm_jax.checkpoints.integrity`); it is verified before the step is restored;
 - `kalm_model.json` records `train_settings` (`training.config.train_settings`: the settings the saved
   train state depends on). Resuming with a different value, or with a train state of another structure,
   raises `SettingsMismatch` naming the settings, and touches nothing;
@@ -39,7 +39,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from kalm_jax import atomic, integrity
+from kalm_jax import atomic
+from kalm_jax.checkpoints import integrity
 from kalm_jax.data.pipeline import LegacyIteratorState
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from kalm_jax.cli import ConfigError
-from kalm_jax.mesh import DEFAULT_RULES
+from kalm_jax.parallel.mesh import DEFAULT_RULES
 
 DEFAULT_RATIOS = (1, 2, 4, 8, 16, 32)
 """Every ratio the released serving code offers (r = 1..32), each trained: the default."""
@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "float32"  # "bfloat16" on accelerators
     c.model.remat = False
-    c.model.remat_policy = "nothing"  # what remat keeps per layer (both stacks or per stack): kalm_jax.model
+    c.model.remat_policy = "nothing"  # what remat keeps per layer (both stacks or per stack): kalm_jax.model.t5gemma2
 
     # SentencePiece model; "" = <init_from>/tokenizer.model if present, else trained on the training corpus.
     c.tokenizer = ""
@@ -193,7 +193,7 @@ def _range_problems(config: ml_collections.ConfigDict) -> list[str]:
         elif not ((v >= lo if lo_incl else v > lo) and v <= hi):
             lo_s = f"{'>=' if lo_incl else '>'} {lo:g}"
             problems.append(f"{name} must be {lo_s}{f' and <= {hi:g}' if hi != _INF else ''}, got {v!r}")
-    from kalm_jax.model import stack_remat_policies
+    from kalm_jax.model.t5gemma2 import stack_remat_policies
 
     try:
         stack_remat_policies(config.model.remat_policy)
@@ -214,7 +214,7 @@ def _is_int(v: Any) -> bool:
 
 def _value_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Choices, lists and cross-field rules (each message names the key, the value and what is allowed)."""
-    from kalm_jax.config import PRESETS
+    from kalm_jax.model.config import PRESETS
 
     problems = []
     if str(config.model.preset) not in PRESETS:
@@ -262,7 +262,7 @@ def _value_problems(config: ml_collections.ConfigDict) -> list[str]:
 def min_decoder_length(config: ml_collections.ConfigDict) -> int:
     """A lower bound of the decoder length any tokenizer needs for `config`'s prompt: one token per
     whitespace-separated piece of the template (an empty query) plus one query token."""
-    from kalm_jax import prompts
+    from kalm_jax.text import prompts
 
     return len(prompts.decoder_text("", prompts.resolve_instruction(str(config.data.instruction))).split()) + 1
 

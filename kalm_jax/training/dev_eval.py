@@ -4,7 +4,7 @@ Metrics come from `kalm_jax.evaluation.metrics.evaluate` (pytrec_eval, averaged 
 The dev set
 is built once (BM25 top-`depth` candidates of the first `num_queries` judged queries, tokenized), then each
 evaluation encodes the candidate passages once at the evaluation ratio and scores every pair, both through
-the inference engine (`kalm_jax.engine.InferenceEngine`) over the current weights.
+the inference engine (`kalm_jax.inference.engine.InferenceEngine`) over the current weights.
 
 During training (`mesh=` the training mesh) the engine scores with the training state's own arrays, sharded
 as training shards them: no copy of the weights is made and none reaches a host. Each engine call is one
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import Mesh
 
-from kalm_jax import prompts
 from kalm_jax.data.beir import load_beir
 from kalm_jax.data.bm25 import BM25Index
-from kalm_jax.engine import InferenceEngine
-from kalm_jax.hf_tokenizer import AnyTokenizer
-from kalm_jax.model import T5Gemma2
+from kalm_jax.inference.engine import InferenceEngine
+from kalm_jax.model.t5gemma2 import T5Gemma2
+from kalm_jax.text import prompts
+from kalm_jax.text.hf_json import AnyTokenizer
 
 log = logging.getLogger(__name__)
 

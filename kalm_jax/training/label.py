@@ -1,6 +1,6 @@
 """The `label` command: score training JSONL with a teacher checkpoint and write teacher scores back.
 
-    python -m kalm_jax.training.label --config.teacher=CKPT --config.input=train.jsonl \
+    kalm-label --config.teacher=CKPT --config.input=train.jsonl \
         --config.output=train.teacher.jsonl [--config.ratio=4] [--config.format=prob|logit]
         [--config.shard_size=1024] [--coordinator_address H:P --num_processes N --process_id I]
 
@@ -32,10 +32,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import cli, distributed, loader
+from kalm_jax.checkpoints import loader
 from kalm_jax.data.textfile import atomic_write
 from kalm_jax.data.training_jsonl import TrainingExample, read_training_jsonl, write_training_jsonl
-from kalm_jax.engine import InferenceEngine, probability
+from kalm_jax.inference.engine import InferenceEngine, probability
+from kalm_jax.parallel import distributed
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def label(
 ) -> int:
     """Writes `output_path` = `input_path` with teacher pos_scores/neg_scores; returns the example count.
 
-    The teacher and its tokenizer come from `kalm_jax.loader.load` (any checkpoint: HF directory with
+    The teacher and its tokenizer come from `kalm_jax.checkpoints.loader.load` (any checkpoint: HF directory with
     tokenizer.model or tokenizer.json, export, training workdir or step); scoring goes through the
     inference engine. In a multi-process job every process calls it (see the module docstring).
     """
@@ -195,38 +196,3 @@ def label(
         shutil.rmtree(parts, ignore_errors=True)
     distributed.barrier("label_written")
     return len(examples)
-
-
-def main(config, coordinator_address=None, num_processes=None, process_id=None) -> int:
-    """The CLI: settings from configs/label.py and `--config.KEY=VALUE` overrides (`kalm_jax.cli`)."""
-    for key in ("teacher", "input", "output"):
-        if not config[key]:
-            raise cli.ConfigError(f"--config.{key} is required")
-    distributed.initialize(coordinator_address, num_processes, process_id)
-    n = label(
-        config.teacher,
-        config.input,
-        config.output,
-        tokenizer=config.tokenizer or None,
-        ratio=config.ratio,
-        fmt=config.format,
-        max_document_tokens=config.max_document_tokens,
-        max_query_tokens=config.max_query_tokens,
-        batch_size=config.batch_size,
-        dtype=config.dtype or None,
-        shard_size=config.shard_size,
-    )
-    if distributed.is_primary():
-        print(f"labelled {n} examples -> {config.output}")
-    return 0
-
-
-def cli_main(argv=None) -> int:
-    """The command line (`kalm-label`, `python -m kalm_jax.training.label`); returns the exit status."""
-    return cli.run(main, "label.py", argv=argv, flags=cli.DISTRIBUTED_FLAGS, errors=(FileNotFoundError, ValueError))
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(cli_main())

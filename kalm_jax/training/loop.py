@@ -25,14 +25,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import checkpointing, distributed, loader, locks, prompts
-from kalm_jax import mesh as sharding
-from kalm_jax.config import get_preset
+from kalm_jax import locks
+from kalm_jax.checkpoints import loader, orbax_io
 from kalm_jax.data import pipeline
-from kalm_jax.hf_tokenizer import AnyTokenizer, check_vocab
-from kalm_jax.hf_tokenizer import load_tokenizer as load_tokenizer_file
-from kalm_jax.model import init_model
-from kalm_jax.tokenizer import MODEL_FILENAME, Tokenizer
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import init_model
+from kalm_jax.parallel import distributed
+from kalm_jax.parallel import mesh as sharding
+from kalm_jax.text import prompts
+from kalm_jax.text.hf_json import AnyTokenizer, check_vocab
+from kalm_jax.text.hf_json import load_tokenizer as load_tokenizer_file
+from kalm_jax.text.spm import MODEL_FILENAME, Tokenizer
 from kalm_jax.training.checkpoints import Checkpointer, SettingsMismatch
 from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
 from kalm_jax.training.state import configure_for_training
@@ -102,7 +105,7 @@ def training_files(config, workdir: Path) -> list[Path]:
 
 def load_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
     """The run's tokenizer: `config.tokenizer`, else the workdir's (a resumed run), else the init_from
-    checkpoint's own (``tokenizer.model`` or ``tokenizer.json``, via `kalm_jax.loader`), else one trained on
+    checkpoint's own (``tokenizer.model`` or ``tokenizer.json``, via `kalm_jax.checkpoints.loader`), else one trained on
     the training texts (only when training from scratch). The chosen file is kept in the workdir.
 
     The workdir's tokenizer is never replaced: a `config.tokenizer` whose content differs from it raises
@@ -385,7 +388,7 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
     if distributed.is_primary():  # only after the resume check: a refused run keeps the original record
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1, sort_keys=True))
     del model
-    meta = checkpointing.model_meta(ts.model(state))
+    meta = orbax_io.model_meta(ts.model(state))
 
     dev = None
     if int(config.eval.num_queries) > 0:

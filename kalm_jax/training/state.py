@@ -2,7 +2,7 @@
 
     state = {"step": int32 [],                    # micro-steps done
              "params": <param tree>,              # every parameter incl. LoRA factors, the
-                                                  # `checkpointing.param_tree(model)` layout
+                                                  # `orbax_io.param_tree(model)` layout
              "opt_state": <optax state over the trainable subset>}
 
 The trainable subset is every parameter in full fine-tuning and only the LoRA factors with LoRA.
@@ -16,8 +16,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from kalm_jax.config import ModelConfig, parse_dtype
-from kalm_jax.model import T5Gemma2
+from kalm_jax.model.config import ModelConfig, parse_dtype
+from kalm_jax.model.t5gemma2 import T5Gemma2
 
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
 

@@ -26,10 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kalm_jax import mep
-from kalm_jax import mesh as sharding
-from kalm_jax.config import ModelConfig
-from kalm_jax.model import T5Gemma2
+from kalm_jax.model import mep
+from kalm_jax.model.config import ModelConfig
+from kalm_jax.model.t5gemma2 import T5Gemma2
+from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training import losses, optim
 from kalm_jax.training.config import ratio_weights
 from kalm_jax.training.state import build_model, merge_params, param_tree, split_params, trainable_predicate

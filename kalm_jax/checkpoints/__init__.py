@@ -1,0 +1,1 @@
+"""Checkpoints: Hugging Face safetensors, the native Orbax format, integrity, the one loader, conversion."""

@@ -1,0 +1,1 @@
+"""Attention implementations: XLA (dense and banded) and the Pallas splash kernel for TPU."""

@@ -1,0 +1,121 @@
+"""Pure functions for the T5Gemma 2 blocks: Gemma RMSNorm, half-split RoPE, the attention blocks, GeGLU
+(attention itself: `kalm_jax.model.attention`).
+
+Shape letters: B batch, T query length, S key length, H hidden, N query heads, K kv heads, G = N/K,
+D head dim, I MLP width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from kalm_jax.model.attention import dispatch, masks
+from kalm_jax.model.config import ModelConfig
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma RMSNorm over the last axis: x·rsqrt(mean x² + eps)·(1 + w), in fp32, cast back to x.dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_table(length: int, head_dim: int, theta: float, factor: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [length, D] in fp32 for positions 0..length-1; linear scaling divides inv_freq by `factor`."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = inv_freq / factor
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half-split (NeoX) rotation of x [B, T, heads, D] with cos/sin [T, D] (or per row [B, T, D]),
+    cast to x.dtype."""
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    half = x.shape[-1] // 2
+    # The tables repeat their first half (rope_table), so each half of x rotates with the same cos/sin:
+    # [x1, x2] -> [x1·cos - x2·sin, x2·cos + x1·sin], without building rotate_half(x).
+    cos = cos[..., :half].astype(x.dtype)[:, :, None, :]
+    sin = sin[..., :half].astype(x.dtype)[:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """GeGLU: down(gelu_tanh(x @ gate) * (x @ up)); x [B, T, H], gate/up [H, I], down [I, H]."""
+    g = checkpoint_name(jnp.einsum("bth,hi->bti", x, gate), "mlp_gate")
+    u = checkpoint_name(jnp.einsum("bth,hi->bti", x, up), "mlp_up")
+    return checkpoint_name(jnp.einsum("bti,ih->bth", gelu_tanh(g) * u, down), "mlp_down")
+
+
+def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xla"):
+    """Encoder attention sub-block (pre-norm → attention → post-norm); returns the residual update [B,T,H].
+    `mask`: a `Mask` (key padding [B, T] + static [T, T] pattern) or a bool array broadcastable to [B, T, T]."""
+    h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
+    q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
+    v = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o = dispatch.attention(q, k, v, mask, cfg.attn_scale, impl=impl)
+    o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
+    return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
+
+
+def merged_attention_block(
+    x,
+    enc,
+    w,
+    self_mask,
+    cross_mask,
+    cos,
+    sin,
+    cfg: ModelConfig,
+    impl: str = "xla",
+    query_index: jax.Array | None = None,
+    cross_layout=None,
+):
+    """Decoder merged attention: one softmax over [self keys (RoPE) ; passage keys (k_norm, no RoPE)].
+
+    x [B, T, H] decoder stream, enc [B, S, H] passage states, self_mask / cross_mask a `Mask` or a bool
+    array broadcastable to [B, T, T] / [B, T, S]. With `query_index` [B] (int), only that position of each
+    row is a query (keys and values still come from every position): returns [B, 1, H] instead of [B, T, H].
+    With `cross_layout` (a `mep.RatioLayout`), enc [B/R, layout.total, H] holds each passage's windows at R
+    ratios packed: keys and values are projected from them, then unpacked to [B, layout.width, ...].
+    """
+    h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
+    ks = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
+    vs = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
+    ks = apply_rope(ks, cos, sin)
+    if query_index is not None:
+        h = jnp.take_along_axis(h, query_index[:, None, None], axis=1)  # [B, 1, H]
+        cos, sin = cos[query_index][:, None], sin[query_index][:, None]  # [B, 1, D]
+        dense = masks.dense_mask(self_mask)
+        self_mask = jnp.take_along_axis(
+            jnp.broadcast_to(dense, (x.shape[0],) + dense.shape[1:]), query_index[:, None, None], axis=1
+        )  # [B, 1, T]
+    q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
+    kc = rms_norm(checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), "k_passage"), w["k_norm"], cfg.rms_norm_eps)
+    vc = checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["v"]), "v_passage")
+    if cross_layout is not None:
+        kc, vc = cross_layout.unpack(kc), cross_layout.unpack(vc)
+    o = dispatch.merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, cfg.attn_scale, impl=impl)
+    o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
+    return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
+
+
+def mlp_block(x, w, cfg: ModelConfig):
+    h = rms_norm(x, w["pre_ffw_norm"], cfg.rms_norm_eps)
+    h = mlp(h, w["gate"], w["up"], w["down"])
+    return rms_norm(h, w["post_ffw_norm"], cfg.rms_norm_eps)

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh, multi-process start-up and the local launcher."""

@@ -1,0 +1,1 @@
+"""Performance: TPU ahead-of-time analysis, the benchmark suite, FLOP counts and TPU planning."""

@@ -1,0 +1,800 @@
+"""Ahead-of-time compilation for TPU topologies on any host (MaxText `train_compile`, T5X `precompile`).
+
+With the TPU runtime library installed (`pip install 'kalm-jax[tpu]'`, i.e. the `libtpu` wheel that
+matches jax), `jax.experimental.topologies` describes a TPU slice (e.g. v5e-256) without the hardware.
+This module builds the ("data", "fsdp", "tensor") mesh of a config over those devices, lowers and
+compiles the jitted encode, score and train steps with abstract, sharded inputs
+(`jax.ShapeDtypeStruct(..., sharding=...)`), and reports per-device memory against the chip's HBM.
+
+    python -m kalm_jax.perf.aot --config=tpu.py:nano,v5e-256 --topology=v5e-256
+
+A passing check guarantees: the shardings are consistent (every array splits over its mesh axes), the
+program (including the Pallas TPU attention kernel) compiles for that chip generation and slice shape,
+and XLA's static buffer assignment fits in HBM. It does not measure speed, and does not cover
+host-side input or checkpoint I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kalm_jax.inference import programs
+
+GiB = 2**30
+
+# HBM per JAX device (one chip; v4/v5p run both TensorCores as one "megacore" device).
+HBM_BYTES: dict[str, int] = {
+    "v4": 32 * GiB,
+    "v5e": 16 * GiB,
+    "v5p": 95 * GiB,
+    "v6e": 32 * GiB,
+}
+# Slice shapes (chips) by chip count. v4/v5p names count TensorCores (2 per chip), v5e/v6e count chips.
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_SHAPES_3D = {
+    1: (1, 1, 1),
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+    4096: (16, 16, 16),
+}
+_GEN = {  # user prefix -> (libtpu topology prefix, chip config, cores per chip named in the slice name)
+    "v4": ("v4", "megacore", 2),
+    "v5p": ("v5", "megacore", 2),
+    "v5e": ("v5e", "default", 1),
+    "v6e": ("v6e", "default", 1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    """A TPU slice type such as v5e-256: generation, chip grid and the libtpu topology arguments."""
+
+    name: str
+    generation: str
+    chips: int
+    shape: tuple[int, ...]
+    topology_name: str
+    chip_config_name: str
+    wrap: tuple[bool, bool, bool]
+
+    @property
+    def hbm_bytes(self) -> int:
+        return HBM_BYTES[self.generation]
+
+
+def tpu_slice(name: str) -> TpuSlice:
+    """Parses 'v5e-256', 'v5p-128', 'v4-32', 'v6e-8', ... into a `TpuSlice` (ValueError lists valid ones)."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower().replace("v5litepod", "v5e"))
+    if not m:
+        raise ValueError(
+            f"unknown TPU topology {name!r}; expected <generation>-<size> with generation in "
+            f"{sorted(_GEN)}, e.g. v5e-256, v5p-128, v4-32, v6e-256"
+        )
+    gen, size = m.group(1), int(m.group(2))
+    prefix, chip_config, per_chip = _GEN[gen]
+    chips, rem = divmod(size, per_chip)
+    table = _SHAPES_3D if per_chip == 2 else _SHAPES_2D
+    if rem or chips not in table:
+        valid = sorted(c * per_chip for c in table)
+        raise ValueError(f"unsupported slice size {name!r}; valid sizes for {gen}: {valid}")
+    shape = table[chips]
+    if len(shape) == 3:  # full 4x4x4 cubes and larger are tori
+        wrap = (True, True, True) if chips >= 64 else (False, False, False)
+    else:
+        wrap = (shape[0] == 16, shape[1] == 16, False)
+    return TpuSlice(
+        name=f"{gen}-{size}",
+        generation=gen,
+        chips=chips,
+        shape=shape,
+        topology_name=f"{prefix}:{'x'.join(map(str, shape))}",
+        chip_config_name=chip_config,
+        wrap=wrap,
+    )
+
+
+def topology_devices(sl: TpuSlice, num_slices: int = 1) -> list:
+    """Compile-only devices of `num_slices` copies of the slice (needs the libtpu wheel, not the hardware)."""
+    from jax.experimental import topologies
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "AOT compilation for TPU needs the TPU runtime library: pip install 'kalm-jax[tpu]' "
+            "(the libtpu wheel matching your jax version)"
+        ) from None
+    cphb = (2, 2, 1) if sl.chips >= 4 else (1, 1, 1)
+    desc = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=sl.topology_name,
+        chip_config_name=sl.chip_config_name,
+        chips_per_host_bounds=cphb,
+        num_slices=num_slices,
+        wrap=sl.wrap,
+    )
+    return list(desc.devices)
+
+
+# ---------------------------------------------------------------------- mesh and shardings
+# Axes, rules and mesh building live in the one mesh module, `kalm_jax.parallel.mesh` (training and the engine use
+# it too).
+
+
+def abstract_state(state, mesh, rules: Mapping[str, Any]):
+    """The NNX state with every array replaced by a sharded `jax.ShapeDtypeStruct` (from `out_sharding`)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from kalm_jax.parallel.mesh import logical_to_spec
+
+    def one(var):
+        value = var.get_value()
+        axes = getattr(var, "out_sharding", None) or (None,) * len(value.shape)
+        sharding = NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_input(shape: Sequence[int], dtype, mesh, rules: Mapping[str, Any]):
+    """A sharded abstract batch array: leading dim on the "batch" rule (ValueError if it does not split)."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from kalm_jax.parallel.mesh import batch_spec, check_batch
+
+    check_batch(int(shape[0]), mesh, rules)
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, batch_spec(len(shape), mesh, rules)))
+
+
+# ---------------------------------------------------------------------- memory report
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-device memory of one compiled program (bytes) against the chip's HBM."""
+
+    name: str
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    generated_code: int
+    hbm: int
+    compile_seconds: float
+    error: str | None = None  # the compiler's out-of-memory message, when it refused the program
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and self.total <= self.hbm
+
+    @classmethod
+    def from_compiled(cls, name: str, compiled, hbm: int, seconds: float) -> MemoryReport:
+        m = compiled.memory_analysis()
+        return cls(
+            name,
+            int(m.argument_size_in_bytes),
+            int(m.output_size_in_bytes),
+            int(m.alias_size_in_bytes),
+            int(m.temp_size_in_bytes),
+            int(m.generated_code_size_in_bytes),
+            hbm,
+            seconds,
+        )
+
+
+# e.g. "the total memory required for HLO temporaries (805.51G) exceeds available HBM (15.75G)"
+_OOM_TOTAL = re.compile(r"\(([\d.]+)([KMGT]?)\)\s*exceeds available HBM", re.I)
+
+
+def _parse_oom(message: str) -> int:
+    """Best-effort required bytes from an XLA TPU RESOURCE_EXHAUSTED message (0 when absent)."""
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    m = _OOM_TOTAL.search(message)
+    return int(float(m.group(1)) * scale[m.group(2).upper()]) if m else 0
+
+
+def compile_report(name: str, lower: Callable[[], Any], mesh, hbm: int) -> MemoryReport:
+    """Lowers (under `jax.set_mesh(mesh)`, which the TPU attention kernel's shard_map needs) and compiles;
+    an out-of-memory refusal by the compiler becomes a non-fitting report."""
+    import jax
+
+    t = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            lowered = lower()
+        compiled = lowered.compile()
+    except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED when the program cannot fit in HBM
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        need = _parse_oom(msg)
+        return MemoryReport(name, 0, 0, 0, need, 0, hbm, time.perf_counter() - t, error=msg.strip())
+    return MemoryReport.from_compiled(name, compiled, hbm, time.perf_counter() - t)
+
+
+def format_table(reports: Sequence[MemoryReport], title: str = "") -> str:
+    """A fixed-width table, GiB per device, one row per program."""
+
+    def g(b: int) -> str:
+        return f"{b / GiB:10.3f}"
+
+    head = (
+        f"{'program':<12}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'code':>10}{'total':>10}"
+        f"{'HBM':>10}{'used':>7}{'compile':>9}  fits"
+    )
+    lines = ([title] if title else []) + [head + "   (GiB per device)", "-" * len(head)]
+    for r in reports:
+        lines.append(
+            f"{r.name:<12}{g(r.arguments)}{g(r.outputs)}{g(r.aliased)}{g(r.temporaries)}"
+            f"{g(r.generated_code)}{g(r.total)}{g(r.hbm)}{100 * r.total / r.hbm:6.0f}%"
+            f"{r.compile_seconds:8.1f}s  {'yes' if r.fits else 'NO'}"
+        )
+        if r.error:
+            lines.append(f"    compiler: {r.error.splitlines()[0][:300]}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- programs
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Shapes of one AOT check (global sizes; the batch dims are split over the batch mesh axes)."""
+
+    batch_queries: int = 128  # training queries per step
+    group_size: int = 16  # passages per query (1 positive + negatives)
+    passage_len: int = 512
+    query_len: int = 128  # decoder prompt length of the score program
+    ratio: int = 4  # MEP ratio of the passage states the decoder reads
+    eval_batch: int = 2048  # passages per encode call and pairs per score call
+
+
+def model_config(preset: str, layers: int | None = None):
+    """The preset's `ModelConfig`; with `layers`, only the first `layers` layers of each stack (the samples
+    of `analysis_layers="sampled"`)."""
+    from kalm_jax.model.config import get_preset
+
+    mc = get_preset(preset)
+    if layers is None:
+        return mc
+    return dataclasses.replace(
+        mc, encoder_layer_types=mc.encoder_layer_types[:layers], decoder_layer_types=mc.decoder_layer_types[:layers]
+    )
+
+
+def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False, layers: int | None = None):
+    """(graphdef, abstract state) of the preset (`layers`: see `model_config`); `analysis` builds the
+    cost-analysis variant (`model.analysis_defaults`: layers unrolled, einsum attention)."""
+    import contextlib
+
+    from flax import nnx
+
+    from kalm_jax.model.t5gemma2 import abstract_model, analysis_defaults
+
+    with analysis_defaults() if analysis else contextlib.nullcontext():
+        model = abstract_model(model_config(preset, layers), param_dtype=param_dtype, dtype=dtype)
+    return nnx.split(model)
+
+
+def lower_encode(
+    preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False, layers: int | None = None
+):
+    """Lowering of `programs.encode_pool` over [eval_batch, passage_len] passages (bf16 serving weights)."""
+    import jax.numpy as jnp
+
+    graphdef, state = _model(preset, dtype, dtype, analysis=analysis, layers=layers)
+    params = abstract_state(state, mesh, rules)
+    ids = batch_input((w.eval_batch, w.passage_len), jnp.int32, mesh, rules)
+    return lambda: programs.encode_pool.lower(graphdef, params, ids, ids, w.ratio)
+
+
+def lower_score(
+    preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False, layers: int | None = None
+):
+    """Lowering of `programs.score_pairs`: [eval_batch, query_len] prompts against cached passage states."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kalm_jax.model.config import get_preset
+
+    graphdef, state = _model(preset, dtype, dtype, analysis=analysis, layers=layers)
+    params = abstract_state(state, mesh, rules)
+    windows = -(-w.passage_len // w.ratio)
+    h = get_preset(preset).hidden_size
+    dec = batch_input((w.eval_batch, w.query_len), jnp.int32, mesh, rules)
+    states = batch_input((w.eval_batch, windows, h), jnp.dtype(dtype), mesh, rules)
+    pmask = batch_input((w.eval_batch, windows), jnp.int32, mesh, rules)
+    yes_no = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
+    return lambda: programs.score_pairs.lower(graphdef, params, dec, dec, states, pmask, yes_no)
+
+
+def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None, out=print):
+    """Lowering of the real training step, `kalm_jax.training.step.make_train_step` (the config must be a
+    full training config: the `tpu.py` or `train.py` config)."""
+    import contextlib
+
+    from kalm_jax.model.t5gemma2 import analysis_defaults
+    from kalm_jax.training import step as train_step
+    from kalm_jax.training.config import validate
+
+    missing = [k for k in ("loss", "optimizer", "mep", "lora", "data") if k not in cfg]
+    if missing:
+        raise ValueError(
+            f"the train program needs a full training config; sections {missing} are missing "
+            "(use --config=tpu.py:... or --config=train.py:...)"
+        )
+    validate(cfg)
+    with analysis_defaults() if analysis else contextlib.nullcontext():
+        ts = train_step.make_train_step(
+            model_config(preset, layers),
+            cfg,
+            mesh,
+            yes_id=1,
+            no_id=2,
+            decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len,
+            shard_local_passages=True,
+        )  # as train.py runs it
+    if not analysis:
+        out(
+            f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
+            f"ratios={tuple(cfg.mep.ratios)}, remat={bool(cfg.model.remat)}, "
+            f"remat_policy={_get(cfg, 'model.remat_policy', 'nothing')})"
+        )
+
+    def lower():
+        with analysis_defaults() if analysis else contextlib.nullcontext():
+            return ts.lower()
+
+    return lower
+
+
+# ---------------------------------------------------------------------- the compiler's cost model
+# What the cost rows are computed from (the row's `analysis` field; `run` appends how layers were sampled).
+ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.t5gemma2.analysis_defaults)"
+
+# Dense bf16 peak per JAX device (one chip), FLOP/s: the datasheet figures MFU is quoted against.
+PEAK_BF16: dict[str, float] = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
+    """Analytic useful FLOPs (`kalm_jax.perf.bench.flops`) of one call of `program`, whole batch (all chips)."""
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.perf.bench import flops
+
+    mc = get_preset(preset)
+    if program == "encode":
+        return w.eval_batch * flops.encoder_flops(mc, w.passage_len)
+    if program == "score":
+        return w.eval_batch * flops.decoder_flops(mc, w.query_len, flops.cached_states(w.passage_len, w.ratio))
+    if program == "train":
+        t = int(_get(cfg, "data.decoder_length", 0)) or w.query_len
+        ratios = tuple(int(r) for r in _get(cfg, "mep.ratios", (w.ratio,)))
+        return (
+            w.batch_queries
+            * w.group_size
+            * flops.train_step_flops(mc, w.passage_len, ratios, t, lora=bool(_get(cfg, "lora.enabled", False)))
+        )
+    raise ValueError(f"unknown program {program!r}; valid: {list(PROGRAMS)}")
+
+
+# XLA:TPU lowers an all-gather of fsdp-sharded weights to async slices joined by a `ConcatBitcast` custom
+# call. That instruction has no cost model: each one adds -1 to `optimal_seconds` (checked: nano encode on
+# v5e-4 reports -3.991 with 4 of them, i.e. 0.009 s of modelled work). `cost_fields` adds them back.
+UNKNOWN_COST_CALLS = ("ConcatBitcast",)
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def cost_fields(compiled) -> dict[str, float]:
+    """flops, bytes accessed and optimal_seconds from `compiled.cost_analysis()` (per device).
+
+    `optimal_seconds` is the compiler's roofline of the modelled instructions: the -1 that each
+    `UNKNOWN_COST_CALLS` instruction contributes is added back (their count is `unknown_cost_ops`, the raw
+    figure `optimal_seconds_raw`); a result that is still not positive becomes -1 (unknown).
+    """
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = dict(ca or {})
+    raw = float(ca.get("optimal_seconds", -1.0))
+    unknown = sum(1 for t in _CUSTOM_CALL.findall(compiled.as_text()) if t in UNKNOWN_COST_CALLS)
+    secs = raw + unknown
+    return {
+        "xla_flops": float(ca.get("flops", -1.0)),
+        "bytes_accessed": float(ca.get("bytes accessed", -1.0)),
+        "optimal_seconds": secs if secs > 0 else -1.0,
+        "optimal_seconds_raw": raw,
+        "unknown_cost_ops": unknown,
+    }
+
+
+def cost_row(
+    program: str,
+    sl: TpuSlice,
+    num_devices: int,
+    num_slices: int,
+    preset: str,
+    w: Workload,
+    useful_total: int,
+    cost: Mapping[str, float],
+    memory: MemoryReport | None,
+    cfg=None,
+) -> dict[str, Any]:
+    """One `--report` row (JSON-ready); every figure per chip. The contract scripts rely on: `program`,
+    `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`."""
+    useful = useful_total / num_devices
+    secs = cost["optimal_seconds"]
+    ok = secs > 0
+    peak = PEAK_BF16[sl.generation]
+    row: dict[str, Any] = {
+        "program": program,
+        "topology": sl.name,
+        "num_slices": num_slices,
+        "devices": num_devices,
+        "preset": preset,
+        "n": w.passage_len,
+        "r": w.ratio,
+        "prompt_len": w.query_len,
+        "xla_flops": cost["xla_flops"],
+        "useful_flops": useful,
+        "flops_ratio": cost["xla_flops"] / useful if useful else None,
+        "bytes_accessed": cost["bytes_accessed"],
+        "optimal_seconds": secs,
+        "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs),
+        "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
+        "peak_flops": peak,
+        "predicted_mfu": useful / (secs * peak) if ok else None,
+        "analysis": ANALYSIS,
+    }
+    per_chip = w.eval_batch / num_devices
+    if program == "encode":
+        row.update(
+            batch=w.eval_batch,
+            passages_per_s=per_chip / secs if ok else None,
+            tokens_per_s=per_chip * w.passage_len / secs if ok else None,
+        )
+    elif program == "score":
+        row.update(batch=w.eval_batch, pairs_per_s=per_chip / secs if ok else None)
+    else:
+        pairs = w.batch_queries * w.group_size / num_devices
+        row.update(
+            batch=w.batch_queries * w.group_size,
+            ratios=list(_get(cfg, "mep.ratios", ())),
+            examples_per_s=pairs / secs if ok else None,
+            queries_per_s=w.batch_queries / num_devices / secs if ok else None,
+        )
+    if memory is not None:
+        row.update(
+            memory_total_bytes=memory.total,
+            memory_temp_bytes=memory.temporaries,
+            hbm_bytes=memory.hbm,
+            fits=memory.fits,
+        )
+    return row
+
+
+def analyse(name: str, lower: Callable[[], Any], mesh) -> tuple[dict[str, float], str | None]:
+    """Compiles the analysis variant and returns its cost fields (or -1s and the compiler's refusal)."""
+    import jax
+
+    try:
+        with jax.set_mesh(mesh):
+            lowered = lower()
+        return cost_fields(lowered.compile()), None
+    except Exception as e:
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        return (
+            {
+                "xla_flops": -1.0,
+                "bytes_accessed": -1.0,
+                "optimal_seconds": -1.0,
+                "optimal_seconds_raw": -1.0,
+                "unknown_cost_ops": 0,
+            },
+            msg.strip().splitlines()[0],
+        )
+
+
+ANALYSIS_LAYERS = ("all", "sampled")
+_COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
+
+
+def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
+    """Layer counts whose analysis compiles determine a per-layer-type cost model of a stack with layer
+    types `types`: 2, 3 and one whole period of the pattern (e.g. 2, 3, 6 for 5 sliding + 1 full), or
+    more when those do not separate the types. Not 1: a one-layer program gathers its weights differently
+    (no combined all-gathers), and its bytes do not sit on the line through the others. () when the
+    samples would not be smaller than the stack itself (compile it whole)."""
+    from kalm_jax.model.t5gemma2 import layer_period
+
+    kinds = sorted(set(types))
+    p, _ = layer_period(tuple(types))
+    for ks in ((2, 3, p), (2, 3, p, p + 1), tuple(range(2, len(types)))):
+        ks = tuple(sorted({k for k in ks if 1 < k < len(types)}))
+        if ks and np.linalg.matrix_rank(_design(types, ks, kinds)) == len(kinds) + 1:
+            return ks
+    return ()
+
+
+def _design(types: Sequence[str], samples: Sequence[int], kinds: Sequence[str]):
+    """[len(samples), 1 + len(kinds)]: a constant and the number of layers of each type in each sample."""
+    return np.array([[1.0] + [float(list(types[:k]).count(t)) for t in kinds] for k in samples])
+
+
+def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Cost fields of the whole stack from `sampled` (layer count -> `cost_fields` of a model truncated to
+    that many layers in each stack), fitted as constant + per-layer-type cost (exact for the FLOPs and
+    bytes of unrolled layers: each layer is the same program as in the full model) and evaluated at the
+    full layer counts. Raises ValueError when a sample failed (a cost of -1)."""
+    kinds = sorted(set(types))
+    ks = sorted(sampled)
+    a = _design(types, ks, kinds)
+    target = _design(types, [len(types)], kinds)[0]
+    out: dict[str, float] = {}
+    for key in _COST_KEYS:
+        y = np.array([float(sampled[k].get(key, -1.0)) for k in ks])
+        if key in ("xla_flops", "bytes_accessed", "optimal_seconds") and (y <= 0).any():
+            raise ValueError(f"the {key} of a sampled analysis compile is unknown: {dict(zip(ks, y.tolist()))}")
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        out[key] = float(target @ coef)
+    out["unknown_cost_ops"] = int(round(out["unknown_cost_ops"]))
+    return out
+
+
+def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
+    head = (
+        f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
+        f"{'ratio':>7}{'GB acc':>8}{'opt ms':>9}{'MFU':>7}  throughput per chip"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["program"] == "encode":
+            tput = f"{r.get('passages_per_s') or 0:,.0f} passages/s, {r.get('tokens_per_s') or 0:,.0f} tok/s"
+        elif r["program"] == "score":
+            tput = f"{r.get('pairs_per_s') or 0:,.0f} pairs/s"
+        else:
+            tput = f"{r.get('examples_per_s') or 0:,.1f} pairs/s"
+        mfu = f"{100 * r['predicted_mfu']:6.1f}%" if r.get("predicted_mfu") else "    n/a"
+        lines.append(
+            f"{r['program']:<8}{r['topology']:>9}{r['preset']:>7}{r['n']:>6}{r['r']:>4}"
+            f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
+            f"{r['bytes_accessed'] / 1e9:8.2f}{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"
+        )
+        if r.get("analysis_error"):
+            lines.append(f"    compiler: {r['analysis_error'][:300]}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- config-driven entry point
+def _get(cfg, dotted: str, default):
+    node = cfg
+    for key in dotted.split("."):
+        if node is None or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def workload_from_config(cfg) -> Workload:
+    """Reads the training config keys (data.batch_size, data.group_size, data.max_document_tokens,
+    data.max_query_tokens, eval.ratio, eval.batch_size); missing keys keep the `Workload` defaults."""
+    d = Workload()
+    return Workload(
+        batch_queries=int(_get(cfg, "data.batch_size", d.batch_queries)),
+        group_size=int(_get(cfg, "data.group_size", d.group_size)),
+        passage_len=int(_get(cfg, "data.max_document_tokens", d.passage_len)),
+        query_len=int(_get(cfg, "data.max_query_tokens", d.query_len)),
+        ratio=int(_get(cfg, "eval.ratio", d.ratio)),
+        eval_batch=int(_get(cfg, "eval.batch_size", d.eval_batch)),
+    )
+
+
+PROGRAMS = ("encode", "score", "train")
+
+
+@dataclasses.dataclass
+class AotResult:
+    """What `run` found: one memory report per program and, with `cost=True`, one cost row per program."""
+
+    memory: list[MemoryReport]
+    cost: list[dict[str, Any]]
+    mesh_shape: dict[str, int]
+
+
+def mesh_for(cfg, devices: Sequence, num_slices: int = 1):
+    """The config's ("data", "fsdp", "tensor") mesh over `devices` and its normalised logical rules."""
+    from kalm_jax.parallel import mesh as mesh_lib
+
+    sizes = {a: int(_get(cfg, f"mesh.{a}", -1 if a == "data" else 1)) for a in mesh_lib.MESH_AXES}
+    try:
+        mesh = mesh_lib.make_mesh(sizes, devices, num_slices=num_slices)
+    except ValueError as e:
+        hint = (
+            (
+                f" (for --num_slices={num_slices} pass the slice count to the config too, e.g. "
+                f"--config=tpu.py:<preset>,<topology>,{num_slices})"
+            )
+            if num_slices > 1
+            else ""
+        )
+        raise ValueError(f"config mesh {sizes} on {len(devices)} devices: {e}{hint}") from None
+    return mesh, mesh_lib.rules_dict(_get(cfg, "logical_axis_rules", None))
+
+
+def run(
+    cfg,
+    topology: str,
+    num_slices: int = 1,
+    programs: Sequence[str] = PROGRAMS,
+    out=print,
+    cost: bool = False,
+    analysis_layers: str = "all",
+) -> AotResult:
+    """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
+
+    Prints the mesh, the workload and the per-device memory table. With `cost`, also compiles each
+    program's analysis variant (`model.analysis_defaults`: layers unrolled, einsum attention) and returns
+    the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`). `analysis_layers`:
+    "all" unrolls every layer; "sampled" compiles the analysis variant at `layer_samples` layers per stack
+    and extrapolates per layer type (`extrapolate_costs`), for programs too large to unroll whole on the host.
+    """
+    unknown = [p for p in programs if p not in PROGRAMS]
+    if unknown:
+        raise ValueError(f"unknown programs {unknown}; valid: {list(PROGRAMS)}")
+    if analysis_layers not in ANALYSIS_LAYERS:
+        raise ValueError(f"analysis_layers={analysis_layers!r}; valid: {list(ANALYSIS_LAYERS)}")
+    sl = tpu_slice(topology)
+    devices = topology_devices(sl, num_slices)
+    mesh, rules = mesh_for(cfg, devices, num_slices)
+    w = workload_from_config(cfg)
+    preset = str(_get(cfg, "model.preset", "tiny"))
+    out(
+        f"{num_slices} x {sl.name} ({sl.topology_name}, {len(devices)} devices, "
+        f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); mesh {dict(mesh.shape)}; model {preset}"
+    )
+    out(f"workload: {w}")
+
+    def builder(name: str, analysis: bool, layers: int | None = None):
+        if name == "encode":
+            return lower_encode(preset, mesh, rules, w, analysis=analysis, layers=layers)
+        if name == "score":
+            return lower_score(preset, mesh, rules, w, analysis=analysis, layers=layers)
+        return lower_train(cfg, preset, mesh, w, analysis=analysis, layers=layers, out=out)
+
+    samples: tuple[int, ...] = ()
+    if cost and analysis_layers == "sampled":
+        mc = model_config(preset)
+        if mc.encoder_layer_types != mc.decoder_layer_types:
+            raise ValueError(
+                "analysis_layers=sampled truncates both stacks alike: it needs equal encoder and decoder layer types"
+            )
+        types = mc.encoder_layer_types
+        samples = layer_samples(types)
+    reports, rows = [], []
+    for name in programs:
+        memory = compile_report(name, builder(name, False), mesh, sl.hbm_bytes)
+        reports.append(memory)
+        if not cost:
+            continue
+        if samples:
+            sampled, err = {}, None
+            for k in samples:
+                out(f"{name}: analysis compile with {k} layer(s) per stack")
+                sampled[k], err = analyse(name, builder(name, True, k), mesh)
+                if err:
+                    err = f"{k}-layer sample: {err}"
+                    break
+            fields = sampled[k] if err else extrapolate_costs(types, sampled)
+        else:
+            fields, err = analyse(name, builder(name, True), mesh)
+        row = cost_row(
+            name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w), fields, memory, cfg
+        )
+        if samples:
+            row["analysis"] += f"; extrapolated per layer type from {list(samples)} layers per stack"
+            row["analysis_samples"] = {str(k): v for k, v in sampled.items()}
+        if err:
+            row["analysis_error"] = err
+        rows.append(row)
+    out(format_table(reports, title=f"per-device memory on {num_slices} x {sl.name}"))
+    if rows:
+        out("the compiler's cost model per chip (predictions, not measurements):")
+        out(format_cost_table(rows))
+    return AotResult(reports, rows, dict(mesh.shape))
+
+
+def check(
+    cfg,
+    topology: str | None = None,
+    num_slices: int = 1,
+    programs: str = ",".join(PROGRAMS),
+    report: str | None = None,
+    analysis_layers: str = "all",
+) -> int:
+    """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
+    from kalm_jax import cli
+
+    if not topology:
+        raise cli.ConfigError("--topology is required (the TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256)")
+    result = run(
+        cfg,
+        topology,
+        num_slices,
+        [s for s in programs.split(",") if s],
+        cost=report is not None,
+        analysis_layers=analysis_layers,
+    )
+    if report:
+        from kalm_jax.perf.bench.runner import write_rows
+
+        write_rows(result.cost, Path(report))
+        print(f"wrote {len(result.cost)} cost rows to {report}")
+    reports = result.memory
+    bad = [r for r in reports if not r.fits]
+    if bad:
+        print(
+            "does not fit: "
+            + "; ".join(f"{r.name} needs {r.total / GiB:.2f} GiB per device, HBM is {r.hbm / GiB:.0f} GiB" for r in bad)
+        )
+        return 1
+    print("fits: every program compiled within HBM")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (`kalm_jax.cli`): settings from configs/tpu.py:<preset>,<topology>[,<slices>] plus
+    `--config.KEY=VALUE` overrides; `--topology`, `--num_slices`, `--programs` and `--report` choose the check."""
+    # A CPU-only host: never grab a local accelerator, and tell libtpu not to probe for TPU VM metadata
+    # (the topology is described from the arguments, not discovered).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for key, value in (
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ):
+        os.environ.setdefault(key, value)
+    from kalm_jax import cli
+
+    flags = (
+        cli.Flag("topology", None, "TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256"),
+        cli.Flag("num_slices", 1, "slices joined over DCN (data axis spans them)", int),
+        cli.Flag("programs", ",".join(PROGRAMS), "comma-separated subset of encode,score,train"),
+        cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"),
+        cli.Flag(
+            "analysis_layers",
+            "all",
+            "with --report: 'all' unrolls every layer in the analysis compile; "
+            "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
+            "type (programs too large to unroll whole on this host)",
+        ),
+    )
+    return cli.run(check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

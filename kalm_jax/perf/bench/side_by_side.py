@@ -1,0 +1,153 @@
+"""kalm-jax beside the PyTorch `transformers` peer on the same weights, timed in interleaved rounds.
+
+`python -m kalm_jax.perf.bench --config=bench.py:side_by_side ...` (docs/performance.md). One preset, one (n, r): the
+peer (`bench.peer`, the released pipeline) is built with random weights, saved with `save_pretrained`
+and loaded into kalm-jax with `kalm_jax.checkpoints.hf.load`, so both sides hold identical weights. Each round times
+kalm-jax encode, peer encode, kalm-jax score, peer score (`repeats` calls each, median) one after the
+other, so a load change on a shared machine hits both sides alike; the row reports the median over rounds
+of the per-round figures and of the per-round speedups. Margins and pooled states of the two sides are
+compared on the same inputs (the peer scores kalm-jax's pooled states, so only the decoder differs).
+kalm-jax runs through the inference engine (`InferenceEngine.encode_batch` / `score_batch`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kalm_jax.perf.bench import flops
+from kalm_jax.perf.bench import peer as peer_lib
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(
+    name: str,
+    *,
+    n: int = 512,
+    r: int = 4,
+    candidates: int = 16,
+    prompt_len: int = 64,
+    dtype: str = "float32",
+    rounds: int = 5,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """Two rows (kind "side_by_side", op "encode" and "score") for preset `name` on this host's CPU.
+
+    Encode: `candidates` passages of n tokens, pooled at r (tokens/s). Score: `candidates` pairs of a
+    `prompt_len`-token prompt against the pooled states (pairs/s).
+    """
+    import torch
+
+    from kalm_jax.checkpoints import hf
+    from kalm_jax.perf.bench.suite import engine_for, token_ids
+
+    progress(f"side by side: building {name} (peer, then the same weights in kalm-jax)")
+    peer = peer_lib.build(name, "cpu", dtype, seed)
+    with tempfile.TemporaryDirectory(prefix="kalm_side_by_side_") as d:
+        peer.model.save_pretrained(d)
+        cfg, model = hf.load(d, dtype=dtype, progress=False)
+    rng = np.random.default_rng(seed)
+    yes_id, no_id = int(rng.integers(3, 1000)), int(rng.integers(1000, 2000))
+    engine = engine_for(model, yes_id, no_id)
+    ids = token_ids(rng, cfg, (candidates, n))
+    mask = np.ones_like(ids)
+    dec = token_ids(rng, cfg, (candidates, prompt_len))
+    dmask = np.ones_like(dec)
+    t = lambda a: torch.as_tensor(np.array(a), dtype=torch.long)  # noqa: E731
+    peer_encode = peer_lib.encode_fn(peer, r)
+    peer_score = peer_lib.score_fn(peer, yes_id, no_id)
+
+    def ours_enc():
+        return engine.encode_batch(ids, mask, r)
+
+    def peer_enc():
+        return peer_encode(t(ids), t(mask))
+
+    states, pmask, _ = ours_enc()
+    peer_states, peer_pmask = peer_enc()
+    states_t = torch.as_tensor(np.array(states)).to(peer.torch_dtype)
+
+    def ours_sc():
+        return engine.score_batch(dec, dmask, states, pmask)
+
+    def peer_sc():
+        return peer_score(t(dec), t(dmask), states_t, t(pmask))
+
+    ours_margins, peer_margins = ours_sc(), peer_sc().float().numpy()
+    for _ in range(warmup):
+        ours_enc(), peer_enc(), ours_sc(), peer_sc()
+    times: dict[str, list[float]] = {k: [] for k in ("ours_encode", "peer_encode", "ours_score", "peer_score")}
+    for i in range(rounds):
+        progress(f"side by side: round {i + 1}/{rounds}")
+        for key, fn in (
+            ("ours_encode", ours_enc),
+            ("peer_encode", peer_enc),
+            ("ours_score", ours_sc),
+            ("peer_score", peer_sc),
+        ):
+            times[key].append(_median_time(fn, repeats))
+    peer_lib.release(peer)
+
+    base = {
+        "kind": "side_by_side",
+        "shape": name,
+        "n": n,
+        "r": r,
+        "dtype": dtype,
+        "device": "cpu",
+        "rounds": rounds,
+        "repeats": repeats,
+        "timing": "interleaved rounds (ours, peer alternating)",
+        "peer_impl": "transformers T5Gemma2 sdpa (released pipeline)",
+        "ours_impl": "kalm_jax InferenceEngine",
+    }
+    c = flops.cached_states(n, r)
+    rows = []
+    for op, unit, amount in (("encode", "tokens_per_s", candidates * n), ("score", "pairs_per_s", candidates)):
+        ours_s, peer_s = times[f"ours_{op}"], times[f"peer_{op}"]
+        speedups = [p / o for o, p in zip(ours_s, peer_s)]
+        row = {
+            **base,
+            "op": op,
+            "batch": candidates,
+            f"ours_{unit}": amount / statistics.median(ours_s),
+            f"peer_{unit}": amount / statistics.median(peer_s),
+            "ours_median_s": statistics.median(ours_s),
+            "peer_median_s": statistics.median(peer_s),
+            "speedup": statistics.median(speedups),
+            "speedup_min": min(speedups),
+            "speedup_max": max(speedups),
+            "ours_round_s": ours_s,
+            "peer_round_s": peer_s,
+        }
+        if op == "encode":
+            row["max_abs_state_diff"] = float(np.max(np.abs(peer_states.float().numpy() - states)))
+            row["flops_per_passage"] = flops.encoder_flops(cfg, n)
+        else:
+            row.update(
+                prompt_len=prompt_len,
+                cached_states=c,
+                max_abs_margin_diff=float(np.max(np.abs(peer_margins - ours_margins))),
+                flops_per_pair=flops.decoder_flops(cfg, prompt_len, c),
+            )
+        rows.append(row)
+    return rows
+
+
+__all__ = ["run"]

@@ -1,0 +1,1 @@
+"""Text: SentencePiece and tokenizer.json tokenizers, and the reranking prompt."""
