@@ -1,5 +1,5 @@
 """TPU AOT compilation on a CPU host: topology parsing and AOT compiles of the tiny preset for a v5e-4 slice
-(needs libtpu). The splash-attention kernel itself is checked in tests/test_tpu_attention.py."""
+(needs libtpu). The splash-attention kernel itself is checked in tests/model/test_tpu_attention.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from kalm_jax import cli
 from kalm_jax.perf import aot
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tpu_slice_names():
@@ -263,7 +263,7 @@ def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
         assert 0 < r["predicted_mfu"] < 1
     cfg = _tpu_config("tiny,v5e-4")
     from kalm_jax.model.config import get_preset
-    from kalm_jax.perf.bench import flops
+    from kalm_jax.perf import flops
 
     # per chip: the global batch's useful FLOPs over the 4 chips
     assert rows[0]["useful_flops"] == pytest.approx(

@@ -28,7 +28,7 @@ from kalm_jax.training.config import default_config, validate
 from kalm_jax.training.state import build_model, split_params
 from kalm_jax.training.step import batch_structs, make_train_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 B, G, S, T = 8, 2, 16, 16
 
 

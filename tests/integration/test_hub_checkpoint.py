@@ -31,7 +31,7 @@ from kalm_jax.inference.reranker import Reranker
 from kalm_jax.text.hf_json import HFTokenizer
 from kalm_jax.training.label import label
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RATIO = 4
 DOC_TOKENS, QUERY_TOKENS = 96, 32
 

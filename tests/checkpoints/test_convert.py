@@ -23,7 +23,7 @@ from kalm_jax.model.t5gemma2 import LoRAParam, init_model
 from kalm_jax.text import prompts
 
 TOL = 1e-4
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _raw(d: Path) -> dict[str, tuple[str, tuple, bytes]]:

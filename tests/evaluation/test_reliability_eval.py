@@ -174,7 +174,7 @@ def test_eval_cli_prints_a_data_error_as_one_line(tmp_path):
     import os
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     d = tmp_path / "broken"
     (d / "qrels").mkdir(parents=True)
     (d / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "alpha"}\n')

@@ -1,6 +1,6 @@
 """rerank: ids stay aligned through batching, lookup and cascades (an oracle scorer reaches the ideal nDCG).
 
-Scores through the store vs from text: tests/test_eval_store.py."""
+Scores through the store vs from text: tests/evaluation/test_eval_store.py."""
 
 from __future__ import annotations
 

@@ -174,7 +174,7 @@ def test_two_concurrent_writers_leave_every_passage_exactly_once(tmp_path, token
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     root = tmp_path / "store"
     env = {

@@ -12,7 +12,7 @@ import pytest
 
 from kalm_jax import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env():

@@ -14,7 +14,7 @@ from kalm_jax.inference import scoring
 from kalm_jax.model.attention import dispatch, masks
 from kalm_jax.model.config import get_preset
 from kalm_jax.model.t5gemma2 import init_model
-from kalm_jax.perf.bench import flops
+from kalm_jax.perf import flops
 
 TINY = get_preset("tiny")
 

@@ -26,7 +26,7 @@ from kalm_jax.model.config import get_preset
 from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.training.label import parts_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 400
 SHARD = 2
 LOG = re.compile(r"\[(p\d)\] labelling: process (\d) of 2 scored (\d+) pairs in (\d+) shards \((\d+) of (\d+) shards")

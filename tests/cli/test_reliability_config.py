@@ -168,7 +168,7 @@ def test_empty_device_list_is_a_named_error():
 
 
 # ---------------------------------------------------------------------- every config value, before data preparation
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize(
@@ -245,7 +245,7 @@ def test_train_cli_refuses_a_bad_value_before_preparing_data(tmp_path, data_dir)
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu", KALM_DATA_DIR=str(data_dir))
     env.pop("XLA_FLAGS", None)
     w = tmp_path / "w"

@@ -234,7 +234,7 @@ def test_other_tokenizer_on_resume_is_refused_and_the_workdirs_is_kept(base, tok
     import shutil
 
     from kalm_jax.text.spm import Tokenizer
-    from kalm_jax.training.loop import load_tokenizer
+    from kalm_jax.training.loop import run_tokenizer
 
     other = Tokenizer.train(scifact_texts[:400], tmp_path / "other", vocab_size=1000)
     assert other.fingerprint() != tokenizer.fingerprint()
@@ -249,11 +249,11 @@ def test_other_tokenizer_on_resume_is_refused_and_the_workdirs_is_kept(base, tok
         match=r"tokenizer: --config.tokenizer=.* is not the tokenizer this workdir "
         r"was trained with",
     ):
-        load_tokenizer(c, w, [])
+        run_tokenizer(c, w, [])
     assert (w / "tokenizer.model").read_bytes() == before
     assert sorted(p.name for p in w.iterdir()) == ["tokenizer.model"]
     c.tokenizer = str(tokenizer.path)  # the same content is fine
-    assert load_tokenizer(c, w, []).fingerprint() == tokenizer.fingerprint()
+    assert run_tokenizer(c, w, []).fingerprint() == tokenizer.fingerprint()
 
     _, ts, _ = base  # the checkpoints record the fingerprint too (e.g. a workdir whose file was replaced by hand)
     c0 = run_config()

@@ -18,7 +18,8 @@ from kalm_jax.inference.reranker import Reranker
 from kalm_jax.inference.states import PassageStates
 from kalm_jax.model import mep
 from kalm_jax.text import prompts
-from kalm_jax.text.hf_json import HFTokenizer, check_vocab, load_tokenizer
+from kalm_jax.text.hf_json import HFTokenizer, check_vocab
+from kalm_jax.text.load import load_tokenizer
 from kalm_jax.text.spm import TokenizerError
 
 VOCAB, EOI = 4096, 4093

@@ -22,7 +22,7 @@ from kalm_jax.inference import programs
 from kalm_jax.model.config import get_preset
 from kalm_jax.model.t5gemma2 import init_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATASETS = ("scifact", "trec-dl-2019-passage")
 
 

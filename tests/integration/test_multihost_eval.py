@@ -26,7 +26,7 @@ from kalm_jax.evaluation import store as store_lib
 from kalm_jax.model.config import get_preset
 from kalm_jax.model.t5gemma2 import init_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 400
 RATIOS = (1, 4, 8)
 

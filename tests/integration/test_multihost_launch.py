@@ -24,7 +24,7 @@ from kalm_jax.data.pipeline import CollateGroups, PipelineConfig, ShardedBatchSa
 from kalm_jax.parallel import distributed
 from kalm_jax.training.step import gather_rows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def env() -> dict:

@@ -1,6 +1,6 @@
 """Dev evaluation during training scores with the training state's own sharded arrays, on the training mesh:
 the same run as an engine over a host copy of the weights, and no parameter is copied or read to the host.
-(Two real processes: tests/test_multihost_training.py::test_dev_evaluation_runs_on_two_processes.)"""
+(Two real processes: tests/integration/test_multihost_training.py::test_dev_evaluation_runs_on_two_processes.)"""
 
 from __future__ import annotations
 
