@@ -1,4 +1,9 @@
-"""Atomic directory writes: build in a temporary sibling, then rename into place; recoverable after a kill.
+"""Atomic writes of files and directories: build in a temporary sibling, then rename into place.
+
+Files (`atomic_file`, `write_text`, `write_bytes`): a hidden `.F.tmp-<host>-<pid>-*` sibling renamed onto `F`
+on success and removed on failure; readers see the old or the new content, never a part.
+
+Directories (recoverable after a kill):
 
 For an output `D`, the hidden siblings (each named with the writer's host and pid) are
   `.D.tmp-<host>-<pid>-*`   being built (incomplete); removed when the block fails, or by a later writer or
@@ -148,4 +153,50 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
         raise
 
 
-__all__ = ["atomic_directory", "replace_dir", "recover", "DiskFullError", "as_disk_full"]
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write; when the block succeeds it replaces `path`.
+
+    The parent directory is created. On any exception the temporary file is removed and `path` is left as it
+    was; an out-of-space error is raised as `DiskFullError` naming `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        full = as_disk_full(e, path)
+        if full is not None and full is not e:
+            raise full from None
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str, *, newline: str | None = None) -> Path:
+    """Writes `text` (UTF-8) to `path` atomically (`atomic_file`); returns `path`."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` atomically (`atomic_file`); returns `path`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+__all__ = [
+    "atomic_file",
+    "write_text",
+    "write_bytes",
+    "atomic_directory",
+    "replace_dir",
+    "recover",
+    "DiskFullError",
+    "as_disk_full",
+]

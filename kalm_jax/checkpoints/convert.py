@@ -27,6 +27,7 @@ import numpy as np
 from kalm_jax import cli
 from kalm_jax.checkpoints import hf, loader, orbax_io
 from kalm_jax.model.config import ModelConfig
+from kalm_jax.text.load import tokenizer_files
 
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
 
@@ -68,7 +69,7 @@ def to_hf(args) -> int:
         )
     tokenizer = args.tokenizer
     if tokenizer is None:
-        found = hf.find_tokenizer_files(*loader.tokenizer_search_dirs(src))
+        found = tokenizer_files(*loader.tokenizer_search_dirs(src))
         tokenizer = next(iter(found.values())).parent if found else None
     out = hf.save(
         model,
@@ -95,7 +96,7 @@ def from_hf(args) -> int:
             "converts HF directories (to-hf takes any checkpoint)"
         )
     model = loader.load(src, dtype=args.dtype, tokenizer=False).model
-    extra = {name: path for name, path in hf.find_tokenizer_files(src).items()}
+    extra = tokenizer_files(src)
     out = orbax_io.save_model(model, args.out, overwrite=args.overwrite, extra_files=extra)
     print(f"wrote {out} (params in {args.dtype}; tokenizer files: {sorted(extra) or 'none found'})")
     if model.hf_passthrough:

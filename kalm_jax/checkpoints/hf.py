@@ -42,6 +42,7 @@ from kalm_jax.checkpoints.safetensors_io import (
 )
 from kalm_jax.model.config import ModelConfig, parse_dtype
 from kalm_jax.model.t5gemma2 import T5Gemma2, abstract_model, lora_delta, stack_param_shapes
+from kalm_jax.text.load import files_to_write, tokenizer_files
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -183,16 +184,6 @@ def _set(model, path: tuple[str, ...], value: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------- export
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""Tokenizer files copied beside an exported checkpoint when they exist beside its source."""
 
 
 def _ours_shape(spec: TensorSpec, cfg: ModelConfig) -> tuple[int, ...]:
@@ -275,32 +266,6 @@ def iter_hf_tensors(
     """
     for spec in tensor_specs(model.config):
         yield spec.hf_name, hf_tensor(model, spec, dtype, merge_lora=merge_lora)
-
-
-def find_tokenizer_files(*dirs: str | os.PathLike | None) -> dict[str, Path]:
-    """Tokenizer files (`TOKENIZER_FILES`) found in the first of `dirs` that has any."""
-    for d in dirs:
-        if d is None or not Path(d).is_dir():
-            continue
-        found = {n: Path(d) / n for n in TOKENIZER_FILES if (Path(d) / n).is_file()}
-        if found:
-            return found
-    return {}
-
-
-def _tokenizer_files(tokenizer) -> dict[str, Path | bytes]:
-    """`tokenizer` (a kalm_jax Tokenizer, a tokenizer.model file or a directory) -> files to write."""
-    if hasattr(tokenizer, "proto_bytes"):
-        return {"tokenizer.model": tokenizer.proto_bytes}
-    p = Path(tokenizer)
-    if p.is_file():
-        return {"tokenizer.model" if p.suffix == ".model" else p.name: p}
-    if p.is_dir():
-        found = find_tokenizer_files(p)
-        if found:
-            return dict(found)
-        raise FileNotFoundError(f"{p}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
-    raise FileNotFoundError(f"{p}: tokenizer not found")
 
 
 def _vision_config(source: Path) -> dict | None:
@@ -412,9 +377,9 @@ def save(
 
     tok_files: dict[str, Path | bytes] = {}
     if tokenizer is not None:
-        tok_files = _tokenizer_files(tokenizer)
+        tok_files = files_to_write(tokenizer)
     elif source is not None:
-        tok_files = dict(find_tokenizer_files(source))
+        tok_files = tokenizer_files(source)
     gen_src = source / "generation_config.json" if source is not None else None
 
     st_name = ST_DTYPES[np_dtype]
@@ -493,13 +458,11 @@ __all__ = [
     "SafetensorsDir",
     "TensorSpec",
     "read_safetensors_header",
-    "find_tokenizer_files",
     "parse_size",
     "hf_shape",
     "LAYER_NAMES",
     "TIED_ALIASES",
     "PASSTHROUGH_PREFIXES",
-    "TOKENIZER_FILES",
     "TOP_NAMES",
     "STACKS",
     "canonical_name",

@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from kalm_jax import atomic
+
 CHECKSUMS = "checksums.json"
 FORMAT = "kalm-jax-checksums"
 _CHUNK = 1 << 22
@@ -48,13 +50,10 @@ def write(root: str | os.PathLike, parts: Iterable[str]) -> Path:
     files = {
         str(f.relative_to(root)): {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in _files(root, parts)
     }
-    out = root / CHECKSUMS
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(
-        json.dumps({"format": FORMAT, "version": 1, "algorithm": "sha256", "files": files}, indent=0, sort_keys=True)
+    return atomic.write_text(
+        root / CHECKSUMS,
+        json.dumps({"format": FORMAT, "version": 1, "algorithm": "sha256", "files": files}, indent=0, sort_keys=True),
     )
-    os.replace(tmp, out)
-    return out
 
 
 def has_checksums(root: str | os.PathLike) -> bool:

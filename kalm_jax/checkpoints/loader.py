@@ -8,25 +8,23 @@ Accepted paths (see `orbax_io.load_any` for the model part):
 
 The tokenizer is looked for, in this order, in the checkpoint directory, its ``tokenizer/`` subdirectory and,
 for a step directory, the training workdir two levels up; in each place ``tokenizer.model`` wins over
-``tokenizer.json``. An explicitly given tokenizer replaces the search. Either way its ids must fit the
-model's vocabulary (`hf_tokenizer.check_vocab`), so a tokenizer made for another checkpoint is an error
-here, not NaN scores later. Every CLI and the `Reranker` load through `load`.
+``tokenizer.json`` (`kalm_jax.text.load`). An explicitly given tokenizer replaces the search. Either way its
+ids must fit the model's vocabulary (`hf_json.check_vocab`), so a tokenizer made for another checkpoint is an
+error here, not NaN scores later. Every CLI and the `Reranker` load through `load`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.model.config import ModelConfig
 from kalm_jax.model.t5gemma2 import T5Gemma2
-from kalm_jax.text.hf_json import JSON_FILENAME, AnyTokenizer, HFTokenizer, check_vocab, load_tokenizer
-from kalm_jax.text.spm import MODEL_FILENAME, Tokenizer
-
-TOKENIZER_FILENAMES = (MODEL_FILENAME, JSON_FILENAME)
+from kalm_jax.text.hf_json import JSON_FILENAME, AnyTokenizer, check_vocab
+from kalm_jax.text.load import first_tokenizer_dir, load_tokenizer
+from kalm_jax.text.spm import MODEL_FILENAME
 
 
 @dataclasses.dataclass
@@ -61,9 +59,9 @@ def tokenizer_search_dirs(path: str | os.PathLike) -> list[Path]:
 def find_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
     """The tokenizer that belongs to the checkpoint at `path` (``tokenizer.model`` or ``tokenizer.json``)."""
     dirs = tokenizer_search_dirs(path)
-    for d in dirs:
-        if any((d / name).is_file() for name in TOKENIZER_FILENAMES):
-            return load_tokenizer(d)
+    found = first_tokenizer_dir(dirs)
+    if found is not None:
+        return load_tokenizer(found)
     raise FileNotFoundError(
         f"{path}: no {MODEL_FILENAME} or {JSON_FILENAME} found for this checkpoint (looked in "
         f"{', '.join(str(d) for d in dirs)}); pass tokenizer=PATH (--config.tokenizer=PATH on the command line)"
@@ -116,30 +114,6 @@ def load(
     return Checkpoint(config, model, resolve_tokenizer(tokenizer, p, config.vocab_size), p)
 
 
-def tokenizer_source_file(tokenizer: AnyTokenizer) -> Path | None:
-    """The file a tokenizer was loaded from (``tokenizer.model`` or ``tokenizer.json``), if any."""
-    path = getattr(tokenizer, "path", None)
-    return Path(path) if path is not None and Path(path).is_file() else None
-
-
-def copy_tokenizer(tokenizer: AnyTokenizer, directory: str | os.PathLike) -> Path:
-    """Writes the tokenizer's file into `directory` under its standard name; returns the written path."""
-    directory = Path(directory)
-    name = MODEL_FILENAME if isinstance(tokenizer, Tokenizer) else JSON_FILENAME
-    target = directory / name
-    if isinstance(tokenizer, Tokenizer) and tokenizer.path is None:
-        target.write_bytes(tokenizer.proto_bytes)
-    elif isinstance(tokenizer, HFTokenizer) and tokenizer.path is None:
-        target.write_bytes(tokenizer._bytes)
-    else:
-        src = tokenizer_source_file(tokenizer)
-        if src is None:
-            raise FileNotFoundError(f"tokenizer {tokenizer!r}: its source file is gone; cannot copy it")
-        if src.resolve() != target.resolve():
-            shutil.copyfile(src, target)
-    return target
-
-
 __all__ = [
     "Checkpoint",
     "load",
@@ -147,7 +121,4 @@ __all__ = [
     "resolve_tokenizer",
     "tokenizer_search_dirs",
     "checkpoint_dir",
-    "copy_tokenizer",
-    "tokenizer_source_file",
-    "TOKENIZER_FILENAMES",
 ]

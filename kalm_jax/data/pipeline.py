@@ -40,23 +40,12 @@ from typing import Any
 import grain
 import numpy as np
 
+from kalm_jax.data import batch as batch_contract
 from kalm_jax.data.tfds_builder import data_source
 from kalm_jax.text import prompts
 from kalm_jax.text.spm import Tokenizer
 
 STATE_VERSION = 1  # of `TrainingIterator.get_state`
-
-BATCH_KEYS = (
-    "enc_ids",
-    "enc_mask",
-    "passage_index",
-    "dec_ids",
-    "dec_mask",
-    "labels",
-    "teacher",
-    "teacher_mask",
-    "example_id",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,20 +120,8 @@ def decoder_length(tokenizer: Tokenizer, config: PipelineConfig) -> int:
 
 
 def batch_shapes(config: PipelineConfig, dec_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every batch entry (for ahead-of-time compilation)."""
-    b, g, s = config.batch_size, config.group_size, config.max_document_tokens
-    i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-    return {
-        "enc_ids": ((b * g, s), i32),
-        "enc_mask": ((b * g, s), i32),
-        "passage_index": ((b, g), i32),
-        "dec_ids": ((b, dec_len), i32),
-        "dec_mask": ((b, dec_len), i32),
-        "labels": ((b, g), f32),
-        "teacher": ((b, g), f32),
-        "teacher_mask": ((b, g), f32),
-        "example_id": ((b,), i32),
-    }
+    """Shape and dtype of every batch entry (`kalm_jax.data.batch`) for this pipeline's settings."""
+    return batch_contract.batch_shapes(config.batch_size, config.group_size, config.max_document_tokens, dec_len)
 
 
 def _text(value: Any) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
+
+from kalm_jax.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,5 @@ def iter_jsonl(
 def atomic_write(path: str | Path) -> Iterator[IO[str]]:
     """Writes a text file (gzip if ``*.gz``) through a temporary file renamed into place on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open_text(tmp, "w", gz=is_gzip(path)) as f:
-            yield f
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp, open_text(tmp, "w", gz=is_gzip(path)) as f:
+        yield f

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kalm_jax import atomic
 from kalm_jax.evaluation.metrics import HEADLINE
 
 QUALITY = ("ndcg_cut_10", "recip_rank", "map", "recall_100", "roc_auc")
@@ -130,12 +131,10 @@ def flat(row: Mapping[str, Any]) -> dict[str, Any]:
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
     records = [flat(r) for r in rows]
     fields = list(dict.fromkeys(k for r in records for k in r))
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic.atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(records)
-    os.replace(tmp, path)
 
 
 def plot(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
@@ -206,8 +205,6 @@ def write_report(output_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]
     out = Path(output_dir)
     rows = list(rows) if rows is not None else read_results(out)
     md = out / "summary.md"
-    tmp = md.with_name("summary.md.tmp")
-    tmp.write_text(summary_markdown(rows))
-    os.replace(tmp, md)
+    atomic.write_text(md, summary_markdown(rows))
     write_csv(rows, out / "results.csv")
     return {"summary": md, "csv": out / "results.csv", "plots": plot(rows, out / "plots")}

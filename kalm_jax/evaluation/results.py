@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kalm_jax import locks
+from kalm_jax import atomic, locks
 from kalm_jax.evaluation.settings import Settings, SweepConfigError
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,7 @@ def check_output_dir(settings: Settings) -> None:
             f"{out} has {RESULTS} but no {CONFIG_FILE}: cannot tell which settings produced it; use a new output_dir"
         )
     else:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"identity": ident}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps({"identity": ident}, indent=1, sort_keys=True))
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kalm_jax.configs import eval as eval_config
 from kalm_jax.inference.states import STORAGE
 from kalm_jax.text import prompts
 
@@ -46,7 +47,8 @@ def _list(value, sep: str = ",") -> list[str]:
 
 @dataclasses.dataclass
 class Settings:
-    """The parsed sweep configuration (see `configs/eval.py` for every field's meaning)."""
+    """The parsed sweep configuration. Every field's default and meaning are in the package's `configs/eval.py`
+    (the one place they are written); `from_config` fills what a caller leaves out from there."""
 
     data_dir: Path
     datasets: list[str]
@@ -54,34 +56,35 @@ class Settings:
     checkpoints: list[str]
     ratios: list[int]
     instructions: list[str]
-    split: str = "test"
-    first_stage: str = "bm25"
-    top_k: int = 100
-    max_queries: int = 0
-    tokenizer: str = ""
-    max_document_tokens: int = prompts.INFERENCE_DOCUMENT_MAX_TOKENS
-    max_query_tokens: int = prompts.INFERENCE_QUERY_MAX_TOKENS
-    storage: str = "float32"
-    store_dir: Path | None = None
-    store_ratio: int = 0
-    on_stale: str = "error"
-    store_lock_timeout: float = 3600.0
-    system: str = ""
-    cascade: str = ""
-    dtype: str = "float32"
-    relevance_level: int = 0
-    on_unknown_docs: str = "error"
-    batch_pairs: int = 256
-    encode_batch_size: int = 64
-    shard_size: int = 4096
-    progress: bool = True
-    report: bool = True
+    split: str
+    first_stage: str
+    top_k: int
+    max_queries: int
+    tokenizer: str
+    max_document_tokens: int
+    max_query_tokens: int
+    storage: str
+    store_dir: Path | None
+    store_ratio: int
+    on_stale: str
+    store_lock_timeout: float
+    system: str
+    cascade: str
+    dtype: str
+    relevance_level: int
+    on_unknown_docs: str
+    batch_pairs: int
+    encode_batch_size: int
+    shard_size: int
+    progress: bool
+    report: bool
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
         """From an ml_collections ConfigDict (or a dict); list fields accept lists or comma-separated strings
         (instructions: a list, or a string separated by ``|`` since instructions contain commas)."""
-        c = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+        given = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+        c = {**dict(eval_config.get_config().items()), **given}
         checkpoints = _list(c.get("checkpoints")) + _list(c.get("checkpoint"))
         try:
             ratios = [int(r) for r in _list(c.get("ratios", "1"))]

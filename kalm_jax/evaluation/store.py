@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from kalm_jax import atomic
 from kalm_jax.inference.states import STORAGE, PassageStates, PassageStatesError, check_ids, read_json
 from kalm_jax.locks import LockHeld, file_lock
 from kalm_jax.model import mep
@@ -164,9 +165,7 @@ class StoreKey:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _dir_bytes(path: Path) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from kalm_jax.inference import programs
+from kalm_jax.perf.flops import PEAK_BF16
 
 GiB = 2**30
 
@@ -375,13 +376,12 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
 ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.t5gemma2.analysis_defaults)"
 
 # Dense bf16 peak per JAX device (one chip), FLOP/s: the datasheet figures MFU is quoted against.
-PEAK_BF16: dict[str, float] = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
 
 
 def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
-    """Analytic useful FLOPs (`kalm_jax.perf.bench.flops`) of one call of `program`, whole batch (all chips)."""
+    """Analytic useful FLOPs (`kalm_jax.perf.flops`) of one call of `program`, whole batch (all chips)."""
     from kalm_jax.model.config import get_preset
-    from kalm_jax.perf.bench import flops
+    from kalm_jax.perf import flops
 
     mc = get_preset(preset)
     if program == "encode":

@@ -3,8 +3,8 @@
 Released T5Gemma 2 / KaLM-Reranker-V1 Hub repositories may ship only ``tokenizer.json`` (a `tokenizers`
 model) and no SentencePiece ``tokenizer.model``. `HFTokenizer` wraps such a file with the same attributes
 and methods the rest of kalm-jax uses (``encode``/``encode_batch``/``decode``, the special ids,
-``vocab_size``, ``fingerprint``), and `load_tokenizer` picks whichever file a directory has, preferring
-``tokenizer.model``.
+``vocab_size``, ``fingerprint``), and `kalm_jax.text.load.load_tokenizer` picks whichever file a directory has,
+preferring ``tokenizer.model``.
 
 Encoding never adds special tokens (``add_special_tokens=False``, as in the released code). Tokens the
 file declares as *added tokens* (``<bos>``, ``<start_of_turn>``, …) are matched literally inside a text,
@@ -21,7 +21,6 @@ from kalm_jax.text.spm import (
     BOS,
     END_OF_TURN,
     EOS,
-    MODEL_FILENAME,
     NO,
     PAD,
     START_OF_TURN,
@@ -42,6 +41,7 @@ class HFTokenizer(SpecialIds):
     Attributes:
       hf: the underlying `tokenizers.Tokenizer`.
       path: the ``tokenizer.json`` file it was loaded from.
+      data: the file's content (bytes).
     """
 
     def __init__(self, data: bytes, path: Path | None = None):
@@ -52,7 +52,7 @@ class HFTokenizer(SpecialIds):
             self.hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{where}: not a Hugging Face tokenizers file ({e})") from e
-        self._bytes = data
+        self.data = data
         self.path = path
         self._special: dict[str, int] = {}
         for name in (PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN):
@@ -91,7 +91,7 @@ class HFTokenizer(SpecialIds):
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the ``tokenizer.json`` bytes, for cache keys."""
-        return hashlib.sha256(self._bytes).hexdigest()
+        return hashlib.sha256(self.data).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added; literal added-token strings map to their ids."""
@@ -111,21 +111,6 @@ class HFTokenizer(SpecialIds):
 
 
 AnyTokenizer = Tokenizer | HFTokenizer
-
-
-def load_tokenizer(path: str | Path) -> AnyTokenizer:
-    """The tokenizer at `path`: a ``tokenizer.model`` / ``tokenizer.json`` file, or a directory holding one.
-
-    A directory with both uses ``tokenizer.model`` (SentencePiece, this project's native format).
-    """
-    p = Path(path)
-    if p.is_file():
-        return HFTokenizer.load(p) if p.suffix == ".json" else Tokenizer.load(p)
-    if (p / MODEL_FILENAME).is_file():
-        return Tokenizer.load(p / MODEL_FILENAME)
-    if (p / JSON_FILENAME).is_file():
-        return HFTokenizer.load(p / JSON_FILENAME)
-    raise FileNotFoundError(f"{p}: no tokenizer found (expected {MODEL_FILENAME} or {JSON_FILENAME})")
 
 
 def check_vocab(tokenizer: AnyTokenizer, model_vocab_size: int, where: str = "tokenizer") -> None:
@@ -152,4 +137,4 @@ def check_vocab(tokenizer: AnyTokenizer, model_vocab_size: int, where: str = "to
         )
 
 
-__all__ = ["HFTokenizer", "AnyTokenizer", "load_tokenizer", "check_vocab", "JSON_FILENAME"]
+__all__ = ["HFTokenizer", "AnyTokenizer", "check_vocab", "JSON_FILENAME"]

@@ -25,6 +25,8 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
+from kalm_jax import atomic
+
 MODEL_FILENAME = "tokenizer.model"
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
@@ -214,12 +216,7 @@ class Tokenizer(SpecialIds):
             minloglevel=2,
         )
         data = _ensure_single_pieces(buf.getvalue(), seed_words)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / MODEL_FILENAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        path = atomic.write_bytes(Path(out_dir) / MODEL_FILENAME, data)
         return cls(data, path=path)
 
     @property

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 
 from kalm_jax.checkpoints import loader, orbax_io
+from kalm_jax.text.load import copy_tokenizer
 
 
 def export(source: str | Path, out_dir: str | Path, *, merge_lora: bool = True, overwrite: bool = False) -> Path:
@@ -20,5 +21,5 @@ def export(source: str | Path, out_dir: str | Path, *, merge_lora: bool = True, 
         model.merge_lora()
     out = orbax_io.save_model(model, out_dir, overwrite=overwrite)
     with contextlib.suppress(FileNotFoundError):  # a checkpoint without a tokenizer exports without one
-        loader.copy_tokenizer(loader.find_tokenizer(source), out)
+        copy_tokenizer(loader.find_tokenizer(source), out)
     return out

@@ -25,37 +25,28 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm_jax import locks
+from kalm_jax import atomic, locks
 from kalm_jax.checkpoints import loader, orbax_io
 from kalm_jax.data import pipeline
+from kalm_jax.data.batch import STEP_KEYS
 from kalm_jax.model.config import get_preset
 from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.parallel import distributed
 from kalm_jax.parallel import mesh as sharding
+from kalm_jax.perf import flops
 from kalm_jax.text import prompts
 from kalm_jax.text.hf_json import AnyTokenizer, check_vocab
-from kalm_jax.text.hf_json import load_tokenizer as load_tokenizer_file
+from kalm_jax.text.load import copy_tokenizer, has_tokenizer, load_tokenizer
 from kalm_jax.text.spm import MODEL_FILENAME, Tokenizer
 from kalm_jax.training.checkpoints import Checkpointer, SettingsMismatch
 from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
 from kalm_jax.training.state import configure_for_training
-from kalm_jax.training.step import STEP_BATCH_KEYS, TrainStep, make_train_step
+from kalm_jax.training.step import TrainStep, make_train_step
 
 log = logging.getLogger(__name__)
 
+
 # bf16 peak FLOP/s per device, for the MFU estimate (override with config.peak_flops_per_device).
-PEAK_FLOPS = {
-    "v4": 275e12,
-    "v5 lite": 197e12,
-    "v5e": 197e12,
-    "v5p": 459e12,
-    "v6": 918e12,
-    "h100": 989e12,
-    "h200": 989e12,
-    "a100": 312e12,
-}
-
-
 def data_root(config) -> Path:
     root = config.data.data_dir or os.environ.get("KALM_DATA_DIR", "")
     if not root:
@@ -103,18 +94,18 @@ def training_files(config, workdir: Path) -> list[Path]:
     return [out]
 
 
-def load_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
+def run_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
     """The run's tokenizer: `config.tokenizer`, else the workdir's (a resumed run), else the init_from
     checkpoint's own (``tokenizer.model`` or ``tokenizer.json``, via `kalm_jax.checkpoints.loader`), else one trained on
     the training texts (only when training from scratch). The chosen file is kept in the workdir.
 
     The workdir's tokenizer is never replaced: a `config.tokenizer` whose content differs from it raises
     `SettingsMismatch` naming both files (its checkpoints were trained with the workdir's)."""
-    kept = any((workdir / name).is_file() for name in loader.TOKENIZER_FILENAMES)
+    kept = has_tokenizer(workdir)
     if config.tokenizer:
-        tok = load_tokenizer_file(config.tokenizer)
+        tok = load_tokenizer(config.tokenizer)
         if kept:
-            own = load_tokenizer_file(workdir)
+            own = load_tokenizer(workdir)
             if own.fingerprint() != tok.fingerprint():
                 raise SettingsMismatch(
                     f"tokenizer: --config.tokenizer={config.tokenizer} (sha256 {tok.fingerprint()[:16]}) is not the "
@@ -124,14 +115,14 @@ def load_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
                 )
             return own
     elif kept:
-        return load_tokenizer_file(workdir)
+        return load_tokenizer(workdir)
     elif config.init_from:
         tok = loader.find_tokenizer(config.init_from)
     else:
         tok = None
     if tok is not None:
         if jax.process_index() == 0:
-            loader.copy_tokenizer(tok, workdir)
+            copy_tokenizer(tok, workdir)
         return tok
     from kalm_jax.data.training_jsonl import read_training_jsonl
 
@@ -202,9 +193,7 @@ def global_batch(local: dict, ts: TrainStep) -> dict:
             )
     if jax.process_count() == 1:
         return ts.place_batch(local)
-    return {
-        k: jax.make_array_from_process_local_data(ts.batch_shardings[k], np.asarray(local[k])) for k in STEP_BATCH_KEYS
-    }
+    return {k: jax.make_array_from_process_local_data(ts.batch_shardings[k], np.asarray(local[k])) for k in STEP_KEYS}
 
 
 def flops_per_step(model_cfg, config, dec_len: int) -> float:
@@ -219,8 +208,7 @@ def flops_per_step(model_cfg, config, dec_len: int) -> float:
 def peak_flops(config) -> float:
     if float(config.peak_flops_per_device) > 0:
         return float(config.peak_flops_per_device)
-    kind = jax.devices()[0].device_kind.lower()
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
+    return flops.peak_flops(jax.devices()[0].device_kind)
 
 
 class MetricsWriter:
@@ -234,9 +222,7 @@ class MetricsWriter:
             return
         if self.path.exists():  # drop lines past the resumed step (they were not checkpointed)
             kept = [ln for ln in self._rows() if ln[1].get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(text + "\n" for text, _ in kept))
-            os.replace(tmp, self.path)
+            atomic.write_text(self.path, "".join(text + "\n" for text, _ in kept))
         self.file = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -328,7 +314,7 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
         if (turn == "primary") == distributed.is_primary():
             workdir.mkdir(parents=True, exist_ok=True)
             files = training_files(config, workdir)
-            tok = load_tokenizer(config, workdir, files)
+            tok = run_tokenizer(config, workdir, files)
             prepared = prepare({"train": [str(f) for f in files]}, tfds_dir, name="train")
         distributed.barrier(f"kalm_train_inputs_{turn}")
     if float(config.epochs) > 0:
@@ -420,7 +406,7 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
 
     writer = MetricsWriter(workdir, bool(config.tensorboard), start)
     total = int(config.total_steps)
-    flops = flops_per_step(model_cfg, config, dec_len)
+    step_flops = flops_per_step(model_cfg, config, dec_len)
     peak = peak_flops(config) * jax.device_count()
     result: dict[str, float] = {}
     if start == 0 and dev is not None:
@@ -461,7 +447,7 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
                     )
                 m.update(step_time_s=dt, tokens_per_s=tokens / dt)
                 if peak:
-                    m["mfu"] = flops / dt / peak
+                    m["mfu"] = step_flops / dt / peak
                 if dev is not None and every_eval and step % every_eval == 0 and step < total:
                     m.update(evaluate())
                 if step == total and dev is not None:
@@ -497,4 +483,4 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
     return result
 
 
-__all__ = ["train_and_evaluate", "training_files", "load_tokenizer", "flops_per_step"]
+__all__ = ["train_and_evaluate", "training_files", "run_tokenizer", "flops_per_step"]

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kalm_jax.data.batch import STEP_KEYS, batch_shapes
 from kalm_jax.model import mep
 from kalm_jax.model.config import ModelConfig
 from kalm_jax.model.t5gemma2 import T5Gemma2
@@ -35,23 +36,13 @@ from kalm_jax.training.config import ratio_weights
 from kalm_jax.training.state import build_model, merge_params, param_tree, split_params, trainable_predicate
 
 # Batch entries the step consumes (the pipeline's `example_id` is host-side only).
-STEP_BATCH_KEYS = ("enc_ids", "enc_mask", "passage_index", "dec_ids", "dec_mask", "labels", "teacher", "teacher_mask")
 
 
 def batch_structs(batch_size: int, group_size: int, passage_len: int, decoder_len: int) -> dict[str, tuple]:
-    """(shape, dtype) of each step input for a global batch of `batch_size` queries."""
-    b, g = batch_size, group_size
-    i32, f32 = jnp.int32, jnp.float32
-    return {
-        "enc_ids": ((b * g, passage_len), i32),
-        "enc_mask": ((b * g, passage_len), i32),
-        "passage_index": ((b, g), i32),
-        "dec_ids": ((b, decoder_len), i32),
-        "dec_mask": ((b, decoder_len), i32),
-        "labels": ((b, g), f32),
-        "teacher": ((b, g), f32),
-        "teacher_mask": ((b, g), f32),
-    }
+    """(shape, dtype) of each step input (`kalm_jax.data.batch.STEP_KEYS`) for a global batch of `batch_size`
+    queries."""
+    shapes = batch_shapes(batch_size, group_size, passage_len, decoder_len)
+    return {k: shapes[k] for k in STEP_KEYS}
 
 
 @dataclasses.dataclass
@@ -106,7 +97,7 @@ class TrainStep:
 
     def place_batch(self, batch: dict) -> dict:
         """Host numpy batch (global, single process) -> sharded device arrays of the step's keys."""
-        return {k: jax.device_put(np.asarray(batch[k]), self.batch_shardings[k]) for k in STEP_BATCH_KEYS}
+        return {k: jax.device_put(np.asarray(batch[k]), self.batch_shardings[k]) for k in STEP_KEYS}
 
 
 def gather_rows(table: jax.Array, index: jax.Array, shards: int = 1) -> jax.Array:
@@ -374,5 +365,4 @@ __all__ = [
     "gather_rows",
     "pair_scores",
     "loss_terms",
-    "STEP_BATCH_KEYS",
 ]

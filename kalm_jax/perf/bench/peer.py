@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kalm_jax.model.config import ModelConfig, get_preset
-from kalm_jax.perf.bench import flops
+from kalm_jax.perf import flops
 from kalm_jax.perf.bench.timing import time_host
 
 

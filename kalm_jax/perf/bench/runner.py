@@ -4,12 +4,11 @@ then kalm-jax rows per preset; writes the JSON list after every row so an interr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kalm_jax import atomic
 from kalm_jax.perf.bench import peer as peer_lib
 from kalm_jax.perf.bench import suite
 from kalm_jax.perf.bench.timing import measure_matmul_peak
@@ -18,11 +17,7 @@ from kalm_jax.perf.bench.timing import measure_matmul_peak
 def write_rows(rows: list[dict[str, Any]], out: Path | None) -> None:
     if out is None:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, out)
+    atomic.write_text(out, json.dumps(rows, indent=1))
 
 
 def _peer_rows(settings: suite.BenchSettings, device: str, progress: Callable[[str], None]) -> list[dict]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kalm_jax.perf.bench import flops
+from kalm_jax.perf import flops
 from kalm_jax.perf.bench import peer as peer_lib
 
 

@@ -25,7 +25,7 @@ from kalm_jax.inference.states import PassageStates
 from kalm_jax.model.attention.dispatch import resolve_attention_impl
 from kalm_jax.model.config import ModelConfig, get_preset, parse_dtype
 from kalm_jax.model.t5gemma2 import init_model
-from kalm_jax.perf.bench import flops
+from kalm_jax.perf import flops
 from kalm_jax.perf.bench.timing import Timing, device_peak_bytes, time_calls
 
 

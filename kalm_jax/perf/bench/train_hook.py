@@ -1,4 +1,4 @@
-"""The hook that adds train-step rows once `kalm_jax.training` exists (branch `train`).
+"""Train-step rows of the benchmark.
 
 `build_step` returns a `TrainStep` (a jitted step already compiled for one batch, plus rotated inputs)
 or a string saying why train rows are skipped. It builds `kalm_jax.training.step.make_train_step`
@@ -8,7 +8,6 @@ for one query × `train_batch` passages at one ratio and times its compiled exec
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,16 +22,12 @@ class TrainStep:
 def build_step(cfg, settings, mode: str) -> TrainStep | str:
     """A compiled train step for preset `cfg` in `mode` ("full" or "lora"), or the reason it is skipped."""
     try:
-        training = importlib.import_module("kalm_jax.training.step")
-    except ImportError as err:
-        return f"kalm_jax.training is not importable ({err})"
-    try:
-        return _make(training, cfg, settings, mode)
+        return _make(cfg, settings, mode)
     except NotImplementedError as err:
         return str(err)
 
 
-def _make(training, cfg, settings, mode: str) -> TrainStep:
+def _make(cfg, settings, mode: str) -> TrainStep:
     """One query × `train_batch` passages at the single MEP ratio `train_r`, so the step does exactly the
     work `flops.train_flops` counts per example; fp32 master weights, compute in `settings.dtype`,
     one device (the benchmark measures a single accelerator)."""
