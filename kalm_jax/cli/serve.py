@@ -28,7 +28,14 @@ def run(config) -> int:
     if config.max_batch_rows < 1 or config.max_batch_tokens < 1 or config.max_concurrent_requests < 1:
         raise cli.ConfigError("max_batch_rows, max_batch_tokens and max_concurrent_requests must be positive")
     cli.setup_logging()
+    import signal
+
     import uvicorn
+
+    # uvicorn drains on SIGTERM / SIGINT, restores the previous handlers and raises the signal again: this
+    # handler turns that (or a signal during start-up) into a clean exit with status 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit)
 
     from kalm_jax.serve.app import Service, create_app
 
@@ -44,6 +51,10 @@ def run(config) -> int:
         timeout_graceful_shutdown=float(config.drain_timeout),
     )
     return 0
+
+
+def _exit(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,10 @@ independent of the other requests, bit for bit (XLA's per-row results depend on 
 other rows' values), and bounds the number of compiled programs by the number of keys.
 
 The engine thread takes the key whose oldest item has waited longest; it runs it when the key has a full call
-of items or that item has waited ``max_wait_ms``. Items whose future was cancelled (their client went away)
-are dropped before the call. Scoring goes through `InferenceEngine.margins`, from the device tier's slab
-(`PassageCache.device_slab`) when every item of the call is there, else from the items' host states.
+of items or that item has waited ``max_wait_ms``. Items whose future is cancelled (their client went away)
+leave the queue at once, or are dropped before the call when the thread already took them. Scoring goes
+through `InferenceEngine.margins`, from the device tier's slab (`PassageCache.device_slab`) when every item of
+the call is there, else from the items' host states.
 """
 
 from __future__ import annotations
@@ -145,7 +146,20 @@ class Batcher:
                 self._pending.setdefault(w.key, collections.deque()).append(w)
             self.queued += len(work)
             self._cv.notify()
+        for w in work:
+            w.future.add_done_callback(lambda f, w=w: self._forget(w) if f.cancelled() else None)
         return [w.future for w in work]
+
+    def _forget(self, w: _Work) -> None:
+        """Takes a cancelled item out of the queue (its client went away) so it neither waits nor counts."""
+        with self._cv:
+            queue = self._pending.get(w.key)
+            if queue is None or w not in queue:
+                return  # already taken by the engine thread, which drops it
+            queue.remove(w)
+            if not queue:
+                del self._pending[w.key]
+            self.queued -= 1
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Runs ``fn()`` on the engine thread, before any queued batch (warm-up)."""
