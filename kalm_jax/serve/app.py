@@ -271,17 +271,17 @@ class Service:
             states: list[PassageStates | None] = []
             entries: list[Any] = []
             inline: dict[str, list[int]] = {}
-            unknown = []
+            wanted = [d.id for d in documents if isinstance(d, Document) and d.id is not None]
+            found = await asyncio.to_thread(self._lookup, wanted) if wanted else {}
+            unknown = [x for x in dict.fromkeys(wanted) if found[x] is None]
             for i, d in enumerate(documents):
                 if isinstance(d, Document) and d.id is not None:
-                    try:
-                        entry, st = await asyncio.to_thread(self.cache.get, d.id)
-                    except KeyError:
-                        unknown.append(d.id)
+                    if found[d.id] is None:
                         texts.append("")
                         states.append(None)
                         entries.append(None)
                         continue
+                    entry, st = found[d.id]
                     if ratio % entry.ratio:
                         raise ApiError(
                             422,
@@ -316,6 +316,17 @@ class Service:
             bad = np.flatnonzero(~np.isfinite(margins))
             raise ApiError(500, f"non-finite scores for documents {bad[:5].tolist()}; none returned", "backend")
         return margins, texts, tokens
+
+    def _lookup(self, ids: list[str]) -> dict[str, Any]:
+        """id -> (entry, states), or None for an unknown id (one thread hop for a request's ids)."""
+        out: dict[str, Any] = {}
+        for x in ids:
+            if x not in out:
+                try:
+                    out[x] = self.cache.get(x)
+                except KeyError:
+                    out[x] = None
+        return out
 
     async def register(self, body: PassagesRequest, request: Request | None) -> dict[str, Any]:
         self._check_count(len(body.passages), "passages")
