@@ -18,11 +18,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ratio = 4  # the ratio requests are scored at (passages registered at it)
     c.clients = 32  # concurrent clients
     c.duration = 60.0  # measured seconds per scenario
-    c.warmup = 10.0  # unmeasured seconds per scenario first (compiles every shape the scenario meets)
+    c.warmup = 30.0  # unmeasured seconds per scenario first (compiles every shape the scenario meets)
     c.docs_per_request = 16
     c.scenarios = "inline,ids"  # inline: texts in the request; ids: passages registered by id
     c.server_args = ""  # extra --config.KEY=VALUE arguments for the server, space-separated
-    c.engine_pairs = 4096  # pairs the engine baseline scores per scenario
+    c.engine_pairs = 2048  # pairs the engine baseline scores per scenario
     c.seed = 0
     c.output = ""  # markdown table (and a .json beside it); empty = stdout only
     return c

@@ -139,6 +139,16 @@ def _server(config):
                 proc.wait(30)
 
 
+def _compiled(url: str) -> float:
+    """The server's ``kalm_compiled_programs``."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("kalm_compiled_programs "):
+            return float(line.split()[-1])
+    raise RuntimeError("the server's /metrics has no kalm_compiled_programs")
+
+
 def _engine_baseline(config, docs, queries) -> dict[str, float]:
     """Pairs per second of the engine alone on `engine_pairs` pairs drawn like the clients draw them."""
     from kalm_jax import loader
@@ -189,22 +199,23 @@ def run(config) -> int:
             r.raise_for_status()
         for scenario in scenarios:
             asyncio.run(_clients(url, config, docs, queries, scenario, config.warmup, proc.pid))
+            before = _compiled(url)
             results[scenario] = asyncio.run(_clients(url, config, docs, queries, scenario, config.duration, proc.pid))
+            results[scenario]["compiles"] = _compiled(url) - before
             print(scenario, json.dumps(results[scenario]), flush=True)
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    compiled = next((ln.split()[-1] for ln in metrics.splitlines() if ln.startswith("kalm_compiled_programs ")), "?")
+        compiled = _compiled(url)
     baseline = _engine_baseline(config, docs, queries)
     rows = [
         "| scenario | clients | requests | errors | p50 ms | p99 ms | server pairs/s | engine pairs/s | server/engine "
-        "| RSS MiB first / last / max |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| RSS MiB first / last / max | compiles while measured |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for s, r in results.items():
         rows.append(
             f"| {s} (r = {config.ratio}) | {config.clients} | {r['requests']} | {sum(r['errors'].values())} "
             f"{r['errors'] or ''} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['pairs_per_s']:.0f} | "
             f"{baseline[s]:.0f} | {r['pairs_per_s'] / baseline[s]:.2f} | {r['rss_mib_first']:.0f} / "
-            f"{r['rss_mib_last']:.0f} / {r['rss_mib_max']:.0f} |"
+            f"{r['rss_mib_last']:.0f} / {r['rss_mib_max']:.0f} | {r['compiles']:.0f} |"
         )
     if "ids" in results and "inline" in results:
         rows.append("")
