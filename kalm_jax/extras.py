@@ -27,6 +27,10 @@ EXTRA_OF_MODULE = {
     "libtpu": "tpu",
     "mteb": "mteb",
     "datasets": "mteb",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
 }
 """Top-level module name -> the extra that installs it."""
 

@@ -133,6 +133,7 @@ SLOW = (
     "test_training.py::test_remat_policies",
     "test_training.py::test_corrupt_latest_falls_back_onto_another_mesh",
     "test_bench.py::test_h100_suite",
+    "test_serve.py::test_sigterm_drains",  # starts a second server process
 )
 
 
