@@ -275,7 +275,8 @@ def test_sigterm_stop_sigkill_and_resume(single, straight, train_args, run_env, 
 def test_dev_evaluation_runs_on_two_processes(train_args, run_env, tmp_path):
     """The sized presets evaluate dev nDCG@10 during training. With the weights sharded over both processes
     (mesh fsdp=8), dev evaluation scores on the training mesh with the state's own arrays (no gather of the
-    weights; tests/training/test_dev_eval.py checks none is copied or read to the host) and logs what one process logs."""
+    weights; tests/training/test_dev_eval.py checks none is copied or read to the host) and logs what one process
+    logs."""
     args = [a for a in train_args if not a.startswith(("--config.eval.num_queries", "--config.total_steps"))]
     args += [
         "--config.total_steps=2",
