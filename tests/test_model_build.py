@@ -141,6 +141,27 @@ def test_options_belong_to_the_model_and_reach_its_programs():
     assert "stablehlo.while" not in _encode_program(looped, ids, mask)
 
 
+def test_train_step_builds_its_model_with_the_options_and_the_configs_remat():
+    """`make_train_step(options=)`: the step's model carries the given options with `model.remat` /
+    `model.remat_policy` of the training config; the analysis options unroll the layer loop of the whole
+    step (forward and backward)."""
+    from kalm_jax.parallel import mesh as sharding
+    from kalm_jax.training.config import default_config
+    from kalm_jax.training.step import make_train_step
+
+    cfg = default_config()
+    cfg.data.batch_size, cfg.data.group_size, cfg.data.max_document_tokens, cfg.data.decoder_length = 2, 2, 16, 8
+    cfg.mep.ratios = (1,)
+    cfg.model.remat, cfg.model.remat_policy = True, "qkv"
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    for options, loops in ((None, True), (analysis_options(), False)):
+        ts = make_train_step(DEEP, cfg, mesh, yes_id=7, no_id=9, options=options)
+        assert ts.model(ts.abstract_state).options == (options or ModelOptions()).replace(
+            remat=True, remat_policy="qkv"
+        )
+        assert ("stablehlo.while" in ts.lower().as_text()) == loops
+
+
 def test_splash_options_reach_the_kernel():
     """`attention_impl="tpu_flash"` with `splash_interpret` runs the Pallas kernel (interpreted on CPU) in every
     layer of the model and gives the einsum model's encoder states; `tpu_attention="xla"` keeps the einsum
