@@ -243,7 +243,6 @@ __all__ = [
     "restore_params",
     "build_abstract",
     "model_meta",
-    "param_tree",
     "latest_step_dir",
     "step_dirs",
     "fingerprint",
