@@ -80,11 +80,11 @@ def test_live_writers_tmp_is_not_touched(tmp_path):
 
 def test_load_any_recovers_an_interrupted_replace(tmp_path):
     from kalm_jax.checkpoints import orbax_io
+    from kalm_jax.model.build import build_model
     from kalm_jax.model.config import get_preset
-    from kalm_jax.model.t5gemma2 import init_model
 
     out = tmp_path / "m"
-    orbax_io.save_model(init_model(get_preset("tiny"), seed=0), out)
+    orbax_io.save_model(build_model(get_preset("tiny"), seed=0), out)
     # simulate a kill after the old copy was moved aside
     aside = tmp_path / ".m.old-x"
     aside.mkdir()

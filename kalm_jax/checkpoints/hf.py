@@ -40,8 +40,9 @@ from kalm_jax.checkpoints.safetensors_io import (
     read_safetensors_header,
     write_safetensors,
 )
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import ModelConfig, parse_dtype
-from kalm_jax.model.t5gemma2 import T5Gemma2, abstract_model, lora_delta, stack_param_shapes
+from kalm_jax.model.t5gemma2 import T5Gemma2, lora_delta, stack_param_shapes
 from kalm_jax.text.load import files_to_write, tokenizer_files
 
 
@@ -135,7 +136,7 @@ def load(
             raise ValueError(
                 f"{path}: checkpoint does not match its config.json ({len(problems)} problems):\n  {head}{more}"
             )
-        model = abstract_model(cfg, param_dtype=param_dtype, dtype=compute_dtype)
+        model = build_model(cfg, abstract=True, param_dtype=param_dtype, dtype=compute_dtype)
         by_canon = {canonical_name(n): n for n in st.names()}
         np_dtype = _np_dtype(param_dtype)
         specs = tensor_specs(cfg)

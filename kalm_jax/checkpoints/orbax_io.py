@@ -27,8 +27,9 @@ from flax import nnx
 
 from kalm_jax.atomic import atomic_directory, recover
 from kalm_jax.checkpoints import integrity
-from kalm_jax.model.config import ModelConfig, parse_dtype
-from kalm_jax.model.t5gemma2 import T5Gemma2
+from kalm_jax.model.build import LoRASpec, build_model
+from kalm_jax.model.config import ModelConfig
+from kalm_jax.model.t5gemma2 import T5Gemma2, param_tree
 
 META_FILE = "kalm_model.json"
 FORMAT = "kalm-jax-model"
@@ -71,22 +72,13 @@ def model_meta(model: T5Gemma2) -> dict[str, Any]:
 def build_abstract(meta: dict[str, Any], *, param_dtype=None, compute_dtype=None) -> T5Gemma2:
     """The abstract (shape-only) model described by `meta` (see `model_meta`)."""
     cfg = ModelConfig.from_hf(meta["config"], source=META_FILE)
-    pdt = parse_dtype(param_dtype or meta.get("param_dtype", "float32"))
-    cdt = parse_dtype(compute_dtype) if compute_dtype else None
-    lora = meta.get("lora")
-
-    def make():
-        m = T5Gemma2(cfg, param_dtype=pdt, dtype=cdt, rngs=nnx.Rngs(0))
-        if lora:
-            m.add_lora(lora["rank"], lora["alpha"], tuple(lora["targets"]), stacks=tuple(lora["stacks"]))
-        return m
-
-    return nnx.eval_shape(make)
-
-
-def param_tree(model: T5Gemma2) -> dict:
-    """The parameters (incl. LoRA factors) as a nested dict of arrays."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return build_model(
+        cfg,
+        abstract=True,
+        lora=LoRASpec.from_meta(meta.get("lora")),  # factors in fp32 whatever the param dtype
+        param_dtype=param_dtype or meta.get("param_dtype", "float32"),
+        dtype=compute_dtype or None,
+    )
 
 
 def save_model(
@@ -251,7 +243,6 @@ __all__ = [
     "restore_params",
     "build_abstract",
     "model_meta",
-    "param_tree",
     "latest_step_dir",
     "step_dirs",
     "fingerprint",

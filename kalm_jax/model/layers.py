@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from kalm_jax.model.attention import dispatch, masks
 from kalm_jax.model.config import ModelConfig
+from kalm_jax.model.options import ModelOptions
 
 _NEG = float(np.finfo(np.float32).min)
 
@@ -59,15 +60,21 @@ def mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Ar
     return checkpoint_name(jnp.einsum("bti,ih->bth", gelu_tanh(g) * u, down), "mlp_down")
 
 
-def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, impl: str = "xla"):
+def attention_kwargs(options: ModelOptions) -> dict:
+    """The `dispatch.attention` / `dispatch.merged_attention` keywords of the model's options."""
+    return {"impl": options.attention_impl, "tpu": options.tpu_attention, "interpret": options.splash_interpret}
+
+
+def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, options: ModelOptions):
     """Encoder attention sub-block (pre-norm → attention → post-norm); returns the residual update [B,T,H].
-    `mask`: a `Mask` (key padding [B, T] + static [T, T] pattern) or a bool array broadcastable to [B, T, T]."""
+    `mask`: a `Mask` (key padding [B, T] + static [T, T] pattern) or a bool array broadcastable to [B, T, T].
+    `options`: the attention kernel (`attention_kwargs`)."""
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
     q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
     v = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = dispatch.attention(q, k, v, mask, cfg.attn_scale, impl=impl)
+    o = dispatch.attention(q, k, v, mask, cfg.attn_scale, **attention_kwargs(options))
     o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
@@ -81,7 +88,7 @@ def merged_attention_block(
     cos,
     sin,
     cfg: ModelConfig,
-    impl: str = "xla",
+    options: ModelOptions,
     query_index: jax.Array | None = None,
     cross_layout=None,
 ):
@@ -92,6 +99,7 @@ def merged_attention_block(
     row is a query (keys and values still come from every position): returns [B, 1, H] instead of [B, T, H].
     With `cross_layout` (a `mep.RatioLayout`), enc [B/R, layout.total, H] holds each passage's windows at R
     ratios packed: keys and values are projected from them, then unpacked to [B, layout.width, ...].
+    `options`: the attention kernel (`attention_kwargs`).
     """
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
     ks = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
@@ -110,7 +118,7 @@ def merged_attention_block(
     vc = checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["v"]), "v_passage")
     if cross_layout is not None:
         kc, vc = cross_layout.unpack(kc), cross_layout.unpack(vc)
-    o = dispatch.merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, cfg.attn_scale, impl=impl)
+    o = dispatch.merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, cfg.attn_scale, **attention_kwargs(options))
     o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 

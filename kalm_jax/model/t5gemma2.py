@@ -7,16 +7,15 @@ does not grow with depth. Every parameter carries logical axis names (`vocab`, `
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kalm_jax.model import layers
+from kalm_jax.model import head, layers
 from kalm_jax.model.attention import masks
 from kalm_jax.model.config import FULL, SLIDING, ModelConfig, embed_scale, parse_dtype
+from kalm_jax.model.options import ModelOptions
 
 # name -> (logical axes without the leading `layers`, number of leading input axes for LoRA)
 STACK_PARAMS: dict[str, tuple[tuple[str, ...], int]] = {
@@ -147,7 +146,7 @@ def lora_delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], scale: float)
     return (scale * d).reshape(shape)
 
 
-# What the backward pass keeps of a layer's forward when `T5Gemma2.remat` is on: the `checkpoint_name` tags
+# What the backward pass keeps of a layer's forward when `ModelOptions.remat` is on: the `checkpoint_name` tags
 # (kalm_jax.model.layers) saved per policy; everything else is recomputed from the layer's input. Activations kept
 # per layer and token (bf16, per chip): "qkv" (q/n_tensor + 2 kv heads) x D, "attn_out" (o) and "mlp_out"
 # (down) H each (the post-norms' inputs: kept, their matmuls do not run again), "mlp_in" (gate/up:
@@ -203,33 +202,6 @@ def remat_policy(name: str):
     return jax.checkpoint_policies.save_only_these_names(*saved)
 
 
-# Initial values of the plain (non-parameter) attributes of every new `T5Gemma2`.
-_DEFAULTS: dict = {"attention_impl": "auto", "scan_unroll": 1}
-
-
-@contextlib.contextmanager
-def construction_defaults(**values):
-    """Within the block, new `T5Gemma2` modules start with these attribute values (`attention_impl`,
-    `scan_unroll`); used where the module is built by code that cannot be handed the attributes (the
-    train step builds its own abstract model)."""
-    unknown = sorted(set(values) - set(_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown T5Gemma2 construction defaults {unknown}; valid: {sorted(_DEFAULTS)}")
-    saved = dict(_DEFAULTS)
-    _DEFAULTS.update(values)
-    try:
-        yield
-    finally:
-        _DEFAULTS.clear()
-        _DEFAULTS.update(saved)
-
-
-def analysis_defaults():
-    """The cost-analysis variant: layers fully unrolled (XLA's cost analysis counts a while-loop body
-    once) and the einsum attention (a Pallas custom call has no cost model: optimal_seconds = -2)."""
-    return construction_defaults(attention_impl="xla", scan_unroll=True)
-
-
 class T5Gemma2(nnx.Module):
     """T5Gemma 2 text encoder-decoder with tied embeddings and merged decoder attention.
 
@@ -237,26 +209,27 @@ class T5Gemma2(nnx.Module):
       config: the model hyper-parameters.
       param_dtype: storage dtype of the parameters (fp32 master weights for training; bf16 for serving).
       dtype: compute dtype (defaults to param_dtype). Norms, softmax and margins always run in fp32.
+      options: the run-time switches (`ModelOptions`: attention kernel, scan unroll, remat); default
+        `ModelOptions()`.
 
-    Attributes (plain, so changing one re-traces the jitted entry points):
-      remat: rematerialise each layer in the backward pass.
-      remat_policy: what remat keeps of each layer's forward (`REMAT_POLICIES` names joined by "+"; "nothing" = all
-        recomputed), for both stacks or per stack ("encoder:qkv+mlp_in,decoder:qkv"; `stack_remat_policies`).
-      attention_impl: "auto" (cuDNN flash attention on GPU in bf16, else the einsum reference), "xla",
-        "dot_product" or "cudnn"; see `dispatch.resolve_attention_impl`.
-      scan_unroll: `unroll` of the `lax.scan` over layers (1 = a loop; True = fully unrolled, which the
-        AOT cost analysis needs because XLA counts a while-loop body once).
-    Their initial values come from `construction_defaults` (see `analysis_defaults`).
+    Build it with `kalm_jax.model.build.build_model` (LoRA, abstract or concrete). `options` is a plain
+    (static) attribute, so a model with other options re-traces the jitted entry points; `attention_impl`,
+    `scan_unroll`, `remat` and `remat_policy` read (and, assigned, replace) the fields of `options`.
     """
 
-    def __init__(self, config: ModelConfig, *, param_dtype="float32", dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        param_dtype="float32",
+        dtype=None,
+        options: ModelOptions | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         param_dtype = parse_dtype(param_dtype)
         self.dtype = parse_dtype(dtype) if dtype is not None else param_dtype
-        self.remat = False
-        self.remat_policy = "nothing"
-        self.attention_impl = _DEFAULTS["attention_impl"]
-        self.scan_unroll = _DEFAULTS["scan_unroll"]
+        self.options = options if options is not None else ModelOptions()
         h = config.hidden_size
         self.embedding = _param(
             nnx.initializers.normal(stddev=1.0)(rngs.params(), (config.vocab_size, h), param_dtype), ("vocab", "embed")
@@ -266,6 +239,39 @@ class T5Gemma2(nnx.Module):
         self.encoder_norm = _param(jnp.zeros((h,), param_dtype), ("embed",))
         self.decoder = LayerStack(config, config.decoder_layer_types, param_dtype=param_dtype, rngs=rngs)
         self.decoder_norm = _param(jnp.zeros((h,), param_dtype), ("embed",))
+
+    # ------------------------------------------------------------------ options
+    @property
+    def attention_impl(self) -> str:
+        return self.options.attention_impl
+
+    @attention_impl.setter
+    def attention_impl(self, value: str) -> None:
+        self.options = self.options.replace(attention_impl=value)
+
+    @property
+    def scan_unroll(self) -> int | bool:
+        return self.options.scan_unroll
+
+    @scan_unroll.setter
+    def scan_unroll(self, value: int | bool) -> None:
+        self.options = self.options.replace(scan_unroll=value)
+
+    @property
+    def remat(self) -> bool:
+        return self.options.remat
+
+    @remat.setter
+    def remat(self, value: bool) -> None:
+        self.options = self.options.replace(remat=bool(value))
+
+    @property
+    def remat_policy(self) -> str:
+        return self.options.remat_policy
+
+    @remat_policy.setter
+    def remat_policy(self, value: str) -> None:
+        self.options = self.options.replace(remat_policy=str(value))
 
     # ------------------------------------------------------------------ pieces
     def embed(self, ids: jax.Array) -> jax.Array:
@@ -306,8 +312,10 @@ class T5Gemma2(nnx.Module):
             def fn(carry, xs):
                 return one_layer(carry, stack.layer_weights(xs), sliding)
 
-            if self.remat:
-                name = stack_remat_policies(self.remat_policy)["encoder" if stack is self.encoder else "decoder"]
+            if self.options.remat:
+                name = stack_remat_policies(self.options.remat_policy)[
+                    "encoder" if stack is self.encoder else "decoder"
+                ]
                 fn = jax.checkpoint(fn, policy=remat_policy(name))
             return fn
 
@@ -318,7 +326,7 @@ class T5Gemma2(nnx.Module):
                 carry = fns[sliding](carry, {k: v[j] for k, v in xs_group.items()})
             return carry, None
 
-        if self.scan_unroll is True:  # fully unrolled: one static slice per layer
+        if self.options.scan_unroll is True:  # fully unrolled: one static slice per layer
             repeats = 0
         if repeats:
             # Reshape the whole stack first (a bitcast), then take the groups in range.
@@ -328,7 +336,7 @@ class T5Gemma2(nnx.Module):
                 )[:repeats]
                 for k, v in xs_all.items()
             }
-            x, _ = jax.lax.scan(body, x, grouped, unroll=self.scan_unroll)
+            x, _ = jax.lax.scan(body, x, grouped, unroll=self.options.scan_unroll)
         for i in range(repeats * period, stop):
             x = fns[types[i]](x, {k: v[i] for k, v in xs_all.items()})
         return x
@@ -345,7 +353,7 @@ class T5Gemma2(nnx.Module):
 
         def block(h, w, sliding, cos, sin):
             m = masks.Mask(mask, window if sliding else None, queries=mask)
-            return layers.self_attention_block(h, w, m, cos, sin, c, impl=self.attention_impl)
+            return layers.self_attention_block(h, w, m, cos, sin, c, self.options)
 
         x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]))
         return layers.rms_norm(x, self.encoder_norm.get_value(), c.rms_norm_eps)
@@ -389,7 +397,7 @@ class T5Gemma2(nnx.Module):
                 cos,
                 sin,
                 c,
-                impl=self.attention_impl,
+                self.options,
                 query_index=query_index,
                 cross_layout=layout,
             )
@@ -435,24 +443,20 @@ class T5Gemma2(nnx.Module):
         x_q = x_q + layers.mlp_block(x_q, w, self.config)
         return layers.rms_norm(x_q, self.decoder_norm.get_value(), self.config.rms_norm_eps)[:, 0]
 
-    def _softcap(self, logits: jax.Array) -> jax.Array:
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else jnp.tanh(logits / cap) * cap
-
     def decoder_logits(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask) -> jax.Array:
         """Full-vocabulary logits [B, T, V] in fp32 (tied LM head). For analysis and parity, not for scoring."""
         h = self.decode(decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask)
         logits = jnp.einsum(
             "bth,vh->btv", h, self.embedding.get_value().astype(self.dtype), preferred_element_type=jnp.float32
         )
-        return self._softcap(logits)
+        return head.softcap(logits, self.config.final_logit_softcapping)
 
     def score_margin(
         self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, yes_id: int, no_id: int
     ) -> jax.Array:
         """logit(yes) − logit(no) in fp32 [B] at the last real decoder token; P(yes) = sigmoid(margin).
 
-        Only the two LM-head rows are used: full-vocabulary logits are never built.
+        Only the two LM-head rows are used (`kalm_jax.model.head.margin`): full-vocabulary logits are never built.
         """
         for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
             if not isinstance(tok, (jax.core.Tracer,)) and not 0 <= int(tok) < self.config.vocab_size:
@@ -460,9 +464,14 @@ class T5Gemma2(nnx.Module):
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
         last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
         h_last = self._decode_at(decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, last)
-        rows = jnp.take(self.embedding.get_value(), jnp.asarray([yes_id, no_id]), axis=0).astype(self.dtype)
-        logits = self._softcap(jnp.einsum("bh,vh->bv", h_last, rows, preferred_element_type=jnp.float32))
-        return logits[:, 0] - logits[:, 1]
+        return head.margin(
+            h_last,
+            self.embedding.get_value(),
+            yes_id,
+            no_id,
+            dtype=self.dtype,
+            cap=self.config.final_logit_softcapping,
+        )
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask) -> jax.Array:
         """Plain seq2seq forward without pooling: full logits [B, T, V]."""
@@ -492,14 +501,11 @@ class T5Gemma2(nnx.Module):
         return bool(self.encoder.lora_targets or self.decoder.lora_targets)
 
 
-def init_model(config: ModelConfig, *, seed: int = 0, param_dtype="float32", dtype=None) -> T5Gemma2:
-    """A randomly initialised model."""
-    return T5Gemma2(config, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed))
-
-
-def abstract_model(config: ModelConfig, *, param_dtype="float32", dtype=None) -> T5Gemma2:
-    """The model with `jax.ShapeDtypeStruct` leaves: shapes without allocating (for counts, AOT, loading)."""
-    return nnx.eval_shape(lambda: T5Gemma2(config, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0)))
+def param_tree(model: T5Gemma2) -> dict:
+    """The parameters (LoRA factors included) as a nested dict of arrays (or `jax.ShapeDtypeStruct`s for an
+    abstract model), keyed like the module tree: {"embedding": [V, H], "encoder": {"q": [L, H, N, D], ...,
+    "q_lora_a": [L, H, r], ...}, ...}. The layout of checkpoints' `params/` and of the train state's params."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def count_params(model: T5Gemma2) -> dict[str, int]:
@@ -569,4 +575,4 @@ def check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> None
         raise ValueError(f"passages {empty[:10].tolist()} are all padding (mask all zero): nothing to attend to")
 
 
-__all__ = ["T5Gemma2", "LayerStack", "init_model", "abstract_model", "count_params", "STACK_PARAMS", "FULL", "SLIDING"]
+__all__ = ["T5Gemma2", "LayerStack", "param_tree", "count_params", "STACK_PARAMS", "FULL", "SLIDING"]

@@ -285,15 +285,16 @@ def model_config(preset: str, layers: int | None = None):
 
 def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False, layers: int | None = None):
     """(graphdef, abstract state) of the preset (`layers`: see `model_config`); `analysis` builds the
-    cost-analysis variant (`model.analysis_defaults`: layers unrolled, einsum attention)."""
-    import contextlib
-
+    cost-analysis variant (`options.analysis_options`: layers unrolled, einsum attention)."""
     from flax import nnx
 
-    from kalm_jax.model.t5gemma2 import abstract_model, analysis_defaults
+    from kalm_jax.model.build import build_model
+    from kalm_jax.model.options import analysis_options
 
-    with analysis_defaults() if analysis else contextlib.nullcontext():
-        model = abstract_model(model_config(preset, layers), param_dtype=param_dtype, dtype=dtype)
+    options = analysis_options() if analysis else None
+    model = build_model(
+        model_config(preset, layers), abstract=True, param_dtype=param_dtype, dtype=dtype, options=options
+    )
     return nnx.split(model)
 
 
@@ -334,9 +335,7 @@ def lower_score(
 def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None, out=print):
     """Lowering of the real training step, `kalm_jax.training.step.make_train_step` (the config must be a
     full training config: the `tpu.py` or `train.py` config)."""
-    import contextlib
-
-    from kalm_jax.model.t5gemma2 import analysis_defaults
+    from kalm_jax.model.options import analysis_options
     from kalm_jax.training import step as train_step
     from kalm_jax.training.config import validate
 
@@ -347,16 +346,16 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
             "(use --config=tpu.py:... or --config=train.py:...)"
         )
     validate(cfg)
-    with analysis_defaults() if analysis else contextlib.nullcontext():
-        ts = train_step.make_train_step(
-            model_config(preset, layers),
-            cfg,
-            mesh,
-            yes_id=1,
-            no_id=2,
-            decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len,
-            shard_local_passages=True,
-        )  # as train.py runs it
+    ts = train_step.make_train_step(
+        model_config(preset, layers),
+        cfg,
+        mesh,
+        yes_id=1,
+        no_id=2,
+        decoder_length=int(_get(cfg, "data.decoder_length", 0)) or w.query_len,
+        shard_local_passages=True,
+        options=analysis_options() if analysis else None,
+    )  # as train.py runs it
     if not analysis:
         out(
             f"train: kalm_jax.training.step.make_train_step (lora={bool(cfg.lora.enabled)}, "
@@ -364,16 +363,12 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
             f"remat_policy={_get(cfg, 'model.remat_policy', 'nothing')})"
         )
 
-    def lower():
-        with analysis_defaults() if analysis else contextlib.nullcontext():
-            return ts.lower()
-
-    return lower
+    return ts.lower
 
 
 # ---------------------------------------------------------------------- the compiler's cost model
 # What the cost rows are computed from (the row's `analysis` field; `run` appends how layers were sampled).
-ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.t5gemma2.analysis_defaults)"
+ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.options.analysis_options)"
 
 # Dense bf16 peak per JAX device (one chip), FLOP/s: the datasheet figures MFU is quoted against.
 
@@ -657,7 +652,7 @@ def run(
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
     Prints the mesh, the workload and the per-device memory table. With `cost`, also compiles each
-    program's analysis variant (`model.analysis_defaults`: layers unrolled, einsum attention) and returns
+    program's analysis variant (`options.analysis_options`: layers unrolled, einsum attention) and returns
     the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`). `analysis_layers`:
     "all" unrolls every layer; "sampled" compiles the analysis variant at `layer_samples` layers per stack
     and extrapolates per layer type (`extrapolate_costs`), for programs too large to unroll whole on the host.

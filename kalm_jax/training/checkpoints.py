@@ -1,7 +1,7 @@
 """Training checkpoints: an Orbax CheckpointManager over `<workdir>/checkpoints/<step>/`.
 
 Each step directory holds the items
-  params/        the full parameter tree (`orbax_io.param_tree(model)` layout, LoRA factors incl.)
+  params/        the full parameter tree (`t5gemma2.param_tree(model)` layout, LoRA factors incl.)
   train_state/   {"step", "opt_state"}
   kalm_model/    kalm_model.json = `orbax_io.model_meta(model)` (so `orbax_io.load_any` works)
   data_iter/     the data-iterator state (`pipeline.TrainingIterator`: the position in the global batch

@@ -29,8 +29,8 @@ from kalm_jax import atomic, locks
 from kalm_jax.checkpoints import loader, orbax_io
 from kalm_jax.data import pipeline
 from kalm_jax.data.batch import STEP_KEYS
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.parallel import distributed
 from kalm_jax.parallel import mesh as sharding
 from kalm_jax.perf import flops
@@ -40,7 +40,7 @@ from kalm_jax.text.load import copy_tokenizer, has_tokenizer, load_tokenizer
 from kalm_jax.text.spm import MODEL_FILENAME, Tokenizer
 from kalm_jax.training.checkpoints import Checkpointer, SettingsMismatch
 from kalm_jax.training.config import ratio_weights, resolve_total_steps, train_settings, validate
-from kalm_jax.training.state import configure_for_training
+from kalm_jax.training.state import model_kwargs
 from kalm_jax.training.step import TrainStep, make_train_step
 
 log = logging.getLogger(__name__)
@@ -138,14 +138,17 @@ def run_tokenizer(config, workdir: Path, files: list[Path]) -> AnyTokenizer:
     return Tokenizer.load(workdir / MODEL_FILENAME)
 
 
-def build_model(config, tok: AnyTokenizer):
+def initial_model(config, tok: AnyTokenizer):
+    """(model config, the model the run trains): `init_from` loaded (LoRA added unless it has adapters),
+    else the preset drawn from `config.seed`; every parameter, LoRA factors included, in `model.param_dtype`."""
+    base = None
     if config.init_from:
-        model_cfg, model, _ = loader.load(config.init_from, dtype=config.model.param_dtype, tokenizer=tok)
+        model_cfg, base, _ = loader.load(config.init_from, dtype=config.model.param_dtype, tokenizer=tok)
     else:
         model_cfg = get_preset(config.model.preset)
-        model = init_model(model_cfg, seed=int(config.seed), param_dtype=config.model.param_dtype)
         check_vocab(tok, model_cfg.vocab_size, where="str(getattr(tok, 'path', None) or 'the run's tokenizer')")
-    return model_cfg, configure_for_training(model, config, seed=int(config.seed))
+    kwargs = model_kwargs(config, lora_dtype=config.model.param_dtype)
+    return model_cfg, build_model(model_cfg, seed=int(config.seed), base=base, **kwargs)
 
 
 def local_batch_shards(ts: TrainStep) -> int:
@@ -346,7 +349,7 @@ def _train_and_evaluate_locked(config: Any, workdir: Path) -> dict[str, float]:
     )
     dec_len = pipeline.decoder_length(tok, pcfg)
 
-    model_cfg, model = build_model(config, tok)
+    model_cfg, model = initial_model(config, tok)
     mesh = sharding.make_mesh(config.mesh)
     ts = make_train_step(
         model_cfg, config, mesh, yes_id=tok.yes_id, no_id=tok.no_id, decoder_length=dec_len, shard_local_passages=True

@@ -2,10 +2,11 @@
 
     state = {"step": int32 [],                    # micro-steps done
              "params": <param tree>,              # every parameter incl. LoRA factors, the
-                                                  # `orbax_io.param_tree(model)` layout
+                                                  # `t5gemma2.param_tree(model)` layout
              "opt_state": <optax state over the trainable subset>}
 
-The trainable subset is every parameter in full fine-tuning and only the LoRA factors with LoRA.
+The trainable subset is every parameter in full fine-tuning and only the LoRA factors with LoRA. The model
+itself comes from `kalm_jax.model.build.build_model`; `model_kwargs` turns a training config into its arguments.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
-from flax import nnx
-
-from kalm_jax.model.config import ModelConfig, parse_dtype
-from kalm_jax.model.t5gemma2 import T5Gemma2
+from kalm_jax.model.build import LoRASpec
+from kalm_jax.model.options import ModelOptions
 
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
 
@@ -58,52 +56,38 @@ def merge_params(a: dict, b: dict) -> dict:
     return out
 
 
-def build_model(model_cfg: ModelConfig, train_cfg: Any, *, seed: int = 0, abstract: bool = True) -> T5Gemma2:
-    """The model (abstract by default) described by `model_cfg` and the `model`/`lora` config sections."""
-
-    def make():
-        m = T5Gemma2(
-            model_cfg,
-            param_dtype=parse_dtype(train_cfg.model.param_dtype),
-            dtype=parse_dtype(train_cfg.model.compute_dtype),
-            rngs=nnx.Rngs(seed),
-        )
-        if train_cfg.lora.enabled:
-            m.add_lora(
-                int(train_cfg.lora.rank),
-                float(train_cfg.lora.alpha),
-                tuple(train_cfg.lora.targets),
-                stacks=tuple(train_cfg.lora.stacks),
-                rngs=nnx.Rngs(seed + 1),
-            )
-        m.remat = bool(train_cfg.model.remat)
-        m.remat_policy = str(train_cfg.model.remat_policy)
-        return m
-
-    return nnx.eval_shape(make) if abstract else make()
+def lora_spec(train_cfg: Any, *, dtype="float32") -> LoRASpec | None:
+    """The config's `lora` section as a `LoRASpec` (None unless `lora.enabled`), factors stored in `dtype`."""
+    if not train_cfg.lora.enabled:
+        return None
+    return LoRASpec(
+        int(train_cfg.lora.rank),
+        float(train_cfg.lora.alpha),
+        tuple(train_cfg.lora.targets),
+        tuple(train_cfg.lora.stacks),
+        dtype=str(dtype),
+    )
 
 
-def configure_for_training(model: T5Gemma2, train_cfg: Any, *, seed: int = 0) -> T5Gemma2:
-    """Adds LoRA factors (when enabled and absent) and sets remat/compute dtype on a concrete model."""
-    if train_cfg.lora.enabled and not model.has_lora:
-        model.add_lora(
-            int(train_cfg.lora.rank),
-            float(train_cfg.lora.alpha),
-            tuple(train_cfg.lora.targets),
-            stacks=tuple(train_cfg.lora.stacks),
-            rngs=nnx.Rngs(seed + 1),
-        )
-    model.remat = bool(train_cfg.model.remat)
-    model.remat_policy = str(train_cfg.model.remat_policy)
-    model.dtype = parse_dtype(train_cfg.model.compute_dtype)
-    pdt = parse_dtype(train_cfg.model.param_dtype)
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: x.astype(pdt) if x.dtype != pdt else x, state)
-    return nnx.merge(graphdef, state)
+def model_options(train_cfg: Any, options: ModelOptions | None = None) -> ModelOptions:
+    """`options` (default `ModelOptions()`) with the config's `model.remat` and `model.remat_policy`."""
+    return (options or ModelOptions()).replace(
+        remat=bool(train_cfg.model.remat), remat_policy=str(train_cfg.model.remat_policy)
+    )
 
 
-def param_tree(model: T5Gemma2) -> dict:
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def model_kwargs(train_cfg: Any, *, options: ModelOptions | None = None, lora_dtype="float32") -> dict[str, Any]:
+    """The `build_model` arguments of a training config: its dtypes (`model.param_dtype`,
+    `model.compute_dtype`), LoRA (`lora`, factors stored in `lora_dtype`) and options (`model_options`).
+
+        build_model(model_cfg, abstract=True, **model_kwargs(train_cfg))   # the train step's abstract state
+    """
+    return {
+        "lora": lora_spec(train_cfg, dtype=lora_dtype),
+        "param_dtype": str(train_cfg.model.param_dtype),
+        "dtype": str(train_cfg.model.compute_dtype),
+        "options": model_options(train_cfg, options),
+    }
 
 
 __all__ = [
@@ -111,7 +95,7 @@ __all__ = [
     "merge_params",
     "trainable_predicate",
     "is_lora_path",
-    "build_model",
-    "configure_for_training",
-    "param_tree",
+    "lora_spec",
+    "model_options",
+    "model_kwargs",
 ]

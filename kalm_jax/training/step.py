@@ -27,13 +27,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kalm_jax.data.batch import STEP_KEYS, batch_shapes
-from kalm_jax.model import mep
+from kalm_jax.model import head, mep
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import ModelConfig
-from kalm_jax.model.t5gemma2 import T5Gemma2
+from kalm_jax.model.options import ModelOptions
+from kalm_jax.model.t5gemma2 import T5Gemma2, param_tree
 from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training import losses, optim
 from kalm_jax.training.config import ratio_weights
-from kalm_jax.training.state import build_model, merge_params, param_tree, split_params, trainable_predicate
+from kalm_jax.training.state import merge_params, model_kwargs, split_params, trainable_predicate
 
 # Batch entries the step consumes (the pipeline's `example_id` is host-side only).
 
@@ -160,8 +162,8 @@ def pair_scores(
     )
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     table = model.embedding.get_value()
-    rows = jnp.take(table, jnp.asarray([yes_id, no_id]), axis=0).astype(model.dtype)
-    yn = model._softcap(jnp.einsum("bh,vh->bv", h_last, rows, preferred_element_type=jnp.float32))
+    cap = model.config.final_logit_softcapping
+    yn = head.yes_no_logits(h_last, table, yes_id, no_id, dtype=model.dtype, cap=cap)  # [B*G*R, 2]
 
     def per_ratio(x):  # [B*G*R] -> [R, B, G]
         return jnp.moveaxis(x.reshape(b, g, n_r), -1, 0)
@@ -169,8 +171,8 @@ def pair_scores(
     margins = per_ratio(yn[:, 0] - yn[:, 1])
     if not full_vocab:
         return margins, None
-    logits = model._softcap(
-        jnp.einsum("bh,vh->bv", h_last, table.astype(model.dtype), preferred_element_type=jnp.float32)
+    logits = head.softcap(
+        jnp.einsum("bh,vh->bv", h_last, table.astype(model.dtype), preferred_element_type=jnp.float32), cap
     )
     lse = jax.nn.logsumexp(logits, axis=-1)
     return margins, (per_ratio(yn[:, 0] - lse), per_ratio(yn[:, 1] - lse))
@@ -201,6 +203,7 @@ def make_train_step(
     decoder_length: int | None = None,
     donate: bool = True,
     shard_local_passages: bool = False,
+    options: ModelOptions | None = None,
 ) -> TrainStep:
     """Builds the sharded train step for `model_cfg` under `train_cfg` (see `training/config.py`).
 
@@ -216,6 +219,8 @@ def make_train_step(
         own rows of `enc_ids` (the pipeline with `batch_shards` = the local batch shards, as training
         feeds it): the per-pair gather then stays on each shard (`gather_rows`) instead of all-gathering
         the pooled passages. False: indices may point anywhere in the global batch.
+      options: the model's run-time switches (attention kernel, scan unroll; `ModelOptions`), default
+        `ModelOptions()`; remat and remat_policy always come from `train_cfg.model` (`state.model_options`).
     Raises:
       ValueError: before any compilation, if the global batch does not split over the batch shards or
         the decoder length is unknown.
@@ -239,7 +244,7 @@ def make_train_step(
     weights = {k: float(loss_cfg[k]) for k in losses.LOSS_NAMES}
     accum = max(1, int(train_cfg.optimizer.grad_accum_steps))
 
-    abstract = build_model(model_cfg, train_cfg)
+    abstract = build_model(model_cfg, abstract=True, **model_kwargs(train_cfg, options=options))
     graphdef, abs_state = nnx.split(abstract)
     abs_params = nnx.to_pure_dict(abs_state)
     param_axes = sharding.logical_axes(abs_state)

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from kalm_jax.checkpoints import orbax_io
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 
 
 def _leaves(model):
@@ -17,7 +17,7 @@ def _leaves(model):
 
 
 def test_round_trip_with_lora(tmp_path):
-    model = init_model(get_preset("tiny"), seed=3)
+    model = build_model(get_preset("tiny"), seed=3)
     model.add_lora(4, 8.0, ("q", "o"), rngs=nnx.Rngs(1))
     b = model.decoder.q_lora_b
     b.set_value(b.get_value() + 0.01)
@@ -42,4 +42,4 @@ def test_load_any_dispatch(tiny_hf, tmp_path):
         orbax_io.load_any(tmp_path)
     with pytest.raises(FileNotFoundError):
         orbax_io.load_any(tmp_path / "nope")
-    assert orbax_io.fingerprint(model) != orbax_io.fingerprint(init_model(cfg, seed=9))
+    assert orbax_io.fingerprint(model) != orbax_io.fingerprint(build_model(cfg, seed=9))

@@ -18,8 +18,9 @@ from torch_reference import torch_forward
 from kalm_jax.checkpoints import hf, orbax_io
 from kalm_jax.cli import convert as convert_cli
 from kalm_jax.inference import scoring
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import LoRAParam, init_model
+from kalm_jax.model.t5gemma2 import LoRAParam
 from kalm_jax.text import prompts
 
 TOL = 1e-4
@@ -98,7 +99,7 @@ def _randomize(model, seed: int):
 
 def _lora_trained_tiny():
     cfg = get_preset("tiny")
-    model = init_model(cfg, seed=3)
+    model = build_model(cfg, seed=3)
     _randomize(model, 3)
     model.add_lora(4, 8.0, ("q", "k", "v", "o", "gate", "down"), rngs=nnx.Rngs(1))
     opt = nnx.Optimizer(model, optax.adam(3e-2), wrt=LoRAParam)
@@ -318,7 +319,7 @@ def test_inspect_orbax_checkpoint(exported, tmp_path, capsys):
 
 
 def test_wrong_shapes_fail_before_writing(tmp_path):
-    model = init_model(get_preset("tiny"))
+    model = build_model(get_preset("tiny"))
     wrong = model.config.replace(intermediate_size=96)
     with pytest.raises(ValueError, match=r"encoder\.gate has shape \(2, 64, 128\), but the config needs \(2, 64, 96\)"):
         hf.save(model, wrong, tmp_path / "out")
@@ -329,7 +330,7 @@ def test_wrong_shapes_fail_before_writing(tmp_path):
 
 
 def test_interrupted_write_leaves_no_complete_looking_directory(monkeypatch, tmp_path):
-    model = init_model(get_preset("tiny"))
+    model = build_model(get_preset("tiny"))
     first = hf.save(model, None, tmp_path / "out", dtype="float32", max_shard_bytes="64KB")
     before = _raw(first)
 

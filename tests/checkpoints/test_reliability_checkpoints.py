@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from kalm_jax.checkpoints import integrity, orbax_io
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training.checkpoints import Checkpointer, CorruptCheckpoint, SettingsMismatch
 from kalm_jax.training.config import default_config, train_settings
 from kalm_jax.training.loop import MetricsWriter
-from kalm_jax.training.state import configure_for_training
+from kalm_jax.training.state import model_kwargs
 from kalm_jax.training.step import make_train_step
 
 MC = get_preset("tiny")
@@ -38,7 +38,7 @@ def run_config(accum: int = 1):
 
 def train_step(c):
     ts = make_train_step(MC, c, sharding.make_mesh(c.mesh), yes_id=10, no_id=11)
-    return ts, ts.init_state(configure_for_training(init_model(MC, seed=0), c))
+    return ts, ts.init_state(build_model(MC, seed=0, **model_kwargs(c, lora_dtype=c.model.param_dtype)))
 
 
 @pytest.fixture(scope="module")

@@ -161,10 +161,10 @@ def test_identical_duplicate_and_float_grades_are_accepted(tmp_path):
 
 def test_empty_device_list_is_a_named_error():
     from kalm_jax.inference.engine import InferenceEngine
-    from kalm_jax.model.t5gemma2 import init_model
+    from kalm_jax.model.build import build_model
 
     with pytest.raises(ValueError, match="devices is empty"):
-        InferenceEngine(init_model(get_preset("tiny"), seed=0), devices=[])
+        InferenceEngine(build_model(get_preset("tiny"), seed=0), devices=[])
 
 
 # ---------------------------------------------------------------------- every config value, before data preparation

@@ -11,8 +11,8 @@ from kalm_jax.evaluation import rerank
 from kalm_jax.evaluation import store as store_lib
 from kalm_jax.inference import programs, scoring
 from kalm_jax.inference.engine import InferenceEngine
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.text import prompts
 
 MAX_LEN = 96
@@ -25,7 +25,7 @@ def scifact(data_dir):
 
 @pytest.fixture(scope="module")
 def model():
-    return init_model(get_preset("tiny"), seed=5)
+    return build_model(get_preset("tiny"), seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_stale_store_is_an_error_or_a_reencode(tmp_path, model, tokenizer, texts
     ids = list(texts)[:8]
     st = store_lib.PassageStore.open(tmp_path / "s", _key(model, tokenizer))
     st.ensure(_engine(model, tokenizer), texts, ids, progress=False)
-    other = init_model(get_preset("tiny"), seed=6)
+    other = build_model(get_preset("tiny"), seed=6)
     with pytest.raises(store_lib.StaleStoreError, match=r"model: stored '[0-9a-f]+', now '[0-9a-f]+'"):
         store_lib.PassageStore.open(tmp_path / "s", _key(other, tokenizer))
     with pytest.raises(store_lib.StaleStoreError, match="max_length: stored 96, now 64"):
@@ -147,13 +147,13 @@ from pathlib import Path
 from kalm_jax.model.config import get_preset
 from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.evaluation import store as store_lib
-from kalm_jax.model.t5gemma2 import init_model
+from kalm_jax.model.build import build_model
 from kalm_jax.text.spm import Tokenizer
 
 root, tok, texts_file, lo, hi, me, other = sys.argv[1:]
 texts = json.loads(Path(texts_file).read_text())
 ids = list(texts)[int(lo):int(hi)]
-engine = InferenceEngine(init_model(get_preset("tiny"), seed=5), Tokenizer.load(tok), max_document_tokens=96,
+engine = InferenceEngine(build_model(get_preset("tiny"), seed=5), Tokenizer.load(tok), max_document_tokens=96,
                          show_progress=False)
 st = store_lib.PassageStore.open(root, store_lib.StoreKey.for_engine(engine, 1))
 Path(me).touch()  # both writers have opened the store (same empty manifest) before either encodes

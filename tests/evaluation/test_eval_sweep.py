@@ -19,8 +19,8 @@ from kalm_jax.evaluation import metrics, rerank, sweep
 from kalm_jax.evaluation import results as results_lib
 from kalm_jax.evaluation import store as store_lib
 from kalm_jax.inference import programs
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = ("scifact", "trec-dl-2019-passage")
@@ -29,7 +29,7 @@ DATASETS = ("scifact", "trec-dl-2019-passage")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("ckpt") / "tiny"
-    orbax_io.save_model(init_model(get_preset("tiny"), seed=11), d)
+    orbax_io.save_model(build_model(get_preset("tiny"), seed=11), d)
     shutil.copy(tokenizer.path, d / "tokenizer.model")
     return d
 
@@ -156,7 +156,7 @@ def test_output_dir_of_another_config_and_stale_store_are_refused(finished, data
     shutil.copytree(ckpt, moved)
     cfg = _config(data_dir, tmp_path / "o1", moved, store_dir=str(tmp_path / "st"), ratios="4", datasets="scifact")
     sweep.run_sweep(cfg)
-    orbax_io.save_model(init_model(get_preset("tiny"), seed=12), moved, overwrite=True)
+    orbax_io.save_model(build_model(get_preset("tiny"), seed=12), moved, overwrite=True)
     shutil.copy(ckpt / "tokenizer.model", moved / "tokenizer.model")
     with pytest.raises(store_lib.StaleStoreError, match="model: stored"):
         sweep.run_sweep({**cfg, "output_dir": str(tmp_path / "o2")})

@@ -11,15 +11,15 @@ import pytest
 from kalm_jax.inference import programs
 from kalm_jax.inference.engine import DeviceStates, InferenceEngine
 from kalm_jax.inference.states import PassageStates
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 
 TINY = get_preset("tiny")
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return InferenceEngine(init_model(TINY, seed=0), None, yes_id=5, no_id=6, show_progress=False)
+    return InferenceEngine(build_model(TINY, seed=0), None, yes_id=5, no_id=6, show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import pytest
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.evaluation import store as store_lib
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 400
@@ -34,7 +34,7 @@ RATIOS = (1, 4, 8)
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("mh_ckpt") / "tiny"
-    orbax_io.save_model(init_model(get_preset("tiny"), seed=11), d)
+    orbax_io.save_model(build_model(get_preset("tiny"), seed=11), d)
     shutil.copy(tokenizer.path, d / "tokenizer.model")
     return d
 

@@ -22,8 +22,8 @@ import pytest
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.data.training_jsonl import read_training_jsonl
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.training.label import parts_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ LOG = re.compile(r"\[(p\d)\] labelling: process (\d) of 2 scored (\d+) pairs in 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("label_teacher") / "tiny"
-    orbax_io.save_model(init_model(get_preset("tiny"), seed=5), d)
+    orbax_io.save_model(build_model(get_preset("tiny"), seed=5), d)
     shutil.copy(tokenizer.path, d / "tokenizer.model")
     return d
 

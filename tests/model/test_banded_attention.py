@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kalm_jax.model.attention import banded, dispatch, masks, xla
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 
 
 def test_band_limits_of_the_model_patterns():
@@ -125,7 +125,7 @@ def test_tiny_model_encode_blocked_equals_dense(monkeypatch):
     """The tiny preset (window 16) at 80 tokens (>= 4 windows) takes the blocked path in its sliding layer;
     its encoder states equal those of the dense attention."""
     cfg = get_preset("tiny")
-    model = init_model(cfg, seed=3)
+    model = build_model(cfg, seed=3)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 500, (2, 80)).astype(np.int32)
     mask = np.ones_like(ids)

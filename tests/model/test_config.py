@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kalm_jax.model import config as C
-from kalm_jax.model.t5gemma2 import abstract_model, count_params
+from kalm_jax.model.build import build_model
+from kalm_jax.model.t5gemma2 import count_params
 
 # Published figures: the KaLM-Reranker-V1 model cards (https://huggingface.co/KaLM-Embedding; non-embedding
 # params per stack, embedding params) and the T5Gemma 2 text-parameter totals (embedding once, no vision tower)
@@ -24,7 +25,7 @@ PUBLISHED = {
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_eval_shape_param_counts_match_published(name):
     cfg = C.get_preset(name)
-    model = abstract_model(cfg, param_dtype="bfloat16")
+    model = build_model(cfg, abstract=True, param_dtype="bfloat16")
     leaves = jax.tree.leaves(model)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves if hasattr(x, "shape")), "allocated"
     counts = count_params(model)

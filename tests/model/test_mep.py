@@ -92,10 +92,10 @@ def test_packed_ratios_unpack_to_one_padded_row_per_passage_and_ratio():
 
 
 def test_decoder_refuses_packed_passages_that_do_not_fit_the_layout():
+    from kalm_jax.model.build import build_model
     from kalm_jax.model.config import get_preset
-    from kalm_jax.model.t5gemma2 import init_model
 
-    model = init_model(get_preset("tiny"), seed=0)
+    model = build_model(get_preset("tiny"), seed=0)
     h = model.config.hidden_size
     states, mask = _ragged(1, b=2, n=8, h=h)
     packed, pmask, layout = mep.pool_packed(states, mask, (1, 4))  # 8 + 2 windows per passage

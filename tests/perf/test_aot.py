@@ -74,14 +74,14 @@ def _weights_per_device(arg: str, mesh_shape: tuple[int, int, int]) -> tuple[flo
     from flax import nnx
     from jax.sharding import AbstractMesh
 
+    from kalm_jax.model.build import build_model
     from kalm_jax.model.config import get_preset
-    from kalm_jax.model.t5gemma2 import abstract_model
     from kalm_jax.parallel import mesh as mesh_lib
 
     cfg = _tpu_config(arg)
     mesh = AbstractMesh(mesh_shape, mesh_lib.MESH_AXES)
     rules = mesh_lib.rules_dict(cfg.logical_axis_rules)
-    _, state = nnx.split(abstract_model(get_preset(str(cfg.model.preset))))
+    _, state = nnx.split(build_model(get_preset(str(cfg.model.preset)), abstract=True))
     axes = jax.tree.leaves(mesh_lib.logical_axes(state), is_leaf=lambda x: isinstance(x, tuple))
     flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
     total = local = 0
@@ -165,8 +165,8 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     and the per-device argument bytes cover the fsdp-sharded bf16 weights and the batch shard."""
     from flax import nnx
 
+    from kalm_jax.model.build import build_model
     from kalm_jax.model.config import get_preset
-    from kalm_jax.model.t5gemma2 import abstract_model
 
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,score"])
@@ -183,7 +183,7 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
         lowered = lower()
     assert "tpu_custom_call" in lowered.as_text()  # the Pallas flash kernel, not the einsum attention
     report = aot.MemoryReport.from_compiled("encode", lowered.compile(), sl.hbm_bytes, 0.0)
-    _, state = nnx.split(abstract_model(get_preset("tiny"), param_dtype="bfloat16"))
+    _, state = nnx.split(build_model(get_preset("tiny"), abstract=True, param_dtype="bfloat16"))
     params = aot.abstract_state(state, mesh, rules)
     shard_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(params))
     full_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -12,8 +12,8 @@ import pytest
 
 from kalm_jax.inference import scoring
 from kalm_jax.model.attention import dispatch, masks
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
-from kalm_jax.model.t5gemma2 import init_model
 from kalm_jax.perf import flops
 
 TINY = get_preset("tiny")
@@ -165,7 +165,7 @@ def test_attention_implementations_agree_on_cpu():
 
 
 def test_model_attention_impl_switch_keeps_margins():
-    model = init_model(TINY, seed=1)
+    model = build_model(TINY, seed=1)
     rng = np.random.default_rng(1)
     ids = rng.integers(3, 8000, (3, 40))
     mask = np.ones_like(ids)

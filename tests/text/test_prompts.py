@@ -74,10 +74,12 @@ def test_stage1_without_instruction():
 @pytest.fixture(scope="module")
 def tiny_reranker(tokenizer):
     from kalm_jax.inference.reranker import Reranker
+    from kalm_jax.model.build import build_model
     from kalm_jax.model.config import get_preset
-    from kalm_jax.model.t5gemma2 import init_model
 
-    return lambda instruction=None: Reranker(init_model(get_preset("tiny"), seed=0), tokenizer, instruction=instruction)
+    return lambda instruction=None: Reranker(
+        build_model(get_preset("tiny"), seed=0), tokenizer, instruction=instruction
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,12 @@ import pytest
 from jax._src.array import ArrayImpl
 from jax.experimental import multihost_utils
 
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
 from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training.config import default_config
 from kalm_jax.training.dev_eval import DevSet
-from kalm_jax.training.state import build_model
+from kalm_jax.training.state import model_kwargs
 from kalm_jax.training.step import make_train_step
 
 
@@ -24,7 +25,7 @@ def test_dev_eval_scores_on_the_training_mesh_without_copying_the_weights(tokeni
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
     ts = make_train_step(get_preset("tiny"), cfg, mesh, yes_id=tokenizer.yes_id, no_id=tokenizer.no_id, donate=False)
-    model = build_model(get_preset("tiny"), cfg, abstract=False)
+    model = build_model(get_preset("tiny"), **model_kwargs(cfg))
     dev = DevSet.build(
         data_dir / "scifact", "test", tokenizer, num_queries=3, depth=5, max_document_tokens=32, max_query_tokens=16
     )

@@ -20,12 +20,13 @@ import torch
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.inference import scoring
+from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
 from kalm_jax.parallel import mesh as sharding
 from kalm_jax.training import losses
 from kalm_jax.training.checkpoints import Checkpointer
 from kalm_jax.training.config import default_config, validate
-from kalm_jax.training.state import build_model, split_params
+from kalm_jax.training.state import model_kwargs, split_params
 from kalm_jax.training.step import batch_structs, make_train_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,7 +99,7 @@ MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
 def test_same_loss_and_grads_on_every_mesh():
     batch = synthetic_batch()
-    model = build_model(get_preset("tiny"), small_config(), abstract=False)
+    model = build_model(get_preset("tiny"), **model_kwargs(small_config()))
     results = []
     for d, f, t in MESHES:
         cfg = small_config(data=d, fsdp=f, tensor=t)
@@ -130,7 +131,7 @@ def test_train_step_scores_every_ratio_like_the_serving_engine(per_pass):
     cfg.mep.ratios = (1, 2, 4, 32)  # 32 > S: a single window per passage
     cfg.mep.ratios_per_pass = per_pass  # 0: one pass; 3: passes of (1, 2, 4) and (32,)
     cfg.loss.listwise = cfg.loss.distill = 0.0
-    model = build_model(get_preset("tiny"), cfg, abstract=False)
+    model = build_model(get_preset("tiny"), **model_kwargs(cfg))
     ts = make_train_step(
         get_preset("tiny"), cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:4]), yes_id=10, no_id=11, donate=False
     )
@@ -167,7 +168,7 @@ def test_remat_policies_save_what_they_name_and_keep_the_gradients():
         checked = cfg.copy_and_resolve_references()
         checked.data.decoder_length = 0  # the synthetic prompts are T tokens, shorter than a real prompt template
         validate(checked)
-        model = build_model(get_preset("tiny"), cfg, abstract=False)
+        model = build_model(get_preset("tiny"), **model_kwargs(cfg))
         assert model.remat_policy == cfg.model.remat_policy
         ts = make_train_step(get_preset("tiny"), cfg, mesh, yes_id=10, no_id=11, donate=False)
         state, placed = ts.init_state(model), ts.place_batch(batch)
@@ -201,7 +202,7 @@ def test_loss_falls_when_fitting_a_batch():
     cfg = small_config(data=2, fsdp=2, tensor=2)
     cfg.optimizer.lr = 3e-3
     ts = make_train_step(get_preset("tiny"), cfg, sharding.make_mesh(cfg.mesh), yes_id=10, no_id=11)
-    state = ts.init_state(build_model(get_preset("tiny"), cfg, abstract=False))
+    state = ts.init_state(build_model(get_preset("tiny"), **model_kwargs(cfg)))
     batch = ts.place_batch(synthetic_batch())
     seen = []
     for _ in range(10):
@@ -245,7 +246,7 @@ def test_lora_trains_only_adapters_and_merged_export_matches(tmp_path):
     cfg.optimizer.lr = 1e-2
     mesh = sharding.make_mesh(cfg.mesh)
     ts = make_train_step(get_preset("tiny"), cfg, mesh, yes_id=10, no_id=11)
-    model = build_model(get_preset("tiny"), cfg, abstract=False)
+    model = build_model(get_preset("tiny"), **model_kwargs(cfg))
     state = ts.init_state(model)
     before = jax.device_get(state["params"])
     for seed in range(2):
@@ -400,11 +401,10 @@ def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path):
     import shutil
 
     from kalm_jax.data.training_jsonl import read_training_jsonl
-    from kalm_jax.model.t5gemma2 import init_model
     from kalm_jax.text import prompts
     from kalm_jax.training.label import label
 
-    teacher = orbax_io.save_model(init_model(get_preset("tiny"), seed=3), tmp_path / "teacher")
+    teacher = orbax_io.save_model(build_model(get_preset("tiny"), seed=3), tmp_path / "teacher")
     shutil.copyfile(tokenizer.path, teacher / "tokenizer.model")
     src = tmp_path / "in.jsonl"
     src.write_text("".join(train_jsonl.read_text().splitlines(keepends=True)[:3]))

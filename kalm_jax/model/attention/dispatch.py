@@ -17,20 +17,23 @@ from kalm_jax.model.attention.xla import xla_attention, xla_merged_attention
 
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn", "tpu_flash")
 
-# Attention kernel used by "auto" when a program is lowered for TPU: "flash" (Pallas TPU kernel,
-# kalm_jax/model/attention/splash.py) or "xla" (the einsum reference, as on CPU).
-TPU_ATTENTION_IMPL = "flash"
+# What "auto" may use when a program is lowered for TPU (`tpu=`; `ModelOptions.tpu_attention`): "flash" (the
+# Pallas TPU kernel, kalm_jax/model/attention/splash.py) or "xla" (the einsum reference, as on CPU).
+TPU_ATTENTION_IMPLS = ("flash", "xla")
 
 
-def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | None = None) -> str:
+def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | None = None, *, tpu: str = "flash") -> str:
     """The concrete attention implementation for `impl`.
 
     "xla" is the einsum reference (the parity-tested numerics); "dot_product" is
     `jax.nn.dot_product_attention` with XLA; "cudnn" is its cuDNN flash kernel (GPU, bf16, head_dim <= 256);
-    "tpu_flash" is the Pallas TPU kernel. "auto" resolves to "cudnn" on a GPU backend in bf16, else to
-    "platform": the TPU kernel when the program is lowered for TPU (also AOT from a CPU host, via
-    `jax.lax.platform_dependent`) and "xla" everywhere else. Logit soft-capping needs "xla".
+    "tpu_flash" is the Pallas TPU kernel. "auto" resolves to "cudnn" on a GPU backend in bf16, else (with
+    `tpu` = "flash") to "platform": the TPU kernel when the program is lowered for TPU (also AOT from a CPU
+    host, via `jax.lax.platform_dependent`) and "xla" everywhere else; with `tpu` = "xla", to "xla". Logit
+    soft-capping needs "xla".
     """
+    if tpu not in TPU_ATTENTION_IMPLS:
+        raise ValueError(f"tpu={tpu!r}; valid: {list(TPU_ATTENTION_IMPLS)}")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; valid: {list(ATTENTION_IMPLS)}")
     if impl == "auto":
@@ -40,7 +43,7 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | Non
         flash_ok = jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0 and head_dim <= 256
         if on_gpu and flash_ok:
             return "cudnn"
-        return "platform" if TPU_ATTENTION_IMPL == "flash" else "xla"
+        return "platform" if tpu == "flash" else "xla"
     if impl != "xla" and softcap is not None:
         raise ValueError(f"attention implementation {impl!r} does not support attn_logit_softcapping; use 'xla'")
     return impl
@@ -54,12 +57,16 @@ def attention(
     scale: float,
     softcap: float | None = None,
     impl: str = "xla",
+    *,
+    tpu: str = "flash",
+    interpret: bool = False,
 ) -> jax.Array:
     """Grouped-query softmax attention, q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D].
 
     `mask`: a structured `Mask` (key padding [B, S] + static pattern [T, S]) or a boolean array
-    broadcastable to [B, T, S]. `impl` picks the kernel (see `resolve_attention_impl`). The fused kernels
-    take the mask once per batch row ([B, 1, T, S], broadcast over heads), never per head.
+    broadcastable to [B, T, S]. `impl` and `tpu` pick the kernel (see `resolve_attention_impl`); `interpret`
+    runs the TPU kernel in Pallas interpret mode (`splash.flash_attention`). The fused kernels take the mask
+    once per batch row ([B, 1, T, S], broadcast over heads), never per head.
 
     A `Mask` whose static pattern is a band (a sliding window: `band_limits`) is computed block-wise when
     that skips keys (`band_blocking`): each block of C queries attends only the keys its band touches,
@@ -67,15 +74,22 @@ def attention(
     dense result up to fp32 rounding; a query that sees no key at all (only possible at a padding query
     in the model) averages its block's keys instead of all keys.
     """
-    impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], softcap)
+    impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], softcap, tpu=tpu)
     blocking = band_blocking(mask, q.shape[1], k.shape[1]) if isinstance(mask, Mask) else None
     if blocking is not None:
-        return banded_attention(q, k, v, mask, blocking, scale, softcap, impl)
-    return _attention_kernel(q, k, v, mask, scale, softcap, impl)
+        return banded_attention(q, k, v, mask, blocking, scale, softcap, impl, interpret=interpret)
+    return _attention_kernel(q, k, v, mask, scale, softcap, impl, interpret)
 
 
 def _attention_kernel(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | jax.Array, scale: float, softcap: float | None, impl: str
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask | jax.Array,
+    scale: float,
+    softcap: float | None,
+    impl: str,
+    interpret: bool = False,
 ) -> jax.Array:
     """`attention` with a resolved `impl`, over all T x S query-key pairs (no blocking)."""
     if impl in ("dot_product", "cudnn"):
@@ -87,7 +101,7 @@ def _attention_kernel(
         from kalm_jax.model.attention import splash
 
         def tpu(q, k, v):
-            return splash.flash_attention(q, k, v, mask, scale)
+            return splash.flash_attention(q, k, v, mask, scale, interpret=interpret)
 
         if impl == "tpu_flash":
             return tpu(q, k, v)
@@ -114,6 +128,8 @@ def banded_attention(
     scale: float,
     softcap: float | None = None,
     impl: str = "xla",
+    *,
+    interpret: bool = False,
 ) -> jax.Array:
     """`attention` under a band mask, block-wise: q [B, T, N, D], k/v [B, S, K, D] -> [B, T, N, D].
 
@@ -147,7 +163,7 @@ def banded_attention(
         (rel >= 0) & (rel <= hi - lo),
         None if queries is None else query_blocks(jnp.asarray(queries).astype(bool)),
     )
-    out = _attention_kernel(query_blocks(q), key_blocks(k), key_blocks(v), blocked, scale, softcap, impl)
+    out = _attention_kernel(query_blocks(q), key_blocks(k), key_blocks(v), blocked, scale, softcap, impl, interpret)
     return out.reshape(b, nb * c, n, d)[:, :t]
 
 
@@ -161,6 +177,9 @@ def merged_attention(
     cross_mask: Mask | jax.Array,
     scale: float,
     impl: str = "xla",
+    *,
+    tpu: str = "flash",
+    interpret: bool = False,
 ) -> jax.Array:
     """One softmax over two key sets: self keys ks/vs [B, T', K, D] under `self_mask` and cross keys
     kc/vc [B, S, K, D] under `cross_mask` (each a `Mask` or a boolean array broadcastable to [B, T, T'] /
@@ -168,15 +187,21 @@ def merged_attention(
 
     The einsum path never concatenates K/V or the masks: scores of both parts share one max and one
     normaliser, and the two weighted sums add in fp32. The fused kernels get the concatenation (a
-    structured `Mask` when both masks are).
+    structured `Mask` when both masks are). `tpu`, `interpret`: as in `attention`.
     """
-    impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
+    impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], tpu=tpu)
     t = q.shape[1]
 
     def fused(q, ks, vs, kc, vc, kernel_impl):
         mask = concat_masks(self_mask, cross_mask, t, ks.shape[1], kc.shape[1])
         return attention(
-            q, jnp.concatenate([ks, kc], axis=1), jnp.concatenate([vs, vc], axis=1), mask, scale, impl=kernel_impl
+            q,
+            jnp.concatenate([ks, kc], axis=1),
+            jnp.concatenate([vs, vc], axis=1),
+            mask,
+            scale,
+            impl=kernel_impl,
+            interpret=interpret,
         )
 
     if impl in ("dot_product", "cudnn", "tpu_flash"):

@@ -48,17 +48,20 @@ BATCH_AXES: tuple[str, ...] = tuple(dict(DEFAULT_RULES)[BATCH])
 _LANES = 128  # lengths are padded to multiples of this; segment ids need blocks of multiples of it
 _MAX_BLOCK = 512
 
-# Run the kernel in Pallas interpret mode (any backend; tests on CPU set it). The TPU interpret mode
-# (`pltpu.force_tpu_interpret_mode`) cannot run the kernel vmapped over the batch.
-INTERPRET = False
-
 # Static masks by pattern content and padded shape: the layer scan traces every layer of a period, and the
 # TPU branch of the platform dispatch is traced on every backend.
 _MASKS: dict[tuple, _sm.Mask] = {}
 
 
 def flash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float, softcap: float | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask,
+    scale: float,
+    softcap: float | None = None,
+    *,
+    interpret: bool = False,
 ) -> jax.Array:
     """Splash attention with the `dispatch.attention` signature (see module docstring).
 
@@ -66,6 +69,9 @@ def flash_attention(
     queries [B, T] or None) or a bool array broadcastable to [B, T, S] -> [B, T, N, D] in q's dtype.
     Scores, softmax and accumulation run in fp32 inside the kernel. Outputs at padding queries are
     finite but not the einsum path's (such a row attends padding keys); they are never read.
+    `interpret`: run the kernel in Pallas interpret mode (any backend; the tests on CPU use it; the model
+    sets it from `ModelOptions.splash_interpret`). The TPU interpret mode (`pltpu.force_tpu_interpret_mode`)
+    cannot run the kernel vmapped over the batch.
 
     Mosaic kernels are not partitioned by XLA: under a mesh context (`jax.set_mesh(mesh)`), the kernel
     runs per shard in a `shard_map` over the batch axes (`data`, `fsdp`, those that divide the batch);
@@ -74,7 +80,7 @@ def flash_attention(
     if softcap is not None:
         raise NotImplementedError(
             "attention logit soft-capping is not wired to the TPU splash kernel; "
-            "set kalm_jax.model.attention.dispatch.TPU_ATTENTION_IMPL = 'xla'"
+            "build the model with ModelOptions(tpu_attention='xla') (kalm_jax.model.options)"
         )
     b, t = q.shape[:2]
     s = k.shape[1]
@@ -100,7 +106,7 @@ def flash_attention(
     )
 
     def local(q, k, v, keys, queries):
-        return _splash(q, k, v, keys, queries, pattern, float(scale))
+        return _splash(q, k, v, keys, queries, pattern, float(scale), interpret)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -178,6 +184,7 @@ def _splash(
     queries: jax.Array,
     pattern: np.ndarray | None,
     scale: float,
+    interpret: bool = False,
 ) -> jax.Array:
     """One shard: q [B, T, N, D], k/v [B, S, K, D], keys [B, S] bool, queries [B, T] bool -> [B, T, N, D]."""
     b, t, n, d = q.shape
@@ -214,7 +221,7 @@ def _splash(
         block_sizes=blocks,
         head_shards=1,
         q_seq_shards=1,
-        interpret=INTERPRET,
+        interpret=interpret,
     )
 
     def row(q, k, v, qs_, ks_):

@@ -23,8 +23,9 @@ import numpy as np
 from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.inference.states import PassageStates
 from kalm_jax.model.attention.dispatch import resolve_attention_impl
+from kalm_jax.model.build import build_model as build
 from kalm_jax.model.config import ModelConfig, get_preset, parse_dtype
-from kalm_jax.model.t5gemma2 import init_model
+from kalm_jax.model.options import ModelOptions
 from kalm_jax.perf import flops
 from kalm_jax.perf.bench.timing import Timing, device_peak_bytes, time_calls
 
@@ -92,8 +93,8 @@ def engine_for(model, yes_id: int = 5, no_id: int = 6) -> InferenceEngine:
 def build_model(name: str, settings: BenchSettings) -> ShapeContext:
     cfg = get_preset(name)
     dtype = parse_dtype(settings.dtype)
-    model = init_model(cfg, seed=settings.seed, param_dtype=dtype, dtype=dtype)
-    model.attention_impl = settings.attention_impl
+    options = ModelOptions(attention_impl=settings.attention_impl)
+    model = build(cfg, seed=settings.seed, param_dtype=dtype, dtype=dtype, options=options)
     impl = resolve_attention_impl(settings.attention_impl, dtype, cfg.head_dim)
     return ShapeContext(name, cfg, model, engine_for(model), impl)
 

@@ -34,10 +34,12 @@ def _make(cfg, settings, mode: str) -> TrainStep:
     import jax
     import numpy as np
 
+    from kalm_jax.model.build import build_model
+    from kalm_jax.model.options import ModelOptions
     from kalm_jax.parallel import mesh as sharding
     from kalm_jax.perf.bench.timing import compile_aot
     from kalm_jax.training import config as train_config
-    from kalm_jax.training.state import build_model
+    from kalm_jax.training.state import model_kwargs
     from kalm_jax.training.step import make_train_step
 
     c = train_config.default_config()
@@ -52,10 +54,9 @@ def _make(cfg, settings, mode: str) -> TrainStep:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
     yes_id, no_id = 3, 4
-    ts = make_train_step(cfg, c, mesh, yes_id=yes_id, no_id=no_id)
-    model = build_model(cfg, c, seed=settings.seed, abstract=False)
-    model.attention_impl = settings.attention_impl
-    state = ts.init_state(model)
+    options = ModelOptions(attention_impl=settings.attention_impl)
+    ts = make_train_step(cfg, c, mesh, yes_id=yes_id, no_id=no_id, options=options)
+    state = ts.init_state(build_model(cfg, seed=settings.seed, **model_kwargs(c, options=options)))
     rng = np.random.default_rng(settings.seed)
     g, n, t = int(settings.train_batch), int(settings.train_n), int(settings.prompt_len)
     hi = cfg.boi_token_index

@@ -1,0 +1,66 @@
+"""The model's run-time switches: one frozen value, given at construction and carried by the model.
+
+    options = ModelOptions(attention_impl="xla", scan_unroll=True)
+    model = build_model(config, options=options)   # kalm_jax.model.build
+    model.options                                  # static: part of the model's graphdef
+
+The options are a plain (static) attribute of `T5Gemma2`, so they travel with its `nnx.split` graphdef into
+every jitted program, and a model with other options traces a program of its own. Nothing here is global:
+two models with different options can live side by side in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kalm_jax.model.attention.dispatch import ATTENTION_IMPLS, TPU_ATTENTION_IMPLS
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How the model runs (never what it computes, up to floating-point rounding).
+
+    Attributes:
+      attention_impl: "auto" (cuDNN flash attention on GPU in bf16, else `tpu_attention` when lowered for TPU,
+        else the einsum reference), "xla", "dot_product", "cudnn" or "tpu_flash";
+        see `kalm_jax.model.attention.dispatch.resolve_attention_impl`.
+      scan_unroll: `unroll` of the `lax.scan` over layers (1 = a loop; True = fully unrolled, which the AOT cost
+        analysis needs because XLA counts a while-loop body once).
+      remat: rematerialise each layer in the backward pass.
+      remat_policy: what remat keeps of each layer's forward (`t5gemma2.REMAT_POLICIES` names joined by "+";
+        "nothing" = all recomputed), for both stacks or per stack ("encoder:qkv+mlp_in,decoder:qkv";
+        `t5gemma2.stack_remat_policies`).
+      tpu_attention: the kernel "auto" uses when a program is lowered for TPU: "flash" (the Pallas splash
+        kernel, `kalm_jax.model.attention.splash`) or "xla" (the einsum reference, as on CPU).
+      splash_interpret: run the splash kernel in Pallas interpret mode (any backend; for tests on CPU).
+    """
+
+    attention_impl: str = "auto"
+    scan_unroll: int | bool = 1
+    remat: bool = False
+    remat_policy: str = "nothing"
+    tpu_attention: str = "flash"
+    splash_interpret: bool = False
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"unknown attention implementation {self.attention_impl!r}; valid: {list(ATTENTION_IMPLS)}"
+            )
+        if self.tpu_attention not in TPU_ATTENTION_IMPLS:
+            raise ValueError(f"tpu_attention={self.tpu_attention!r}; valid: {list(TPU_ATTENTION_IMPLS)}")
+        if self.scan_unroll is not True and not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
+            raise ValueError(f"scan_unroll={self.scan_unroll!r}: an int >= 1, or True (fully unrolled)")
+
+    def replace(self, **changes) -> ModelOptions:
+        """A copy with `changes` (checked like the constructor's arguments)."""
+        return dataclasses.replace(self, **changes)
+
+
+def analysis_options(base: ModelOptions | None = None) -> ModelOptions:
+    """The cost-analysis variant of `base`: layers fully unrolled (XLA's cost analysis counts a while-loop
+    body once) and the einsum attention (a Pallas custom call has no cost model: optimal_seconds = -2)."""
+    return (base or ModelOptions()).replace(attention_impl="xla", scan_unroll=True)
+
+
+__all__ = ["ModelOptions", "analysis_options"]
