@@ -146,7 +146,7 @@ def initial_model(config, tok: AnyTokenizer):
         model_cfg, base, _ = loader.load(config.init_from, dtype=config.model.param_dtype, tokenizer=tok)
     else:
         model_cfg = get_preset(config.model.preset)
-        check_vocab(tok, model_cfg.vocab_size, where="str(getattr(tok, 'path', None) or 'the run's tokenizer')")
+        check_vocab(tok, model_cfg.vocab_size, where=str(getattr(tok, "path", None) or "the run's tokenizer"))
     kwargs = model_kwargs(config, lora_dtype=config.model.param_dtype)
     return model_cfg, build_model(model_cfg, seed=int(config.seed), base=base, **kwargs)
 
