@@ -713,7 +713,7 @@ def run(
     preset = str(_get(cfg, "model.preset", "tiny"))
     out(
         f"{num_slices} x {sl.name} ({sl.topology_name}, {len(devices)} devices, "
-        f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); mesh {dict(mesh.shape)}; model {preset}"
+        f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); training mesh {dict(mesh.shape)}; model {preset}"
     )
     out(f"workload: {w}")
     started = time.perf_counter()
@@ -823,6 +823,7 @@ def check(
     programs: str = ",".join(PROGRAMS),
     report: str | None = None,
     analysis_layers: str = "all",
+    weights: str | None = None,
 ) -> int:
     """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
     from kalm_jax import cli
@@ -836,6 +837,7 @@ def check(
         [s for s in programs.split(",") if s],
         cost=report is not None,
         analysis_layers=analysis_layers,
+        weights=weights,
     )
     if report:
         from kalm_jax.bench.runner import write_rows
@@ -880,6 +882,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "with --report: 'all' unrolls every layer in the analysis compile; "
             "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
             "type (programs too large to unroll whole on this host)",
+        ),
+        cli.Flag(
+            "weights",
+            None,
+            "the inference mesh policy's setting for encode / score: auto, replicated, tensor, tensor:N "
+            "(default: KALM_INFERENCE_WEIGHTS, else auto)",
         ),
     )
     return cli.run(check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
