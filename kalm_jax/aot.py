@@ -2,9 +2,10 @@
 
 With the TPU runtime library installed (`pip install 'kalm-jax[tpu]'`, i.e. the `libtpu` wheel that
 matches jax), `jax.experimental.topologies` describes a TPU slice (e.g. v5e-256) without the hardware.
-This module builds the ("data", "fsdp", "tensor") mesh of a config over those devices, lowers and
-compiles the jitted encode, score and train steps with abstract, sharded inputs
-(`jax.ShapeDtypeStruct(..., sharding=...)`), and reports per-device memory against the chip's HBM.
+This module lowers and compiles, with abstract, sharded inputs (`jax.ShapeDtypeStruct(..., sharding=...)`),
+the inference engine's own encode and score programs (on the mesh its policy, `kalm_jax.inference_policy`,
+chooses for those devices) and the real train step (on the config's ("data", "fsdp", "tensor") mesh), and
+reports per-device memory against the chip's HBM.
 
     python -m kalm_jax.aot --config=tpu.py:nano,v5e-256 --topology=v5e-256
 
