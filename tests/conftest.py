@@ -108,6 +108,7 @@ SLOW = (
     "test_packaging.py::*",
     "test_aot.py::test_aot_",
     "test_aot.py::test_sampled_analysis",
+    "test_aot.py::test_unknown_cost_ops",
     "test_training.py::test_sigkill",
     "test_training.py::test_sigterm",
     "test_training.py::test_label_writes",

@@ -3,8 +3,10 @@
 Every client that encodes passages or scores (prompt, passage) pairs — `Reranker`, the evaluation store and
 sweep, dev evaluation during training, the `label` command, the benchmark — goes through an
 `InferenceEngine`. It owns:
-  * weight placement: once, replicated over a 1-axis ``("data",)`` mesh of this process's devices
-    (`kalm_jax.parallel.mesh.data_mesh`); batches are sharded over that axis;
+  * weight placement: once, by the inference mesh policy (`kalm_jax.parallel.inference_policy`): replicated over a
+    1-axis ``("data",)`` mesh of this process's devices (`kalm_jax.parallel.mesh.data_mesh`) when the weights and a
+    batch's working set fit a device, else split over a ``tensor`` axis (no per-call all-gather of weights);
+    batches are sharded over ``data``. The decision is printed (stderr) when an engine is built;
   * the bucketing policy (`Buckets`): batch rows (powers of two up to 64, then multiples of 64, rounded to
     the device count), document length (multiple of 128, then of the ratio only where needed: never for
     documents of one window), decoder prompt length (multiple of 32), passage windows (powers of two from
@@ -18,7 +20,7 @@ sweep, dev evaluation during training, the `label` command, the benchmark — go
     compiles a handful of programs, not one per shape);
   * device-resident caches: `place` moves passage states to the devices once (`DeviceStates`, replicated),
     and `margins` then gathers each batch's rows on the device, so only token ids and indices travel.
-The pure jitted functions themselves stay in `kalm_jax.inference.scoring`.
+The pure jitted functions themselves are in `kalm_jax.inference.programs`.
 
 Multi-process runs build one engine per process over its local devices; work is split above it. An engine
 over a given `mesh` (e.g. the training mesh, which may span every process) instead uses the weights where
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,7 +49,7 @@ from kalm_jax.inference import programs
 from kalm_jax.inference.states import STORAGE, PassageStates, row_indices
 from kalm_jax.model import mep
 from kalm_jax.model.t5gemma2 import T5Gemma2, check_passages, check_tokens
-from kalm_jax.parallel.mesh import data_mesh
+from kalm_jax.parallel import inference_policy
 from kalm_jax.text import prompts
 from kalm_jax.text.hf_json import AnyTokenizer, check_vocab
 
@@ -171,6 +174,32 @@ def _check_on_mesh(state, mesh) -> None:
             )
 
 
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(line: str) -> None:
+    """Prints the inference mesh policy's decision to stderr, once per process and distinct line."""
+    if line not in _ANNOUNCED:
+        _ANNOUNCED.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Program:
+    """One of an engine's jitted programs at one bucket shape: `fn` (a jitted function of `kalm_jax.inference.programs`)
+    and the arguments the engine calls it with, the batch arrays as sharded `jax.ShapeDtypeStruct`s."""
+
+    name: str
+    fn: Callable
+    args: tuple
+    mesh: Mesh
+
+    def lower(self):
+        """`fn.lower(*args)` under the engine's mesh (as the engine calls it)."""
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*self.args)
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -197,6 +226,13 @@ class InferenceEngine:
         then every process must make the same engine calls with the same inputs (one SPMD program each), each
         feeds and computes only its devices' rows, and results are gathered to every host.
       batch_axes: the mesh axes batches are split over (default: all axes of `mesh`; ``"data"`` without one).
+      weights: the inference mesh policy's setting without a `mesh` (`kalm_jax.parallel.inference_policy`): "auto"
+        (default, or the ``KALM_INFERENCE_WEIGHTS`` environment variable), "replicated", "tensor", "tensor:N".
+      device_memory: bytes per device for the policy (default: what the devices report; None on CPU).
+
+    A model whose weights are `jax.ShapeDtypeStruct`s (`kalm_jax.model.build.build_model(..., abstract=True)`) makes an
+    engine that only lowers programs (`encode_program`, `score_program`: ahead-of-time compilation for devices
+    that need not exist here, e.g. a TPU topology); it cannot run them.
     """
 
     def __init__(
@@ -216,6 +252,8 @@ class InferenceEngine:
         share_weights: bool = True,
         mesh: Mesh | None = None,
         batch_axes: str | Sequence[str] | None = None,
+        weights: str | None = None,
+        device_memory: int | None = None,
     ):
         if tokenizer is not None:
             check_vocab(tokenizer, model.config.vocab_size, where=str(getattr(tokenizer, "path", None) or "tokenizer"))
@@ -237,12 +275,27 @@ class InferenceEngine:
         self.max_prompt_tokens = _positive_int(max_prompt_tokens, "max_prompt_tokens")
         self.show_progress = show_progress
         self.buckets = buckets
+        graphdef, state = nnx.split(model)
+        self.abstract = inference_policy.state_is_abstract(state)
+        self.policy: inference_policy.InferencePolicy | None = None
         if mesh is None:
             self.devices = list(jax.local_devices() if devices is None else devices)
             if not self.devices:
                 raise ValueError("devices is empty: give at least one device (default: all local devices)")
-            self.mesh = data_mesh(self.devices)
-            batch_axes = "data"
+            self.policy = inference_policy.decide(
+                model.config,
+                state,
+                devices=len(self.devices),
+                rows=self.batch_size,
+                document_len=self.max_document_tokens,
+                prompt_len=self.max_prompt_tokens,
+                dtype=model.dtype,
+                memory=inference_policy.device_memory(self.devices) if device_memory is None else int(device_memory),
+                setting=weights,
+            )
+            _announce(self.policy.describe())
+            self.mesh = self.policy.mesh(self.devices)
+            batch_axes = self.policy.batch_axes
         else:
             if devices is not None:
                 raise ValueError("give devices or mesh, not both")
@@ -253,9 +306,11 @@ class InferenceEngine:
         self._global = any(d.process_index != jax.process_index() for d in self.devices)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch = NamedSharding(self.mesh, PartitionSpec(batch_axes))
-        graphdef, state = nnx.split(model)
-        if mesh is None:
-            state = jax.device_put(_process_local(state), self._replicated)
+        if self.abstract:
+            state = inference_policy.abstract_weights(state, self.mesh, self.policy.rules if self.policy else {})
+        elif mesh is None:
+            target = self._replicated if self.policy.mode == "replicated" else self.policy.shardings(state, self.mesh)
+            state = jax.device_put(_process_local(state), target)
             if share_weights:
                 nnx.update(model, state)  # the model now holds the placed arrays: one copy of the weights
         else:
@@ -266,7 +321,12 @@ class InferenceEngine:
             for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
                 if not 0 <= int(tok) < model.config.vocab_size:
                     raise ValueError(f"{name}={tok} is outside the vocabulary [0, {model.config.vocab_size})")
-            self._yes_no = self._put_to(np.asarray([int(yes_id), int(no_id)], np.int32), self._replicated)
+            yes_no = np.asarray([int(yes_id), int(no_id)], np.int32)
+            self._yes_no = (
+                jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self._replicated)
+                if self.abstract
+                else self._put_to(yes_no, self._replicated)
+            )
         self.compiles = 0
 
     # ------------------------------------------------------------------ identity
@@ -319,10 +379,11 @@ class InferenceEngine:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def _call(self, fn, *args, **kwargs):
-        """Calls a jitted function of `scoring`, counting the programs it compiles."""
+        """Calls a jitted function of `programs`, counting the programs it compiles."""
         size = getattr(fn, "_cache_size", None)
         before = size() if size else 0
-        out = fn(*args, **kwargs)
+        with jax.set_mesh(self.mesh):  # the TPU attention kernel runs per batch shard under the mesh
+            out = fn(*args, **kwargs)
         if size:
             self.compiles += max(0, size() - before)
         return out
@@ -373,6 +434,38 @@ class InferenceEngine:
             raise ValueError("this engine has no tokenizer: text inputs need one")
         return self.tokenizer
 
+    # ------------------------------------------------------------------ programs
+    def encode_shape(self, batch: int, longest: int, ratio: int) -> tuple[int, int]:
+        """(rows, length) of the encode program for `batch` documents of at most `longest` tokens."""
+        return self.rows(batch), self.buckets.document_length(longest, ratio)
+
+    def score_shape(self, batch: int, prompt_len: int, windows: int) -> tuple[int, int, int]:
+        """(rows, prompt length, windows) of the score program for `batch` pairs."""
+        return self.rows(batch), self.buckets.decoder_length(prompt_len), self.buckets.window_count(windows)
+
+    def _spec(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        """A batch argument as `_put` places it (leading dim over the batch axes)."""
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self._batch)
+
+    def encode_program(self, batch: int, longest: int, ratio: int) -> Program:
+        """The program `encode_batch` runs for `batch` documents of at most `longest` tokens at `ratio`:
+        `programs.encode_pool` on this engine's weights, ids / mask [rows, length] int32 batch-sharded."""
+        ratio = mep.check_ratio(ratio)
+        rows, width = self.encode_shape(batch, longest, ratio)
+        ids = self._spec((rows, width), np.int32)
+        return Program("encode", programs.encode_pool, (self._graphdef, self._state, ids, ids, ratio), self.mesh)
+
+    def score_program(self, batch: int, prompt_len: int, windows: int) -> Program:
+        """The program `score_batch` / `margins` run for `batch` pairs of prompts of at most `prompt_len`
+        tokens over `windows` passage states: `programs.score_pairs` on this engine's weights, prompts
+        [rows, T] int32, states [rows, C, H] in the compute dtype, mask [rows, C] int32, batch-sharded."""
+        rows, t, c = self.score_shape(batch, prompt_len, windows)
+        dec = self._spec((rows, t), np.int32)
+        states = self._spec((rows, c, self.model.config.hidden_size), self.state_dtype)
+        pmask = self._spec((rows, c), np.int32)
+        args = (self._graphdef, self._state, dec, dec, states, pmask, self._need_yes_no())
+        return Program("score", programs.score_pairs, args, self.mesh)
+
     # ------------------------------------------------------------------ array-level steps
     def encode_batch(self, input_ids, attention_mask, ratio: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Encoder + MEP for one batch of right-padded token arrays [B, S].
@@ -385,7 +478,7 @@ class InferenceEngine:
         mask = np.asarray(attention_mask)
         check_tokens(ids, mask, self.model.config, "input_ids")
         b, longest = ids.shape
-        rows, width = self.rows(b), self.buckets.document_length(longest, ratio)
+        rows, width = self.encode_shape(b, longest, ratio)
         ids_p = np.full((rows, width), self.model.config.pad_token_id, np.int32)
         mask_p = np.zeros((rows, width), np.int32)
         ids_p[:b, :longest] = ids[:, :longest]
@@ -408,8 +501,7 @@ class InferenceEngine:
         check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
         check_passages(states, pmask, dec, self.model.config)
         b = dec.shape[0]
-        rows = self.rows(b)
-        t, c = self.buckets.decoder_length(dec.shape[1]), self.buckets.window_count(states.shape[1])
+        rows, t, c = self.score_shape(b, dec.shape[1], states.shape[1])
         dec_p = np.full((rows, t), self.model.config.pad_token_id, np.int32)
         dmask_p = np.zeros((rows, t), np.int32)
         dec_p[:b, : dec.shape[1]] = dec

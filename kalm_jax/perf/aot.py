@@ -2,9 +2,10 @@
 
 With the TPU runtime library installed (`pip install 'kalm-jax[tpu]'`, i.e. the `libtpu` wheel that
 matches jax), `jax.experimental.topologies` describes a TPU slice (e.g. v5e-256) without the hardware.
-This module builds the ("data", "fsdp", "tensor") mesh of a config over those devices, lowers and
-compiles the jitted encode, score and train steps with abstract, sharded inputs
-(`jax.ShapeDtypeStruct(..., sharding=...)`), and reports per-device memory against the chip's HBM.
+This module lowers and compiles, with abstract, sharded inputs (`jax.ShapeDtypeStruct(..., sharding=...)`),
+the inference engine's own encode and score programs (on the mesh its policy, `kalm_jax.parallel.inference_policy`,
+chooses for those devices) and the real train step (on the config's ("data", "fsdp", "tensor") mesh), and
+reports per-device memory against the chip's HBM.
 
     python -m kalm_jax.perf.aot --config=tpu.py:nano,v5e-256 --topology=v5e-256
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from kalm_jax.inference import programs
+from kalm_jax.perf import aot_cost
 from kalm_jax.perf.flops import PEAK_BF16
 
 GiB = 2**30
@@ -283,53 +284,60 @@ def model_config(preset: str, layers: int | None = None):
     )
 
 
-def _model(preset: str, param_dtype: str, dtype: str, *, analysis: bool = False, layers: int | None = None):
-    """(graphdef, abstract state) of the preset (`layers`: see `model_config`); `analysis` builds the
-    cost-analysis variant (`options.analysis_options`: layers unrolled, einsum attention)."""
-    from flax import nnx
+def inference_engine(
+    preset: str,
+    devices: Sequence,
+    w: Workload,
+    dtype: str = "bfloat16",
+    *,
+    hbm_bytes: int | None = None,
+    weights: str | None = None,
+    analysis: bool = False,
+    layers: int | None = None,
+):
+    """The `InferenceEngine` a client would build on `devices` for the workload, over the abstract weights of
+    the preset (`dtype` weights and compute; `layers`: see `model_config`; `analysis`: the cost-analysis
+    variant): its mesh and weight layout come from the inference mesh policy (`kalm_jax.parallel.inference_policy`,
+    `weights` its setting) for devices of `hbm_bytes`, its batch size is `w.eval_batch`. It only lowers
+    programs (`encode_program`, `score_program`)."""
 
+    from kalm_jax.inference.engine import InferenceEngine
     from kalm_jax.model.build import build_model
     from kalm_jax.model.options import analysis_options
 
-    options = analysis_options() if analysis else None
     model = build_model(
-        model_config(preset, layers), abstract=True, param_dtype=param_dtype, dtype=dtype, options=options
+        model_config(preset, layers),
+        abstract=True,
+        param_dtype=dtype,
+        dtype=dtype,
+        options=analysis_options() if analysis else None,
     )
-    return nnx.split(model)
+    return InferenceEngine(
+        model,
+        devices=list(devices),
+        batch_size=w.eval_batch,
+        max_document_tokens=w.passage_len,
+        max_prompt_tokens=w.query_len,
+        yes_id=1,
+        no_id=2,
+        weights=weights,
+        device_memory=hbm_bytes,
+        show_progress=False,
+    )
 
 
-def lower_encode(
-    preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False, layers: int | None = None
-):
-    """Lowering of `programs.encode_pool` over [eval_batch, passage_len] passages (bf16 serving weights)."""
-    import jax.numpy as jnp
-
-    graphdef, state = _model(preset, dtype, dtype, analysis=analysis, layers=layers)
-    params = abstract_state(state, mesh, rules)
-    ids = batch_input((w.eval_batch, w.passage_len), jnp.int32, mesh, rules)
-    return lambda: programs.encode_pool.lower(graphdef, params, ids, ids, w.ratio)
+def lower_encode(engine, w: Workload):
+    """Lowering of the engine's encode program (`InferenceEngine.encode_program`: `programs.encode_pool` at the
+    engine's bucket shape and shardings) for `w.eval_batch` passages of `w.passage_len` tokens at `w.ratio`."""
+    program = engine.encode_program(w.eval_batch, w.passage_len, w.ratio)
+    return program.lower
 
 
-def lower_score(
-    preset: str, mesh, rules, w: Workload, dtype: str = "bfloat16", *, analysis: bool = False, layers: int | None = None
-):
-    """Lowering of `programs.score_pairs`: [eval_batch, query_len] prompts against cached passage states."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from kalm_jax.model.config import get_preset
-
-    graphdef, state = _model(preset, dtype, dtype, analysis=analysis, layers=layers)
-    params = abstract_state(state, mesh, rules)
-    windows = -(-w.passage_len // w.ratio)
-    h = get_preset(preset).hidden_size
-    dec = batch_input((w.eval_batch, w.query_len), jnp.int32, mesh, rules)
-    states = batch_input((w.eval_batch, windows, h), jnp.dtype(dtype), mesh, rules)
-    pmask = batch_input((w.eval_batch, windows), jnp.int32, mesh, rules)
-    yes_no = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
-    return lambda: programs.score_pairs.lower(graphdef, params, dec, dec, states, pmask, yes_no)
+def lower_score(engine, w: Workload):
+    """Lowering of the engine's score program (`InferenceEngine.score_program`: `programs.score_pairs`) for
+    `w.eval_batch` pairs of `w.query_len`-token prompts over passages of `w.passage_len` tokens at `w.ratio`."""
+    program = engine.score_program(w.eval_batch, w.query_len, -(-w.passage_len // w.ratio))
+    return program.lower
 
 
 def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None, out=print):
@@ -394,33 +402,35 @@ def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
     raise ValueError(f"unknown program {program!r}; valid: {list(PROGRAMS)}")
 
 
-# XLA:TPU lowers an all-gather of fsdp-sharded weights to async slices joined by a `ConcatBitcast` custom
-# call. That instruction has no cost model: each one adds -1 to `optimal_seconds` (checked: nano encode on
-# v5e-4 reports -3.991 with 4 of them, i.e. 0.009 s of modelled work). `cost_fields` adds them back.
-UNKNOWN_COST_CALLS = ("ConcatBitcast",)
-_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+# Instructions without a cost model (`kalm_jax.perf.aot_cost`): XLA:TPU lowers an all-gather of fsdp-sharded
+# weights to async slices joined by a `ConcatBitcast` custom call, and a Pallas kernel is a `tpu_custom_call`;
+# each adds -1 to `optimal_seconds` (checked: nano encode on v5e-4 reports -3.991 with 4 ConcatBitcasts).
+UNKNOWN_COST_CALLS = aot_cost.UNKNOWN_COST
+MIN_FLOPS_RATIO = 0.95
+"""A row whose XLA FLOPs are below this share of the useful FLOPs prints no MFU (the analysis misses work)."""
 
 
-def cost_fields(compiled) -> dict[str, float]:
+def cost_fields(compiled, generation: str = "v5e") -> dict[str, Any]:
     """flops, bytes accessed and optimal_seconds from `compiled.cost_analysis()` (per device).
 
-    `optimal_seconds` is the compiler's roofline of the modelled instructions: the -1 that each
-    `UNKNOWN_COST_CALLS` instruction contributes is added back (their count is `unknown_cost_ops`, the raw
-    figure `optimal_seconds_raw`); a result that is still not positive becomes -1 (unknown).
+    `optimal_seconds` is the compiler's roofline of the modelled instructions plus the instructions it does
+    not model, as `aot_cost.account` counts them from the HLO (for a chip of `generation`): the -1 of each is
+    added back and a data-movement op's bytes are timed at HBM bandwidth (`unknown_cost_ops` counts them,
+    `unknown_cost_bytes` / `unknown_cost_seconds` are what was added, `unaccounted` names those whose cost
+    the HLO does not show, `optimal_seconds_raw` keeps the raw figure); a result that is still not positive
+    becomes -1 (unknown).
     """
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else {}
     ca = dict(ca or {})
     raw = float(ca.get("optimal_seconds", -1.0))
-    unknown = sum(1 for t in _CUSTOM_CALL.findall(compiled.as_text()) if t in UNKNOWN_COST_CALLS)
-    secs = raw + unknown
+    accounted = aot_cost.account(aot_cost.unknown_ops(compiled.as_text()), raw, generation)
     return {
         "xla_flops": float(ca.get("flops", -1.0)),
         "bytes_accessed": float(ca.get("bytes accessed", -1.0)),
-        "optimal_seconds": secs if secs > 0 else -1.0,
         "optimal_seconds_raw": raw,
-        "unknown_cost_ops": unknown,
+        **accounted,
     }
 
 
@@ -435,13 +445,21 @@ def cost_row(
     cost: Mapping[str, float],
     memory: MemoryReport | None,
     cfg=None,
+    bytes_estimate: float | None = None,
 ) -> dict[str, Any]:
     """One `--report` row (JSON-ready); every figure per chip. The contract scripts rely on: `program`,
-    `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`."""
+    `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`.
+
+    Every row has `unknown_cost_ops` (instructions without a cost model, `aot_cost`) and what they add
+    (`unknown_cost_bytes`, `unknown_cost_seconds`); `predicted_mfu` is None, with the reason in `mfu_note`,
+    when some are not accounted for (`unaccounted`) or XLA's FLOPs fall below `MIN_FLOPS_RATIO` of the
+    useful FLOPs. `bytes_estimate` is the analytic bytes per chip given (`aot_cost.estimate_bytes`; None for
+    the train step), `bytes_ratio` = `bytes_accessed` / `bytes_estimate`."""
     useful = useful_total / num_devices
     secs = cost["optimal_seconds"]
     ok = secs > 0
     peak = PEAK_BF16[sl.generation]
+    ratio = cost["xla_flops"] / useful if useful else None
     row: dict[str, Any] = {
         "program": program,
         "topology": sl.name,
@@ -453,15 +471,25 @@ def cost_row(
         "prompt_len": w.query_len,
         "xla_flops": cost["xla_flops"],
         "useful_flops": useful,
-        "flops_ratio": cost["xla_flops"] / useful if useful else None,
+        "flops_ratio": ratio,
         "bytes_accessed": cost["bytes_accessed"],
         "optimal_seconds": secs,
         "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs),
         "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
+        "unknown_cost_targets": dict(cost.get("unknown_cost_targets", {})),
+        "unknown_cost_bytes": cost.get("unknown_cost_bytes", 0.0),
+        "unknown_cost_seconds": cost.get("unknown_cost_seconds", 0.0),
+        "unaccounted": list(cost.get("unaccounted", [])),
         "peak_flops": peak,
-        "predicted_mfu": useful / (secs * peak) if ok else None,
         "analysis": ANALYSIS,
     }
+    note = aot_cost.mfu_note(row, MIN_FLOPS_RATIO) or (None if ok else "no MFU: optimal_seconds unknown")
+    row["predicted_mfu"] = None if note else useful / (secs * peak)
+    row["mfu_note"] = note
+    row["bytes_estimate"] = bytes_estimate
+    row["bytes_ratio"] = (
+        cost["bytes_accessed"] / bytes_estimate if bytes_estimate and cost["bytes_accessed"] > 0 else None
+    )
     per_chip = w.eval_batch / num_devices
     if program == "encode":
         row.update(
@@ -489,14 +517,14 @@ def cost_row(
     return row
 
 
-def analyse(name: str, lower: Callable[[], Any], mesh) -> tuple[dict[str, float], str | None]:
+def analyse(name: str, lower: Callable[[], Any], mesh, generation: str = "v5e") -> tuple[dict[str, Any], str | None]:
     """Compiles the analysis variant and returns its cost fields (or -1s and the compiler's refusal)."""
     import jax
 
     try:
         with jax.set_mesh(mesh):
             lowered = lower()
-        return cost_fields(lowered.compile()), None
+        return cost_fields(lowered.compile(), generation), None
     except Exception as e:
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
@@ -515,6 +543,7 @@ def analyse(name: str, lower: Callable[[], Any], mesh) -> tuple[dict[str, float]
 
 ANALYSIS_LAYERS = ("all", "sampled")
 _COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
+_ACCOUNTED_KEYS = ("unknown_cost_bytes", "unknown_cost_seconds")
 
 
 def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
@@ -555,7 +584,13 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
             raise ValueError(f"the {key} of a sampled analysis compile is unknown: {dict(zip(ks, y.tolist()))}")
         coef, *_ = np.linalg.lstsq(a, y, rcond=None)
         out[key] = float(target @ coef)
+    for key in _ACCOUNTED_KEYS:  # what the unknown-cost instructions add, when every sample says
+        if all(key in sampled[k] for k in ks):
+            coef, *_ = np.linalg.lstsq(a, np.array([float(sampled[k][key]) for k in ks]), rcond=None)
+            out[key] = float(target @ coef)
     out["unknown_cost_ops"] = int(round(out["unknown_cost_ops"]))
+    out["unaccounted"] = sorted({t for k in ks for t in sampled[k].get("unaccounted", [])})
+    out["unknown_cost_targets"] = dict(sampled[ks[-1]].get("unknown_cost_targets", {}))
     return out
 
 
@@ -563,7 +598,7 @@ def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
     head = (
         f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
-        f"{'ratio':>7}{'GB acc':>8}{'opt ms':>9}{'MFU':>7}  throughput per chip"
+        f"{'ratio':>7}{'GB acc':>8}{'GB est':>8}{'unk':>5}{'opt ms':>9}{'MFU':>7}  throughput per chip"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -574,11 +609,15 @@ def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
         else:
             tput = f"{r.get('examples_per_s') or 0:,.1f} pairs/s"
         mfu = f"{100 * r['predicted_mfu']:6.1f}%" if r.get("predicted_mfu") else "    n/a"
+        est = f"{r['bytes_estimate'] / 1e9:8.2f}" if r.get("bytes_estimate") else f"{'-':>8}"
         lines.append(
             f"{r['program']:<8}{r['topology']:>9}{r['preset']:>7}{r['n']:>6}{r['r']:>4}"
             f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
-            f"{r['bytes_accessed'] / 1e9:8.2f}{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"
+            f"{r['bytes_accessed'] / 1e9:8.2f}{est}{r.get('unknown_cost_ops', 0):5d}"
+            f"{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"
         )
+        if r.get("mfu_note"):
+            lines.append(f"    {r['mfu_note']}")
         if r.get("analysis_error"):
             lines.append(f"    compiler: {r['analysis_error'][:300]}")
     return "\n".join(lines)
@@ -648,6 +687,7 @@ def run(
     out=print,
     cost: bool = False,
     analysis_layers: str = "all",
+    weights: str | None = None,
 ) -> AotResult:
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
@@ -656,6 +696,11 @@ def run(
     the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`). `analysis_layers`:
     "all" unrolls every layer; "sampled" compiles the analysis variant at `layer_samples` layers per stack
     and extrapolates per layer type (`extrapolate_costs`), for programs too large to unroll whole on the host.
+
+    `encode` and `score` are the inference engine's own programs (`InferenceEngine.encode_program` /
+    `score_program`) on the mesh its policy (`kalm_jax.parallel.inference_policy`, setting `weights`) chooses for the
+    slice, with bf16 weights and `eval.batch_size` rows per call; `train` is the real train step on the
+    config's training mesh. One line is printed as each compile starts and as it ends (with its time).
     """
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
@@ -669,15 +714,26 @@ def run(
     preset = str(_get(cfg, "model.preset", "tiny"))
     out(
         f"{num_slices} x {sl.name} ({sl.topology_name}, {len(devices)} devices, "
-        f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); mesh {dict(mesh.shape)}; model {preset}"
+        f"{sl.hbm_bytes / GiB:.0f} GiB HBM each); training mesh {dict(mesh.shape)}; model {preset}"
     )
     out(f"workload: {w}")
+    started = time.perf_counter()
+
+    def engine(analysis: bool, layers: int | None):
+        return inference_engine(
+            preset, devices, w, hbm_bytes=sl.hbm_bytes, weights=weights, analysis=analysis, layers=layers
+        )
+
+    policy = None
+    if any(p in ("encode", "score") for p in programs):
+        policy = engine(False, None).policy
+        out(f"encode, score: the inference engine's programs; {policy.describe()}")
 
     def builder(name: str, analysis: bool, layers: int | None = None):
         if name == "encode":
-            return lower_encode(preset, mesh, rules, w, analysis=analysis, layers=layers)
+            return lower_encode(engine(analysis, layers), w)
         if name == "score":
-            return lower_score(preset, mesh, rules, w, analysis=analysis, layers=layers)
+            return lower_score(engine(analysis, layers), w)
         return lower_train(cfg, preset, mesh, w, analysis=analysis, layers=layers, out=out)
 
     samples: tuple[int, ...] = ()
@@ -690,24 +746,62 @@ def run(
         types = mc.encoder_layer_types
         samples = layer_samples(types)
     reports, rows = [], []
+    total = len(programs) * (1 + (len(samples) or 1 if cost else 0))
+    done = 0
+
+    def step(what: str, fn: Callable[..., Any], *args):
+        nonlocal done
+        done += 1
+        out(f"[{done}/{total}] compiling {what} ...")
+        sys.stdout.flush()
+        t = time.perf_counter()
+        result = fn(*args)
+        out(
+            f"[{done}/{total}] {what}: {time.perf_counter() - t:.1f}s "
+            f"({time.perf_counter() - started:.0f}s since start)"
+        )
+        sys.stdout.flush()
+        return result
+
     for name in programs:
-        memory = compile_report(name, builder(name, False), mesh, sl.hbm_bytes)
+        memory = step(f"{name} (the real program)", compile_report, name, builder(name, False), mesh, sl.hbm_bytes)
         reports.append(memory)
         if not cost:
             continue
         if samples:
             sampled, err = {}, None
             for k in samples:
-                out(f"{name}: analysis compile with {k} layer(s) per stack")
-                sampled[k], err = analyse(name, builder(name, True, k), mesh)
+                sampled[k], err = step(
+                    f"{name} analysis variant, {k} layer(s) per stack",
+                    analyse,
+                    name,
+                    builder(name, True, k),
+                    mesh,
+                    sl.generation,
+                )
                 if err:
                     err = f"{k}-layer sample: {err}"
                     break
             fields = sampled[k] if err else extrapolate_costs(types, sampled)
         else:
-            fields, err = analyse(name, builder(name, True), mesh)
+            fields, err = step(f"{name} analysis variant", analyse, name, builder(name, True), mesh, sl.generation)
+        estimate = (
+            None
+            if name == "train"
+            else aot_cost.estimate_bytes(name, model_config(preset), w, len(devices), policy.tensor)
+        )
         row = cost_row(
-            name, sl, len(devices), num_slices, preset, w, useful_flops(name, cfg, preset, w), fields, memory, cfg
+            name,
+            sl,
+            len(devices),
+            num_slices,
+            preset,
+            w,
+            useful_flops(name, cfg, preset, w),
+            fields,
+            memory,
+            cfg,
+            bytes_estimate=estimate,
         )
         if samples:
             row["analysis"] += f"; extrapolated per layer type from {list(samples)} layers per stack"
@@ -719,6 +813,7 @@ def run(
     if rows:
         out("the compiler's cost model per chip (predictions, not measurements):")
         out(format_cost_table(rows))
+    out(f"{done} compiles in {time.perf_counter() - started:.0f}s")
     return AotResult(reports, rows, dict(mesh.shape))
 
 
@@ -729,6 +824,7 @@ def check(
     programs: str = ",".join(PROGRAMS),
     report: str | None = None,
     analysis_layers: str = "all",
+    weights: str | None = None,
 ) -> int:
     """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
     from kalm_jax import cli
@@ -742,6 +838,7 @@ def check(
         [s for s in programs.split(",") if s],
         cost=report is not None,
         analysis_layers=analysis_layers,
+        weights=weights,
     )
     if report:
         from kalm_jax.perf.bench.runner import write_rows
@@ -786,6 +883,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "with --report: 'all' unrolls every layer in the analysis compile; "
             "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
             "type (programs too large to unroll whole on this host)",
+        ),
+        cli.Flag(
+            "weights",
+            None,
+            "the inference mesh policy's setting for encode / score: auto, replicated, tensor, tensor:N "
+            "(default: KALM_INFERENCE_WEIGHTS, else auto)",
         ),
     )
     return cli.run(check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))

@@ -74,8 +74,9 @@ def flash_attention(
     cannot run the kernel vmapped over the batch.
 
     Mosaic kernels are not partitioned by XLA: under a mesh context (`jax.set_mesh(mesh)`), the kernel
-    runs per shard in a `shard_map` over the batch axes (`data`, `fsdp`, those that divide the batch);
-    other mesh axes see the full batch slice.
+    runs per shard in a `shard_map` over the batch axes (`data`, `fsdp`, those that divide the batch) and
+    over `tensor` on the heads when it divides both the query and the kv heads; other mesh axes see the
+    full batch slice and all heads.
     """
     if softcap is not None:
         raise NotImplementedError(
@@ -116,7 +117,11 @@ def flash_attention(
         if name in mesh.axis_names and mesh.shape[name] > 1 and b % (_size(mesh, axes) * mesh.shape[name]) == 0:
             axes += (name,)
     spec = P(axes if axes else None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)
+    # heads split over "tensor" (the inference engine's tensor layout) stay split: each shard runs its heads
+    t = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
+    heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    qkv = P(axes if axes else None, None, heads, None)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, spec, spec), out_specs=qkv, check_vma=False)
     return fn(q, k, v, keys, queries)
 
 

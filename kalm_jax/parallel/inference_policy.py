@@ -1,0 +1,309 @@
+"""The inference mesh policy: replicated weights on a data mesh, or weights split over a tensor axis.
+
+`decide` picks, from the model config, the weights' dtype, the batch and the device memory, how an
+`InferenceEngine` lays its weights out over its devices:
+
+* ``replicated`` (``tensor = 1``): every device holds all the weights; a 1-axis ``("data",)`` mesh
+  (`kalm_jax.parallel.mesh.data_mesh`) splits each batch over the devices. No collective runs in a call.
+* ``tensor`` (``tensor = t > 1``): a ``("data", "fsdp", "tensor")`` mesh of ``(D / t, 1, t)``; each weight is
+  split over ``tensor`` on its first dimension among vocab / heads / kv_heads / mlp (Megatron-style: q / k / v
+  and gate / up by output columns, o / down by input rows), the batch over ``data``. Each device computes
+  its heads and its slice of the MLP; the only collectives are the all-reductions of the [tokens, hidden]
+  activations after the attention output and the down projection (and the embedding lookup). No weight is
+  ever all-gathered, unlike the training mesh's fsdp layout, which gathers every layer's weights per call.
+
+``auto`` keeps the weights replicated while the weights plus the estimated working set of one batch
+(`working_set_bytes`) take at most `FILL` of a device's memory, and otherwise takes the smallest tensor size
+(a power of two that divides the device count and the number of query heads) with which they do; when the
+batch fits at no size, the smallest with which the weights take at most half of that share (the engine
+retries smaller batches when one runs out of memory). Device memory unknown (CPU): replicated. The
+setting overrides it: an engine's ``weights=`` argument, else the ``KALM_INFERENCE_WEIGHTS`` environment
+variable: ``auto``, ``replicated``, ``tensor`` (the smallest tensor size that fits, at least 2) or
+``tensor:N``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kalm_jax.parallel.mesh import data_mesh, logical_to_spec, make_mesh, rules_dict
+
+WEIGHTS_ENV = "KALM_INFERENCE_WEIGHTS"
+MODES = ("auto", "replicated", "tensor")
+FILL = 0.8
+"""Share of a device's memory the weights and one batch's estimated working set may take."""
+
+TENSOR_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", "data"),
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("lora_rank", None),
+)
+"""Logical-axis rules of the ``tensor`` layout (`kalm_jax.parallel.mesh.logical_to_spec` replicates a dimension the
+tensor size does not divide, e.g. a single kv head)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InferencePolicy:
+    """How an engine lays its weights out (see the module docstring).
+
+    mode: "replicated" or "tensor". data, tensor: mesh sizes (data x tensor = devices). weight_bytes: the
+    weights' bytes per device under this layout; working_bytes: the estimated per-device working set of one
+    batch; device_memory: bytes per device (None: unknown). setting: what was asked ("auto", ...). reason: why.
+    """
+
+    mode: str
+    data: int
+    tensor: int
+    weight_bytes: int
+    working_bytes: int
+    device_memory: int | None
+    setting: str
+    reason: str
+
+    @property
+    def rules(self) -> dict[str, Any]:
+        """Logical-axis rules of the weights (empty for replicated weights: every dimension whole)."""
+        return {} if self.mode == "replicated" else rules_dict(TENSOR_RULES)
+
+    @property
+    def batch_axes(self) -> str:
+        return "data"
+
+    def mesh(self, devices: Sequence[jax.Device]) -> Mesh:
+        """The engine's mesh over `devices`: ``("data",)`` for replicated weights, else (data, 1, tensor)."""
+        devices = list(devices)
+        if self.data * self.tensor != len(devices):
+            raise ValueError(f"policy data={self.data} x tensor={self.tensor} does not match {len(devices)} devices")
+        if self.mode == "replicated":
+            return data_mesh(devices)
+        return make_mesh({"data": self.data, "fsdp": 1, "tensor": self.tensor}, devices)
+
+    def shardings(self, state, mesh: Mesh):
+        """NamedSharding per weight of an NNX `state` (arrays or ShapeDtypeStructs) on `mesh`."""
+        return weight_shardings(state, mesh, self.rules)
+
+    def describe(self) -> str:
+        """One line: the layout, the mesh and the memory figures behind the decision."""
+        gib = 2**30
+        memory = "unknown" if self.device_memory is None else f"{self.device_memory / gib:.2f} GiB"
+        layout = (
+            f"weights replicated on a data mesh of {self.data}"
+            if self.mode == "replicated"
+            else f"weights split over tensor={self.tensor} (data={self.data})"
+        )
+        return (
+            f"inference mesh: {layout}; per device {self.weight_bytes / gib:.2f} GiB weights + "
+            f"~{self.working_bytes / gib:.2f} GiB working set, memory {memory} ({self.setting}: {self.reason})"
+        )
+
+
+def parse_setting(value: str | None) -> tuple[str, int | None]:
+    """("auto" | "replicated" | "tensor", tensor size or None) from a setting string (None: the environment
+    variable, else "auto"); ValueError for anything else."""
+    raw = os.environ.get(WEIGHTS_ENV, "auto") if value is None else value
+    text = str(raw).strip().lower() or "auto"
+    mode, _, size = text.partition(":")
+    if mode not in MODES or (size and mode != "tensor"):
+        raise ValueError(f"inference weights setting {raw!r}: expected one of auto, replicated, tensor, tensor:N")
+    if not size:
+        return mode, None
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"inference weights setting {raw!r}: N in tensor:N must be a positive integer")
+    return mode, int(size)
+
+
+def _leaves(state) -> list[tuple[tuple[str | None, ...], tuple[int, ...], Any]]:
+    from flax import nnx
+
+    out = []
+    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        axes = getattr(var, "out_sharding", None) or (None,) * len(value.shape)
+        out.append((tuple(axes), tuple(value.shape), np.dtype(value.dtype)))
+    return out
+
+
+def _sharding(var, mesh: Mesh, rules) -> NamedSharding:
+    if not rules:
+        return NamedSharding(mesh, PartitionSpec())
+    value = var.get_value()
+    axes = getattr(var, "out_sharding", None) or (None,) * len(value.shape)
+    return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+
+
+def weight_shardings(state, mesh: Mesh, rules):
+    """The NNX `state` with each weight replaced by its NamedSharding on `mesh` under `rules` (a weight's
+    logical axes are its `out_sharding` metadata; no rules: every weight replicated)."""
+    from flax import nnx
+
+    return jax.tree.map(lambda v: _sharding(v, mesh, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_weights(state, mesh: Mesh, rules):
+    """The NNX `state` with each weight a `jax.ShapeDtypeStruct` carrying its sharding (as `weight_shardings`)."""
+    from flax import nnx
+
+    def one(var):
+        value = var.get_value()
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=_sharding(var, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def weight_bytes(state, tensor: int) -> int:
+    """Bytes per device of the weights of an NNX `state` split over `tensor` devices by `TENSOR_RULES` (the
+    first vocab / heads / kv_heads / mlp dimension that `tensor` divides; 1: all of them)."""
+    split = {name for name, target in TENSOR_RULES if target == "tensor"}
+    total = 0
+    for axes, shape, dtype in _leaves(state):
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if tensor > 1 and any(a in split and s % tensor == 0 for a, s in zip(axes, shape)):
+            n //= tensor
+        total += n
+    return total
+
+
+def working_set_bytes(config, dtype, rows: int, document_len: int, prompt_len: int, tensor: int = 1) -> int:
+    """Estimated peak bytes per device of one encode or score call over `rows` rows of that device (the
+    larger of the two): per layer (the layers run one at a time under a scan) the hidden states of every
+    token (input, normed, attention output, residual: 4 x H), q / k / v, the attention's scores of one query
+    block of 512 rows in fp32 and the MLP's gate / up / product (heads and MLP width split over `tensor`), at
+    2x for XLA's temporaries; plus the inputs and the pooled states."""
+    itemsize = np.dtype(dtype).itemsize
+    h, d = config.hidden_size, config.head_dim
+    heads = -(-config.num_heads // tensor)
+    kv = -(-config.num_kv_heads // tensor) if config.num_kv_heads % tensor == 0 else config.num_kv_heads
+    mlp = -(-config.intermediate_size // tensor)
+
+    def layer(tokens: int, keys: int) -> int:
+        per_token = (4 * h + (heads + 2 * kv) * d + 3 * mlp) * itemsize
+        scores = min(tokens, 512 * rows) * heads * keys * 4
+        return tokens * per_token + scores
+
+    windows = document_len  # ratio 1: the most states the decoder can read
+    encode = layer(rows * document_len, min(document_len, 2 * config.sliding_window + 1 or document_len))
+    score = layer(rows * prompt_len, prompt_len + windows) + rows * windows * h * itemsize
+    inputs = rows * (document_len + prompt_len) * 8 + rows * document_len * h * 4
+    return 2 * max(encode, score) + inputs
+
+
+def _divisors(devices: int, config, want: int | None) -> list[int]:
+    """Tensor sizes to try, smallest first: powers of two dividing the device count and the query heads."""
+    if want is not None:
+        return [want]
+    sizes = [t for t in (2**i for i in range(1, 16)) if t <= devices and devices % t == 0]
+    return [t for t in sizes if config.num_heads % t == 0]
+
+
+def device_memory(devices: Sequence[jax.Device]) -> int | None:
+    """Bytes per device (the smallest `bytes_limit` of `memory_stats`), None when the platform does not say
+    (CPU)."""
+    limits = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001 - compile-only and CPU devices may not report
+            stats = None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        limits.append(int(stats["bytes_limit"]))
+    return min(limits) if limits else None
+
+
+def decide(
+    config,
+    state,
+    *,
+    devices: int,
+    rows: int,
+    document_len: int,
+    prompt_len: int,
+    dtype,
+    memory: int | None,
+    setting: str | None = None,
+) -> InferencePolicy:
+    """The layout for `devices` devices of `memory` bytes each (None: unknown) serving the model `config`
+    with weights `state` (its dtypes are the weights' dtypes) in compute `dtype`, batches of `rows` rows
+    (whole call), documents of `document_len` and decoder prompts of `prompt_len` tokens. `setting`: see
+    `parse_setting`. ValueError for a tensor size that does not divide the devices or the query heads."""
+    mode, want = parse_setting(setting)
+    label = setting if setting is not None else os.environ.get(WEIGHTS_ENV, "auto") or "auto"
+    if want is not None and (devices % want or config.num_heads % want):
+        raise ValueError(
+            f"tensor:{want} must divide the {devices} devices and the {config.num_heads} query heads of the model"
+        )
+
+    def per_device(t: int) -> tuple[int, int]:
+        shard_rows = -(-rows // (devices // t))
+        return weight_bytes(state, t), working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t)
+
+    def policy(t: int, reason: str) -> InferencePolicy:
+        w, ws = per_device(t)
+        return InferencePolicy("replicated" if t == 1 else "tensor", devices // t, t, w, ws, memory, str(label), reason)
+
+    if mode == "replicated" or (mode == "tensor" and want == 1):
+        return policy(1, "as set")
+    budget = None if memory is None else FILL * memory
+    fits = (lambda t: True) if budget is None else (lambda t: sum(per_device(t)) <= budget)
+    if mode == "auto":
+        if budget is None:
+            return policy(1, "device memory unknown")
+        if fits(1):
+            return policy(1, f"fits in {FILL:.0%} of device memory")
+    sizes = _divisors(devices, config, want)
+    if not sizes:
+        if mode == "tensor":
+            raise ValueError(
+                f"no tensor size > 1 divides both the {devices} devices and the {config.num_heads} query heads"
+            )
+        return policy(1, "does not fit, and no tensor size divides the devices and query heads")
+    if want is not None:
+        return policy(want, "as set")
+    candidates = [t for t in sizes if fits(t)]
+    if candidates:
+        best = min(candidates)
+        return policy(best, "as set" if mode == "tensor" else f"replicated does not fit; tensor={best} does")
+    # the batch's working set fits at no size: leave the working set half the memory (the engine backs off)
+    roomy = [t for t in sizes if budget is None or weight_bytes(state, t) <= budget / 2]
+    t = min(roomy) if roomy else max(sizes)
+    return policy(
+        t,
+        f"weights and a batch of {rows} rows fit at no tensor size; tensor={t} leaves the weights at most "
+        "half of the budget (the engine retries smaller batches on out-of-memory)",
+    )
+
+
+def state_is_abstract(state) -> bool:
+    """True when the weights are `jax.ShapeDtypeStruct`s (an engine that only lowers programs, e.g. for AOT)."""
+    leaves = jax.tree.leaves(state)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+__all__ = [
+    "WEIGHTS_ENV",
+    "MODES",
+    "FILL",
+    "TENSOR_RULES",
+    "InferencePolicy",
+    "parse_setting",
+    "weight_shardings",
+    "abstract_weights",
+    "weight_bytes",
+    "working_set_bytes",
+    "device_memory",
+    "decide",
+    "state_is_abstract",
+]

@@ -1,0 +1,203 @@
+"""Instructions the TPU compiler's cost analysis does not model, found in the compiled HLO and accounted.
+
+XLA:TPU's `cost_analysis()` gives each instruction without a cost model (a custom call such as the
+`ConcatBitcast` that joins an all-gather's async slices, or a Pallas `tpu_custom_call` kernel) no FLOPs and
+no bytes, and -1 second in `optimal_seconds`. `unknown_ops` lists every custom call of a compiled program
+with its operand and output shapes (read from the HLO text), and `account` turns them into figures:
+
+* data movement (`DATA_MOVEMENT`, e.g. `ConcatBitcast`): no FLOPs; bytes = operands read + output written;
+  their time at the chip's HBM bandwidth is added to the roofline;
+* anything else (a Pallas kernel: its FLOPs are not visible in the HLO) is *unaccounted*: the row then
+  carries no MFU and says why.
+
+A second guard lives in `aot.cost_row`: when XLA's FLOPs fall short of the analytic useful FLOPs (work in
+instructions whose FLOPs it does not see, e.g. a collective matmul's loop), the row prints no MFU either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+DATA_MOVEMENT = ("ConcatBitcast",)
+"""Custom-call targets without a cost model that only move bytes (cost: operands read + output written)."""
+KERNELS = ("tpu_custom_call",)
+"""Custom-call targets without a cost model whose FLOPs the HLO does not show (Pallas / Mosaic kernels)."""
+UNKNOWN_COST = DATA_MOVEMENT + KERNELS
+"""The custom-call targets XLA:TPU's cost analysis does not model (each adds -1 to `optimal_seconds`);
+others (e.g. `AsyncCollectiveStart` inside fusions) are costed by it."""
+
+# HBM bandwidth per JAX device (one chip), bytes/s: datasheet figures.
+HBM_BANDWIDTH: dict[str, float] = {"v4": 1228e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
+
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+# "%name = <shape> custom-call(%a, %b), ... custom_call_target="X"" (also "ROOT %name = ...")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+def shape_bytes(shape_text: str) -> int:
+    """Bytes of an HLO shape string (an array, or a tuple of arrays: their sum), e.g. "bf16[8,128]{1,0}"."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        n = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) if dims else 1
+        total += n * _DTYPE_BYTES[dtype]
+    return int(total)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnknownOp:
+    """A custom call of a compiled program: `target`, instruction `name`, output and operand bytes."""
+
+    target: str
+    name: str
+    output_bytes: int
+    operand_bytes: int
+
+    @property
+    def data_movement(self) -> bool:
+        return self.target in DATA_MOVEMENT
+
+    @property
+    def bytes(self) -> int:
+        """Bytes a data-movement op reads and writes."""
+        return self.output_bytes + self.operand_bytes
+
+
+def unknown_ops(hlo_text: str, targets: tuple[str, ...] | None = UNKNOWN_COST) -> list[UnknownOp]:
+    """The custom calls in `hlo_text` (a compiled program's `as_text()`) whose target is in `targets` (None:
+    every custom call), with their operands' bytes resolved from their definitions in the same text."""
+    shapes: dict[str, str] = {}
+    calls: list[tuple[str, str, str, str]] = []
+    for line in hlo_text.splitlines():
+        m = _DEF.match(line)
+        if not m:
+            continue
+        name, shape, op, rest = m.groups()
+        shapes[name] = shape
+        if op == "custom-call":
+            target = _TARGET.search(rest)
+            args = rest.split(")", 1)[0]
+            calls.append((name, shape, target.group(1) if target else "?", args))
+    out = []
+    for name, shape, target, args in calls:
+        if targets is not None and target not in targets:
+            continue
+        operands = sum(shape_bytes(shapes.get(a, "")) for a in _OPERAND.findall(args))
+        out.append(UnknownOp(target, name, shape_bytes(shape), operands))
+    return out
+
+
+def account(ops: list[UnknownOp], raw_seconds: float, generation: str) -> dict:
+    """Cost fields for `ops` given the compiler's raw `optimal_seconds` on a chip of `generation`.
+
+    Returns `unknown_cost_ops` (how many), `unknown_cost_targets` (count per target),
+    `unknown_cost_bytes` (the data-movement ops' bytes), `unknown_cost_seconds` (their time at HBM
+    bandwidth), `unaccounted` (targets whose cost cannot be read from the HLO; "unidentified" when the raw
+    figure with every listed op's -1 added back is still not positive: some other instruction has no cost
+    model) and `optimal_seconds`: the raw figure with each op's -1 added back plus the data-movement time
+    (-1 when still not positive)."""
+    targets: dict[str, int] = {}
+    for op in ops:
+        targets[op.target] = targets.get(op.target, 0) + 1
+    moved = sum(op.bytes for op in ops if op.data_movement)
+    seconds = moved / HBM_BANDWIDTH[generation]
+    secs = raw_seconds + len(ops) + seconds
+    unaccounted = sorted(t for t in targets if t not in DATA_MOVEMENT)
+    if raw_seconds + len(ops) <= 0 and not unaccounted:  # something else lacks a cost model
+        unaccounted.append("unidentified")
+    return {
+        "unknown_cost_ops": len(ops),
+        "unknown_cost_targets": targets,
+        "unknown_cost_bytes": float(moved),
+        "unknown_cost_seconds": seconds,
+        "unaccounted": unaccounted,
+        "optimal_seconds": secs if secs > 0 else -1.0,
+    }
+
+
+def mfu_note(row: Mapping, min_flops_ratio: float) -> str | None:
+    """Why a cost row must not print an MFU (None: it may): unaccounted ops, or XLA's FLOPs short of the
+    useful FLOPs (`flops_ratio` < `min_flops_ratio`: work the analysis does not see)."""
+    if row.get("unaccounted"):
+        return f"no MFU: {', '.join(row['unaccounted'])} without a cost model (FLOPs not in the analysis)"
+    ratio = row.get("flops_ratio")
+    if ratio is not None and ratio < min_flops_ratio:
+        return (
+            f"no MFU: XLA's analysis counts {100 * ratio:.0f}% of the useful FLOPs "
+            "(the rest sits in instructions it does not cost)"
+        )
+    return None
+
+
+def estimate_bytes(program: str, config, w, devices: int, tensor: int = 1, itemsize: int = 2) -> float:
+    """Analytic HBM bytes per chip of one engine call (`program` "encode" or "score") of the workload `w`
+    (`aot.Workload`: `eval_batch` rows over `devices` chips, `tensor` of them sharing a row's heads / MLP),
+    `itemsize`-byte weights and activations:
+
+    * the stack's weights read once (split over `tensor`), and the embedding rows of the call's tokens;
+    * per layer and token: the layer's input read and output written (2 x H), and each projection's output
+      written once and read once (2 x (q / k / v + attention output + MLP gate / up), heads and MLP width
+      over `tensor`); no attention scores (the splash kernel keeps them on chip);
+    * score: the passage states read once per layer for their keys / values, whose projections are written
+      and read like the prompt's.
+
+    What a program that keeps nothing else in HBM would read and write; `bytes_accessed` / this estimate
+    is the report's `bytes_ratio`."""
+    h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    n = -(-config.num_heads // tensor)
+    k = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
+    mlp = -(-i // tensor)
+    rows = -(-w.eval_batch // (devices // tensor))
+    proj = (n + 2 * k) * d + n * d + 2 * mlp  # q / k / v, attention output, gate / up
+    per_token = 2 * h + 2 * proj
+    layer_weights = (h * (n + 2 * k) * d + n * d * h + 3 * h * mlp) * itemsize
+    if program == "encode":
+        tokens, layers = rows * w.passage_len, config.num_encoder_layers
+        extra = 0
+    elif program == "score":
+        tokens, layers = rows * w.query_len, config.num_decoder_layers
+        windows = -(-w.passage_len // w.ratio)
+        extra = layers * rows * windows * (h + 2 * 2 * k * d) * itemsize
+    else:
+        raise ValueError(f"no bytes estimate for program {program!r}")
+    return float(layers * layer_weights + tokens * h * itemsize + layers * tokens * per_token * itemsize + extra)
+
+
+__all__ = [
+    "DATA_MOVEMENT",
+    "KERNELS",
+    "UNKNOWN_COST",
+    "HBM_BANDWIDTH",
+    "UnknownOp",
+    "shape_bytes",
+    "unknown_ops",
+    "account",
+    "mfu_note",
+    "estimate_bytes",
+]

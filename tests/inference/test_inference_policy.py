@@ -1,0 +1,123 @@
+"""The inference mesh policy (`kalm_jax.parallel.inference_policy`): the decision against independent byte counts, the
+setting's overrides, and the tensor layout on 8 CPU devices (same results as replicated weights, no weight
+all-gathered in a call)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from kalm_jax import inference_policy as ip
+from kalm_jax.inference.engine import InferenceEngine
+from kalm_jax.model.build import build_model
+from kalm_jax.model.config import get_preset
+from kalm_jax.model.t5gemma2 import count_params
+
+GiB = 2**30
+
+
+def _state(preset: str, dtype: str = "bfloat16"):
+    return nnx.split(build_model(get_preset(preset), param_dtype=dtype, abstract=True))[1]
+
+
+def _decide(preset: str, devices: int, memory, setting=None, rows: int = 2048):
+    return ip.decide(
+        get_preset(preset),
+        _state(preset),
+        devices=devices,
+        rows=rows,
+        document_len=512,
+        prompt_len=128,
+        dtype="bfloat16",
+        memory=memory,
+        setting=setting,
+    )
+
+
+def test_weight_bytes_match_the_parameter_count():
+    """Replicated: every parameter at 2 bytes (count_params, an independent walk of the state); tensor 4:
+    every matrix of the stacks and the embedding split 4 ways, only the norms and the single kv head whole."""
+    cfg = get_preset("large")
+    params = sum(count_params(build_model(cfg, abstract=True)).values())
+    assert ip.weight_bytes(_state("large"), 1) == 2 * params
+    quarter = ip.weight_bytes(_state("large"), 4)
+    assert 2 * params / 4 <= quarter < 2 * params / 4 * 1.01  # large: 4 kv heads, so k / v split as well
+    nano = sum(count_params(build_model(get_preset("nano"), abstract=True)).values())
+    # nano's single kv head stays whole: [layers, 640, 1, 256] k and v per stack
+    kv = 2 * 2 * 18 * 640 * 256 * 2
+    assert ip.weight_bytes(_state("nano"), 2) == pytest.approx((2 * nano - kv) / 2 + kv, rel=1e-3)
+
+
+def test_policy_replicates_what_fits_and_splits_what_does_not():
+    """nano (0.54 GB of bf16 weights) stays replicated on v5e chips; large (14.2 GB) does not fit a 16 GiB
+    chip replicated and is split over the smallest tensor size that fits; unknown memory: replicated."""
+    nano = _decide("nano", 16, 16 * GiB)
+    assert (nano.mode, nano.data, nano.tensor) == ("replicated", 16, 1)
+    large = _decide("large", 16, 16 * GiB, rows=16)  # one row per chip
+    assert large.mode == "tensor" and large.tensor > 1 and large.data * large.tensor == 16
+    assert large.weight_bytes + large.working_bytes <= ip.FILL * 16 * GiB
+    smaller = _decide("large", 16, 16 * GiB, setting=f"tensor:{large.tensor // 2}", rows=16)
+    assert smaller.weight_bytes + smaller.working_bytes > ip.FILL * 16 * GiB  # the next smaller split does not fit
+    # 2048 rows of 512 tokens fit at no size: the weights get at most half of the budget (large: tensor 4)
+    big = _decide("large", 16, 16 * GiB)
+    assert big.tensor == 4 and big.weight_bytes <= ip.FILL * 16 * GiB / 2 < 2 * big.weight_bytes
+    assert _decide("large", 8, 95 * GiB).mode == "replicated"  # a v5p chip holds it
+    assert _decide("large", 8, None).mode == "replicated"  # CPU: memory unknown
+    assert "weights split over tensor" in large.describe() and "GiB" in large.describe()
+
+
+def test_policy_setting_overrides(monkeypatch):
+    assert _decide("nano", 16, 16 * GiB, setting="tensor:4").tensor == 4
+    assert _decide("large", 16, 16 * GiB, setting="replicated").mode == "replicated"
+    monkeypatch.setenv(ip.WEIGHTS_ENV, "tensor:2")
+    assert _decide("nano", 16, 16 * GiB).tensor == 2
+    assert _decide("nano", 16, 16 * GiB, setting="auto").mode == "replicated"  # the argument wins
+    for bad in ("sharded", "tensor:x", "replicated:2", "tensor:0"):
+        with pytest.raises(ValueError, match="inference weights setting"):
+            _decide("nano", 16, 16 * GiB, setting=bad)
+    with pytest.raises(ValueError, match="must divide"):
+        _decide("nano", 16, 16 * GiB, setting="tensor:8")  # nano has 4 query heads
+
+
+def _tiny4():
+    """tiny with 4 query heads over 2 kv heads, so tensor 2 splits both."""
+    return dataclasses.replace(get_preset("tiny"), num_heads=4, num_kv_heads=2)
+
+
+def test_tensor_layout_matches_replicated_and_gathers_no_weight():
+    """On 8 CPU devices: tensor 2 and 4 give the replicated engine's states and margins (fp32 rounding), every
+    matrix is split, and the compiled encode and score programs contain no all-gather (activations are
+    all-reduced; no weight is gathered per call)."""
+    assert len(jax.devices()) == 8
+    model = build_model(_tiny4(), param_dtype="float32")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 8000, (8, 40)).astype(np.int32)
+    lengths = rng.integers(5, 41, 8)
+    mask = (np.arange(40)[None] < lengths[:, None]).astype(np.int32)
+    dec = rng.integers(10, 8000, (8, 20)).astype(np.int32)
+    results = {}
+    for setting in ("replicated", "tensor:2", "tensor:4"):
+        engine = InferenceEngine(model, devices=jax.devices(), yes_id=1, no_id=2, weights=setting, share_weights=False)
+        states, smask, _ = engine.encode_batch(ids, mask, 4)
+        margins = engine.score_batch(dec, np.ones_like(dec), states, smask)
+        results[setting] = (states, margins)
+        if setting == "replicated":
+            assert dict(engine.mesh.shape) == {"data": 8}
+            continue
+        t = int(setting[-1])
+        assert dict(engine.mesh.shape) == {"data": 8 // t, "fsdp": 1, "tensor": t}
+        q = engine._state["encoder"]["q"].get_value()
+        assert q.sharding.shard_shape(q.shape)[2] == q.shape[2] // t  # heads split
+        for program in (engine.encode_program(8, 40, 4), engine.score_program(8, 20, 10)):
+            hlo = program.lower().compile().as_text()
+            assert not re.search(r"\ball-gather(-start)?\(", hlo), program.name
+            assert "all-reduce" in hlo, program.name  # the Megatron-style reductions are there
+    ref_states, ref_margins = results["replicated"]
+    for setting in ("tensor:2", "tensor:4"):
+        np.testing.assert_allclose(results[setting][0], ref_states, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(results[setting][1], ref_margins, rtol=1e-4, atol=1e-4)
