@@ -7,7 +7,7 @@ the inference engine's own encode and score programs (on the mesh its policy, `k
 chooses for those devices) and the real train step (on the config's ("data", "fsdp", "tensor") mesh), and
 reports per-device memory against the chip's HBM.
 
-    python -m kalm_jax.perf.aot --config=tpu.py:nano,v5e-256 --topology=v5e-256
+    kalm-aot --config=tpu.py:nano,v5e-256 --topology=v5e-256
 
 A passing check guarantees: the shardings are consistent (every array splits over its mesh axes), the
 program (including the Pallas TPU attention kernel) compiles for that chip generation and slice shape,
@@ -18,7 +18,6 @@ host-side input or checkpoint I/O.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import sys
 import time
@@ -855,44 +854,3 @@ def check(
         return 1
     print("fits: every program compiled within HBM")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI (`kalm_jax.cli`): settings from configs/tpu.py:<preset>,<topology>[,<slices>] plus
-    `--config.KEY=VALUE` overrides; `--topology`, `--num_slices`, `--programs` and `--report` choose the check."""
-    # A CPU-only host: never grab a local accelerator, and tell libtpu not to probe for TPU VM metadata
-    # (the topology is described from the arguments, not discovered).
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for key, value in (
-        ("TPU_SKIP_MDS_QUERY", "1"),
-        ("TPU_WORKER_HOSTNAMES", "localhost"),
-        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
-        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
-    ):
-        os.environ.setdefault(key, value)
-    from kalm_jax import cli
-
-    flags = (
-        cli.Flag("topology", None, "TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256"),
-        cli.Flag("num_slices", 1, "slices joined over DCN (data axis spans them)", int),
-        cli.Flag("programs", ",".join(PROGRAMS), "comma-separated subset of encode,score,train"),
-        cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"),
-        cli.Flag(
-            "analysis_layers",
-            "all",
-            "with --report: 'all' unrolls every layer in the analysis compile; "
-            "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
-            "type (programs too large to unroll whole on this host)",
-        ),
-        cli.Flag(
-            "weights",
-            None,
-            "the inference mesh policy's setting for encode / score: auto, replicated, tensor, tensor:N "
-            "(default: KALM_INFERENCE_WEIGHTS, else auto)",
-        ),
-    )
-    return cli.run(check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,7 +37,7 @@ CLIS = {
         "<top level>",
         "'against'",
     ),
-    "aot": ([sys.executable, "-m", "kalm_jax.perf.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
+    "aot": ([sys.executable, "-m", "kalm_jax.cli.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
     "bench": ([sys.executable, "-m", "kalm_jax.perf.bench"], "shapez", "<top level>", "'shapes'"),
     "bm25": ([sys.executable, "-m", "kalm_jax.cli.bm25"], "k2", "<top level>", "'k1'"),
     "mteb": ([sys.executable, "-m", "kalm_jax.mteb"], "taks", "<top level>", "'tasks'"),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kalm_jax import cli
+from kalm_jax.cli import aot as aot_cli
 from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.model.config import get_preset
 from kalm_jax.perf import aot
@@ -173,7 +174,7 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     from kalm_jax.model.build import build_model
 
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
-    rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,score"])
+    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,score"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in text and "fits: every program" in text
@@ -203,7 +204,7 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
 def test_aot_reports_does_not_fit(libtpu_env, capsys):
     """A deliberately oversized encode batch: exit 1 with 'does not fit' and the figures, no crash."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
-    rc = aot.main(
+    rc = aot_cli.main(
         [
             f"--config={config}",
             "--topology=v5e-4",
@@ -222,7 +223,7 @@ def test_aot_tiny_v5e4_train_step(libtpu_env, capsys):
     """The real sharded train step (kalm_jax.training.step.make_train_step, full fine-tuning, two MEP
     ratios) AOT-compiles for v5e-4 and fits."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
-    rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=train"])
+    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=train"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "make_train_step (lora=False, ratios=(1, 4)" in text
@@ -232,7 +233,7 @@ def test_aot_tiny_v5e4_train_step(libtpu_env, capsys):
 def test_aot_two_slice_train_step(libtpu_env, capsys):
     """--num_slices=2: two v5e-4 slices joined over DCN, data axis across them; the real train step compiles."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4,2"
-    rc = aot.main([f"--config={config}", "--topology=v5e-4", "--num_slices=2", "--programs=train"])
+    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--num_slices=2", "--programs=train"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert (
@@ -249,7 +250,7 @@ def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
     out = tmp_path / "cost.json"
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     shapes = ["--config.data.max_document_tokens=128", "--config.data.max_query_tokens=32"]  # the engine's buckets
-    rc = aot.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,score", f"--report={out}", *shapes])
+    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,score", f"--report={out}", *shapes])
     text = capsys.readouterr().out
     assert rc == 0, text
     rows = json.loads(out.read_text())
@@ -344,7 +345,7 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_pat
     rows = {}
     for how in ("all", "sampled"):
         out = tmp_path / f"{how}.json"
-        rc = aot.main([f"--config={config}", *workload, f"--analysis_layers={how}", f"--report={out}"])
+        rc = aot_cli.main([f"--config={config}", *workload, f"--analysis_layers={how}", f"--report={out}"])
         assert rc == 0, capsys.readouterr().out
         rows[how] = json.loads(out.read_text())
     for whole, sampled in zip(rows["all"], rows["sampled"]):
