@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kalm_jax import inference_policy as ip
 from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
 from kalm_jax.model.t5gemma2 import count_params
+from kalm_jax.parallel import inference_policy as ip
 
 GiB = 2**30
 

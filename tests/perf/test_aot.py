@@ -416,7 +416,7 @@ def test_unknown_cost_ops_are_accounted_or_block_the_mfu(libtpu_env):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kalm_jax import aot_cost
+    from kalm_jax.perf import aot_cost
 
     sl = aot.tpu_slice("v5e-4")
     mesh = Mesh(np.array(aot.topology_devices(sl)), ("fsdp",))
