@@ -1,0 +1,262 @@
+"""The TPU compiler's cost model per chip: FLOPs, bytes, predicted time and MFU of a compiled program, instructions
+without a cost model accounted (`hlo_cost`), and layer-sampled extrapolation for programs too large to unroll."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kalm_jax.perf.aot import hlo_cost as aot_cost
+from kalm_jax.perf.aot.memory import MemoryReport
+from kalm_jax.perf.aot.programs import PROGRAMS, Workload, config_value
+from kalm_jax.perf.aot.topology import TpuSlice
+from kalm_jax.perf.flops import PEAK_BF16
+
+# What the cost rows are computed from (the row's `analysis` field; `run` appends how layers were sampled).
+ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.options.analysis_options)"
+
+# Dense bf16 peak per JAX device (one chip), FLOP/s: the datasheet figures MFU is quoted against.
+
+
+def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
+    """Analytic useful FLOPs (`kalm_jax.perf.flops`) of one call of `program`, whole batch (all chips)."""
+    from kalm_jax.model.config import get_preset
+    from kalm_jax.perf import flops
+
+    mc = get_preset(preset)
+    if program == "encode":
+        return w.eval_batch * flops.encoder_flops(mc, w.passage_len)
+    if program == "score":
+        return w.eval_batch * flops.decoder_flops(mc, w.query_len, flops.cached_states(w.passage_len, w.ratio))
+    if program == "train":
+        t = int(config_value(cfg, "data.decoder_length", 0)) or w.query_len
+        ratios = tuple(int(r) for r in config_value(cfg, "mep.ratios", (w.ratio,)))
+        return (
+            w.batch_queries
+            * w.group_size
+            * flops.train_step_flops(mc, w.passage_len, ratios, t, lora=bool(config_value(cfg, "lora.enabled", False)))
+        )
+    raise ValueError(f"unknown program {program!r}; valid: {list(PROGRAMS)}")
+
+
+# Instructions without a cost model (`kalm_jax.perf.aot.hlo_cost`): XLA:TPU lowers an all-gather of fsdp-sharded
+# weights to async slices joined by a `ConcatBitcast` custom call, and a Pallas kernel is a `tpu_custom_call`;
+# each adds -1 to `optimal_seconds` (checked: nano encode on v5e-4 reports -3.991 with 4 ConcatBitcasts).
+UNKNOWN_COST_CALLS = aot_cost.UNKNOWN_COST
+MIN_FLOPS_RATIO = 0.95
+"""A row whose XLA FLOPs are below this share of the useful FLOPs prints no MFU (the analysis misses work)."""
+
+
+def cost_fields(compiled, generation: str = "v5e") -> dict[str, Any]:
+    """flops, bytes accessed and optimal_seconds from `compiled.cost_analysis()` (per device).
+
+    `optimal_seconds` is the compiler's roofline of the modelled instructions plus the instructions it does
+    not model, as `aot_cost.account` counts them from the HLO (for a chip of `generation`): the -1 of each is
+    added back and a data-movement op's bytes are timed at HBM bandwidth (`unknown_cost_ops` counts them,
+    `unknown_cost_bytes` / `unknown_cost_seconds` are what was added, `unaccounted` names those whose cost
+    the HLO does not show, `optimal_seconds_raw` keeps the raw figure); a result that is still not positive
+    becomes -1 (unknown).
+    """
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = dict(ca or {})
+    raw = float(ca.get("optimal_seconds", -1.0))
+    accounted = aot_cost.account(aot_cost.unknown_ops(compiled.as_text()), raw, generation)
+    return {
+        "xla_flops": float(ca.get("flops", -1.0)),
+        "bytes_accessed": float(ca.get("bytes accessed", -1.0)),
+        "optimal_seconds_raw": raw,
+        **accounted,
+    }
+
+
+def cost_row(
+    program: str,
+    sl: TpuSlice,
+    num_devices: int,
+    num_slices: int,
+    preset: str,
+    w: Workload,
+    useful_total: int,
+    cost: Mapping[str, float],
+    memory: MemoryReport | None,
+    cfg=None,
+    bytes_estimate: float | None = None,
+) -> dict[str, Any]:
+    """One `--report` row (JSON-ready); every figure per chip. The contract scripts rely on: `program`,
+    `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`.
+
+    Every row has `unknown_cost_ops` (instructions without a cost model, `aot_cost`) and what they add
+    (`unknown_cost_bytes`, `unknown_cost_seconds`); `predicted_mfu` is None, with the reason in `mfu_note`,
+    when some are not accounted for (`unaccounted`) or XLA's FLOPs fall below `MIN_FLOPS_RATIO` of the
+    useful FLOPs. `bytes_estimate` is the analytic bytes per chip given (`aot_cost.estimate_bytes`; None for
+    the train step), `bytes_ratio` = `bytes_accessed` / `bytes_estimate`."""
+    useful = useful_total / num_devices
+    secs = cost["optimal_seconds"]
+    ok = secs > 0
+    peak = PEAK_BF16[sl.generation]
+    ratio = cost["xla_flops"] / useful if useful else None
+    row: dict[str, Any] = {
+        "program": program,
+        "topology": sl.name,
+        "num_slices": num_slices,
+        "devices": num_devices,
+        "preset": preset,
+        "n": w.passage_len,
+        "r": w.ratio,
+        "prompt_len": w.query_len,
+        "xla_flops": cost["xla_flops"],
+        "useful_flops": useful,
+        "flops_ratio": ratio,
+        "bytes_accessed": cost["bytes_accessed"],
+        "optimal_seconds": secs,
+        "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs),
+        "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
+        "unknown_cost_targets": dict(cost.get("unknown_cost_targets", {})),
+        "unknown_cost_bytes": cost.get("unknown_cost_bytes", 0.0),
+        "unknown_cost_seconds": cost.get("unknown_cost_seconds", 0.0),
+        "unaccounted": list(cost.get("unaccounted", [])),
+        "peak_flops": peak,
+        "analysis": ANALYSIS,
+    }
+    note = aot_cost.mfu_note(row, MIN_FLOPS_RATIO) or (None if ok else "no MFU: optimal_seconds unknown")
+    row["predicted_mfu"] = None if note else useful / (secs * peak)
+    row["mfu_note"] = note
+    row["bytes_estimate"] = bytes_estimate
+    row["bytes_ratio"] = (
+        cost["bytes_accessed"] / bytes_estimate if bytes_estimate and cost["bytes_accessed"] > 0 else None
+    )
+    per_chip = w.eval_batch / num_devices
+    if program == "encode":
+        row.update(
+            batch=w.eval_batch,
+            passages_per_s=per_chip / secs if ok else None,
+            tokens_per_s=per_chip * w.passage_len / secs if ok else None,
+        )
+    elif program == "score":
+        row.update(batch=w.eval_batch, pairs_per_s=per_chip / secs if ok else None)
+    else:
+        pairs = w.batch_queries * w.group_size / num_devices
+        row.update(
+            batch=w.batch_queries * w.group_size,
+            ratios=list(config_value(cfg, "mep.ratios", ())),
+            examples_per_s=pairs / secs if ok else None,
+            queries_per_s=w.batch_queries / num_devices / secs if ok else None,
+        )
+    if memory is not None:
+        row.update(
+            memory_total_bytes=memory.total,
+            memory_temp_bytes=memory.temporaries,
+            hbm_bytes=memory.hbm,
+            fits=memory.fits,
+        )
+    return row
+
+
+def analyse(name: str, lower: Callable[[], Any], mesh, generation: str = "v5e") -> tuple[dict[str, Any], str | None]:
+    """Compiles the analysis variant and returns its cost fields (or -1s and the compiler's refusal)."""
+    import jax
+
+    try:
+        with jax.set_mesh(mesh):
+            lowered = lower()
+        return cost_fields(lowered.compile(), generation), None
+    except Exception as e:
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        return (
+            {
+                "xla_flops": -1.0,
+                "bytes_accessed": -1.0,
+                "optimal_seconds": -1.0,
+                "optimal_seconds_raw": -1.0,
+                "unknown_cost_ops": 0,
+            },
+            msg.strip().splitlines()[0],
+        )
+
+
+ANALYSIS_LAYERS = ("all", "sampled")
+COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
+_ACCOUNTED_KEYS = ("unknown_cost_bytes", "unknown_cost_seconds")
+
+
+def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
+    """Layer counts whose analysis compiles determine a per-layer-type cost model of a stack with layer
+    types `types`: 2, 3 and one whole period of the pattern (e.g. 2, 3, 6 for 5 sliding + 1 full), or
+    more when those do not separate the types. Not 1: a one-layer program gathers its weights differently
+    (no combined all-gathers), and its bytes do not sit on the line through the others. () when the
+    samples would not be smaller than the stack itself (compile it whole)."""
+    from kalm_jax.model.t5gemma2 import layer_period
+
+    kinds = sorted(set(types))
+    p, _ = layer_period(tuple(types))
+    for ks in ((2, 3, p), (2, 3, p, p + 1), tuple(range(2, len(types)))):
+        ks = tuple(sorted({k for k in ks if 1 < k < len(types)}))
+        if ks and np.linalg.matrix_rank(_design(types, ks, kinds)) == len(kinds) + 1:
+            return ks
+    return ()
+
+
+def _design(types: Sequence[str], samples: Sequence[int], kinds: Sequence[str]):
+    """[len(samples), 1 + len(kinds)]: a constant and the number of layers of each type in each sample."""
+    return np.array([[1.0] + [float(list(types[:k]).count(t)) for t in kinds] for k in samples])
+
+
+def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Cost fields of the whole stack from `sampled` (layer count -> `cost_fields` of a model truncated to
+    that many layers in each stack), fitted as constant + per-layer-type cost (exact for the FLOPs and
+    bytes of unrolled layers: each layer is the same program as in the full model) and evaluated at the
+    full layer counts. Raises ValueError when a sample failed (a cost of -1)."""
+    kinds = sorted(set(types))
+    ks = sorted(sampled)
+    a = _design(types, ks, kinds)
+    target = _design(types, [len(types)], kinds)[0]
+    out: dict[str, float] = {}
+    for key in COST_KEYS:
+        y = np.array([float(sampled[k].get(key, -1.0)) for k in ks])
+        if key in ("xla_flops", "bytes_accessed", "optimal_seconds") and (y <= 0).any():
+            raise ValueError(f"the {key} of a sampled analysis compile is unknown: {dict(zip(ks, y.tolist()))}")
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        out[key] = float(target @ coef)
+    for key in _ACCOUNTED_KEYS:  # what the unknown-cost instructions add, when every sample says
+        if all(key in sampled[k] for k in ks):
+            coef, *_ = np.linalg.lstsq(a, np.array([float(sampled[k][key]) for k in ks]), rcond=None)
+            out[key] = float(target @ coef)
+    out["unknown_cost_ops"] = int(round(out["unknown_cost_ops"]))
+    out["unaccounted"] = sorted({t for k in ks for t in sampled[k].get("unaccounted", [])})
+    out["unknown_cost_targets"] = dict(sampled[ks[-1]].get("unknown_cost_targets", {}))
+    return out
+
+
+def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
+    head = (
+        f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
+        f"{'ratio':>7}{'GB acc':>8}{'GB est':>8}{'unk':>5}{'opt ms':>9}{'MFU':>7}  throughput per chip"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["program"] == "encode":
+            tput = f"{r.get('passages_per_s') or 0:,.0f} passages/s, {r.get('tokens_per_s') or 0:,.0f} tok/s"
+        elif r["program"] == "score":
+            tput = f"{r.get('pairs_per_s') or 0:,.0f} pairs/s"
+        else:
+            tput = f"{r.get('examples_per_s') or 0:,.1f} pairs/s"
+        mfu = f"{100 * r['predicted_mfu']:6.1f}%" if r.get("predicted_mfu") else "    n/a"
+        est = f"{r['bytes_estimate'] / 1e9:8.2f}" if r.get("bytes_estimate") else f"{'-':>8}"
+        lines.append(
+            f"{r['program']:<8}{r['topology']:>9}{r['preset']:>7}{r['n']:>6}{r['r']:>4}"
+            f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
+            f"{r['bytes_accessed'] / 1e9:8.2f}{est}{r.get('unknown_cost_ops', 0):5d}"
+            f"{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"
+        )
+        if r.get("mfu_note"):
+            lines.append(f"    {r['mfu_note']}")
+        if r.get("analysis_error"):
+            lines.append(f"    compiler: {r['analysis_error'][:300]}")
+    return "\n".join(lines)
