@@ -317,16 +317,9 @@ class InferenceEngine:
             _check_on_mesh(state, self.mesh)
         self._graphdef, self._state = graphdef, state
         self._yes_no = None
+        self._yes_no_placed: dict[tuple[int, int], jax.Array] = {}
         if yes_id is not None and no_id is not None:
-            for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
-                if not 0 <= int(tok) < model.config.vocab_size:
-                    raise ValueError(f"{name}={tok} is outside the vocabulary [0, {model.config.vocab_size})")
-            yes_no = np.asarray([int(yes_id), int(no_id)], np.int32)
-            self._yes_no = (
-                jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self._replicated)
-                if self.abstract
-                else self._put_to(yes_no, self._replicated)
-            )
+            self._yes_no = self._placed_yes_no(yes_id, no_id)
         self.compiles = 0
 
     # ------------------------------------------------------------------ identity
@@ -424,6 +417,20 @@ class InferenceEngine:
                 bar.update(stop - start)
                 start = stop
 
+    def _placed_yes_no(self, yes_id: int, no_id: int) -> jax.Array:
+        """The [2] int32 (yes, no) ids on the devices (replicated), checked and placed once per pair."""
+        key = (int(yes_id), int(no_id))
+        if key not in self._yes_no_placed:
+            for name, tok in zip(("yes_id", "no_id"), key):
+                if not 0 <= tok < self.model.config.vocab_size:
+                    raise ValueError(f"{name}={tok} is outside the vocabulary [0, {self.model.config.vocab_size})")
+            self._yes_no_placed[key] = (
+                jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self._replicated)
+                if self.abstract
+                else self._put_to(np.asarray(key, np.int32), self._replicated)
+            )
+        return self._yes_no_placed[key]
+
     def _need_yes_no(self):
         if self._yes_no is None:
             raise ValueError("this engine has no yes/no token ids: give it a tokenizer (or yes_id and no_id)")
@@ -492,8 +499,22 @@ class InferenceEngine:
         pooled, pmask, counts = self._host(pooled), self._host(pmask), self._host(counts)
         return (np.asarray(pooled, np.float32)[:b, :c], np.asarray(pmask)[:b, :c], np.asarray(counts)[:b, :c])
 
-    def score_batch(self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask) -> np.ndarray:
-        """fp32 margins [B] for B (decoder prompt [B, T], passage states [B, C, H] + mask [B, C]) pairs."""
+    def score_batch(
+        self,
+        decoder_input_ids,
+        decoder_attention_mask,
+        passage_states,
+        passage_mask,
+        *,
+        yes_id: int | None = None,
+        no_id: int | None = None,
+    ) -> np.ndarray:
+        """fp32 margins [B] for B (decoder prompt [B, T], passage states [B, C, H] + mask [B, C]) pairs.
+
+        `yes_id` / `no_id` (both or neither) score with these token ids instead of the engine's own."""
+        if (yes_id is None) != (no_id is None):
+            raise ValueError("give both yes_id and no_id, or neither")
+        yes_no = self._need_yes_no() if yes_id is None else self._placed_yes_no(yes_id, no_id)
         dec = np.asarray(decoder_input_ids)
         dmask = np.asarray(decoder_attention_mask)
         states = np.asarray(passage_states)
@@ -517,7 +538,7 @@ class InferenceEngine:
             self._graphdef,
             self._state,
             *self._put(dec_p, dmask_p, states_p, pmask_p),
-            self._need_yes_no(),
+            yes_no,
         )
         return np.asarray(self._host(margins), np.float32)[:b]
 

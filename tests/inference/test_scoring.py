@@ -82,3 +82,77 @@ def test_bf16_scoring_agrees_with_fp32(tiny_hf):
     # Measured: median relative error ~1e-2 on this random tiny model (bf16 has 8 mantissa bits).
     assert np.median(rel) < 0.05, np.median(rel)
     assert out["bf16"].dtype == np.float32
+
+
+def _count_placements(monkeypatch) -> list[int]:
+    """Patches jax.device_put to record the bytes of every call's array leaves (one entry per call)."""
+    import jax
+
+    placed: list[int] = []
+    real = jax.device_put
+
+    def counting(x, *args, **kwargs):
+        placed.append(sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(x)))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", counting)
+    return placed
+
+
+def _weight_bytes(model) -> int:
+    import jax
+    from flax import nnx
+
+    return sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_array_level_functions_place_the_weights_once(tiny_hf, monkeypatch):
+    """encode_passages / score reuse one engine per model: the second and later calls place no weights (only
+    their token and state arrays) and give results identical to the first call's."""
+    _, model = hf.load(tiny_hf[0])
+    scoring.clear_array_engines()
+    placed = _count_placements(monkeypatch)
+    weights = _weight_bytes(model)
+    ids, mask, dec, dmask = _batch(11)
+    first = scoring.encode_passages(model, ids, mask, 4)
+    assert sum(placed) >= weights  # the first call places the weights
+    placed.clear()
+    second = scoring.encode_passages(model, ids, mask, 4)
+    assert 0 < sum(placed) < weights, placed  # only the token arrays
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    placed.clear()
+    m1 = scoring.score(model, dec, dmask, first[0], first[1], 7, 9)
+    m2 = scoring.score(model, dec, dmask, first[0], first[1], 7, 9)
+    other = scoring.score(model, dec, dmask, first[0], first[1], 9, 7)  # other yes/no ids: the same engine
+    assert 0 < sum(placed) < weights, placed
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_array_equal(other, -m1)
+    ref = np.asarray(model.score_margin(dec, dmask, first[0], first[1], 7, 9))
+    np.testing.assert_allclose(m1, ref, atol=2e-5)
+
+
+def test_array_engine_follows_weight_changes(tiny_hf):
+    """New weights (new arrays in the model) give a new engine: results follow the model, never stale."""
+    import jax
+    from flax import nnx
+
+    _, model = hf.load(tiny_hf[0])
+    ids, mask, dec, dmask = _batch(12)
+    before = scoring.encode_passages(model, ids, mask, 4)[0]
+    engine = scoring.array_engine(model)
+    assert scoring.array_engine(model) is engine
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda x: x * 1.5, state))
+    assert scoring.array_engine(model) is not engine
+    after, pmask, _ = scoring.encode_passages(model, ids, mask, 4)
+    ref = np.asarray(mep.pool(model.encode(ids, mask), mask, 4)[0])
+    np.testing.assert_allclose(after, ref, atol=2e-5)
+    assert np.abs(after - before).max() > 1e-3
+    margins = scoring.score(model, dec, dmask, after, pmask, 7, 9)
+    np.testing.assert_allclose(margins, np.asarray(model.score_margin(dec, dmask, after, pmask, 7, 9)), atol=2e-5)
+    # another model object with the same weights has its own entry; the cache keeps ARRAY_ENGINES of them
+    _, other = hf.load(tiny_hf[0])
+    assert scoring.array_engine(other) is not scoring.array_engine(model)
+    scoring.clear_array_engines()
+    assert scoring.array_engine(model) is not engine

@@ -322,3 +322,105 @@ def test_side_by_side_same_weights_interleaved(tmp_path):
     assert enc["max_abs_state_diff"] < 1e-4 and sc["max_abs_margin_diff"] < 1e-4
     assert sc["ours_pairs_per_s"] == pytest.approx(3 / sc["ours_median_s"])
     assert enc["ours_tokens_per_s"] == pytest.approx(3 * 48 / enc["ours_median_s"])
+
+
+def _fake_side_by_side_rows(encode: float, score: float, array_encode: float | None = None) -> list[dict]:
+    """Rows as side_by_side.run(array_level=True) makes them, with the given median speedups."""
+    rows = []
+    for path, enc in (("engine", encode), ("array-level", encode if array_encode is None else array_encode)):
+        for op, speedup in (("encode", enc), ("score", score)):
+            rows.append(
+                {
+                    "kind": "side_by_side",
+                    "shape": "nano",
+                    "path": path,
+                    "op": op,
+                    "n": 512,
+                    "r": 4,
+                    "batch": 16,
+                    "speedup": speedup,
+                    "speedup_min": speedup * 0.95,
+                    "speedup_max": speedup * 1.05,
+                    "rounds": 3,
+                }
+            )
+    return rows
+
+
+@pytest.mark.parametrize(
+    "encode,score,array_encode,failing",
+    [
+        (1.8, 5.2, None, []),
+        (1.7, 5.0, None, []),  # the minimums themselves pass
+        (1.69, 5.2, None, ["encode through the engine", "encode through the array-level"]),
+        (1.8, 4.9, None, ["score through the engine", "score through the array-level"]),
+        (1.8, 5.2, 0.73, ["encode through the array-level"]),
+    ],
+)
+def test_side_by_side_check_exit_logic(monkeypatch, capsys, encode, score, array_encode, failing):
+    """bench.py:side_by_side_check runs the side-by-side with the array-level path and exits 1 with one line
+    naming every row below its minimum (encode 1.7x, score 5x); timings are faked here (CI never times)."""
+    from kalm_jax.perf.bench import side_by_side
+    from kalm_jax.perf.bench.__main__ import main
+
+    calls = []
+
+    def fake_run(name, **kwargs):
+        calls.append((name, kwargs))
+        return _fake_side_by_side_rows(encode, score, array_encode)
+
+    monkeypatch.setattr(side_by_side, "run", fake_run)
+    rc = main(["--config=bench.py:side_by_side_check"])
+    ((name, kwargs),) = calls
+    assert (name, kwargs["n"], kwargs["r"], kwargs["candidates"], kwargs["prompt_len"]) == ("nano", 512, 4, 16, 64)
+    assert (kwargs["dtype"], kwargs["rounds"], kwargs["array_level"]) == ("float32", 3, True)
+    err = capsys.readouterr().err.strip().splitlines()
+    if not failing:
+        assert rc == 0 and not any("FAILED" in line for line in err)
+        return
+    assert rc == 1
+    line = err[-1]
+    assert line.startswith("side-by-side check FAILED: ")
+    assert all(f in line for f in failing) and line.count("below") == len(failing), line
+
+
+def test_side_by_side_check_refuses_rows_without_measurements():
+    from kalm_jax.perf.bench import side_by_side
+
+    with pytest.raises(ValueError, match="no side-by-side rows"):
+        side_by_side.check([{"kind": "encode", "speedup": 9.0}], {"encode": 1.7, "score": 5.0})
+
+
+def test_side_by_side_check_times_the_array_level_functions(tmp_path):
+    """The check's real code path at a tiny shape: engine and array-level rows, each timed in every round
+    beside the peer, with the peer's states and margins (minimums set to 0: tiny timings mean nothing)."""
+    pytest.importorskip("torch")
+    from kalm_jax.perf.bench.__main__ import main
+
+    out = tmp_path / "check.json"
+    rc = main(
+        [
+            "--config=bench.py:side_by_side_check",
+            "--config.shapes=tiny",
+            "--config.score_lengths=48",
+            "--config.candidates=3",
+            "--config.prompt_len=12",
+            "--config.rounds=2",
+            "--config.repeats=1",
+            "--config.min_encode_speedup=0",
+            "--config.min_score_speedup=0",
+            f"--config.out={out}",
+        ]
+    )
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [(r["path"], r["op"]) for r in rows] == [
+        ("engine", "encode"),
+        ("engine", "score"),
+        ("array-level", "encode"),
+        ("array-level", "score"),
+    ]
+    for r in rows:
+        assert len(r["ours_round_s"]) == len(r["peer_round_s"]) == 2
+        assert r.get("max_abs_state_diff", 0) < 1e-4 and r.get("max_abs_margin_diff", 0) < 1e-4
+    assert rows[0]["peer_round_s"] == rows[2]["peer_round_s"]  # one peer timing per round, shared by both paths

@@ -44,7 +44,7 @@ def run_bench(config) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out = Path(config.out) if config.out else None
     markdown = Path(config.markdown) if config.markdown else None
-    if config.suite == "side_by_side":
+    if config.suite in ("side_by_side", "side_by_side_check"):
         return _side_by_side(config, out, markdown)
     from tqdm import tqdm
 
@@ -78,8 +78,11 @@ def run_bench(config) -> int:
 
 
 def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
+    """side_by_side (and side_by_side_check: also the array-level path, then the minimums: exit 1 and one
+    line on stderr when a row's median speedup is below its minimum)."""
     from kalm_jax.perf.bench import report, runner, side_by_side
 
+    checking = config.suite == "side_by_side_check"
     rows = side_by_side.run(
         config.shapes[0],
         n=config.score_lengths[0],
@@ -91,6 +94,7 @@ def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
         repeats=config.repeats,
         warmup=config.warmup,
         seed=config.seed,
+        array_level=checking,
         progress=lambda m: print(m, file=sys.stderr),
     )
     report.print_tables(rows)
@@ -99,6 +103,16 @@ def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
         print(f"wrote {len(rows)} rows to {out}")
     if markdown:
         markdown.write_text(report.markdown(rows))
+    if checking:
+        minimum = {"encode": config.min_encode_speedup, "score": config.min_score_speedup}
+        failures = side_by_side.check(rows, minimum)
+        if failures:
+            print(f"side-by-side check FAILED: {'; '.join(failures)}", file=sys.stderr)
+            return 1
+        print(
+            f"side-by-side check passed: every path at least {minimum['encode']:g}x (encode) and "
+            f"{minimum['score']:g}x (score) the peer"
+        )
     return 0
 
 

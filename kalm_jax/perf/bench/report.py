@@ -60,6 +60,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     ],
     "side_by_side": [
         ("shape", "shape", "s"),
+        ("path", "path", "s"),
         ("op", "op", "s"),
         ("n", "n", "d"),
         ("r", "r", "d"),

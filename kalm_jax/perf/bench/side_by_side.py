@@ -7,11 +7,14 @@ kalm-jax encode, peer encode, kalm-jax score, peer score (`repeats` calls each, 
 other, so a load change on a shared machine hits both sides alike; the row reports the median over rounds
 of the per-round figures and of the per-round speedups. Margins and pooled states of the two sides are
 compared on the same inputs (the peer scores kalm-jax's pooled states, so only the decoder differs).
-kalm-jax runs through the inference engine (`InferenceEngine.encode_batch` / `score_batch`).
+kalm-jax runs through the inference engine (`InferenceEngine.encode_batch` / `score_batch`) and, with
+`array_level=True`, also through the array-level functions (`scoring.encode_passages` / `scoring.score`),
+timed in the same rounds. `check` compares the rows' speedups with minimums (the `side_by_side_check` preset).
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -22,6 +25,11 @@ import numpy as np
 
 from kalm_jax.perf import flops
 from kalm_jax.perf.bench import peer as peer_lib
+
+PATH_IMPL = {
+    "engine": "kalm_jax InferenceEngine",
+    "array-level": "kalm_jax scoring.encode_passages / scoring.score",
+}
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -45,9 +53,11 @@ def run(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    array_level: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
-    """Two rows (kind "side_by_side", op "encode" and "score") for preset `name` on this host's CPU.
+    """Rows of kind "side_by_side" (op "encode" and "score"; `path` "engine", and "array-level" too with
+    `array_level`) for preset `name` on this host's CPU.
 
     Encode: `candidates` passages of n tokens, pooled at r (tokens/s). Score: `candidates` pairs of a
     `prompt_len`-token prompt against the pooled states (pairs/s).
@@ -55,6 +65,7 @@ def run(
     import torch
 
     from kalm_jax.checkpoints import hf
+    from kalm_jax.inference import scoring
     from kalm_jax.perf.bench.suite import engine_for, token_ids
 
     progress(f"side by side: building {name} (peer, then the same weights in kalm-jax)")
@@ -89,18 +100,31 @@ def run(
     def peer_sc():
         return peer_score(t(dec), t(dmask), states_t, t(pmask))
 
+    def array_enc():
+        return scoring.encode_passages(model, ids, mask, r)
+
+    def array_sc():
+        return scoring.score(model, dec, dmask, states, pmask, yes_id, no_id)
+
     ours_margins, peer_margins = ours_sc(), peer_sc().float().numpy()
+    fns = {"ours_encode": ours_enc, "peer_encode": peer_enc, "ours_score": ours_sc, "peer_score": peer_sc}
+    if array_level:
+        fns = {
+            "ours_encode": ours_enc,
+            "array_encode": array_enc,
+            "peer_encode": peer_enc,
+            "ours_score": ours_sc,
+            "array_score": array_sc,
+            "peer_score": peer_sc,
+        }
+        array_states, array_margins = array_enc()[0], array_sc()
     for _ in range(warmup):
-        ours_enc(), peer_enc(), ours_sc(), peer_sc()
-    times: dict[str, list[float]] = {k: [] for k in ("ours_encode", "peer_encode", "ours_score", "peer_score")}
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(rounds):
         progress(f"side by side: round {i + 1}/{rounds}")
-        for key, fn in (
-            ("ours_encode", ours_enc),
-            ("peer_encode", peer_enc),
-            ("ours_score", ours_sc),
-            ("peer_score", peer_sc),
-        ):
+        for key, fn in fns.items():
             times[key].append(_median_time(fn, repeats))
     peer_lib.release(peer)
 
@@ -115,15 +139,21 @@ def run(
         "repeats": repeats,
         "timing": "interleaved rounds (ours, peer alternating)",
         "peer_impl": "transformers T5Gemma2 sdpa (released pipeline)",
-        "ours_impl": "kalm_jax InferenceEngine",
     }
     c = flops.cached_states(n, r)
     rows = []
-    for op, unit, amount in (("encode", "tokens_per_s", candidates * n), ("score", "pairs_per_s", candidates)):
-        ours_s, peer_s = times[f"ours_{op}"], times[f"peer_{op}"]
+    paths = [("engine", "ours", states, ours_margins)]
+    if array_level:
+        paths.append(("array-level", "array", array_states, array_margins))
+    for (path, key, our_states, our_margins), (op, unit, amount) in itertools.product(
+        paths, (("encode", "tokens_per_s", candidates * n), ("score", "pairs_per_s", candidates))
+    ):
+        ours_s, peer_s = times[f"{key}_{op}"], times[f"peer_{op}"]
         speedups = [p / o for o, p in zip(ours_s, peer_s)]
         row = {
             **base,
+            "path": path,
+            "ours_impl": PATH_IMPL[path],
             "op": op,
             "batch": candidates,
             f"ours_{unit}": amount / statistics.median(ours_s),
@@ -137,17 +167,35 @@ def run(
             "peer_round_s": peer_s,
         }
         if op == "encode":
-            row["max_abs_state_diff"] = float(np.max(np.abs(peer_states.float().numpy() - states)))
+            row["max_abs_state_diff"] = float(np.max(np.abs(peer_states.float().numpy() - our_states)))
             row["flops_per_passage"] = flops.encoder_flops(cfg, n)
         else:
             row.update(
                 prompt_len=prompt_len,
                 cached_states=c,
-                max_abs_margin_diff=float(np.max(np.abs(peer_margins - ours_margins))),
+                max_abs_margin_diff=float(np.max(np.abs(peer_margins - our_margins))),
                 flops_per_pair=flops.decoder_flops(cfg, prompt_len, c),
             )
         rows.append(row)
     return rows
 
 
-__all__ = ["run"]
+def check(rows: list[dict[str, Any]], min_speedup: dict[str, float]) -> list[str]:
+    """One line per side-by-side row whose median speedup over the peer is below `min_speedup[row op]`
+    (op "encode" / "score"; an op not named is not checked); empty when every row meets its minimum.
+    Raises ValueError when `rows` hold no side-by-side row of a checked op (nothing was measured)."""
+    rows = [r for r in rows if r.get("kind") == "side_by_side" and r.get("op") in min_speedup]
+    if not rows:
+        raise ValueError(f"no side-by-side rows of ops {sorted(min_speedup)} to check")
+    failures = []
+    for r in rows:
+        want = float(min_speedup[r["op"]])
+        if not r["speedup"] >= want:
+            failures.append(
+                f"{r['op']} through the {r.get('path', 'engine')} is {r['speedup']:.2f}x the peer "
+                f"(rounds {r['speedup_min']:.2f}-{r['speedup_max']:.2f}), below {want:g}x"
+            )
+    return failures
+
+
+__all__ = ["run", "check", "PATH_IMPL"]
