@@ -38,7 +38,7 @@ CLIS = {
         "'against'",
     ),
     "aot": ([sys.executable, "-m", "kalm_jax.cli.aot"], "mesh.fsdpp", "mesh", "'fsdp'"),
-    "bench": ([sys.executable, "-m", "kalm_jax.perf.bench"], "shapez", "<top level>", "'shapes'"),
+    "bench": ([sys.executable, "-m", "kalm_jax.cli.bench"], "shapez", "<top level>", "'shapes'"),
     "bm25": ([sys.executable, "-m", "kalm_jax.cli.bm25"], "k2", "<top level>", "'k1'"),
     "mteb": ([sys.executable, "-m", "kalm_jax.mteb"], "taks", "<top level>", "'tasks'"),
     "serve": ([sys.executable, "-m", "kalm_jax.cli.serve"], "prot", "<top level>", "'port'"),

@@ -20,7 +20,7 @@ TINY = get_preset("tiny")
 
 
 def test_cli_tiny_writes_contract_json(tmp_path, capsys):
-    from kalm_jax.perf.bench.__main__ import main
+    from kalm_jax.cli.bench import main
 
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
@@ -213,8 +213,8 @@ def test_peer_pipeline_scores_what_kalm_jax_scores(tmp_path):
 def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
     """bench.py:h100 is the fixed grid (nano, large; n 512/4096; r 1,4,8; 100 candidates; no train) and
     writes one JSON and one markdown table; flags given explicitly shrink it so CPU runs the same path."""
+    from kalm_jax.cli.bench import main
     from kalm_jax.perf.bench import suite
-    from kalm_jax.perf.bench.__main__ import main
 
     assert (
         suite.H100.shapes,
@@ -251,8 +251,8 @@ def test_h100_suite_runs_its_code_path_on_a_tiny_shape(tmp_path, monkeypatch):
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     """One cell that raises (here: the score cell at r = 4) becomes a `skipped: failed: ...` row; the other
     cells are still measured and written, and the exit status is 1."""
+    from kalm_jax.cli.bench import main
     from kalm_jax.perf.bench import suite
-    from kalm_jax.perf.bench.__main__ import main
 
     real = suite.score_row
 
@@ -298,7 +298,7 @@ def test_side_by_side_same_weights_interleaved(tmp_path):
     """bench.py:side_by_side: kalm-jax (through the engine) and the PyTorch peer on identical weights give
     the same pooled states and margins; both sides are timed in every round."""
     pytest.importorskip("torch")
-    from kalm_jax.perf.bench.__main__ import main
+    from kalm_jax.cli.bench import main
 
     out = tmp_path / "sbs.json"
     rc = main(
@@ -360,8 +360,8 @@ def _fake_side_by_side_rows(encode: float, score: float, array_encode: float | N
 def test_side_by_side_check_exit_logic(monkeypatch, capsys, encode, score, array_encode, failing):
     """bench.py:side_by_side_check runs the side-by-side with the array-level path and exits 1 with one line
     naming every row below its minimum (encode 1.7x, score 5x); timings are faked here (CI never times)."""
+    from kalm_jax.cli.bench import main
     from kalm_jax.perf.bench import side_by_side
-    from kalm_jax.perf.bench.__main__ import main
 
     calls = []
 
@@ -395,7 +395,7 @@ def test_side_by_side_check_times_the_array_level_functions(tmp_path):
     """The check's real code path at a tiny shape: engine and array-level rows, each timed in every round
     beside the peer, with the peer's states and margins (minimums set to 0: tiny timings mean nothing)."""
     pytest.importorskip("torch")
-    from kalm_jax.perf.bench.__main__ import main
+    from kalm_jax.cli.bench import main
 
     out = tmp_path / "check.json"
     rc = main(

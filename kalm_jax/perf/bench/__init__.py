@@ -1,4 +1,4 @@
-"""Performance benchmark suite: `python -m kalm_jax.perf.bench` (see docs/performance.md).
+"""Performance benchmark suite: `kalm-bench` (see docs/performance.md).
 
 Modules: `flops` (analytic FLOP model), `timing` (warm-up, device sync, medians, rotated inputs, matmul
 peak, memory), `suite` (kalm-jax rows), `peer` (the PyTorch transformers peer), `train_hook` (train rows

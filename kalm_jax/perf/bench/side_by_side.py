@@ -1,6 +1,6 @@
 """kalm-jax beside the PyTorch `transformers` peer on the same weights, timed in interleaved rounds.
 
-`python -m kalm_jax.perf.bench --config=bench.py:side_by_side ...` (docs/performance.md). One preset, one (n, r): the
+`kalm-bench --config=bench.py:side_by_side ...` (docs/performance.md). One preset, one (n, r): the
 peer (`bench.peer`, the released pipeline) is built with random weights, saved with `save_pretrained`
 and loaded into kalm-jax with `kalm_jax.checkpoints.hf.load`, so both sides hold identical weights. Each round times
 kalm-jax encode, peer encode, kalm-jax score, peer score (`repeats` calls each, median) one after the

@@ -54,7 +54,7 @@ class BenchSettings:
     train_batch: int = 8
 
 
-# The previous performance issue's H100 grid (`python -m kalm_jax.perf.bench --config=bench.py:h100`): nano and large,
+# The previous performance issue's H100 grid (`kalm-bench --config=bench.py:h100`): nano and large,
 # n = 512 and 4096, r = 1, 4, 8, one query's 100 candidates per score call, peer rows, no train rows.
 # Sized for < 8 minutes on one H100: 2 shapes x (2 encode + 6 score) compiled programs, 1 warm-up and
 # 5 timed calls each, 2 input rotations; the peer runs the same 16 cells.

@@ -1,4 +1,4 @@
-"""`python -m kalm_jax.perf.bench --config.shapes=tiny,nano --config.out=FILE.json`: benchmark tables + JSON rows.
+"""`kalm-bench --config.shapes=tiny,nano --config.out=FILE.json`: benchmark tables + JSON rows (`kalm_jax.perf.bench`).
 
 Rows: kind in {encode, score, online_ratio, peer, train}, with shape, n, r where they apply and the
 measured figures. Runs on whatever backend JAX has; the PyTorch peer runs when torch + CUDA exist (or
