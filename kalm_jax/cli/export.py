@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(config) -> int:
         if not config.source or not config.output:
-            raise cli.ConfigError("usage: python -m kalm_jax.training.export SOURCE OUTPUT [--config.keep_lora=true]")
+            raise cli.ConfigError("usage: kalm-export SOURCE OUTPUT [--config.keep_lora=true]")
         print(export(config.source, config.output, merge_lora=not config.keep_lora, overwrite=config.overwrite))
         return 0
 

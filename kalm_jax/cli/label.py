@@ -34,7 +34,7 @@ def run(config, coordinator_address=None, num_processes=None, process_id=None) -
 
 
 def main(argv=None) -> int:
-    """The command line (`kalm-label`, `python -m kalm_jax.training.label`); returns the exit status."""
+    """The command line (`kalm-label`, `python -m kalm_jax.cli.label`); returns the exit status."""
     return cli.run(run, "label.py", argv=argv, flags=cli.DISTRIBUTED_FLAGS, errors=(FileNotFoundError, ValueError))
 
 

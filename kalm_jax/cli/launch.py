@@ -12,21 +12,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv and any(a in ("-h", "--help") for a in argv):
         print(
-            "usage: python -m kalm_jax.parallel.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
+            "usage: kalm-launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
             "(script.py | -m module | executable) ARGS...\n\n" + launch_lib.__doc__.strip()
         )
         return 0
     if "--" not in argv:
         print(
-            "usage: python -m kalm_jax.parallel.launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
+            "usage: kalm-launch -n N [--devices_per_process M] [--port P] [--grace S] -- "
             "(script.py | -m module | executable) ARGS...",
             file=sys.stderr,
         )
         return 2
     cut = argv.index("--")
-    p = argparse.ArgumentParser(
-        prog="python -m kalm_jax.parallel.launch", description=launch_lib.__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="kalm-launch", description=launch_lib.__doc__.split("\n\n")[0])
     p.add_argument("-n", "--num_processes", type=int, required=True, help="processes to start")
     p.add_argument(
         "--devices_per_process",

@@ -80,7 +80,7 @@ def run_env(tmp_path_factory):
 def label_args(teacher: Path, src: Path, out: Path) -> list[str]:
     return [
         "-m",
-        "kalm_jax.training.label",
+        "kalm_jax.cli.label",
         f"--config.teacher={teacher}",
         f"--config.input={src}",
         f"--config.output={out}",
@@ -95,7 +95,7 @@ def launcher(args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "kalm_jax.parallel.launch",
+        "kalm_jax.cli.launch",
         "-n",
         "2",
         "--devices_per_process",

@@ -387,7 +387,7 @@ def test_the_launchers_coordinator_listens_on_loopback_only(tmp_path):
         [
             sys.executable,
             "-m",
-            "kalm_jax.parallel.launch",
+            "kalm_jax.cli.launch",
             "-n",
             "2",
             "--devices_per_process",

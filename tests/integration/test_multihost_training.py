@@ -92,7 +92,7 @@ def launcher(workdir: Path, args: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "kalm_jax.parallel.launch",
+        "kalm_jax.cli.launch",
         "-n",
         "2",
         "--devices_per_process",
