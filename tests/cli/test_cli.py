@@ -108,6 +108,7 @@ def test_every_default_lives_in_configs():
         "negatives.py",
         "tfds_builder.py",
         "tokenizer.py",
+        "report.py",
     ):
         assert cli.load_file(cli.config_file(name)) is not None, name
 

@@ -109,6 +109,25 @@ def test_sweep_end_to_end_output_contract(finished, ckpt, data_dir):
     assert len(list((out / "plots").glob("*.png"))) == 6
 
 
+def test_kalm_report_regenerates_the_report_from_results_jsonl(finished, tmp_path, capsys):
+    """`kalm-report OUT` rewrites summary.md, results.csv and the plots from results.jsonl alone; a directory
+    without results.jsonl is one line naming it (exit 2)."""
+    from kalm_jax.cli import report as report_cli
+
+    out, rows = finished
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.jsonl").write_bytes((out / "results.jsonl").read_bytes())
+    assert report_cli.main([str(copy)]) == 0
+    assert (copy / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert (copy / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert len(list((copy / "plots").glob("*.png"))) == 6
+    capsys.readouterr()
+    assert report_cli.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no results.jsonl" in err[0], err
+
+
 def test_second_run_encodes_and_scores_nothing_and_grid_growth_reuses_the_store(finished, counters, data_dir, ckpt):
     out, rows = finished
     assert sweep.run_sweep(_config(data_dir, out, ckpt)) == rows
