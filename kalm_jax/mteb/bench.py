@@ -1,4 +1,4 @@
-"""`python -m kalm_jax.mteb.bench`: `KaLMJaxReranker` against the naive per-pair path, through MTEB's own search.
+"""`kalm-mteb-bench`: `KaLMJaxReranker` against the naive per-pair path, through MTEB's own search.
 
 The naive path (`NaivePerPairReranker`) is the released PyTorch wrapper's algorithm on the same kalm-jax engine:
 pairs sorted by length, in batches of `batch_size` pairs, each batch encoding its own documents (one encoder row
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -143,11 +142,3 @@ def run(config) -> int:
     if config.out:
         Path(config.out).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
-
-
-def main(argv=None) -> int:
-    return cli.run(run, "mteb_bench.py", argv=argv, errors=(FileNotFoundError,))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,6 +39,7 @@ COMMANDS = (
     "kalm-report",
     "kalm-launch",
     "kalm-mteb",
+    "kalm-mteb-bench",
     "kalm-serve",
 )
 
