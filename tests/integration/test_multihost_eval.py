@@ -10,7 +10,6 @@ cell; the same two-process command again.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 
 from kalm_jax.checkpoints import orbax_io
@@ -41,9 +41,7 @@ def ckpt(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def run_env():
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)
-    return e
+    return processes.child_env()
 
 
 def eval_args(ckpt: Path, data_dir: Path, out: Path) -> list[str]:
@@ -63,19 +61,7 @@ def eval_args(ckpt: Path, data_dir: Path, out: Path) -> list[str]:
 
 
 def launcher(args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "kalm_jax.cli.launch",
-        "-n",
-        "2",
-        "--devices_per_process",
-        "2",
-        "--grace",
-        "3",
-        "--",
-        *args,
-    ]
+    return processes.launcher(args, devices=2)
 
 
 def rows_of(out: Path) -> list[dict]:

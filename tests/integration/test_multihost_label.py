@@ -8,7 +8,6 @@ output equals the one-process output); two processes SIGKILLed after a few shard
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import child_env, launcher, write_scifact_training
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.data.training_jsonl import read_training_jsonl
@@ -42,39 +42,12 @@ def teacher(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def train_jsonl(data_dir, tmp_path_factory):
-    from kalm_jax.data.beir import load_beir, passage_text
-    from kalm_jax.data.training_jsonl import TrainingExample, write_training_jsonl
-
-    ds = load_beir(data_dir / "scifact", "train")
-    ids = sorted(ds.corpus)
-    rng = np.random.default_rng(1)
-    examples = []
-    for q in sorted(ds.qrels)[:40]:
-        pos = [d for d, rel in ds.qrels[q].items() if rel > 0 and d in ds.corpus][:1]
-        neg = [d for d in rng.choice(ids, 3, replace=False) if d not in ds.qrels[q]]
-        examples.append(
-            TrainingExample(
-                query=ds.queries[q],
-                pos=[passage_text(ds.corpus[d]) for d in pos],
-                neg=[passage_text(ds.corpus[d]) for d in neg],
-            )
-        )
-    path = tmp_path_factory.mktemp("label_in") / "train.jsonl"
-    write_training_jsonl(examples, path)
-    return path
+    return write_scifact_training(data_dir, tmp_path_factory.mktemp("label_in") / "train.jsonl", seed=1)
 
 
 @pytest.fixture(scope="module")
 def run_env(tmp_path_factory):
-    e = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("label_jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    e.pop("XLA_FLAGS", None)
-    return e
+    return child_env(tmp_path_factory.mktemp("label_jax_cache"))
 
 
 def label_args(teacher: Path, src: Path, out: Path) -> list[str]:
@@ -88,22 +61,6 @@ def label_args(teacher: Path, src: Path, out: Path) -> list[str]:
         "--config.max_query_tokens=16",
         f"--config.shard_size={SHARD}",
         "--config.batch_size=8",
-    ]
-
-
-def launcher(args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "kalm_jax.cli.launch",
-        "-n",
-        "2",
-        "--devices_per_process",
-        "4",
-        "--grace",
-        "3",
-        "--",
-        *args,
     ]
 
 

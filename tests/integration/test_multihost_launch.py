@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from processes import child_env
 
 from kalm_jax.data.pipeline import CollateGroups, PipelineConfig, ShardedBatchSampler
 from kalm_jax.parallel import distributed
@@ -28,9 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def env() -> dict:
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)
-    return e
+    return child_env()
 
 
 def launch(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import processes
 import pytest
 
 from kalm_jax.checkpoints import orbax_io
@@ -33,39 +34,12 @@ TIMEOUT = 400
 @pytest.fixture(scope="module")
 def train_jsonl(data_dir, tmp_path_factory):
     """40 scifact training queries, each with its judged passage and 3 random negatives."""
-    from kalm_jax.data.beir import load_beir, passage_text
-    from kalm_jax.data.training_jsonl import TrainingExample, write_training_jsonl
-
-    ds = load_beir(data_dir / "scifact", "train")
-    ids = sorted(ds.corpus)
-    rng = np.random.default_rng(0)
-    examples = []
-    for q in sorted(ds.qrels)[:40]:
-        pos = [d for d, rel in ds.qrels[q].items() if rel > 0 and d in ds.corpus][:1]
-        neg = [d for d in rng.choice(ids, 3, replace=False) if d not in ds.qrels[q]]
-        examples.append(
-            TrainingExample(
-                query=ds.queries[q],
-                pos=[passage_text(ds.corpus[d]) for d in pos],
-                neg=[passage_text(ds.corpus[d]) for d in neg],
-            )
-        )
-    path = tmp_path_factory.mktemp("mh_train") / "train.jsonl"
-    write_training_jsonl(examples, path)
-    return path
+    return processes.write_scifact_training(data_dir, tmp_path_factory.mktemp("mh_train") / "train.jsonl")
 
 
 @pytest.fixture(scope="module")
 def run_env(tmp_path_factory):
-    e = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    e.pop("XLA_FLAGS", None)
-    return e
+    return processes.child_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +63,7 @@ def train_args(train_jsonl, tokenizer, data_dir):
 
 
 def launcher(workdir: Path, args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "kalm_jax.cli.launch",
-        "-n",
-        "2",
-        "--devices_per_process",
-        "4",
-        "--grace",
-        "3",
-        "--",
-        "train.py",
-        *args,
-        f"--workdir={workdir}",
-    ]
+    return processes.launcher(["train.py", *args, f"--workdir={workdir}"])
 
 
 def losses(workdir: Path) -> list[float]:
