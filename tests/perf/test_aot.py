@@ -15,6 +15,7 @@ from kalm_jax.cli import aot as aot_cli
 from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.model.config import get_preset
 from kalm_jax.perf import aot
+from kalm_jax.perf.flops import PEAK_BF16
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -449,7 +450,7 @@ def test_unknown_cost_ops_are_accounted_or_block_the_mfu(libtpu_env):
     useful = 4 * 2 * (2 * 4096 * 640 * 2048)  # 4 layers x 2 matmuls, whole call (4 chips)
     row = aot.cost_row("encode", sl, 4, 1, "nano", w, useful, fields, None)
     assert row["unknown_cost_ops"] == len(concat) and row["mfu_note"] is None
-    assert row["predicted_mfu"] == pytest.approx(useful / 4 / (fields["optimal_seconds"] * aot.PEAK_BF16["v5e"]))
+    assert row["predicted_mfu"] == pytest.approx(useful / 4 / (fields["optimal_seconds"] * PEAK_BF16["v5e"]))
 
     def kernel(x_ref, o_ref):
         o_ref[...] = x_ref[...] * 2.0
