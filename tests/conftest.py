@@ -135,6 +135,26 @@ SLOW = (
     "test_training.py::test_corrupt_latest_falls_back_onto_another_mesh",
     "test_bench.py::test_h100_suite",
     "test_serve.py::test_sigterm_drains",  # starts a second server process
+    # integration tests (tests/integration: PyTorch parity, the Hub checkpoint through every job) and the other
+    # checks against an outside reference implementation or a real server process: slow lane, so the fast lane
+    # stays a few minutes on 2 cores
+    "test_parity.py::*",
+    "test_hub_checkpoint.py::*",
+    "test_mteb.py::*",
+    "test_serve.py::test_cohere_client*",
+    "test_serve.py::test_random_request_shapes*",
+    "test_convert.py::test_exported_logits_match_transformers",
+    "test_convert.py::test_pytorch_recipe_matches_score_margin*",
+    "test_convert.py::test_training_workdir_to_hf_to_orbax_is_identical",
+    "test_scoring.py::test_array_level_functions_place_the_weights_once",
+    "test_inference_policy.py::test_tensor_layout*",
+    "test_eval_sweep.py::*",
+    "test_model_build.py::test_options_belong*",
+    "test_model_build.py::test_head_margin*",
+    "test_model_build.py::test_seeds_weights*",
+    "test_dev_eval.py::test_dev_eval_scores_on_the_training_mesh*",
+    "test_bench.py::test_side_by_side*",
+    "test_bench.py::test_model_attention_impl_switch*",
 )
 
 
