@@ -155,6 +155,10 @@ SLOW = (
     "test_dev_eval.py::test_dev_eval_scores_on_the_training_mesh*",
     "test_bench.py::test_side_by_side*",
     "test_bench.py::test_model_attention_impl_switch*",
+    "test_eval_store.py::test_scores_through_the_store_equal_scores_from_text",
+    "test_pipeline.py::test_epoch_is_one_permutation_for_every_mesh",
+    "test_pipeline.py::test_worker_processes_resume",
+    "test_banded_attention.py::test_blocked_with_softcap_and_dot_product",
 )
 
 
