@@ -81,6 +81,7 @@ def to_hf(args) -> int:
         overwrite=args.overwrite,
         vision_from=False if args.text_only else args.vision_from,
         progress=True,
+        dequantize=args.dequantize,
     )
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out}: {', '.join(files)}")
@@ -273,5 +274,6 @@ def run(config) -> int:
         against=config.against or None,
         config=config.hf_config or None,
         summary=config.summary,
+        dequantize=config.dequantize,
     )
     return COMMANDS[config.command](args)

@@ -40,6 +40,7 @@ from kalm_jax.checkpoints.safetensors_io import (
     read_safetensors_header,
     write_safetensors,
 )
+from kalm_jax.model import quantization
 from kalm_jax.model.build import build_model
 from kalm_jax.model.config import ModelConfig, parse_dtype
 from kalm_jax.model.t5gemma2 import T5Gemma2, lora_delta, stack_param_shapes
@@ -289,6 +290,7 @@ def save(
     vision_from: str | os.PathLike | bool | None = None,
     merge_lora: bool = True,
     progress: bool | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Writes `model` as a Hugging Face `t5gemma2` checkpoint that `T5Gemma2ForConditionalGeneration` loads.
 
@@ -313,12 +315,23 @@ def save(
         `model.hf_source`); False exports text only. A text-only checkpoint loads in transformers, which
         then initialises the unused vision tower randomly (with a warning); text outputs are unaffected.
       progress: per-tensor progress bar (default: for exports over 1 GiB).
+      dequantize: export a quantized model (`kalm_jax.model.quantization`) as float weights (values x scales:
+        the quantization error stays in them); without it a quantized model is refused.
     Returns:
       The output directory.
     Raises:
       FileExistsError (out_dir exists, overwrite False), ValueError naming every mis-shaped parameter or
-      a missing passthrough tensor, all before anything is written.
+      a missing passthrough tensor, or a quantized model without `dequantize`, all before anything is written.
     """
+    mode = quantization.mode_of(model)
+    if mode != "none":
+        if not dequantize:
+            raise ValueError(
+                f"the model's weights are quantized ({mode}) and transformers' t5gemma2 reads float weights: "
+                "export the float checkpoint it was quantized from, or pass dequantize=True "
+                "(--config.dequantize=True) to write values x scales (the quantization error stays in them)"
+            )
+        model = quantization.dequantize_model(model)
     cfg = config or model.config
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"config must be a kalm_jax ModelConfig, got {type(cfg).__name__}")

@@ -27,6 +27,7 @@ from flax import nnx
 
 from kalm_jax.atomic import atomic_directory, recover
 from kalm_jax.checkpoints import integrity
+from kalm_jax.model import quantization
 from kalm_jax.model.build import LoRASpec, build_model
 from kalm_jax.model.config import ModelConfig
 from kalm_jax.model.t5gemma2 import T5Gemma2, param_tree
@@ -61,6 +62,7 @@ def model_meta(model: T5Gemma2) -> dict[str, Any]:
         "param_dtype": dtype,
         "compute_dtype": str(jax.numpy.dtype(model.dtype)),
         "lora": lora,
+        "quantization": quantization.mode_of(model),
     }
     if getattr(model, "hf_source", None):
         # Where the model was imported from, so an HF export can carry that checkpoint's vision tensors.
@@ -70,15 +72,20 @@ def model_meta(model: T5Gemma2) -> dict[str, Any]:
 
 
 def build_abstract(meta: dict[str, Any], *, param_dtype=None, compute_dtype=None) -> T5Gemma2:
-    """The abstract (shape-only) model described by `meta` (see `model_meta`)."""
+    """The abstract (shape-only) model described by `meta` (see `model_meta`); quantized weights (values and
+    scales) when `meta["quantization"]` names a mode."""
     cfg = ModelConfig.from_hf(meta["config"], source=META_FILE)
-    return build_model(
+    model = build_model(
         cfg,
         abstract=True,
         lora=LoRASpec.from_meta(meta.get("lora")),  # factors in fp32 whatever the param dtype
         param_dtype=param_dtype or meta.get("param_dtype", "float32"),
         dtype=compute_dtype or None,
     )
+    mode = meta.get("quantization") or "none"
+    if mode not in quantization.MODES:
+        raise CheckpointError(f"{META_FILE}: quantization {mode!r} is none of {', '.join(quantization.MODES)}")
+    return quantization.abstract_quantized(model, mode)
 
 
 def save_model(

@@ -13,8 +13,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(config) -> int:
         if not config.source or not config.output:
-            raise cli.ConfigError("usage: kalm-export SOURCE OUTPUT [--config.keep_lora=true]")
-        print(export(config.source, config.output, merge_lora=not config.keep_lora, overwrite=config.overwrite))
+            raise cli.ConfigError(
+                "usage: kalm-export SOURCE OUTPUT [--config.keep_lora=true] [--config.quantization=int8]"
+            )
+        out = export(
+            config.source,
+            config.output,
+            merge_lora=not config.keep_lora,
+            overwrite=config.overwrite,
+            quantization=config.quantization or None,
+        )
+        print(out)
         return 0
 
     return cli.run(

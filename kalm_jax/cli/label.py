@@ -26,6 +26,7 @@ def run(config, coordinator_address=None, num_processes=None, process_id=None) -
         max_query_tokens=config.max_query_tokens,
         batch_size=config.batch_size,
         dtype=config.dtype or None,
+        quantization=config.quantization or None,
         shard_size=config.shard_size,
     )
     if distributed.is_primary():

@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = ""  # to-hf: tokenizer file or directory; "" = found beside the source
     c.vision_from = ""  # to-hf: HF directory whose vision tower / projector tensors are carried
     c.text_only = False  # to-hf: export without vision tensors even if the source had them
+    c.dequantize = False  # to-hf: write a quantized checkpoint's weights as float (values x scales)
     c.overwrite = False  # replace an existing output directory (never the source)
     c.against = ""  # inspect: "hf" or "orbax" to report tensors that layout would miss or reject
     c.hf_config = ""  # inspect: config.json to check a lone .safetensors file against

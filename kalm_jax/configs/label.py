@@ -16,5 +16,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_query_tokens = 128  # query tokens; training length
     c.batch_size = 64  # passages / pairs per device step
     c.dtype = ""  # parameter dtype to load the teacher in; "" = the checkpoint's own
+    c.quantization = ""  # teacher weights: int8 | int8-dynamic | fp8 | none (model.quantization); "" = as loaded
     c.shard_size = 1024  # examples per shard: the unit split across processes and resumed after a kill
     return c

@@ -11,6 +11,7 @@ from typing import Any
 
 from kalm_jax.configs import eval as eval_config
 from kalm_jax.inference.states import STORAGE
+from kalm_jax.model import quantization
 from kalm_jax.text import prompts
 
 DEFAULT_LABEL, NONE_LABEL = "default", "none"
@@ -71,6 +72,7 @@ class Settings:
     system: str
     cascade: str
     dtype: str
+    quantization: str
     relevance_level: int
     on_unknown_docs: str
     batch_pairs: int
@@ -144,6 +146,10 @@ class Settings:
                 raise SweepConfigError(f"{name} must be >= {lo}{meaning}, got {v}")
         if not (self.first_stage == "bm25" or self.first_stage.startswith("run:")):
             raise SweepConfigError(f"first_stage must be 'bm25' or 'run:<path>', got {self.first_stage!r}")
+        if self.quantization and self.quantization not in quantization.MODES:
+            raise SweepConfigError(
+                f"quantization must be one of {', '.join(quantization.MODES)}, got {self.quantization!r}"
+            )
         if self.storage not in STORAGE:
             raise SweepConfigError(f"storage must be one of {STORAGE}, got {self.storage!r}")
         t = self.store_lock_timeout
@@ -186,6 +192,8 @@ class Settings:
 
     def identity(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        if self.quantization:  # results of the weights as loaded keep the identity they always had
+            d["quantization"] = self.quantization
         d["store_ratio"] = self.finest_ratio
         return d
 

@@ -311,6 +311,7 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                 max_document_tokens=settings.max_document_tokens,
                 max_query_tokens=settings.max_query_tokens,
                 show_progress=False,
+                quantization=settings.quantization or None,
             )
             key = store_lib.StoreKey.for_engine(engine, settings.finest_ratio, settings.storage)
             for ds in settings.datasets:

@@ -48,6 +48,7 @@ from kalm_jax.checkpoints import orbax_io
 from kalm_jax.inference import programs
 from kalm_jax.inference.states import STORAGE, PassageStates, row_indices
 from kalm_jax.model import mep
+from kalm_jax.model import quantization as quantize
 from kalm_jax.model.t5gemma2 import T5Gemma2, check_passages, check_tokens
 from kalm_jax.parallel import inference_policy
 from kalm_jax.text import prompts
@@ -229,6 +230,10 @@ class InferenceEngine:
       weights: the inference mesh policy's setting without a `mesh` (`kalm_jax.parallel.inference_policy`): "auto"
         (default, or the ``KALM_INFERENCE_WEIGHTS`` environment variable), "replicated", "tensor", "tensor:N".
       device_memory: bytes per device for the policy (default: what the devices report; None on CPU).
+      quantization: run with quantized weights (`kalm_jax.model.quantization.MODES`: "none", "int8",
+        "int8-dynamic", "fp8"): the engine quantizes a copy of `model` (the caller's model is not changed) and
+        runs that; None (default) runs `model` as it is (float, or already quantized, e.g. loaded from a
+        quantized checkpoint). `self.model` is the model the engine runs.
 
     A model whose weights are `jax.ShapeDtypeStruct`s (`kalm_jax.model.build.build_model(..., abstract=True)`) makes an
     engine that only lowers programs (`encode_program`, `score_program`: ahead-of-time compilation for devices
@@ -254,12 +259,16 @@ class InferenceEngine:
         batch_axes: str | Sequence[str] | None = None,
         weights: str | None = None,
         device_memory: int | None = None,
+        quantization: str | None = None,
     ):
         if tokenizer is not None:
             check_vocab(tokenizer, model.config.vocab_size, where=str(getattr(tokenizer, "path", None) or "tokenizer"))
             yes_id = tokenizer.yes_id if yes_id is None else yes_id
             no_id = tokenizer.no_id if no_id is None else no_id
+        if quantization is not None:
+            model = quantize.quantize_model(model, quantization)
         self.model = model
+        self.quantization = quantize.mode_of(model)
         self.tokenizer = tokenizer
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_document_tokens = _positive_int(max_document_tokens, "max_document_tokens")
@@ -337,6 +346,7 @@ class InferenceEngine:
             "max_length": self.max_document_tokens,
             "document_prefix": prompts.DOCUMENT_PREFIX,
             "compute_dtype": str(jnp.dtype(self.model.dtype)),
+            "quantization": self.quantization,
         }
 
     @property

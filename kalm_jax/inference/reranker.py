@@ -73,6 +73,8 @@ class Reranker:
       system: system instruction; None = `prompts.DEFAULT_SYSTEM_INSTRUCTION`.
       devices: devices to run on; default all local devices (data parallel when more than one).
       show_progress: progress bars: True, False, or None (only for lists of >= 256 items).
+      quantization: quantized weights (`kalm_jax.model.quantization.MODES`: "none", "int8", "int8-dynamic",
+        "fp8"), applied by the engine to a copy of `model`; None runs the model as it is.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Reranker:
         system: str | None = None,
         devices: Sequence[jax.Device] | None = None,
         show_progress: bool | None = None,
+        quantization: str | None = None,
     ):
         self.ratio = mep.check_ratio(ratio)
         if instruction is not None and not isinstance(instruction, (str, bool)):
@@ -104,6 +107,7 @@ class Reranker:
             max_document_tokens=max_document_tokens,
             max_query_tokens=max_query_tokens,
             show_progress=show_progress,
+            quantization=quantization,
         )
 
     # ------------------------------------------------------------------ construction

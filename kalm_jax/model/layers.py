@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from jax.ad_checkpoint import checkpoint_name
 
 from kalm_jax.model.attention import dispatch, masks
@@ -49,15 +50,35 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def project(spec: str, x: jax.Array, w, options: ModelOptions | None = None) -> jax.Array:
+    """A projection or MLP matmul `jnp.einsum(spec, x, w)` whose weight `w` may be quantized.
+
+    `w` a float array: a plain einsum. `w` a `qwix.QArray` (`kalm_jax.model.quantization`): Qwix's einsum;
+    with ``options.activations == "int8"`` the input is first quantized per row to int8 (absmax over the
+    contracted axes, one scale per token), so the matmul runs int8 x int8 with an int32 accumulator;
+    otherwise the weight is dequantized into the matmul (XLA fuses it). The result has x's dtype.
+    Attention's score and value einsums never come here: they stay in float.
+    """
+    if not isinstance(w, qwix.QArray):
+        return jnp.einsum(spec, x, w)
+    if options is not None and options.activations == "int8":
+        lhs = spec.split(",")[0]
+        contracted = set(lhs) & set(spec.split(",")[1].split("->")[0])
+        rows = tuple(i for i, c in enumerate(lhs) if c not in contracted)
+        x = qwix.quantize(x, jnp.int8, channelwise_axes=rows)
+    return qwix.einsum(spec, x, w).astype(w.dtype)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """GeGLU: down(gelu_tanh(x @ gate) * (x @ up)); x [B, T, H], gate/up [H, I], down [I, H]."""
-    g = checkpoint_name(jnp.einsum("bth,hi->bti", x, gate), "mlp_gate")
-    u = checkpoint_name(jnp.einsum("bth,hi->bti", x, up), "mlp_up")
-    return checkpoint_name(jnp.einsum("bti,ih->bth", gelu_tanh(g) * u, down), "mlp_down")
+def mlp(x: jax.Array, gate, up, down, options: ModelOptions | None = None) -> jax.Array:
+    """GeGLU: down(gelu_tanh(x @ gate) * (x @ up)); x [B, T, H], gate/up [H, I], down [I, H] (arrays or
+    quantized weights, `project`)."""
+    g = checkpoint_name(project("bth,hi->bti", x, gate, options), "mlp_gate")
+    u = checkpoint_name(project("bth,hi->bti", x, up, options), "mlp_up")
+    return checkpoint_name(project("bti,ih->bth", gelu_tanh(g) * u, down, options), "mlp_down")
 
 
 def attention_kwargs(options: ModelOptions) -> dict:
@@ -70,12 +91,12 @@ def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, options: ModelO
     `mask`: a `Mask` (key padding [B, T] + static [T, T] pattern) or a bool array broadcastable to [B, T, T].
     `options`: the attention kernel (`attention_kwargs`)."""
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
-    q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
-    k = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
-    v = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
+    q = rms_norm(checkpoint_name(project("bth,hnd->btnd", h, w["q"], options), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
+    k = rms_norm(checkpoint_name(project("bth,hkd->btkd", h, w["k"], options), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
+    v = checkpoint_name(project("bth,hkd->btkd", h, w["v"], options), "v_proj")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = dispatch.attention(q, k, v, mask, cfg.attn_scale, **attention_kwargs(options))
-    o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
+    o = checkpoint_name(project("btnd,ndh->bth", o, w["o"], options), "o_proj")
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
@@ -102,8 +123,10 @@ def merged_attention_block(
     `options`: the attention kernel (`attention_kwargs`).
     """
     h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
-    ks = rms_norm(checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["k"]), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
-    vs = checkpoint_name(jnp.einsum("bth,hkd->btkd", h, w["v"]), "v_proj")
+    ks = rms_norm(
+        checkpoint_name(project("bth,hkd->btkd", h, w["k"], options), "k_proj"), w["k_norm"], cfg.rms_norm_eps
+    )
+    vs = checkpoint_name(project("bth,hkd->btkd", h, w["v"], options), "v_proj")
     ks = apply_rope(ks, cos, sin)
     if query_index is not None:
         h = jnp.take_along_axis(h, query_index[:, None, None], axis=1)  # [B, 1, H]
@@ -112,18 +135,20 @@ def merged_attention_block(
         self_mask = jnp.take_along_axis(
             jnp.broadcast_to(dense, (x.shape[0],) + dense.shape[1:]), query_index[:, None, None], axis=1
         )  # [B, 1, T]
-    q = rms_norm(checkpoint_name(jnp.einsum("bth,hnd->btnd", h, w["q"]), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
+    q = rms_norm(checkpoint_name(project("bth,hnd->btnd", h, w["q"], options), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
-    kc = rms_norm(checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["k"]), "k_passage"), w["k_norm"], cfg.rms_norm_eps)
-    vc = checkpoint_name(jnp.einsum("bsh,hkd->bskd", enc, w["v"]), "v_passage")
+    kc = rms_norm(
+        checkpoint_name(project("bsh,hkd->bskd", enc, w["k"], options), "k_passage"), w["k_norm"], cfg.rms_norm_eps
+    )
+    vc = checkpoint_name(project("bsh,hkd->bskd", enc, w["v"], options), "v_passage")
     if cross_layout is not None:
         kc, vc = cross_layout.unpack(kc), cross_layout.unpack(vc)
     o = dispatch.merged_attention(q, ks, vs, self_mask, kc, vc, cross_mask, cfg.attn_scale, **attention_kwargs(options))
-    o = checkpoint_name(jnp.einsum("btnd,ndh->bth", o, w["o"]), "o_proj")
+    o = checkpoint_name(project("btnd,ndh->bth", o, w["o"], options), "o_proj")
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
-def mlp_block(x, w, cfg: ModelConfig):
+def mlp_block(x, w, cfg: ModelConfig, options: ModelOptions | None = None):
     h = rms_norm(x, w["pre_ffw_norm"], cfg.rms_norm_eps)
-    h = mlp(h, w["gate"], w["up"], w["down"])
+    h = mlp(h, w["gate"], w["up"], w["down"], options)
     return rms_norm(h, w["post_ffw_norm"], cfg.rms_norm_eps)

@@ -15,6 +15,8 @@ import dataclasses
 
 from kalm_jax.model.attention.dispatch import ATTENTION_IMPLS, TPU_ATTENTION_IMPLS
 
+ACTIVATIONS = ("float", "int8")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
@@ -33,6 +35,9 @@ class ModelOptions:
       tpu_attention: the kernel "auto" uses when a program is lowered for TPU: "flash" (the Pallas splash
         kernel, `kalm_jax.model.attention.splash`) or "xla" (the einsum reference, as on CPU).
       splash_interpret: run the splash kernel in Pallas interpret mode (any backend; for tests on CPU).
+      activations: "float", or "int8": the inputs of the projection and MLP matmuls are quantized per token to
+        int8 where their weights are int8 (`kalm_jax.model.quantization`, mode "int8-dynamic"); no effect on
+        float weights.
     """
 
     attention_impl: str = "auto"
@@ -41,6 +46,7 @@ class ModelOptions:
     remat_policy: str = "nothing"
     tpu_attention: str = "flash"
     splash_interpret: bool = False
+    activations: str = "float"
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -49,6 +55,8 @@ class ModelOptions:
             )
         if self.tpu_attention not in TPU_ATTENTION_IMPLS:
             raise ValueError(f"tpu_attention={self.tpu_attention!r}; valid: {list(TPU_ATTENTION_IMPLS)}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations={self.activations!r}; valid: {list(ACTIVATIONS)}")
         if self.scan_unroll is not True and not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
             raise ValueError(f"scan_unroll={self.scan_unroll!r}: an int >= 1, or True (fully unrolled)")
 
@@ -63,4 +71,4 @@ def analysis_options(base: ModelOptions | None = None) -> ModelOptions:
     return (base or ModelOptions()).replace(attention_impl="xla", scan_unroll=True)
 
 
-__all__ = ["ModelOptions", "analysis_options"]
+__all__ = ["ACTIVATIONS", "ModelOptions", "analysis_options"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 from kalm_jax.model import head, layers
@@ -76,6 +77,9 @@ class LayerStack(nnx.Module):
             raise ValueError(f"unknown LoRA targets {unknown}; valid targets: {valid}")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        quantized = [t for t in targets if isinstance(getattr(self, t).get_value(), qwix.QArray)]
+        if quantized:
+            raise ValueError(f"LoRA on quantized weights {quantized}: add LoRA to the float model, quantize after")
         for name in targets:
             w = getattr(self, name)
             axes, n_in = STACK_PARAMS[name]
@@ -306,7 +310,7 @@ class T5Gemma2(nnx.Module):
         def one_layer(carry, w, sliding: bool):
             cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
             carry = carry + block_fn(carry, w, sliding, cos, sin)
-            return carry + layers.mlp_block(carry, w, self.config)
+            return carry + layers.mlp_block(carry, w, self.config, self.options)
 
         def layer_fn(sliding: bool):
             def fn(carry, xs):
@@ -440,7 +444,7 @@ class T5Gemma2(nnx.Module):
         block = self._decoder_block(enc, mask, enc_mask, query_index=position)
         x_q = jnp.take_along_axis(x, position[:, None, None], axis=1)  # [B, 1, H]
         x_q = x_q + block(x, w, sliding, cos, sin)
-        x_q = x_q + layers.mlp_block(x_q, w, self.config)
+        x_q = x_q + layers.mlp_block(x_q, w, self.config, self.options)
         return layers.rms_norm(x_q, self.decoder_norm.get_value(), self.config.rms_norm_eps)[:, 0]
 
     def decoder_logits(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask) -> jax.Array:
@@ -469,7 +473,7 @@ class T5Gemma2(nnx.Module):
             self.embedding.get_value(),
             yes_id,
             no_id,
-            dtype=self.dtype,
+            dtype=jnp.float32 if self.is_quantized else self.dtype,
             cap=self.config.final_logit_softcapping,
         )
 
@@ -499,6 +503,16 @@ class T5Gemma2(nnx.Module):
     @property
     def has_lora(self) -> bool:
         return bool(self.encoder.lora_targets or self.decoder.lora_targets)
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when the stacks' projection / MLP weights are `qwix.QArray`s (`kalm_jax.model.quantization`);
+        then the yes/no head runs in fp32 (the embedding rows and the final hidden state upcast)."""
+        return any(
+            isinstance(getattr(s, n).get_value(), qwix.QArray)
+            for s in (self.encoder, self.decoder)
+            for n in STACK_PARAMS
+        )
 
 
 def param_tree(model: T5Gemma2) -> dict:

@@ -132,24 +132,31 @@ def _leaves(state) -> list[tuple[tuple[str | None, ...], tuple[int, ...], Any]]:
     for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         value = var.get_value() if isinstance(var, nnx.Variable) else var
         axes = getattr(var, "out_sharding", None) or (None,) * len(value.shape)
-        out.append((tuple(axes), tuple(value.shape), np.dtype(value.dtype)))
+        # a quantized weight (qwix.QArray) is several arrays (values, scales) under the weight's axes
+        for leaf in jax.tree.leaves(value):
+            out.append((tuple(axes), tuple(leaf.shape), np.dtype(leaf.dtype)))
     return out
 
 
-def _sharding(var, mesh: Mesh, rules) -> NamedSharding:
-    if not rules:
-        return NamedSharding(mesh, PartitionSpec())
+def _sharding(var, mesh: Mesh, rules):
+    """The NamedSharding of a weight's value (for a quantized weight, a `qwix.QArray` of them: its scales take
+    the weight's axes too, a size-1 dimension replicated)."""
     value = var.get_value()
+    if not rules:
+        return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), value)
     axes = getattr(var, "out_sharding", None) or (None,) * len(value.shape)
-    return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules)), value)
 
 
 def weight_shardings(state, mesh: Mesh, rules):
-    """The NNX `state` with each weight replaced by its NamedSharding on `mesh` under `rules` (a weight's
-    logical axes are its `out_sharding` metadata; no rules: every weight replicated)."""
+    """The NNX `state` with each weight's value replaced by its NamedSharding on `mesh` under `rules` (a weight's
+    logical axes are its `out_sharding` metadata; no rules: every weight replicated): the same tree structure as
+    `state`, for `jax.device_put(state, weight_shardings(...))`."""
     from flax import nnx
 
-    return jax.tree.map(lambda v: _sharding(v, mesh, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: v.replace(_sharding(v, mesh, rules)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def abstract_weights(state, mesh: Mesh, rules):
@@ -158,7 +165,13 @@ def abstract_weights(state, mesh: Mesh, rules):
 
     def one(var):
         value = var.get_value()
-        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=_sharding(var, mesh, rules)))
+        return var.replace(
+            jax.tree.map(
+                lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                value,
+                _sharding(var, mesh, rules),
+            )
+        )
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

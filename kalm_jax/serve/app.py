@@ -164,6 +164,7 @@ class Service:
             max_document_tokens=config.max_document_tokens,
             max_query_tokens=config.max_query_tokens,
             show_progress=False,
+            quantization=config.quantization or None,
         )
         return cls(engine, config, config.model_name or Path(str(config.checkpoint)).resolve().name)
 

@@ -110,6 +110,7 @@ def label(
     batch_size: int = 64,
     examples_per_batch: int = 16,
     dtype: str | None = None,
+    quantization: str | None = None,
     shard_size: int = SHARD_SIZE,
     show_progress: bool = True,
 ) -> int:
@@ -135,6 +136,7 @@ def label(
         max_document_tokens=max_document_tokens,
         max_query_tokens=max_query_tokens,
         show_progress=False,
+        quantization=quantization,
     )
     bounds = [(a, min(a + shard_size, len(examples))) for a in range(0, len(examples), shard_size)]
     parts = parts_dir(output_path)
