@@ -8,7 +8,8 @@ Modes (`MODES`):
   * ``none``: the weights as loaded (bf16 for serving checkpoints).
   * ``int8``: weight-only; each projection (q, k, v, o) and MLP (gate, up, down) weight of both stacks is
     stored as int8 with one absmax scale per output channel and layer (`qwix.quantize`, channel-wise over every
-    axis that is not contracted; scale = max|w| / 127.5, Qwix's symmetric int8 bound). The matmuls dequantize it on the fly (`kalm_jax.model.layers.project`).
+    axis that is not contracted; scale = max|w| / 127.5, Qwix's symmetric int8 bound). The matmuls dequantize
+    it on the fly (`kalm_jax.model.layers.project`).
   * ``int8-dynamic``: the same int8 weights, and the inputs of those matmuls quantized per token to int8 at run
     time (`ModelOptions.activations = "int8"`): int8 x int8 matmuls with int32 accumulation.
   * ``fp8``: weight-only, float8_e4m3fn values with the same per-channel scales (halves the weights' memory;
@@ -78,11 +79,14 @@ def mode_of(model: T5Gemma2) -> str:
 def quantize_model(model: T5Gemma2, mode: str) -> T5Gemma2:
     """A copy of `model` in `mode` (see the module docstring); `model` is not changed. Mode "none" returns `model`
     when its weights are float and raises for a quantized one (`dequantize_model` goes back). A model already in
-    `mode` is returned as it is; another quantized mode is refused (quantize the float model instead)."""
+    `mode` is returned as it is; another quantized mode is refused (quantize the float model instead). An abstract
+    model (`jax.ShapeDtypeStruct` leaves) gives the abstract quantized model (`abstract_quantized`)."""
     check_mode(mode)
     current = mode_of(model)
     if current == mode:
         return model
+    if current == "none" and isinstance(model.decoder.q.get_value(), jax.ShapeDtypeStruct):
+        return abstract_quantized(model, mode)
     if current != "none":
         if {current, mode} == {"int8", "int8-dynamic"}:  # same weights, other activations
             out = nnx.clone(model)

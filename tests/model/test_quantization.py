@@ -181,3 +181,11 @@ def test_fp8_values_are_float8_e4m3(model):
     assert v.qvalue.dtype == ml_dtypes.float8_e4m3fn
     w = np.asarray(model.encoder.gate.get_value(), np.float32)
     np.testing.assert_allclose(np.asarray(qwix.dequantize(v)), w, rtol=0.07, atol=1e-6)
+
+
+def test_an_abstract_model_quantizes_abstractly():
+    abstract = build_model(get_preset("tiny"), abstract=True, param_dtype="bfloat16")
+    q = quantization.quantize_model(abstract, "int8-dynamic")
+    v = q.decoder.q.get_value()
+    assert isinstance(v.qvalue, jax.ShapeDtypeStruct) and v.qvalue.dtype == jnp.int8
+    assert quantization.mode_of(q) == "int8-dynamic" and quantization.mode_of(abstract) == "none"
