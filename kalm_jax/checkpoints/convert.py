@@ -153,10 +153,24 @@ def _orbax_listing(path: Path):
     return sorted(rows), cfg
 
 
-def _orbax_as_hf(rows, cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], list[str], list[str]]:
-    """HF {name: shape} that `to-hf` would write from Orbax leaves; plus LoRA leaves and unknown leaves."""
-    by_path = {tuple(n.split(".")): shape for n, shape, _ in rows}
+QUANT_LEAVES = ("qvalue", "scale", "zero_point")
+"""The leaves of a quantized weight in a checkpoint (`kalm_jax.model.quantization`, a `qwix.QArray`)."""
+
+
+def _orbax_as_hf(rows, cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], list[str], list[str], list[str]]:
+    """HF {name: shape} that `to-hf` would write from Orbax leaves; plus LoRA leaves, unknown leaves and the
+    quantized weights (their values have the weight's shape; `to-hf --config.dequantize=True` writes them)."""
     known = {spec.path for spec in hf.tensor_specs(cfg)}
+    by_path: dict[tuple[str, ...], tuple[int, ...]] = {}
+    quantized: list[str] = []
+    for n, shape, _ in rows:
+        path = tuple(n.split("."))
+        if path[-1] in QUANT_LEAVES and path[:-1] in known:
+            if path[-1] == "qvalue":
+                by_path[path[:-1]] = shape
+                quantized.append(".".join(path[:-1]))
+            continue
+        by_path[path] = shape
     out: dict[str, tuple[int, ...]] = {}
     for path, shape in by_path.items():
         if path not in known:
@@ -171,7 +185,7 @@ def _orbax_as_hf(rows, cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], li
             out[name] = tuple(shape)
     lora = sorted(".".join(p) for p in by_path if p[-1].endswith(LORA_SUFFIXES))
     unknown = sorted(".".join(p) for p in by_path if p not in known and not p[-1].endswith(LORA_SUFFIXES))
-    return out, lora, unknown
+    return out, lora, unknown, sorted(quantized)
 
 
 def inspect(args) -> int:
@@ -198,6 +212,8 @@ def inspect(args) -> int:
             if canon.startswith(hf.PASSTHROUGH_PREFIXES)
             else "LoRA factors"
             if name.endswith(LORA_SUFFIXES)
+            else "quantization scales"
+            if name.endswith((".scale", ".zero_point"))
             else "text"
         )
         groups[group] = groups.get(group, 0) + int(np.prod(shape))
@@ -226,10 +242,15 @@ def inspect(args) -> int:
             else []
         )
     else:
-        as_hf, lora, unknown = _orbax_as_hf(rows, cfg)
+        as_hf, lora, unknown, quantized = _orbax_as_hf(rows, cfg)
         problems, _ = hf.check_tensors(cfg, as_hf)
         problems += [f"unexpected parameter {n} (not part of the {args.against} layout)" for n in unknown]
         notes = [f"{len(lora)} LoRA factors are folded into their base weights on export"] if lora else []
+        if quantized:
+            notes.append(
+                f"{len(quantized)} weights are quantized (values and scales): to-hf writes them only with "
+                "--config.dequantize=True (values x scales)"
+            )
     for note in notes:
         print(f"note: {note}")
     if problems:

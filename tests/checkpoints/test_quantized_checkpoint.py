@@ -68,3 +68,14 @@ def test_export_refuses_keep_lora_with_quantization(hub_checkpoint, tmp_path, ca
     )
     assert rc == 2 and not (tmp_path / "x").exists()
     assert "keep_lora and quantization" in capsys.readouterr().err
+
+
+def test_inspect_lists_a_quantized_checkpoint_against_the_hf_layout(hub_checkpoint, tmp_path, capsys):
+    src = tmp_path / "int8"
+    assert export_cli.main([str(hub_checkpoint[0]), str(src), "--config.quantization=int8"]) == 0
+    capsys.readouterr()
+    assert convert_cli.main(["inspect", str(src), "--config.against=hf"]) == 0
+    text = capsys.readouterr().out
+    assert "encoder.q.qvalue" in text and "int8" in text and "quantization scales" in text
+    assert "14 weights are quantized" in text and "--config.dequantize=True" in text
+    assert "OK: matches the hf layout" in text
