@@ -269,6 +269,12 @@ class InferenceEngine:
             model = quantize.quantize_model(model, quantization)
         self.model = model
         self.quantization = quantize.mode_of(model)
+        if self.quantization != "none":
+            sizes = quantize.weight_bytes(model)
+            _announce(
+                f"quantized weights: {self.quantization} ({sizes['quantized'] / 2**20:.1f} MiB of projection/MLP "
+                f"values and scales + {sizes['float'] / 2**20:.1f} MiB kept float: embedding, norms; head in fp32)"
+            )
         self.tokenizer = tokenizer
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_document_tokens = _positive_int(max_document_tokens, "max_document_tokens")
@@ -869,7 +875,8 @@ class InferenceEngine:
         c = self.model.config
         return (
             f"InferenceEngine(hidden={c.hidden_size}, dtype={jnp.dtype(self.model.dtype)}, "
-            f"devices={len(self.devices)}, batch_size={self.batch_size}, compiles={self.compiles})"
+            f"quantization={self.quantization}, devices={len(self.devices)}, batch_size={self.batch_size}, "
+            f"compiles={self.compiles})"
         )
 
 
