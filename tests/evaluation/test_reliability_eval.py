@@ -93,12 +93,24 @@ def test_run_sweep_refuses_a_directory_in_use(tmp_path, data_dir):
         ("shard_size", True),
         ("store_lock_timeout", -1.0),
         ("store_lock_timeout", float("nan")),
+        ("quantization", "int4"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, field, value):
     cfg = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4", field: value}
     with pytest.raises(SweepConfigError, match=field):
         Settings.from_config(cfg)
+
+
+def test_quantized_results_are_kept_apart_from_float_ones(tmp_path):
+    base = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4"}
+    plain = Settings.from_config(base)
+    assert "quantization" not in plain.identity()  # results of float weights keep their old identity
+    results.check_output_dir(plain)
+    int8 = Settings.from_config({**base, "quantization": "int8"})
+    assert int8.identity()["quantization"] == "int8"
+    with pytest.raises(SweepConfigError, match="quantization: results used None, now 'int8'"):
+        results.check_output_dir(int8)
 
 
 def test_unreadable_sweep_config_is_named(tmp_path):
