@@ -29,6 +29,7 @@ from kalm_jax import atomic, locks
 from kalm_jax.checkpoints import loader, orbax_io
 from kalm_jax.data import pipeline
 from kalm_jax.data.batch import STEP_KEYS
+from kalm_jax.model import quantization
 from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
 from kalm_jax.parallel import distributed
@@ -144,6 +145,11 @@ def initial_model(config, tok: AnyTokenizer):
     base = None
     if config.init_from:
         model_cfg, base, _ = loader.load(config.init_from, dtype=config.model.param_dtype, tokenizer=tok)
+        if quantization.mode_of(base) != "none":
+            raise ValueError(
+                f"init_from={config.init_from} holds quantized weights ({quantization.mode_of(base)}): "
+                "training updates float weights; start from the float checkpoint it was quantized from"
+            )
     else:
         model_cfg = get_preset(config.model.preset)
         check_vocab(tok, model_cfg.vocab_size, where=str(getattr(tok, "path", None) or "the run's tokenizer"))

@@ -79,3 +79,16 @@ def test_inspect_lists_a_quantized_checkpoint_against_the_hf_layout(hub_checkpoi
     assert "encoder.q.qvalue" in text and "int8" in text and "quantization scales" in text
     assert "14 weights are quantized" in text and "--config.dequantize=True" in text
     assert "OK: matches the hf layout" in text
+
+
+def test_training_refuses_to_start_from_quantized_weights(hub_checkpoint, tmp_path):
+    from kalm_jax.text.load import load_tokenizer
+    from kalm_jax.training import loop
+    from kalm_jax.training.config import default_config
+
+    src = tmp_path / "int8"
+    assert export_cli.main([str(hub_checkpoint[0]), str(src), "--config.quantization=int8"]) == 0
+    config = default_config()
+    config.init_from = str(src)
+    with pytest.raises(ValueError, match=r"holds quantized weights \(int8\).*float checkpoint"):
+        loop.initial_model(config, load_tokenizer(src / "tokenizer.json"))
