@@ -428,3 +428,13 @@ def test_sigterm_drains_in_flight_requests_and_exits(hub_checkpoint):
             httpx.get(f"{url}/health", timeout=2)
         log = proc.stdout.read()
         assert "Traceback" not in log, log[-3000:]
+
+
+def test_quantized_server_scores_as_the_quantized_reranker(hub_checkpoint, rr, docs):
+    svc = Service.from_config(_config(hub_checkpoint[0], quantization="int8", warmup=False))
+    assert svc.engine.quantization == "int8"
+    want = Reranker(rr.model, rr.tokenizer, quantization="int8").score("cell biology", docs[:4])
+    with TestClient(create_app(svc)) as client:
+        body = client.post("/v2/rerank", json={"query": "cell biology", "documents": docs[:4]}).json()
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    np.testing.assert_allclose([got[i] for i in range(4)], want, rtol=1e-5, atol=1e-6)
