@@ -397,20 +397,28 @@ def test_corrupt_latest_falls_back_onto_another_mesh(straight_run, tmp_path, cap
 
 
 # ---------------------------------------------------------------------- label (stage-3 input)
-def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path):
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path, quantization):
     import shutil
 
     from kalm_jax.data.training_jsonl import read_training_jsonl
+    from kalm_jax.model import quantization as quantize
     from kalm_jax.text import prompts
     from kalm_jax.training.label import label
 
     teacher = orbax_io.save_model(build_model(get_preset("tiny"), seed=3), tmp_path / "teacher")
     shutil.copyfile(tokenizer.path, teacher / "tokenizer.model")
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(train_jsonl.read_text().splitlines(keepends=True)[:3]))
+    lines = 1 if quantization else 3  # the quantized teacher: one example keeps the eager reference cheap
+    src.write_text("".join(train_jsonl.read_text().splitlines(keepends=True)[:lines]))
     out = tmp_path / "out.jsonl"
-    assert label(teacher, src, out, max_document_tokens=32, max_query_tokens=16, show_progress=False) == 3
+    n = label(
+        teacher, src, out, max_document_tokens=32, max_query_tokens=16, show_progress=False, quantization=quantization
+    )
+    assert n == lines
     _, model = orbax_io.load_model(teacher)
+    if quantization:
+        model = quantize.quantize_model(model, quantization)
     for ex in read_training_jsonl(out):
         passages = ex.pos + ex.neg
         assert len(ex.pos_scores) == len(ex.pos) and len(ex.neg_scores) == len(ex.neg)
