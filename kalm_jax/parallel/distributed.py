@@ -52,12 +52,17 @@ def _int_env(name: str) -> int:
         return 0
 
 
+def _hosts(value: str) -> list[str]:
+    """The non-empty entries of a comma-separated host list."""
+    return [h for h in (x.strip() for x in value.split(",")) if h]
+
+
 def cluster_env() -> str | None:
     """Name of the multi-process environment this process runs in, or None (single process).
 
     Checked, in order: JAX_COORDINATOR_ADDRESS (set by hand or by a scheduler), SLURM with more than one
-    task, Open MPI with more than one rank, a TPU VM (GKE: TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES;
-    Cloud TPU VM: JAX's metadata-server detection). JAX's own cluster detection then fills in the values.
+    task, Open MPI with more than one rank, a TPU VM (GKE: TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES listing
+    more than one host; Cloud TPU VM: JAX's metadata-server detection). JAX's own cluster detection then fills in the values.
     """
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
@@ -65,7 +70,9 @@ def cluster_env() -> str | None:
         return "slurm"
     if _int_env("OMPI_COMM_WORLD_SIZE") > 1:
         return "openmpi"
-    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES"):
+    # GKE TPU workers: several hosts listed (one host, e.g. the local description `extras.quiet_libtpu_without_tpu`
+    # gives libtpu on a machine without a TPU, is a single process)
+    if any(len(_hosts(os.environ.get(k, ""))) > 1 for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")):
         return "tpu"
     try:  # private, but it is the only way to tell a Cloud TPU VM without querying its metadata server
         from jax._src.clusters.cloud_tpu_cluster import running_in_cloud_tpu_vm
