@@ -231,10 +231,15 @@ def load_any(path: str | os.PathLike, *, dtype=None, compute_dtype=None) -> tupl
 
 
 def fingerprint(model: T5Gemma2) -> str:
-    """A content hash of the model's parameters and config (for cache keys); costs one pass over params."""
+    """A content hash of what the model computes (for cache keys): its config, its parameters and, for quantized
+    weights, the mode (int8 and int8-dynamic share their weights but not their outputs); costs one pass over
+    the parameters. A float model's hash is the hash of its config and parameters alone."""
     import hashlib
 
     h = hashlib.sha256(json.dumps(model.config.to_hf(), sort_keys=True).encode())
+    mode = quantization.mode_of(model)
+    if mode != "none":
+        h.update(f"quantization={mode}".encode())
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(param_tree(model))[0], key=lambda x: str(x[0])):
         arr = np.asarray(leaf)
         h.update(str(path).encode())

@@ -42,6 +42,8 @@ def test_engine_quantizes_a_copy_and_matches_the_dequantized_float_engine(loaded
     np.testing.assert_allclose(_scores(rr, docs), _scores(reference, docs), rtol=1e-5, atol=1e-5)
     assert rr.passage_meta["quantization"] == "int8" and reference.passage_meta["quantization"] == "none"
     assert rr.engine.model_fingerprint != reference.engine.model_fingerprint  # caches of one never serve the other
+    dynamic = Reranker(model, tok, quantization="int8-dynamic", show_progress=False)
+    assert dynamic.engine.model_fingerprint not in (rr.engine.model_fingerprint, reference.engine.model_fingerprint)
 
 
 def test_quantized_scores_rank_like_float(loaded, docs):
