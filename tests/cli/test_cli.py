@@ -109,6 +109,7 @@ def test_every_default_lives_in_configs():
         "tfds_builder.py",
         "tokenizer.py",
         "report.py",
+        "compare.py",
     ):
         assert cli.load_file(cli.config_file(name)) is not None, name
 
