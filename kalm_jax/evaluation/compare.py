@@ -12,6 +12,7 @@ instruction, ratio) both directories hold, it reads both results rows (trec_eval
   * nDCG@10 of each side and their difference (other - base);
   * the per-query rank correlation of the two reranked lists over the query's common candidates: Kendall's
     tau-b and Spearman's rho (ties averaged), their mean and minimum over queries;
+  * the top-10 overlap: the share of each query's base top 10 that stays in the other's top 10 (mean, minimum);
   * the margin error: max and mean |other - base| over every (query, passage) pair, divided by the spread of
     the base margins (their standard deviation over those pairs), and the spread itself.
 
@@ -34,6 +35,8 @@ from kalm_jax.evaluation.metrics import HEADLINE
 from kalm_jax.evaluation.results import CONFIG_FILE, read_results
 
 Run = Mapping[str, Mapping[str, float]]
+TOP_K = 10
+"""The cut of the top-k overlap (nDCG@10's)."""
 
 
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
@@ -74,21 +77,28 @@ def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.sum(rx * ry) / denom) if denom else math.nan
 
 
+def top_k(docs: Mapping[str, float], k: int) -> set[str]:
+    """The `k` best documents of one query's {doc: score} in trec_eval's order (score, then doc id, descending)."""
+    return {d for d, _ in sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k]}
+
+
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
     """(mean, min, count) of the finite values; NaNs when there are none."""
     v = [x for x in values if not math.isnan(x)]
     return (float(np.mean(v)), float(np.min(v)), len(v)) if v else (math.nan, math.nan, 0)
 
 
-def compare_runs(base: Run, other: Run) -> dict[str, Any]:
+def compare_runs(base: Run, other: Run, k: int = TOP_K) -> dict[str, Any]:
     """Rank agreement and margin error of two runs {qid: {doc: margin}} over the queries and, per query, the
     documents both hold.
 
-    Returns: per_query {qid: {"kendall", "spearman", "n"}}; kendall_mean / kendall_min, spearman_mean /
-    spearman_min (over queries with a finite correlation; `correlated_queries` of them); pairs (common (query,
-    doc) pairs); margin_spread (standard deviation of the base margins over those pairs); max_abs_delta and
-    mean_abs_delta (|other - base| over those pairs) and both divided by the spread (max_rel_delta,
-    mean_rel_delta); only_base / only_other (pairs one run lacks: two reranks of one candidate list have none).
+    Returns: per_query {qid: {"kendall", "spearman", "overlap", "n"}}; kendall_mean / kendall_min, spearman_mean /
+    spearman_min (over queries with a finite correlation; `correlated_queries` of them); overlap_mean /
+    overlap_min (the share of the base top `k` of the common documents that is in the other's top `k`: the
+    documents nDCG@k sees); pairs (common (query, doc) pairs); margin_spread (standard deviation of the base
+    margins over those pairs); max_abs_delta and mean_abs_delta (|other - base| over those pairs) and both
+    divided by the spread (max_rel_delta, mean_rel_delta); only_base / only_other (pairs one run lacks: two
+    reranks of one candidate list have none).
     """
     per_query: dict[str, dict[str, float]] = {}
     b_all: list[np.ndarray] = []
@@ -106,13 +116,21 @@ def compare_runs(base: Run, other: Run) -> dict[str, Any]:
         o = np.array([odocs[d] for d in common], np.float64)
         b_all.append(b)
         o_all.append(o)
-        per_query[qid] = {"kendall": kendall_tau_b(b, o), "spearman": spearman_rho(b, o), "n": len(common)}
+        top_b = top_k({d: bdocs[d] for d in common}, k)
+        top_o = top_k({d: odocs[d] for d in common}, k)
+        per_query[qid] = {
+            "kendall": kendall_tau_b(b, o),
+            "spearman": spearman_rho(b, o),
+            "overlap": len(top_b & top_o) / len(top_b) if top_b else math.nan,
+            "n": len(common),
+        }
     b = np.concatenate(b_all) if b_all else np.zeros(0)
     o = np.concatenate(o_all) if o_all else np.zeros(0)
     delta = np.abs(o - b)
     spread = float(np.std(b)) if len(b) else math.nan
     k_mean, k_min, n_corr = _stats([v["kendall"] for v in per_query.values()])
     s_mean, s_min, _ = _stats([v["spearman"] for v in per_query.values()])
+    o_mean, o_min, _ = _stats([v["overlap"] for v in per_query.values()])
     max_d = float(delta.max()) if len(delta) else math.nan
     mean_d = float(delta.mean()) if len(delta) else math.nan
     rel = (lambda v: v / spread) if spread else (lambda v: math.nan)
@@ -124,6 +142,8 @@ def compare_runs(base: Run, other: Run) -> dict[str, Any]:
         "kendall_min": k_min,
         "spearman_mean": s_mean,
         "spearman_min": s_min,
+        "overlap_mean": o_mean,
+        "overlap_min": o_min,
         "pairs": int(len(b)),
         "margin_spread": spread,
         "max_abs_delta": max_d,
@@ -229,6 +249,8 @@ def compare_markdown(rows: Sequence[Mapping[str, Any]], base_label: str = "base"
         "τ min",
         "Spearman ρ mean",
         "ρ min",
+        "top-10 overlap mean",
+        "min",
         "max |Δm| / σ",
         "mean |Δm| / σ",
         "σ (base margins)",
@@ -251,6 +273,8 @@ def compare_markdown(rows: Sequence[Mapping[str, Any]], base_label: str = "base"
                     _f(r["kendall_min"]),
                     _f(r["spearman_mean"]),
                     _f(r["spearman_min"]),
+                    _f(r["overlap_mean"], 3),
+                    _f(r["overlap_min"], 3),
                     _f(r["max_rel_delta"]),
                     _f(r["mean_rel_delta"]),
                     _f(r["margin_spread"], 3),
@@ -263,7 +287,8 @@ def compare_markdown(rows: Sequence[Mapping[str, Any]], base_label: str = "base"
         "",
         f"{base_label} vs {other_label}. nDCG@10: trec_eval over every judged query (the results rows). "
         "τ, ρ: per-query Kendall tau-b and Spearman rank correlation of the two reranked candidate lists "
-        "(mean and minimum over queries). Δm: other - base margin of each (query, passage) pair; "
+        "(mean and minimum over queries). Top-10 overlap: the share of a query's base top 10 that is in the other's "
+        "top 10. Δm: other - base margin of each (query, passage) pair; "
         "σ: standard deviation of the base margins over those pairs.",
     ]
     if mismatched:
@@ -285,4 +310,5 @@ __all__ = [
     "describe",
     "kendall_tau_b",
     "spearman_rho",
+    "top_k",
 ]

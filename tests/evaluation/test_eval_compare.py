@@ -44,15 +44,25 @@ def test_compare_runs_hand_computed():
     r = compare.compare_runs(BASE, OTHER)
     assert r["per_query"]["q1"]["kendall"] == pytest.approx(1 / 3)
     assert r["per_query"]["q1"]["spearman"] == pytest.approx(0.5)
-    assert r["per_query"]["q2"] == {"kendall": 1.0, "spearman": 1.0, "n": 2}
+    assert r["per_query"]["q2"] == {"kendall": 1.0, "spearman": 1.0, "overlap": 1.0, "n": 2}
     assert (r["kendall_mean"], r["kendall_min"]) == (pytest.approx(2 / 3), pytest.approx(1 / 3))
     assert (r["spearman_mean"], r["spearman_min"]) == (pytest.approx(0.75), pytest.approx(0.5))
     assert (r["pairs"], r["only_base"], r["only_other"], r["queries"]) == (5, 0, 1, 2)
     assert r["margin_spread"] == pytest.approx(SPREAD)
     assert (r["max_abs_delta"], r["mean_abs_delta"]) == (pytest.approx(1.0), pytest.approx(0.5))
     assert r["max_rel_delta"] == pytest.approx(1.0 / SPREAD) and r["mean_rel_delta"] == pytest.approx(0.5 / SPREAD)
+    assert (r["overlap_mean"], r["overlap_min"]) == (1.0, 1.0)  # every list is shorter than 10
+    top2 = compare.compare_runs(BASE, OTHER, k=2)  # q1: {a, b} vs {a, c}; q2: {x, y} of the common x, y
+    assert (top2["overlap_mean"], top2["overlap_min"]) == (0.75, 0.5)
+    assert [top2["per_query"][q]["overlap"] for q in ("q1", "q2")] == [0.5, 1.0]
     same = compare.compare_runs(BASE, BASE)
     assert (same["kendall_min"], same["spearman_min"], same["max_abs_delta"]) == (1.0, 1.0, 0.0)
+
+
+def test_top_k_breaks_ties_like_trec_eval():
+    """Equal scores: trec_eval ranks the larger doc id first (`metrics.cut`), so the top 1 of a tie is "b"."""
+    assert compare.top_k({"a": 1.0, "b": 1.0, "c": 0.0}, 1) == {"b"}
+    assert compare.top_k({"a": 1.0, "b": 1.0, "c": 0.0}, 5) == {"a", "b", "c"}
 
 
 def _eval_dir(path, run, ndcg, checkpoint, quantization=None, ratios=(4,)):
@@ -92,7 +102,7 @@ def test_kalm_compare_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     lines = [ln for ln in printed.splitlines() if ln.startswith("| scifact")]
     assert lines == [
-        "| scifact | 4 | 2 | 0.5000 | 0.4900 | -0.0100 | 0.6667 | 0.3333 | 0.7500 | 0.5000 | "
+        "| scifact | 4 | 2 | 0.5000 | 0.4900 | -0.0100 | 0.6667 | 0.3333 | 0.7500 | 0.5000 | 1.000 | 1.000 | "
         f"{1 / SPREAD:.4f} | {0.5 / SPREAD:.4f} | {SPREAD:.3f} |"
     ], printed
     assert "nDCG@10 as loaded (float32) | nDCG@10 int8 (float32)" in printed
