@@ -97,10 +97,14 @@ def compare_runs(base: Run, other: Run, k: int = TOP_K) -> dict[str, Any]:
     overlap_min (the share of the base top `k` of the common documents that is in the other's top `k`: the
     documents nDCG@k sees); pairs (common (query, doc) pairs); margin_spread (standard deviation of the base
     margins over those pairs); max_abs_delta and mean_abs_delta (|other - base| over those pairs) and both
-    divided by the spread (max_rel_delta, mean_rel_delta); only_base / only_other (pairs one run lacks: two
+    divided by the spread (max_rel_delta, mean_rel_delta); mean_rel_shift (the signed mean of other - base over
+    the pairs, / spread: a shift moves P(yes), not the ranking) and max_rel_centred_delta / mean_rel_centred_delta
+    (|other - base| after subtracting its query's mean of it, / spread: the part that can reorder a query's
+    candidates); only_base / only_other (pairs one run lacks: two
     reranks of one candidate list have none).
     """
     per_query: dict[str, dict[str, float]] = {}
+    centred: list[np.ndarray] = []  # each pair's other - base minus its query's mean of it
     b_all: list[np.ndarray] = []
     o_all: list[np.ndarray] = []
     only_base = sum(len(docs) for q, docs in base.items() if q not in other)
@@ -116,6 +120,8 @@ def compare_runs(base: Run, other: Run, k: int = TOP_K) -> dict[str, Any]:
         o = np.array([odocs[d] for d in common], np.float64)
         b_all.append(b)
         o_all.append(o)
+        if len(common):
+            centred.append((o - b) - np.mean(o - b))
         top_b = top_k({d: bdocs[d] for d in common}, k)
         top_o = top_k({d: odocs[d] for d in common}, k)
         per_query[qid] = {
@@ -127,6 +133,7 @@ def compare_runs(base: Run, other: Run, k: int = TOP_K) -> dict[str, Any]:
     b = np.concatenate(b_all) if b_all else np.zeros(0)
     o = np.concatenate(o_all) if o_all else np.zeros(0)
     delta = np.abs(o - b)
+    shifted = np.abs(np.concatenate(centred)) if centred else np.zeros(0)
     spread = float(np.std(b)) if len(b) else math.nan
     k_mean, k_min, n_corr = _stats([v["kendall"] for v in per_query.values()])
     s_mean, s_min, _ = _stats([v["spearman"] for v in per_query.values()])
@@ -150,6 +157,9 @@ def compare_runs(base: Run, other: Run, k: int = TOP_K) -> dict[str, Any]:
         "mean_abs_delta": mean_d,
         "max_rel_delta": rel(max_d),
         "mean_rel_delta": rel(mean_d),
+        "mean_rel_shift": rel(float(np.mean(o - b))) if len(b) else math.nan,
+        "max_rel_centred_delta": rel(float(shifted.max())) if len(shifted) else math.nan,
+        "mean_rel_centred_delta": rel(float(shifted.mean())) if len(shifted) else math.nan,
         "only_base": only_base,
         "only_other": only_other,
     }

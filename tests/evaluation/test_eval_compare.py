@@ -51,6 +51,10 @@ def test_compare_runs_hand_computed():
     assert r["margin_spread"] == pytest.approx(SPREAD)
     assert (r["max_abs_delta"], r["mean_abs_delta"]) == (pytest.approx(1.0), pytest.approx(0.5))
     assert r["max_rel_delta"] == pytest.approx(1.0 / SPREAD) and r["mean_rel_delta"] == pytest.approx(0.5 / SPREAD)
+    # signed mean (0 - 1 + 1 + 0.5 + 0) / 5; centred on each query's mean delta (q1: 0, q2: 0.25): 0, 1, 1, 0.25, 0.25
+    assert r["mean_rel_shift"] == pytest.approx(0.1 / SPREAD)
+    assert r["max_rel_centred_delta"] == pytest.approx(1.0 / SPREAD)
+    assert r["mean_rel_centred_delta"] == pytest.approx(0.5 / SPREAD)
     assert (r["overlap_mean"], r["overlap_min"]) == (1.0, 1.0)  # every list is shorter than 10
     top2 = compare.compare_runs(BASE, OTHER, k=2)  # q1: {a, b} vs {a, c}; q2: {x, y} of the common x, y
     assert (top2["overlap_mean"], top2["overlap_min"]) == (0.75, 0.5)
