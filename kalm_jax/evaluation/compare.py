@@ -261,8 +261,8 @@ def compare_markdown(rows: Sequence[Mapping[str, Any]], base_label: str = "base"
         "ρ min",
         "top-10 overlap mean",
         "min",
-        "max |Δm| / σ",
-        "mean |Δm| / σ",
+        "max \\|Δm\\| / σ",  # escaped: a bare | would split the markdown cell
+        "mean \\|Δm\\| / σ",
         "σ (base margins)",
     ]
     several = len({(r["instruction"], r["checkpoint"]) for r in rows}) > 1

@@ -110,6 +110,9 @@ def test_kalm_compare_prints_the_table(tmp_path, capsys):
         f"{1 / SPREAD:.4f} | {0.5 / SPREAD:.4f} | {SPREAD:.3f} |"
     ], printed
     assert "nDCG@10 as loaded (float32) | nDCG@10 int8 (float32)" in printed
+    header = next(ln for ln in printed.splitlines() if ln.startswith("| dataset"))
+    cells = [c for c in header.replace("\\|", "").split("|") if c.strip()]  # a markdown table: one | per column
+    assert len(cells) == len(lines[0].strip("|").split("|")) == 15, header
     assert "Candidate lists differ in scifact r=4 (0 / 1 pairs)" in printed
     assert out.read_text() == printed
     (row,) = json.loads(out.with_suffix(".json").read_text())
