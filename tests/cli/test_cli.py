@@ -45,6 +45,7 @@ CLIS = {
     "negatives": ([sys.executable, "-m", "kalm_jax.cli.negatives"], "num_negative", "<top level>", "'num_negatives'"),
     "tfds_builder": ([sys.executable, "-m", "kalm_jax.cli.tfds_build"], "validaton", "<top level>", "'validation'"),
     "tokenizer": ([sys.executable, "-m", "kalm_jax.cli.tokenizer"], "no_gemma_layout", "<top level>", "'gemma_layout'"),
+    "compare": ([sys.executable, "-m", "kalm_jax.cli.compare", "a", "b"], "outpt", "<top level>", "'output'"),
 }
 
 
