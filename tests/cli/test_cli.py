@@ -45,6 +45,7 @@ CLIS = {
     "negatives": ([sys.executable, "-m", "kalm_jax.cli.negatives"], "num_negative", "<top level>", "'num_negatives'"),
     "tfds_builder": ([sys.executable, "-m", "kalm_jax.cli.tfds_build"], "validaton", "<top level>", "'validation'"),
     "tokenizer": ([sys.executable, "-m", "kalm_jax.cli.tokenizer"], "no_gemma_layout", "<top level>", "'gemma_layout'"),
+    "compare": ([sys.executable, "-m", "kalm_jax.cli.compare", "a", "b"], "outpt", "<top level>", "'output'"),
 }
 
 
@@ -109,6 +110,7 @@ def test_every_default_lives_in_configs():
         "tfds_builder.py",
         "tokenizer.py",
         "report.py",
+        "compare.py",
     ):
         assert cli.load_file(cli.config_file(name)) is not None, name
 

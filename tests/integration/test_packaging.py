@@ -37,6 +37,7 @@ COMMANDS = (
     "kalm-tokenizer",
     "kalm-verify-release",
     "kalm-report",
+    "kalm-compare",
     "kalm-launch",
     "kalm-mteb",
     "kalm-mteb-bench",
