@@ -62,7 +62,8 @@ def cluster_env() -> str | None:
 
     Checked, in order: JAX_COORDINATOR_ADDRESS (set by hand or by a scheduler), SLURM with more than one
     task, Open MPI with more than one rank, a TPU VM (GKE: TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES listing
-    more than one host; Cloud TPU VM: JAX's metadata-server detection). JAX's own cluster detection then fills in the values.
+    more than one host; Cloud TPU VM: JAX's metadata-server detection). JAX's own cluster detection then fills
+    in the values.
     """
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
