@@ -187,6 +187,6 @@ def test_largest_batch_brackets_the_largest_bucket_that_fits(monkeypatch, base, 
     first = fake_compile("score", lambda: engine.rows(100), None, 16 * gib)
     got = aot_check.largest_batch(lambda rows: lambda: rows, engine, 100, first, None, 16 * gib)
     assert got["max_batch"] == want and got["max_batch_exact"], (got, want)
-    assert got["max_batch_per_chip"] == want // 4
+    assert got["max_batch_per_shard"] == want // 4
     assert got["max_batch_bytes"] == memory(want)
     assert len(compiled) <= 8, compiled

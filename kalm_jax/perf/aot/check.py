@@ -196,12 +196,14 @@ def run(
                 mesh,
                 sl.hbm_bytes,
                 lambda what, fn, *a, label=label: step(f"{label} {what}", fn, *a),
+                out=out,
             )
             fitted = {"program": name, "quantization": mode, **fitted}
             batches.append(fitted)
             out(
                 f"{label}: largest batch that fits {fitted['max_batch']} rows "
-                f"({fitted['max_batch_per_chip']} per chip, {fitted['max_batch_bytes'] / GiB:.2f} GiB per device; "
+                f"({fitted['max_batch_per_shard']} per batch shard, "
+                f"{fitted['max_batch_bytes'] / GiB:.2f} GiB per device; "
                 f"{fitted['max_batch_how']})"
             )
         if not cost:
@@ -278,6 +280,7 @@ def largest_batch(
     hbm: int,
     step: Callable[..., Any] = lambda what, fn, *a: fn(*a),
     compiles: int = 8,
+    out: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """The largest batch (in the engine's padded rows: a row count `engine.rows` keeps) whose real program fits
     `hbm` per device, by compiling it at a few batches.
@@ -286,17 +289,25 @@ def largest_batch(
     total is fitted as a + b * rows from `first` and a compile at twice the rows (arguments and temporaries grow
     linearly with the batch); the largest bucket within HBM on that line is compiled first, then the buckets
     between the largest that fits and the smallest that does not are bisected, at most `compiles` compiles in
-    all. Returns `max_batch` (0 when none fits), `max_batch_per_chip` (rows per batch shard), `max_batch_bytes`
+    all. Returns `max_batch` (0 when none fits), `max_batch_per_shard` (rows per batch shard), `max_batch_bytes`
     (its per-device total), `max_batch_exact` (the next bucket up was compiled and does not fit) and
     `max_batch_how`."""
     shards = engine.rows(1)
     r1 = engine.rows(batch)
     r2 = engine.rows(2 * r1)
     points = {r1: first}
+    out(
+        f"    {r1} rows: {first.total / GiB:.3f} GiB per device ({first.arguments / GiB:.3f} arguments, "
+        f"{first.temporaries / GiB:.3f} temporaries): {'fits' if first.fits else 'does not fit'}"
+    )
 
     def probe(rows: int, why: str) -> MemoryReport:
         if rows not in points:
-            points[rows] = step(f"at {rows} rows ({why})", compile_report, "fit", lower_at(rows), mesh, hbm)
+            points[rows] = m = step(f"at {rows} rows ({why})", compile_report, "fit", lower_at(rows), mesh, hbm)
+            out(
+                f"    {rows} rows: {m.total / GiB:.3f} GiB per device ({m.arguments / GiB:.3f} arguments, "
+                f"{m.temporaries / GiB:.3f} temporaries): {'fits' if m.fits else 'does not fit'}"
+            )
         return points[rows]
 
     probe(r2, "memory line")
@@ -334,7 +345,7 @@ def largest_batch(
     exact = above is not None and bucket(best + 1, False) >= above
     return {
         "max_batch": best,
-        "max_batch_per_chip": best // shards if best else 0,
+        "max_batch_per_shard": best // shards if best else 0,
         "max_batch_bytes": points[best].total if best else 0,
         "max_batch_exact": exact,
         "max_batch_how": how
