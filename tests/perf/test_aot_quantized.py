@@ -162,13 +162,14 @@ class _Engine:
         (3.0, 0.02, 0.0),  # linear: the line's bucket and the one above it settle it
         (3.0, 0.02, 4e-5),  # memory grows faster than the line: bisection below the line's guess
         (15.5, 0.001, 0.0),  # only small batches fit
+        (3.34, 0.00216, -2e-8),  # the line through small batches overstates the memory per row (large at n = 4096)
     ],
 )
 def test_largest_batch_brackets_the_largest_bucket_that_fits(monkeypatch, base, per_row, curve):
     """`largest_batch` against a memory model (GiB per device = base + per_row x rows + curve x rows^2, 16 GiB
     HBM): the answer is the largest engine bucket within HBM, found exactly (the next bucket up compiled and
-    refused) within the compile budget; a line fitted from two batches alone would overshoot when memory
-    curves up."""
+    refused) within the compile budget, whether the memory curves up (the line's guess overshoots) or down (it
+    undershoots: the search must not climb one bucket per compile)."""
     gib = aot.GiB
     compiled: list[int] = []
 

@@ -324,7 +324,7 @@ def largest_batch(
                 return 0
         return n
 
-    guess = bucket(int((hbm - base) // slope), True) if slope > 0 else 0
+    guess = first_guess = bucket(int((hbm - base) // slope), True) if slope > 0 else 0
     while len(points) < compiles:
         fit = [r for r, m in points.items() if m.fits]
         lo = max(fit, default=0)
@@ -333,9 +333,13 @@ def largest_batch(
         if hi is not None and up >= hi:
             break  # adjacent buckets: lo is the answer
         if guess and lo < guess and (hi is None or guess < hi):
-            candidate, guess = guess, bucket(guess + 1, False)  # the line's bucket, then the one above it
-        elif hi is None:
-            candidate, guess = bucket(2 * max(lo, r2), False), 0
+            # the line's bucket, then (once) the one above it
+            candidate, guess = guess, (bucket(guess + 1, False) if guess == first_guess else 0)
+        elif hi is None:  # all fit so far: a line through the two largest, else doubling
+            a, b = sorted(points)[-2:]
+            slope2 = (points[b].total - points[a].total) / (b - a)
+            far = int(b + (hbm - points[b].total) // slope2) if slope2 > 0 else 2 * b
+            candidate = max(bucket(far, True), up)
         else:
             candidate, guess = max(bucket((lo + hi) // 2, True), up), 0
         probe(candidate, "search")
