@@ -42,6 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the inference mesh policy's setting for encode / score: auto, replicated, tensor, tensor:N "
             "(default: KALM_INFERENCE_WEIGHTS, else auto)",
         ),
+        cli.Flag(
+            "quantization",
+            "none",
+            "weight quantization of encode / score (kalm_jax.model.quantization): none, int8, int8-dynamic, fp8, "
+            "or several comma-separated (one set of rows per mode)",
+        ),
+        cli.Flag(
+            "fit_batch",
+            False,
+            "also find the largest encode / score batch that fits HBM (a line fitted from two compiles, checked by a "
+            "third)",
+            bool,
+        ),
     )
     return cli.run(aot.check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
 

@@ -2,8 +2,8 @@
 
 Rows: kind in {encode, score, online_ratio, peer, train}, with shape, n, r where they apply and the
 measured figures. Runs on whatever backend JAX has; the PyTorch peer runs when torch + CUDA exist (or
-with --config.peer_on_cpu=true). Settings: the bench.py config [:grid|h100|side_by_side]. See docs/performance.md
-for the row fields and the FLOP model.
+with --config.peer_on_cpu=true). Settings: the bench.py config [:grid|h100|side_by_side|quantized]. See
+docs/performance.md for the row fields and the FLOP model.
 """
 
 from __future__ import annotations
@@ -44,7 +44,18 @@ def run_bench(config) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out = Path(config.out) if config.out else None
     markdown = Path(config.markdown) if config.markdown else None
+    from kalm_jax.model.quantization import MODES
+
+    modes = [m.strip() for m in str(config.quantization).split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise cli.ConfigError(f"--config.quantization={config.quantization!r}: expected one or more of {MODES}")
+    if config.suite == "quantized":
+        return _quantized(config, modes, out, markdown)
+    if len(modes) > 1:
+        raise cli.ConfigError(f"--config.quantization: one mode for the {config.suite} suite (several: quantized)")
     if config.suite in ("side_by_side", "side_by_side_check"):
+        if modes != ["none"]:
+            raise cli.ConfigError("side_by_side compares float weights with the peer: --config.quantization=none")
         return _side_by_side(config, out, markdown)
     from tqdm import tqdm
 
@@ -74,6 +85,33 @@ def run_bench(config) -> int:
     if failed:
         print(f"{len(failed)} cells failed (rows with 'skipped: failed: ...'; tracebacks above)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _quantized(config, modes: list[str], out: Path | None, markdown: Path | None) -> int:
+    """quantized: every mode beside the float model in interleaved rounds (`kalm_jax.perf.bench.quantized`)."""
+    from kalm_jax.perf.bench import quantized, report, runner
+
+    rows = quantized.run(
+        config.shapes[0],
+        modes=modes,
+        n=config.score_lengths[0],
+        r=config.ratios[0],
+        candidates=config.candidates,
+        prompt_len=config.prompt_len,
+        dtype=config.dtype,
+        rounds=config.rounds,
+        repeats=config.repeats,
+        warmup=config.warmup,
+        seed=config.seed,
+        progress=lambda m: print(m, file=sys.stderr),
+    )
+    report.print_tables(rows)
+    if out:
+        runner.write_rows(rows, out)
+        print(f"wrote {len(rows)} rows to {out}")
+    if markdown:
+        markdown.write_text(report.markdown(rows))
     return 0
 
 

@@ -1,5 +1,6 @@
 """Analytic FLOP model of KaLM-Reranker encode, score, the "no cache" path and a cross-encoder baseline, and
-the one table of peak bf16 FLOP/s per chip that MFU figures divide by.
+the one table of peak FLOP/s per chip that MFU figures divide by (bf16, and int8 where the chip's int8 matmul
+rate is published).
 
 Counts multiply-adds of the matmuls as 2 FLOPs each (the MFU convention): projections, MLP, attention
 scores and attention-weighted values. Norms, RoPE, softmax, pooling and embedding lookups are ignored
@@ -25,6 +26,33 @@ PEAK_BF16: dict[str, float] = {
     "a100": 312e12,
 }
 """Dense bf16 peak FLOP/s per chip (vendor figures), by TPU generation or GPU name."""
+
+PEAK_INT8: dict[str, float] = {
+    "v5e": 394e12,
+    "v5p": 918e12,
+    "v6e": 1836e12,
+    "h100": 1979e12,
+    "h200": 1979e12,
+    "a100": 624e12,
+}
+"""Dense int8 peak OP/s per chip (vendor figures; 2x bf16 on every chip listed). No entry: no int8 MFU."""
+
+PEAKS: dict[str, dict[str, float]] = {"bf16": PEAK_BF16, "int8": PEAK_INT8}
+"""The peak table by matmul operand type: "bf16" (float matmuls, also weight-only int8 / fp8, whose weights are
+dequantized into a bf16 matmul) and "int8" (int8 x int8 matmuls, quantization mode "int8-dynamic")."""
+
+
+def matmul_type(quantization: str | None) -> str:
+    """The `PEAKS` key of a program run with weight quantization `quantization` (`kalm_jax.model.quantization`
+    modes; None or "none": float): "int8" for "int8-dynamic" (int8 x int8 matmuls), else "bf16"."""
+    return "int8" if quantization == "int8-dynamic" else "bf16"
+
+
+def peak_for(chip: str, quantization: str | None = None) -> float:
+    """Peak FLOP/s of chip `chip` (a `PEAK_BF16` key) for a program in `quantization`; 0.0 when the table has
+    no figure (then no MFU is reported)."""
+    return PEAKS[matmul_type(quantization)].get(chip, 0.0)
+
 
 # `jax.Device.device_kind` spellings -> PEAK_BF16 keys (longest match first).
 _DEVICE_KINDS = (
@@ -163,6 +191,12 @@ def cache_bytes(cfg: ModelConfig, n: int, r: int, itemsize: int = 2) -> int:
 
 
 __all__ = [
+    "PEAK_BF16",
+    "PEAK_INT8",
+    "PEAKS",
+    "matmul_type",
+    "peak_for",
+    "peak_flops",
     "token_linear_flops",
     "attention_pair_flops",
     "kv_projection_flops",

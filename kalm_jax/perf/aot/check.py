@@ -23,6 +23,7 @@ from kalm_jax.perf.aot.cost import (
 from kalm_jax.perf.aot.memory import MemoryReport, compile_report, format_table
 from kalm_jax.perf.aot.programs import (
     PROGRAMS,
+    Workload,
     config_value,
     inference_engine,
     lower_encode,
@@ -41,6 +42,7 @@ class AotResult:
     memory: list[MemoryReport]
     cost: list[dict[str, Any]]
     mesh_shape: dict[str, int]
+    batches: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def mesh_for(cfg, devices: Sequence, num_slices: int = 1):
@@ -72,6 +74,8 @@ def run(
     cost: bool = False,
     analysis_layers: str = "all",
     weights: str | None = None,
+    quantization: str | Sequence[str] = "none",
+    fit_batch: bool = False,
 ) -> AotResult:
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
@@ -85,12 +89,23 @@ def run(
     `score_program`) on the mesh its policy (`kalm_jax.parallel.inference_policy`, setting `weights`) chooses for the
     slice, with bf16 weights and `eval.batch_size` rows per call; `train` is the real train step on the
     config's training mesh. One line is printed as each compile starts and as it ends (with its time).
+
+    `quantization`: the engine's weight mode (`kalm_jax.model.quantization.MODES`), or several (a sequence or a
+    comma-separated string): encode and score are lowered with `InferenceEngine(abstract_model,
+    quantization=mode)` once per mode (the train step once, in float); each memory report is named
+    "<program>" for "none" and "<program> <mode>" otherwise, and each cost row carries its `quantization`.
+    `fit_batch`: also find the largest batch of each encode / score program that fits HBM (`largest_batch`),
+    on the same engine (layout) as the workload's batch; in `AotResult.batches` and the cost rows.
     """
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
         raise ValueError(f"unknown programs {unknown}; valid: {list(PROGRAMS)}")
     if analysis_layers not in ANALYSIS_LAYERS:
         raise ValueError(f"analysis_layers={analysis_layers!r}; valid: {list(ANALYSIS_LAYERS)}")
+    from kalm_jax.model.quantization import check_mode
+
+    modes = [m.strip() for m in quantization.split(",") if m.strip()] if isinstance(quantization, str) else quantization
+    modes = [check_mode(m) for m in modes] or ["none"]
     sl = tpu_slice(topology)
     devices = topology_devices(sl, num_slices)
     mesh, rules = mesh_for(cfg, devices, num_slices)
@@ -103,22 +118,35 @@ def run(
     out(f"workload: {w}")
     started = time.perf_counter()
 
-    def engine(analysis: bool, layers: int | None):
-        return inference_engine(
-            preset, devices, w, hbm_bytes=sl.hbm_bytes, weights=weights, analysis=analysis, layers=layers
-        )
+    engines: dict[tuple, Any] = {}
 
-    policy = None
-    if any(p in ("encode", "score") for p in programs):
-        policy = engine(False, None).policy
-        out(f"encode, score: the inference engine's programs; {policy.describe()}")
+    def engine(analysis: bool, layers: int | None, mode: str):
+        key = (analysis, layers, mode)
+        if key not in engines:  # one abstract engine per variant (building one is cheap; lowering is not)
+            engines[key] = inference_engine(
+                preset,
+                devices,
+                w,
+                hbm_bytes=sl.hbm_bytes,
+                weights=weights,
+                analysis=analysis,
+                layers=layers,
+                quantization=mode,
+            )
+        return engines[key]
 
-    def builder(name: str, analysis: bool, layers: int | None = None):
+    inference = [p for p in programs if p in ("encode", "score")]
+    policies = {}
+    for mode in modes if inference else ():
+        policies[mode] = engine(False, None, mode).policy
+        out(f"encode, score ({mode}): the inference engine's programs; {policies[mode].describe()}")
+
+    def builder(name: str, analysis: bool, layers: int | None = None, mode: str = "none", work: Workload = w):
         if name == "encode":
-            return lower_encode(engine(analysis, layers), w)
+            return lower_encode(engine(analysis, layers, mode), work)
         if name == "score":
-            return lower_score(engine(analysis, layers), w)
-        return lower_train(cfg, preset, mesh, w, analysis=analysis, layers=layers, out=out)
+            return lower_score(engine(analysis, layers, mode), work)
+        return lower_train(cfg, preset, mesh, work, analysis=analysis, layers=layers, out=out)
 
     samples: tuple[int, ...] = ()
     if cost and analysis_layers == "sampled":
@@ -129,13 +157,16 @@ def run(
             )
         types = mc.encoder_layer_types
         samples = layer_samples(types)
-    reports, rows = [], []
-    total = len(programs) * (1 + (len(samples) or 1 if cost else 0))
+    jobs = [(name, mode) for mode in modes for name in inference]
+    jobs += [("train", "none") for p in programs if p == "train"]
+    reports, rows, batches = [], [], []
+    total = len(jobs) * (1 + (len(samples) or 1 if cost else 0))
     done = 0
 
     def step(what: str, fn: Callable[..., Any], *args):
-        nonlocal done
+        nonlocal done, total
         done += 1
+        total = max(total, done)
         out(f"[{done}/{total}] compiling {what} ...")
         sys.stdout.flush()
         t = time.perf_counter()
@@ -147,19 +178,44 @@ def run(
         sys.stdout.flush()
         return result
 
-    for name in programs:
-        memory = step(f"{name} (the real program)", compile_report, name, builder(name, False), mesh, sl.hbm_bytes)
+    for name, mode in jobs:
+        label = name if mode == "none" else f"{name} {mode}"
+        memory = step(
+            f"{label} (the real program)", compile_report, label, builder(name, False, mode=mode), mesh, sl.hbm_bytes
+        )
         reports.append(memory)
+        fitted = None
+        if fit_batch and name != "train":
+            fitted = largest_batch(
+                lambda rows, name=name, mode=mode: builder(
+                    name, False, mode=mode, work=dataclasses.replace(w, eval_batch=rows)
+                ),
+                engine(False, None, mode),
+                w.eval_batch,
+                memory,
+                mesh,
+                sl.hbm_bytes,
+                lambda what, fn, *a, label=label: step(f"{label} {what}", fn, *a),
+                out=out,
+            )
+            fitted = {"program": name, "quantization": mode, **fitted}
+            batches.append(fitted)
+            out(
+                f"{label}: largest batch that fits {fitted['max_batch']} rows "
+                f"({fitted['max_batch_per_shard']} per batch shard, "
+                f"{fitted['max_batch_bytes'] / GiB:.2f} GiB per device; "
+                f"{fitted['max_batch_how']})"
+            )
         if not cost:
             continue
         if samples:
             sampled, err = {}, None
             for k in samples:
                 sampled[k], err = step(
-                    f"{name} analysis variant, {k} layer(s) per stack",
+                    f"{label} analysis variant, {k} layer(s) per stack",
                     analyse,
                     name,
-                    builder(name, True, k),
+                    builder(name, True, k, mode),
                     mesh,
                     sl.generation,
                 )
@@ -168,11 +224,20 @@ def run(
                     break
             fields = sampled[k] if err else extrapolate_costs(types, sampled)
         else:
-            fields, err = step(f"{name} analysis variant", analyse, name, builder(name, True), mesh, sl.generation)
+            fields, err = step(
+                f"{label} analysis variant", analyse, name, builder(name, True, mode=mode), mesh, sl.generation
+            )
         estimate = (
             None
             if name == "train"
-            else aot_cost.estimate_bytes(name, model_config(preset), w, len(devices), policy.tensor)
+            else aot_cost.estimate_bytes(
+                name,
+                model_config(preset),
+                w,
+                len(devices),
+                policies[mode].tensor,
+                weight_itemsize=None if mode == "none" else 1,
+            )
         )
         row = cost_row(
             name,
@@ -186,7 +251,12 @@ def run(
             memory,
             cfg,
             bytes_estimate=estimate,
+            quantization=mode,
         )
+        if name != "train":
+            row["layout"] = policies[mode].describe()
+        if fitted:
+            row.update({k: v for k, v in fitted.items() if k.startswith("max_batch")})
         if samples:
             row["analysis"] += f"; extrapolated per layer type from {list(samples)} layers per stack"
             row["analysis_samples"] = {str(k): v for k, v in sampled.items()}
@@ -198,7 +268,94 @@ def run(
         out("the compiler's cost model per chip (predictions, not measurements):")
         out(format_cost_table(rows))
     out(f"{done} compiles in {time.perf_counter() - started:.0f}s")
-    return AotResult(reports, rows, dict(mesh.shape))
+    return AotResult(reports, rows, dict(mesh.shape), batches)
+
+
+def largest_batch(
+    lower_at: Callable[[int], Callable[[], Any]],
+    engine,
+    batch: int,
+    first: MemoryReport,
+    mesh,
+    hbm: int,
+    step: Callable[..., Any] = lambda what, fn, *a: fn(*a),
+    compiles: int = 8,
+    out: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """The largest batch (in the engine's padded rows: a row count `engine.rows` keeps) whose real program fits
+    `hbm` per device, by compiling it at a few batches.
+
+    `lower_at(rows)` lowers the program at `rows`; `first` is its memory report at `batch`'s rows. The per-device
+    total is fitted as a + b * rows from `first` and a compile at twice the rows (arguments and temporaries grow
+    linearly with the batch); the largest bucket within HBM on that line is compiled first, then the buckets
+    between the largest that fits and the smallest that does not are bisected, at most `compiles` compiles in
+    all. Returns `max_batch` (0 when none fits), `max_batch_per_shard` (rows per batch shard), `max_batch_bytes`
+    (its per-device total), `max_batch_exact` (the next bucket up was compiled and does not fit) and
+    `max_batch_how`."""
+    shards = engine.rows(1)
+    r1 = engine.rows(batch)
+    r2 = engine.rows(2 * r1)
+    points = {r1: first}
+    out(
+        f"    {r1} rows: {first.total / GiB:.3f} GiB per device ({first.arguments / GiB:.3f} arguments, "
+        f"{first.temporaries / GiB:.3f} temporaries): {'fits' if first.fits else 'does not fit'}"
+    )
+
+    def probe(rows: int, why: str) -> MemoryReport:
+        if rows not in points:
+            points[rows] = m = step(f"at {rows} rows ({why})", compile_report, "fit", lower_at(rows), mesh, hbm)
+            out(
+                f"    {rows} rows: {m.total / GiB:.3f} GiB per device ({m.arguments / GiB:.3f} arguments, "
+                f"{m.temporaries / GiB:.3f} temporaries): {'fits' if m.fits else 'does not fit'}"
+            )
+        return points[rows]
+
+    probe(r2, "memory line")
+    slope = (points[r2].total - points[r1].total) / (r2 - r1)
+    base = points[r1].total - slope * r1
+    how = f"line {base / GiB:.2f} GiB + {slope / 2**20:.2f} MiB per row from {r1} and {r2} rows"
+
+    def bucket(n: int, down: bool) -> int:
+        """The nearest row count the engine pads to (`engine.rows(m) == m`) at or below (above) n."""
+        n = max(n, shards)
+        while engine.rows(n) != n:
+            n += -1 if down else 1
+            if n < shards:
+                return 0
+        return n
+
+    guess = first_guess = bucket(int((hbm - base) // slope), True) if slope > 0 else 0
+    while len(points) < compiles:
+        fit = [r for r, m in points.items() if m.fits]
+        lo = max(fit, default=0)
+        hi = min((r for r, m in points.items() if not m.fits and r > lo), default=None)
+        up = bucket(lo + 1, False) if lo else shards
+        if hi is not None and up >= hi:
+            break  # adjacent buckets: lo is the answer
+        if guess and lo < guess and (hi is None or guess < hi):
+            # the line's bucket, then (once) the one above it
+            candidate, guess = guess, (bucket(guess + 1, False) if guess == first_guess else 0)
+        elif hi is None:  # all fit so far: a line through the two largest, else doubling
+            a, b = sorted(points)[-2:]
+            slope2 = (points[b].total - points[a].total) / (b - a)
+            far = int(b + (hbm - points[b].total) // slope2) if slope2 > 0 else 2 * b
+            candidate = max(bucket(far, True), up)
+        else:
+            candidate, guess = max(bucket((lo + hi) // 2, True), up), 0
+        probe(candidate, "search")
+    fit = [r for r, m in points.items() if m.fits]
+    best = max(fit, default=0)
+    above = min((r for r, m in points.items() if not m.fits and r > best), default=None)
+    exact = above is not None and bucket(best + 1, False) >= above
+    return {
+        "max_batch": best,
+        "max_batch_per_shard": best // shards if best else 0,
+        "max_batch_bytes": points[best].total if best else 0,
+        "max_batch_exact": exact,
+        "max_batch_how": how
+        + f"; compiled at {sorted(points)} rows"
+        + ("" if exact else f" (not bracketed within {compiles} compiles: a lower bound)"),
+    }
 
 
 def check(
@@ -209,6 +366,8 @@ def check(
     report: str | None = None,
     analysis_layers: str = "all",
     weights: str | None = None,
+    quantization: str = "none",
+    fit_batch: bool = False,
 ) -> int:
     """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
     from kalm_jax import cli
@@ -223,6 +382,8 @@ def check(
         cost=report is not None,
         analysis_layers=analysis_layers,
         weights=weights,
+        quantization=quantization,
+        fit_batch=fit_batch,
     )
     if report:
         from kalm_jax.perf.bench.runner import write_rows

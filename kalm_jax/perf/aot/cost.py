@@ -12,12 +12,10 @@ from kalm_jax.perf.aot import hlo_cost as aot_cost
 from kalm_jax.perf.aot.memory import MemoryReport
 from kalm_jax.perf.aot.programs import PROGRAMS, Workload, config_value
 from kalm_jax.perf.aot.topology import TpuSlice
-from kalm_jax.perf.flops import PEAK_BF16
+from kalm_jax.perf.flops import matmul_type, peak_for
 
 # What the cost rows are computed from (the row's `analysis` field; `run` appends how layers were sampled).
 ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.options.analysis_options)"
-
-# Dense bf16 peak per JAX device (one chip), FLOP/s: the datasheet figures MFU is quoted against.
 
 
 def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
@@ -85,6 +83,7 @@ def cost_row(
     memory: MemoryReport | None,
     cfg=None,
     bytes_estimate: float | None = None,
+    quantization: str = "none",
 ) -> dict[str, Any]:
     """One `--report` row (JSON-ready); every figure per chip. The contract scripts rely on: `program`,
     `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`.
@@ -93,14 +92,20 @@ def cost_row(
     (`unknown_cost_bytes`, `unknown_cost_seconds`); `predicted_mfu` is None, with the reason in `mfu_note`,
     when some are not accounted for (`unaccounted`) or XLA's FLOPs fall below `MIN_FLOPS_RATIO` of the
     useful FLOPs. `bytes_estimate` is the analytic bytes per chip given (`aot_cost.estimate_bytes`; None for
-    the train step), `bytes_ratio` = `bytes_accessed` / `bytes_estimate`."""
+    the train step), `bytes_ratio` = `bytes_accessed` / `bytes_estimate`.
+
+    `quantization` is the weight mode the program was lowered with (`kalm_jax.model.quantization.MODES`; the
+    train step is "none"); `peak_flops` is the chip's peak for its matmuls (`kalm_jax.perf.flops.peak_for`: the
+    int8 peak for "int8-dynamic", whose projection and MLP matmuls are int8 x int8, the bf16 peak otherwise;
+    attention's float einsums are counted at the same peak), `matmul_type` says which."""
     useful = useful_total / num_devices
     secs = cost["optimal_seconds"]
     ok = secs > 0
-    peak = PEAK_BF16[sl.generation]
+    peak = peak_for(sl.generation, quantization)
     ratio = cost["xla_flops"] / useful if useful else None
     row: dict[str, Any] = {
         "program": program,
+        "quantization": quantization,
         "topology": sl.name,
         "num_slices": num_slices,
         "devices": num_devices,
@@ -120,9 +125,14 @@ def cost_row(
         "unknown_cost_seconds": cost.get("unknown_cost_seconds", 0.0),
         "unaccounted": list(cost.get("unaccounted", [])),
         "peak_flops": peak,
+        "matmul_type": matmul_type(quantization),
         "analysis": ANALYSIS,
     }
-    note = aot_cost.mfu_note(row, MIN_FLOPS_RATIO) or (None if ok else "no MFU: optimal_seconds unknown")
+    note = (
+        aot_cost.mfu_note(row, MIN_FLOPS_RATIO)
+        or (None if ok else "no MFU: optimal_seconds unknown")
+        or (None if peak else f"no MFU: no {row['matmul_type']} peak for {sl.generation} in kalm_jax.perf.flops.PEAKS")
+    )
     row["predicted_mfu"] = None if note else useful / (secs * peak)
     row["mfu_note"] = note
     row["bytes_estimate"] = bytes_estimate
@@ -149,6 +159,7 @@ def cost_row(
     if memory is not None:
         row.update(
             memory_total_bytes=memory.total,
+            memory_argument_bytes=memory.arguments,
             memory_temp_bytes=memory.temporaries,
             hbm_bytes=memory.hbm,
             fits=memory.fits,
@@ -236,7 +247,7 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
 def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
     head = (
-        f"{'program':<8}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
+        f"{'program':<8}{'weights':>13}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
         f"{'ratio':>7}{'GB acc':>8}{'GB est':>8}{'unk':>5}{'opt ms':>9}{'MFU':>7}  throughput per chip"
     )
     lines = [head, "-" * len(head)]
@@ -250,7 +261,8 @@ def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
         mfu = f"{100 * r['predicted_mfu']:6.1f}%" if r.get("predicted_mfu") else "    n/a"
         est = f"{r['bytes_estimate'] / 1e9:8.2f}" if r.get("bytes_estimate") else f"{'-':>8}"
         lines.append(
-            f"{r['program']:<8}{r['topology']:>9}{r['preset']:>7}{r['n']:>6}{r['r']:>4}"
+            f"{r['program']:<8}{r.get('quantization', 'none'):>13}{r['topology']:>9}{r['preset']:>7}"
+            f"{r['n']:>6}{r['r']:>4}"
             f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
             f"{r['bytes_accessed'] / 1e9:8.2f}{est}{r.get('unknown_cost_ops', 0):5d}"
             f"{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"

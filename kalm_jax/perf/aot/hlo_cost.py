@@ -155,10 +155,13 @@ def mfu_note(row: Mapping, min_flops_ratio: float) -> str | None:
     return None
 
 
-def estimate_bytes(program: str, config, w, devices: int, tensor: int = 1, itemsize: int = 2) -> float:
+def estimate_bytes(
+    program: str, config, w, devices: int, tensor: int = 1, itemsize: int = 2, weight_itemsize: float | None = None
+) -> float:
     """Analytic HBM bytes per chip of one engine call (`program` "encode" or "score") of the workload `w`
     (`aot.Workload`: `eval_batch` rows over `devices` chips, `tensor` of them sharing a row's heads / MLP),
-    `itemsize`-byte weights and activations:
+    `itemsize`-byte activations and `weight_itemsize`-byte stack weights (default `itemsize`; 1 for int8 / fp8
+    weights, whose per-channel scales are left out):
 
     * the stack's weights read once (split over `tensor`), and the embedding rows of the call's tokens;
     * per layer and token: the layer's input read and output written (2 x H), and each projection's output
@@ -176,7 +179,8 @@ def estimate_bytes(program: str, config, w, devices: int, tensor: int = 1, items
     rows = -(-w.eval_batch // (devices // tensor))
     proj = (n + 2 * k) * d + n * d + 2 * mlp  # q / k / v, attention output, gate / up
     per_token = 2 * h + 2 * proj
-    layer_weights = (h * (n + 2 * k) * d + n * d * h + 3 * h * mlp) * itemsize
+    weight_size = itemsize if weight_itemsize is None else weight_itemsize
+    layer_weights = (h * (n + 2 * k) * d + n * d * h + 3 * h * mlp) * weight_size
     if program == "encode":
         tokens, layers = rows * w.passage_len, config.num_encoder_layers
         extra = 0

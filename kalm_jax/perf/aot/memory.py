@@ -85,14 +85,15 @@ def format_table(reports: Sequence[MemoryReport], title: str = "") -> str:
     def g(b: int) -> str:
         return f"{b / GiB:10.3f}"
 
+    width = max([12, *(len(r.name) + 1 for r in reports)])
     head = (
-        f"{'program':<12}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'code':>10}{'total':>10}"
+        f"{'program':<{width}}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'code':>10}{'total':>10}"
         f"{'HBM':>10}{'used':>7}{'compile':>9}  fits"
     )
     lines = ([title] if title else []) + [head + "   (GiB per device)", "-" * len(head)]
     for r in reports:
         lines.append(
-            f"{r.name:<12}{g(r.arguments)}{g(r.outputs)}{g(r.aliased)}{g(r.temporaries)}"
+            f"{r.name:<{width}}{g(r.arguments)}{g(r.outputs)}{g(r.aliased)}{g(r.temporaries)}"
             f"{g(r.generated_code)}{g(r.total)}{g(r.hbm)}{100 * r.total / r.hbm:6.0f}%"
             f"{r.compile_seconds:8.1f}s  {'yes' if r.fits else 'NO'}"
         )

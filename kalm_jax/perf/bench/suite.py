@@ -43,6 +43,7 @@ class BenchSettings:
     encode_tokens: int = 32768  # passage tokens per encode call (batch = max(1, encode_tokens // n))
     score_batch: int = 100  # pairs per score call; halved automatically when memory runs out
     dtype: str = "bfloat16"
+    quantization: str = "none"  # weight mode of the timed engine (kalm_jax.model.quantization.MODES)
     attention_impl: str = "auto"
     warmup: int = 2
     repeats: int = 5
@@ -84,10 +85,10 @@ class ShapeContext:
     impl: str
 
 
-def engine_for(model, yes_id: int = 5, no_id: int = 6) -> InferenceEngine:
-    """The inference engine the benchmark times: weights placed once on this process's devices; no
-    tokenizer (token arrays in), fixed yes/no ids."""
-    return InferenceEngine(model, None, yes_id=yes_id, no_id=no_id, show_progress=False)
+def engine_for(model, yes_id: int = 5, no_id: int = 6, quantization: str | None = None) -> InferenceEngine:
+    """The inference engine the benchmark times: weights placed once on this process's devices (quantized to
+    `quantization` when given); no tokenizer (token arrays in), fixed yes/no ids."""
+    return InferenceEngine(model, None, yes_id=yes_id, no_id=no_id, show_progress=False, quantization=quantization)
 
 
 def build_model(name: str, settings: BenchSettings) -> ShapeContext:
@@ -96,7 +97,7 @@ def build_model(name: str, settings: BenchSettings) -> ShapeContext:
     options = ModelOptions(attention_impl=settings.attention_impl)
     model = build(cfg, seed=settings.seed, param_dtype=dtype, dtype=dtype, options=options)
     impl = resolve_attention_impl(settings.attention_impl, dtype, cfg.head_dim)
-    return ShapeContext(name, cfg, model, engine_for(model), impl)
+    return ShapeContext(name, cfg, model, engine_for(model, quantization=settings.quantization), impl)
 
 
 def _first_call(fn: Callable[..., Any], args: tuple) -> float:
@@ -121,6 +122,7 @@ def _base_row(kind: str, ctx: ShapeContext, settings: BenchSettings) -> dict[str
         "kind": kind,
         "shape": ctx.name,
         "dtype": settings.dtype,
+        "quantization": ctx.engine.quantization,
         "attention_impl": ctx.impl,
         "backend": jax.default_backend(),
         "device": jax.local_devices()[0].device_kind,
