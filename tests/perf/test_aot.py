@@ -18,6 +18,8 @@ from kalm_jax.perf import aot
 from kalm_jax.perf.flops import PEAK_BF16
 
 REPO = Path(__file__).resolve().parents[2]
+# What these tests read (costs, memory, compiled text) comes from fresh compiles, not the persistent cache.
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
 
 
 def test_tpu_slice_names():
