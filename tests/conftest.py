@@ -12,6 +12,21 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Tests run on the CPU backend even where libtpu (for AOT topology descriptions) or a GPU is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session and every process the tests start (they inherit os.environ):
+# the tiny train step, encode and score programs compile once, not again in each fresh process. A cache hit still
+# fires JAX's backend-compile event and adds a jit cache entry, so compile counts are unchanged; the AOT tests
+# turn it off (`no_compilation_cache`). A cache directory the user set is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR = tempfile.mkdtemp(prefix="kalm-jax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size limit turns on the cache's file lock, so a process never reads an entry another is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -21,6 +36,22 @@ from kalm_jax.text.spm import Tokenizer  # noqa: E402
 
 def _default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def no_compilation_cache(monkeypatch):
+    """This test's compiles, and those of the processes it starts, skip the persistent compilation cache: for
+    the TPU AOT tests, whose costs and memory come from executables a compile-only client builds."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 
 
-def child_env(cache_dir: Path | None = None) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """Environment of a child process: this checkout on PYTHONPATH, CPU JAX, no inherited XLA_FLAGS (the
-    launcher sets each process's devices); with `cache_dir`, a persistent compilation cache there."""
+    launcher sets each process's devices); the session's persistent compilation cache (tests/conftest.py) is
+    inherited."""
     e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    if cache_dir is not None:
-        e.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     e.pop("XLA_FLAGS", None)
     return e
 

@@ -46,8 +46,8 @@ def train_jsonl(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_env(tmp_path_factory):
-    return child_env(tmp_path_factory.mktemp("label_jax_cache"))
+def run_env():
+    return child_env()
 
 
 def label_args(teacher: Path, src: Path, out: Path) -> list[str]:

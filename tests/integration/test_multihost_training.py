@@ -38,8 +38,8 @@ def train_jsonl(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_env(tmp_path_factory):
-    return processes.child_env(tmp_path_factory.mktemp("jax_cache"))
+def run_env():
+    return processes.child_env()
 
 
 @pytest.fixture(scope="module")

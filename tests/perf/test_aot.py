@@ -18,6 +18,8 @@ from kalm_jax.perf import aot
 from kalm_jax.perf.flops import PEAK_BF16
 
 REPO = Path(__file__).resolve().parents[2]
+# What these tests read (costs, memory, compiled text) comes from fresh compiles, not the persistent cache.
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
 
 
 def test_tpu_slice_names():
@@ -326,10 +328,23 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_pat
     128 tokens) on v5e-4, encode and score: the compiler's FLOPs agree to 1e-4, bytes and optimal_seconds to
     10%; the 6-layer sample alone is far from the answer."""
     import dataclasses
+    import importlib
     import json
 
     from kalm_jax.model import config as config_lib
 
+    check = importlib.import_module("kalm_jax.perf.aot.check")  # the module (the package exports its `check`)
+
+    # Each run also compiles the real encode and score programs for the memory table: the same programs in both
+    # runs, and not what this test compares, so the second run reuses the first run's reports.
+    reports, compile_report = {}, check.compile_report
+
+    def compile_once(name, lowered, *args):
+        if name not in reports:
+            reports[name] = compile_report(name, lowered, *args)
+        return reports[name]
+
+    monkeypatch.setattr(check, "compile_report", compile_once)
     tiny = config_lib.get_preset("tiny")
     eight = dataclasses.replace(
         tiny, encoder_layer_types=config_lib.layer_pattern(8), decoder_layer_types=config_lib.layer_pattern(8)
