@@ -14,7 +14,6 @@ the float engine on the same pairs.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,15 +21,7 @@ import jax
 import numpy as np
 
 from kalm_jax.model.quantization import check_mode
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from kalm_jax.perf.bench.timing import time_calls
 
 
 def run(
@@ -81,7 +72,7 @@ def run(
     for i in range(rounds):
         progress(f"quantized: round {i + 1}/{rounds}")
         for key, fn in fns.items():
-            times[key].append(_median_time(fn, repeats))
+            times[key].append(time_calls(fn, [()], warmup=0, repeats=repeats).median_s)
     rows = []
     for (m, op), secs in times.items():
         ratios = [t / f for t, f in zip(secs, times[("none", op)])]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,20 +24,12 @@ import numpy as np
 
 from kalm_jax.perf import flops
 from kalm_jax.perf.bench import peer as peer_lib
+from kalm_jax.perf.bench.timing import time_calls
 
 PATH_IMPL = {
     "engine": "kalm_jax InferenceEngine",
     "array-level": "kalm_jax scoring.encode_passages / scoring.score",
 }
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(
@@ -125,7 +116,7 @@ def run(
     for i in range(rounds):
         progress(f"side by side: round {i + 1}/{rounds}")
         for key, fn in fns.items():
-            times[key].append(_median_time(fn, repeats))
+            times[key].append(time_calls(fn, [()], warmup=0, repeats=repeats).median_s)
     peer_lib.release(peer)
 
     base = {
