@@ -88,6 +88,21 @@ def run_bench(config) -> int:
     return 0
 
 
+def _round_settings(config) -> dict:
+    """The settings of the interleaved-round suites (side_by_side, quantized): one (n, r) and the round counts."""
+    return {
+        "n": config.score_lengths[0],
+        "r": config.ratios[0],
+        "candidates": config.candidates,
+        "prompt_len": config.prompt_len,
+        "dtype": config.dtype,
+        "rounds": config.rounds,
+        "repeats": config.repeats,
+        "warmup": config.warmup,
+        "seed": config.seed,
+    }
+
+
 def _quantized(config, modes: list[str], out: Path | None, markdown: Path | None) -> int:
     """quantized: every mode beside the float model in interleaved rounds (`kalm_jax.perf.bench.quantized`)."""
     from kalm_jax.perf.bench import quantized, report, runner
@@ -95,15 +110,7 @@ def _quantized(config, modes: list[str], out: Path | None, markdown: Path | None
     rows = quantized.run(
         config.shapes[0],
         modes=modes,
-        n=config.score_lengths[0],
-        r=config.ratios[0],
-        candidates=config.candidates,
-        prompt_len=config.prompt_len,
-        dtype=config.dtype,
-        rounds=config.rounds,
-        repeats=config.repeats,
-        warmup=config.warmup,
-        seed=config.seed,
+        **_round_settings(config),
         progress=lambda m: print(m, file=sys.stderr),
     )
     report.print_tables(rows)
@@ -123,15 +130,7 @@ def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
     checking = config.suite == "side_by_side_check"
     rows = side_by_side.run(
         config.shapes[0],
-        n=config.score_lengths[0],
-        r=config.ratios[0],
-        candidates=config.candidates,
-        prompt_len=config.prompt_len,
-        dtype=config.dtype,
-        rounds=config.rounds,
-        repeats=config.repeats,
-        warmup=config.warmup,
-        seed=config.seed,
+        **_round_settings(config),
         array_level=checking,
         progress=lambda m: print(m, file=sys.stderr),
     )
