@@ -103,9 +103,22 @@ def _round_settings(config) -> dict:
     }
 
 
+def _emit(rows: list[dict], out: Path | None, markdown: Path | None) -> None:
+    """The interleaved-round suites' output: the tables on stdout, the rows to `out` (JSON lines) and the
+    Markdown tables to `markdown` when given."""
+    from kalm_jax.perf.bench import report, runner
+
+    report.print_tables(rows)
+    if out:
+        runner.write_rows(rows, out)
+        print(f"wrote {len(rows)} rows to {out}")
+    if markdown:
+        markdown.write_text(report.markdown(rows))
+
+
 def _quantized(config, modes: list[str], out: Path | None, markdown: Path | None) -> int:
     """quantized: every mode beside the float model in interleaved rounds (`kalm_jax.perf.bench.quantized`)."""
-    from kalm_jax.perf.bench import quantized, report, runner
+    from kalm_jax.perf.bench import quantized
 
     rows = quantized.run(
         config.shapes[0],
@@ -113,19 +126,14 @@ def _quantized(config, modes: list[str], out: Path | None, markdown: Path | None
         **_round_settings(config),
         progress=lambda m: print(m, file=sys.stderr),
     )
-    report.print_tables(rows)
-    if out:
-        runner.write_rows(rows, out)
-        print(f"wrote {len(rows)} rows to {out}")
-    if markdown:
-        markdown.write_text(report.markdown(rows))
+    _emit(rows, out, markdown)
     return 0
 
 
 def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
     """side_by_side (and side_by_side_check: also the array-level path, then the minimums: exit 1 and one
     line on stderr when a row's median speedup is below its minimum)."""
-    from kalm_jax.perf.bench import report, runner, side_by_side
+    from kalm_jax.perf.bench import side_by_side
 
     checking = config.suite == "side_by_side_check"
     rows = side_by_side.run(
@@ -134,12 +142,7 @@ def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
         array_level=checking,
         progress=lambda m: print(m, file=sys.stderr),
     )
-    report.print_tables(rows)
-    if out:
-        runner.write_rows(rows, out)
-        print(f"wrote {len(rows)} rows to {out}")
-    if markdown:
-        markdown.write_text(report.markdown(rows))
+    _emit(rows, out, markdown)
     if checking:
         minimum = {"encode": config.min_encode_speedup, "score": config.min_score_speedup}
         failures = side_by_side.check(rows, minimum)
