@@ -67,7 +67,8 @@ def quantize_int8(dense, xp=np):
     inside a jitted program (the engine re-quantizes windows re-pooled on the device); both compute the same
     fp32 operations in the same order."""
     dense = xp.asarray(dense, xp.float32)
-    scale = xp.maximum(xp.abs(dense).max(axis=-1), xp.float32(1e-12)).astype(xp.float32) / xp.float32(127.0)
+    # x (1/127 in fp32), not / 127: XLA rewrites a division by a constant into this product, numpy does not
+    scale = xp.maximum(xp.abs(dense).max(axis=-1), xp.float32(1e-12)).astype(xp.float32) * xp.float32(1 / 127)
     values = xp.clip(xp.rint(dense / scale[..., None]), -127, 127).astype(xp.int8)
     return values, scale
 
