@@ -49,7 +49,7 @@ def cache(engines):
 def pairs():
     rng = np.random.default_rng(1)
     prompt_rows = [rng.integers(3, 8000, n).tolist() for n in (7, 12, 40)]
-    return prompt_rows, rng.integers(0, 3, 40), rng.integers(0, 19, 40)
+    return prompt_rows, rng.integers(0, 3, 24), rng.integers(0, 19, 24)
 
 
 def test_quantizer_and_dequantizer_are_the_hosts(cache):
@@ -73,16 +73,16 @@ def test_int8_margins_equal_host_dequantized_bit_for_bit(engines, cache, pairs):
     compute, int8 = engines
     prompt_rows, prompt_of, passage_of = pairs
     host = cache.to_storage("int8")
-    want = compute.margins(prompt_rows, prompt_of, host.to_storage("float32"), passage_of, batch_size=16)
+    want = compute.margins(prompt_rows, prompt_of, host.to_storage("float32"), passage_of, batch_size=32)
     assert np.isfinite(want).all() and np.ptp(want) > 0
-    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, host, passage_of, batch_size=16), want)
-    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, cache, passage_of, batch_size=16), want)
+    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, host, passage_of, batch_size=32), want)
+    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, cache, passage_of, batch_size=32), want)
     placed = int8.place(host, batch_size=8)
     assert placed.states.dtype == jnp.int8 and placed.scale.dtype == jnp.float32
     assert placed.scale.sharding.is_fully_replicated
-    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=16), want)
+    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=32), want)
     # a compute engine scores int8 device states as int8 too (the program takes what was placed)
-    np.testing.assert_array_equal(compute.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=16), want)
+    np.testing.assert_array_equal(compute.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=32), want)
 
     rows = host.select(passage_of[:8], trim=False)
     dec = np.full((8, 40), 0, np.int32)
@@ -118,8 +118,8 @@ def test_coarser_ratio_requantizes_on_the_device(engines, cache, pairs):
     assert (values == ref.states).mean() > 0.999
     real = ref.mask.astype(bool)  # `place` zeroes windows past a row's end (value 0 either way)
     np.testing.assert_allclose(scale[real], ref.scale[real], rtol=1e-6)
-    got = int8.margins(prompt_rows, prompt_of, host, passage_of, ratio=2, batch_size=16)
-    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=16), got)
+    got = int8.margins(prompt_rows, prompt_of, host, passage_of, ratio=2, batch_size=32)
+    np.testing.assert_array_equal(int8.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=32), got)
     want = compute.margins(prompt_rows, prompt_of, ref.to_storage("float32"), passage_of)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2)
 
@@ -154,8 +154,8 @@ def test_int8_travels_and_the_program_dequantizes(engines, cache, pairs, monkeyp
 
     monkeypatch.setattr(int8, "_put", spy_put)
     monkeypatch.setattr(programs, "score_pairs", spy_score)
-    int8.margins(prompt_rows, prompt_of, cache.to_storage("int8"), passage_of, batch_size=16)
-    int8.margins(prompt_rows, prompt_of, cache, passage_of, batch_size=16)
+    int8.margins(prompt_rows, prompt_of, cache.to_storage("int8"), passage_of, batch_size=32)
+    int8.margins(prompt_rows, prompt_of, cache, passage_of, batch_size=32)
     assert seen and set(seen) == {np.dtype(np.int8)}, seen
     assert calls and all(
         s == jnp.int8 and sc is not None and sc[0] == jnp.float32 and sc[1] == sh[:2] for s, sc, sh in calls
@@ -183,13 +183,13 @@ def test_tensor_split_layout_scores_the_same(model, engines, cache, pairs):
     split = _engine(model, "int8", weights="tensor:2", share_weights=False)
     assert split.policy.mode == "tensor" and split.policy.tensor == 2
     host = cache.to_storage("int8")
-    want = int8.margins(prompt_rows, prompt_of, host, passage_of, batch_size=16)
+    want = int8.margins(prompt_rows, prompt_of, host, passage_of, batch_size=32)
     np.testing.assert_allclose(
-        split.margins(prompt_rows, prompt_of, host, passage_of, batch_size=16), want, rtol=1e-5, atol=1e-5
+        split.margins(prompt_rows, prompt_of, host, passage_of, batch_size=32), want, rtol=1e-5, atol=1e-5
     )
     placed = split.place(host)
     np.testing.assert_allclose(
-        split.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=16), want, rtol=1e-5, atol=1e-5
+        split.margins(prompt_rows, prompt_of, placed, passage_of, batch_size=32), want, rtol=1e-5, atol=1e-5
     )
 
 
