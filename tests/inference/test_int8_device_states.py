@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kalm_jax.inference import engine as engine_module
 from kalm_jax.inference import programs
 from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.inference.states import quantize_int8
@@ -193,8 +194,15 @@ def test_tensor_split_layout_scores_the_same(model, engines, cache, pairs):
     )
 
 
-def test_setting_is_checked_and_shown(model):
+def test_setting_is_checked_and_shown(model, monkeypatch, capsys):
     with pytest.raises(ValueError, match="device_states must be one of compute, int8, got 'int4'"):
         _engine(model, "int4")
+    monkeypatch.setattr(engine_module, "_ANNOUNCED", set())  # the start-up lines print once per process
+    _engine(model, "int8", share_weights=False)
+    assert "passage states on the devices: int8 + an fp32 scale per window (device_states=int8)" in (
+        capsys.readouterr().err
+    )
+    _engine(model, share_weights=False)
+    assert "passage states" not in capsys.readouterr().err
     assert "device_states=int8" in repr(_engine(model, "int8", share_weights=False))
     assert "device_states=compute" in repr(_engine(model, share_weights=False))
