@@ -49,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "or several comma-separated (one set of rows per mode)",
         ),
         cli.Flag(
+            "states",
+            "compute",
+            "the engine's device_states for score: compute (passage states in the compute dtype) or int8 (int8 values "
+            "+ an fp32 scale per window, dequantized inside the score program)",
+        ),
+        cli.Flag(
             "fit_batch",
             False,
             "also find the largest encode / score batch that fits HBM (a line fitted from two compiles, checked by a "

@@ -27,6 +27,7 @@ def run(config, coordinator_address=None, num_processes=None, process_id=None) -
         batch_size=config.batch_size,
         dtype=config.dtype or None,
         quantization=config.quantization or None,
+        device_states=config.device_states,
         shard_size=config.shard_size,
     )
     if distributed.is_primary():

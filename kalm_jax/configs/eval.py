@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Model and lengths.
     c.dtype = "float32"  # parameter dtype to load the checkpoint in (float32 | bfloat16)
     c.quantization = ""  # weights: int8 | int8-dynamic | fp8 | none (kalm_jax.model.quantization); "" = as loaded
+    c.device_states = "compute"  # passage states to the score program: compute (dtype) | int8 (+ scale per window)
     c.max_document_tokens = 1024  # passage tokens (incl. the '<Document>: ' prefix)
     c.max_query_tokens = 512  # query tokens before the prompt template
     c.relevance_level = 0  # min grade counted relevant by binary measures (0 = per dataset: TREC DL 2, else 1)

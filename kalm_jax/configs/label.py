@@ -17,5 +17,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 64  # passages / pairs per device step
     c.dtype = ""  # parameter dtype to load the teacher in; "" = the checkpoint's own
     c.quantization = ""  # teacher weights: int8 | int8-dynamic | fp8 | none (model.quantization); "" = as loaded
+    c.device_states = "compute"  # passage states to the score program: compute (dtype) | int8 (+ scale per window)
     c.shard_size = 1024  # examples per shard: the unit split across processes and resumed after a kill
     return c

@@ -14,6 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = ""  # tokenizer.model / tokenizer.json; default: the checkpoint's own
     c.dtype = ""  # float32 | bfloat16; empty = float32 on CPU, bfloat16 on accelerators
     c.quantization = ""  # weights: int8 | int8-dynamic | fp8 | none (kalm_jax.model.quantization); "" = as loaded
+    c.device_states = "compute"  # passage states to the score program: compute (dtype) | int8 (+ scale per window)
     c.model_name = ""  # the name responses report; empty = the checkpoint folder's name
     c.ratio = 4  # MEP ratio of a request that names none (a request may ask for any ratio)
     c.max_query_tokens = 512  # query tokens before the prompt template

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kalm_jax.configs import eval as eval_config
+from kalm_jax.inference.engine import DEVICE_STATES
 from kalm_jax.inference.states import STORAGE
 from kalm_jax.model import quantization
 from kalm_jax.text import prompts
@@ -73,6 +74,7 @@ class Settings:
     cascade: str
     dtype: str
     quantization: str
+    device_states: str
     relevance_level: int
     on_unknown_docs: str
     batch_pairs: int
@@ -150,6 +152,10 @@ class Settings:
             raise SweepConfigError(
                 f"quantization must be one of {', '.join(quantization.MODES)}, got {self.quantization!r}"
             )
+        if self.device_states not in DEVICE_STATES:
+            raise SweepConfigError(
+                f"device_states must be one of {', '.join(DEVICE_STATES)}, got {self.device_states!r}"
+            )
         if self.storage not in STORAGE:
             raise SweepConfigError(f"storage must be one of {STORAGE}, got {self.storage!r}")
         t = self.store_lock_timeout
@@ -194,6 +200,8 @@ class Settings:
         d = {k: getattr(self, k) for k in IDENTITY_FIELDS}
         if self.quantization:  # results of the weights as loaded keep the identity they always had
             d["quantization"] = self.quantization
+        if self.device_states != "compute":  # likewise: the default keeps the identity results always had
+            d["device_states"] = self.device_states
         d["store_ratio"] = self.finest_ratio
         return d
 

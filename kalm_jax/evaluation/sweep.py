@@ -312,6 +312,7 @@ def _run_sweep_locked(config, *, load_model: ModelLoader = load_checkpoint) -> l
                 max_query_tokens=settings.max_query_tokens,
                 show_progress=False,
                 quantization=settings.quantization or None,
+                device_states=settings.device_states,
             )
             key = store_lib.StoreKey.for_engine(engine, settings.finest_ratio, settings.storage)
             for ds in settings.datasets:

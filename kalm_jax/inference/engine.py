@@ -46,10 +46,10 @@ from tqdm.auto import tqdm
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.inference import programs
-from kalm_jax.inference.states import STORAGE, PassageStates, row_indices
+from kalm_jax.inference.states import STORAGE, PassageStates, quantize_int8, row_indices
 from kalm_jax.model import mep
 from kalm_jax.model import quantization as quantize
-from kalm_jax.model.t5gemma2 import T5Gemma2, check_passages, check_tokens
+from kalm_jax.model.t5gemma2 import T5Gemma2, check_passages, check_tokens, dequantize_passages
 from kalm_jax.parallel import inference_policy
 from kalm_jax.text import prompts
 from kalm_jax.text.hf_json import AnyTokenizer, check_vocab
@@ -59,6 +59,17 @@ PROGRESS_MIN_ITEMS = 256
 """With ``show_progress=None`` a progress bar appears for work of at least this many items."""
 DEFAULT_MAX_PROMPT_TOKENS = 2048
 """Budget for a whole decoder prompt (system + instruction + query + template)."""
+DEVICE_STATES = ("compute", "int8")
+"""How passage states travel to and stay on the devices (`InferenceEngine(device_states=...)`): "compute", in the
+compute dtype (dequantized on the host); "int8", int8 values + an fp32 scale per window, dequantized inside the
+score program by each decoder layer."""
+
+
+def check_device_states(value: str) -> str:
+    """`value` if it is one of `DEVICE_STATES`; ValueError naming the choices otherwise."""
+    if value not in DEVICE_STATES:
+        raise ValueError(f"device_states must be one of {', '.join(DEVICE_STATES)}, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +106,14 @@ class Buckets:
 class DeviceStates:
     """A passage-state cache resident on one engine's devices (made by `InferenceEngine.place`).
 
-    states: jax.Array [N, C, H] in the engine's compute dtype, replicated over the engine's data mesh (each
-      device holds the whole cache); C is the engine's window bucket of the longest row, windows past a row's
-      end are zero and masked.
+    states: jax.Array [N, C, H] in the engine's compute dtype, or int8 (an engine with ``device_states="int8"``),
+      replicated over the engine's data mesh (each device holds the whole cache); C is the engine's window
+      bucket of the longest row, windows past a row's end are zero and masked.
     mask: jax.Array [N, C] int32, 1 where a window holds at least one token.
     windows: numpy int64 [N] on the host: windows each row spans at `ratio` (for length sorting and for each
       batch's window bucket, without reading the device).
     ratio: the MEP ratio the states are pooled at. ids / meta: those of the `PassageStates` placed.
+    scale: jax.Array [N, C] float32 with int8 `states` (per-window absmax scale, `states.quantize_int8`), else None.
     """
 
     states: jax.Array
@@ -110,6 +122,7 @@ class DeviceStates:
     ratio: int
     ids: list[str] | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scale: jax.Array | None = None
 
     def __post_init__(self):
         if (
@@ -121,14 +134,21 @@ class DeviceStates:
                 f"inconsistent device states: states {self.states.shape}, mask {self.mask.shape}, "
                 f"windows {self.windows.shape}"
             )
+        if (self.states.dtype == jnp.int8) != (self.scale is not None) or (
+            self.scale is not None and tuple(self.scale.shape) != tuple(self.mask.shape)
+        ):
+            raise ValueError(
+                f"device states of dtype {self.states.dtype} need a scale [N, C] exactly when they are int8, got "
+                f"{None if self.scale is None else tuple(self.scale.shape)}"
+            )
 
     def __len__(self) -> int:
         return int(self.windows.shape[0])
 
     @property
     def nbytes(self) -> int:
-        """Bytes of one replica (states + mask); every device of the engine holds one."""
-        return int(self.states.nbytes + self.mask.nbytes)
+        """Bytes of one replica (states + mask + int8 states' scale); every device of the engine holds one."""
+        return int(self.states.nbytes + self.mask.nbytes + (0 if self.scale is None else self.scale.nbytes))
 
 
 def _window_extent(mask) -> np.ndarray:
@@ -234,6 +254,12 @@ class InferenceEngine:
         "int8-dynamic", "fp8"): the engine quantizes a copy of `model` (the caller's model is not changed) and
         runs that; None (default) runs `model` as it is (float, or already quantized, e.g. loaded from a
         quantized checkpoint). `self.model` is the model the engine runs.
+      device_states: how passage states reach the score program (`DEVICE_STATES`): "compute" (default) in the
+        compute dtype, dequantized on the host; "int8" as int8 values + an fp32 scale per window (half of bf16's
+        bytes on the wire and in `place`'s cache), dequantized inside the score program where each decoder layer
+        projects them to keys and values. int8 host states travel as they are stored; float host states are
+        quantized on the host by `states.quantize_int8` (the quantizer of ``PassageStates.to_storage("int8")``).
+        The margins equal those of the same int8 states dequantized on the host (`PassageStates.dense`).
 
     A model whose weights are `jax.ShapeDtypeStruct`s (`kalm_jax.model.build.build_model(..., abstract=True)`) makes an
     engine that only lowers programs (`encode_program`, `score_program`: ahead-of-time compilation for devices
@@ -260,7 +286,9 @@ class InferenceEngine:
         weights: str | None = None,
         device_memory: int | None = None,
         quantization: str | None = None,
+        device_states: str = "compute",
     ):
+        self.device_states = check_device_states(device_states)
         if tokenizer is not None:
             check_vocab(tokenizer, model.config.vocab_size, where=str(getattr(tokenizer, "path", None) or "tokenizer"))
             yes_id = tokenizer.yes_id if yes_id is None else yes_id
@@ -321,6 +349,11 @@ class InferenceEngine:
         self._global = any(d.process_index != jax.process_index() for d in self.devices)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch = NamedSharding(self.mesh, PartitionSpec(batch_axes))
+        if self.device_states == "int8":
+            _announce(
+                "passage states on the devices: int8 + an fp32 scale per window (device_states=int8), "
+                "dequantized inside the score program"
+            )
         if self.abstract:
             state = inference_policy.abstract_weights(state, self.mesh, self.policy.rules if self.policy else {})
         elif mesh is None:
@@ -481,12 +514,15 @@ class InferenceEngine:
     def score_program(self, batch: int, prompt_len: int, windows: int) -> Program:
         """The program `score_batch` / `margins` run for `batch` pairs of prompts of at most `prompt_len`
         tokens over `windows` passage states: `programs.score_pairs` on this engine's weights, prompts
-        [rows, T] int32, states [rows, C, H] in the compute dtype, mask [rows, C] int32, batch-sharded."""
+        [rows, T] int32, states [rows, C, H] in the compute dtype (``device_states="int8"``: int8, with a scale
+        [rows, C] fp32), mask [rows, C] int32, batch-sharded."""
         rows, t, c = self.score_shape(batch, prompt_len, windows)
         dec = self._spec((rows, t), np.int32)
-        states = self._spec((rows, c, self.model.config.hidden_size), self.state_dtype)
+        int8 = self.device_states == "int8"
+        states = self._spec((rows, c, self.model.config.hidden_size), np.int8 if int8 else self.state_dtype)
         pmask = self._spec((rows, c), np.int32)
-        args = (self._graphdef, self._state, dec, dec, states, pmask, self._need_yes_no())
+        scale = self._spec((rows, c), np.float32) if int8 else None
+        args = (self._graphdef, self._state, dec, dec, states, pmask, self._need_yes_no(), scale)
         return Program("score", programs.score_pairs, args, self.mesh)
 
     # ------------------------------------------------------------------ array-level steps
@@ -524,10 +560,14 @@ class InferenceEngine:
         *,
         yes_id: int | None = None,
         no_id: int | None = None,
+        passage_scale=None,
     ) -> np.ndarray:
         """fp32 margins [B] for B (decoder prompt [B, T], passage states [B, C, H] + mask [B, C]) pairs.
 
-        `yes_id` / `no_id` (both or neither) score with these token ids instead of the engine's own."""
+        `yes_id` / `no_id` (both or neither) score with these token ids instead of the engine's own.
+        `passage_scale` [B, C] fp32: the passage states are int8 values with this per-window scale
+        (`states.quantize_int8`). An int8 engine (``device_states="int8"``) sends int8 states as they are and
+        quantizes float ones on the host; a compute engine dequantizes int8 ones on the host."""
         if (yes_id is None) != (no_id is None):
             raise ValueError("give both yes_id and no_id, or neither")
         yes_no = self._need_yes_no() if yes_id is None else self._placed_yes_no(yes_id, no_id)
@@ -537,6 +577,18 @@ class InferenceEngine:
         pmask = np.asarray(passage_mask)
         check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
         check_passages(states, pmask, dec, self.model.config)
+        if (passage_scale is not None) != (states.dtype == np.int8):
+            raise ValueError(
+                f"passage_scale goes with int8 passage states and only with them (got {states.dtype} states and "
+                f"{'a' if passage_scale is not None else 'no'} scale)"
+            )
+        scale = None if passage_scale is None else np.asarray(passage_scale, np.float32)
+        if scale is not None and scale.shape != states.shape[:2]:
+            raise ValueError(f"passage_scale shape {scale.shape} does not match passage states {states.shape[:2]}")
+        if self.device_states == "int8" and scale is None:
+            states, scale = quantize_int8(states)
+        elif self.device_states != "int8" and scale is not None:
+            states, scale = dequantize_passages(states, scale, np.float32, xp=np), None
         b = dec.shape[0]
         rows, t, c = self.score_shape(b, dec.shape[1], states.shape[1])
         dec_p = np.full((rows, t), self.model.config.pad_token_id, np.int32)
@@ -544,17 +596,23 @@ class InferenceEngine:
         dec_p[:b, : dec.shape[1]] = dec
         dmask_p[:b, : dec.shape[1]] = dmask
         dmask_p[b:, 0] = 1
-        states_p = np.zeros((rows, c, states.shape[2]), self.state_dtype)
+        states_p = np.zeros((rows, c, states.shape[2]), np.int8 if scale is not None else self.state_dtype)
         states_p[:b, : states.shape[1]] = states
         pmask_p = np.zeros((rows, c), np.int32)
         pmask_p[:b, : states.shape[1]] = pmask
         pmask_p[b:, 0] = 1
+        scale_d = None
+        if scale is not None:
+            scale_p = np.zeros((rows, c), np.float32)
+            scale_p[:b, : states.shape[1]] = scale
+            (scale_d,) = self._put(scale_p)
         margins = self._call(
             programs.score_pairs,
             self._graphdef,
             self._state,
             *self._put(dec_p, dmask_p, states_p, pmask_p),
             yes_no,
+            scale_d,
         )
         return np.asarray(self._host(margins), np.float32)[:b]
 
@@ -708,12 +766,16 @@ class InferenceEngine:
             )
         return ratio, ratio // states.ratio
 
-    def _host_batch(self, chunk: PassageStates, factor: int, rows: int) -> tuple[jax.Array, jax.Array]:
+    def _host_batch(
+        self, chunk: PassageStates, factor: int, rows: int
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """One batch of host states on the devices, padded to `rows` rows and the batch's window bucket, at
-        `factor` x their ratio: (states [rows, W, H] compute dtype, mask [rows, W] int32), batch-sharded.
-        Coarser ratios are re-pooled exactly (count-weighted, fp32) on the device by `programs.repool_states`."""
+        `factor` x their ratio: (states [rows, W, H], mask [rows, W] int32, scale), batch-sharded. States are in
+        the compute dtype with scale None, or (``device_states="int8"``) int8 with scale [rows, W] fp32: int8 host
+        states as stored, float ones quantized here by `quantize_int8`. Coarser ratios are re-pooled exactly
+        (count-weighted, fp32) on the device by `programs.repool_states` (which re-quantizes them for int8)."""
         b, fine, hidden = len(chunk), chunk.mask.shape[1], chunk.states.shape[2]
-        compute = self.state_dtype
+        int8 = self.device_states == "int8"
         if factor > 1:
             width = self.buckets.window_count(-(-fine // factor)) * factor
             dense = np.zeros((rows, width, hidden), np.float32)
@@ -721,15 +783,30 @@ class InferenceEngine:
             cnt = np.zeros((rows, width), np.int32)
             cnt[:b, :fine] = chunk.counts
             cnt[b:, 0] = 1
-            return self._call(programs.repool_states, *self._put(dense, cnt), factor, jnp.dtype(compute))
+            out = jnp.int8 if int8 else jnp.dtype(self.state_dtype)
+            return self._call(programs.repool_states, *self._put(dense, cnt), factor, jnp.dtype(out))
         width = self.buckets.window_count(fine)
-        dense = np.zeros((rows, width, hidden), compute)
-        dense[:b, :fine] = chunk.dense(np.float32)
         pm = np.zeros((rows, width), np.int32)
         pm[:b, :fine] = chunk.mask
         pm[b:, 0] = 1  # padding rows attend to one (zero) window and are dropped
-        st_d, pm_d = self._put(dense, pm)
-        return st_d, pm_d
+        if not int8:
+            dense = np.zeros((rows, width, hidden), self.state_dtype)
+            dense[:b, :fine] = chunk.dense(np.float32)
+            st_d, pm_d = self._put(dense, pm)
+            return st_d, pm_d, None
+        values, scale = self._int8(chunk)
+        q = np.zeros((rows, width, hidden), np.int8)
+        q[:b, :fine] = values
+        sc = np.zeros((rows, width), np.float32)  # padding windows: 0 x 0
+        sc[:b, :fine] = scale
+        return tuple(self._put(q, pm, sc))
+
+    @staticmethod
+    def _int8(chunk: PassageStates) -> tuple[np.ndarray, np.ndarray]:
+        """(values [P, C, H] int8, scale [P, C] fp32) of host states: as stored when int8, else `quantize_int8`."""
+        if chunk.scale is not None:
+            return np.asarray(chunk.states), np.asarray(chunk.scale, np.float32)
+        return quantize_int8(chunk.dense(np.float32))
 
     def place(
         self,
@@ -748,14 +825,17 @@ class InferenceEngine:
         traffic); the cost is the whole cache on every device: `nbytes` = N x C x (H x itemsize + 4) bytes on
         each device (C = the window bucket of the longest row, itemsize 2 for a bf16 model, 4 for fp32), plus,
         while placing, one host buffer of that size. States are stored in the compute dtype, the window axis
-        padded to the engine's window bucket (zero, masked).
+        padded to the engine's window bucket (zero, masked); with ``device_states="int8"`` as int8 values +
+        an fp32 scale per window (N x C x (H + 8) bytes: half of bf16's at H >> 8), as `margins` sends them.
 
         Args:
-          states: host passage states [N, C', H] at `states.ratio` (any storage; int8 is dequantised).
+          states: host passage states [N, C', H] at `states.ratio` (any storage; int8 is dequantised, except by an
+            int8 engine, which keeps it; float states are quantized for an int8 engine).
           ratio: place at this ratio (a multiple of `states.ratio`; default `states.ratio`). A coarser ratio is
             re-pooled exactly first (count-weighted, fp32, on the device by `programs.repool_states`, in batches
             of `batch_size` rows with the out-of-memory back-off), then cast to the compute dtype: the same
-            values `margins` computes batch by batch from the host states at that ratio.
+            values `margins` computes batch by batch from the host states at that ratio (an int8 engine re-quantizes
+            the pooled windows on the device, as `margins` does).
         Returns:
           `DeviceStates` at `ratio`, in the input order.
         """
@@ -764,25 +844,34 @@ class InferenceEngine:
         n, hidden = len(states), states.states.shape[2]
         windows = -(-_window_extent(states.mask) // factor)
         width = self.buckets.window_count(int(windows.max()) if n else 0)
-        host = np.zeros((n, width, hidden), self.state_dtype)
+        int8 = self.device_states == "int8"
+        host = np.zeros((n, width, hidden), np.int8 if int8 else self.state_dtype)
         mask = np.zeros((n, width), np.int32)
+        scale = np.zeros((n, width), np.float32) if int8 else None
 
         def run(start: int, stop: int) -> None:
             chunk = states.select(np.arange(start, stop))
             # windows past `width` hold no token (only a chunk of empty rows keeps them): they are dropped
             if factor == 1:  # no device work: straight into the host buffer, one transfer below
                 w = min(chunk.mask.shape[1], width)
-                host[start:stop, :w] = chunk.dense(np.float32)[:, :w]
+                if int8:
+                    values, sc = self._int8(chunk)
+                    host[start:stop, :w], scale[start:stop, :w] = values[:, :w], sc[:, :w]
+                else:
+                    host[start:stop, :w] = chunk.dense(np.float32)[:, :w]
                 mask[start:stop, :w] = chunk.mask[:, :w]
                 return
-            st_d, pm_d = self._host_batch(chunk, factor, self.rows(stop - start))
+            st_d, pm_d, sc_d = self._host_batch(chunk, factor, self.rows(stop - start))
             w = min(st_d.shape[1], width)
             host[start:stop, :w] = self._host(st_d)[: stop - start, :w]  # sliced on the host: no program per shape
             mask[start:stop, :w] = self._host(pm_d)[: stop - start, :w]
+            if int8:
+                scale[start:stop, :w] = self._host(sc_d)[: stop - start, :w]
 
         self.run_batches(n, batch_size, run, "placing passage states", "passage", show_progress)
         placed = (self._put_to(host, self._replicated), self._put_to(mask, self._replicated))
-        return DeviceStates(placed[0], placed[1], windows, ratio, states.ids, dict(states.meta))
+        scale_d = None if scale is None else self._put_to(scale, self._replicated)
+        return DeviceStates(placed[0], placed[1], windows, ratio, states.ids, dict(states.meta), scale_d)
 
     def _check_placed(self, states: DeviceStates, ratio: int | None) -> None:
         if ratio is not None and mep.check_ratio(ratio) != states.ratio:
@@ -817,7 +906,8 @@ class InferenceEngine:
           prompt_of, passage_of: int [N] pair -> prompt row / passage row (float or boolean arrays: TypeError).
           states: cached passage states: host `PassageStates` at `states.ratio` (each batch's rows are selected,
             padded and transferred), or `DeviceStates` from `place` (each batch's rows are gathered on the
-            device; only the indices travel).
+            device; only the indices travel). Int8 device states (placed by an int8 engine) are scored as int8
+            whatever this engine's `device_states`.
           ratio: score at this ratio. Host states: a multiple of `states.ratio` (default `states.ratio`); coarser
             ratios are re-pooled exactly (count-weighted, fp32) on the device, batch by batch. Device states:
             None or the ratio they were placed at (place them at another ratio to score at it).
@@ -855,9 +945,11 @@ class InferenceEngine:
                 width = min(self.buckets.window_count(int(windows[passage_of[pairs]].max())), states.states.shape[1])
                 idx = np.zeros((rows,), np.int32)  # padding rows gather row 0 and are dropped
                 idx[:b] = passage_of[pairs]
-                st_d, pm_d = self._call(programs.gather_states, states.states, states.mask, *self._put(idx), width)
+                st_d, pm_d, sc_d = self._call(
+                    programs.gather_states, states.states, states.mask, *self._put(idx), width, states.scale
+                )
             else:
-                st_d, pm_d = self._host_batch(states.select(passage_of[pairs]), factor, rows)
+                st_d, pm_d, sc_d = self._host_batch(states.select(passage_of[pairs]), factor, rows)
             dec, dmask = prompts.pad_batch(
                 [prompt_rows[i] for i in prompt_of[pairs]] + [[pad_id]] * (rows - b),
                 pad_id,
@@ -865,7 +957,9 @@ class InferenceEngine:
             )
             check_tokens(dec, dmask, self.model.config, "decoder_input_ids")
             dec_d, dmask_d = self._put(dec, dmask)
-            margins = self._call(programs.score_pairs, self._graphdef, self._state, dec_d, dmask_d, st_d, pm_d, yes_no)
+            margins = self._call(
+                programs.score_pairs, self._graphdef, self._state, dec_d, dmask_d, st_d, pm_d, yes_no, sc_d
+            )
             out[pairs] = np.asarray(self._host(margins), np.float32)[:b]
 
         self.run_batches(n, batch_size, run, desc, "pair", show_progress)
@@ -875,7 +969,8 @@ class InferenceEngine:
         c = self.model.config
         return (
             f"InferenceEngine(hidden={c.hidden_size}, dtype={jnp.dtype(self.model.dtype)}, "
-            f"quantization={self.quantization}, devices={len(self.devices)}, batch_size={self.batch_size}, "
+            f"quantization={self.quantization}, device_states={self.device_states}, devices={len(self.devices)}, "
+            f"batch_size={self.batch_size}, "
             f"compiles={self.compiles})"
         )
 
@@ -890,7 +985,9 @@ def probability(margins) -> np.ndarray:
 __all__ = [
     "InferenceEngine",
     "DeviceStates",
+    "DEVICE_STATES",
     "Buckets",
+    "check_device_states",
     "is_oom",
     "probability",
     "DEFAULT_BATCH_SIZE",

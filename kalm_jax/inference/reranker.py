@@ -75,6 +75,8 @@ class Reranker:
       show_progress: progress bars: True, False, or None (only for lists of >= 256 items).
       quantization: quantized weights (`kalm_jax.model.quantization.MODES`: "none", "int8", "int8-dynamic",
         "fp8"), applied by the engine to a copy of `model`; None runs the model as it is.
+      device_states: how passage states reach the score program (`engine.DEVICE_STATES`): "compute" (default)
+        or "int8" (int8 values + an fp32 scale per window, dequantized inside the score program).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class Reranker:
         devices: Sequence[jax.Device] | None = None,
         show_progress: bool | None = None,
         quantization: str | None = None,
+        device_states: str = "compute",
     ):
         self.ratio = mep.check_ratio(ratio)
         if instruction is not None and not isinstance(instruction, (str, bool)):
@@ -108,6 +111,7 @@ class Reranker:
             max_query_tokens=max_query_tokens,
             show_progress=show_progress,
             quantization=quantization,
+            device_states=device_states,
         )
 
     # ------------------------------------------------------------------ construction

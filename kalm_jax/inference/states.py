@@ -33,6 +33,7 @@ import numpy as np
 from kalm_jax.atomic import atomic_directory
 from kalm_jax.checkpoints import integrity
 from kalm_jax.model import mep
+from kalm_jax.model.t5gemma2 import dequantize_passages
 
 FORMAT = "kalm-jax-passage-states"
 STORAGE = ("float32", "bfloat16", "int8")
@@ -55,6 +56,21 @@ def row_indices(rows, what: str) -> np.ndarray:
 
 class PassageStatesError(ValueError):
     """A passage-state directory whose files are missing, inconsistent or hold invalid values."""
+
+
+def quantize_int8(dense, xp=np):
+    """The one int8 quantizer of passage states: symmetric per-window absmax.
+
+    dense [..., C, H] float32 -> (values [..., C, H] int8, scale [..., C] float32) with
+    ``values * scale[..., None]`` ~= dense (`t5gemma2.dequantize_passages` inverts it). `xp` is the array
+    module: numpy on the host (`PassageStates.to_storage("int8")`, the engine's host batches) or jax.numpy
+    inside a jitted program (the engine re-quantizes windows re-pooled on the device); both compute the same
+    fp32 operations in the same order."""
+    dense = xp.asarray(dense, xp.float32)
+    # x (1/127 in fp32), not / 127: XLA rewrites a division by a constant into this product, numpy does not
+    scale = xp.maximum(xp.abs(dense).max(axis=-1), xp.float32(1e-12)).astype(xp.float32) * xp.float32(1 / 127)
+    values = xp.clip(xp.rint(dense / scale[..., None]), -127, 127).astype(xp.int8)
+    return values, scale
 
 
 def _finite(a: np.ndarray, where: str) -> np.ndarray:
@@ -129,7 +145,7 @@ class PassageStates:
         """States as a float array [P, C, H] (dequantised when stored as int8)."""
         where = str(self.meta.get("path", "passage states"))
         if self.scale is not None:
-            return _finite((self.states.astype(np.float32) * self.scale[..., None]).astype(dtype), where)
+            return _finite(dequantize_passages(self.states, self.scale, dtype, xp=np), where)
         return _finite(np.asarray(self.states).astype(dtype), where)
 
     def select(self, rows: Sequence[int] | np.ndarray, *, trim: bool = True) -> PassageStates:
@@ -195,8 +211,7 @@ class PassageStates:
         dense = self.dense(np.float32)
         scale = None
         if storage == "int8":
-            scale = np.maximum(np.abs(dense).max(axis=-1), 1e-12).astype(np.float32) / 127.0
-            states = np.clip(np.rint(dense / scale[..., None]), -127, 127).astype(np.int8)
+            states, scale = quantize_int8(dense)
         elif storage == "bfloat16":
             states = dense.astype(ml_dtypes.bfloat16)
         else:
@@ -405,4 +420,4 @@ def _verify(d: Path, manifest: dict[str, Any], states: PassageStates) -> None:
         )
 
 
-__all__ = ["PassageStates", "PassageStatesError", "STORAGE", "check_ids", "read_json"]
+__all__ = ["PassageStates", "PassageStatesError", "STORAGE", "check_ids", "quantize_int8", "read_json"]

@@ -371,7 +371,9 @@ class T5Gemma2(nnx.Module):
         check_passages(encoder_states, encoder_mask, decoder_input_ids, self.config, layout)
         ids = jnp.asarray(decoder_input_ids, jnp.int32)
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
-        enc = jnp.asarray(encoder_states).astype(self.dtype)
+        enc = jnp.asarray(encoder_states)
+        if enc.dtype != jnp.int8:  # int8 passages stay int8 here: each layer dequantizes them (`_decoder_block`)
+            enc = enc.astype(self.dtype)
         enc_mask = jnp.asarray(encoder_mask, jnp.int32)
         if embedded is None:
             return self.embed(ids), mask, enc, enc_mask
@@ -382,8 +384,17 @@ class T5Gemma2(nnx.Module):
             )
         return embedded.astype(self.dtype), mask, enc, enc_mask
 
-    def _decoder_block(self, enc, dec_mask, enc_mask, query_index=None, layout=None):
-        """The decoder's attention sub-block: causal self keys (sliding layers: windowed) + every passage key."""
+    def _decoder_block(self, enc, dec_mask, enc_mask, query_index=None, layout=None, enc_scale=None):
+        """The decoder's attention sub-block: causal self keys (sliding layers: windowed) + every passage key.
+
+        enc_scale: [B, S] fp32 when `enc` [B, S, H] is int8 (`dequantize_passages`): each layer dequantizes the
+        passages where it projects them to keys and values, so no compute-dtype copy of the whole batch's
+        states is an input of the program or a value live across the layers."""
+        if (enc.dtype == jnp.int8) != (enc_scale is not None):
+            raise ValueError(
+                f"int8 passage states need their per-window scale and only they take one; got {enc.dtype} states "
+                f"and {'a' if enc_scale is not None else 'no'} scale"
+            )
         c = self.config
         t = dec_mask.shape[1]
         causal, sliding_causal = masks.causal_window(t), masks.causal_window(t, c.sliding_window)
@@ -394,7 +405,7 @@ class T5Gemma2(nnx.Module):
             self_mask = masks.Mask(dec_mask, sliding_causal if sliding else causal, queries=dec_mask)
             return layers.merged_attention_block(
                 h,
-                enc,
+                enc if enc_scale is None else dequantize_passages(enc, enc_scale, self.dtype),
                 w,
                 self_mask,
                 cross,
@@ -427,21 +438,33 @@ class T5Gemma2(nnx.Module):
         return layers.rms_norm(x, self.decoder_norm.get_value(), self.config.rms_norm_eps)
 
     def _decode_at(
-        self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask, position: jax.Array
+        self,
+        decoder_input_ids,
+        decoder_attention_mask,
+        encoder_states,
+        encoder_mask,
+        position: jax.Array,
+        encoder_scale=None,
     ) -> jax.Array:
         """Final-norm decoder state [B, H] at `position` [B] only: every layer but the last runs all T
         positions (they are the later layers' keys); the last layer computes the one query row, its MLP
-        and the final norm for that row alone."""
+        and the final norm for that row alone. `encoder_scale`: see `score_margin`."""
         x, mask, enc, enc_mask = self._decoder_inputs(
             decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask
         )
         stack = self.decoder
         ropes = self._rope(mask.shape[1])
-        x = self._run_stack(stack, x, self._decoder_block(enc, mask, enc_mask), ropes, stop=len(stack.layer_types) - 1)
+        x = self._run_stack(
+            stack,
+            x,
+            self._decoder_block(enc, mask, enc_mask, enc_scale=encoder_scale),
+            ropes,
+            stop=len(stack.layer_types) - 1,
+        )
         w = stack.layer_weights({k: v[-1] for k, v in stack.scan_inputs(self.dtype).items()})
         sliding = bool(stack.is_sliding[-1])
         cos, sin = ropes[0] if sliding else ropes[1]
-        block = self._decoder_block(enc, mask, enc_mask, query_index=position)
+        block = self._decoder_block(enc, mask, enc_mask, query_index=position, enc_scale=encoder_scale)
         x_q = jnp.take_along_axis(x, position[:, None, None], axis=1)  # [B, 1, H]
         x_q = x_q + block(x, w, sliding, cos, sin)
         x_q = x_q + layers.mlp_block(x_q, w, self.config, self.options)
@@ -456,18 +479,31 @@ class T5Gemma2(nnx.Module):
         return head.softcap(logits, self.config.final_logit_softcapping)
 
     def score_margin(
-        self, decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, yes_id: int, no_id: int
+        self,
+        decoder_input_ids,
+        decoder_attention_mask,
+        passage_states,
+        passage_mask,
+        yes_id: int,
+        no_id: int,
+        passage_scale=None,
     ) -> jax.Array:
         """logit(yes) − logit(no) in fp32 [B] at the last real decoder token; P(yes) = sigmoid(margin).
 
         Only the two LM-head rows are used (`kalm_jax.model.head.margin`): full-vocabulary logits are never built.
+        passage_scale: [B, C] fp32 when `passage_states` [B, C, H] are int8 (per-window absmax values,
+        `kalm_jax.inference.states.quantize_int8`): every decoder layer dequantizes them where it projects
+        them (`dequantize_passages`, the same values as the host's `PassageStates.dense()` cast to the compute
+        dtype).
         """
         for name, tok in (("yes_id", yes_id), ("no_id", no_id)):
             if not isinstance(tok, (jax.core.Tracer,)) and not 0 <= int(tok) < self.config.vocab_size:
                 raise ValueError(f"{name}={tok} is outside the vocabulary [0, {self.config.vocab_size})")
         mask = jnp.asarray(decoder_attention_mask, jnp.int32)
         last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
-        h_last = self._decode_at(decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, last)
+        h_last = self._decode_at(
+            decoder_input_ids, decoder_attention_mask, passage_states, passage_mask, last, passage_scale
+        )
         return head.margin(
             h_last,
             self.embedding.get_value(),
@@ -568,6 +604,14 @@ def check_tokens(ids, mask, cfg: ModelConfig, name: str) -> None:
         )
 
 
+def dequantize_passages(values, scale, dtype, xp=jnp):
+    """int8 passage states back to floats: values [..., C, H] int8 x scale [..., C] fp32 -> [..., C, H] `dtype`.
+
+    The one dequantizer: ``(values as fp32 * scale) cast to dtype``, the same operations on the host
+    (`xp=numpy`: `PassageStates.dense`) and inside the decoder (`xp=jax.numpy`), so both give the same values."""
+    return (xp.asarray(values).astype(xp.float32) * xp.asarray(scale)[..., None]).astype(dtype)
+
+
 def check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> None:
     rows = 1 if layout is None else len(layout.lengths)  # decoder rows per passage row
     if layout is not None and (np.ndim(states) != 3 or np.shape(states)[1] != layout.total):
@@ -589,4 +633,13 @@ def check_passages(states, mask, dec_ids, cfg: ModelConfig, layout=None) -> None
         raise ValueError(f"passages {empty[:10].tolist()} are all padding (mask all zero): nothing to attend to")
 
 
-__all__ = ["T5Gemma2", "LayerStack", "param_tree", "count_params", "STACK_PARAMS", "FULL", "SLIDING"]
+__all__ = [
+    "T5Gemma2",
+    "LayerStack",
+    "param_tree",
+    "count_params",
+    "dequantize_passages",
+    "STACK_PARAMS",
+    "FULL",
+    "SLIDING",
+]

@@ -165,6 +165,7 @@ class Service:
             max_query_tokens=config.max_query_tokens,
             show_progress=False,
             quantization=config.quantization or None,
+            device_states=config.device_states,
         )
         return cls(engine, config, config.model_name or Path(str(config.checkpoint)).resolve().name)
 

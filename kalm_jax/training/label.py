@@ -111,6 +111,7 @@ def label(
     examples_per_batch: int = 16,
     dtype: str | None = None,
     quantization: str | None = None,
+    device_states: str = "compute",
     shard_size: int = SHARD_SIZE,
     show_progress: bool = True,
 ) -> int:
@@ -137,6 +138,7 @@ def label(
         max_query_tokens=max_query_tokens,
         show_progress=False,
         quantization=quantization,
+        device_states=device_states,
     )
     bounds = [(a, min(a + shard_size, len(examples))) for a in range(0, len(examples), shard_size)]
     parts = parts_dir(output_path)
@@ -156,6 +158,8 @@ def label(
                     "max_query_tokens": int(max_query_tokens),
                     "examples_per_batch": int(examples_per_batch),
                     "compute_dtype": str(np.dtype(engine.model.dtype)),
+                    # int8 states score slightly differently; the default keeps the keys earlier runs wrote
+                    **({"device_states": device_states} if device_states != "compute" else {}),
                 },
                 sort_keys=True,
             ).encode()

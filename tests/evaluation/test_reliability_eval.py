@@ -94,6 +94,7 @@ def test_run_sweep_refuses_a_directory_in_use(tmp_path, data_dir):
         ("store_lock_timeout", -1.0),
         ("store_lock_timeout", float("nan")),
         ("quantization", "int4"),
+        ("device_states", "int4"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, field, value):
@@ -110,6 +111,17 @@ def test_quantized_results_are_kept_apart_from_float_ones(tmp_path):
     int8 = Settings.from_config({**base, "quantization": "int8"})
     assert int8.identity()["quantization"] == "int8"
     with pytest.raises(SweepConfigError, match="quantization: results used None, now 'int8'"):
+        results.check_output_dir(int8)
+
+
+def test_int8_device_state_results_are_kept_apart(tmp_path):
+    base = {"data_dir": str(tmp_path), "datasets": "x", "output_dir": str(tmp_path / "o"), "ratios": "4"}
+    plain = Settings.from_config(base)
+    assert plain.device_states == "compute" and "device_states" not in plain.identity()
+    results.check_output_dir(plain)
+    int8 = Settings.from_config({**base, "device_states": "int8"})
+    assert int8.identity()["device_states"] == "int8"
+    with pytest.raises(SweepConfigError, match="device_states: results used None, now 'int8'"):
         results.check_output_dir(int8)
 
 

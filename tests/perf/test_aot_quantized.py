@@ -33,7 +33,7 @@ def _int8_dots(text: str) -> int:
     return sum(1 for line in text.splitlines() if INT8_DOT.search(line))
 
 
-def _report_lowerings(monkeypatch, modes: str, w: aot.Workload) -> dict[str, str]:
+def _report_lowerings(monkeypatch, modes: str, w: aot.Workload, states: str = "compute") -> dict[str, str]:
     """What `aot.run` lowers for encode and score in each of `modes` (the real program and, with the report, the
     analysis variant), on the 8 CPU devices standing in for a v5e-8 slice: compiling is replaced by recording
     the lowered text (a TPU compile takes minutes per program; the lowering is what decides the mode)."""
@@ -71,12 +71,17 @@ def _report_lowerings(monkeypatch, modes: str, w: aot.Workload) -> dict[str, str
         cost=True,
         quantization=modes,
         weights="tensor:2",
+        states=states,
     )
     assert [(r["program"], r["quantization"]) for r in result.cost] == [
         (p, m) for m in modes.split(",") for p in ("encode", "score")
     ]
+    suffix = {"encode": "", "score": "" if states == "compute" else f" {states}-states"}
     assert [m.name for m in result.memory] == [
-        p if m == "none" else f"{p} {m}" for m in modes.split(",") for p in ("encode", "score")
+        (p if m == "none" else f"{p} {m}") + suffix[p] for m in modes.split(",") for p in ("encode", "score")
+    ]
+    assert [r.get("device_states") for r in result.cost] == [
+        states if p == "score" and states != "compute" else None for m in modes.split(",") for p in ("encode", "score")
     ]
     return texts
 
@@ -122,6 +127,46 @@ def test_report_rows_lower_the_engines_quantized_programs(monkeypatch):
             # the quantized weights of the stack the program runs (7 per stack), int8 arguments, none in float
             assert _int8_args(own) == (0 if mode == "none" else 7), (label, _int8_args(own))
             assert len(DOT.findall(own)) >= 7 * layers
+
+
+def test_report_rows_with_int8_states_lower_the_engines_int8_state_program(monkeypatch):
+    """`kalm-aot --states=int8`: the score rows (float and int8 weights) are the lowering of `InferenceEngine(real
+    tiny model, quantization=mode, device_states="int8")`'s own score program: its passage states are an int8
+    argument [rows, C, H] with an fp32 scale [rows, C], converted to float inside; it differs from the
+    compute-dtype-states program, and encode is unchanged."""
+    w = aot.Workload(passage_len=64, query_len=16, ratio=4, eval_batch=8)
+    texts = _report_lowerings(monkeypatch, "none,int8", w, states="int8")
+    plain = _report_lowerings(monkeypatch, "none", w)
+    tiny = get_preset("tiny")
+    model = build_model(tiny, param_dtype="bfloat16")
+    states_arg = re.compile(r"%arg\d+: tensor<8x16x64xi8>")
+    for mode in ("none", "int8"):
+        engine = InferenceEngine(
+            model,
+            devices=jax.devices(),
+            batch_size=w.eval_batch,
+            max_document_tokens=w.passage_len,
+            max_prompt_tokens=w.query_len,
+            yes_id=1,
+            no_id=2,
+            weights="tensor:2",
+            quantization=mode,
+            device_states="int8",
+            show_progress=False,
+        )
+        with jax.set_mesh(engine.mesh):
+            own = aot.lower_score(engine, w)().as_text()
+        label = ("score" if mode == "none" else f"score {mode}") + " int8-states"
+        assert texts[label] == own, label
+        main = next(line for line in own.splitlines() if "func.func public @main" in line)
+        assert states_arg.search(main) and "tensor<8x16xf32>" in main, main
+        assert _int8_args(own) == (1 if mode == "none" else 8), (label, _int8_args(own))  # + 7 int8 weights
+        assert "(tensor<8x16x64xi8>) -> tensor<8x16x64xbf16>" not in own  # dequantized in fp32 ...
+        assert re.search(r"\(tensor<8x16x64xi8>\) -> tensor<8x16x64xf32>", own)  # ... then cast
+        analysis = texts[f"analysis {label}"]
+        assert states_arg.search(next(x for x in analysis.splitlines() if "func.func public @main" in x))
+    assert texts["score int8-states"] != plain["score"]
+    assert texts["encode"] == plain["encode"]
 
 
 def test_int8_dynamic_rows_use_the_int8_peak():

@@ -430,6 +430,22 @@ def test_sigterm_drains_in_flight_requests_and_exits(hub_checkpoint):
         assert "Traceback" not in log, log[-3000:]
 
 
+def test_int8_states_server_scores_as_the_int8_states_reranker(hub_checkpoint, rr, docs):
+    svc = Service.from_config(_config(hub_checkpoint[0], device_states="int8", warmup=False))
+    assert svc.engine.device_states == "int8"
+    rerank = Reranker(rr.model, rr.tokenizer, device_states="int8")
+    assert rerank.engine.device_states == "int8"
+    want = rerank.score("cell biology", docs[:4])
+    with TestClient(create_app(svc)) as client:
+        body = client.post("/v2/rerank", json={"query": "cell biology", "documents": docs[:4]}).json()
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    # the server encodes at other batch shapes: an ulp of difference in an encoder state can move its int8 value
+    # by one step (5e-5 in a probability seen), so not the float path's 1e-5
+    np.testing.assert_allclose([got[i] for i in range(4)], want, rtol=0, atol=5e-4)
+    float_states = Reranker(rr.model, rr.tokenizer).score("cell biology", docs[:4])
+    assert np.abs(np.asarray(want) - float_states).max() > 0  # int8 states did change the scores
+
+
 def test_quantized_server_scores_as_the_quantized_reranker(hub_checkpoint, rr, docs):
     svc = Service.from_config(_config(hub_checkpoint[0], quantization="int8", warmup=False))
     assert svc.engine.quantization == "int8"

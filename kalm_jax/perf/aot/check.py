@@ -76,6 +76,7 @@ def run(
     weights: str | None = None,
     quantization: str | Sequence[str] = "none",
     fit_batch: bool = False,
+    states: str = "compute",
 ) -> AotResult:
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
@@ -96,6 +97,9 @@ def run(
     "<program>" for "none" and "<program> <mode>" otherwise, and each cost row carries its `quantization`.
     `fit_batch`: also find the largest batch of each encode / score program that fits HBM (`largest_batch`),
     on the same engine (layout) as the workload's batch; in `AotResult.batches` and the cost rows.
+    `states`: the engine's `device_states` ("compute" or "int8": the score program takes int8 passage states and
+    their per-window scale); with "int8" every report of the score program is named with " int8-states" appended
+    and its cost row carries ``device_states``.
     """
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
@@ -106,6 +110,9 @@ def run(
 
     modes = [m.strip() for m in quantization.split(",") if m.strip()] if isinstance(quantization, str) else quantization
     modes = [check_mode(m) for m in modes] or ["none"]
+    from kalm_jax.inference.engine import check_device_states
+
+    states = check_device_states(states)
     sl = tpu_slice(topology)
     devices = topology_devices(sl, num_slices)
     mesh, rules = mesh_for(cfg, devices, num_slices)
@@ -132,6 +139,7 @@ def run(
                 analysis=analysis,
                 layers=layers,
                 quantization=mode,
+                device_states=states,
             )
         return engines[key]
 
@@ -180,6 +188,8 @@ def run(
 
     for name, mode in jobs:
         label = name if mode == "none" else f"{name} {mode}"
+        if name == "score" and states != "compute":
+            label += f" {states}-states"
         memory = step(
             f"{label} (the real program)", compile_report, label, builder(name, False, mode=mode), mesh, sl.hbm_bytes
         )
@@ -255,6 +265,8 @@ def run(
         )
         if name != "train":
             row["layout"] = policies[mode].describe()
+        if name == "score" and states != "compute":
+            row["device_states"] = states
         if fitted:
             row.update({k: v for k, v in fitted.items() if k.startswith("max_batch")})
         if samples:
@@ -368,6 +380,7 @@ def check(
     weights: str | None = None,
     quantization: str = "none",
     fit_batch: bool = False,
+    states: str = "compute",
 ) -> int:
     """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
     from kalm_jax import cli
@@ -384,6 +397,7 @@ def check(
         weights=weights,
         quantization=quantization,
         fit_batch=fit_batch,
+        states=states,
     )
     if report:
         from kalm_jax.perf.bench.runner import write_rows

@@ -87,13 +87,15 @@ def inference_engine(
     analysis: bool = False,
     layers: int | None = None,
     quantization: str | None = None,
+    device_states: str = "compute",
 ):
     """The `InferenceEngine` a client would build on `devices` for the workload, over the abstract weights of
     the preset (`dtype` weights and compute; `layers`: see `model_config`; `analysis`: the cost-analysis
     variant): its mesh and weight layout come from the inference mesh policy (`kalm_jax.parallel.inference_policy`,
     `weights` its setting) for devices of `hbm_bytes`, its batch size is `w.eval_batch`; `quantization` is the
     engine's (`kalm_jax.model.quantization.MODES`: the abstract model quantizes abstractly, so the programs are
-    those of the quantized engine). It only lowers programs (`encode_program`, `score_program`)."""
+    those of the quantized engine); `device_states` is the engine's too ("int8": the score program takes int8
+    passage states + an fp32 scale per window). It only lowers programs (`encode_program`, `score_program`)."""
 
     from kalm_jax.inference.engine import InferenceEngine
     from kalm_jax.model.build import build_model
@@ -118,6 +120,7 @@ def inference_engine(
         device_memory=hbm_bytes,
         show_progress=False,
         quantization=quantization,
+        device_states=device_states,
     )
 
 
