@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from kalm_jax.model.attention import banded, dispatch, masks, xla
 from kalm_jax.model.build import build_model
@@ -85,16 +86,28 @@ def test_blocked_equals_dense(t, s, pattern):
     assert banded.band_blocking(mask, t, s) is not None  # the blocked path is taken
     dense = jnp.broadcast_to(mask.dense(), (b, t, s))
     seen = np.asarray(dense).any(-1)  # rows with at least one visible key (a fully masked row differs)
-    out = dispatch.attention(q, k, v, mask, 0.3, impl="xla")
-    ref = xla.xla_attention(q, k, v, dense, 0.3)
+    # The cotangent of the gradient check below (on the rows that see a key), drawn ahead so that one
+    # jitted program per implementation gives its output and its gradients: op-by-op dispatch of the
+    # blocked path and of the eager gradients costs several times more on CPU.
+    ct = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32) * jnp.asarray(seen)[:, :, None, None]
+
+    @jax.jit
+    def blocked(q, k, v):
+        grad = jax.grad(lambda q, k, v: jnp.sum(dispatch.attention(q, k, v, mask, 0.3) * ct), (0, 1, 2))
+        return dispatch.attention(q, k, v, mask, 0.3, impl="xla"), grad(q, k, v)
+
+    @jax.jit
+    def reference(q, k, v):
+        grad = jax.grad(lambda q, k, v: jnp.sum(xla.xla_attention(q, k, v, dense, 0.3) * ct), (0, 1, 2))
+        return xla.xla_attention(q, k, v, dense, 0.3), grad(q, k, v)
+
+    out, grads = blocked(q, k, v)
+    ref, refs = reference(q, k, v)
     assert out.shape == ref.shape == (b, t, 4, 8)
     np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(ref)[seen], atol=2e-6, rtol=0)
     assert np.isfinite(np.asarray(out)).all()
 
-    # Gradients with respect to q, k and v agree too (cotangent on the rows that see a key).
-    ct = jnp.asarray(rng.normal(size=ref.shape), jnp.float32) * jnp.asarray(seen)[:, :, None, None]
-    grads = jax.grad(lambda q, k, v: jnp.sum(dispatch.attention(q, k, v, mask, 0.3) * ct), (0, 1, 2))(q, k, v)
-    refs = jax.grad(lambda q, k, v: jnp.sum(xla.xla_attention(q, k, v, dense, 0.3) * ct), (0, 1, 2))(q, k, v)
+    # Gradients with respect to q, k and v agree too.
     for g, r in zip(grads, refs):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=0)
 
@@ -109,14 +122,15 @@ def test_blocked_with_softcap_and_dot_product():
     dense = mask.dense()
     seen = np.asarray(jnp.broadcast_to(dense, (2, t, t))).any(-1)  # row 1 from query 38 on sees no key
     assert not seen.all()
+    # Each side is one jitted call (op-by-op dispatch of the blocked path is several times slower on CPU).
     np.testing.assert_allclose(
-        np.asarray(dispatch.attention(q, k, v, mask, 0.3, softcap=5.0))[seen],
-        np.asarray(xla.xla_attention(q, k, v, dense, 0.3, softcap=5.0))[seen],
+        np.asarray(jax.jit(lambda q, k, v: dispatch.attention(q, k, v, mask, 0.3, softcap=5.0))(q, k, v))[seen],
+        np.asarray(jax.jit(lambda q, k, v: xla.xla_attention(q, k, v, dense, 0.3, softcap=5.0))(q, k, v))[seen],
         atol=2e-6,
     )
     np.testing.assert_allclose(
-        np.asarray(dispatch.attention(q, k, v, mask, 0.3, impl="dot_product"))[seen],
-        np.asarray(xla.xla_attention(q, k, v, dense, 0.3))[seen],
+        np.asarray(jax.jit(lambda q, k, v: dispatch.attention(q, k, v, mask, 0.3, impl="dot_product"))(q, k, v))[seen],
+        np.asarray(jax.jit(lambda q, k, v: xla.xla_attention(q, k, v, dense, 0.3))(q, k, v))[seen],
         atol=2e-6,
     )
 
@@ -133,8 +147,15 @@ def test_tiny_model_encode_blocked_equals_dense(monkeypatch):
     ids[mask == 0] = 0
     window = masks.encoder_window(80, cfg.sliding_window)
     assert banded.band_blocking(masks.Mask(jnp.asarray(mask), window), 80, 80) is not None
-    blocked = np.asarray(model.encode(ids, mask))
+    graphdef, state = nnx.split(model)
+
+    def encode() -> np.ndarray:
+        """model.encode as one jitted program, traced afresh on each call (op-by-op dispatch of the tiny
+        model costs several times more on CPU)."""
+        return np.asarray(jax.jit(lambda s, i, m: nnx.merge(graphdef, s).encode(i, m))(state, ids, mask))
+
+    blocked = encode()
     monkeypatch.setattr(dispatch, "band_blocking", lambda *args: None)
-    dense = np.asarray(model.encode(ids, mask))
+    dense = encode()
     real = mask.astype(bool)
     np.testing.assert_allclose(blocked[real], dense[real], atol=1e-5, rtol=0)

@@ -71,12 +71,15 @@ def test_splash_matches_xla(name):
     def loss(fn, m):
         return lambda q, k, v: (weight * fn(q, k, v, m, 0.2) ** 2).sum()
 
-    out = interpreted(q, k, v, mask, 0.2)
-    ref = xla.xla_attention(q, k, v, mask.dense(), 0.2)
+    def output_and_grads(fn, m):
+        """One jitted program per implementation: its output and the gradients of `loss` (op-by-op
+        dispatch of the interpreted kernel and of the einsum gradients costs ~5x more on CPU)."""
+        return jax.jit(lambda q, k, v: (fn(q, k, v, m, 0.2), jax.grad(loss(fn, m), argnums=(0, 1, 2))(q, k, v)))
+
+    out, grads = output_and_grads(interpreted, mask)(q, k, v)
+    ref, ref_grads = output_and_grads(xla.xla_attention, mask.dense())(q, k, v)
     assert np.isfinite(np.asarray(out)).all()  # padding rows included
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-6)
-    grads = jax.grad(loss(interpreted, mask), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(xla.xla_attention, mask.dense()), argnums=(0, 1, 2))(q, k, v)
     for got, want, what in zip(grads, ref_grads, "qkv"):
         assert np.isfinite(np.asarray(got)).all(), what
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"d{what}")
@@ -126,10 +129,11 @@ def test_platform_dispatch_on_cpu_is_the_einsum_path():
     """On CPU `dispatch.attention` with impl "auto" gives the "xla" result bit for bit, and that is the dense
     einsum result (to fp32 rounding: a window pattern may take the block-wise path, `dispatch.banded_attention`)."""
     q, k, v, mask, _ = _case("window_short")
-    want = dispatch.attention(q, k, v, mask, 0.2)
-    np.testing.assert_array_equal(dispatch.attention(q, k, v, mask, 0.2, impl="auto"), want)
+    # Each call is one jitted program (op-by-op dispatch of the block-wise path costs more on CPU).
+    want = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, mask, 0.2))(q, k, v)
+    auto = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, mask, 0.2, impl="auto"))(q, k, v)
+    np.testing.assert_array_equal(auto, want)
     dense = jnp.broadcast_to(mask.dense(), (q.shape[0], q.shape[1], k.shape[1]))
     seen = np.asarray(dense).any(-1)  # rows that see a key (a fully masked row averages other values)
-    np.testing.assert_allclose(
-        np.asarray(want)[seen], np.asarray(xla.xla_attention(q, k, v, dense, 0.2))[seen], atol=2e-6, rtol=0
-    )
+    ref = jax.jit(lambda q, k, v: xla.xla_attention(q, k, v, dense, 0.2))(q, k, v)
+    np.testing.assert_allclose(np.asarray(want)[seen], np.asarray(ref)[seen], atol=2e-6, rtol=0)
