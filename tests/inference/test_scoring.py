@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from kalm_jax.checkpoints import hf
 from kalm_jax.inference import programs, scoring
@@ -32,18 +36,36 @@ def _batch(seed, b=4, s=23, t=11):
     return ids, mask, dec, dmask
 
 
+# The references are the model's own methods, each compiled as one program (run eagerly, every operation compiles
+# on its own). The encoder is a program of its own: the three cases share its shapes, so it compiles once. Plain
+# jax.jit over nnx.split's (graphdef, state), as the engine's programs take them.
+@functools.partial(jax.jit, static_argnums=0)
+def _ref_encode(graphdef, state, ids, mask):
+    return nnx.merge(graphdef, state).encode(ids, mask)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _ref_pool(states, mask, ratio):
+    return mep.pool(states, mask, ratio)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _ref_margin(graphdef, state, dec, dmask, states, smask, yes_id, no_id):
+    return nnx.merge(graphdef, state).score_margin(dec, dmask, states, smask, yes_id, no_id)
+
+
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 def test_entry_points_equal_model_methods(loaded, ratio):
     cfg, model = loaded
     ids, mask, dec, dmask = _batch(ratio)
     states, pmask, counts = scoring.encode_passages(model, ids, mask, ratio)
-    ref_states, ref_mask, ref_counts = mep.pool(model.encode(ids, mask), mask, ratio)
+    ref_states, ref_mask, ref_counts = _ref_pool(_ref_encode(*nnx.split(model), ids, mask), mask, ratio)
     assert states.shape == ref_states.shape
     np.testing.assert_allclose(states, np.asarray(ref_states), atol=2e-5)
     np.testing.assert_array_equal(pmask, np.asarray(ref_mask))
     np.testing.assert_array_equal(counts, np.asarray(ref_counts))
     margins = scoring.score(model, dec, dmask, states, pmask, 7, 9)
-    ref = np.asarray(model.score_margin(dec, dmask, ref_states, ref_mask, 7, 9))
+    ref = np.asarray(_ref_margin(*nnx.split(model), dec, dmask, ref_states, ref_mask, 7, 9))
     np.testing.assert_allclose(margins, ref, atol=2e-5)
     p = engine_probability(margins)
     assert np.all((p > 0) & (p < 1))
@@ -128,7 +150,7 @@ def test_array_level_functions_place_the_weights_once(tiny_hf, monkeypatch):
     assert 0 < sum(placed) < weights, placed
     np.testing.assert_array_equal(m1, m2)
     np.testing.assert_array_equal(other, -m1)
-    ref = np.asarray(model.score_margin(dec, dmask, first[0], first[1], 7, 9))
+    ref = np.asarray(_ref_margin(*nnx.split(model), dec, dmask, first[0], first[1], 7, 9))
     np.testing.assert_allclose(m1, ref, atol=2e-5)
 
 
@@ -146,11 +168,13 @@ def test_array_engine_follows_weight_changes(tiny_hf):
     nnx.update(model, jax.tree.map(lambda x: x * 1.5, state))
     assert scoring.array_engine(model) is not engine
     after, pmask, _ = scoring.encode_passages(model, ids, mask, 4)
-    ref = np.asarray(mep.pool(model.encode(ids, mask), mask, 4)[0])
+    ref = np.asarray(_ref_pool(_ref_encode(*nnx.split(model), ids, mask), mask, 4)[0])
     np.testing.assert_allclose(after, ref, atol=2e-5)
     assert np.abs(after - before).max() > 1e-3
     margins = scoring.score(model, dec, dmask, after, pmask, 7, 9)
-    np.testing.assert_allclose(margins, np.asarray(model.score_margin(dec, dmask, after, pmask, 7, 9)), atol=2e-5)
+    np.testing.assert_allclose(
+        margins, np.asarray(_ref_margin(*nnx.split(model), dec, dmask, after, pmask, 7, 9)), atol=2e-5
+    )
     # another model object with the same weights has its own entry; the cache keeps ARRAY_ENGINES of them
     _, other = hf.load(tiny_hf[0])
     assert scoring.array_engine(other) is not scoring.array_engine(model)

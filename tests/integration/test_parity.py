@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from torch_reference import build_tiny_hf, official_pool, torch_forward
 
 from kalm_jax.checkpoints import hf
@@ -60,12 +64,34 @@ def case(request, tmp_path_factory):
     return torch_model, cfg, model
 
 
+# The model's methods, each compiled as one program (run eagerly, every operation compiles on its own). One
+# program per method, so score_margin and decoder_logits stay two separate computations.
+@nnx.jit
+def _encode(model, ids, mask):
+    return model.encode(ids, mask)
+
+
+@nnx.jit
+def _decoder_logits(model, dec_ids, dec_mask, states, mask):
+    return model.decoder_logits(dec_ids, dec_mask, states, mask)
+
+
+@functools.partial(nnx.jit, static_argnums=(5, 6))
+def _score_margin(model, dec_ids, dec_mask, states, mask, yes_id, no_id):
+    return model.score_margin(dec_ids, dec_mask, states, mask, yes_id, no_id)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _pool(states, mask, ratio):
+    return mep.pool(states, mask, ratio)
+
+
 def test_encoder_and_decoder_logits_match(case):
     torch_model, cfg, model = case
     enc_ids, enc_mask, dec_ids, dec_mask = _inputs(1)
     ref_states, ref_logits = torch_forward(torch_model, enc_ids, enc_mask, dec_ids, dec_mask)
-    states = np.asarray(model.encode(enc_ids, enc_mask))
-    logits = np.asarray(model.decoder_logits(dec_ids, dec_mask, states, enc_mask))
+    states = np.asarray(_encode(model, enc_ids, enc_mask))
+    logits = np.asarray(_decoder_logits(model, dec_ids, dec_mask, states, enc_mask))
     valid_e = enc_mask.astype(bool)
     valid_d = dec_mask.astype(bool)
     assert states.shape == ref_states.shape and logits.shape == ref_logits.shape
@@ -84,13 +110,13 @@ def test_margins_on_pooled_passages_match(case, ratio):
     yes_id, no_id = 17, 42
     ref_margin = ref_logits[np.arange(3), last, yes_id] - ref_logits[np.arange(3), last, no_id]
 
-    states = model.encode(enc_ids, enc_mask)
-    pooled, pmask, counts = mep.pool(states, enc_mask, ratio)
+    states = _encode(model, enc_ids, enc_mask)
+    pooled, pmask, counts = _pool(states, enc_mask, ratio)
     ref_pooled, ref_pmask = official_pool(np.asarray(states, np.float64), enc_mask, ratio)
     np.testing.assert_allclose(np.asarray(pooled), ref_pooled, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(pmask), ref_pmask)
-    margins = np.asarray(model.score_margin(dec_ids, dec_mask, pooled, pmask, yes_id, no_id))
+    margins = np.asarray(_score_margin(model, dec_ids, dec_mask, pooled, pmask, yes_id, no_id))
     assert margins.dtype == np.float32
     np.testing.assert_allclose(margins, ref_margin, atol=TOL, rtol=0)
-    full = np.asarray(model.decoder_logits(dec_ids, dec_mask, pooled, pmask))
+    full = np.asarray(_decoder_logits(model, dec_ids, dec_mask, pooled, pmask))
     np.testing.assert_allclose(margins, full[np.arange(3), last, yes_id] - full[np.arange(3), last, no_id], atol=1e-5)
