@@ -409,7 +409,7 @@ def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path, qu
     teacher = orbax_io.save_model(build_model(get_preset("tiny"), seed=3), tmp_path / "teacher")
     shutil.copyfile(tokenizer.path, teacher / "tokenizer.model")
     src = tmp_path / "in.jsonl"
-    lines = 1 if quantization else 3  # the quantized teacher: one example keeps the eager reference cheap
+    lines = 1 if quantization else 3  # the quantized teacher: one example keeps the reference cheap
     src.write_text("".join(train_jsonl.read_text().splitlines(keepends=True)[:lines]))
     out = tmp_path / "out.jsonl"
     n = label(
@@ -419,19 +419,23 @@ def test_label_writes_teacher_probabilities(train_jsonl, tokenizer, tmp_path, qu
     _, model = orbax_io.load_model(teacher)
     if quantization:
         model = quantize.quantize_model(model, quantization)
+    from kalm_jax.model import mep
+
+    @jax.jit  # the reference, one compile per (passage, prompt) length instead of op-by-op dispatch
+    def reference_margin(ids, mask, dec, dmask):
+        states = model.encode(ids, mask)
+        pooled, pmask, _ = mep.pool(states, mask, 4)
+        return model.score_margin(dec, dmask, pooled, pmask, tokenizer.yes_id, tokenizer.no_id)
+
     for ex in read_training_jsonl(out):
         passages = ex.pos + ex.neg
         assert len(ex.pos_scores) == len(ex.pos) and len(ex.neg_scores) == len(ex.neg)
         for text, got in zip(passages, ex.pos_scores + ex.neg_scores):
             ids, mask = prompts.tokenize_documents(tokenizer, [text], 32)
-            states = model.encode(ids, mask)
-            from kalm_jax.model import mep
-
-            pooled, pmask, _ = mep.pool(states, mask, 4)
             dec, dmask = prompts.tokenize_decoder_prompts(
                 tokenizer, [ex.query], max_query_tokens=16, pad_to_multiple_of=None
             )
-            margin = model.score_margin(dec, dmask, pooled, pmask, tokenizer.yes_id, tokenizer.no_id)
+            margin = reference_margin(ids, mask, dec, dmask)
             assert got == pytest.approx(float(jax.nn.sigmoid(margin[0])), abs=1e-5)
     assert src.read_text().count("pos_scores") == 0  # input untouched
 
