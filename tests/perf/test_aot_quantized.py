@@ -86,6 +86,23 @@ def _report_lowerings(monkeypatch, modes: str, w: aot.Workload, states: str = "c
     return texts
 
 
+def _engine(model, w, mode: str, **options) -> InferenceEngine:
+    """The engine a client would build for workload `w` on this host's devices (weights split tensor:2)."""
+    return InferenceEngine(
+        model,
+        devices=jax.devices(),
+        batch_size=w.eval_batch,
+        max_document_tokens=w.passage_len,
+        max_prompt_tokens=w.query_len,
+        yes_id=1,
+        no_id=2,
+        weights="tensor:2",
+        quantization=mode,
+        show_progress=False,
+        **options,
+    )
+
+
 def test_report_rows_lower_the_engines_quantized_programs(monkeypatch):
     """Each quantized row of the report is the engine's program in that mode: what `aot.run` lowers for
     encode / score at "int8" and "int8-dynamic" equals the lowering of `InferenceEngine(real tiny model,
@@ -99,18 +116,7 @@ def test_report_rows_lower_the_engines_quantized_programs(monkeypatch):
     model = build_model(tiny, param_dtype="bfloat16")
     layers = len(tiny.encoder_layer_types)
     for mode in ("none", "int8", "int8-dynamic"):
-        engine = InferenceEngine(
-            model,
-            devices=jax.devices(),
-            batch_size=w.eval_batch,
-            max_document_tokens=w.passage_len,
-            max_prompt_tokens=w.query_len,
-            yes_id=1,
-            no_id=2,
-            weights="tensor:2",
-            quantization=mode,
-            show_progress=False,
-        )
+        engine = _engine(model, w, mode)
         assert engine.quantization == mode
         for name, lower in (("encode", aot.lower_encode), ("score", aot.lower_score)):
             with jax.set_mesh(engine.mesh):
@@ -141,19 +147,7 @@ def test_report_rows_with_int8_states_lower_the_engines_int8_state_program(monke
     model = build_model(tiny, param_dtype="bfloat16")
     states_arg = re.compile(r"%arg\d+: tensor<8x16x64xi8>")
     for mode in ("none", "int8"):
-        engine = InferenceEngine(
-            model,
-            devices=jax.devices(),
-            batch_size=w.eval_batch,
-            max_document_tokens=w.passage_len,
-            max_prompt_tokens=w.query_len,
-            yes_id=1,
-            no_id=2,
-            weights="tensor:2",
-            quantization=mode,
-            device_states="int8",
-            show_progress=False,
-        )
+        engine = _engine(model, w, mode, device_states="int8")
         with jax.set_mesh(engine.mesh):
             own = aot.lower_score(engine, w)().as_text()
         label = ("score" if mode == "none" else f"score {mode}") + " int8-states"
