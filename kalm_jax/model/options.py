@@ -18,7 +18,7 @@ from kalm_jax.model.attention.dispatch import ATTENTION_IMPLS, TPU_ATTENTION_IMP
 ACTIVATIONS = ("float", "int8")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ModelOptions:
     """How the model runs (never what it computes, up to floating-point rounding).
 
@@ -60,15 +60,29 @@ class ModelOptions:
         if self.scan_unroll is not True and not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
             raise ValueError(f"scan_unroll={self.scan_unroll!r}: an int >= 1, or True (fully unrolled)")
 
+    def _key(self) -> tuple:
+        # `scan_unroll=True` (fully unrolled) is another program than `scan_unroll=1` (a loop), yet True == 1 and
+        # hash(True) == hash(1): compared as plain fields, the two would share one jit cache entry.
+        return (*dataclasses.astuple(self), self.scan_unroll is True)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelOptions) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def replace(self, **changes) -> ModelOptions:
         """A copy with `changes` (checked like the constructor's arguments)."""
         return dataclasses.replace(self, **changes)
 
 
-def analysis_options(base: ModelOptions | None = None) -> ModelOptions:
+def analysis_options(base: ModelOptions | None = None, *, einsum_attention: bool = False) -> ModelOptions:
     """The cost-analysis variant of `base`: layers fully unrolled (XLA's cost analysis counts a while-loop
-    body once) and the einsum attention (a Pallas custom call has no cost model: optimal_seconds = -2)."""
-    return (base or ModelOptions()).replace(attention_impl="xla", scan_unroll=True)
+    body once). The attention stays `base`'s (the splash kernel on TPU, whose cost the AOT report reads
+    from its HLO operands: `kalm_jax.perf.aot.hlo_cost`); `einsum_attention` swaps in the einsum attention,
+    whose FLOPs and bytes XLA costs itself (for the train step, whose backward kernels are not accounted)."""
+    base = (base or ModelOptions()).replace(scan_unroll=True)
+    return base.replace(attention_impl="xla") if einsum_attention else base
 
 
 __all__ = ["ACTIVATIONS", "ModelOptions", "analysis_options"]

@@ -5,6 +5,7 @@ model and reach the programs and the attention kernel; the head against the full
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -123,14 +124,24 @@ def _encode_program(model, ids, mask) -> str:
     return jax.jit(lambda s, i, m: nnx.merge(graphdef, s).encode(i, m)).lower(state, ids, mask).as_text()
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _shared_encode(graphdef, state, ids, mask):
+    return nnx.merge(graphdef, state).encode(ids, mask)
+
+
 def test_options_belong_to_the_model_and_reach_its_programs():
     """Two models of the same weights, one with the cost-analysis options: each program follows its own
-    model's options (scan loop vs unrolled), also after the other was built, and both encode alike."""
+    model's options (scan loop vs unrolled), also after the other was built, and both encode alike; one
+    jitted function with the graph definition static (as the engine's programs take it) traces each apart
+    (`scan_unroll=True` is not the loop of `scan_unroll=1`, although True == 1)."""
     ids, mask = _tokens(2, 2, 24, [24, 15])
     looped = build_model(DEEP, seed=1)
     unrolled = build_model(DEEP, seed=1, options=analysis_options())
-    assert unrolled.options == ModelOptions(attention_impl="xla", scan_unroll=True)
+    assert unrolled.options == ModelOptions(scan_unroll=True) != ModelOptions(scan_unroll=1)
+    assert analysis_options(einsum_attention=True) == ModelOptions(attention_impl="xla", scan_unroll=True)
     assert looped.options == ModelOptions()
+    shared = [_shared_encode.lower(*nnx.split(m), ids, mask).as_text() for m in (looped, unrolled)]
+    assert "stablehlo.while" in shared[0] and "stablehlo.while" not in shared[1]
     assert "stablehlo.while" in _encode_program(looped, ids, mask)
     assert "stablehlo.while" not in _encode_program(unrolled, ids, mask)
     assert "stablehlo.while" in _encode_program(build_model(DEEP, seed=1), ids, mask)

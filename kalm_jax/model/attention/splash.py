@@ -133,8 +133,8 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _block(n: int) -> int:
-    """The largest block in (512, 256, 128) that divides the padded length n."""
+def block_size(n: int) -> int:
+    """The kernel's block along a padded length n: the largest of (512, 256, 128) that divides it."""
     return next(bl for bl in (_MAX_BLOCK, 256, _LANES) if n % bl == 0)
 
 
@@ -208,7 +208,7 @@ def _splash(
     q_seg = jnp.pad(queries.astype(jnp.int32), ((0, 0), (0, rp - rows)))
     kv_seg = jnp.pad(keys.astype(jnp.int32), ((0, 0), (0, sp - s)))
 
-    bq, bkv = _block(rp), _block(sp)
+    bq, bkv = block_size(rp), block_size(sp)
     blocks = _sk.BlockSizes(
         block_q=bq,
         block_kv=bkv,
@@ -237,4 +237,4 @@ def _splash(
     return out.astype(q.dtype)
 
 
-__all__ = ["flash_attention", "fold_heads", "static_mask"]
+__all__ = ["block_size", "flash_attention", "fold_heads", "static_mask"]

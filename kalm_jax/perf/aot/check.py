@@ -81,7 +81,8 @@ def run(
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
     Prints the mesh, the workload and the per-device memory table. With `cost`, also compiles each
-    program's analysis variant (`options.analysis_options`: layers unrolled, einsum attention) and returns
+    program's analysis variant (`options.analysis_options`: layers unrolled; encode and score keep the engine's
+    attention kernel, accounted by `aot_cost`, the train step uses the einsum attention) and returns
     the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`). `analysis_layers`:
     "all" unrolls every layer; "sampled" compiles the analysis variant at `layer_samples` layers per stack
     and extrapolates per layer type (`extrapolate_costs`), for programs too large to unroll whole on the host.

@@ -15,7 +15,13 @@ from kalm_jax.perf.aot.topology import TpuSlice
 from kalm_jax.perf.flops import matmul_type, peak_for
 
 # What the cost rows are computed from (the row's `analysis` field; `run` appends how layers were sampled).
-ANALYSIS = "layers unrolled, XLA attention (kalm_jax.model.options.analysis_options)"
+ANALYSIS = {
+    "encode": "layers unrolled, the engine's attention (splash kernels accounted from their HLO operands; "
+    "kalm_jax.model.options.analysis_options)",
+    "score": "layers unrolled, the engine's attention (splash kernels accounted from their HLO operands; "
+    "kalm_jax.model.options.analysis_options)",
+    "train": "layers unrolled, einsum attention (kalm_jax.model.options.analysis_options)",
+}
 
 
 def useful_flops(program: str, cfg, preset: str, w: Workload) -> int:
@@ -52,10 +58,11 @@ def cost_fields(compiled, generation: str = "v5e") -> dict[str, Any]:
 
     `optimal_seconds` is the compiler's roofline of the modelled instructions plus the instructions it does
     not model, as `aot_cost.account` counts them from the HLO (for a chip of `generation`): the -1 of each is
-    added back and a data-movement op's bytes are timed at HBM bandwidth (`unknown_cost_ops` counts them,
-    `unknown_cost_bytes` / `unknown_cost_seconds` are what was added, `unaccounted` names those whose cost
-    the HLO does not show, `optimal_seconds_raw` keeps the raw figure); a result that is still not positive
-    becomes -1 (unknown).
+    added back, a data-movement op's bytes are timed at HBM bandwidth and an attention kernel at its roofline
+    (`unknown_cost_ops` counts them, `unknown_cost_flops` / `unknown_cost_bytes` / `unknown_cost_seconds` are
+    what was added, `unaccounted` names those whose cost the HLO does not show, `optimal_seconds_raw` keeps
+    the raw figure); a result that is still not positive becomes -1 (unknown). `xla_flops` and
+    `bytes_accessed` are the compiler's own figures.
     """
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):
@@ -89,10 +96,11 @@ def cost_row(
     `topology`, `xla_flops`, `useful_flops`, `bytes_accessed`, `optimal_seconds`, `predicted_mfu`.
 
     Every row has `unknown_cost_ops` (instructions without a cost model, `aot_cost`) and what they add
-    (`unknown_cost_bytes`, `unknown_cost_seconds`); `predicted_mfu` is None, with the reason in `mfu_note`,
-    when some are not accounted for (`unaccounted`) or XLA's FLOPs fall below `MIN_FLOPS_RATIO` of the
-    useful FLOPs. `bytes_estimate` is the analytic bytes per chip given (`aot_cost.estimate_bytes`; None for
-    the train step), `bytes_ratio` = `bytes_accessed` / `bytes_estimate`.
+    (`unknown_cost_flops`, `unknown_cost_bytes`, `unknown_cost_seconds`); `flops` and `bytes` are the
+    compiler's figures plus those (`flops_ratio` = `flops` / `useful_flops`); `predicted_mfu` is None, with
+    the reason in `mfu_note`, when some are not accounted for (`unaccounted`) or `flops` fall below
+    `MIN_FLOPS_RATIO` of the useful FLOPs. `bytes_estimate` is the analytic bytes per chip given
+    (`aot_cost.estimate_bytes`; None for the train step), `bytes_ratio` = `bytes` / `bytes_estimate`.
 
     `quantization` is the weight mode the program was lowered with (`kalm_jax.model.quantization.MODES`; the
     train step is "none"); `peak_flops` is the chip's peak for its matmuls (`kalm_jax.perf.flops.peak_for`: the
@@ -102,7 +110,10 @@ def cost_row(
     secs = cost["optimal_seconds"]
     ok = secs > 0
     peak = peak_for(sl.generation, quantization)
-    ratio = cost["xla_flops"] / useful if useful else None
+    known = cost["xla_flops"] >= 0 and cost["bytes_accessed"] >= 0
+    flops = cost["xla_flops"] + cost.get("unknown_cost_flops", 0.0) if known else -1.0
+    total_bytes = cost["bytes_accessed"] + cost.get("unknown_cost_bytes", 0.0) if known else -1.0
+    ratio = flops / useful if useful else None
     row: dict[str, Any] = {
         "program": program,
         "quantization": quantization,
@@ -114,19 +125,22 @@ def cost_row(
         "r": w.ratio,
         "prompt_len": w.query_len,
         "xla_flops": cost["xla_flops"],
+        "flops": flops,
         "useful_flops": useful,
         "flops_ratio": ratio,
         "bytes_accessed": cost["bytes_accessed"],
+        "bytes": total_bytes,
         "optimal_seconds": secs,
         "optimal_seconds_raw": cost.get("optimal_seconds_raw", secs),
         "unknown_cost_ops": cost.get("unknown_cost_ops", 0),
         "unknown_cost_targets": dict(cost.get("unknown_cost_targets", {})),
+        "unknown_cost_flops": cost.get("unknown_cost_flops", 0.0),
         "unknown_cost_bytes": cost.get("unknown_cost_bytes", 0.0),
         "unknown_cost_seconds": cost.get("unknown_cost_seconds", 0.0),
         "unaccounted": list(cost.get("unaccounted", [])),
         "peak_flops": peak,
         "matmul_type": matmul_type(quantization),
-        "analysis": ANALYSIS,
+        "analysis": ANALYSIS.get(program, ANALYSIS["train"]),
     }
     note = (
         aot_cost.mfu_note(row, MIN_FLOPS_RATIO)
@@ -136,9 +150,7 @@ def cost_row(
     row["predicted_mfu"] = None if note else useful / (secs * peak)
     row["mfu_note"] = note
     row["bytes_estimate"] = bytes_estimate
-    row["bytes_ratio"] = (
-        cost["bytes_accessed"] / bytes_estimate if bytes_estimate and cost["bytes_accessed"] > 0 else None
-    )
+    row["bytes_ratio"] = total_bytes / bytes_estimate if bytes_estimate and total_bytes > 0 else None
     per_chip = w.eval_batch / num_devices
     if program == "encode":
         row.update(
@@ -193,7 +205,7 @@ def analyse(name: str, lower: Callable[[], Any], mesh, generation: str = "v5e") 
 
 ANALYSIS_LAYERS = ("all", "sampled")
 COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
-_ACCOUNTED_KEYS = ("unknown_cost_bytes", "unknown_cost_seconds")
+_ACCOUNTED_KEYS = ("unknown_cost_flops", "unknown_cost_bytes", "unknown_cost_seconds")
 
 
 def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
@@ -245,9 +257,10 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
 
 
 def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements)."""
+    """Fixed-width table of `--report` rows (per chip; the compiler's predictions, not measurements; TFLOP and
+    GB: the compiler's figures plus what the instructions it does not model add, `aot_cost.account`)."""
     head = (
-        f"{'program':<8}{'weights':>13}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'xla TF':>9}{'useful TF':>10}"
+        f"{'program':<8}{'weights':>13}{'topology':>9}{'preset':>7}{'n':>6}{'r':>4}{'TFLOP':>9}{'useful TF':>10}"
         f"{'ratio':>7}{'GB acc':>8}{'GB est':>8}{'unk':>5}{'opt ms':>9}{'MFU':>7}  throughput per chip"
     )
     lines = [head, "-" * len(head)]
@@ -263,8 +276,8 @@ def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"{r['program']:<8}{r.get('quantization', 'none'):>13}{r['topology']:>9}{r['preset']:>7}"
             f"{r['n']:>6}{r['r']:>4}"
-            f"{r['xla_flops'] / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
-            f"{r['bytes_accessed'] / 1e9:8.2f}{est}{r.get('unknown_cost_ops', 0):5d}"
+            f"{r.get('flops', r['xla_flops']) / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
+            f"{r.get('bytes', r['bytes_accessed']) / 1e9:8.2f}{est}{r.get('unknown_cost_ops', 0):5d}"
             f"{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"
         )
         if r.get("mfu_note"):

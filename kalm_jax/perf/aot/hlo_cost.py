@@ -1,17 +1,22 @@
 """Instructions the TPU compiler's cost analysis does not model, found in the compiled HLO and accounted.
 
 XLA:TPU's `cost_analysis()` gives each instruction without a cost model (a custom call such as the
-`ConcatBitcast` that joins an all-gather's async slices, or a Pallas `tpu_custom_call` kernel) no FLOPs and
-no bytes, and -1 second in `optimal_seconds`. `unknown_ops` lists every custom call of a compiled program
+`ConcatBitcast` that joins an async copy's slices, or a Pallas `tpu_custom_call` kernel) no FLOPs and
+no bytes; a `ConcatBitcast` adds -1 second to `optimal_seconds`, a kernel 0 (checked on v5e: 50
+`ConcatBitcast`s and 18 splash kernels give -49.87). `unknown_ops` lists every custom call of a compiled program
 with its operand and output shapes (read from the HLO text), and `account` turns them into figures:
 
 * data movement (`DATA_MOVEMENT`, e.g. `ConcatBitcast`): no FLOPs; bytes = operands read + output written;
   their time at the chip's HBM bandwidth is added to the roofline;
-* anything else (a Pallas kernel: its FLOPs are not visible in the HLO) is *unaccounted*: the row then
-  carries no MFU and says why.
+* the splash attention forward kernel (`ATTENTION_KERNELS`, the engine's TPU attention): FLOPs
+  4·rows·keys·head_dim per query row and head (QKᵀ and PV over every key block: exact where a row is one key
+  block, an upper bound where the mask skips blocks), bytes = q, k / v (once per query block), the segment
+  ids and the output; its time is the roofline of those, max(FLOPs / peak, bytes / HBM bandwidth);
+* any other kernel (its FLOPs are not visible in the HLO) is *unaccounted*: the row then carries no MFU
+  and says why.
 
-A second guard lives in `aot.cost_row`: when XLA's FLOPs fall short of the analytic useful FLOPs (work in
-instructions whose FLOPs it does not see, e.g. a collective matmul's loop), the row prints no MFU either.
+A second guard lives in `aot.cost_row`: when the FLOPs fall short of the analytic useful FLOPs (work in
+instructions whose FLOPs nothing sees, e.g. a collective matmul's loop), the row prints no MFU either.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ DATA_MOVEMENT = ("ConcatBitcast",)
 """Custom-call targets without a cost model that only move bytes (cost: operands read + output written)."""
 KERNELS = ("tpu_custom_call",)
 """Custom-call targets without a cost model whose FLOPs the HLO does not show (Pallas / Mosaic kernels)."""
+ATTENTION_KERNELS = ("splash_mha_fwd",)
+"""Name prefixes of the Pallas kernels `account` costs from their operands: the splash attention forward kernel
+(`jax.experimental.pallas.ops.tpu.splash_attention`, the engine's attention on TPU; the HLO instruction carries
+the kernel's name)."""
 UNKNOWN_COST = DATA_MOVEMENT + KERNELS
 """The custom-call targets XLA:TPU's cost analysis does not model (each adds -1 to `optimal_seconds`);
 others (e.g. `AsyncCollectiveStart` inside fusions) are costed by it."""
@@ -72,12 +81,15 @@ def shape_bytes(shape_text: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class UnknownOp:
-    """A custom call of a compiled program: `target`, instruction `name`, output and operand bytes."""
+    """A custom call of a compiled program: `target`, instruction `name`, output and operand bytes, and the
+    HLO shape strings of its output and of each operand (in order)."""
 
     target: str
     name: str
     output_bytes: int
     operand_bytes: int
+    output_shape: str = ""
+    operand_shapes: tuple[str, ...] = ()
 
     @property
     def data_movement(self) -> bool:
@@ -88,10 +100,50 @@ class UnknownOp:
         """Bytes a data-movement op reads and writes."""
         return self.output_bytes + self.operand_bytes
 
+    @property
+    def attention_kernel(self) -> bool:
+        return self.target in KERNELS and self.name.startswith(ATTENTION_KERNELS)
+
+
+def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(shape_text)]
+
+
+def attention_kernel_cost(op: UnknownOp) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of one splash attention forward kernel call from its HLO shapes.
+
+    Its operands hold q [..., R, D] (the last array of the output has its shape: the attention output; the
+    other output arrays are the kernel's per-block scratch) followed by k and v [..., S, D], besides the
+    segment ids and the mask's block metadata. FLOPs = 4·(q rows over every leading dim)·S·D (QKᵀ and PV).
+    Bytes = q read and the output written once, k and v read once per query block (`splash.block_size` of R),
+    every other operand once. Raises ValueError when the shapes do not read that way."""
+    from kalm_jax.model.attention.splash import block_size
+
+    out = _arrays(op.output_shape)
+    operands = [_arrays(s) for s in op.operand_shapes]
+    if not out:
+        raise ValueError(f"{op.name}: no output array in {op.output_shape!r}")
+    q_array = out[-1]
+    try:
+        qi = next(i for i, a in enumerate(operands) if a == [q_array])
+        ki, vi = (i for i, a in enumerate(operands) if i > qi and len(a) == 1 and len(a[0][1]) == len(q_array[1]))
+    except (StopIteration, ValueError):
+        raise ValueError(f"{op.name}: operands {op.operand_shapes} do not read as q, k, v") from None
+    (_, q), (_, k) = q_array, operands[ki][0]
+    rows, depth, keys = int(np.prod(q[:-1])), q[-1], k[-2]
+    if k[-1] != depth or operands[vi][0][1] != k:
+        raise ValueError(f"{op.name}: k {k} / v {operands[vi][0][1]} do not match q {q}")
+    flops = 4.0 * rows * keys * depth
+    q_blocks = -(-q[-2] // block_size(q[-2])) if q[-2] % 128 == 0 else 1
+    sizes = [shape_bytes(s) for s in op.operand_shapes]
+    kv = sizes[ki] + sizes[vi]
+    read = sum(sizes) - kv + kv * q_blocks
+    return flops, float(read + shape_bytes(f"{q_array[0]}[{','.join(map(str, q))}]"))
+
 
 def unknown_ops(hlo_text: str, targets: tuple[str, ...] | None = UNKNOWN_COST) -> list[UnknownOp]:
     """The custom calls in `hlo_text` (a compiled program's `as_text()`) whose target is in `targets` (None:
-    every custom call), with their operands' bytes resolved from their definitions in the same text."""
+    every custom call), with their operands' shapes resolved from their definitions in the same text."""
     shapes: dict[str, str] = {}
     calls: list[tuple[str, str, str, str]] = []
     for line in hlo_text.splitlines():
@@ -108,35 +160,60 @@ def unknown_ops(hlo_text: str, targets: tuple[str, ...] | None = UNKNOWN_COST) -
     for name, shape, target, args in calls:
         if targets is not None and target not in targets:
             continue
-        operands = sum(shape_bytes(shapes.get(a, "")) for a in _OPERAND.findall(args))
-        out.append(UnknownOp(target, name, shape_bytes(shape), operands))
+        operand_shapes = tuple(shapes.get(a, "") for a in _OPERAND.findall(args))
+        out.append(
+            UnknownOp(
+                target,
+                name,
+                shape_bytes(shape),
+                sum(shape_bytes(s) for s in operand_shapes),
+                output_shape=shape,
+                operand_shapes=operand_shapes,
+            )
+        )
     return out
 
 
 def account(ops: list[UnknownOp], raw_seconds: float, generation: str) -> dict:
     """Cost fields for `ops` given the compiler's raw `optimal_seconds` on a chip of `generation`.
 
-    Returns `unknown_cost_ops` (how many), `unknown_cost_targets` (count per target),
-    `unknown_cost_bytes` (the data-movement ops' bytes), `unknown_cost_seconds` (their time at HBM
-    bandwidth), `unaccounted` (targets whose cost cannot be read from the HLO; "unidentified" when the raw
-    figure with every listed op's -1 added back is still not positive: some other instruction has no cost
-    model) and `optimal_seconds`: the raw figure with each op's -1 added back plus the data-movement time
-    (-1 when still not positive)."""
+    Returns `unknown_cost_ops` (how many), `unknown_cost_targets` (count per target, an attention kernel
+    counted as "splash attention"), `unknown_cost_flops` (the attention kernels' FLOPs), `unknown_cost_bytes`
+    (the data-movement ops' and attention kernels' bytes), `unknown_cost_seconds` (their time: data movement
+    at HBM bandwidth, each kernel at its roofline, `attention_kernel_cost`), `unaccounted` (targets whose cost
+    cannot be read from the HLO; "unidentified" when the raw figure with every data-movement op's -1 added
+    back is still not positive: some other instruction has no cost model) and `optimal_seconds`: the raw
+    figure with each data-movement op's -1 added back plus the accounted time (-1 when still not positive)."""
+    from kalm_jax.perf.flops import peak_for
+
+    bandwidth, peak = HBM_BANDWIDTH[generation], peak_for(generation)
     targets: dict[str, int] = {}
+    flops = moved = seconds = 0.0
+    unaccounted: set[str] = set()
     for op in ops:
-        targets[op.target] = targets.get(op.target, 0) + 1
-    moved = sum(op.bytes for op in ops if op.data_movement)
-    seconds = moved / HBM_BANDWIDTH[generation]
-    secs = raw_seconds + len(ops) + seconds
-    unaccounted = sorted(t for t in targets if t not in DATA_MOVEMENT)
-    if raw_seconds + len(ops) <= 0 and not unaccounted:  # something else lacks a cost model
-        unaccounted.append("unidentified")
+        kind = op.target
+        if op.data_movement:
+            moved += op.bytes
+            seconds += op.bytes / bandwidth
+        elif op.attention_kernel and peak:
+            kind = "splash attention"
+            f, b = attention_kernel_cost(op)
+            flops, moved = flops + f, moved + b
+            seconds += max(f / peak, b / bandwidth)
+        else:
+            unaccounted.add(op.target)
+        targets[kind] = targets.get(kind, 0) + 1
+    minus_ones = sum(op.data_movement for op in ops)
+    secs = raw_seconds + minus_ones + seconds
+    if raw_seconds + minus_ones <= 0 and not unaccounted:  # something else lacks a cost model
+        unaccounted.add("unidentified")
     return {
         "unknown_cost_ops": len(ops),
         "unknown_cost_targets": targets,
-        "unknown_cost_bytes": float(moved),
+        "unknown_cost_flops": flops,
+        "unknown_cost_bytes": moved,
         "unknown_cost_seconds": seconds,
-        "unaccounted": unaccounted,
+        "unaccounted": sorted(unaccounted),
         "optimal_seconds": secs if secs > 0 else -1.0,
     }
 
@@ -196,11 +273,13 @@ def estimate_bytes(
 __all__ = [
     "DATA_MOVEMENT",
     "KERNELS",
+    "ATTENTION_KERNELS",
     "UNKNOWN_COST",
     "HBM_BANDWIDTH",
     "UnknownOp",
     "shape_bytes",
     "unknown_ops",
+    "attention_kernel_cost",
     "account",
     "mfu_note",
     "estimate_bytes",

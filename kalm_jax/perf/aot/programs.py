@@ -160,7 +160,7 @@ def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, 
         no_id=2,
         decoder_length=int(config_value(cfg, "data.decoder_length", 0)) or w.query_len,
         shard_local_passages=True,
-        options=analysis_options() if analysis else None,
+        options=analysis_options(einsum_attention=True) if analysis else None,
     )  # as train.py runs it
     if not analysis:
         out(
