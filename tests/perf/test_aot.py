@@ -371,6 +371,8 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_pat
         assert sorted(sampled["analysis_samples"]) == ["2", "3", "6"]
         assert "extrapolated per layer type from [2, 3, 6]" in sampled["analysis"]
         assert sampled["xla_flops"] == pytest.approx(whole["xla_flops"], rel=1e-4)
+        assert sampled["flops"] == pytest.approx(whole["flops"], rel=1e-4)  # the splash kernels' FLOPs too
+        assert sampled["unknown_cost_flops"] > 0 and sampled["unknown_cost_ops"] >= 0
         for key in ("bytes_accessed", "optimal_seconds"):
             assert sampled[key] == pytest.approx(whole[key], rel=0.10), (whole["program"], key)
         assert sampled["analysis_samples"]["6"]["xla_flops"] < 0.8 * whole["xla_flops"]

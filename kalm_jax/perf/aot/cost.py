@@ -250,7 +250,8 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
         if all(key in sampled[k] for k in ks):
             coef, *_ = np.linalg.lstsq(a, np.array([float(sampled[k][key]) for k in ks]), rcond=None)
             out[key] = float(target @ coef)
-    out["unknown_cost_ops"] = int(round(out["unknown_cost_ops"]))
+    # a count fitted per layer type: how XLA slices its copies need not follow the layers (never below 0)
+    out["unknown_cost_ops"] = max(0, int(round(out["unknown_cost_ops"])))
     out["unaccounted"] = sorted({t for k in ks for t in sampled[k].get("unaccounted", [])})
     out["unknown_cost_targets"] = dict(sampled[ks[-1]].get("unknown_cost_targets", {}))
     return out
