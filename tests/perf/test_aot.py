@@ -532,29 +532,14 @@ def test_analysis_accounts_the_engines_attention_kernel_as_xla_costs_the_einsum(
     512 x 512 scores on chip, so the accounted encode moves fewer bytes (the score program's 128 x 256 scores
     are small: there the kernel's transposes weigh as much). Every kernel is accounted and the row prints an
     MFU."""
-    from kalm_jax.model.build import build_model
-    from kalm_jax.model.options import analysis_options
     from kalm_jax.perf import flops
 
     sl = aot.tpu_slice("v5e-4")
     devices = aot.topology_devices(sl)
     w = aot.Workload(passage_len=512, query_len=128, ratio=4, eval_batch=8)
-    kernel_engine = aot.inference_engine("nano", devices, w, hbm_bytes=sl.hbm_bytes, analysis=True, layers=2)
-    einsum_engine = InferenceEngine(
-        build_model(
-            aot.model_config("nano", 2),
-            abstract=True,
-            param_dtype="bfloat16",
-            dtype="bfloat16",
-            options=analysis_options(einsum_attention=True),
-        ),
-        devices=devices,
-        batch_size=w.eval_batch,
-        max_document_tokens=w.passage_len,
-        max_prompt_tokens=w.query_len,
-        yes_id=1,
-        no_id=2,
-        show_progress=False,
+    kernel_engine, einsum_engine = (
+        aot.inference_engine("nano", devices, w, hbm_bytes=sl.hbm_bytes, analysis=True, layers=2, einsum_attention=e)
+        for e in (False, True)
     )
     for program, lower, kernels in (("encode", aot.lower_encode, 2), ("score", aot.lower_score, 1)):
         with_kernel, _ = aot.analyse(program, lower(kernel_engine, w), kernel_engine.mesh, "v5e")

@@ -15,11 +15,13 @@ from kalm_jax.perf.aot.topology import TpuSlice
 from kalm_jax.perf.flops import matmul_type, peak_for
 
 # What the cost rows are computed from (the row's `analysis` field; `run` appends how layers were sampled).
+_KERNEL_ANALYSIS = (
+    "layers unrolled, the engine's attention (splash kernels accounted from their HLO operands; "
+    "kalm_jax.model.options.analysis_options)"
+)
 ANALYSIS = {
-    "encode": "layers unrolled, the engine's attention (splash kernels accounted from their HLO operands; "
-    "kalm_jax.model.options.analysis_options)",
-    "score": "layers unrolled, the engine's attention (splash kernels accounted from their HLO operands; "
-    "kalm_jax.model.options.analysis_options)",
+    "encode": _KERNEL_ANALYSIS,
+    "score": _KERNEL_ANALYSIS,
     "train": "layers unrolled, einsum attention (kalm_jax.model.options.analysis_options)",
 }
 

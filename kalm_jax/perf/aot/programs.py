@@ -85,17 +85,20 @@ def inference_engine(
     hbm_bytes: int | None = None,
     weights: str | None = None,
     analysis: bool = False,
+    einsum_attention: bool = False,
     layers: int | None = None,
     quantization: str | None = None,
     device_states: str = "compute",
 ):
     """The `InferenceEngine` a client would build on `devices` for the workload, over the abstract weights of
     the preset (`dtype` weights and compute; `layers`: see `model_config`; `analysis`: the cost-analysis
-    variant): its mesh and weight layout come from the inference mesh policy (`kalm_jax.parallel.inference_policy`,
-    `weights` its setting) for devices of `hbm_bytes`, its batch size is `w.eval_batch`; `quantization` is the
-    engine's (`kalm_jax.model.quantization.MODES`: the abstract model quantizes abstractly, so the programs are
-    those of the quantized engine); `device_states` is the engine's too ("int8": the score program takes int8
-    passage states + an fp32 scale per window). It only lowers programs (`encode_program`, `score_program`)."""
+    variant; `einsum_attention`: that variant with the einsum attention instead of the engine's kernel, as
+    `options.analysis_options` takes it): its mesh and weight layout come from the inference mesh policy
+    (`kalm_jax.parallel.inference_policy`, `weights` its setting) for devices of `hbm_bytes`, its batch size
+    is `w.eval_batch`; `quantization` is the engine's (`kalm_jax.model.quantization.MODES`: the abstract
+    model quantizes abstractly, so the programs are those of the quantized engine); `device_states` is the
+    engine's too ("int8": the score program takes int8 passage states + an fp32 scale per window). It only
+    lowers programs (`encode_program`, `score_program`)."""
 
     from kalm_jax.inference.engine import InferenceEngine
     from kalm_jax.model.build import build_model
@@ -106,7 +109,7 @@ def inference_engine(
         abstract=True,
         param_dtype=dtype,
         dtype=dtype,
-        options=analysis_options() if analysis else None,
+        options=analysis_options(einsum_attention=einsum_attention) if analysis else None,
     )
     return InferenceEngine(
         model,
