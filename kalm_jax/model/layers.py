@@ -7,6 +7,8 @@ D head dim, I MLP width.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,9 +40,22 @@ def rope_table(length: int, head_dim: int, theta: float, factor: float) -> tuple
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Half-split (NeoX) rotation of x [B, T, heads, D] with cos/sin [T, D] (or per row [B, T, D]),
-    cast to x.dtype."""
+    cast to x.dtype.
+
+    The same numbers on every platform, two formulations: lowered for TPU (`jax.lax.platform_dependent`, also
+    AOT from a CPU host) the swap of the halves is a matmul with a signed permutation (`rope_rotation_matmul`), so
+    that XLA fuses the q/k norm before it, the rotation and the attention scale after it into that one matmul
+    fusion; sliced halves there cost three more passes over q and k. Elsewhere the halves rotate directly
+    (`rope_rotation_halves`), which costs no matmul FLOPs on a CPU.
+    """
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
+    return jax.lax.platform_dependent(x, cos, sin, tpu=rope_rotation_matmul, default=rope_rotation_halves)
+
+
+def rope_rotation_halves(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`apply_rope` of x [B, T, heads, D] with cos/sin [B or 1, T, D]: each half rotated with its slice of the
+    tables."""
     half = x.shape[-1] // 2
     # The tables repeat their first half (rope_table), so each half of x rotates with the same cos/sin:
     # [x1, x2] -> [x1·cos - x2·sin, x2·cos + x1·sin], without building rotate_half(x).
@@ -48,6 +63,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     sin = sin[..., :half].astype(x.dtype)[:, :, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@functools.cache
+def _half_swap(d: int) -> np.ndarray:
+    """The signed permutation R [D, D] with x @ R = [-x2, x1] for x = [x1, x2] (rotate_half)."""
+    half = d // 2
+    r = np.zeros((d, d), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
+
+
+def rope_rotation_matmul(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`rope_rotation_halves` as x·cos + (x @ R)·sin with R the signed half swap: exact (one ±1 term per output;
+    fp32 inputs at HIGHEST precision, so no bf16 rounding of x on the MXU)."""
+    swap = jnp.asarray(_half_swap(x.shape[-1]), x.dtype)
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    rotated = jnp.einsum("btnd,de->btne", x, swap, precision=precision)
+    cos = cos.astype(x.dtype)[:, :, None, :]
+    sin = sin.astype(x.dtype)[:, :, None, :]
+    return x * cos + rotated * sin
 
 
 def project(spec: str, x: jax.Array, w, options: ModelOptions | None = None) -> jax.Array:

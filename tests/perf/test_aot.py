@@ -328,7 +328,7 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
 def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_path, capsys, monkeypatch):
     """`--analysis_layers=sampled` (2, 3 and 6 layers per stack, extrapolated per layer type) against the
     whole unrolled analysis of an 8-layer model (tiny's widths, 5 sliding + 1 full + 2 sliding, window 16 <
-    128 tokens) on v5e-4, encode and score: the compiler's FLOPs agree to 1e-4, bytes and optimal_seconds to
+    128 tokens) on v5e-4, encode and score: the compiler's FLOPs agree to 1e-3, bytes and optimal_seconds to
     10%; the 6-layer sample alone is far from the answer."""
     import dataclasses
     import importlib
@@ -370,8 +370,9 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_pat
     for whole, sampled in zip(rows["all"], rows["sampled"]):
         assert sorted(sampled["analysis_samples"]) == ["2", "3", "6"]
         assert "extrapolated per layer type from [2, 3, 6]" in sampled["analysis"]
-        assert sampled["xla_flops"] == pytest.approx(whole["xla_flops"], rel=1e-4)
-        assert sampled["flops"] == pytest.approx(whole["flops"], rel=1e-4)  # the splash kernels' FLOPs too
+        # XLA fuses a few elementwise ops of the RoPE differently from layer to layer (4e-4 of the FLOPs here)
+        assert sampled["xla_flops"] == pytest.approx(whole["xla_flops"], rel=1e-3)
+        assert sampled["flops"] == pytest.approx(whole["flops"], rel=1e-3)  # the splash kernels' FLOPs too
         assert sampled["unknown_cost_flops"] > 0 and sampled["unknown_cost_ops"] >= 0
         for key in ("bytes_accessed", "optimal_seconds"):
             assert sampled[key] == pytest.approx(whole[key], rel=0.10), (whole["program"], key)
@@ -563,3 +564,57 @@ def test_analysis_accounts_the_engines_attention_kernel_as_xla_costs_the_einsum(
         row = aot.cost_row(program, sl, 4, 1, "nano", w, useful, with_kernel, None)
         assert row["predicted_mfu"] is not None and row["mfu_note"] is None, row["mfu_note"]
         assert row["flops"] == with_kernel["xla_flops"] + with_kernel["unknown_cost_flops"]
+
+
+def _q_sized_writes(block, b: int, t: int, cfg, device) -> int:
+    """How many [B, T, N, D]-sized arrays (q's size) the compiled TPU program of the encoder attention block
+    writes, counted over the entry computation's results (tuple members apart; the kernel's output included)."""
+    from kalm_jax.model import layers
+    from kalm_jax.model.attention import masks
+    from kalm_jax.model.options import ModelOptions
+
+    h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def arg(shape, dtype=jax.numpy.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    w = {"q": arg((h, n, d)), "k": arg((h, k, d)), "v": arg((h, k, d)), "o": arg((n, d, h))}
+    w |= {name: arg((d,)) for name in ("q_norm", "k_norm")} | {
+        name: arg((h,)) for name in ("pre_attn_norm", "post_attn_norm")
+    }
+
+    def fn(x, w, keys):
+        cos, sin = layers.rope_table(t, d, cfg.rope_local_theta, cfg.rope_local_factor)
+        mask = masks.Mask(keys, masks.encoder_window(t, cfg.sliding_window), queries=keys)
+        return x + block(x, w, mask, cos, sin, cfg, ModelOptions())
+
+    lowered = jax.jit(fn).trace(arg((b, t, h)), w, arg((b, t), jax.numpy.int32)).lower(lowering_platforms=("tpu",))
+    text = lowered.compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    q_size = b * t * n * d
+    halves = 0  # q-sized results count 2, the RoPE halves 1 each
+    for line in entry.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (.+?) (fusion|custom-call|copy|transpose)\(", line)
+        if m:
+            for dims in re.findall(r"bf16\[([\d,]+)\]", m.group(1)):
+                size = int(np.prod([int(x) for x in dims.split(",")]))
+                halves += 2 if size == q_size else 1 if 2 * size == q_size else 0
+    writes = halves / 2
+    return writes
+
+
+def test_tpu_q_norm_rope_and_scale_are_one_pass_over_q(libtpu_env, monkeypatch):
+    """The encoder attention block compiled for a v5e chip (nano's shapes, 8 passages of 512 tokens): q is written
+    by its projection, once more normalised, rotated and scaled for the kernel (RoPE as a matmul with the signed
+    half swap, `layers.rope_rotation_matmul`), and by the kernel. The sliced-halves RoPE, as on CPU, costs two
+    more passes (the rotated halves, then their concatenation into the kernel's heads-major layout)."""
+    from kalm_jax.model import layers
+
+    cfg = get_preset("nano")
+    device = aot.topology_devices(aot.tpu_slice("v5e-4"))[0]
+    fused = _q_sized_writes(layers.self_attention_block, 8, 512, cfg, device)
+    monkeypatch.setattr(layers, "apply_rope", lambda x, cos, sin: layers.rope_rotation_halves(x, cos[None], sin[None]))
+    sliced = _q_sized_writes(layers.self_attention_block, 8, 512, cfg, device)
+    assert fused == 3, fused  # projection, norm + RoPE + scale, kernel output
+    assert sliced >= fused + 2, (fused, sliced)
