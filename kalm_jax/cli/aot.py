@@ -31,10 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.Flag("report", None, "also write the compiler's cost model per chip (a JSON list of rows)"),
         cli.Flag(
             "analysis_layers",
-            "all",
+            "auto",
             "with --report: 'all' unrolls every layer in the analysis compile; "
-            "'sampled' compiles 1, 2 and one period of layers per stack and extrapolates per layer "
-            "type (programs too large to unroll whole on this host)",
+            "'sampled' compiles 2, 3 and one period of layers per stack and extrapolates per layer "
+            "type (programs too large to unroll whole on this host); 'auto' samples the train step and "
+            "unrolls encode and score",
         ),
         cli.Flag(
             "weights",

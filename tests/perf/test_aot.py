@@ -618,3 +618,30 @@ def test_tpu_q_norm_rope_and_scale_are_one_pass_over_q(libtpu_env, monkeypatch):
     sliced = _q_sized_writes(layers.self_attention_block, 8, 512, cfg, device)
     assert fused == 3, fused  # projection, norm + RoPE + scale, kernel output
     assert sliced >= fused + 2, (fused, sliced)
+
+
+def test_aot_report_samples_the_train_step_by_default(libtpu_env, tmp_path, capsys, monkeypatch):
+    """`--report` without `--analysis_layers` (auto): the train step's analysis is compiled at 2, 3 and 6 layers
+    per stack and extrapolated (nano's whole unrolled train step outgrows a 24 GB host), encode is unrolled
+    whole; an 8-layer tiny on v5e-4."""
+    import dataclasses
+    import json
+
+    from kalm_jax.model import config as config_lib
+
+    tiny = config_lib.get_preset("tiny")
+    eight = dataclasses.replace(
+        tiny, encoder_layer_types=config_lib.layer_pattern(8), decoder_layer_types=config_lib.layer_pattern(8)
+    )
+    monkeypatch.setattr(config_lib, "get_preset", lambda name: eight if name == "tiny" else tiny)
+    out = tmp_path / "cost.json"
+    config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
+    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,train", f"--report={out}"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    encode, train = json.loads(out.read_text())
+    assert (encode["program"], train["program"]) == ("encode", "train")
+    assert "analysis_samples" not in encode and "extrapolated" not in encode["analysis"]
+    assert sorted(train["analysis_samples"]) == ["2", "3", "6"]
+    assert "train analysis variant, 6 layer(s) per stack" in text and "[6/6]" in text
+    assert train["predicted_mfu"] is not None

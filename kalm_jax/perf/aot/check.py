@@ -72,7 +72,7 @@ def run(
     programs: Sequence[str] = PROGRAMS,
     out=print,
     cost: bool = False,
-    analysis_layers: str = "all",
+    analysis_layers: str = "auto",
     weights: str | None = None,
     quantization: str | Sequence[str] = "none",
     fit_batch: bool = False,
@@ -85,7 +85,9 @@ def run(
     attention kernel, accounted by `aot_cost`, the train step uses the einsum attention) and returns
     the compiler's cost model per chip beside the analytic useful FLOPs (`cost_row`). `analysis_layers`:
     "all" unrolls every layer; "sampled" compiles the analysis variant at `layer_samples` layers per stack
-    and extrapolates per layer type (`extrapolate_costs`), for programs too large to unroll whole on the host.
+    and extrapolates per layer type (`extrapolate_costs`), for programs too large to unroll whole on the host;
+    "auto" samples the train step (nano's, unrolled whole, outgrows a 24 GB host) and unrolls encode and score
+    whole.
 
     `encode` and `score` are the inference engine's own programs (`InferenceEngine.encode_program` /
     `score_program`) on the mesh its policy (`kalm_jax.parallel.inference_policy`, setting `weights`) chooses for the
@@ -157,19 +159,22 @@ def run(
             return lower_score(engine(analysis, layers, mode), work)
         return lower_train(cfg, preset, mesh, work, analysis=analysis, layers=layers, out=out)
 
-    samples: tuple[int, ...] = ()
-    if cost and analysis_layers == "sampled":
-        mc = model_config(preset)
-        if mc.encoder_layer_types != mc.decoder_layer_types:
-            raise ValueError(
-                "analysis_layers=sampled truncates both stacks alike: it needs equal encoder and decoder layer types"
-            )
-        types = mc.encoder_layer_types
-        samples = layer_samples(types)
+    types = model_config(preset).encoder_layer_types
+    sampleable = types == model_config(preset).decoder_layer_types
+    if cost and analysis_layers == "sampled" and not sampleable:
+        raise ValueError(
+            "analysis_layers=sampled truncates both stacks alike: it needs equal encoder and decoder layer types"
+        )
+
+    def samples_of(name: str) -> tuple[int, ...]:
+        """The layer counts of `name`'s analysis compiles; () = every layer unrolled in one compile."""
+        sampled = analysis_layers == "sampled" or (analysis_layers == "auto" and name == "train" and sampleable)
+        return layer_samples(types) if cost and sampled else ()
+
     jobs = [(name, mode) for mode in modes for name in inference]
     jobs += [("train", "none") for p in programs if p == "train"]
     reports, rows, batches = [], [], []
-    total = len(jobs) * (1 + (len(samples) or 1 if cost else 0))
+    total = sum(1 + (len(samples_of(name)) or 1 if cost else 0) for name, _ in jobs)
     done = 0
 
     def step(what: str, fn: Callable[..., Any], *args):
@@ -219,6 +224,7 @@ def run(
             )
         if not cost:
             continue
+        samples = samples_of(name)
         if samples:
             sampled, err = {}, None
             for k in samples:
@@ -377,7 +383,7 @@ def check(
     num_slices: int = 1,
     programs: str = ",".join(PROGRAMS),
     report: str | None = None,
-    analysis_layers: str = "all",
+    analysis_layers: str = "auto",
     weights: str | None = None,
     quantization: str = "none",
     fit_batch: bool = False,

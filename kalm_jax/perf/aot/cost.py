@@ -205,7 +205,7 @@ def analyse(name: str, lower: Callable[[], Any], mesh, generation: str = "v5e") 
         )
 
 
-ANALYSIS_LAYERS = ("all", "sampled")
+ANALYSIS_LAYERS = ("auto", "all", "sampled")
 COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
 _ACCOUNTED_KEYS = ("unknown_cost_flops", "unknown_cost_bytes", "unknown_cost_seconds")
 
