@@ -325,16 +325,30 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
         )
 
 
-def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_path, capsys, monkeypatch):
+@pytest.fixture()
+def eight_layer_tiny(monkeypatch):
+    """The "tiny" preset with 8 layers per stack (5 sliding + 1 full + 2 sliding): enough layers for the 2-, 3-
+    and 6-layer analysis samples to be smaller than the model."""
+    import dataclasses
+
+    from kalm_jax.model import config as config_lib
+
+    tiny = config_lib.get_preset("tiny")
+    eight = dataclasses.replace(
+        tiny, encoder_layer_types=config_lib.layer_pattern(8), decoder_layer_types=config_lib.layer_pattern(8)
+    )
+    monkeypatch.setattr(config_lib, "get_preset", lambda name: eight if name == "tiny" else tiny)
+
+
+def test_sampled_analysis_matches_the_whole_unrolled_compile(
+    libtpu_env, eight_layer_tiny, tmp_path, capsys, monkeypatch
+):
     """`--analysis_layers=sampled` (2, 3 and 6 layers per stack, extrapolated per layer type) against the
     whole unrolled analysis of an 8-layer model (tiny's widths, 5 sliding + 1 full + 2 sliding, window 16 <
     128 tokens) on v5e-4, encode and score: the compiler's FLOPs agree to 1e-3, bytes and optimal_seconds to
     10%; the 6-layer sample alone is far from the answer."""
-    import dataclasses
     import importlib
     import json
-
-    from kalm_jax.model import config as config_lib
 
     check = importlib.import_module("kalm_jax.perf.aot.check")  # the module (the package exports its `check`)
 
@@ -348,11 +362,6 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_pat
         return reports[name]
 
     monkeypatch.setattr(check, "compile_report", compile_once)
-    tiny = config_lib.get_preset("tiny")
-    eight = dataclasses.replace(
-        tiny, encoder_layer_types=config_lib.layer_pattern(8), decoder_layer_types=config_lib.layer_pattern(8)
-    )
-    monkeypatch.setattr(config_lib, "get_preset", lambda name: eight if name == "tiny" else tiny)
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     workload = [
         "--config.eval.batch_size=256",  # 64 rows per chip: the replicated weights do not dominate the bytes
@@ -600,8 +609,7 @@ def _q_sized_writes(block, b: int, t: int, cfg, device) -> int:
             for dims in re.findall(r"bf16\[([\d,]+)\]", m.group(1)):
                 size = int(np.prod([int(x) for x in dims.split(",")]))
                 halves += 2 if size == q_size else 1 if 2 * size == q_size else 0
-    writes = halves / 2
-    return writes
+    return halves // 2
 
 
 def test_tpu_q_norm_rope_and_scale_are_one_pass_over_q(libtpu_env, monkeypatch):
@@ -620,20 +628,12 @@ def test_tpu_q_norm_rope_and_scale_are_one_pass_over_q(libtpu_env, monkeypatch):
     assert sliced >= fused + 2, (fused, sliced)
 
 
-def test_aot_report_samples_the_train_step_by_default(libtpu_env, tmp_path, capsys, monkeypatch):
+def test_aot_report_samples_the_train_step_by_default(libtpu_env, eight_layer_tiny, tmp_path, capsys):
     """`--report` without `--analysis_layers` (auto): the train step's analysis is compiled at 2, 3 and 6 layers
     per stack and extrapolated (nano's whole unrolled train step outgrows a 24 GB host), encode is unrolled
     whole; an 8-layer tiny on v5e-4."""
-    import dataclasses
     import json
 
-    from kalm_jax.model import config as config_lib
-
-    tiny = config_lib.get_preset("tiny")
-    eight = dataclasses.replace(
-        tiny, encoder_layer_types=config_lib.layer_pattern(8), decoder_layer_types=config_lib.layer_pattern(8)
-    )
-    monkeypatch.setattr(config_lib, "get_preset", lambda name: eight if name == "tiny" else tiny)
     out = tmp_path / "cost.json"
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,train", f"--report={out}"])

@@ -159,8 +159,8 @@ def run(
             return lower_score(engine(analysis, layers, mode), work)
         return lower_train(cfg, preset, mesh, work, analysis=analysis, layers=layers, out=out)
 
-    types = model_config(preset).encoder_layer_types
-    sampleable = types == model_config(preset).decoder_layer_types
+    mc = model_config(preset)
+    types, sampleable = mc.encoder_layer_types, mc.encoder_layer_types == mc.decoder_layer_types
     if cost and analysis_layers == "sampled" and not sampleable:
         raise ValueError(
             "analysis_layers=sampled truncates both stacks alike: it needs equal encoder and decoder layer types"
