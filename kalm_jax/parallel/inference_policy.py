@@ -82,6 +82,11 @@ class InferencePolicy:
     def batch_axes(self) -> str:
         return "data"
 
+    @property
+    def setting_of_layout(self) -> str:
+        """The setting that asks for this layout itself: "replicated" or "tensor:N"."""
+        return "replicated" if self.mode == "replicated" else f"tensor:{self.tensor}"
+
     def mesh(self, devices: Sequence[jax.Device]) -> Mesh:
         """The engine's mesh over `devices`: ``("data",)`` for replicated weights, else (data, 1, tensor)."""
         devices = list(devices)

@@ -628,6 +628,38 @@ def test_tpu_q_norm_rope_and_scale_are_one_pass_over_q(libtpu_env, monkeypatch):
     assert sliced >= fused + 2, (fused, sliced)
 
 
+def test_sampled_analysis_keeps_the_whole_models_layout(libtpu_env, eight_layer_tiny, tmp_path, capsys, monkeypatch):
+    """A model truncated to 2, 3 or 6 layers has fewer weights than the whole, so the inference policy left to
+    itself may lay it out otherwise than the real program (large on v5e-16: tensor 2 for the samples, 4 for the
+    model). Here the policy splits the whole 8-layer tiny over tensor 2 and would keep a truncated one
+    replicated: every sample is still analysed on the real program's tensor 2 layout."""
+    import importlib
+
+    from kalm_jax.parallel import inference_policy
+
+    check = importlib.import_module("kalm_jax.perf.aot.check")  # the module, not `aot.check` the function
+    decide, built = inference_policy.decide, []
+
+    def whole_model_split(config, state, **kwargs):
+        if kwargs.get("setting") is None:
+            kwargs["setting"] = "tensor:2" if len(config.encoder_layer_types) == 8 else "replicated"
+        return decide(config, state, **kwargs)
+
+    def recording(preset, devices, w, **kwargs):
+        engine = inference_engine(preset, devices, w, **kwargs)
+        built.append((kwargs.get("layers"), engine.policy.mode, engine.policy.tensor))
+        return engine
+
+    inference_engine = check.inference_engine
+    monkeypatch.setattr(inference_policy, "decide", whole_model_split)
+    monkeypatch.setattr(check, "inference_engine", recording)
+    config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
+    args = ["--topology=v5e-4", "--programs=encode", "--analysis_layers=sampled", f"--report={tmp_path / 'c.json'}"]
+    rc = aot_cli.main([f"--config={config}", *args])
+    assert rc == 0, capsys.readouterr().out
+    assert sorted(built, key=str) == [(2, "tensor", 2), (3, "tensor", 2), (6, "tensor", 2), (None, "tensor", 2)]
+
+
 def test_aot_report_samples_the_train_step_by_default(libtpu_env, eight_layer_tiny, tmp_path, capsys):
     """`--report` without `--analysis_layers` (auto): the train step's analysis is compiled at 2, 3 and 6 layers
     per stack and extrapolated (nano's whole unrolled train step outgrows a 24 GB host), encode is unrolled

@@ -133,12 +133,15 @@ def run(
     def engine(analysis: bool, layers: int | None, mode: str):
         key = (analysis, layers, mode)
         if key not in engines:  # one abstract engine per variant (building one is cheap; lowering is not)
+            # A variant with fewer layers has fewer weights, so the policy could choose another layout for it:
+            # every variant takes the whole model's, which the real program runs.
+            whole = None if layers is None else engine(False, None, mode).policy
             engines[key] = inference_engine(
                 preset,
                 devices,
                 w,
                 hbm_bytes=sl.hbm_bytes,
-                weights=weights,
+                weights=weights if whole is None else whole.setting_of_layout,
                 analysis=analysis,
                 layers=layers,
                 quantization=mode,
