@@ -338,6 +338,11 @@ class InferenceEngine:
             )
             _announce(self.policy.describe())
             self.mesh = self.policy.mesh(self.devices)
+            sequence = self.policy.sequence_axis
+            if sequence is not None and model.options.sequence_parallel is None:
+                twin = nnx.merge(graphdef, state)  # the same arrays; the caller's model keeps its options
+                twin.options = twin.options.replace(sequence_parallel=sequence)
+                graphdef = nnx.graphdef(twin)
             batch_axes = self.policy.batch_axes
         else:
             if devices is not None:

@@ -1,5 +1,6 @@
 """Pure functions for the T5Gemma 2 blocks: Gemma RMSNorm, half-split RoPE, the attention blocks, GeGLU
-(attention itself: `kalm_jax.model.attention`).
+(attention itself: `kalm_jax.model.attention`), and the encoder's sequence parallelism under split weights
+(`sequence_axis`, `pre_norm`, `project_scatter`).
 
 Shape letters: B batch, T query length, S key length, H hidden, N query heads, K kv heads, G = N/K,
 D head dim, I MLP width.
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from kalm_jax.model.attention import dispatch, masks
 from kalm_jax.model.config import ModelConfig
@@ -22,11 +24,18 @@ from kalm_jax.model.options import ModelOptions
 _NEG = float(np.finfo(np.float32).min)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Gemma RMSNorm over the last axis: x·rsqrt(mean x² + eps)·(1 + w), in fp32, cast back to x.dtype."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, inverse: jax.Array | None = None) -> jax.Array:
+    """Gemma RMSNorm over the last axis: x·rsqrt(mean x² + eps)·(1 + w), in fp32, cast back to x.dtype.
+    `inverse`: `rms_inverse(x, eps)` when computed already (e.g. before x's tokens were gathered)."""
     xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    y = xf * (rms_inverse(x, eps) if inverse is None else inverse)
     return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def rms_inverse(x: jax.Array, eps: float) -> jax.Array:
+    """rsqrt(mean x² + eps) over the last axis of x [..., H], in fp32: [..., 1]."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
 
 
 def rope_table(length: int, head_dim: int, theta: float, factor: float) -> tuple[jax.Array, jax.Array]:
@@ -105,16 +114,93 @@ def project(spec: str, x: jax.Array, w, options: ModelOptions | None = None) -> 
     return qwix.einsum(spec, x, w).astype(w.dtype)
 
 
+def sequence_axis(cfg: ModelConfig, options: ModelOptions, rows: int, length: int) -> str | None:
+    """The mesh axis the encoder splits its tokens over (`ModelOptions.sequence_parallel`), or None (whole tokens).
+
+    The named axis applies when the context mesh (`jax.set_mesh`) has it with a size > 1 that divides the
+    `length` tokens, the query heads and the MLP width (the slices of the row-parallel projections), and the
+    mesh's other axes, which split the batch, divide its `rows`. Int8 activations keep whole tokens: their
+    per-token scale spans every head and MLP channel, which no one device holds under the split."""
+    axis = options.sequence_parallel
+    if axis is None or options.activations == "int8":
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.axis_names:
+        return None
+    size = mesh.shape[axis]
+    batch = int(np.prod([n for a, n in mesh.shape.items() if a != axis]))
+    divides = all(n % size == 0 for n in (length, cfg.num_heads, cfg.intermediate_size)) and rows % batch == 0
+    return axis if size > 1 and divides else None
+
+
+def _activation_spec(axis: str, *dims) -> P:
+    """The spec of an activation [B, ...] under sequence parallelism over `axis`: the batch split over the
+    context mesh's other axes (the inference policy's data axes), the other dimensions as `dims` say."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return P(tuple(a for a in mesh.axis_names if a != axis), *dims)
+
+
+def split_tokens(x: jax.Array, axis: str) -> jax.Array:
+    """x [B, T, ...] unchanged, laid out with its tokens split over mesh `axis` (each device keeps its slice)."""
+    spec = _activation_spec(axis, axis)
+    return jax.shard_map(lambda x: x, in_specs=spec, out_specs=spec)(x)
+
+
+def gather_tokens(x, axis: str):
+    """x [B, T, ...] (or a pytree of such) with tokens split over mesh `axis` -> whole on every device of the axis
+    (all-gathers)."""
+
+    def gather(x):
+        return jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), x)
+
+    split, whole = _activation_spec(axis, axis), _activation_spec(axis)
+    return jax.shard_map(gather, in_specs=(split,), out_specs=whole, check_vma=False)(x)
+
+
+def pre_norm(x: jax.Array, weight: jax.Array, eps: float, sequence: str | None) -> jax.Array:
+    """A sub-block's input norm `rms_norm(x, weight, eps)` [B, T, H], with whole tokens. `sequence`: x's tokens
+    are split over that mesh axis: each device takes its tokens' statistics, then the raw tokens and the
+    statistics are gathered and the norm applied whole, so that XLA fuses it into the projections' input as
+    it does without the split (gathering the normed tokens instead would write them out once more)."""
+    if sequence is None:
+        return rms_norm(x, weight, eps)
+    x, inverse = gather_tokens((x, rms_inverse(x, eps)), sequence)
+    return rms_norm(x, weight, eps, inverse)
+
+
+def project_scatter(spec: str, x: jax.Array, w, options: ModelOptions | None, axis: str) -> jax.Array:
+    """A row-parallel `project` (the attention output "btnd,ndh->bth", the MLP down "bti,ih->bth") with its
+    result's tokens split over mesh `axis`: each device multiplies its slice of the contracted leading weight
+    axis (heads, MLP channels) and a reduce-scatter sums the partial products and splits the tokens, where the
+    plain matmul under split weights would all-reduce whole tokens. `w` may be quantized (its scales, one per
+    output channel, stay whole); it is whole over the mesh's other axes (the inference policy's layout)."""
+    operands, _ = spec.split("->")
+    x_axes, w_axes = operands.split(",")
+    x_spec = _activation_spec(axis, *(axis if a == w_axes[0] else None for a in x_axes[1:]))
+    rows = w.shape[0]
+    w_spec = jax.tree.map(lambda leaf: P(axis) if leaf.ndim and leaf.shape[0] == rows else P(), w)
+
+    def local(x, w):
+        return jax.lax.psum_scatter(project(spec, x, w, options), axis, scatter_dimension=1, tiled=True)
+
+    return jax.shard_map(local, in_specs=(x_spec, w_spec), out_specs=_activation_spec(axis, axis))(x, w)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def mlp(x: jax.Array, gate, up, down, options: ModelOptions | None = None) -> jax.Array:
+def mlp(x: jax.Array, gate, up, down, options: ModelOptions | None = None, sequence: str | None = None) -> jax.Array:
     """GeGLU: down(gelu_tanh(x @ gate) * (x @ up)); x [B, T, H], gate/up [H, I], down [I, H] (arrays or
-    quantized weights, `project`)."""
+    quantized weights, `project`). `sequence`: a mesh axis (`sequence_axis`): the result leaves with its tokens
+    split over it (`project_scatter`)."""
     g = checkpoint_name(project("bth,hi->bti", x, gate, options), "mlp_gate")
     u = checkpoint_name(project("bth,hi->bti", x, up, options), "mlp_up")
-    return checkpoint_name(project("bti,ih->bth", gelu_tanh(g) * u, down, options), "mlp_down")
+    return checkpoint_name(_row_parallel("bti,ih->bth", gelu_tanh(g) * u, down, options, sequence), "mlp_down")
+
+
+def _row_parallel(spec: str, x: jax.Array, w, options: ModelOptions | None, sequence: str | None) -> jax.Array:
+    return project(spec, x, w, options) if sequence is None else project_scatter(spec, x, w, options, sequence)
 
 
 def attention_kwargs(options: ModelOptions) -> dict:
@@ -122,17 +208,18 @@ def attention_kwargs(options: ModelOptions) -> dict:
     return {"impl": options.attention_impl, "tpu": options.tpu_attention, "interpret": options.splash_interpret}
 
 
-def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, options: ModelOptions):
+def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, options: ModelOptions, sequence: str | None = None):
     """Encoder attention sub-block (pre-norm → attention → post-norm); returns the residual update [B,T,H].
     `mask`: a `Mask` (key padding [B, T] + static [T, T] pattern) or a bool array broadcastable to [B, T, T].
-    `options`: the attention kernel (`attention_kwargs`)."""
-    h = rms_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps)
+    `options`: the attention kernel (`attention_kwargs`). `sequence`: a mesh axis (`sequence_axis`) x's tokens
+    are split over: they are gathered for the projections (`pre_norm`), the update leaves split likewise."""
+    h = pre_norm(x, w["pre_attn_norm"], cfg.rms_norm_eps, sequence)
     q = rms_norm(checkpoint_name(project("bth,hnd->btnd", h, w["q"], options), "q_proj"), w["q_norm"], cfg.rms_norm_eps)
     k = rms_norm(checkpoint_name(project("bth,hkd->btkd", h, w["k"], options), "k_proj"), w["k_norm"], cfg.rms_norm_eps)
     v = checkpoint_name(project("bth,hkd->btkd", h, w["v"], options), "v_proj")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = dispatch.attention(q, k, v, mask, cfg.attn_scale, **attention_kwargs(options))
-    o = checkpoint_name(project("btnd,ndh->bth", o, w["o"], options), "o_proj")
+    o = checkpoint_name(_row_parallel("btnd,ndh->bth", o, w["o"], options, sequence), "o_proj")
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
@@ -184,7 +271,9 @@ def merged_attention_block(
     return rms_norm(o, w["post_attn_norm"], cfg.rms_norm_eps)
 
 
-def mlp_block(x, w, cfg: ModelConfig, options: ModelOptions | None = None):
-    h = rms_norm(x, w["pre_ffw_norm"], cfg.rms_norm_eps)
-    h = mlp(h, w["gate"], w["up"], w["down"], options)
+def mlp_block(x, w, cfg: ModelConfig, options: ModelOptions | None = None, sequence: str | None = None):
+    """MLP sub-block (pre-norm → GeGLU → post-norm); returns the residual update of x [B, T, H] (`sequence`:
+    as in `self_attention_block`)."""
+    h = pre_norm(x, w["pre_ffw_norm"], cfg.rms_norm_eps, sequence)
+    h = mlp(h, w["gate"], w["up"], w["down"], options, sequence)
     return rms_norm(h, w["post_ffw_norm"], cfg.rms_norm_eps)

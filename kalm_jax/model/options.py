@@ -38,6 +38,12 @@ class ModelOptions:
       activations: "float", or "int8": the inputs of the projection and MLP matmuls are quantized per token to
         int8 where their weights are int8 (`kalm_jax.model.quantization`, mode "int8-dynamic"); no effect on
         float weights.
+      sequence_parallel: a mesh axis name (the inference policy's ``"tensor"``) or None. Named, the encoder runs
+        Megatron-style sequence parallelism over that axis of the context mesh (`jax.set_mesh`) when its weights
+        are split over it: the residual stream, the norms and the adds hold 1/size of the tokens, each sub-block
+        gathers its normed input's tokens before the projections and reduce-scatters the attention-output and
+        down projections (`kalm_jax.model.layers.sequence_axis`). No effect where the context mesh lacks the
+        axis, or it does not divide the tokens.
     """
 
     attention_impl: str = "auto"
@@ -47,6 +53,7 @@ class ModelOptions:
     tpu_attention: str = "flash"
     splash_interpret: bool = False
     activations: str = "float"
+    sequence_parallel: str | None = None
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:

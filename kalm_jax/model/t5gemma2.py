@@ -291,9 +291,10 @@ class T5Gemma2(nnx.Module):
         glob = layers.rope_table(length, c.head_dim, c.rope_global_theta, c.rope_global_factor)
         return local, glob
 
-    def _run_stack(self, stack: LayerStack, x, block_fn, ropes, stop: int | None = None):
+    def _run_stack(self, stack: LayerStack, x, block_fn, ropes, stop: int | None = None, sequence: str | None = None):
         """Runs the first `stop` layers of `stack` (all when None) over x [B, T, H]; `block_fn(x, w, sliding,
-        cos, sin)` is the attention sub-block (it builds its own mask; `sliding` is a Python bool).
+        cos, sin)` is the attention sub-block (it builds its own mask; `sliding` is a Python bool). `sequence`:
+        the mesh axis x's tokens are split over (`layers.sequence_axis`), for the MLP sub-blocks.
 
         The layer types repeat with a period p (5 sliding + 1 full in the presets): the scan runs over the
         repeats with the p layers of one period unrolled in its body, so every layer's type, mask pattern and
@@ -310,7 +311,7 @@ class T5Gemma2(nnx.Module):
         def one_layer(carry, w, sliding: bool):
             cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
             carry = carry + block_fn(carry, w, sliding, cos, sin)
-            return carry + layers.mlp_block(carry, w, self.config, self.options)
+            return carry + layers.mlp_block(carry, w, self.config, self.options, sequence)
 
         def layer_fn(sliding: bool):
             def fn(carry, xs):
@@ -354,12 +355,15 @@ class T5Gemma2(nnx.Module):
         c = self.config
         x = self.embed(ids)
         window = masks.encoder_window(ids.shape[1], c.sliding_window)
+        sequence = layers.sequence_axis(c, self.options, *ids.shape)
+        if sequence is not None:  # sequence parallelism: the residual stream holds this device's tokens
+            x = layers.split_tokens(x, sequence)
 
         def block(h, w, sliding, cos, sin):
             m = masks.Mask(mask, window if sliding else None, queries=mask)
-            return layers.self_attention_block(h, w, m, cos, sin, c, self.options)
+            return layers.self_attention_block(h, w, m, cos, sin, c, self.options, sequence)
 
-        x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]))
+        x = self._run_stack(self.encoder, x, block, self._rope(ids.shape[1]), sequence=sequence)
         return layers.rms_norm(x, self.encoder_norm.get_value(), c.rms_norm_eps)
 
     def _decoder_inputs(

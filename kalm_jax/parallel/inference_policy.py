@@ -8,9 +8,13 @@
 * ``tensor`` (``tensor = t > 1``): a ``("data", "fsdp", "tensor")`` mesh of ``(D / t, 1, t)``; each weight is
   split over ``tensor`` on its first dimension among vocab / heads / kv_heads / mlp (Megatron-style: q / k / v
   and gate / up by output columns, o / down by input rows), the batch over ``data``. Each device computes
-  its heads and its slice of the MLP; the only collectives are the all-reductions of the [tokens, hidden]
-  activations after the attention output and the down projection (and the embedding lookup). No weight is
-  ever all-gathered, unlike the training mesh's fsdp layout, which gathers every layer's weights per call.
+  its heads and its slice of the MLP. The encoder runs Megatron-style sequence parallelism over ``tensor``
+  (`sequence_axis`, `kalm_jax.model.layers.sequence_axis`): its residual stream, norms and adds hold 1/t of the
+  tokens; each sub-block all-gathers its input's tokens (with their RMS statistics) before the projections and
+  reduce-scatters the attention-output and down projections. The decoder all-reduces the [tokens, hidden]
+  activations after those two projections instead. Besides the embedding lookup, these are the only
+  collectives: no weight is ever all-gathered, unlike the training mesh's fsdp layout, which gathers every
+  layer's weights per call.
 
 ``auto`` keeps the weights replicated while the weights plus the estimated working set of one batch
 (`working_set_bytes`) take at most `FILL` of a device's memory, and otherwise takes the smallest tensor size
@@ -86,6 +90,12 @@ class InferencePolicy:
     def setting_of_layout(self) -> str:
         """The setting that asks for this layout itself: "replicated" or "tensor:N"."""
         return "replicated" if self.mode == "replicated" else f"tensor:{self.tensor}"
+
+    @property
+    def sequence_axis(self) -> str | None:
+        """The mesh axis the encoder splits its tokens over (`ModelOptions.sequence_parallel`): ``"tensor"`` when
+        the weights are split over it, else None."""
+        return "tensor" if self.mode == "tensor" else None
 
     def mesh(self, devices: Sequence[jax.Device]) -> Mesh:
         """The engine's mesh over `devices`: ``("data",)`` for replicated weights, else (data, 1, tensor)."""

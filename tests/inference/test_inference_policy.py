@@ -85,14 +85,16 @@ def test_policy_setting_overrides(monkeypatch):
 
 
 def _tiny4():
-    """tiny with 4 query heads over 2 kv heads, so tensor 2 splits both."""
-    return dataclasses.replace(get_preset("tiny"), num_heads=4, num_kv_heads=2)
+    """tiny with 4 query heads over 2 kv heads, so tensor 2 splits both (MLP width 96: no weight has an
+    activation's shape)."""
+    return dataclasses.replace(get_preset("tiny"), num_heads=4, num_kv_heads=2, intermediate_size=96)
 
 
 def test_tensor_layout_matches_replicated_and_gathers_no_weight():
     """On 8 CPU devices: tensor 2 and 4 give the replicated engine's states and margins (fp32 rounding), every
-    matrix is split, and the compiled encode and score programs contain no all-gather (activations are
-    all-reduced; no weight is gathered per call)."""
+    matrix is split, and the compiled encode and score programs gather no weight per call: score all-reduces its
+    activations and gathers nothing, encode (sequence parallel) reduce-scatters them and gathers only activations
+    (`tests/model/test_sequence_parallel.py`)."""
     assert len(jax.devices()) == 8
     model = build_model(_tiny4(), param_dtype="float32")
     rng = np.random.default_rng(0)
@@ -113,10 +115,15 @@ def test_tensor_layout_matches_replicated_and_gathers_no_weight():
         assert dict(engine.mesh.shape) == {"data": 8 // t, "fsdp": 1, "tensor": t}
         q = engine._state["encoder"]["q"].get_value()
         assert q.sharding.shard_shape(q.shape)[2] == q.shape[2] // t  # heads split
-        for program in (engine.encode_program(8, 40, 4), engine.score_program(8, 20, 10)):
-            hlo = program.lower().compile().as_text()
-            assert not re.search(r"\ball-gather(-start)?\(", hlo), program.name
-            assert "all-reduce" in hlo, program.name  # the Megatron-style reductions are there
+        weights = {tuple(a.shape[1:]) for a in jax.tree.leaves(engine._state)}
+        weights |= {tuple(a.shape) for a in jax.tree.leaves(engine._state)}
+        encode = engine.encode_program(8, 40, 4).lower().compile().as_text()
+        gathered = re.findall(r"= \(?\w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", encode)
+        assert gathered and not weights & {tuple(int(d) for d in g.split(",") if d) for g in gathered}
+        assert "reduce-scatter" in encode  # the sequence-parallel reductions are there
+        score = engine.score_program(8, 20, 10).lower().compile().as_text()
+        assert not re.search(r"\ball-gather(-start)?\(", score)
+        assert "all-reduce" in score  # the Megatron-style reductions are there
     ref_states, ref_margins = results["replicated"]
     for setting in ("tensor:2", "tensor:4"):
         np.testing.assert_allclose(results[setting][0], ref_states, rtol=1e-4, atol=1e-5)
