@@ -143,6 +143,9 @@ def _side_by_side(config, out: Path | None, markdown: Path | None) -> int:
         progress=lambda m: print(m, file=sys.stderr),
     )
     _emit(rows, out, markdown)
+    note = side_by_side.host_note(rows)
+    if note:
+        print(note, file=sys.stderr)
     if checking:
         minimum = {"encode": config.min_encode_speedup, "score": config.min_score_speedup}
         failures = side_by_side.check(rows, minimum)

@@ -316,8 +316,14 @@ def test_side_by_side_same_weights_interleaved(tmp_path):
         ]
     )
     assert rc == 0
-    enc, sc = json.loads(out.read_text())
+    enc, sc, host = json.loads(out.read_text())
     assert (enc["op"], sc["op"]) == ("encode", "score") and enc["rounds"] == sc["rounds"] == 2
+    # tiny: H 64, I 128; the matmul timed beside the peer's in every round
+    assert (host["path"], host["op"], host["matmul_shape"]) == ("host", "matmul", [3 * 48, 64, 128])
+    assert len(host["ours_round_s"]) == len(host["peer_round_s"]) == 2
+    assert host["ours_gflops_per_s"] == pytest.approx(2 * 3 * 48 * 64 * 128 / host["ours_median_s"] / 1e9)
+    rounds = [p / o for o, p in zip(host["ours_round_s"], host["peer_round_s"])]
+    assert host["speedup"] == pytest.approx(sum(rounds) / 2)  # the median of two rounds
     assert len(enc["ours_round_s"]) == len(enc["peer_round_s"]) == 2
     assert enc["max_abs_state_diff"] < 1e-4 and sc["max_abs_margin_diff"] < 1e-4
     assert sc["ours_pairs_per_s"] == pytest.approx(3 / sc["ours_median_s"])
@@ -419,6 +425,7 @@ def test_side_by_side_check_times_the_array_level_functions(tmp_path):
         ("engine", "score"),
         ("array-level", "encode"),
         ("array-level", "score"),
+        ("host", "matmul"),
     ]
     for r in rows:
         assert len(r["ours_round_s"]) == len(r["peer_round_s"]) == 2

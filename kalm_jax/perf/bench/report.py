@@ -69,6 +69,8 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("peer tok/s", "peer_tokens_per_s", ",.0f"),
         ("ours pairs/s", "ours_pairs_per_s", ",.1f"),
         ("peer pairs/s", "peer_pairs_per_s", ",.1f"),
+        ("ours GFLOP/s", "ours_gflops_per_s", ",.0f"),
+        ("peer GFLOP/s", "peer_gflops_per_s", ",.0f"),
         ("speedup", "speedup", ".2f"),
         ("min", "speedup_min", ".2f"),
         ("max", "speedup_max", ".2f"),

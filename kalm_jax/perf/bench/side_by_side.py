@@ -10,6 +10,12 @@ compared on the same inputs (the peer scores kalm-jax's pooled states, so only t
 kalm-jax runs through the inference engine (`InferenceEngine.encode_batch` / `score_batch`) and, with
 `array_level=True`, also through the array-level functions (`scoring.encode_passages` / `scoring.score`),
 timed in the same rounds. `check` compares the rows' speedups with minimums (the `side_by_side_check` preset).
+
+Every round also times one matmul on each side, the shape of the encoder's MLP gate for this batch
+([candidates x n, H] @ [H, I], the dtype of the run): the "host" row, whose speedup is XLA's matmul over
+torch's on this machine. The two libraries' matmul kernels do not rank alike on every CPU (seen: XLA at
+0.8-0.95x torch's on one 2-core AMD EPYC host, where kalm-jax's encode was 1.12x the peer, against 1.66x on
+another), so the row tells a host's effect from a change in the code.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ def run(
         return scoring.score(model, dec, dmask, states, pmask, yes_id, no_id)
 
     ours_margins, peer_margins = ours_sc(), peer_sc().float().numpy()
+    ours_mm, peer_mm, mm_shape = _host_matmuls(rng, candidates * n, cfg.hidden_size, cfg.intermediate_size, peer)
     fns = {"ours_encode": ours_enc, "peer_encode": peer_enc, "ours_score": ours_sc, "peer_score": peer_sc}
     if array_level:
         fns = {
@@ -109,6 +116,7 @@ def run(
             "peer_score": peer_sc,
         }
         array_states, array_margins = array_enc()[0], array_sc()
+    fns.update(ours_matmul=ours_mm, peer_matmul=peer_mm)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -168,7 +176,57 @@ def run(
                 flops_per_pair=flops.decoder_flops(cfg, prompt_len, c),
             )
         rows.append(row)
+    m, k, cols = mm_shape
+    speedups = [p / o for o, p in zip(times["ours_matmul"], times["peer_matmul"])]
+    rows.append(
+        {
+            **base,
+            "path": "host",
+            "ours_impl": "jax.numpy.matmul (jitted)",
+            "peer_impl": "torch.matmul",
+            "op": "matmul",
+            "batch": candidates,
+            "matmul_shape": [m, k, cols],
+            "ours_gflops_per_s": 2 * m * k * cols / statistics.median(times["ours_matmul"]) / 1e9,
+            "peer_gflops_per_s": 2 * m * k * cols / statistics.median(times["peer_matmul"]) / 1e9,
+            "ours_median_s": statistics.median(times["ours_matmul"]),
+            "peer_median_s": statistics.median(times["peer_matmul"]),
+            "speedup": statistics.median(speedups),
+            "speedup_min": min(speedups),
+            "speedup_max": max(speedups),
+            "ours_round_s": times["ours_matmul"],
+            "peer_round_s": times["peer_matmul"],
+        }
+    )
     return rows
+
+
+def _host_matmuls(rng, m: int, k: int, cols: int, peer) -> tuple[Callable, Callable, tuple[int, int, int]]:
+    """(XLA's call, torch's call, shape) of one [m, k] @ [k, cols] matmul in the peer's dtype, same inputs."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, cols), dtype=np.float32) / np.sqrt(k)
+    ta, tb = torch.from_numpy(a).to(peer.torch_dtype), torch.from_numpy(b).to(peer.torch_dtype)
+    dtype = jnp.dtype(str(peer.torch_dtype).removeprefix("torch."))
+    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    matmul = jax.jit(jnp.matmul)
+    return (lambda: matmul(ja, jb)), (lambda: torch.matmul(ta, tb)), (m, k, cols)
+
+
+def host_note(rows: list[dict[str, Any]]) -> str | None:
+    """One line on the host row (None without one): XLA's matmul over torch's on this machine."""
+    host = [r for r in rows if r.get("kind") == "side_by_side" and r.get("op") == "matmul"]
+    if not host:
+        return None
+    r = host[0]
+    m, k, cols = r["matmul_shape"]
+    return (
+        f"host: XLA's {r['dtype']} matmul [{m}, {k}] @ [{k}, {cols}] runs at {r['speedup']:.2f}x torch's "
+        f"({r['ours_gflops_per_s']:,.0f} vs {r['peer_gflops_per_s']:,.0f} GFLOP/s): the speedups are this host's"
+    )
 
 
 def check(rows: list[dict[str, Any]], min_speedup: dict[str, float]) -> list[str]:
@@ -189,4 +247,4 @@ def check(rows: list[dict[str, Any]], min_speedup: dict[str, float]) -> list[str
     return failures
 
 
-__all__ = ["run", "check", "PATH_IMPL"]
+__all__ = ["run", "check", "host_note", "PATH_IMPL"]
