@@ -102,39 +102,13 @@ def launch(
     lock = threading.RLock()  # re-entrant: the signal handler prints under it in the main thread, which may hold it
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
-    for i in range(num_processes):
-        argv = child_command(command) + [
-            f"--coordinator_address={address}",
-            f"--num_processes={num_processes}",
-            f"--process_id={i}",
-        ]
-        # stdout and stderr on pipes of their own, each pumped line by line: on one shared pipe, text a
-        # library writes to stderr without a newline (gloo's "connected to 1 peer ranks") joined the next
-        # stdout line. Both are printed to the launcher's stdout, prefixed.
-        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-        procs.append(p)
-        for stream in (p.stdout, p.stderr):
-            t = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", lock), daemon=True)
-            t.start()
-            pumps.append(t)
-    with lock:
-        print(
-            f"[launch] {num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
-            f"{' '.join(command)}",
-            flush=True,
-        )
-
-    # One waiter thread per process reports its exit to `exits` as it happens, so the failure reported is the
-    # first one, not the lowest-numbered process among several that died within one polling interval (a
-    # killed process's peers abort from the distributed runtime milliseconds later).
-    exits: queue.Queue = queue.Queue()
-    for i, p in enumerate(procs):
-        threading.Thread(target=_wait, args=(i, p, exits), daemon=True).start()
-    running = set(range(num_processes))
+    running: set[int] = set()
+    received: list[int] = []  # the signals forwarded
     kill_at = None  # when the processes still running get SIGKILL: --grace after a forwarded signal or a failure
 
     def forward(signum, frame):
         nonlocal kill_at
+        received.append(signum)
         with lock:
             print(
                 f"[launch] {signal.Signals(signum).name}: forwarding to all processes (SIGKILL to those left "
@@ -146,10 +120,47 @@ def launch(
         if kill_at is None:
             kill_at = time.monotonic() + grace
 
+    # The handlers go in before the first process starts: a signal that arrives while they start (a process
+    # may print before this thread gets here again) is forwarded, not the launcher's own death.
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     status = 0
     failed = False
     try:
+        for i in range(num_processes):
+            if kill_at is not None:  # signalled while starting: start no more
+                break
+            argv = child_command(command) + [
+                f"--coordinator_address={address}",
+                f"--num_processes={num_processes}",
+                f"--process_id={i}",
+            ]
+            # stdout and stderr on pipes of their own, each pumped line by line: on one shared pipe, text a
+            # library writes to stderr without a newline (gloo's "connected to 1 peer ranks") joined the next
+            # stdout line. Both are printed to the launcher's stdout, prefixed.
+            p = subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+            )
+            procs.append(p)
+            running.add(i)
+            for stream in (p.stdout, p.stderr):
+                t = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", lock), daemon=True)
+                t.start()
+                pumps.append(t)
+        with lock:
+            print(
+                f"[launch] {num_processes} processes x {devices_per_process} CPU devices, coordinator {address}: "
+                f"{' '.join(command)}",
+                flush=True,
+            )
+
+        # One waiter thread per process reports its exit to `exits` as it happens, so the failure reported is the
+        # first one, not the lowest-numbered process among several that died within one polling interval (a
+        # killed process's peers abort from the distributed runtime milliseconds later).
+        exits: queue.Queue = queue.Queue()
+        for i, p in enumerate(procs):
+            threading.Thread(target=_wait, args=(i, p, exits), daemon=True).start()
+        if received and len(procs) < num_processes:  # stopped before every process started
+            status = exit_status(-received[0])
         while running:
             try:
                 i, rc = exits.get(timeout=0.1)
