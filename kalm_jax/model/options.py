@@ -41,9 +41,9 @@ class ModelOptions:
       sequence_parallel: a mesh axis name (the inference policy's ``"tensor"``) or None. Named, the encoder runs
         Megatron-style sequence parallelism over that axis of the context mesh (`jax.set_mesh`) when its weights
         are split over it: the residual stream, the norms and the adds hold 1/size of the tokens, each sub-block
-        gathers its normed input's tokens before the projections and reduce-scatters the attention-output and
-        down projections (`kalm_jax.model.layers.sequence_axis`). No effect where the context mesh lacks the
-        axis, or it does not divide the tokens.
+        all-gathers its input's tokens (with their RMS statistics) before the projections and reduce-scatters
+        the attention-output and down projections. Where it applies: `kalm_jax.model.layers.sequence_axis`
+        (elsewhere, no effect). The inference engine sets it for the policy's tensor layout.
     """
 
     attention_impl: str = "auto"

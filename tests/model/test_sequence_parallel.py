@@ -13,14 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.model import layers
 from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
 from kalm_jax.model.options import ModelOptions
-from kalm_jax.parallel import inference_policy as ip
 from kalm_jax.parallel.mesh import make_mesh
 
 SP = ModelOptions(attention_impl="xla", sequence_parallel="tensor")
@@ -51,38 +49,30 @@ def test_sequence_axis_applies_only_where_the_split_divides():
         assert layers.sequence_axis(cfg, SP, 8, 64) is None  # tensor of size 1
 
 
-def _placed(model, mesh):
-    """The model's state placed as the inference policy's tensor layout places it on `mesh`."""
-    _, state = nnx.split(model)
-    policy = ip.InferencePolicy("tensor", mesh.shape["data"], mesh.shape["tensor"], 0, 0, None, "tensor", "test")
-    return jax.device_put(state, policy.shardings(state, mesh))
-
-
 @pytest.mark.parametrize("dtype, tol", [("float32", 2e-6), ("bfloat16", 2e-2)])
 def test_split_tokens_give_the_whole_token_states(dtype, tol):
-    """On 8 CPU devices (data 2 x tensor 4): the encoder's states with the residual stream split over tensor equal
-    those with whole tokens on the same weights, up to the rounding of the reduction order; padded rows too."""
+    """On 8 CPU devices (data 2 x tensor 4, the engine's tensor layout and weights): the encoder's states with the
+    residual stream split over tensor (the engine's program) equal those with whole tokens (the caller's model, on
+    the same placed weights), up to the rounding of the reduction order; padded rows too."""
     cfg = _cfg()
-    mesh = _mesh(2, 4)
+    model = build_model(cfg, param_dtype=dtype, options=ModelOptions(attention_impl="xla"))
+    engine = InferenceEngine(model, devices=jax.devices(), yes_id=1, no_id=2, weights="tensor:4", share_weights=False)
+    assert dict(engine.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, (4, 64)).astype(np.int32)
     mask = (np.arange(64)[None] < np.array([64, 40, 17, 64])[:, None]).astype(np.int32)
-    batch = NamedSharding(mesh, PartitionSpec("data"))
+    ids_d, mask_d = engine._put(ids, mask)
     out = {}
-    for sp in (None, "tensor"):
-        model = build_model(cfg, param_dtype=dtype, options=ModelOptions(attention_impl="xla", sequence_parallel=sp))
-        graphdef, _ = nnx.split(model)
-        state = _placed(model, mesh)
+    for sp, graphdef in (("tensor", engine._graphdef), (None, nnx.graphdef(model))):
 
         @jax.jit
         def encode(state, ids, mask, graphdef=graphdef):
             return nnx.merge(graphdef, state).encode(ids, mask)
 
-        with jax.set_mesh(mesh):
-            lowered = encode.lower(state, jax.device_put(ids, batch), jax.device_put(mask, batch))
-            out[sp] = np.asarray(lowered.compile()(state, jax.device_put(ids, batch), jax.device_put(mask, batch)))
-        hlo = lowered.compile().as_text()
-        scatters = len(re.findall(r"\breduce-scatter(-start)?\(", hlo))
+        with jax.set_mesh(engine.mesh):
+            compiled = encode.lower(engine._state, ids_d, mask_d).compile()
+            out[sp] = np.asarray(compiled(engine._state, ids_d, mask_d))
+        scatters = len(re.findall(r"\breduce-scatter(-start)?\(", compiled.as_text()))
         assert scatters == (2 * len(cfg.encoder_layer_types) if sp else 0), (sp, scatters)
     ref = out[None].astype(np.float32)
     np.testing.assert_allclose(out["tensor"].astype(np.float32), ref, rtol=tol, atol=tol * np.abs(ref).max())

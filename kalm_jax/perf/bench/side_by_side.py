@@ -13,9 +13,9 @@ timed in the same rounds. `check` compares the rows' speedups with minimums (the
 
 Every round also times one matmul on each side, the shape of the encoder's MLP gate for this batch
 ([candidates x n, H] @ [H, I], the dtype of the run): the "host" row, whose speedup is XLA's matmul over
-torch's on this machine. The two libraries' matmul kernels do not rank alike on every CPU (seen: XLA at
-0.8-0.95x torch's on one 2-core AMD EPYC host, where kalm-jax's encode was 1.12x the peer, against 1.66x on
-another), so the row tells a host's effect from a change in the code.
+torch's on this machine. The two libraries' matmul kernels do not rank alike on every CPU, and the encode
+ratio follows them from host to host (benchmarks/2026-12-04-side-by-side-cpu-host-matmul.md), so the row
+tells a host's effect from a change in the code.
 """
 
 from __future__ import annotations
@@ -147,23 +147,13 @@ def run(
     for (path, key, our_states, our_margins), (op, unit, amount) in itertools.product(
         paths, (("encode", "tokens_per_s", candidates * n), ("score", "pairs_per_s", candidates))
     ):
-        ours_s, peer_s = times[f"{key}_{op}"], times[f"peer_{op}"]
-        speedups = [p / o for o, p in zip(ours_s, peer_s)]
         row = {
             **base,
             "path": path,
             "ours_impl": PATH_IMPL[path],
             "op": op,
             "batch": candidates,
-            f"ours_{unit}": amount / statistics.median(ours_s),
-            f"peer_{unit}": amount / statistics.median(peer_s),
-            "ours_median_s": statistics.median(ours_s),
-            "peer_median_s": statistics.median(peer_s),
-            "speedup": statistics.median(speedups),
-            "speedup_min": min(speedups),
-            "speedup_max": max(speedups),
-            "ours_round_s": ours_s,
-            "peer_round_s": peer_s,
+            **_round_fields(times[f"{key}_{op}"], times[f"peer_{op}"], unit, amount),
         }
         if op == "encode":
             row["max_abs_state_diff"] = float(np.max(np.abs(peer_states.float().numpy() - our_states)))
@@ -177,7 +167,6 @@ def run(
             )
         rows.append(row)
     m, k, cols = mm_shape
-    speedups = [p / o for o, p in zip(times["ours_matmul"], times["peer_matmul"])]
     rows.append(
         {
             **base,
@@ -187,18 +176,27 @@ def run(
             "op": "matmul",
             "batch": candidates,
             "matmul_shape": [m, k, cols],
-            "ours_gflops_per_s": 2 * m * k * cols / statistics.median(times["ours_matmul"]) / 1e9,
-            "peer_gflops_per_s": 2 * m * k * cols / statistics.median(times["peer_matmul"]) / 1e9,
-            "ours_median_s": statistics.median(times["ours_matmul"]),
-            "peer_median_s": statistics.median(times["peer_matmul"]),
-            "speedup": statistics.median(speedups),
-            "speedup_min": min(speedups),
-            "speedup_max": max(speedups),
-            "ours_round_s": times["ours_matmul"],
-            "peer_round_s": times["peer_matmul"],
+            **_round_fields(times["ours_matmul"], times["peer_matmul"], "gflops_per_s", 2 * m * k * cols / 1e9),
         }
     )
     return rows
+
+
+def _round_fields(ours_s: list[float], peer_s: list[float], unit: str, amount: float) -> dict[str, Any]:
+    """A row's timing fields from the per-round seconds of each side: `amount` per median second as
+    ours_/peer_`unit`, the medians, the median / min / max of the per-round speedups, the rounds."""
+    speedups = [p / o for o, p in zip(ours_s, peer_s)]
+    return {
+        f"ours_{unit}": amount / statistics.median(ours_s),
+        f"peer_{unit}": amount / statistics.median(peer_s),
+        "ours_median_s": statistics.median(ours_s),
+        "peer_median_s": statistics.median(peer_s),
+        "speedup": statistics.median(speedups),
+        "speedup_min": min(speedups),
+        "speedup_max": max(speedups),
+        "ours_round_s": ours_s,
+        "peer_round_s": peer_s,
+    }
 
 
 def _host_matmuls(rng, m: int, k: int, cols: int, peer) -> tuple[Callable, Callable, tuple[int, int, int]]:
