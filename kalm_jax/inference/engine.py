@@ -236,7 +236,8 @@ class InferenceEngine:
       tokenizer: needed for text inputs and for the "yes"/"no" ids; may be None with explicit `yes_id` and
         `no_id` for token-level use.
       devices: devices to run on (default: all local devices of this process).
-      batch_size: documents / pairs per device step before any out-of-memory back-off.
+      batch_size: documents / pairs per device step before any out-of-memory back-off (without a `mesh`, the
+        policy may lower it to keep the weights replicated: `policy.rows`, printed at start).
       max_document_tokens: encoder inputs (``<Document>: `` prefix included) are cut to this many tokens.
       max_query_tokens: queries are cut to this many tokens before entering the prompt (None: no cut).
       max_prompt_tokens: budget of the whole decoder prompt; a longer instruction is cut to fit (warning).
@@ -337,6 +338,7 @@ class InferenceEngine:
                 setting=weights,
             )
             _announce(self.policy.describe())
+            self.batch_size = self.policy.rows
             self.mesh = self.policy.mesh(self.devices)
             sequence = self.policy.sequence_axis
             if sequence is not None and model.options.sequence_parallel is None:

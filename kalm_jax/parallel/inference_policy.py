@@ -17,10 +17,13 @@
   layer's weights per call.
 
 ``auto`` keeps the weights replicated while the weights plus the estimated working set of one batch
-(`working_set_bytes`) take at most `FILL` of a device's memory, and otherwise takes the smallest tensor size
-(a power of two that divides the device count and the number of query heads) with which they do; when the
-batch fits at no size, the smallest with which the weights take at most half of that share (the engine
-retries smaller batches when one runs out of memory). Device memory unknown (CPU): replicated. The
+(`working_set_bytes`) take at most `FILL` of a device's memory. When the batch asked for does not fit beside
+replicated weights but a smaller one of at least `MIN_TOKENS` document tokens per device does, it keeps them
+replicated and caps the batch (`InferencePolicy.rows`, the engine's batch size): a call then runs no collective
+at all, and such a batch already keeps the chips busy. Otherwise it takes the smallest tensor size (a power of
+two that divides the device count and the number of query heads) with which the batch fits; when the batch fits
+at no size, the smallest with which the weights take at most half of that share (the engine retries smaller
+batches when one runs out of memory). Device memory unknown (CPU): replicated. The
 setting overrides it: an engine's ``weights=`` argument, else the ``KALM_INFERENCE_WEIGHTS`` environment
 variable: ``auto``, ``replicated``, ``tensor`` (the smallest tensor size that fits, at least 2) or
 ``tensor:N``.
@@ -43,6 +46,10 @@ WEIGHTS_ENV = "KALM_INFERENCE_WEIGHTS"
 MODES = ("auto", "replicated", "tensor")
 FILL = 0.8
 """Share of a device's memory the weights and one batch's estimated working set may take."""
+MIN_TOKENS = 16384
+"""Document tokens per device per call below which ``auto`` splits the weights rather than cap the batch to keep
+them replicated (at 512-token passages: 32 rows per device; a score call then holds 4,096 prompt tokens of 128 per
+device, several times what it takes for the weights' reads to hide behind the matmuls on a TPU)."""
 
 TENSOR_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", "data"),
@@ -65,7 +72,9 @@ class InferencePolicy:
 
     mode: "replicated" or "tensor". data, tensor: mesh sizes (data x tensor = devices). weight_bytes: the
     weights' bytes per device under this layout; working_bytes: the estimated per-device working set of one
-    batch; device_memory: bytes per device (None: unknown). setting: what was asked ("auto", ...). reason: why.
+    batch of `rows`; device_memory: bytes per device (None: unknown). setting: what was asked ("auto", ...).
+    reason: why. rows: the batch (whole call) the layout is for: the one asked for, or less where ``auto``
+    capped it to keep the weights replicated; asked: the batch asked for.
     """
 
     mode: str
@@ -76,6 +85,8 @@ class InferencePolicy:
     device_memory: int | None
     setting: str
     reason: str
+    rows: int
+    asked: int
 
     @property
     def rules(self) -> dict[str, Any]:
@@ -119,8 +130,9 @@ class InferencePolicy:
             if self.mode == "replicated"
             else f"weights split over tensor={self.tensor} (data={self.data})"
         )
+        batch = f"batch {self.rows}" if self.rows == self.asked else f"batch {self.rows} (of {self.asked} asked)"
         return (
-            f"inference mesh: {layout}; per device {self.weight_bytes / gib:.2f} GiB weights + "
+            f"inference mesh: {layout}; {batch}; per device {self.weight_bytes / gib:.2f} GiB weights + "
             f"~{self.working_bytes / gib:.2f} GiB working set, memory {memory} ({self.setting}: {self.reason})"
         )
 
@@ -274,23 +286,35 @@ def decide(
             f"tensor:{want} must divide the {devices} devices and the {config.num_heads} query heads of the model"
         )
 
-    def per_device(t: int) -> tuple[int, int]:
-        shard_rows = -(-rows // (devices // t))
+    def per_device(t: int, batch: int = rows) -> tuple[int, int]:
+        shard_rows = -(-batch // (devices // t))
         return weight_bytes(state, t), working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t)
 
-    def policy(t: int, reason: str) -> InferencePolicy:
-        w, ws = per_device(t)
-        return InferencePolicy("replicated" if t == 1 else "tensor", devices // t, t, w, ws, memory, str(label), reason)
+    def policy(t: int, reason: str, batch: int = rows) -> InferencePolicy:
+        w, ws = per_device(t, batch)
+        kind = "replicated" if t == 1 else "tensor"
+        return InferencePolicy(kind, devices // t, t, w, ws, memory, str(label), reason, batch, rows)
 
     if mode == "replicated" or (mode == "tensor" and want == 1):
         return policy(1, "as set")
     budget = None if memory is None else FILL * memory
-    fits = (lambda t: True) if budget is None else (lambda t: sum(per_device(t)) <= budget)
+
+    def fits(t: int, batch: int = rows) -> bool:
+        return budget is None or sum(per_device(t, batch)) <= budget
+
     if mode == "auto":
         if budget is None:
             return policy(1, "device memory unknown")
         if fits(1):
             return policy(1, f"fits in {FILL:.0%} of device memory")
+        capped = replicated_rows(rows, devices, document_len, lambda batch: fits(1, batch))
+        if capped is not None:
+            return policy(
+                1,
+                f"a batch of {rows} fits only split; one of {capped} ({capped // devices} per device) fits beside "
+                "replicated weights, so no call runs a collective",
+                capped,
+            )
     sizes = _divisors(devices, config, want)
     if not sizes:
         if mode == "tensor":
@@ -314,6 +338,18 @@ def decide(
     )
 
 
+def replicated_rows(rows: int, devices: int, document_len: int, fits) -> int | None:
+    """The largest batch below `rows` of a power of two rows per device, at least `MIN_TOKENS` document tokens
+    per device, for which ``fits(batch)``; None if there is none."""
+    least = -(-MIN_TOKENS // document_len)
+    per = 1 << max(0, (-(-rows // devices) - 1).bit_length() - 1)  # the largest power of two below rows / devices
+    while per >= least:
+        if per * devices < rows and fits(per * devices):
+            return per * devices
+        per //= 2
+    return None
+
+
 def state_is_abstract(state) -> bool:
     """True when the weights are `jax.ShapeDtypeStruct`s (an engine that only lowers programs, e.g. for AOT)."""
     leaves = jax.tree.leaves(state)
@@ -324,6 +360,7 @@ __all__ = [
     "WEIGHTS_ENV",
     "MODES",
     "FILL",
+    "MIN_TOKENS",
     "TENSOR_RULES",
     "InferencePolicy",
     "parse_setting",
@@ -331,6 +368,7 @@ __all__ = [
     "abstract_weights",
     "weight_bytes",
     "working_set_bytes",
+    "replicated_rows",
     "device_memory",
     "decide",
     "state_is_abstract",

@@ -71,6 +71,49 @@ def test_policy_replicates_what_fits_and_splits_what_does_not():
     assert "weights split over tensor" in large.describe() and "GiB" in large.describe()
 
 
+def test_policy_caps_the_batch_to_keep_the_weights_replicated():
+    """large on v6e-8 (32 GiB chips): 2048 rows of 512 tokens fit beside replicated weights at no size, 512 do
+    (64 per chip, the largest power of two that does), so the weights stay replicated at that batch; a cap below
+    `MIN_TOKENS` document tokens per chip is not taken (tensor instead), nor is one on v5e-16, where the weights
+    alone overfill the budget; set layouts keep the batch asked for."""
+    got = _decide("large", 8, 32 * GiB)
+    assert (got.mode, got.data, got.rows, got.asked) == ("replicated", 8, 512, 2048)
+    assert got.weight_bytes + got.working_bytes <= ip.FILL * 32 * GiB
+    doubled = _decide("large", 8, 32 * GiB, setting="replicated", rows=1024)
+    assert doubled.weight_bytes + doubled.working_bytes > ip.FILL * 32 * GiB
+    assert "batch 512 (of 2048 asked)" in got.describe() and "no call runs a collective" in got.describe()
+    assert _decide("large", 8, 32 * GiB, rows=512).rows == 512  # fits as asked: nothing capped
+    assert (_decide("large", 8, 32 * GiB, setting="tensor:2").rows, _decide("large", 16, 16 * GiB).rows) == (2048,) * 2
+    # 20 GiB chips: the weights leave room for fewer than MIN_TOKENS / 512 = 32 rows per chip, too few to cap to
+    least = ip.MIN_TOKENS // 512
+    ws = ip.working_set_bytes(get_preset("large"), "bfloat16", least, 512, 128)
+    assert (
+        got.weight_bytes + ws
+        > ip.FILL * 20 * GiB
+        >= got.weight_bytes + ip.working_set_bytes(get_preset("large"), "bfloat16", least // 2, 512, 128)
+    )
+    small_chips = _decide("large", 8, 20 * GiB)
+    assert small_chips.mode == "tensor" and small_chips.rows == 2048
+
+
+def test_the_engine_runs_the_capped_batch():
+    """An engine over 8 devices of 32 GiB, asked for batches of 2048, builds its programs at the policy's 512
+    rows (abstract large: nothing is placed)."""
+    model = build_model(get_preset("large"), abstract=True, param_dtype="bfloat16", dtype="bfloat16")
+    engine = InferenceEngine(
+        model,
+        devices=jax.devices()[:8],
+        batch_size=2048,
+        max_document_tokens=512,
+        max_prompt_tokens=128,
+        yes_id=1,
+        no_id=2,
+        device_memory=32 * GiB,
+        show_progress=False,
+    )
+    assert engine.policy.mode == "replicated" and engine.batch_size == engine.policy.rows == 512
+
+
 def test_policy_setting_overrides(monkeypatch):
     assert _decide("nano", 16, 16 * GiB, setting="tensor:4").tensor == 4
     assert _decide("large", 16, 16 * GiB, setting="replicated").mode == "replicated"

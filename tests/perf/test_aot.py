@@ -222,6 +222,34 @@ def test_aot_reports_does_not_fit(libtpu_env, capsys):
     assert "RESOURCE_EXHAUSTED" in text
 
 
+def test_aot_report_counts_the_batch_the_policy_capped(libtpu_env, tmp_path, capsys, monkeypatch):
+    """When the policy caps the engine's batch to keep the weights replicated, the report compiles and counts
+    the capped batch: here a stand-in working set lets one row per chip fit beside the weights and not two,
+    so tiny's 8 rows on v5e-4 become 4, and the row's XLA FLOPs and useful FLOPs are half of the uncapped
+    run's."""
+    import json
+
+    from kalm_jax.parallel import inference_policy
+
+    config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
+
+    def report(name: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=encode", f"--report={out}"])
+        text = capsys.readouterr().out
+        assert rc == 0, text
+        return {"text": text, **json.loads(out.read_text())[0]}
+
+    whole = report("whole")
+    monkeypatch.setattr(inference_policy, "MIN_TOKENS", 64)
+    monkeypatch.setattr(inference_policy, "working_set_bytes", lambda config, dtype, rows, *a, **k: rows // 2 * 2**40)
+    capped = report("capped")
+    assert (whole["batch"], capped["batch"]) == (8, 4)
+    assert "batch 8;" in whole["text"] and "batch 4 (of 8 asked)" in capped["text"]
+    assert capped["useful_flops"] == whole["useful_flops"] / 2
+    assert capped["xla_flops"] == pytest.approx(whole["xla_flops"] / 2, rel=0.02)
+
+
 def test_aot_tiny_v5e4_train_step(libtpu_env, capsys):
     """The real sharded train step (kalm_jax.training.step.make_train_step, full fine-tuning, two MEP
     ratios) AOT-compiles for v5e-4 and fits."""

@@ -91,7 +91,8 @@ def run(
 
     `encode` and `score` are the inference engine's own programs (`InferenceEngine.encode_program` /
     `score_program`) on the mesh its policy (`kalm_jax.parallel.inference_policy`, setting `weights`) chooses for the
-    slice, with bf16 weights and `eval.batch_size` rows per call; `train` is the real train step on the
+    slice, with bf16 weights and `eval.batch_size` rows per call (or the policy's cap, `InferencePolicy.rows`,
+    with which the rows' FLOPs and bytes are counted); `train` is the real train step on the
     config's training mesh. One line is printed as each compile starts and as it ends (with its time).
 
     `quantization`: the engine's weight mode (`kalm_jax.model.quantization.MODES`), or several (a sequence or a
@@ -134,12 +135,12 @@ def run(
         key = (analysis, layers, mode)
         if key not in engines:  # one abstract engine per variant (building one is cheap; lowering is not)
             # A variant with fewer layers has fewer weights, so the policy could choose another layout for it:
-            # every variant takes the whole model's, which the real program runs.
+            # every variant takes the whole model's layout and batch, which the real program runs.
             whole = None if layers is None else engine(False, None, mode).policy
             engines[key] = inference_engine(
                 preset,
                 devices,
-                w,
+                w if whole is None else dataclasses.replace(w, eval_batch=whole.rows),
                 hbm_bytes=sl.hbm_bytes,
                 weights=weights if whole is None else whole.setting_of_layout,
                 analysis=analysis,
@@ -150,12 +151,17 @@ def run(
         return engines[key]
 
     inference = [p for p in programs if p in ("encode", "score")]
-    policies = {}
+    policies, works = {}, {}
     for mode in modes if inference else ():
         policies[mode] = engine(False, None, mode).policy
+        works[mode] = dataclasses.replace(w, eval_batch=policies[mode].rows)  # the policy may cap the batch
         out(f"encode, score ({mode}): the inference engine's programs; {policies[mode].describe()}")
 
-    def builder(name: str, analysis: bool, layers: int | None = None, mode: str = "none", work: Workload = w):
+    def work_of(name: str, mode: str) -> Workload:
+        return w if name == "train" else works[mode]
+
+    def builder(name: str, analysis: bool, layers: int | None = None, mode: str = "none", work: Workload | None = None):
+        work = work_of(name, mode) if work is None else work
         if name == "encode":
             return lower_encode(engine(analysis, layers, mode), work)
         if name == "score":
@@ -210,7 +216,7 @@ def run(
                     name, False, mode=mode, work=dataclasses.replace(w, eval_batch=rows)
                 ),
                 engine(False, None, mode),
-                w.eval_batch,
+                work_of(name, mode).eval_batch,
                 memory,
                 mesh,
                 sl.hbm_bytes,
@@ -253,7 +259,7 @@ def run(
             else aot_cost.estimate_bytes(
                 name,
                 model_config(preset),
-                w,
+                work_of(name, mode),
                 len(devices),
                 policies[mode].tensor,
                 weight_itemsize=None if mode == "none" else 1,
@@ -265,8 +271,8 @@ def run(
             len(devices),
             num_slices,
             preset,
-            w,
-            useful_flops(name, cfg, preset, w),
+            work_of(name, mode),
+            useful_flops(name, cfg, preset, work_of(name, mode)),
             fields,
             memory,
             cfg,
