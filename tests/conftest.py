@@ -197,20 +197,23 @@ SLOW = (
 )
 
 
-# The files that take longest (whole-suite durations on 2 cores), started first: with `-n 2 --dist loadfile` each
+# The files that take longest (whole-suite durations on 2 cores, longest first:
+# benchmarks/2026-12-04-test-suite-slower-2-core-host-2.md), started first: with `-n 2 --dist loadfile` each
 # worker runs whole files, and a long file started last would leave the other worker idle at the end.
 LONGEST_FILES = (
-    "integration/test_multihost_training.py",
-    "training/test_training.py",
-    "model/test_banded_attention.py",
-    "checkpoints/test_convert.py",
-    "model/test_tpu_attention.py",
     "perf/test_aot.py",
-    "inference/test_scoring.py",
-    "perf/test_bench.py",
-    "integration/test_parity.py",
-    "inference/test_engine.py",
+    "training/test_training.py",
+    "integration/test_multihost_training.py",
     "serve/test_serve.py",
+    "integration/test_packaging.py",
+    "evaluation/test_eval_sweep.py",
+    "model/test_model_build.py",
+    "integration/test_hub_checkpoint.py",
+    "evaluation/test_eval_store.py",
+    "integration/test_parity.py",
+    "checkpoints/test_convert.py",
+    "inference/test_int8_device_states.py",
+    "inference/test_engine.py",
 )
 
 

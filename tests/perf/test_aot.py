@@ -250,17 +250,6 @@ def test_aot_report_counts_the_batch_the_policy_capped(libtpu_env, tmp_path, cap
     assert capped["xla_flops"] == pytest.approx(whole["xla_flops"] / 2, rel=0.02)
 
 
-def test_aot_tiny_v5e4_train_step(libtpu_env, capsys):
-    """The real sharded train step (kalm_jax.training.step.make_train_step, full fine-tuning, two MEP
-    ratios) AOT-compiles for v5e-4 and fits."""
-    config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
-    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=train"])
-    text = capsys.readouterr().out
-    assert rc == 0, text
-    assert "make_train_step (lora=False, ratios=(1, 4)" in text
-    assert "stand-in" not in text
-
-
 def test_aot_two_slice_train_step(libtpu_env, capsys):
     """--num_slices=2: two v5e-4 slices joined over DCN, data axis across them; the real train step compiles."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4,2"
@@ -689,9 +678,10 @@ def test_sampled_analysis_keeps_the_whole_models_layout(libtpu_env, eight_layer_
 
 
 def test_aot_report_samples_the_train_step_by_default(libtpu_env, eight_layer_tiny, tmp_path, capsys):
-    """`--report` without `--analysis_layers` (auto): the train step's analysis is compiled at 2, 3 and 6 layers
-    per stack and extrapolated (nano's whole unrolled train step outgrows a 24 GB host), encode is unrolled
-    whole; an 8-layer tiny on v5e-4."""
+    """The real sharded train step (kalm_jax.training.step.make_train_step, full fine-tuning, two MEP ratios)
+    AOT-compiles for v5e-4 and fits; `--report` without `--analysis_layers` (auto): the train step's analysis
+    is compiled at 2, 3 and 6 layers per stack and extrapolated (nano's whole unrolled train step outgrows a
+    24 GB host), encode is unrolled whole; an 8-layer tiny."""
     import json
 
     out = tmp_path / "cost.json"
@@ -699,6 +689,8 @@ def test_aot_report_samples_the_train_step_by_default(libtpu_env, eight_layer_ti
     rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,train", f"--report={out}"])
     text = capsys.readouterr().out
     assert rc == 0, text
+    assert "make_train_step (lora=False, ratios=(1, 4)" in text and "stand-in" not in text
+    assert "fits: every program compiled within HBM" in text
     encode, train = json.loads(out.read_text())
     assert (encode["program"], train["program"]) == ("encode", "train")
     assert "analysis_samples" not in encode and "extrapolated" not in encode["analysis"]
