@@ -342,9 +342,9 @@ def replicated_rows(rows: int, devices: int, document_len: int, fits) -> int | N
     """The largest batch below `rows` of a power of two rows per device, at least `MIN_TOKENS` document tokens
     per device, for which ``fits(batch)``; None if there is none."""
     least = -(-MIN_TOKENS // document_len)
-    per = 1 << max(0, (-(-rows // devices) - 1).bit_length() - 1)  # the largest power of two below rows / devices
-    while per >= least:
-        if per * devices < rows and fits(per * devices):
+    per = 1 << max(0, (-(-rows // devices) - 1).bit_length() - 1)  # largest power of 2 below rows / devices, or 1
+    while per >= least and per * devices < rows:
+        if fits(per * devices):
             return per * devices
         per //= 2
     return None
