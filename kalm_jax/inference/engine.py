@@ -237,7 +237,8 @@ class InferenceEngine:
         `no_id` for token-level use.
       devices: devices to run on (default: all local devices of this process).
       batch_size: documents / pairs per device step before any out-of-memory back-off (without a `mesh`, the
-        policy may lower it to keep the weights replicated: `policy.rows`, printed at start).
+        policy may lower it to keep the weights replicated: `policy.rows`, printed at start; that cap also
+        bounds the `batch_size` of each call).
       max_document_tokens: encoder inputs (``<Document>: `` prefix included) are cut to this many tokens.
       max_query_tokens: queries are cut to this many tokens before entering the prompt (None: no cut).
       max_prompt_tokens: budget of the whole decoder prompt; a longer instruction is cut to fit (warning).
@@ -452,8 +453,12 @@ class InferenceEngine:
         unit: str = "item",
         show_progress: bool | None = None,
     ) -> None:
-        """Calls ``run(start, stop)`` over [0, n) in batches; on out-of-memory retries at 3/4 of the size."""
+        """Calls ``run(start, stop)`` over [0, n) in batches of `batch_size` (default: the engine's); on out-of-memory
+        retries at 3/4 of the size. Where the policy capped the engine's batch to keep the weights replicated
+        (`policy.rows` < `policy.asked`), a larger `batch_size` is lowered to that cap: it would not fit."""
         bs = self.batch_size if batch_size is None else _positive_int(batch_size, "batch_size")
+        if self.policy is not None and self.policy.rows < self.policy.asked:
+            bs = min(bs, self.policy.rows)
         start = 0
         with self._progress(n, desc, unit, show_progress) as bar:
             while start < n:
