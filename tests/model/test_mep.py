@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,6 +41,22 @@ def test_pool_matches_loop_reference(r):
     ref, ref_mask, ref_counts = _loop_reference(states, mask, r)
     assert pooled.shape == (5, -(-37 // r), 8)
     np.testing.assert_allclose(np.asarray(pooled), ref, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pmask), ref_mask)
+    np.testing.assert_array_equal(np.asarray(counts), ref_counts)
+
+
+@pytest.mark.parametrize("r", [1, 4, 32])
+def test_pool_of_bfloat16_states_sums_in_fp32(r):
+    """bf16 states (the serving dtype) pool to the fp64 mean of their values, rounded once to bf16: the sums
+    read the bf16 values and accumulate in fp32, with no bf16 rounding on the way."""
+    states, mask = _ragged(r, n=300, h=16)
+    states = jnp.asarray(states * 50 + 100, jnp.bfloat16)  # sums up to ~4e4: bf16 accumulation would be off
+    pooled, pmask, counts = mep.pool(states, mask, r)
+    ref, ref_mask, ref_counts = _loop_reference(np.asarray(states, np.float64), mask, r)
+    assert pooled.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(pooled, np.float32), np.asarray(jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16), np.float32)
+    )
     np.testing.assert_array_equal(np.asarray(pmask), ref_mask)
     np.testing.assert_array_equal(np.asarray(counts), ref_counts)
 
