@@ -96,44 +96,38 @@ def test_policy_caps_the_batch_to_keep_the_weights_replicated():
     assert small_chips.mode == "tensor" and small_chips.rows == 2048
 
 
+def _abstract_engine(preset: str, batch_size: int) -> InferenceEngine:
+    """An engine over 8 devices of 32 GiB for an abstract bf16 `preset` (nothing is placed)."""
+    return InferenceEngine(
+        build_model(get_preset(preset), abstract=True, param_dtype="bfloat16", dtype="bfloat16"),
+        devices=jax.devices()[:8],
+        batch_size=batch_size,
+        max_document_tokens=512,
+        max_prompt_tokens=128,
+        yes_id=1,
+        no_id=2,
+        device_memory=32 * GiB,
+        show_progress=False,
+    )
+
+
+def _batches(engine: InferenceEngine, n: int, batch_size: int) -> list[tuple[int, int]]:
+    spans = []
+    engine.run_batches(n, batch_size, lambda start, stop: spans.append((start, stop)), "test", "doc", False)
+    return spans
+
+
 def test_the_engine_runs_the_capped_batch():
     """An engine over 8 devices of 32 GiB, asked for batches of 2048, builds its programs at the policy's 512
     rows (abstract large: nothing is placed), and a call asking for more rows than that runs at most 512 per
     batch; an engine the policy did not cap keeps a call's larger batch."""
-    model = build_model(get_preset("large"), abstract=True, param_dtype="bfloat16", dtype="bfloat16")
-    engine = InferenceEngine(
-        model,
-        devices=jax.devices()[:8],
-        batch_size=2048,
-        max_document_tokens=512,
-        max_prompt_tokens=128,
-        yes_id=1,
-        no_id=2,
-        device_memory=32 * GiB,
-        show_progress=False,
-    )
+    engine = _abstract_engine("large", 2048)
     assert engine.policy.mode == "replicated" and engine.batch_size == engine.policy.rows == 512
-
-    def batches(engine, n, batch_size):
-        spans = []
-        engine.run_batches(n, batch_size, lambda start, stop: spans.append((start, stop)), "test", "doc", False)
-        return spans
-
-    assert batches(engine, 1500, 2048) == [(0, 512), (512, 1024), (1024, 1500)]
-    assert batches(engine, 300, 256) == [(0, 256), (256, 300)]
-    uncapped = InferenceEngine(
-        build_model(get_preset("nano"), abstract=True, param_dtype="bfloat16", dtype="bfloat16"),
-        devices=jax.devices()[:8],
-        batch_size=64,
-        max_document_tokens=512,
-        max_prompt_tokens=128,
-        yes_id=1,
-        no_id=2,
-        device_memory=32 * GiB,
-        show_progress=False,
-    )
+    assert _batches(engine, 1500, 2048) == [(0, 512), (512, 1024), (1024, 1500)]
+    assert _batches(engine, 300, 256) == [(0, 256), (256, 300)]
+    uncapped = _abstract_engine("nano", 64)
     assert uncapped.policy.rows == uncapped.policy.asked == 64
-    assert batches(uncapped, 300, 256) == [(0, 256), (256, 300)]
+    assert _batches(uncapped, 300, 256) == [(0, 256), (256, 300)]
 
 
 def test_policy_setting_overrides(monkeypatch):
