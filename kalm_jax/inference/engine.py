@@ -49,6 +49,7 @@ from kalm_jax.inference import programs
 from kalm_jax.inference.states import STORAGE, PassageStates, quantize_int8, row_indices
 from kalm_jax.model import mep
 from kalm_jax.model import quantization as quantize
+from kalm_jax.model.attention import dispatch
 from kalm_jax.model.t5gemma2 import T5Gemma2, check_passages, check_tokens, dequantize_passages
 from kalm_jax.parallel import inference_policy
 from kalm_jax.text import prompts
@@ -337,6 +338,14 @@ class InferenceEngine:
                 dtype=model.dtype,
                 memory=inference_policy.device_memory(self.devices) if device_memory is None else int(device_memory),
                 setting=weights,
+                scores=not dispatch.scores_stay_on_chip(
+                    model.options.attention_impl,
+                    model.dtype,
+                    model.config.head_dim,
+                    model.config.attn_logit_softcapping,
+                    tpu=model.options.tpu_attention,
+                    platform=self.devices[0].platform,
+                ),
             )
             _announce(self.policy.describe())
             self.batch_size = self.policy.rows

@@ -216,12 +216,15 @@ def weight_bytes(state, tensor: int) -> int:
     return total
 
 
-def working_set_bytes(config, dtype, rows: int, document_len: int, prompt_len: int, tensor: int = 1) -> int:
+def working_set_bytes(
+    config, dtype, rows: int, document_len: int, prompt_len: int, tensor: int = 1, scores: bool = True
+) -> int:
     """Estimated peak bytes per device of one encode or score call over `rows` rows of that device (the
     larger of the two): per layer (the layers run one at a time under a scan) the hidden states of every
     token (input, normed, attention output, residual: 4 x H), q / k / v, the attention's scores of one query
-    block of 512 rows in fp32 and the MLP's gate / up / product (heads and MLP width split over `tensor`), at
-    2x for XLA's temporaries; plus the inputs and the pooled states."""
+    block of 512 rows in fp32 (only with `scores`: False where a fused kernel keeps them on chip,
+    `dispatch.scores_stay_on_chip`) and the MLP's gate / up / product (heads and MLP width split over
+    `tensor`), at 2x for XLA's temporaries; plus the inputs and the pooled states."""
     itemsize = np.dtype(dtype).itemsize
     h, d = config.hidden_size, config.head_dim
     heads = -(-config.num_heads // tensor)
@@ -230,8 +233,7 @@ def working_set_bytes(config, dtype, rows: int, document_len: int, prompt_len: i
 
     def layer(tokens: int, keys: int) -> int:
         per_token = (4 * h + (heads + 2 * kv) * d + 3 * mlp) * itemsize
-        scores = min(tokens, 512 * rows) * heads * keys * 4
-        return tokens * per_token + scores
+        return tokens * per_token + (min(tokens, 512 * rows) * heads * keys * 4 if scores else 0)
 
     windows = document_len  # ratio 1: the most states the decoder can read
     encode = layer(rows * document_len, min(document_len, 2 * config.sliding_window + 1 or document_len))
@@ -274,11 +276,13 @@ def decide(
     dtype,
     memory: int | None,
     setting: str | None = None,
+    scores: bool = True,
 ) -> InferencePolicy:
     """The layout for `devices` devices of `memory` bytes each (None: unknown) serving the model `config`
     with weights `state` (its dtypes are the weights' dtypes) in compute `dtype`, batches of `rows` rows
     (whole call), documents of `document_len` and decoder prompts of `prompt_len` tokens. `setting`: see
-    `parse_setting`. ValueError for a tensor size that does not divide the devices or the query heads."""
+    `parse_setting`. `scores`: the attention writes its scores to device memory (`working_set_bytes`).
+    ValueError for a tensor size that does not divide the devices or the query heads."""
     mode, want = parse_setting(setting)
     label = setting if setting is not None else os.environ.get(WEIGHTS_ENV, "auto") or "auto"
     if want is not None and (devices % want or config.num_heads % want):
@@ -288,7 +292,7 @@ def decide(
 
     def per_device(t: int, batch: int = rows) -> tuple[int, int]:
         shard_rows = -(-batch // (devices // t))
-        return weight_bytes(state, t), working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t)
+        return weight_bytes(state, t), working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t, scores)
 
     def policy(t: int, reason: str, batch: int = rows) -> InferencePolicy:
         w, ws = per_device(t, batch)

@@ -5,14 +5,17 @@ all-gathered in a call)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from kalm_jax.inference.engine import InferenceEngine
+from kalm_jax.model.attention import dispatch
 from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
 from kalm_jax.model.t5gemma2 import count_params
@@ -25,7 +28,7 @@ def _state(preset: str, dtype: str = "bfloat16"):
     return nnx.split(build_model(get_preset(preset), param_dtype=dtype, abstract=True))[1]
 
 
-def _decide(preset: str, devices: int, memory, setting=None, rows: int = 2048):
+def _decide(preset: str, devices: int, memory, setting=None, rows: int = 2048, scores: bool = True):
     return ip.decide(
         get_preset(preset),
         _state(preset),
@@ -36,6 +39,7 @@ def _decide(preset: str, devices: int, memory, setting=None, rows: int = 2048):
         dtype="bfloat16",
         memory=memory,
         setting=setting,
+        scores=scores,
     )
 
 
@@ -94,6 +98,29 @@ def test_policy_caps_the_batch_to_keep_the_weights_replicated():
     )
     small_chips = _decide("large", 8, 20 * GiB)
     assert small_chips.mode == "tensor" and small_chips.rows == 2048
+
+
+def test_a_fused_attention_kernel_leaves_the_scores_out_of_the_working_set():
+    """The splash kernel (TPU) and cuDNN flash attention keep the scores on chip, the einsum paths write them:
+    without the scores' fp32 block the estimate drops by exactly it, and large on v6e-8 stays replicated at
+    1024 rows per call (128 per chip) instead of 512 (the compiler's own figure for that program: 18.4 GiB
+    of 32 with the encoder's weights, benchmarks/2026-12-04-tpu-large-v6e8-batch-and-bytes.md)."""
+    on_chip = functools.partial(dispatch.scores_stay_on_chip, dtype=jnp.bfloat16, head_dim=256, softcap=None)
+    assert on_chip("auto", tpu="flash", platform="tpu") and on_chip("tpu_flash", tpu="flash", platform="cpu")
+    assert not on_chip("auto", tpu="flash", platform="cpu")  # the einsum reference on CPU
+    assert not on_chip("auto", tpu="xla", platform="tpu") and not on_chip("xla", tpu="flash", platform="tpu")
+    assert not dispatch.scores_stay_on_chip("auto", jnp.bfloat16, 256, 50.0, tpu="flash", platform="tpu")  # softcap
+    large = get_preset("large")
+    scores = 64 * 512 * large.num_heads * 512 * 4  # 64 rows of 512 tokens, one 512-query block of fp32 scores
+    assert (
+        ip.working_set_bytes(large, "bfloat16", 64, 512, 128)
+        - ip.working_set_bytes(large, "bfloat16", 64, 512, 128, scores=False)
+        == 2 * scores
+    )  # 2x for XLA's temporaries
+    kernel = _decide("large", 8, 32 * GiB, scores=False)
+    assert (kernel.mode, kernel.rows, kernel.asked) == ("replicated", 1024, 2048)
+    assert kernel.weight_bytes + kernel.working_bytes <= ip.FILL * 32 * GiB
+    assert _decide("large", 8, 32 * GiB).rows == 512  # the einsum attention's scores: 1024 would not fit
 
 
 def _abstract_engine(preset: str, batch_size: int) -> InferenceEngine:

@@ -250,6 +250,39 @@ def test_aot_report_counts_the_batch_the_policy_capped(libtpu_env, tmp_path, cap
     assert capped["xla_flops"] == pytest.approx(whole["xla_flops"] / 2, rel=0.02)
 
 
+def test_the_policy_on_tpu_devices_counts_no_scores_under_the_splash_kernel(libtpu_env):
+    """The engine over a v6e-8 topology (the AOT report's engine) runs the splash kernel, whose scores stay on
+    chip: large keeps its weights replicated at 1024 of the 2048 rows asked (512 on CPU devices, whose einsum
+    attention writes its scores); with the einsum attention on TPU too (`tpu_attention="xla"`) it is 512."""
+    from kalm_jax.model.build import build_model
+    from kalm_jax.model.options import ModelOptions
+    from kalm_jax.perf.aot.programs import Workload, inference_engine
+    from kalm_jax.perf.aot.topology import topology_devices, tpu_slice
+
+    v6e = tpu_slice("v6e-8")
+    engine = inference_engine("large", topology_devices(v6e), Workload(eval_batch=2048), hbm_bytes=v6e.hbm_bytes)
+    assert (engine.policy.mode, engine.policy.rows, engine.batch_size) == ("replicated", 1024, 1024)
+    assert "batch 1024 (of 2048 asked)" in engine.policy.describe()
+    einsum = InferenceEngine(
+        build_model(
+            get_preset("large"),
+            abstract=True,
+            param_dtype="bfloat16",
+            dtype="bfloat16",
+            options=ModelOptions(tpu_attention="xla"),
+        ),
+        devices=topology_devices(v6e),
+        batch_size=2048,
+        max_document_tokens=512,
+        max_prompt_tokens=128,
+        yes_id=1,
+        no_id=2,
+        device_memory=v6e.hbm_bytes,
+        show_progress=False,
+    )
+    assert einsum.policy.rows == 512
+
+
 def test_aot_two_slice_train_step(libtpu_env, capsys):
     """--num_slices=2: two v5e-4 slices joined over DCN, data axis across them; the real train step compiles."""
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4,2"

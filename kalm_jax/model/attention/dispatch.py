@@ -49,6 +49,16 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, softcap: float | Non
     return impl
 
 
+def scores_stay_on_chip(impl: str, dtype, head_dim: int, softcap: float | None, *, tpu: str, platform: str) -> bool:
+    """Whether attention `impl` (`resolve_attention_impl`) in a program for `platform` devices ("tpu", "gpu",
+    "cpu") runs a fused kernel that never writes its [queries, keys] scores to device memory: the TPU splash
+    kernel or cuDNN flash attention. The einsum paths ("xla", "dot_product") write them."""
+    resolved = resolve_attention_impl(impl, dtype, head_dim, softcap, tpu=tpu)
+    if resolved == "platform":
+        return platform == "tpu"
+    return resolved in ("tpu_flash", "cudnn")
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
