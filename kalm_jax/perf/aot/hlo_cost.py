@@ -6,8 +6,12 @@ no bytes; a `ConcatBitcast` adds -1 second to `optimal_seconds`, a kernel 0 (che
 `ConcatBitcast`s and 18 splash kernels give -49.87). `unknown_ops` lists every custom call of a compiled program
 with its operand and output shapes (read from the HLO text), and `account` turns them into figures:
 
-* data movement (`DATA_MOVEMENT`, e.g. `ConcatBitcast`): no FLOPs; bytes = operands read + output written;
-  their time at the chip's HBM bandwidth is added to the roofline;
+* data movement (`DATA_MOVEMENT`, e.g. `ConcatBitcast`): no FLOPs; bytes = the joined buffer, once; their
+  time at the chip's HBM bandwidth is added to the roofline. A `ConcatBitcast` is XLA's memory-space
+  assignment joining the async slices of a sliced prefetch, which it places contiguously (the join moves
+  nothing itself); the compiler's analysis of the same program compiled without sliced prefetch
+  (`xla_tpu_sliced_prefetch_max_slices=0`: a plain copy, no `ConcatBitcast`) charges the sliced
+  program's bytes plus each joined buffer once, and that time (to 0.1%);
 * the splash attention forward kernel (`ATTENTION_KERNELS`, the engine's TPU attention): FLOPs
   4·rows·keys·head_dim per query row and head (QKᵀ and PV over every key block: exact where a row is one key
   block, an upper bound where the mask skips blocks), bytes = q, k / v (once per query block), the segment
@@ -28,7 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 
 DATA_MOVEMENT = ("ConcatBitcast",)
-"""Custom-call targets without a cost model that only move bytes (cost: operands read + output written)."""
+"""Custom-call targets without a cost model that stand for a copy (cost: the output written once; see above)."""
 KERNELS = ("tpu_custom_call",)
 """Custom-call targets without a cost model whose FLOPs the HLO does not show (Pallas / Mosaic kernels)."""
 ATTENTION_KERNELS = ("splash_mha_fwd",)
@@ -97,8 +101,8 @@ class UnknownOp:
 
     @property
     def bytes(self) -> int:
-        """Bytes a data-movement op reads and writes."""
-        return self.output_bytes + self.operand_bytes
+        """Bytes a data-movement op is charged: its output, once (the module docstring says why)."""
+        return self.output_bytes
 
     @property
     def attention_kernel(self) -> bool:
