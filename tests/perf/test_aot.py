@@ -590,7 +590,7 @@ def test_attention_kernel_cost_reads_q_k_v_from_the_hlo():
     fields = aot_cost.account([op], 0.25, "v5e")  # a kernel adds no -1 to the compiler's figure
     assert fields["unaccounted"] == [] and fields["unknown_cost_targets"] == {"splash attention": 1}
     assert fields["optimal_seconds"] == pytest.approx(0.25 + max(flops / PEAK_BF16["v5e"], nbytes / 819e9))
-    other = aot_cost.UnknownOp("tpu_custom_call", "my_kernel.1", 8, 8, "f32[2]", ("f32[2]",))
+    other = aot_cost.UnknownOp("tpu_custom_call", "my_kernel.1", 8, "f32[2]", ("f32[2]",))
     assert aot_cost.account([other], 0.0, "v5e")["unaccounted"] == ["tpu_custom_call"]
 
 

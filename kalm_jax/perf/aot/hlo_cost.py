@@ -85,13 +85,12 @@ def shape_bytes(shape_text: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class UnknownOp:
-    """A custom call of a compiled program: `target`, instruction `name`, output and operand bytes, and the
-    HLO shape strings of its output and of each operand (in order)."""
+    """A custom call of a compiled program: `target`, instruction `name`, output bytes, and the HLO shape
+    strings of its output and of each operand (in order)."""
 
     target: str
     name: str
     output_bytes: int
-    operand_bytes: int
     output_shape: str = ""
     operand_shapes: tuple[str, ...] = ()
 
@@ -170,7 +169,6 @@ def unknown_ops(hlo_text: str, targets: tuple[str, ...] | None = UNKNOWN_COST) -
                 target,
                 name,
                 shape_bytes(shape),
-                sum(shape_bytes(s) for s in operand_shapes),
                 output_shape=shape,
                 operand_shapes=operand_shapes,
             )
