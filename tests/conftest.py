@@ -140,6 +140,7 @@ SLOW = (
     "test_aot.py::test_aot_",
     "test_aot.py::test_sampled_analysis",
     "test_aot.py::test_unknown_cost_ops",
+    "test_aot.py::test_the_layer_scan_copies_no_weights",
     "test_training.py::test_sigkill",
     "test_training.py::test_sigterm",
     "test_training.py::test_label_writes",

@@ -7,6 +7,8 @@ does not grow with depth. Every parameter carries logical axis names (`vocab`, `
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,22 +328,20 @@ class T5Gemma2(nnx.Module):
 
         fns = {s: layer_fn(s) for s in set(types)}
 
-        def body(carry, xs_group):
+        def body(carry, group):
+            # The group's layers are indexed in the whole stack: a scan over a slice of it (34 = 5 x 6 + 4
+            # layers in large) would copy the sliced weights, a program-long buffer as large as the stack.
             for j, sliding in enumerate(types[:period]):
-                carry = fns[sliding](carry, {k: v[j] for k, v in xs_group.items()})
+                layer = jax.tree.map(
+                    functools.partial(jax.lax.dynamic_index_in_dim, index=group * period + j, keepdims=False), xs_all
+                )
+                carry = fns[sliding](carry, layer)
             return carry, None
 
         if self.options.scan_unroll is True:  # fully unrolled: one static slice per layer
             repeats = 0
         if repeats:
-            # Reshape the whole stack first (a bitcast), then take the groups in range.
-            grouped = {
-                k: (v if len(all_types) == whole * period else v[: whole * period]).reshape(
-                    whole, period, *v.shape[1:]
-                )[:repeats]
-                for k, v in xs_all.items()
-            }
-            x, _ = jax.lax.scan(body, x, grouped, unroll=self.options.scan_unroll)
+            x, _ = jax.lax.scan(body, x, jnp.arange(repeats), unroll=self.options.scan_unroll)
         for i in range(repeats * period, stop):
             x = fns[types[i]](x, {k: v[i] for k, v in xs_all.items()})
         return x
