@@ -141,6 +141,7 @@ SLOW = (
     "test_aot.py::test_sampled_analysis",
     "test_aot.py::test_unknown_cost_ops",
     "test_aot.py::test_the_layer_scan_copies_no_weights",
+    "test_aot.py::test_the_policy_working_set_is_at_least_the_compilers",
     "test_training.py::test_sigkill",
     "test_training.py::test_sigterm",
     "test_training.py::test_label_writes",

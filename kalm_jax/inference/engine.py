@@ -346,6 +346,8 @@ class InferenceEngine:
                     tpu=model.options.tpu_attention,
                     platform=self.devices[0].platform,
                 ),
+                sequence_parallel=model.options.activations != "int8"
+                and model.options.sequence_parallel in (None, "tensor"),
             )
             _announce(self.policy.describe())
             self.batch_size = self.policy.rows

@@ -16,16 +16,17 @@
   collectives: no weight is ever all-gathered, unlike the training mesh's fsdp layout, which gathers every
   layer's weights per call.
 
-``auto`` keeps the weights replicated while the weights plus the estimated working set of one batch
-(`working_set_bytes`) take at most `FILL` of a device's memory. When the batch asked for does not fit beside
-replicated weights but a smaller one of at least `MIN_TOKENS` document tokens per device does, it keeps them
-replicated and caps the batch (`InferencePolicy.rows`, the engine's batch size): a call then runs no collective
-at all, and such a batch already keeps the chips busy. Otherwise it takes the smallest tensor size (a power of
-two that divides the device count and the number of query heads) with which the batch fits; when the batch fits
-at no size, the smallest with which the weights take at most half of that share (the engine retries smaller
-batches when one runs out of memory). Device memory unknown (CPU): replicated. The
+``auto`` takes the layout with the fewest collectives whose weights plus the estimated working set of one batch
+(`working_set_bytes`) take at most `FILL` of a device's memory: replicated weights first, then each tensor size (a
+power of two that divides the device count and the number of query heads), smallest first. At each it tries the
+batch asked for, then a smaller one (`capped_rows`) of at least `MIN_TOKENS` document tokens per batch shard, which
+becomes the engine's batch (`InferencePolicy.rows`): such a batch already keeps the chips busy, and fewer
+collectives beat a bigger batch (large on v5e-16: tensor 2 at 1,024 rows per call predicts 5% more passages and
+14% more pairs per chip than tensor 4 at 2,048). When not even such a batch fits at any size, it takes the
+smallest size with which the weights take at most half of that share (the engine retries smaller batches when
+one runs out of memory). Device memory unknown (CPU): replicated. The
 setting overrides it: an engine's ``weights=`` argument, else the ``KALM_INFERENCE_WEIGHTS`` environment
-variable: ``auto``, ``replicated``, ``tensor`` (the smallest tensor size that fits, at least 2) or
+variable: ``auto``, ``replicated``, ``tensor`` (as ``auto`` without the replicated layout) or
 ``tensor:N``.
 """
 
@@ -47,9 +48,9 @@ MODES = ("auto", "replicated", "tensor")
 FILL = 0.8
 """Share of a device's memory the weights and one batch's estimated working set may take."""
 MIN_TOKENS = 16384
-"""Document tokens per device per call below which ``auto`` splits the weights rather than cap the batch to keep
-them replicated (at 512-token passages: 32 rows per device; a score call then holds 4,096 prompt tokens of 128 per
-device, several times what it takes for the weights' reads to hide behind the matmuls on a TPU)."""
+"""Document tokens per batch shard per call below which ``auto`` does not cap a batch to fit a layout, and tries the
+next one (at 512-token passages: 32 rows per shard; a score call then holds 4,096 prompt tokens of 128 per shard,
+several times what it takes for the weights' reads to hide behind the matmuls on a TPU)."""
 
 TENSOR_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", "data"),
@@ -217,29 +218,51 @@ def weight_bytes(state, tensor: int) -> int:
 
 
 def working_set_bytes(
-    config, dtype, rows: int, document_len: int, prompt_len: int, tensor: int = 1, scores: bool = True
+    config,
+    dtype,
+    rows: int,
+    document_len: int,
+    prompt_len: int,
+    tensor: int = 1,
+    scores: bool = True,
+    sequence_parallel: bool = True,
 ) -> int:
-    """Estimated peak bytes per device of one encode or score call over `rows` rows of that device (the
-    larger of the two): per layer (the layers run one at a time under a scan) the hidden states of every
-    token (input, normed, attention output, residual: 4 x H), q / k / v, the attention's scores of one query
+    """Estimated peak bytes per device of one encode or score call over `rows` rows of that device's batch
+    shard (the larger of the two): the buffers of one layer (the layers run one at a time under a scan) for
+    every token: the hidden states (input, normed, attention output, residual: 4 x H), q / k / v and the MLP's
+    gate / up / product (heads and MLP width split over `tensor`), and the attention's scores of one query
     block of 512 rows in fp32 (only with `scores`: False where a fused kernel keeps them on chip,
-    `dispatch.scores_stay_on_chip`) and the MLP's gate / up / product (heads and MLP width split over
-    `tensor`), at 2x for XLA's temporaries; plus the inputs and the pooled states."""
+    `dispatch.scores_stay_on_chip`); plus the inputs and the encoder's fp32 final states.
+
+    Under `tensor` > 1 with `sequence_parallel` (the engine's encoder, where `tensor` divides the tokens, the
+    query heads and the MLP width: `kalm_jax.model.layers.sequence_axis`) the encoder's hidden states and final
+    states hold 1 / `tensor` of the tokens, and each sub-block adds its gathered input and its projection's
+    partial sums over every token (2 x H).
+
+    XLA:TPU's own temporaries for the engine's programs come to 0.6-0.9 of this (nano and large, replicated and
+    split, 16 to 512 rows per batch shard), so the estimate errs on the safe side."""
     itemsize = np.dtype(dtype).itemsize
     h, d = config.hidden_size, config.head_dim
     heads = -(-config.num_heads // tensor)
     kv = -(-config.num_kv_heads // tensor) if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     mlp = -(-config.intermediate_size // tensor)
+    split = (
+        sequence_parallel
+        and tensor > 1
+        and all(n % tensor == 0 for n in (document_len, config.num_heads, config.intermediate_size))
+    )
+    share = tensor if split else 1
 
-    def layer(tokens: int, keys: int) -> int:
-        per_token = (4 * h + (heads + 2 * kv) * d + 3 * mlp) * itemsize
+    def layer(tokens: int, keys: int, hidden: int) -> int:
+        per_token = (hidden + (heads + 2 * kv) * d + 3 * mlp) * itemsize
         return tokens * per_token + (min(tokens, 512 * rows) * heads * keys * 4 if scores else 0)
 
     windows = document_len  # ratio 1: the most states the decoder can read
-    encode = layer(rows * document_len, min(document_len, 2 * config.sliding_window + 1 or document_len))
-    score = layer(rows * prompt_len, prompt_len + windows) + rows * windows * h * itemsize
-    inputs = rows * (document_len + prompt_len) * 8 + rows * document_len * h * 4
-    return 2 * max(encode, score) + inputs
+    keys = min(document_len, 2 * config.sliding_window + 1 or document_len)
+    encode = layer(rows * document_len, keys, -(-4 * h // share) + (2 * h if split else 0))
+    score = layer(rows * prompt_len, prompt_len + windows, 4 * h) + rows * windows * h * itemsize
+    inputs = rows * (document_len + prompt_len) * 8 + -(-rows * document_len * h * 4 // share)
+    return max(encode, score) + inputs
 
 
 def _divisors(devices: int, config, want: int | None) -> list[int]:
@@ -277,12 +300,14 @@ def decide(
     memory: int | None,
     setting: str | None = None,
     scores: bool = True,
+    sequence_parallel: bool = True,
 ) -> InferencePolicy:
     """The layout for `devices` devices of `memory` bytes each (None: unknown) serving the model `config`
     with weights `state` (its dtypes are the weights' dtypes) in compute `dtype`, batches of `rows` rows
     (whole call), documents of `document_len` and decoder prompts of `prompt_len` tokens. `setting`: see
-    `parse_setting`. `scores`: the attention writes its scores to device memory (`working_set_bytes`).
-    ValueError for a tensor size that does not divide the devices or the query heads."""
+    `parse_setting`. `scores`: the attention writes its scores to device memory; `sequence_parallel`: the
+    encoder splits its tokens under a tensor layout (`working_set_bytes`). ValueError for a tensor size that
+    does not divide the devices or the query heads."""
     mode, want = parse_setting(setting)
     label = setting if setting is not None else os.environ.get(WEIGHTS_ENV, "auto") or "auto"
     if want is not None and (devices % want or config.num_heads % want):
@@ -292,7 +317,8 @@ def decide(
 
     def per_device(t: int, batch: int = rows) -> tuple[int, int]:
         shard_rows = -(-batch // (devices // t))
-        return weight_bytes(state, t), working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t, scores)
+        working = working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t, scores, sequence_parallel)
+        return weight_bytes(state, t), working
 
     def policy(t: int, reason: str, batch: int = rows) -> InferencePolicy:
         w, ws = per_device(t, batch)
@@ -301,37 +327,43 @@ def decide(
 
     if mode == "replicated" or (mode == "tensor" and want == 1):
         return policy(1, "as set")
+    if want is not None:
+        return policy(want, "as set")
     budget = None if memory is None else FILL * memory
 
     def fits(t: int, batch: int = rows) -> bool:
         return budget is None or sum(per_device(t, batch)) <= budget
 
-    if mode == "auto":
-        if budget is None:
-            return policy(1, "device memory unknown")
-        if fits(1):
-            return policy(1, f"fits in {FILL:.0%} of device memory")
-        capped = replicated_rows(rows, devices, document_len, lambda batch: fits(1, batch))
-        if capped is not None:
-            return policy(
-                1,
-                f"a batch of {rows} fits only split; one of {capped} ({capped // devices} per device) fits beside "
-                "replicated weights, so no call runs a collective",
-                capped,
-            )
+    if mode == "auto" and budget is None:
+        return policy(1, "device memory unknown")
     sizes = _divisors(devices, config, want)
+    if mode == "tensor" and not sizes:
+        raise ValueError(
+            f"no tensor size > 1 divides both the {devices} devices and the {config.num_heads} query heads"
+        )
+    # Fewest collectives first: replicated (auto only), then each tensor size, smallest first; at each, the
+    # batch asked for, else the largest capped batch that still keeps the chips busy.
+    for t in ([1] if mode == "auto" else []) + sizes:
+        if fits(t):
+            if t == 1:
+                return policy(1, f"fits in {FILL:.0%} of device memory")
+            return policy(t, "as set" if mode == "tensor" else f"replicated does not fit; tensor={t} does")
+        capped = capped_rows(rows, devices // t, document_len, lambda batch, t=t: fits(t, batch))
+        if capped is not None:
+            shards = devices // t
+            if t == 1:
+                why = (
+                    f"a batch of {rows} fits only split; one of {capped} ({capped // shards} per device) fits beside "
+                    "replicated weights, so no call runs a collective"
+                )
+            else:
+                why = (
+                    f"a batch of {rows} fits only split wider; one of {capped} ({capped // shards} per batch shard) "
+                    f"fits at tensor={t}, the fewest collectives"
+                )
+            return policy(t, why, capped)
     if not sizes:
-        if mode == "tensor":
-            raise ValueError(
-                f"no tensor size > 1 divides both the {devices} devices and the {config.num_heads} query heads"
-            )
         return policy(1, "does not fit, and no tensor size divides the devices and query heads")
-    if want is not None:
-        return policy(want, "as set")
-    candidates = [t for t in sizes if fits(t)]
-    if candidates:
-        best = min(candidates)
-        return policy(best, "as set" if mode == "tensor" else f"replicated does not fit; tensor={best} does")
     # the batch's working set fits at no size: leave the working set half the memory (the engine backs off)
     roomy = [t for t in sizes if budget is None or weight_bytes(state, t) <= budget / 2]
     t = min(roomy) if roomy else max(sizes)
@@ -342,14 +374,14 @@ def decide(
     )
 
 
-def replicated_rows(rows: int, devices: int, document_len: int, fits) -> int | None:
-    """The largest batch below `rows` of a power of two rows per device, at least `MIN_TOKENS` document tokens
-    per device, for which ``fits(batch)``; None if there is none."""
+def capped_rows(rows: int, shards: int, document_len: int, fits) -> int | None:
+    """The largest batch below `rows` of a power of two rows per batch shard (`shards` of them), at least
+    `MIN_TOKENS` document tokens per shard, for which ``fits(batch)``; None if there is none."""
     least = -(-MIN_TOKENS // document_len)
-    per = 1 << max(0, (-(-rows // devices) - 1).bit_length() - 1)  # largest power of 2 below rows / devices, or 1
-    while per >= least and per * devices < rows:
-        if fits(per * devices):
-            return per * devices
+    per = 1 << max(0, (-(-rows // shards) - 1).bit_length() - 1)  # largest power of 2 below rows / shards, or 1
+    while per >= least and per * shards < rows:
+        if fits(per * shards):
+            return per * shards
         per //= 2
     return None
 
@@ -372,7 +404,7 @@ __all__ = [
     "abstract_weights",
     "weight_bytes",
     "working_set_bytes",
-    "replicated_rows",
+    "capped_rows",
     "device_memory",
     "decide",
     "state_is_abstract",

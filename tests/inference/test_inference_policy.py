@@ -67,44 +67,53 @@ def test_policy_replicates_what_fits_and_splits_what_does_not():
     assert large.weight_bytes + large.working_bytes <= ip.FILL * 16 * GiB
     smaller = _decide("large", 16, 16 * GiB, setting=f"tensor:{large.tensor // 2}", rows=16)
     assert smaller.weight_bytes + smaller.working_bytes > ip.FILL * 16 * GiB  # the next smaller split does not fit
-    # 2048 rows of 512 tokens fit at no size: the weights get at most half of the budget (large: tensor 4)
+    # 2048 rows of 512 tokens fit beside no split on 16 GiB chips, 1024 do at tensor 2: the fewest collectives
     big = _decide("large", 16, 16 * GiB)
-    assert big.tensor == 4 and big.weight_bytes <= ip.FILL * 16 * GiB / 2 < 2 * big.weight_bytes
+    assert (big.tensor, big.data, big.rows, big.asked) == (2, 8, 1024, 2048)
+    assert big.weight_bytes + big.working_bytes <= ip.FILL * 16 * GiB
+    assert "fits at tensor=2, the fewest collectives" in big.describe()
+    # 2 GiB chips: not even MIN_TOKENS per batch shard fits at any size: the weights get at most half of the
+    # budget where a size allows it, else the largest size (large: 8, its query heads)
+    tight = _decide("large", 16, 2 * GiB)
+    assert (tight.tensor, tight.rows) == (8, 2048) and "fit at no tensor size" in tight.describe()
     assert _decide("large", 8, 95 * GiB).mode == "replicated"  # a v5p chip holds it
     assert _decide("large", 8, None).mode == "replicated"  # CPU: memory unknown
     assert "weights split over tensor" in large.describe() and "GiB" in large.describe()
 
 
 def test_policy_caps_the_batch_to_keep_the_weights_replicated():
-    """large on v6e-8 (32 GiB chips): 2048 rows of 512 tokens fit beside replicated weights at no size, 512 do
-    (64 per chip, the largest power of two that does), so the weights stay replicated at that batch; a cap below
-    `MIN_TOKENS` document tokens per chip is not taken (tensor instead), nor is one on v5e-16, where the weights
-    alone overfill the budget; set layouts keep the batch asked for."""
+    """large on v6e-8 (32 GiB chips) with the einsum attention: 2048 rows of 512 tokens fit beside replicated
+    weights at no size, 1024 do (128 per chip, the largest power of two that does), so the weights stay
+    replicated at that batch; a cap below `MIN_TOKENS` document tokens per chip is not taken (a split with its
+    own cap instead), nor is one on v5e-16, where the weights alone overfill the budget; set layouts keep the
+    batch asked for."""
     got = _decide("large", 8, 32 * GiB)
-    assert (got.mode, got.data, got.rows, got.asked) == ("replicated", 8, 512, 2048)
+    assert (got.mode, got.data, got.rows, got.asked) == ("replicated", 8, 1024, 2048)
     assert got.weight_bytes + got.working_bytes <= ip.FILL * 32 * GiB
-    doubled = _decide("large", 8, 32 * GiB, setting="replicated", rows=1024)
+    doubled = _decide("large", 8, 32 * GiB, setting="replicated", rows=2048)
     assert doubled.weight_bytes + doubled.working_bytes > ip.FILL * 32 * GiB
-    assert "batch 512 (of 2048 asked)" in got.describe() and "no call runs a collective" in got.describe()
-    assert _decide("large", 8, 32 * GiB, rows=512).rows == 512  # fits as asked: nothing capped
-    assert (_decide("large", 8, 32 * GiB, setting="tensor:2").rows, _decide("large", 16, 16 * GiB).rows) == (2048,) * 2
-    # 20 GiB chips: the weights leave room for fewer than MIN_TOKENS / 512 = 32 rows per chip, too few to cap to
+    assert "batch 1024 (of 2048 asked)" in got.describe() and "no call runs a collective" in got.describe()
+    assert _decide("large", 8, 32 * GiB, rows=1024).rows == 1024  # fits as asked: nothing capped
+    assert _decide("large", 8, 32 * GiB, setting="tensor:2").rows == 2048
+    assert _decide("large", 16, 16 * GiB).mode == "tensor"
+    # 18 GiB chips: the weights leave room for fewer than MIN_TOKENS / 512 = 32 rows per chip, too few to cap to
     least = ip.MIN_TOKENS // 512
     ws = ip.working_set_bytes(get_preset("large"), "bfloat16", least, 512, 128)
     assert (
         got.weight_bytes + ws
-        > ip.FILL * 20 * GiB
+        > ip.FILL * 18 * GiB
         >= got.weight_bytes + ip.working_set_bytes(get_preset("large"), "bfloat16", least // 2, 512, 128)
     )
-    small_chips = _decide("large", 8, 20 * GiB)
-    assert small_chips.mode == "tensor" and small_chips.rows == 2048
+    small_chips = _decide("large", 8, 18 * GiB)
+    assert (small_chips.mode, small_chips.tensor, small_chips.rows) == ("tensor", 2, 512)
 
 
 def test_a_fused_attention_kernel_leaves_the_scores_out_of_the_working_set():
     """The splash kernel (TPU) and cuDNN flash attention keep the scores on chip, the einsum paths write them:
     without the scores' fp32 block the estimate drops by exactly it, and large on v6e-8 stays replicated at
-    1024 rows per call (128 per chip) instead of 512 (the compiler's own figure for that program: 18.4 GiB
-    of 32 with the encoder's weights, benchmarks/2026-12-04-tpu-large-v6e8-batch-and-bytes.md)."""
+    the 2048 rows per call asked for (256 per chip) instead of 1024 (the compiler's own figure for that
+    program: 15.4 GiB of 32 with the encoder's weights, 21.4 with the decoder's too,
+    benchmarks/2026-12-05-tpu-layer-scan-weight-copy.md)."""
     on_chip = functools.partial(dispatch.scores_stay_on_chip, dtype=jnp.bfloat16, head_dim=256, softcap=None)
     assert on_chip("auto", tpu="flash", platform="tpu") and on_chip("tpu_flash", tpu="flash", platform="cpu")
     assert not on_chip("auto", tpu="flash", platform="cpu")  # the einsum reference on CPU
@@ -115,16 +124,42 @@ def test_a_fused_attention_kernel_leaves_the_scores_out_of_the_working_set():
     assert (
         ip.working_set_bytes(large, "bfloat16", 64, 512, 128)
         - ip.working_set_bytes(large, "bfloat16", 64, 512, 128, scores=False)
-        == 2 * scores
-    )  # 2x for XLA's temporaries
+        == scores
+    )
     kernel = _decide("large", 8, 32 * GiB, scores=False)
-    assert (kernel.mode, kernel.rows, kernel.asked) == ("replicated", 1024, 2048)
+    assert (kernel.mode, kernel.rows, kernel.asked) == ("replicated", 2048, 2048)
     assert kernel.weight_bytes + kernel.working_bytes <= ip.FILL * 32 * GiB
-    assert _decide("large", 8, 32 * GiB).rows == 512  # the einsum attention's scores: 1024 would not fit
+    assert _decide("large", 8, 32 * GiB).rows == 1024  # the einsum attention's scores: 2048 would not fit
 
 
-def _abstract_engine(preset: str, batch_size: int) -> InferenceEngine:
-    """An engine over 8 devices of 32 GiB for an abstract bf16 `preset` (nothing is placed)."""
+def test_the_working_set_splits_the_encoders_tokens_under_sequence_parallelism():
+    """Under tensor 4 the engine's encoder holds a quarter of the tokens in its residual stream, norms and adds
+    (4 x H per token) and of its fp32 final states, and adds each sub-block's gathered input and partial sums
+    over every token (2 x H): the estimate drops by exactly that. Where 4 does not divide the tokens, or the
+    activations are int8 (their per-token scale spans every channel), the encoder keeps whole tokens, and the
+    engine tells the policy so."""
+    large = get_preset("large")
+    h, tokens = large.hidden_size, 512 * 512
+    whole = ip.working_set_bytes(large, "bfloat16", 512, 512, 128, 4, False, sequence_parallel=False)
+    split = ip.working_set_bytes(large, "bfloat16", 512, 512, 128, 4, False)
+    assert whole - split == tokens * (4 * h - (4 * h // 4 + 2 * h)) * 2 + tokens * h * 4 * 3 // 4
+    assert ip.working_set_bytes(large, "bfloat16", 512, 510, 128, 4, False) == ip.working_set_bytes(
+        large, "bfloat16", 512, 510, 128, 4, False, sequence_parallel=False
+    )
+    engines = {
+        mode: _abstract_engine("large", 2048, weights="tensor:4", device_memory=16 * GiB, quantization=mode)
+        for mode in ("int8", "int8-dynamic")
+    }
+    rows = 2048 // 2  # per batch shard: 8 devices, tensor 4
+    for mode, sequence_parallel in (("int8", True), ("int8-dynamic", False)):
+        assert engines[mode].policy.working_bytes == ip.working_set_bytes(
+            large, "bfloat16", rows, 512, 128, 4, True, sequence_parallel=sequence_parallel
+        ), mode
+
+
+def _abstract_engine(preset: str, batch_size: int, **overrides) -> InferenceEngine:
+    """An engine over 8 devices of 32 GiB (`overrides`: other engine arguments) for an abstract bf16 `preset`
+    (nothing is placed)."""
     return InferenceEngine(
         build_model(get_preset(preset), abstract=True, param_dtype="bfloat16", dtype="bfloat16"),
         devices=jax.devices()[:8],
@@ -133,8 +168,7 @@ def _abstract_engine(preset: str, batch_size: int) -> InferenceEngine:
         max_prompt_tokens=128,
         yes_id=1,
         no_id=2,
-        device_memory=32 * GiB,
-        show_progress=False,
+        **{"device_memory": 32 * GiB, "show_progress": False, **overrides},
     )
 
 
@@ -145,12 +179,12 @@ def _batches(engine: InferenceEngine, n: int, batch_size: int) -> list[tuple[int
 
 
 def test_the_engine_runs_the_capped_batch():
-    """An engine over 8 devices of 32 GiB, asked for batches of 2048, builds its programs at the policy's 512
-    rows (abstract large: nothing is placed), and a call asking for more rows than that runs at most 512 per
-    batch; an engine the policy did not cap keeps a call's larger batch."""
+    """An engine over 8 devices of 32 GiB, asked for batches of 2048, builds its programs at the policy's 1024
+    rows (abstract large: nothing is placed; the einsum attention of CPU devices), and a call asking for more
+    rows than that runs at most 1024 per batch; an engine the policy did not cap keeps a call's larger batch."""
     engine = _abstract_engine("large", 2048)
-    assert engine.policy.mode == "replicated" and engine.batch_size == engine.policy.rows == 512
-    assert _batches(engine, 1500, 2048) == [(0, 512), (512, 1024), (1024, 1500)]
+    assert engine.policy.mode == "replicated" and engine.batch_size == engine.policy.rows == 1024
+    assert _batches(engine, 2500, 2048) == [(0, 1024), (1024, 2048), (2048, 2500)]
     assert _batches(engine, 300, 256) == [(0, 256), (256, 300)]
     uncapped = _abstract_engine("nano", 64)
     assert uncapped.policy.rows == uncapped.policy.asked == 64
