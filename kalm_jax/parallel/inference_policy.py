@@ -239,8 +239,8 @@ def working_set_bytes(
     states hold 1 / `tensor` of the tokens, and each sub-block adds its gathered input and its projection's
     partial sums over every token (2 x H).
 
-    XLA:TPU's own temporaries for the engine's programs come to 0.6-0.9 of this (nano and large, replicated and
-    split, 16 to 512 rows per batch shard), so the estimate errs on the safe side."""
+    XLA:TPU's own temporaries for the engine's programs come to 0.4-0.8 of this (nano and large, replicated and
+    split, 128 to 512 rows per batch shard; less still at fewer rows), so the estimate errs on the safe side."""
     itemsize = np.dtype(dtype).itemsize
     h, d = config.hidden_size, config.head_dim
     heads = -(-config.num_heads // tensor)

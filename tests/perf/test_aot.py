@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -170,8 +171,9 @@ def libtpu_env(monkeypatch):
 def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     """AOT compile of the engine's encode + score programs for v5e-4: the inference policy keeps tiny's
     weights replicated on a data mesh of 4, the programs fit and use the Pallas TPU kernel, and the
-    per-device argument bytes are the encoder's bf16 weights (unused ones pruned) and the batch shard; with
-    tensor 2 the heads' weights are split."""
+    per-device argument bytes are the encoder's bf16 weights (unused ones pruned) and the batch shard, the
+    decoder's weights the program leaves out are counted as unread beside them; with tensor 2 the heads'
+    weights are split."""
     from flax import nnx
 
     from kalm_jax.model.build import build_model
@@ -199,6 +201,13 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     batch_bytes = 2 * (rows // 4) * length * 4
     # XLA's argument bytes are the tiled per-device layouts with unused parameters (the decoder) pruned
     assert 0.95 * (encoder + embedding + batch_bytes) <= report.arguments <= 1.1 * (encoder + embedding + batch_bytes)
+    # ... yet the engine holds the decoder's weights on each device while it runs: the report's `unread` (less
+    # the tiled layouts' padding of the arguments, a third of tiny's decoder; see test_the_layer_scan_...)
+    decoder = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves((state["decoder"], state["decoder_norm"])))
+    unread = aot.unread_bytes(report, aot.engine_program(engine, "encode", w).args)
+    assert 0.5 * decoder <= unread <= decoder, (unread, decoder)
+    assert dataclasses.replace(report, unread=unread).total == report.total + unread
+    assert "    unread" in text.splitlines()[text.splitlines().index("per-device memory on 1 x v5e-4") + 1]
     split = aot.inference_engine("tiny", devices, w, hbm_bytes=sl.hbm_bytes, weights="tensor:2")
     q = split._state["encoder"]["q"].get_value()
     assert q.sharding.shard_shape(q.shape)[2] == q.shape[2] // 2
@@ -290,20 +299,26 @@ def test_the_layer_scan_copies_no_weights(libtpu_env, program):
     weights in place in the stacked arrays. A scan over a slice of the stack copied the sliced weights into
     buffers that live through the call (here 90.6 MB of temporaries beside the 156 MB stack, 3 MB now; large on
     v6e-8 at 16 passages per chip: 6.9 GiB, 1.1 now). The decoder's last layer runs apart, so its scan covers
-    12 of 13 layers: the same holds for score."""
+    12 of 13 layers: the same holds for score. The program leaves the other stack's weights out of its
+    arguments; the report counts them as `unread`, since the engine holds them."""
     from flax import nnx
 
-    from kalm_jax.perf.aot.programs import Workload, inference_engine, lower_encode, lower_score
+    from kalm_jax.perf.aot.programs import Workload, inference_engine
 
     v5e = aot.tpu_slice("v5e-4")
     w = Workload(eval_batch=4, passage_len=128, query_len=32)
     engine = inference_engine("nano", aot.topology_devices(v5e), w, hbm_bytes=v5e.hbm_bytes, layers=14)
-    stack = nnx.state(engine.model.encoder if program == "encode" else engine.model.decoder)
-    stack_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(stack))
-    lower = (lower_encode if program == "encode" else lower_score)(engine, w)
-    with jax.set_mesh(engine.mesh):
-        temps = lower().compile().memory_analysis().temp_size_in_bytes
-    assert temps < stack_bytes / 4, (temps, stack_bytes)
+    model = engine.model
+    stack, other = (model.encoder, model.decoder) if program == "encode" else (model.decoder, model.encoder)
+    stack_bytes, other_bytes = (
+        sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(s))) for s in (stack, other)
+    )
+    lowered = aot.engine_program(engine, program, w).lower()
+    report = aot.MemoryReport.from_compiled(program, lowered.compile(), v5e.hbm_bytes, 0.0)
+    assert report.temporaries < stack_bytes / 4, (report.temporaries, stack_bytes)
+    # the other stack's weights: left out of the program's arguments, held by the engine (the report's `unread`)
+    unread = aot.unread_bytes(report, aot.engine_program(engine, program, w).args)
+    assert 0.97 * other_bytes <= unread <= 1.01 * other_bytes, (unread, other_bytes)  # + its final norm
 
 
 @pytest.mark.parametrize("weights", ["replicated", "tensor:2"])

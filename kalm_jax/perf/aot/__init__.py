@@ -34,13 +34,14 @@ from kalm_jax.perf.aot.cost import (
     layer_samples,
     useful_flops,
 )
-from kalm_jax.perf.aot.memory import MemoryReport, compile_report, format_table
+from kalm_jax.perf.aot.memory import MemoryReport, compile_report, format_table, unread_bytes
 from kalm_jax.perf.aot.programs import (
     PROGRAMS,
     Workload,
     abstract_state,
     batch_input,
     config_value,
+    engine_program,
     inference_engine,
     lower_encode,
     lower_score,
@@ -70,12 +71,14 @@ __all__ = [
     "useful_flops",
     "MemoryReport",
     "compile_report",
+    "unread_bytes",
     "format_table",
     "Workload",
     "abstract_state",
     "batch_input",
     "config_value",
     "inference_engine",
+    "engine_program",
     "lower_encode",
     "lower_score",
     "lower_train",

@@ -20,11 +20,12 @@ from kalm_jax.perf.aot.cost import (
     layer_samples,
     useful_flops,
 )
-from kalm_jax.perf.aot.memory import MemoryReport, compile_report, format_table
+from kalm_jax.perf.aot.memory import MemoryReport, compile_report, format_table, unread_bytes
 from kalm_jax.perf.aot.programs import (
     PROGRAMS,
     Workload,
     config_value,
+    engine_program,
     inference_engine,
     lower_encode,
     lower_score,
@@ -208,6 +209,9 @@ def run(
         memory = step(
             f"{label} (the real program)", compile_report, label, builder(name, False, mode=mode), mesh, sl.hbm_bytes
         )
+        if name != "train":  # the engine holds both stacks' weights; each program reads one
+            args = engine_program(engine(False, None, mode), name, work_of(name, mode)).args
+            memory = dataclasses.replace(memory, unread=unread_bytes(memory, args))
         reports.append(memory)
         fitted = None
         if fit_batch and name != "train":
@@ -313,13 +317,13 @@ def largest_batch(
     """The largest batch (in the engine's padded rows: a row count `engine.rows` keeps) whose real program fits
     `hbm` per device, by compiling it at a few batches.
 
-    `lower_at(rows)` lowers the program at `rows`; `first` is its memory report at `batch`'s rows. The per-device
-    total is fitted as a + b * rows from `first` and a compile at twice the rows (arguments and temporaries grow
-    linearly with the batch); the largest bucket within HBM on that line is compiled first, then the buckets
-    between the largest that fits and the smallest that does not are bisected, at most `compiles` compiles in
-    all. Returns `max_batch` (0 when none fits), `max_batch_per_shard` (rows per batch shard), `max_batch_bytes`
-    (its per-device total), `max_batch_exact` (the next bucket up was compiled and does not fit) and
-    `max_batch_how`."""
+    `lower_at(rows)` lowers the program at `rows`; `first` is its memory report at `batch`'s rows (its `unread`
+    weights are the same at every batch). The per-device total is fitted as a + b * rows from `first` and a
+    compile at twice the rows (arguments and temporaries grow linearly with the batch); the largest bucket
+    within HBM on that line is compiled first, then the buckets between the largest that fits and the smallest
+    that does not are bisected, at most `compiles` compiles in all. Returns `max_batch` (0 when none fits),
+    `max_batch_per_shard` (rows per batch shard), `max_batch_bytes` (its per-device total), `max_batch_exact`
+    (the next bucket up was compiled and does not fit) and `max_batch_how`."""
     shards = engine.rows(1)
     r1 = engine.rows(batch)
     r2 = engine.rows(2 * r1)
@@ -331,7 +335,8 @@ def largest_batch(
 
     def probe(rows: int, why: str) -> MemoryReport:
         if rows not in points:
-            points[rows] = m = step(f"at {rows} rows ({why})", compile_report, "fit", lower_at(rows), mesh, hbm)
+            m = step(f"at {rows} rows ({why})", compile_report, "fit", lower_at(rows), mesh, hbm)
+            points[rows] = m = m if m.error else dataclasses.replace(m, unread=first.unread)  # the same weights
             out(
                 f"    {rows} rows: {m.total / GiB:.3f} GiB per device ({m.arguments / GiB:.3f} arguments, "
                 f"{m.temporaries / GiB:.3f} temporaries): {'fits' if m.fits else 'does not fit'}"

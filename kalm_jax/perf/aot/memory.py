@@ -4,6 +4,7 @@ out-of-memory error names)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -25,10 +26,14 @@ class MemoryReport:
     hbm: int
     compile_seconds: float
     error: str | None = None  # the compiler's out-of-memory message, when it refused the program
+    unread: int = 0
+    """Bytes per device the caller holds for the program that it does not read, which the compiler leaves out of
+    `arguments`: an engine's weights of the other stack (`unread_bytes`)."""
 
     @property
     def total(self) -> int:
-        return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+        """What the device holds while the program runs: the compiler's buffers and the `unread` arguments."""
+        return self.arguments + self.unread + self.outputs - self.aliased + self.temporaries + self.generated_code
 
     @property
     def fits(self) -> bool:
@@ -47,6 +52,24 @@ class MemoryReport:
             hbm,
             seconds,
         )
+
+
+def unread_bytes(report: MemoryReport, args) -> int:
+    """The bytes per device of `args` (a program's arguments: arrays or `jax.ShapeDtypeStruct`s with their
+    shardings, e.g. `InferenceEngine.encode_program(...).args`) beyond the arguments the compiled program of
+    `report` takes (XLA drops those it does not read: the encode program leaves the decoder's weights out,
+    score the encoder's, though the engine holds both); 0 for a program the compiler refused."""
+    import jax
+
+    if report.error:
+        return 0
+    held = 0
+    for leaf in jax.tree.leaves(args):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None or not hasattr(leaf, "shape"):
+            continue
+        held += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return max(0, held - report.arguments)
 
 
 # e.g. "the total memory required for HLO temporaries (805.51G) exceeds available HBM (15.75G)"
@@ -87,13 +110,14 @@ def format_table(reports: Sequence[MemoryReport], title: str = "") -> str:
 
     width = max([12, *(len(r.name) + 1 for r in reports)])
     head = (
-        f"{'program':<{width}}{'args':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'code':>10}{'total':>10}"
+        f"{'program':<{width}}{'args':>10}{'unread':>10}{'outputs':>10}{'aliased':>10}{'temps':>10}{'code':>10}"
+        f"{'total':>10}"
         f"{'HBM':>10}{'used':>7}{'compile':>9}  fits"
     )
     lines = ([title] if title else []) + [head + "   (GiB per device)", "-" * len(head)]
     for r in reports:
         lines.append(
-            f"{r.name:<{width}}{g(r.arguments)}{g(r.outputs)}{g(r.aliased)}{g(r.temporaries)}"
+            f"{r.name:<{width}}{g(r.arguments)}{g(r.unread)}{g(r.outputs)}{g(r.aliased)}{g(r.temporaries)}"
             f"{g(r.generated_code)}{g(r.total)}{g(r.hbm)}{100 * r.total / r.hbm:6.0f}%"
             f"{r.compile_seconds:8.1f}s  {'yes' if r.fits else 'NO'}"
         )

@@ -127,18 +127,27 @@ def inference_engine(
     )
 
 
+def engine_program(engine, name: str, w: Workload):
+    """The engine's `name` program ("encode" or "score", an `InferenceEngine.Program`: the jitted function and
+    the arguments the engine calls it with) for the workload: `encode_program` for `w.eval_batch` passages of
+    `w.passage_len` tokens at `w.ratio`; `score_program` for `w.eval_batch` pairs of `w.query_len`-token
+    prompts over passages of `w.passage_len` tokens at `w.ratio`."""
+    if name == "encode":
+        return engine.encode_program(w.eval_batch, w.passage_len, w.ratio)
+    if name == "score":
+        return engine.score_program(w.eval_batch, w.query_len, -(-w.passage_len // w.ratio))
+    raise ValueError(f"no engine program {name!r}")
+
+
 def lower_encode(engine, w: Workload):
-    """Lowering of the engine's encode program (`InferenceEngine.encode_program`: `programs.encode_pool` at the
-    engine's bucket shape and shardings) for `w.eval_batch` passages of `w.passage_len` tokens at `w.ratio`."""
-    program = engine.encode_program(w.eval_batch, w.passage_len, w.ratio)
-    return program.lower
+    """Lowering of the engine's encode program (`engine_program`: `programs.encode_pool` at the engine's bucket
+    shape and shardings)."""
+    return engine_program(engine, "encode", w).lower
 
 
 def lower_score(engine, w: Workload):
-    """Lowering of the engine's score program (`InferenceEngine.score_program`: `programs.score_pairs`) for
-    `w.eval_batch` pairs of `w.query_len`-token prompts over passages of `w.passage_len` tokens at `w.ratio`."""
-    program = engine.score_program(w.eval_batch, w.query_len, -(-w.passage_len // w.ratio))
-    return program.lower
+    """Lowering of the engine's score program (`engine_program`: `programs.score_pairs`)."""
+    return engine_program(engine, "score", w).lower
 
 
 def lower_train(cfg, preset: str, mesh, w: Workload, *, analysis: bool = False, layers: int | None = None, out=print):
