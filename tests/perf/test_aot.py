@@ -423,6 +423,17 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
     assert got["unknown_cost_ops"] == want["unknown_cost_ops"] == 24
     for key in aot.COST_KEYS:
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    # counts per target: the kernel's follow the layers; XLA's prefetch joins do not (large on v5e-16 at tensor
+    # 2: 6, 3 and 3 in the samples, whose one fit gave the whole model 0 unknown-cost ops): the most of any sample
+    targets = {2: {"ConcatBitcast": 6, "splash attention": 2}, 3: {"ConcatBitcast": 3, "splash attention": 3}}
+    targets[6] = {"ConcatBitcast": 3, "splash attention": 6}
+    samples = {
+        k: {**cost(types[:k]), "unknown_cost_targets": t, "unknown_cost_ops": sum(t.values())}
+        for k, t in targets.items()
+    }
+    got = aot.extrapolate_costs(types, samples)
+    assert got["unknown_cost_targets"] == {"ConcatBitcast": 6, "splash attention": 26}
+    assert got["unknown_cost_ops"] == 32
     with pytest.raises(ValueError, match="optimal_seconds of a sampled analysis compile is unknown"):
         aot.extrapolate_costs(
             types, {2: cost(types[:2]), 3: {**cost(types[:3]), "optimal_seconds": -1.0}, 6: cost(types[:6])}

@@ -252,10 +252,21 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
         if all(key in sampled[k] for k in ks):
             coef, *_ = np.linalg.lstsq(a, np.array([float(sampled[k][key]) for k in ks]), rcond=None)
             out[key] = float(target @ coef)
-    # a count fitted per layer type: how XLA slices its copies need not follow the layers (never below 0)
-    out["unknown_cost_ops"] = max(0, int(round(out["unknown_cost_ops"])))
     out["unaccounted"] = sorted({t for k in ks for t in sampled[k].get("unaccounted", [])})
-    out["unknown_cost_targets"] = dict(sampled[ks[-1]].get("unknown_cost_targets", {}))
+    # The op counts per target: a kernel runs in each layer and is fitted like the costs; how XLA slices its
+    # prefetch copies (`DATA_MOVEMENT`) does not follow the layers, so a fit of their counts can fall to 0 for a
+    # model that has them: the most any sample had.
+    names = sorted({t for k in ks for t in sampled[k].get("unknown_cost_targets", {})})
+    counts = {}
+    for name in names:
+        y = np.array([float(sampled[k].get("unknown_cost_targets", {}).get(name, 0)) for k in ks])
+        if name in aot_cost.DATA_MOVEMENT:
+            counts[name] = int(y.max())
+        else:
+            coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+            counts[name] = max(0, int(round(float(target @ coef))))
+    out["unknown_cost_targets"] = counts
+    out["unknown_cost_ops"] = sum(counts.values()) if counts else max(0, int(round(out["unknown_cost_ops"])))
     return out
 
 
