@@ -346,16 +346,14 @@ class InferenceEngine:
                     tpu=model.options.tpu_attention,
                     platform=self.devices[0].platform,
                 ),
-                sequence_parallel=model.options.activations != "int8"
-                and model.options.sequence_parallel in (None, "tensor"),
+                options=model.options,
             )
             _announce(self.policy.describe())
             self.batch_size = self.policy.rows
             self.mesh = self.policy.mesh(self.devices)
-            sequence = self.policy.sequence_axis
-            if sequence is not None and model.options.sequence_parallel is None:
+            if self.policy.sequence_axis is not None and model.options.sequence_parallel is None:
                 twin = nnx.merge(graphdef, state)  # the same arrays; the caller's model keeps its options
-                twin.options = twin.options.replace(sequence_parallel=sequence)
+                twin.options = inference_policy.serving_options(twin.options)
                 graphdef = nnx.graphdef(twin)
             batch_axes = self.policy.batch_axes
         else:

@@ -114,23 +114,31 @@ def project(spec: str, x: jax.Array, w, options: ModelOptions | None = None) -> 
     return qwix.einsum(spec, x, w).astype(w.dtype)
 
 
+def splits_tokens(cfg: ModelConfig, options: ModelOptions, axis: str, size: int, length: int) -> bool:
+    """Whether the encoder, run with `options`, splits `length` tokens over a mesh axis `axis` of `size` devices:
+    the options name that axis (`ModelOptions.sequence_parallel`), the activations are not int8 (their per-token
+    scale spans every head and MLP channel, which no one device holds under the split), and `size` > 1 divides
+    the tokens, the query heads and the MLP width (the slices of the row-parallel projections). Static: the
+    inference policy sizes its working set with it before any mesh exists."""
+    return (
+        options.sequence_parallel == axis
+        and options.activations != "int8"
+        and size > 1
+        and all(n % size == 0 for n in (length, cfg.num_heads, cfg.intermediate_size))
+    )
+
+
 def sequence_axis(cfg: ModelConfig, options: ModelOptions, rows: int, length: int) -> str | None:
     """The mesh axis the encoder splits its tokens over (`ModelOptions.sequence_parallel`), or None (whole tokens).
 
-    The named axis applies when the context mesh (`jax.set_mesh`) has it with a size > 1 that divides the
-    `length` tokens, the query heads and the MLP width (the slices of the row-parallel projections), and the
-    mesh's other axes, which split the batch, divide its `rows`. Int8 activations keep whole tokens: their
-    per-token scale spans every head and MLP channel, which no one device holds under the split."""
+    The named axis applies where the context mesh (`jax.set_mesh`) has it, `splits_tokens` holds for its size,
+    and the mesh's other axes, which split the batch, divide its `rows`."""
     axis = options.sequence_parallel
-    if axis is None or options.activations == "int8":
-        return None
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or axis not in mesh.axis_names:
+    if axis is None or mesh.empty or axis not in mesh.axis_names:
         return None
-    size = mesh.shape[axis]
     batch = int(np.prod([n for a, n in mesh.shape.items() if a != axis]))
-    divides = all(n % size == 0 for n in (length, cfg.num_heads, cfg.intermediate_size)) and rows % batch == 0
-    return axis if size > 1 and divides else None
+    return axis if splits_tokens(cfg, options, axis, mesh.shape[axis], length) and rows % batch == 0 else None
 
 
 def _activation_spec(axis: str, *dims) -> P:

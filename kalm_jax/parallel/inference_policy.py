@@ -41,6 +41,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kalm_jax.model import layers
+from kalm_jax.model.options import ModelOptions
 from kalm_jax.parallel.mesh import data_mesh, logical_to_spec, make_mesh, rules_dict
 
 WEIGHTS_ENV = "KALM_INFERENCE_WEIGHTS"
@@ -217,6 +219,12 @@ def weight_bytes(state, tensor: int) -> int:
     return total
 
 
+def serving_options(options: ModelOptions) -> ModelOptions:
+    """`options` as the engine runs the model under the tensor layout: the encoder splits its tokens over
+    ``tensor`` unless the options name an axis themselves."""
+    return options if options.sequence_parallel is not None else options.replace(sequence_parallel="tensor")
+
+
 def working_set_bytes(
     config,
     dtype,
@@ -225,7 +233,7 @@ def working_set_bytes(
     prompt_len: int,
     tensor: int = 1,
     scores: bool = True,
-    sequence_parallel: bool = True,
+    options: ModelOptions | None = None,
 ) -> int:
     """Estimated peak bytes per device of one encode or score call over `rows` rows of that device's batch
     shard (the larger of the two): the buffers of one layer (the layers run one at a time under a scan) for
@@ -234,9 +242,9 @@ def working_set_bytes(
     block of 512 rows in fp32 (only with `scores`: False where a fused kernel keeps them on chip,
     `dispatch.scores_stay_on_chip`); plus the inputs and the encoder's fp32 final states.
 
-    Under `tensor` > 1 with `sequence_parallel` (the engine's encoder, where `tensor` divides the tokens, the
-    query heads and the MLP width: `kalm_jax.model.layers.sequence_axis`) the encoder's hidden states and final
-    states hold 1 / `tensor` of the tokens, and each sub-block adds its gathered input and its projection's
+    Where the engine's encoder splits its tokens over `tensor` (the model's `options` as `serving_options` runs
+    them, default `ModelOptions()`; `kalm_jax.model.layers.splits_tokens`) its hidden states and final states
+    hold 1 / `tensor` of the tokens, and each sub-block adds its gathered input and its projection's
     partial sums over every token (2 x H).
 
     XLA:TPU's own temporaries for the engine's programs come to 0.4-0.8 of this (nano and large, replicated and
@@ -246,11 +254,7 @@ def working_set_bytes(
     heads = -(-config.num_heads // tensor)
     kv = -(-config.num_kv_heads // tensor) if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     mlp = -(-config.intermediate_size // tensor)
-    split = (
-        sequence_parallel
-        and tensor > 1
-        and all(n % tensor == 0 for n in (document_len, config.num_heads, config.intermediate_size))
-    )
+    split = layers.splits_tokens(config, serving_options(options or ModelOptions()), "tensor", tensor, document_len)
     share = tensor if split else 1
 
     def layer(tokens: int, keys: int, hidden: int) -> int:
@@ -300,14 +304,13 @@ def decide(
     memory: int | None,
     setting: str | None = None,
     scores: bool = True,
-    sequence_parallel: bool = True,
+    options: ModelOptions | None = None,
 ) -> InferencePolicy:
     """The layout for `devices` devices of `memory` bytes each (None: unknown) serving the model `config`
     with weights `state` (its dtypes are the weights' dtypes) in compute `dtype`, batches of `rows` rows
     (whole call), documents of `document_len` and decoder prompts of `prompt_len` tokens. `setting`: see
-    `parse_setting`. `scores`: the attention writes its scores to device memory; `sequence_parallel`: the
-    encoder splits its tokens under a tensor layout (`working_set_bytes`). ValueError for a tensor size that
-    does not divide the devices or the query heads."""
+    `parse_setting`. `scores`: the attention writes its scores to device memory; `options`: the model's options
+    (`working_set_bytes`). ValueError for a tensor size that does not divide the devices or the query heads."""
     mode, want = parse_setting(setting)
     label = setting if setting is not None else os.environ.get(WEIGHTS_ENV, "auto") or "auto"
     if want is not None and (devices % want or config.num_heads % want):
@@ -317,7 +320,7 @@ def decide(
 
     def per_device(t: int, batch: int = rows) -> tuple[int, int]:
         shard_rows = -(-batch // (devices // t))
-        working = working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t, scores, sequence_parallel)
+        working = working_set_bytes(config, dtype, shard_rows, document_len, prompt_len, t, scores, options)
         return weight_bytes(state, t), working
 
     def policy(t: int, reason: str, batch: int = rows) -> InferencePolicy:

@@ -18,6 +18,7 @@ from kalm_jax.inference.engine import InferenceEngine
 from kalm_jax.model.attention import dispatch
 from kalm_jax.model.build import build_model
 from kalm_jax.model.config import get_preset
+from kalm_jax.model.options import ModelOptions
 from kalm_jax.model.t5gemma2 import count_params
 from kalm_jax.parallel import inference_policy as ip
 
@@ -140,20 +141,21 @@ def test_the_working_set_splits_the_encoders_tokens_under_sequence_parallelism()
     engine tells the policy so."""
     large = get_preset("large")
     h, tokens = large.hidden_size, 512 * 512
-    whole = ip.working_set_bytes(large, "bfloat16", 512, 512, 128, 4, False, sequence_parallel=False)
+    int8 = ModelOptions(activations="int8")
+    whole = ip.working_set_bytes(large, "bfloat16", 512, 512, 128, 4, False, int8)
     split = ip.working_set_bytes(large, "bfloat16", 512, 512, 128, 4, False)
     assert whole - split == tokens * (4 * h - (4 * h // 4 + 2 * h)) * 2 + tokens * h * 4 * 3 // 4
     assert ip.working_set_bytes(large, "bfloat16", 512, 510, 128, 4, False) == ip.working_set_bytes(
-        large, "bfloat16", 512, 510, 128, 4, False, sequence_parallel=False
+        large, "bfloat16", 512, 510, 128, 4, False, int8
     )
     engines = {
         mode: _abstract_engine("large", 2048, weights="tensor:4", device_memory=16 * GiB, quantization=mode)
         for mode in ("int8", "int8-dynamic")
     }
     rows = 2048 // 2  # per batch shard: 8 devices, tensor 4
-    for mode, sequence_parallel in (("int8", True), ("int8-dynamic", False)):
+    for mode, activations in (("int8", "float"), ("int8-dynamic", "int8")):
         assert engines[mode].policy.working_bytes == ip.working_set_bytes(
-            large, "bfloat16", rows, 512, 128, 4, True, sequence_parallel=sequence_parallel
+            large, "bfloat16", rows, 512, 128, 4, True, ModelOptions(activations=activations)
         ), mode
 
 

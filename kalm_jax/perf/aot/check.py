@@ -206,12 +206,11 @@ def run(
         label = name if mode == "none" else f"{name} {mode}"
         if name == "score" and states != "compute":
             label += f" {states}-states"
-        memory = step(
-            f"{label} (the real program)", compile_report, label, builder(name, False, mode=mode), mesh, sl.hbm_bytes
-        )
-        if name != "train":  # the engine holds both stacks' weights; each program reads one
-            args = engine_program(engine(False, None, mode), name, work_of(name, mode)).args
-            memory = dataclasses.replace(memory, unread=unread_bytes(memory, args))
+        program = None if name == "train" else engine_program(engine(False, None, mode), name, work_of(name, mode))
+        lower = builder(name, False, mode=mode) if program is None else program.lower
+        memory = step(f"{label} (the real program)", compile_report, label, lower, mesh, sl.hbm_bytes)
+        if program is not None:  # the engine holds both stacks' weights; each program reads one
+            memory = dataclasses.replace(memory, unread=unread_bytes(memory, program.args))
         reports.append(memory)
         fitted = None
         if fit_batch and name != "train":
