@@ -62,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "third)",
             bool,
         ),
+        cli.Flag(
+            "hbm_bound",
+            False,
+            "with --report: also compile each encode / score analysis with every buffer in HBM (no memory-space "
+            "assignment), for an upper bound on its HBM bytes beside the compiler's bytes accessed, which count "
+            "on-chip buffers and prefetches too",
+            bool,
+        ),
     )
     return cli.run(aot.check, "tpu.py:nano,v5e-256", argv=argv, flags=flags, errors=(ValueError, FileNotFoundError))
 

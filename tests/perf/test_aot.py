@@ -229,6 +229,8 @@ def test_aot_reports_does_not_fit(libtpu_env, capsys):
     assert rc == 1
     assert "does not fit: encode needs" in text and "HBM is 16 GiB" in text
     assert "RESOURCE_EXHAUSTED" in text
+    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--hbm_bound"])  # a cost-row option, no --report
+    assert rc == 2 and "--hbm_bound adds to the cost rows: give --report=FILE as well" in capsys.readouterr().err
 
 
 def test_aot_report_counts_the_batch_the_policy_capped(libtpu_env, tmp_path, capsys, monkeypatch):
@@ -351,18 +353,23 @@ def test_aot_two_slice_train_step(libtpu_env, capsys):
 def test_aot_cost_report_contract(libtpu_env, tmp_path, capsys):
     """--report: one row per program with the contract fields, per chip; the analysis variant counts every
     layer (a while loop over layers would be counted once: ratio ~0.5 at tiny's 2 layers) and the engine's
-    splash kernels are accounted (FLOPs beside XLA's, optimal_seconds > 0)."""
+    splash kernels are accounted (FLOPs beside XLA's, optimal_seconds > 0). With --hbm_bound each row also has
+    the bound on its HBM bytes, below the compiler's figure, and the progress says what is compiled twice."""
     import json
 
     out = tmp_path / "cost.json"
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
     shapes = ["--config.data.max_document_tokens=128", "--config.data.max_query_tokens=32"]  # the engine's buckets
-    rc = aot_cli.main([f"--config={config}", "--topology=v5e-4", "--programs=encode,score", f"--report={out}", *shapes])
+    args = ["--topology=v5e-4", "--programs=encode,score", f"--report={out}", "--hbm_bound", *shapes]
+    rc = aot_cli.main([f"--config={config}", *args])
     text = capsys.readouterr().out
     assert rc == 0, text
+    assert "encode analysis variant (and again with every buffer in HBM):" in text
     rows = json.loads(out.read_text())
     assert [r["program"] for r in rows] == ["encode", "score"]
     for r in rows:
+        assert 0 < r["bytes_hbm_bound"] < r["bytes"] and r["bytes_hbm_bound_ratio"] > 0, r
+        assert f"HBM at most {r['bytes_hbm_bound'] / 1e9:.2f} GB" in text
         for key in (
             "program",
             "topology",
@@ -627,6 +634,49 @@ def test_unknown_cost_ops_are_accounted_or_block_the_mfu(libtpu_env):
         "encode", sl, 4, 1, "nano", w, useful * 3, aot.cost_fields(jax.jit(mlp).lower(*args).compile()), None
     )
     assert short["predicted_mfu"] is None and "counts 33% of the useful FLOPs" in short["mfu_note"]
+
+
+def test_the_hbm_bound_counts_each_buffer_once_in_hbm(libtpu_env):
+    """`analyse(..., hbm_bound=True)` on one v5e chip, for gelu(x @ w1) @ w2 (x [8192, 640], h [8192, 2048]): the
+    compile without memory-space assignment reads and writes every buffer once in HBM, so its bytes are the two
+    matmuls' operands and outputs exactly; the compiler's figure for the program it would run adds four times
+    each buffer it prefetches into on-chip memory (the copy's start and done each read and write it). The row
+    carries the bound over the estimate, and a sampled fit with a refused bound says it is unknown."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kalm_jax.perf.aot import cost as aot_cost_row
+    from kalm_jax.perf.aot import hlo_cost as aot_cost
+
+    sl = aot.tpu_slice("v5e-4")
+    one = Mesh(np.array(aot.topology_devices(sl)[:1]), ("data",))
+
+    def spec(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(one, P()))
+
+    args = (spec(8192, 640), spec(640, 2048), spec(2048, 640))
+    lowered = jax.jit(lambda x, w1, w2: jax.nn.gelu(x @ w1) @ w2).lower(*args)
+    fields, err = aot_cost_row.analyse("encode", lambda: lowered, one, "v5e", hbm_bound=True)
+    assert err is None
+    x, w, h = 8192 * 640 * 2, 640 * 2048 * 2, 8192 * 2048 * 2
+    assert fields["bytes_hbm_bound"] == 2 * (x + w + h)  # x, w1 -> h; h, w2 -> out (the size of x)
+    text = lowered.compile().as_text()
+    # a copy-start's shape is (to, from, context): the buffer is its first array
+    prefetched = [
+        aot_cost.shape_bytes(re.search(r" = \((\w+\[[\d,]*\])", line).group(1))
+        for line in text.splitlines()
+        if " copy-start(" in line
+    ]
+    assert prefetched, "nothing prefetched in this compile: pick another program"
+    # to 1e-4: a few small instructions of the compile with the assignment (9 KB here)
+    assert fields["bytes_accessed"] == pytest.approx(2 * (x + w + h) + 4 * sum(prefetched), rel=1e-4)
+    row = aot.cost_row("encode", sl, 1, 1, "nano", aot.Workload(eval_batch=8), 1.0, fields, None, bytes_estimate=x + w)
+    assert row["bytes_hbm_bound"] == 2 * (x + w + h)
+    assert row["bytes_hbm_bound_ratio"] == pytest.approx(2 * (x + w + h) / (x + w))
+    assert f"HBM at most {2 * (x + w + h) / 1e9:.2f} GB" in aot.format_cost_table([row])
+    samples = {k: {**fields, "bytes_hbm_bound": -1.0 if k == 3 else fields["bytes_hbm_bound"]} for k in (2, 3, 6)}
+    assert aot_cost_row.extrapolate_costs(["sliding"] * 5 + ["full"] * 3, samples)["bytes_hbm_bound"] == -1.0
 
 
 def test_attention_kernel_cost_reads_q_k_v_from_the_hlo():

@@ -78,6 +78,7 @@ def run(
     quantization: str | Sequence[str] = "none",
     fit_batch: bool = False,
     states: str = "compute",
+    hbm_bound: bool = False,
 ) -> AotResult:
     """AOT-compiles `programs` for `num_slices` x `topology` with the config's model, mesh and batch.
 
@@ -105,6 +106,8 @@ def run(
     `states`: the engine's `device_states` ("compute" or "int8": the score program takes int8 passage states and
     their per-window scale); with "int8" every report of the score program is named with " int8-states" appended
     and its cost row carries ``device_states``.
+    `hbm_bound`: with `cost`, each encode / score analysis variant is also compiled with every buffer in HBM
+    (`aot_cost.analyse`), for an upper bound on the program's HBM bytes beside the compiler's `bytes_accessed`.
     """
     unknown = [p for p in programs if p not in PROGRAMS]
     if unknown:
@@ -237,16 +240,19 @@ def run(
         if not cost:
             continue
         samples = samples_of(name)
+        bound = hbm_bound and name != "train"
+        twice = " (and again with every buffer in HBM)" if bound else ""
         if samples:
             sampled, err = {}, None
             for k in samples:
                 sampled[k], err = step(
-                    f"{label} analysis variant, {k} layer(s) per stack",
+                    f"{label} analysis variant, {k} layer(s) per stack{twice}",
                     analyse,
                     name,
                     builder(name, True, k, mode),
                     mesh,
                     sl.generation,
+                    bound,
                 )
                 if err:
                     err = f"{k}-layer sample: {err}"
@@ -254,7 +260,13 @@ def run(
             fields = sampled[k] if err else extrapolate_costs(types, sampled)
         else:
             fields, err = step(
-                f"{label} analysis variant", analyse, name, builder(name, True, mode=mode), mesh, sl.generation
+                f"{label} analysis variant{twice}",
+                analyse,
+                name,
+                builder(name, True, mode=mode),
+                mesh,
+                sl.generation,
+                bound,
             )
         estimate = (
             None
@@ -401,12 +413,15 @@ def check(
     quantization: str = "none",
     fit_batch: bool = False,
     states: str = "compute",
+    hbm_bound: bool = False,
 ) -> int:
     """The CLI's work: compile `programs` for the slice and print whether they fit; 0 fits, 1 does not."""
     from kalm_jax import cli
 
     if not topology:
         raise cli.ConfigError("--topology is required (the TPU slice type, e.g. v5e-256, v5p-128, v4-32, v6e-256)")
+    if hbm_bound and not report:
+        raise cli.ConfigError("--hbm_bound adds to the cost rows: give --report=FILE as well")
     result = run(
         cfg,
         topology,
@@ -418,6 +433,7 @@ def check(
         quantization=quantization,
         fit_batch=fit_batch,
         states=states,
+        hbm_bound=hbm_bound,
     )
     if report:
         from kalm_jax.perf.bench.runner import write_rows

@@ -102,7 +102,9 @@ def cost_row(
     compiler's figures plus those (`flops_ratio` = `flops` / `useful_flops`); `predicted_mfu` is None, with
     the reason in `mfu_note`, when some are not accounted for (`unaccounted`) or `flops` fall below
     `MIN_FLOPS_RATIO` of the useful FLOPs. `bytes_estimate` is the analytic bytes per chip given
-    (`aot_cost.estimate_bytes`; None for the train step), `bytes_ratio` = `bytes` / `bytes_estimate`.
+    (`aot_cost.estimate_bytes`; None for the train step), `bytes_ratio` = `bytes` / `bytes_estimate`. Where `cost`
+    has `bytes_hbm_bound` (`analyse`), the row has it (None when unknown) and `bytes_hbm_bound_ratio` (over the
+    estimate).
 
     `quantization` is the weight mode the program was lowered with (`kalm_jax.model.quantization.MODES`; the
     train step is "none"); `peak_flops` is the chip's peak for its matmuls (`kalm_jax.perf.flops.peak_for`: the
@@ -153,6 +155,10 @@ def cost_row(
     row["mfu_note"] = note
     row["bytes_estimate"] = bytes_estimate
     row["bytes_ratio"] = total_bytes / bytes_estimate if bytes_estimate and total_bytes > 0 else None
+    if "bytes_hbm_bound" in cost:
+        bound = cost["bytes_hbm_bound"] if known and cost["bytes_hbm_bound"] >= 0 else None
+        row["bytes_hbm_bound"] = bound
+        row["bytes_hbm_bound_ratio"] = bound / bytes_estimate if bound and bytes_estimate else None
     per_chip = w.eval_batch / num_devices
     if program == "encode":
         row.update(
@@ -181,14 +187,29 @@ def cost_row(
     return row
 
 
-def analyse(name: str, lower: Callable[[], Any], mesh, generation: str = "v5e") -> tuple[dict[str, Any], str | None]:
-    """Compiles the analysis variant and returns its cost fields (or -1s and the compiler's refusal)."""
+HBM_ONLY = {"xla_msa_enable": False}
+"""libtpu's compiler options that turn memory-space assignment off: every buffer stays in HBM and nothing is
+prefetched into on-chip memory (`analyse`'s `hbm_bound`)."""
+
+
+def analyse(
+    name: str, lower: Callable[[], Any], mesh, generation: str = "v5e", hbm_bound: bool = False
+) -> tuple[dict[str, Any], str | None]:
+    """Compiles the analysis variant and returns its cost fields (or -1s and the compiler's refusal).
+
+    `hbm_bound`: also compiles it with memory-space assignment off (`HBM_ONLY`) and adds `bytes_hbm_bound`,
+    that compile's bytes plus its accounted kernels' bytes (-1 when the compiler refuses the option). The
+    compiler's `bytes accessed` counts every operand and output wherever it lives, so the buffers the
+    assignment keeps in on-chip memory count as bytes, and each prefetch into it counts four times its size
+    (the copy's start and done each read and write it). With every buffer in HBM the figure is the program's
+    HBM traffic, and so an upper bound on that of the program with the assignment, which only keeps buffers
+    on chip."""
     import jax
 
     try:
         with jax.set_mesh(mesh):
             lowered = lower()
-        return cost_fields(lowered.compile(), generation), None
+        fields = cost_fields(lowered.compile(), generation)
     except Exception as e:
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
@@ -203,11 +224,18 @@ def analyse(name: str, lower: Callable[[], Any], mesh, generation: str = "v5e") 
             },
             msg.strip().splitlines()[0],
         )
+    if hbm_bound:
+        try:
+            whole = cost_fields(lowered.compile(compiler_options=HBM_ONLY), generation)
+            fields["bytes_hbm_bound"] = whole["bytes_accessed"] + whole.get("unknown_cost_bytes", 0.0)
+        except Exception:  # noqa: BLE001 - a libtpu without the option, or the program no longer fits
+            fields["bytes_hbm_bound"] = -1.0
+    return fields, None
 
 
 ANALYSIS_LAYERS = ("auto", "all", "sampled")
 COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
-_ACCOUNTED_KEYS = ("unknown_cost_flops", "unknown_cost_bytes", "unknown_cost_seconds")
+_ACCOUNTED_KEYS = ("unknown_cost_flops", "unknown_cost_bytes", "unknown_cost_seconds", "bytes_hbm_bound")
 
 
 def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
@@ -248,10 +276,11 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
             raise ValueError(f"the {key} of a sampled analysis compile is unknown: {dict(zip(ks, y.tolist()))}")
         coef, *_ = np.linalg.lstsq(a, y, rcond=None)
         out[key] = float(target @ coef)
-    for key in _ACCOUNTED_KEYS:  # what the unknown-cost instructions add, when every sample says
+    for key in _ACCOUNTED_KEYS:  # what the unknown-cost instructions add (and the HBM bound), when every sample says
         if all(key in sampled[k] for k in ks):
-            coef, *_ = np.linalg.lstsq(a, np.array([float(sampled[k][key]) for k in ks]), rcond=None)
-            out[key] = float(target @ coef)
+            y = np.array([float(sampled[k][key]) for k in ks])
+            coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+            out[key] = -1.0 if key == "bytes_hbm_bound" and (y < 0).any() else float(target @ coef)
     out["unaccounted"] = sorted({t for k in ks for t in sampled[k].get("unaccounted", [])})
     # The op counts per target: a kernel runs in each layer and is fitted like the costs; how XLA slices its
     # prefetch copies (`DATA_MOVEMENT`) does not follow the layers, so a fit of their counts can fall to 0 for a
@@ -287,12 +316,17 @@ def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
             tput = f"{r.get('examples_per_s') or 0:,.1f} pairs/s"
         mfu = f"{100 * r['predicted_mfu']:6.1f}%" if r.get("predicted_mfu") else "    n/a"
         est = f"{r['bytes_estimate'] / 1e9:8.2f}" if r.get("bytes_estimate") else f"{'-':>8}"
+        if r.get("bytes_hbm_bound_ratio"):
+            gb, ratio = r["bytes_hbm_bound"] / 1e9, r["bytes_hbm_bound_ratio"]
+            bound = f" (HBM at most {gb:.2f} GB, {ratio:.2f}x the estimate)"
+        else:
+            bound = " (HBM bound: the compiler refused it)" if "bytes_hbm_bound" in r else ""
         lines.append(
             f"{r['program']:<8}{r.get('quantization', 'none'):>13}{r['topology']:>9}{r['preset']:>7}"
             f"{r['n']:>6}{r['r']:>4}"
             f"{r.get('flops', r['xla_flops']) / 1e12:9.3f}{r['useful_flops'] / 1e12:10.3f}{r['flops_ratio'] or 0:7.3f}"
             f"{r.get('bytes', r['bytes_accessed']) / 1e9:8.2f}{est}{r.get('unknown_cost_ops', 0):5d}"
-            f"{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}"
+            f"{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}{bound}"
         )
         if r.get("mfu_note"):
             lines.append(f"    {r['mfu_note']}")
