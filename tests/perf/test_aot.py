@@ -677,6 +677,10 @@ def test_the_hbm_bound_counts_each_buffer_once_in_hbm(libtpu_env):
     assert f"HBM at most {2 * (x + w + h) / 1e9:.2f} GB" in aot.format_cost_table([row])
     samples = {k: {**fields, "bytes_hbm_bound": -1.0 if k == 3 else fields["bytes_hbm_bound"]} for k in (2, 3, 6)}
     assert aot_cost_row.extrapolate_costs(["sliding"] * 5 + ["full"] * 3, samples)["bytes_hbm_bound"] == -1.0
+    # samples that agree extrapolate to the same bound (a constant fits exactly)
+    same = {k: dict(fields) for k in (2, 3, 6)}
+    fitted = aot_cost_row.extrapolate_costs(["sliding"] * 5 + ["full"] * 3, same)["bytes_hbm_bound"]
+    assert fitted == pytest.approx(fields["bytes_hbm_bound"])
 
 
 def test_attention_kernel_cost_reads_q_k_v_from_the_hlo():

@@ -235,7 +235,7 @@ def analyse(
 
 ANALYSIS_LAYERS = ("auto", "all", "sampled")
 COST_KEYS = ("xla_flops", "bytes_accessed", "optimal_seconds", "optimal_seconds_raw", "unknown_cost_ops")
-_ACCOUNTED_KEYS = ("unknown_cost_flops", "unknown_cost_bytes", "unknown_cost_seconds", "bytes_hbm_bound")
+_ACCOUNTED_KEYS = ("unknown_cost_flops", "unknown_cost_bytes", "unknown_cost_seconds")
 
 
 def layer_samples(types: Sequence[str]) -> tuple[int, ...]:
@@ -276,11 +276,14 @@ def extrapolate_costs(types: Sequence[str], sampled: Mapping[int, Mapping[str, f
             raise ValueError(f"the {key} of a sampled analysis compile is unknown: {dict(zip(ks, y.tolist()))}")
         coef, *_ = np.linalg.lstsq(a, y, rcond=None)
         out[key] = float(target @ coef)
-    for key in _ACCOUNTED_KEYS:  # what the unknown-cost instructions add (and the HBM bound), when every sample says
+    for key in _ACCOUNTED_KEYS:  # what the unknown-cost instructions add, when every sample says
         if all(key in sampled[k] for k in ks):
-            y = np.array([float(sampled[k][key]) for k in ks])
-            coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-            out[key] = -1.0 if key == "bytes_hbm_bound" and (y < 0).any() else float(target @ coef)
+            coef, *_ = np.linalg.lstsq(a, np.array([float(sampled[k][key]) for k in ks]), rcond=None)
+            out[key] = float(target @ coef)
+    if all("bytes_hbm_bound" in sampled[k] for k in ks):  # `analyse`'s bound; -1 where a sample's was refused
+        y = np.array([float(sampled[k]["bytes_hbm_bound"]) for k in ks])
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        out["bytes_hbm_bound"] = -1.0 if (y < 0).any() else float(target @ coef)
     out["unaccounted"] = sorted({t for k in ks for t in sampled[k].get("unaccounted", [])})
     # The op counts per target: a kernel runs in each layer and is fitted like the costs; how XLA slices its
     # prefetch copies (`DATA_MOVEMENT`) does not follow the layers, so a fit of their counts can fall to 0 for a
