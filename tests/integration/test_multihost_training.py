@@ -115,19 +115,25 @@ def popen(cmd: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture(scope="module")
-def single(train_args, run_env, tmp_path_factory):
-    w = tmp_path_factory.mktemp("one_process")
-    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+def one_process(workdir: Path, args: list[str], env: dict) -> str:
+    """train.py ARGS as one process on 8 CPU devices; returns its output (stdout and stderr)."""
+    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     r = subprocess.run(
-        [sys.executable, "train.py", *train_args, f"--workdir={w}"],
+        [sys.executable, "train.py", *args, f"--workdir={workdir}"],
         env=env,
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
     )
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def single(train_args, run_env, tmp_path_factory):
+    w = tmp_path_factory.mktemp("one_process")
+    one_process(w, train_args, run_env)
     return w
 
 
@@ -153,30 +159,14 @@ def mesh(data: int, fsdp: int, tensor: int) -> list[str]:
     return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}"]
 
 
-def one_process(workdir: Path, args: list[str], env: dict) -> str:
-    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run(
-        [sys.executable, "train.py", *args, f"--workdir={workdir}"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return r.stdout + r.stderr
-
-
 def test_losses_do_not_depend_on_the_mesh(single, train_args, run_env, tmp_path):
     """The global batch of every step is the same records for any mesh and process count (one permutation of
-    the records per epoch, each batch shard taking its rows): 1x8 (2,2,2) (4 batch shards, tensor-parallel) and
-    2x4 (4,2,1) log the losses of 1x8 (8,1,1) to fp32 rounding."""
+    the records per epoch, each batch shard taking its rows): 2x4 (4,2,1) logs the losses of 1x8 (8,1,1) to fp32
+    rounding. 1x8 (2,2,2) (4 batch shards, tensor-parallel) does too, from a resumed step 2 on:
+    `test_resume_on_another_mesh_and_process_count`."""
     # losses only: no step-2 / step-4 checkpoints to write (the last step's is)
     args = [a for a in train_args if not a.startswith("--config.checkpoint.every")]
     args.append(f"--config.checkpoint.every={STEPS}")
-    out = one_process(tmp_path / "mesh222", [*args, *mesh(2, 2, 2)], run_env)
-    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu devices" in out, out[-4000:]
-    np.testing.assert_allclose(losses(tmp_path / "mesh222"), losses(single), rtol=0, atol=1e-5)
     out = finish(popen(launcher(tmp_path / "mesh421", [*args, *mesh(4, 2, 1)]), run_env))
     assert "[launch] done, exit status 0" in out and "[p0] mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in out, out[-4000:]
     np.testing.assert_allclose(losses(tmp_path / "mesh421"), losses(single), rtol=0, atol=1e-5)
@@ -196,7 +186,8 @@ def test_resume_on_another_mesh_and_process_count(single, straight, train_args, 
         "process_1-of-2.json",
     ]
     logged = (w / "metrics.jsonl").read_text().splitlines()[:2]
-    one_process(w, [*train_args, *mesh(2, 2, 2)], run_env)
+    out = one_process(w, [*train_args, *mesh(2, 2, 2)], run_env)
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu devices" in out, out[-4000:]
     assert (w / "metrics.jsonl").read_text().splitlines()[:2] == logged  # resumed at step 2
     np.testing.assert_allclose(losses(w), losses(single), rtol=0, atol=1e-5)
 
@@ -256,16 +247,7 @@ def test_dev_evaluation_runs_on_two_processes(train_args, run_env, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "[p0] mesh {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 cpu devices" in proc.stdout
     one = tmp_path / "dev_one"
-    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run(
-        [sys.executable, "train.py", *args, f"--workdir={one}"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
+    one_process(one, args, run_env)
     rows = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [x["step"] for x in ref] == [0, 1, 2]

@@ -447,30 +447,36 @@ def test_layer_samples_and_extrapolation_are_exact_for_a_per_layer_cost_model():
         )
 
 
-@pytest.fixture()
-def eight_layer_tiny(monkeypatch):
-    """The "tiny" preset with 8 layers per stack (5 sliding + 1 full + 2 sliding): enough layers for the 2-, 3-
-    and 6-layer analysis samples to be smaller than the model."""
+def tiny_with_layers(monkeypatch, types: tuple[str, ...]) -> None:
+    """The "tiny" preset, as `config.get_preset` gives it, with the layer types `types` in each stack."""
     import dataclasses
 
     from kalm_jax.model import config as config_lib
 
     tiny = config_lib.get_preset("tiny")
-    eight = dataclasses.replace(
-        tiny, encoder_layer_types=config_lib.layer_pattern(8), decoder_layer_types=config_lib.layer_pattern(8)
-    )
-    monkeypatch.setattr(config_lib, "get_preset", lambda name: eight if name == "tiny" else tiny)
+    model = dataclasses.replace(tiny, encoder_layer_types=types, decoder_layer_types=types)
+    monkeypatch.setattr(config_lib, "get_preset", lambda name: model if name == "tiny" else tiny)
 
 
-def test_sampled_analysis_matches_the_whole_unrolled_compile(
-    libtpu_env, eight_layer_tiny, tmp_path, capsys, monkeypatch
-):
-    """`--analysis_layers=sampled` (2, 3 and 6 layers per stack, extrapolated per layer type) against the
-    whole unrolled analysis of an 8-layer model (tiny's widths, 5 sliding + 1 full + 2 sliding, window 16 <
-    128 tokens) on v5e-4, encode and score: the compiler's FLOPs agree to 1e-3, bytes and optimal_seconds to
-    10%; the 6-layer sample alone is far from the answer."""
+@pytest.fixture()
+def eight_layer_tiny(monkeypatch):
+    """The "tiny" preset with 8 layers per stack (5 sliding + 1 full + 2 sliding): enough layers for the 2-, 3-
+    and 6-layer analysis samples to be smaller than the model."""
+    from kalm_jax.model import config as config_lib
+
+    tiny_with_layers(monkeypatch, config_lib.layer_pattern(8))
+
+
+def test_sampled_analysis_matches_the_whole_unrolled_compile(libtpu_env, tmp_path, capsys, monkeypatch):
+    """`--analysis_layers=sampled` (2, 3 and 4 layers per stack, extrapolated per layer type) against the
+    whole unrolled analysis of a 5-layer model (tiny's widths, 2 sliding + 1 full + 2 sliding: a pattern of
+    period 3, window 16 < 128 tokens) on v5e-4, encode and score: the compiler's FLOPs agree to 1e-3, bytes and
+    optimal_seconds to 10%; the 4-layer sample alone is far from the answer."""
     import importlib
     import json
+
+    sliding, full = "sliding_attention", "full_attention"
+    tiny_with_layers(monkeypatch, (sliding, sliding, full, sliding, sliding))
 
     check = importlib.import_module("kalm_jax.perf.aot.check")  # the module (the package exports its `check`)
 
@@ -499,15 +505,15 @@ def test_sampled_analysis_matches_the_whole_unrolled_compile(
         assert rc == 0, capsys.readouterr().out
         rows[how] = json.loads(out.read_text())
     for whole, sampled in zip(rows["all"], rows["sampled"]):
-        assert sorted(sampled["analysis_samples"]) == ["2", "3", "6"]
-        assert "extrapolated per layer type from [2, 3, 6]" in sampled["analysis"]
+        assert sorted(sampled["analysis_samples"]) == ["2", "3", "4"]
+        assert "extrapolated per layer type from [2, 3, 4]" in sampled["analysis"]
         # XLA fuses a few elementwise ops of the RoPE differently from layer to layer (4e-4 of the FLOPs here)
         assert sampled["xla_flops"] == pytest.approx(whole["xla_flops"], rel=1e-3)
         assert sampled["flops"] == pytest.approx(whole["flops"], rel=1e-3)  # the splash kernels' FLOPs too
         assert sampled["unknown_cost_flops"] > 0 and sampled["unknown_cost_ops"] >= 0
         for key in ("bytes_accessed", "optimal_seconds"):
             assert sampled[key] == pytest.approx(whole[key], rel=0.10), (whole["program"], key)
-        assert sampled["analysis_samples"]["6"]["xla_flops"] < 0.8 * whole["xla_flops"]
+        assert sampled["analysis_samples"]["4"]["xla_flops"] < 0.9 * whole["xla_flops"]
 
 
 @pytest.mark.parametrize("weights", ["replicated", "tensor:2"])
@@ -838,12 +844,16 @@ def test_sampled_analysis_keeps_the_whole_models_layout(libtpu_env, eight_layer_
     assert sorted(built, key=str) == [(2, "tensor", 2), (3, "tensor", 2), (6, "tensor", 2), (None, "tensor", 2)]
 
 
-def test_aot_report_samples_the_train_step_by_default(libtpu_env, eight_layer_tiny, tmp_path, capsys):
+def test_aot_report_samples_the_train_step_by_default(libtpu_env, monkeypatch, tmp_path, capsys):
     """The real sharded train step (kalm_jax.training.step.make_train_step, full fine-tuning, two MEP ratios)
     AOT-compiles for v5e-4 and fits; `--report` without `--analysis_layers` (auto): the train step's analysis
-    is compiled at 2, 3 and 6 layers per stack and extrapolated (nano's whole unrolled train step outgrows a
-    24 GB host), encode is unrolled whole; an 8-layer tiny."""
+    is compiled at 2 and 3 layers per stack and extrapolated (nano's whole unrolled train step outgrows a 24 GB
+    host), encode is unrolled whole. A tiny of 4 sliding layers per stack: one layer type, so 2 and 3 layers
+    determine its cost model (`test_sampled_analysis_matches_the_whole_unrolled_compile` checks the fit of two
+    types against the whole compile); 8 layers of two types took 2.6x as long to compile here."""
     import json
+
+    tiny_with_layers(monkeypatch, ("sliding_attention",) * 4)
 
     out = tmp_path / "cost.json"
     config = str(REPO / "configs" / "tpu.py") + ":tiny,v5e-4"
@@ -855,6 +865,10 @@ def test_aot_report_samples_the_train_step_by_default(libtpu_env, eight_layer_ti
     encode, train = json.loads(out.read_text())
     assert (encode["program"], train["program"]) == ("encode", "train")
     assert "analysis_samples" not in encode and "extrapolated" not in encode["analysis"]
-    assert sorted(train["analysis_samples"]) == ["2", "3", "6"]
-    assert "train analysis variant, 6 layer(s) per stack" in text and "[6/6]" in text
+    assert sorted(train["analysis_samples"]) == ["2", "3"]
+    assert "extrapolated per layer type from [2, 3]" in train["analysis"]
+    samples = train["analysis_samples"]  # 4 layers: the 3-layer sample plus one more layer's FLOPs
+    per_layer = samples["3"]["xla_flops"] - samples["2"]["xla_flops"]
+    assert per_layer > 0 and train["xla_flops"] == pytest.approx(samples["3"]["xla_flops"] + per_layer, rel=1e-6)
+    assert "train analysis variant, 3 layer(s) per stack" in text and "[5/5]" in text
     assert train["predicted_mfu"] is not None
