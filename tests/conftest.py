@@ -145,6 +145,8 @@ SLOW = (
     "test_aot.py::test_analysis_accounts_the_engines_attention_kernel",
     "test_aot.py::test_tpu_q_norm_rope_and_scale",
     "test_aot.py::test_the_hbm_bound",
+    "test_aot_quantized.py::test_report_rows_lower_the_engines_quantized_programs",  # 18 lowerings of the report
+    "test_bench_quantized.py::test_quantized_suite_times_every_mode",
     "test_training.py::test_sigkill",
     "test_training.py::test_sigterm",
     "test_training.py::test_label_writes",
