@@ -17,6 +17,7 @@ import qwix
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from kalm_jax.model import fused_mlp
 from kalm_jax.model.attention import dispatch, masks
 from kalm_jax.model.config import ModelConfig
 from kalm_jax.model.options import ModelOptions
@@ -213,7 +214,7 @@ def _row_parallel(spec: str, x: jax.Array, w, options: ModelOptions | None, sequ
 
 def attention_kwargs(options: ModelOptions) -> dict:
     """The `dispatch.attention` / `dispatch.merged_attention` keywords of the model's options."""
-    return {"impl": options.attention_impl, "tpu": options.tpu_attention, "interpret": options.splash_interpret}
+    return {"impl": options.attention_impl, "tpu": options.tpu_attention, "interpret": options.pallas_interpret}
 
 
 def self_attention_block(x, w, mask, cos, sin, cfg: ModelConfig, options: ModelOptions, sequence: str | None = None):
@@ -285,3 +286,35 @@ def mlp_block(x, w, cfg: ModelConfig, options: ModelOptions | None = None, seque
     h = pre_norm(x, w["pre_ffw_norm"], cfg.rms_norm_eps, sequence)
     h = mlp(h, w["gate"], w["up"], w["down"], options, sequence)
     return rms_norm(h, w["post_ffw_norm"], cfg.rms_norm_eps)
+
+
+def mlp_residual(x, w, cfg: ModelConfig, options: ModelOptions | None = None, sequence: str | None = None):
+    """x [B, T, H] + `mlp_block(x, ...)`: through the fused Pallas kernel (`fused_mlp`) when the program is
+    lowered for TPU, ``options.tpu_mlp == "fused"`` and `fuses_mlp` holds; else the reference."""
+
+    def reference(x, pre, gate, up, down, post):
+        weights = {"pre_ffw_norm": pre, "gate": gate, "up": up, "down": down, "post_ffw_norm": post}
+        return x + mlp_block(x, weights, cfg, options, sequence)
+
+    args = (x, w["pre_ffw_norm"], w["gate"], w["up"], w["down"], w["post_ffw_norm"])
+    if options is None or options.tpu_mlp != "fused" or not fuses_mlp(w, x.dtype, options, sequence):
+        return reference(*args)
+
+    def tpu(*args):
+        return fused_mlp.fused_mlp_residual(*args, cfg.rms_norm_eps, reference, interpret=options.pallas_interpret)
+
+    if options.pallas_interpret:
+        return tpu(*args)
+    return jax.lax.platform_dependent(*args, tpu=tpu, default=reference)
+
+
+def fuses_mlp(w, dtype, options: ModelOptions, sequence: str | None) -> bool:
+    """Whether the fused MLP kernel applies to a layer's weights `w`: float weights of `dtype` within the kernel's
+    VMEM budget (`fused_mlp.fits`), float activations, whole tokens (`sequence` None) and weights whole on every
+    device (the context mesh, if any, splits nothing over ``tensor``)."""
+    gate = w["gate"]
+    if any(isinstance(w[k], qwix.QArray) for k in ("gate", "up", "down")) or options.activations != "float":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    split = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
+    return sequence is None and not split and gate.dtype == dtype and fused_mlp.fits(*gate.shape, dtype)

@@ -16,6 +16,7 @@ import dataclasses
 from kalm_jax.model.attention.dispatch import ATTENTION_IMPLS, TPU_ATTENTION_IMPLS
 
 ACTIVATIONS = ("float", "int8")
+TPU_MLP_IMPLS = ("fused", "xla")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -34,7 +35,11 @@ class ModelOptions:
         `t5gemma2.stack_remat_policies`).
       tpu_attention: the kernel "auto" uses when a program is lowered for TPU: "flash" (the Pallas splash
         kernel, `kalm_jax.model.attention.splash`) or "xla" (the einsum reference, as on CPU).
-      splash_interpret: run the splash kernel in Pallas interpret mode (any backend; for tests on CPU).
+      tpu_mlp: the MLP sub-block when a program is lowered for TPU: "fused" (one Pallas kernel for the norms, the
+        three matmuls and the residual add, where it applies: `kalm_jax.model.fused_mlp`) or "xla" (the
+        reference, as on CPU; training uses it: its remat policies name the reference's products).
+      pallas_interpret: run the Pallas kernels in interpret mode on any backend (for tests on CPU): the splash
+        kernel where `attention_impl="tpu_flash"`, the fused MLP wherever ``tpu_mlp="fused"`` applies.
       activations: "float", or "int8": the inputs of the projection and MLP matmuls are quantized per token to
         int8 where their weights are int8 (`kalm_jax.model.quantization`, mode "int8-dynamic"); no effect on
         float weights.
@@ -51,7 +56,8 @@ class ModelOptions:
     remat: bool = False
     remat_policy: str = "nothing"
     tpu_attention: str = "flash"
-    splash_interpret: bool = False
+    tpu_mlp: str = "fused"
+    pallas_interpret: bool = False
     activations: str = "float"
     sequence_parallel: str | None = None
 
@@ -62,6 +68,8 @@ class ModelOptions:
             )
         if self.tpu_attention not in TPU_ATTENTION_IMPLS:
             raise ValueError(f"tpu_attention={self.tpu_attention!r}; valid: {list(TPU_ATTENTION_IMPLS)}")
+        if self.tpu_mlp not in TPU_MLP_IMPLS:
+            raise ValueError(f"tpu_mlp={self.tpu_mlp!r}; valid: {list(TPU_MLP_IMPLS)}")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations={self.activations!r}; valid: {list(ACTIVATIONS)}")
         if self.scan_unroll is not True and not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
@@ -92,4 +100,4 @@ def analysis_options(base: ModelOptions | None = None, *, einsum_attention: bool
     return base.replace(attention_impl="xla") if einsum_attention else base
 
 
-__all__ = ["ACTIVATIONS", "ModelOptions", "analysis_options"]
+__all__ = ["ACTIVATIONS", "TPU_MLP_IMPLS", "ModelOptions", "analysis_options"]

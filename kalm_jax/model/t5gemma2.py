@@ -313,7 +313,7 @@ class T5Gemma2(nnx.Module):
         def one_layer(carry, w, sliding: bool):
             cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
             carry = carry + block_fn(carry, w, sliding, cos, sin)
-            return carry + layers.mlp_block(carry, w, self.config, self.options, sequence)
+            return layers.mlp_residual(carry, w, self.config, self.options, sequence)
 
         def layer_fn(sliding: bool):
             def fn(carry, xs):
@@ -471,7 +471,7 @@ class T5Gemma2(nnx.Module):
         block = self._decoder_block(enc, mask, enc_mask, query_index=position, enc_scale=encoder_scale)
         x_q = jnp.take_along_axis(x, position[:, None, None], axis=1)  # [B, 1, H]
         x_q = x_q + block(x, w, sliding, cos, sin)
-        x_q = x_q + layers.mlp_block(x_q, w, self.config, self.options)
+        x_q = layers.mlp_residual(x_q, w, self.config, self.options)
         return layers.rms_norm(x_q, self.decoder_norm.get_value(), self.config.rms_norm_eps)[:, 0]
 
     def decoder_logits(self, decoder_input_ids, decoder_attention_mask, encoder_states, encoder_mask) -> jax.Array:

@@ -40,6 +40,19 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 Rules = Mapping[str, Any]
 
 
+def kernel_batch_axes(mesh, rows: int) -> tuple[str, ...]:
+    """The axes of `mesh` (`jax.sharding.get_abstract_mesh()` inside a program) a Pallas kernel's `shard_map`
+    splits a batch of `rows` over: those of the default "batch" rule (`data`, `fsdp`) of size > 1, in order,
+    while their product divides `rows`. Other axes see the whole batch slice."""
+    axes: tuple[str, ...] = ()
+    for name in dict(DEFAULT_RULES)[BATCH]:
+        if name not in mesh.axis_names or mesh.shape[name] == 1:
+            continue
+        if rows % int(np.prod([mesh.shape[a] for a in axes + (name,)])) == 0:
+            axes += (name,)
+    return axes
+
+
 def mesh_shape(sizes: Mapping[str, int], num_devices: int | None = None) -> tuple[int, int, int]:
     """Resolves (data, fsdp, tensor) sizes where at most one is -1 (fill); raises a clear error if the
     product does not equal the number of devices."""
@@ -205,6 +218,7 @@ def summary(params: Any, axes: Any, shardings: Any, mesh: Mesh) -> str:
 __all__ = [
     "MESH_AXES",
     "DEFAULT_RULES",
+    "kernel_batch_axes",
     "mesh_shape",
     "make_mesh",
     "data_mesh",

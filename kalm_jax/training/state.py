@@ -70,9 +70,10 @@ def lora_spec(train_cfg: Any, *, dtype="float32") -> LoRASpec | None:
 
 
 def model_options(train_cfg: Any, options: ModelOptions | None = None) -> ModelOptions:
-    """`options` (default `ModelOptions()`) with the config's `model.remat` and `model.remat_policy`."""
+    """`options` (default `ModelOptions()`) with the config's `model.remat` and `model.remat_policy`, and the
+    reference MLP (``tpu_mlp="xla"``: the fused kernel's backward would recompute the sub-block in XLA)."""
     return (options or ModelOptions()).replace(
-        remat=bool(train_cfg.model.remat), remat_policy=str(train_cfg.model.remat_policy)
+        remat=bool(train_cfg.model.remat), remat_policy=str(train_cfg.model.remat_policy), tpu_mlp="xla"
     )
 
 

@@ -168,26 +168,29 @@ def test_train_step_builds_its_model_with_the_options_and_the_configs_remat():
     for options, loops in ((None, True), (analysis_options(), False)):
         ts = make_train_step(DEEP, cfg, mesh, yes_id=7, no_id=9, options=options)
         assert ts.model(ts.abstract_state).options == (options or ModelOptions()).replace(
-            remat=True, remat_policy="qkv"
+            remat=True, remat_policy="qkv", tpu_mlp="xla"
         )
         assert ("stablehlo.while" in ts.lower().as_text()) == loops
 
 
 def test_splash_options_reach_the_kernel():
-    """`attention_impl="tpu_flash"` with `splash_interpret` runs the Pallas kernel (interpreted on CPU) in every
+    """`attention_impl="tpu_flash"` with `pallas_interpret` runs the Pallas kernel (interpreted on CPU) in every
     layer of the model and gives the einsum model's encoder states; `tpu_attention="xla"` keeps the einsum
     attention in programs lowered for TPU."""
     ids, mask = _tokens(3, 2, 20, [20, 13])
-    ref = build_model(TINY, seed=4, options=ModelOptions(attention_impl="xla"))
-    flash = build_model(TINY, seed=4, options=ModelOptions(attention_impl="tpu_flash", splash_interpret=True))
+    # the MLP stays the reference (`tpu_mlp="xla"`): every Pallas call counted here is attention's
+    ref = build_model(TINY, seed=4, options=ModelOptions(attention_impl="xla", tpu_mlp="xla"))
+    flash = build_model(
+        TINY, seed=4, options=ModelOptions(attention_impl="tpu_flash", tpu_mlp="xla", pallas_interpret=True)
+    )
     jaxpr = str(jax.make_jaxpr(flash.encode)(ids, mask))
     assert jaxpr.count("pallas_call") == len(TINY.encoder_layer_types)
     assert "pallas_call" not in str(jax.make_jaxpr(ref.encode)(ids, mask))
     real = mask.astype(bool)
     flash_states, ref_states = (np.asarray(_jit(m, lambda m, i, k: m.encode(i, k), ids, mask)) for m in (flash, ref))
     np.testing.assert_allclose(flash_states[real], ref_states[real], atol=2e-5, rtol=0)
-    auto = build_model(TINY, seed=4)
-    einsum_on_tpu = build_model(TINY, seed=4, options=ModelOptions(tpu_attention="xla"))
+    auto = build_model(TINY, seed=4, options=ModelOptions(tpu_mlp="xla"))
+    einsum_on_tpu = build_model(TINY, seed=4, options=ModelOptions(tpu_attention="xla", tpu_mlp="xla"))
     assert "pallas_call" in str(jax.make_jaxpr(auto.encode)(ids, mask))  # the TPU branch of the platform switch
     assert "pallas_call" not in str(jax.make_jaxpr(einsum_on_tpu.encode)(ids, mask))
     assert dispatch.resolve_attention_impl("auto", jnp.bfloat16, 256, tpu="xla") == "xla"

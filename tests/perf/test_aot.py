@@ -192,7 +192,9 @@ def test_aot_tiny_v5e4_encode_score(libtpu_env, capsys):
     w = aot.workload_from_config(cfg)
     engine = aot.inference_engine("tiny", devices, w, hbm_bytes=sl.hbm_bytes)
     lowered = aot.lower_encode(engine, w)()
-    assert "tpu_custom_call" in lowered.as_text()  # the Pallas flash kernel, not the einsum attention
+    hlo = lowered.as_text()
+    assert "splash_mha_fwd" in hlo  # the Pallas flash kernel, not the einsum attention
+    assert hlo.count('kernel_name = "kalm_fused_mlp"') == len(get_preset("tiny").encoder_layer_types)  # every MLP
     report = aot.MemoryReport.from_compiled("encode", lowered.compile(), sl.hbm_bytes, 0.0)
     state = nnx.split(build_model(get_preset("tiny"), abstract=True, param_dtype="bfloat16"))[1]
     encoder = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(state["encoder"]))
@@ -635,11 +637,48 @@ def test_unknown_cost_ops_are_accounted_or_block_the_mfu(libtpu_env):
     assert row["unknown_cost_ops"] == 1
     table = aot.format_cost_table([row])
     assert "n/a" in table and "tpu_custom_call without a cost model" in table
+    # the same kernel with a cost estimate (as `kalm_jax.model.fused_mlp` carries): XLA costs it, nothing unknown
+    estimate = pl.CostEstimate(flops=3 * 256 * 512, transcendentals=0, bytes_accessed=2 * 256 * 512 * 4)
+
+    def costed(x):
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), cost_estimate=estimate)(x)
+
+    fields = aot.cost_fields(jax.jit(costed).lower(x).compile(), "v5e")
+    assert fields["unknown_cost_ops"] == 0 and fields["unaccounted"] == []
+    assert fields["xla_flops"] == estimate.flops and fields["bytes_accessed"] == estimate.bytes_accessed
+    assert fields["optimal_seconds"] == fields["optimal_seconds_raw"] > 0  # no -1 to add back
+    # its roofline: the estimate's bytes at about the chip's HBM bandwidth (the compiler's own figure is 10% lower)
+    hbm_seconds = estimate.bytes_accessed / aot_cost.HBM_BANDWIDTH["v5e"]
+    assert hbm_seconds <= fields["optimal_seconds"] < 1.2 * hbm_seconds
     # XLA's FLOPs short of the useful FLOPs (work it does not see): no MFU either
     short = aot.cost_row(
         "encode", sl, 4, 1, "nano", w, useful * 3, aot.cost_fields(jax.jit(mlp).lower(*args).compile()), None
     )
     assert short["predicted_mfu"] is None and "counts 33% of the useful FLOPs" in short["mfu_note"]
+
+
+@pytest.mark.parametrize("topology", ["v4-8", "v6e-8"])
+def test_the_fused_mlp_compiles_within_each_generations_vmem(libtpu_env, topology):
+    """Mosaic compiles the fused MLP kernel (`kalm_jax.model.fused_mlp`) within the 16 MiB of scoped VMEM, v4's
+    whole VMEM, at each block size its footprint picks: nano's MLP at 512 tokens, wider ones at 256 and 128, on
+    a row count that needs padding; the model's larger presets do not fit and stay on XLA's path."""
+    import jax.numpy as jnp
+
+    from kalm_jax.model import fused_mlp
+
+    device = aot.topology_devices(aot.tpu_slice(topology))[0]
+
+    def arg(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))
+
+    for hidden, width, rows, block in ((640, 2048, 8192, 512), (640, 2560, 1000, 256), (1152, 1536, 4096, 128)):
+        assert fused_mlp.block_rows(hidden, width, jnp.bfloat16) == block
+        args = (arg(rows, 1, hidden), arg(hidden), arg(hidden, width), arg(hidden, width), arg(width, hidden))
+        compiled = jax.jit(lambda *a: fused_mlp.fused_mlp_residual(*a, 1e-6, None)).lower(*args, arg(hidden)).compile()
+        assert "kalm_fused_mlp" in compiled.as_text()
+    for preset in ("small", "large"):
+        cfg = aot.model_config(preset)
+        assert not fused_mlp.fits(cfg.hidden_size, cfg.intermediate_size, jnp.bfloat16)
 
 
 def test_the_hbm_bound_counts_each_buffer_once_in_hbm(libtpu_env):

@@ -40,10 +40,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from kalm_jax.model.attention import banded, masks, xla
-from kalm_jax.parallel.mesh import BATCH, DEFAULT_RULES
-
-# Mesh axes the batch may be split over: the "batch" rule of the one mesh module (kalm_jax/parallel/mesh.py).
-BATCH_AXES: tuple[str, ...] = tuple(dict(DEFAULT_RULES)[BATCH])
+from kalm_jax.parallel.mesh import kernel_batch_axes
 
 _LANES = 128  # lengths are padded to multiples of this; segment ids need blocks of multiples of it
 _MAX_BLOCK = 512
@@ -70,7 +67,7 @@ def flash_attention(
     Scores, softmax and accumulation run in fp32 inside the kernel. Outputs at padding queries are
     finite but not the einsum path's (such a row attends padding keys); they are never read.
     `interpret`: run the kernel in Pallas interpret mode (any backend; the tests on CPU use it; the model
-    sets it from `ModelOptions.splash_interpret`). The TPU interpret mode (`pltpu.force_tpu_interpret_mode`)
+    sets it from `ModelOptions.pallas_interpret`). The TPU interpret mode (`pltpu.force_tpu_interpret_mode`)
     cannot run the kernel vmapped over the batch.
 
     Mosaic kernels are not partitioned by XLA: under a mesh context (`jax.set_mesh(mesh)`), the kernel
@@ -112,10 +109,7 @@ def flash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, keys, queries)
-    axes: tuple[str, ...] = ()
-    for name in BATCH_AXES:
-        if name in mesh.axis_names and mesh.shape[name] > 1 and b % (_size(mesh, axes) * mesh.shape[name]) == 0:
-            axes += (name,)
+    axes = kernel_batch_axes(mesh, b)
     spec = P(axes if axes else None)
     # heads split over "tensor" (the inference engine's tensor layout) stay split: each shard runs its heads
     t = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
@@ -123,10 +117,6 @@ def flash_attention(
     qkv = P(axes if axes else None, None, heads, None)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, spec, spec), out_specs=qkv, check_vma=False)
     return fn(q, k, v, keys, queries)
-
-
-def _size(mesh, axes: tuple[str, ...]) -> int:
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def _round_up(n: int, m: int) -> int:
