@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# LLVM's optimisation level 0 for the CPU programs the tests compile: the same HLO passes and numerics, the
-# machine code unoptimised, which the tests' tiny programs spend less time compiling than they lose running
-# (the TPU AOT compiles are unaffected: their cost analyses are identical). Timings come from `kalm-bench`.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Tests run on the CPU backend even where libtpu (for AOT topology descriptions) or a GPU is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session and every process the tests start (they inherit os.environ):
