@@ -147,6 +147,10 @@ SLOW = (
     "test_aot.py::test_the_hbm_bound",
     "test_aot_quantized.py::test_report_rows_lower_the_engines_quantized_programs",  # 18 lowerings of the report
     "test_bench_quantized.py::test_quantized_suite_times_every_mode",
+    "test_aot.py::test_the_fused_mlp_compiles_within_each_generations_vmem",  # 6 Mosaic compiles for v4 and v6e
+    "test_fused_mlp.py::test_the_model_runs_the_kernel_in_every_mlp",  # the whole model, kernels interpreted
+    "test_fused_mlp.py::test_gradients_are_the_references",
+    "test_aot_quantized.py::test_report_rows_with_int8_states_lower",  # lowers the report's int8-state programs
     "test_training.py::test_sigkill",
     "test_training.py::test_sigterm",
     "test_training.py::test_label_writes",
