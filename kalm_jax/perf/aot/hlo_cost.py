@@ -17,8 +17,8 @@ with its operand and output shapes (read from the HLO text), and `account` turns
   block, an upper bound where the mask skips blocks), bytes = q, k / v (once per query block), the segment
   ids and the output; its time is the roofline of those, max(FLOPs / peak, bytes / HBM bandwidth);
 * a kernel that carries a `pl.CostEstimate` (the fused MLP, `kalm_jax.model.fused_mlp`) is not unknown: XLA's
-  analysis takes its FLOPs, bytes and roofline time from the estimate (checked on v5e: `optimal_seconds` =
-  max(FLOPs / peak, bytes / HBM bandwidth) of the estimate);
+  analysis takes its FLOPs and bytes from the estimate and times it itself (checked on v5e: a FLOPs-bound
+  estimate at FLOPs / peak exactly, a bytes-bound one about 10% above bytes / the datasheet bandwidth);
 * any other kernel (its FLOPs are not visible in the HLO) is *unaccounted*: the row then carries no MFU
   and says why.
 
