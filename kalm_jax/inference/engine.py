@@ -351,16 +351,18 @@ class InferenceEngine:
             _announce(self.policy.describe())
             self.batch_size = self.policy.rows
             self.mesh = self.policy.mesh(self.devices)
-            if self.policy.sequence_axis is not None and model.options.sequence_parallel is None:
-                twin = nnx.merge(graphdef, state)  # the same arrays; the caller's model keeps its options
-                twin.options = inference_policy.serving_options(twin.options)
-                graphdef = nnx.graphdef(twin)
             batch_axes = self.policy.batch_axes
         else:
             if devices is not None:
                 raise ValueError("give devices or mesh, not both")
             self.mesh, self.devices = mesh, list(mesh.devices.flat)
             batch_axes = tuple(mesh.axis_names) if batch_axes is None else batch_axes
+        split = self.policy is not None and self.policy.sequence_axis is not None
+        options = inference_policy.serving_options(model.options, split, self.devices)
+        if options != model.options:
+            twin = nnx.merge(graphdef, state)  # the same arrays; the caller's model keeps its options
+            twin.options = options
+            graphdef = nnx.graphdef(twin)
         axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
         self._batch_shards = int(np.prod([self.mesh.shape[a] for a in axes]))
         self._global = any(d.process_index != jax.process_index() for d in self.devices)

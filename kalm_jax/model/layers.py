@@ -290,7 +290,10 @@ def mlp_block(x, w, cfg: ModelConfig, options: ModelOptions | None = None, seque
 
 def mlp_residual(x, w, cfg: ModelConfig, options: ModelOptions | None = None, sequence: str | None = None):
     """x [B, T, H] + `mlp_block(x, ...)`: through the fused Pallas kernel (`fused_mlp`) when the program is
-    lowered for TPU, ``options.tpu_mlp == "fused"`` and `fuses_mlp` holds; else the reference."""
+    lowered for TPU, ``options.tpu_mlp == "fused"`` and `fuses_mlp` holds; else the reference. Under weights
+    split over the context mesh's ``tensor`` axis the kernel takes each device's channels and the partial
+    products are summed over the axis (`fused_mlp.fused_mlp_residual`'s `axis`; `sequence`: x's tokens are split
+    over it)."""
 
     def reference(x, pre, gate, up, down, post):
         weights = {"pre_ffw_norm": pre, "gate": gate, "up": up, "down": down, "post_ffw_norm": post}
@@ -299,22 +302,34 @@ def mlp_residual(x, w, cfg: ModelConfig, options: ModelOptions | None = None, se
     args = (x, w["pre_ffw_norm"], w["gate"], w["up"], w["down"], w["post_ffw_norm"])
     if options is None or options.tpu_mlp != "fused" or not fuses_mlp(w, x.dtype, options, sequence):
         return reference(*args)
+    kwargs = {"capacity": options.tpu_vmem_bytes, "interpret": options.pallas_interpret}
+    if _tensor_size() > 1:
+        kwargs.update(axis="tensor", sequence=sequence is not None)
 
     def tpu(*args):
-        return fused_mlp.fused_mlp_residual(*args, cfg.rms_norm_eps, reference, interpret=options.pallas_interpret)
+        return fused_mlp.fused_mlp_residual(*args, cfg.rms_norm_eps, reference, **kwargs)
 
     if options.pallas_interpret:
         return tpu(*args)
     return jax.lax.platform_dependent(*args, tpu=tpu, default=reference)
 
 
+def _tensor_size() -> int:
+    """The size of the context mesh's ``tensor`` axis (1: no mesh, or no such axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.shape["tensor"] if not mesh.empty and "tensor" in mesh.axis_names else 1
+
+
 def fuses_mlp(w, dtype, options: ModelOptions, sequence: str | None) -> bool:
-    """Whether the fused MLP kernel applies to a layer's weights `w`: float weights of `dtype` within the kernel's
-    VMEM budget (`fused_mlp.fits`), float activations, whole tokens (`sequence` None) and weights whole on every
-    device (the context mesh, if any, splits nothing over ``tensor``)."""
+    """Whether the fused MLP kernel applies to a layer's weights `w`: float weights of `dtype`, float activations,
+    and one device's channels (all of them, or 1/t under a ``tensor`` axis of size t on the context mesh, which
+    must divide them) within the kernel's VMEM budget on the program's TPU generation (`fused_mlp.fits` with
+    `options.tpu_vmem_bytes`). Tokens split over a mesh axis (`sequence`) only over that ``tensor`` axis."""
     gate = w["gate"]
     if any(isinstance(w[k], qwix.QArray) for k in ("gate", "up", "down")) or options.activations != "float":
         return False
-    mesh = jax.sharding.get_abstract_mesh()
-    split = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
-    return sequence is None and not split and gate.dtype == dtype and fused_mlp.fits(*gate.shape, dtype)
+    hidden, width = gate.shape
+    t = _tensor_size()
+    if gate.dtype != dtype or width % t or (sequence is not None and (t == 1 or sequence != "tensor")):
+        return False
+    return fused_mlp.fits(hidden, width // t, dtype, options.tpu_vmem_bytes)

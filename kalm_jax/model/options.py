@@ -38,6 +38,10 @@ class ModelOptions:
       tpu_mlp: the MLP sub-block when a program is lowered for TPU: "fused" (one Pallas kernel for the norms, the
         three matmuls and the residual add, where it applies: `kalm_jax.model.fused_mlp`) or "xla" (the
         reference, as on CPU; training uses it: its remat policies name the reference's products).
+      tpu_vmem_bytes: the VMEM bytes of one TensorCore of the TPU generation the program is for
+        (`kalm_jax.model.fused_mlp.vmem_capacity`), or None (unknown: the fused MLP keeps to the scoped VMEM
+        every generation gives a kernel). The inference engine sets it from its devices; with it the fused MLP
+        takes larger MLPs (`fused_mlp.vmem_budget`). No effect off TPU.
       pallas_interpret: run the Pallas kernels in interpret mode on any backend (for tests on CPU): the splash
         kernel where `attention_impl="tpu_flash"`, the fused MLP wherever ``tpu_mlp="fused"`` applies.
       activations: "float", or "int8": the inputs of the projection and MLP matmuls are quantized per token to
@@ -57,6 +61,7 @@ class ModelOptions:
     remat_policy: str = "nothing"
     tpu_attention: str = "flash"
     tpu_mlp: str = "fused"
+    tpu_vmem_bytes: int | None = None
     pallas_interpret: bool = False
     activations: str = "float"
     sequence_parallel: str | None = None
@@ -70,6 +75,9 @@ class ModelOptions:
             raise ValueError(f"tpu_attention={self.tpu_attention!r}; valid: {list(TPU_ATTENTION_IMPLS)}")
         if self.tpu_mlp not in TPU_MLP_IMPLS:
             raise ValueError(f"tpu_mlp={self.tpu_mlp!r}; valid: {list(TPU_MLP_IMPLS)}")
+        vmem = self.tpu_vmem_bytes
+        if vmem is not None and (isinstance(vmem, bool) or not isinstance(vmem, int) or vmem <= 0):
+            raise ValueError(f"tpu_vmem_bytes={self.tpu_vmem_bytes!r}: a positive int (bytes), or None (unknown)")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations={self.activations!r}; valid: {list(ACTIVATIONS)}")
         if self.scan_unroll is not True and not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):

@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kalm_jax.model import layers
+from kalm_jax.model import fused_mlp, layers
 from kalm_jax.model.options import ModelOptions
 from kalm_jax.parallel.mesh import data_mesh, logical_to_spec, make_mesh, rules_dict
 
@@ -219,10 +219,17 @@ def weight_bytes(state, tensor: int) -> int:
     return total
 
 
-def serving_options(options: ModelOptions) -> ModelOptions:
-    """`options` as the engine runs the model under the tensor layout: the encoder splits its tokens over
-    ``tensor`` unless the options name an axis themselves."""
-    return options if options.sequence_parallel is not None else options.replace(sequence_parallel="tensor")
+def serving_options(options: ModelOptions, tensor: bool = True, devices: Sequence[jax.Device] = ()) -> ModelOptions:
+    """`options` as the engine runs the model: under the tensor layout (`tensor`) the encoder splits its tokens
+    over ``tensor`` unless the options name an axis themselves; on TPU `devices` the options carry their
+    generation's VMEM (`ModelOptions.tpu_vmem_bytes`, unless set) for the fused MLP."""
+    if tensor and options.sequence_parallel is None:
+        options = options.replace(sequence_parallel="tensor")
+    devices = list(devices)
+    if options.tpu_vmem_bytes is None and devices and devices[0].platform == "tpu":
+        vmem = fused_mlp.vmem_capacity(devices[0].device_kind)
+        options = options.replace(tpu_vmem_bytes=vmem) if vmem else options
+    return options
 
 
 def working_set_bytes(

@@ -1,6 +1,6 @@
 """The fused MLP Pallas kernel (kalm_jax/model/fused_mlp.py), run in Pallas interpret mode on CPU, against the
-reference sub-block `x + layers.mlp_block(x, ...)`: forward, gradients, under a data mesh, inside the whole model;
-and where the model uses it."""
+reference sub-block `x + layers.mlp_block(x, ...)`: forward, gradients, under a data mesh, with its channels split
+over a tensor mesh, inside the whole model; and where the model uses it."""
 
 from __future__ import annotations
 
@@ -131,24 +131,77 @@ def test_the_model_runs_the_kernel_in_every_mlp_and_scores_as_the_reference():
     np.testing.assert_allclose(np.asarray(_margins(auto, ids, mask, dec, dmask)[1]), np.asarray(m_ref), atol=2e-5)
 
 
-def test_the_kernel_applies_only_where_its_weights_are_whole_float_and_fit():
-    """`layers.fuses_mlp`: float weights of the activations' dtype within the VMEM budget, float activations,
-    whole tokens and weights not split over `tensor`; nano's MLP fits in bf16, the larger presets' do not."""
-    opts = ModelOptions()
+@pytest.mark.parametrize("sequence", [True, False], ids=["tokens-split", "tokens-whole"])
+def test_split_kernel_is_the_reference_under_a_tensor_mesh(sequence):
+    """`fused_mlp_residual(axis="tensor")` under a (data, tensor) mesh with gate / up split by columns and down by
+    rows: each device runs the kernel on its channels and the partial products are reduce-scattered back to its
+    tokens (tokens split over `tensor`: all-gathered first) or all-reduced (tokens whole); no weight is
+    gathered, the result is the whole sub-block's."""
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+    x = jax.random.normal(jax.random.key(5), (4, 16, 128)) * 2.0
+    w = _weights(128, 512)
+    tokens = P("data", "tensor") if sequence else P("data")
 
-    def w(hidden, width, dtype=jnp.bfloat16):
+    def f(*args):
+        return fused_mlp.fused_mlp_residual(*args, EPS, reference, axis="tensor", sequence=sequence, interpret=True)
+
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, tokens))
+        specs = (P(), P(None, "tensor"), P(None, "tensor"), P("tensor", None), P())
+        ws = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(w, specs)]
+        got = jax.jit(f)(xs, *ws)
+        text = jax.jit(f).lower(xs, *ws).as_text()
+    assert got.sharding.spec == tokens
+    gathers = [line for line in text.splitlines() if "stablehlo.all_gather" in line]
+    assert len(gathers) == (1 if sequence else 0) and all("tensor<2x16x128xf32>" in g for g in gathers)  # x only
+    assert ("stablehlo.reduce_scatter" in text) == sequence and ("stablehlo.all_reduce" in text) != sequence
+    np.testing.assert_allclose(np.asarray(got), np.asarray(reference(x, *w)), atol=1e-5, rtol=1e-5)
+
+
+def test_vmem_capacity_is_pallas_table_for_the_device_kind():
+    """The VMEM of a TensorCore from `jax.Device.device_kind` (Pallas's own table) and the kernel's budget in it."""
+    mib = 2**20
+    kinds = {"TPU v4": 16, "TPU v5 lite": 128, "TPU v5e": 128, "TPU v5": 64, "TPU v5p": 64, "TPU v6 lite": 128}
+    assert {k: fused_mlp.vmem_capacity(k) for k in kinds} == {k: v * mib for k, v in kinds.items()}
+    assert fused_mlp.vmem_capacity("cpu") is None and fused_mlp.vmem_capacity("NVIDIA H200") is None
+    assert fused_mlp.vmem_budget(None) == fused_mlp.vmem_budget(16 * mib) == fused_mlp.VMEM_BYTES == 16 * mib
+    assert fused_mlp.vmem_budget(128 * mib) == 96 * mib
+    with pytest.raises(ValueError, match="tpu_vmem_bytes=0: a positive int"):
+        ModelOptions(tpu_vmem_bytes=0)
+
+
+def test_the_kernel_applies_only_where_its_weights_are_float_and_fit():
+    """`layers.fuses_mlp`: float weights of the activations' dtype, float activations, and one device's channels
+    within the VMEM budget of the program's generation (`tpu_vmem_bytes`); tokens split only over the `tensor`
+    axis the channels are split over. Nano fits any generation; small fits v5e's VMEM, not the scoped default;
+    large fits v5e at tensor 2 (75 MiB of bf16 weights per device), not whole and not on v4."""
+    opts = ModelOptions()
+    v5e = opts.replace(tpu_vmem_bytes=fused_mlp.vmem_capacity("TPU v5 lite"))
+    v4 = opts.replace(tpu_vmem_bytes=fused_mlp.vmem_capacity("TPU v4"))
+
+    def w(cfg_or_hidden, width=None, dtype=jnp.bfloat16):
+        hidden = cfg_or_hidden if width else cfg_or_hidden.hidden_size
+        width = width or cfg_or_hidden.intermediate_size
         shapes = (("gate", (hidden, width)), ("up", (hidden, width)), ("down", (width, hidden)))
         return {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes}
 
-    nano, small = get_preset("nano"), get_preset("small")
-    assert layers.fuses_mlp(w(nano.hidden_size, nano.intermediate_size), jnp.bfloat16, opts, None)
-    assert not layers.fuses_mlp(w(small.hidden_size, small.intermediate_size), jnp.bfloat16, opts, None)
+    nano, small, large = get_preset("nano"), get_preset("small"), get_preset("large")
+    assert layers.fuses_mlp(w(nano), jnp.bfloat16, opts, None) and layers.fuses_mlp(w(nano), jnp.bfloat16, v4, None)
+    assert not layers.fuses_mlp(w(small), jnp.bfloat16, opts, None)
+    assert layers.fuses_mlp(w(small), jnp.bfloat16, v5e, None)
+    assert not layers.fuses_mlp(w(large), jnp.bfloat16, v5e, None)
     assert not layers.fuses_mlp(w(640, 2048), jnp.float32, opts, None)  # weights bf16, activations fp32
-    assert not layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts, "tensor")  # tokens split over a mesh axis
+    assert not layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts, "tensor")  # tokens split, channels whole
     assert not layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts.replace(activations="int8"), None)
     tensor = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
     with jax.set_mesh(tensor):
-        assert not layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts, None)
+        assert layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts, None)
+        assert layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts, "tensor")
+        assert not layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts, "data")
+        assert not layers.fuses_mlp(w(640, 2047), jnp.bfloat16, opts, None)  # channels not divisible
+        assert layers.fuses_mlp(w(large), jnp.bfloat16, v5e, "tensor")
+        assert not layers.fuses_mlp(w(large), jnp.bfloat16, v4, "tensor")
+        assert not layers.fuses_mlp(w(large), jnp.bfloat16, opts, "tensor")
     with jax.set_mesh(Mesh(np.array(jax.devices()[:4]), ("data",))):
         assert layers.fuses_mlp(w(640, 2048), jnp.bfloat16, opts, None)
     q = quantization.quantize_weight(jnp.ones((640, 2048), jnp.bfloat16), "gate", "int8")

@@ -681,6 +681,33 @@ def test_the_fused_mlp_compiles_within_each_generations_vmem(libtpu_env, topolog
         assert not fused_mlp.fits(cfg.hidden_size, cfg.intermediate_size, jnp.bfloat16)
 
 
+@pytest.mark.slow
+def test_the_engine_fuses_a_split_mlp_within_its_generations_vmem(libtpu_env):
+    """The engine's options carry its TPU generation's VMEM (`inference_policy.serving_options`), so under the
+    tensor layout large's MLP (75 MiB of bf16 weights per device at tensor 2) runs in the fused kernel on v5e,
+    whose VMEM holds it (Mosaic compiles it with the larger scoped limit), and stays on XLA's path on v4 (16 MiB):
+    one encoder layer of large, lowered and compiled as the engine would run it."""
+    from kalm_jax.perf.aot import hlo_cost as aot_cost
+
+    w = aot.Workload(eval_batch=8, passage_len=512)
+    counts = {}
+    for topology in ("v5e-4", "v4-8"):
+        sl = aot.tpu_slice(topology)
+        devices = aot.topology_devices(sl)
+        engine = aot.inference_engine("large", devices, w, hbm_bytes=sl.hbm_bytes, weights="tensor:2", layers=1)
+        assert engine.policy.tensor == 2
+        lowered = aot.lower_encode(engine, w)()
+        counts[topology] = lowered.as_text().count('kernel_name = "kalm_fused_mlp"')
+        if topology == "v5e-4":
+            compiled = lowered.compile()
+            text = compiled.as_text()
+            kernels = [line for line in text.splitlines() if "kalm_fused_mlp" in line and "custom-call(" in line]
+            assert len(kernels) == 1 and '"cost_estimate":' in kernels[0]
+            unknown = [op.name for op in aot_cost.unknown_ops(text)]
+            assert unknown and not any(name in kernels[0].split("=")[0] for name in unknown)  # costed: not unknown
+    assert counts == {"v5e-4": 1, "v4-8": 0}
+
+
 def test_the_hbm_bound_counts_each_buffer_once_in_hbm(libtpu_env):
     """`analyse(..., hbm_bound=True)` on one v5e chip, for gelu(x @ w1) @ w2 (x [8192, 640], h [8192, 2048]): the
     compile without memory-space assignment reads and writes every buffer once in HBM, so its bytes are the two
