@@ -755,6 +755,31 @@ def test_the_hbm_bound_counts_each_buffer_once_in_hbm(libtpu_env):
     assert fitted == pytest.approx(fields["bytes_hbm_bound"])
 
 
+def test_the_bytes_estimate_counts_the_tensor_layouts_collectives():
+    """`estimate_bytes` under split weights adds what the layout's collectives move per layer and token: for the
+    encoder's sequence parallelism 2 x (3 H + 2 H / t) (gathered input written, all-gather read, partial products
+    written and read, reduce-scatter written), for the decoder's whole tokens 2 x 3 H (partial products written,
+    all-reduced); nothing with replicated weights. Large at tensor 2 on 16 chips, 1,024 rows: 128 per data shard."""
+    from kalm_jax.perf.aot import hlo_cost as aot_cost
+
+    large, nano, w = aot.model_config("large"), aot.model_config("nano"), aot.Workload(eval_batch=1024)
+    h, layers = large.hidden_size, large.num_encoder_layers
+    encode_tokens, score_tokens = 128 * w.passage_len, 128 * w.query_len
+
+    def extra(program, cfg=large, tensor=2):
+        args = (program, cfg, w, 16, tensor)
+        return aot_cost.estimate_bytes(*args) - aot_cost.estimate_bytes(*args, collectives=False)
+
+    assert extra("encode") == layers * encode_tokens * 2 * (3 * h + h) * 2
+    assert extra("score") == large.num_decoder_layers * score_tokens * 2 * 3 * h * 2
+    assert extra("encode", nano, 1) == extra("score", nano, 1) == 0
+    odd = aot.Workload(eval_batch=1024, passage_len=511)  # tokens not divisible by 2: no sequence parallelism
+    whole = aot_cost.estimate_bytes("encode", large, odd, 16, 2)
+    assert whole - aot_cost.estimate_bytes("encode", large, odd, 16, 2, collectives=False) == (
+        layers * 128 * 511 * 2 * 3 * h * 2
+    )
+
+
 def test_attention_kernel_cost_reads_q_k_v_from_the_hlo():
     """The splash kernel's FLOPs and bytes from the shapes of one HLO line as XLA:TPU prints it (operands:
     mask metadata, q, k, v, segment ids; outputs: per-block scratch, then the attention output)."""

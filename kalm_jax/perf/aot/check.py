@@ -268,18 +268,12 @@ def run(
                 sl.generation,
                 bound,
             )
-        estimate = (
-            None
-            if name == "train"
-            else aot_cost.estimate_bytes(
-                name,
-                model_config(preset),
-                work_of(name, mode),
-                len(devices),
-                policies[mode].tensor,
-                weight_itemsize=None if mode == "none" else 1,
-            )
-        )
+        estimate = collectives = None
+        if name != "train":
+            args = (name, model_config(preset), work_of(name, mode), len(devices), policies[mode].tensor)
+            weight_itemsize = None if mode == "none" else 1
+            estimate = aot_cost.estimate_bytes(*args, weight_itemsize=weight_itemsize)
+            collectives = estimate - aot_cost.estimate_bytes(*args, weight_itemsize=weight_itemsize, collectives=False)
         row = cost_row(
             name,
             sl,
@@ -296,6 +290,7 @@ def run(
         )
         if name != "train":
             row["layout"] = policies[mode].describe()
+            row["bytes_estimate_collectives"] = collectives
         if name == "score" and states != "compute":
             row["device_states"] = states
         if fitted:

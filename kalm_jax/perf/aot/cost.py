@@ -331,6 +331,9 @@ def format_cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{r.get('bytes', r['bytes_accessed']) / 1e9:8.2f}{est}{r.get('unknown_cost_ops', 0):5d}"
             f"{r['optimal_seconds'] * 1e3:9.2f}{mfu}  {tput}{bound}"
         )
+        if r.get("bytes_estimate_collectives"):
+            gb = r["bytes_estimate_collectives"] / 1e9
+            lines.append(f"    the estimate counts {gb:.2f} GB of the tensor layout's collectives")
         if r.get("mfu_note"):
             lines.append(f"    {r['mfu_note']}")
         if r.get("analysis_error"):

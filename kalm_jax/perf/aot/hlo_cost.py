@@ -241,7 +241,14 @@ def mfu_note(row: Mapping, min_flops_ratio: float) -> str | None:
 
 
 def estimate_bytes(
-    program: str, config, w, devices: int, tensor: int = 1, itemsize: int = 2, weight_itemsize: float | None = None
+    program: str,
+    config,
+    w,
+    devices: int,
+    tensor: int = 1,
+    itemsize: int = 2,
+    weight_itemsize: float | None = None,
+    collectives: bool = True,
 ) -> float:
     """Analytic HBM bytes per chip of one engine call (`program` "encode" or "score") of the workload `w`
     (`aot.Workload`: `eval_batch` rows over `devices` chips, `tensor` of them sharing a row's heads / MLP),
@@ -254,6 +261,14 @@ def estimate_bytes(
       over `tensor`); no attention scores (the splash kernel keeps them on chip);
     * score: the passage states read once per layer for their keys / values, whose projections are written
       and read like the prompt's.
+
+    * under split weights (`tensor` > 1; `collectives`), what the tensor layout's collectives move for each of a
+      layer's two sub-blocks, per token: with the encoder's sequence parallelism (`layers.splits_tokens`, as the
+      engine runs it) the gathered input written (H) after the all-gather read the device's share (H / tensor),
+      and the partial products of the row-parallel projection written (H) and read by the reduce-scatter (H),
+      which writes the device's share (H / tensor); with whole tokens the partial products written (H) and
+      all-reduced (read and written, 2 x H). The gathered input's read by the projections is the layer input's
+      read above.
 
     What a program that keeps nothing else in HBM would read and write; `bytes_accessed` / this estimate
     is the report's `bytes_ratio`."""
@@ -275,6 +290,15 @@ def estimate_bytes(
         extra = layers * rows * windows * (h + 2 * 2 * k * d) * itemsize
     else:
         raise ValueError(f"no bytes estimate for program {program!r}")
+    if collectives and tensor > 1:
+        from kalm_jax.model import layers as model_layers
+        from kalm_jax.model.options import ModelOptions
+        from kalm_jax.parallel.inference_policy import serving_options
+
+        split = program == "encode" and model_layers.splits_tokens(
+            config, serving_options(ModelOptions()), "tensor", tensor, w.passage_len
+        )
+        per_token += 2 * (3 * h + 2 * h / tensor) if split else 2 * 3 * h
     return float(layers * layer_weights + tokens * h * itemsize + layers * tokens * per_token * itemsize + extra)
 
 
