@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from child_process import TEST_XLA_FLAGS
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CPU programs compile at LLVM optimisation level 0, in this process and every one the tests start
+# (tests/child_process.py says why).
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 # Tests run on the CPU backend even where libtpu (for AOT topology descriptions) or a GPU is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session and every process the tests start (they inherit os.environ):

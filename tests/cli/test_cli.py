@@ -3,12 +3,12 @@ as the field's type, and rejects an unknown key (exit 2) naming the valid keys o
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from child_process import child_env
 
 from kalm_jax import cli
 
@@ -16,9 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _env():
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)
-    return e
+    return child_env()
 
 
 # Every CLI, as a user runs it. Each is given a typo'd key in a section and must name it with the valid keys.

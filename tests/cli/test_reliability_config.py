@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_process import child_env
 
 from kalm_jax.checkpoints import hf
 from kalm_jax.model.config import ModelConfig, get_preset
@@ -241,13 +242,11 @@ def test_eval_cascade_needs_a_coarse_ratio_and_a_kept_count(tmp_path, cascade):
 def test_train_cli_refuses_a_bad_value_before_preparing_data(tmp_path, data_dir):
     """The user's command exits 2 with the named error in seconds, and the workdir gets nothing (no mined data,
     no tokenizer): before the fix `mep.ratios=(1,1)` mined negatives and trained ratio 1 twice."""
-    import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu", KALM_DATA_DIR=str(data_dir))
-    env.pop("XLA_FLAGS", None)
+    env = child_env(KALM_DATA_DIR=str(data_dir))
     w = tmp_path / "w"
     t0 = time.perf_counter()
     r = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from child_process import child_env
 
 from kalm_jax.data.beir import load_beir
 from kalm_jax.evaluation import rerank
@@ -169,20 +170,12 @@ def test_two_concurrent_writers_leave_every_passage_exactly_once(tmp_path, token
     the same time: both succeed (one waits for the store lock), and the manifest names every passage of both
     sets exactly once, in shards that exist and load."""
     import json
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     root = tmp_path / "store"
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-    }
+    env = child_env(devices=1)
     ranges = [(0, 26), (14, 40)]
     procs = [
         subprocess.Popen(

@@ -3,22 +3,16 @@ scifact training file (tests/integration/test_multihost_*.py)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+from child_process import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def child_env() -> dict[str, str]:
-    """Environment of a child process: this checkout on PYTHONPATH, CPU JAX, no inherited XLA_FLAGS (the
-    launcher sets each process's devices); the session's persistent compilation cache (tests/conftest.py) is
-    inherited."""
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)
-    return e
+__all__ = ["child_env", "launcher"]  # child_env: tests/child_process.py
 
 
 def launcher(args: list[str], *, processes: int = 2, devices: int = 4, grace: float = 3) -> list[str]:

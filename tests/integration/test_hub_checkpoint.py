@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from child_process import child_env
 
 from kalm_jax.checkpoints import loader
 from kalm_jax.data.training_jsonl import TrainingExample, read_training_jsonl, write_training_jsonl
@@ -37,9 +38,7 @@ DOC_TOKENS, QUERY_TOKENS = 96, 32
 
 
 def _env():
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)
-    return e
+    return child_env()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import processes
 import pytest
+from child_process import child_env
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.evaluation import store as store_lib
@@ -81,7 +82,7 @@ def open_store(out: Path) -> store_lib.PassageStore:
 @pytest.fixture(scope="module")
 def single(ckpt, data_dir, run_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_one") / "out"
-    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = child_env(devices=4)
     r = subprocess.run(
         [sys.executable, *eval_args(ckpt, data_dir, out)],
         env=env,

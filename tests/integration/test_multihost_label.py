@@ -88,7 +88,7 @@ def assert_same_labels(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def single(teacher, train_jsonl, run_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("label_one") / "labelled.jsonl"
-    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = child_env(devices=8)
     r = subprocess.run(
         [sys.executable, *label_args(teacher, train_jsonl, out)],
         env=env,

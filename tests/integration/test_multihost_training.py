@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import processes
 import pytest
+from child_process import child_env
 
 from kalm_jax.checkpoints import orbax_io
 
@@ -117,7 +118,7 @@ def popen(cmd: list[str], env: dict) -> subprocess.Popen:
 
 def one_process(workdir: Path, args: list[str], env: dict) -> str:
     """train.py ARGS as one process on 8 CPU devices; returns its output (stdout and stderr)."""
-    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(env, XLA_FLAGS=child_env(devices=8)["XLA_FLAGS"])
     r = subprocess.run(
         [sys.executable, "train.py", *args, f"--workdir={workdir}"],
         env=env,

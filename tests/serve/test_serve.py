@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_process import child_env
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -323,8 +324,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _server(checkpoint, *args: str):
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", KALM_API_KEY="test-key")
-    env.pop("XLA_FLAGS", None)
+    env = child_env(KALM_API_KEY="test-key")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kalm_jax.serve", f"--config.checkpoint={checkpoint}", f"--config.port={port}", *args],
         env=env,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from child_process import child_env
 
 from kalm_jax.checkpoints import orbax_io
 from kalm_jax.inference import scoring
@@ -320,9 +320,7 @@ def cli(workdir: Path, jsonl: Path, tokenizer, data_dir, steps: int = 2 * N) -> 
 
 
 def env():
-    e = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)
-    return e
+    return child_env()
 
 
 def final_params(workdir: Path) -> dict:
