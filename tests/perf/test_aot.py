@@ -661,7 +661,9 @@ def test_unknown_cost_ops_are_accounted_or_block_the_mfu(libtpu_env):
 def test_the_fused_mlp_compiles_within_each_generations_vmem(libtpu_env, topology):
     """Mosaic compiles the fused MLP kernel (`kalm_jax.model.fused_mlp`) within the 16 MiB of scoped VMEM, v4's
     whole VMEM, at each block size its footprint picks: nano's MLP at 512 tokens, wider ones at 256 and 128, on
-    a row count that needs padding; the model's larger presets do not fit and stay on XLA's path."""
+    a row count that needs padding; the model's larger presets do not fit there. With the generation's VMEM
+    (`vmem_capacity`, as the engine passes it) small's whole MLP and large's half (tensor 2) compile on v6e, with
+    a larger scoped limit, and still do not fit v4."""
     import jax.numpy as jnp
 
     from kalm_jax.model import fused_mlp
@@ -679,6 +681,18 @@ def test_the_fused_mlp_compiles_within_each_generations_vmem(libtpu_env, topolog
     for preset in ("small", "large"):
         cfg = aot.model_config(preset)
         assert not fused_mlp.fits(cfg.hidden_size, cfg.intermediate_size, jnp.bfloat16)
+    # with the generation's VMEM (what the engine passes): small whole and large's half at tensor 2 fit v6e, not v4
+    capacity = fused_mlp.vmem_capacity(device.device_kind)
+    for preset, tensor, block in (("small", 1, 512), ("large", 2, 256)):
+        cfg = aot.model_config(preset)
+        hidden, width = cfg.hidden_size, cfg.intermediate_size // tensor
+        if topology == "v4-8":
+            assert not fused_mlp.fits(hidden, width, jnp.bfloat16, capacity)
+            continue
+        assert fused_mlp.block_rows(hidden, width, jnp.bfloat16, capacity) == block
+        args = (arg(1000, 1, hidden), arg(hidden), arg(hidden, width), arg(hidden, width), arg(width, hidden))
+        run = jax.jit(lambda *a: fused_mlp.fused_mlp_residual(*a, 1e-6, None, capacity=capacity))
+        assert "kalm_fused_mlp" in run.lower(*args, arg(hidden)).compile().as_text()
 
 
 @pytest.mark.slow
