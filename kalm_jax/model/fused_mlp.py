@@ -42,6 +42,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from kalm_jax.parallel.mesh import kernel_batch_axes
+from kalm_jax.perf.flops import chip
 
 VMEM_BYTES = 16 * 2**20
 """VMEM the kernel may use where the TPU generation is unknown: the default scoped VMEM of every generation (all of
@@ -51,26 +52,14 @@ VMEM_SHARE = 0.75
 limit it asks Mosaic for is `VMEM_LIMIT_SHARE` of it, the rest left to Mosaic's own scratch."""
 VMEM_LIMIT_SHARE = 15 / 16
 
-# `jax.Device.device_kind` spellings -> Pallas chip versions (longest match first)
-_CHIPS = (
-    ("tpu v5 lite", "TPU_V5E"),
-    ("tpu v5e", "TPU_V5E"),
-    ("tpu v6 lite", "TPU_V6E"),
-    ("tpu v6e", "TPU_V6E"),
-    ("tpu v5p", "TPU_V5P"),
-    ("tpu v5", "TPU_V5P"),
-    ("tpu v4", "TPU_V4"),
-    ("tpu7x", "TPU_7X"),
-)
-
 
 def vmem_capacity(device_kind: str) -> int | None:
     """VMEM bytes of one TensorCore of the TPU named by `jax.Device.device_kind` ("TPU v5 lite": 128 MiB, "TPU
-    v4": 16 MiB; Pallas's own table, `pltpu.get_tpu_info_for_chip`), None for other devices."""
-    kind = device_kind.lower()
-    name = next((chip for spelling, chip in _CHIPS if spelling in kind), None)
-    version = getattr(pltpu.ChipVersion, name, None) if name else None
-    if version is None:
+    v4": 16 MiB; the chip from `kalm_jax.perf.flops.chip`, its VMEM from Pallas's own table,
+    `pltpu.get_tpu_info_for_chip`), None for other devices."""
+    try:
+        version = pltpu.ChipVersion(chip(device_kind))
+    except ValueError:  # not a TPU chip Pallas knows (a GPU, a CPU, an unknown kind)
         return None
     return int(pltpu.get_tpu_info_for_chip(version, 1).vmem_capacity_bytes)
 

@@ -59,6 +59,7 @@ _DEVICE_KINDS = (
     ("v5 lite", "v5e"),
     ("v5e", "v5e"),
     ("v5p", "v5p"),
+    ("v5", "v5p"),  # "TPU v5" is v5p's device_kind
     ("v6", "v6e"),
     ("v4", "v4"),
     ("h100", "h100"),
@@ -67,11 +68,18 @@ _DEVICE_KINDS = (
 )
 
 
-def peak_flops(device_kind: str) -> float:
-    """Peak bf16 FLOP/s of one chip named by `jax.Device.device_kind` (e.g. "TPU v5 lite", "NVIDIA H200");
-    0.0 when unknown (then no MFU is reported)."""
+def chip(device_kind: str) -> str | None:
+    """The `PEAK_BF16` key ("v5e", "h200", ...) of a chip named by `jax.Device.device_kind` (e.g. "TPU v5 lite",
+    "NVIDIA H200"); None when unknown."""
     kind = device_kind.lower()
-    return next((PEAK_BF16[key] for spelling, key in _DEVICE_KINDS if spelling in kind), 0.0)
+    return next((key for spelling, key in _DEVICE_KINDS if spelling in kind), None)
+
+
+def peak_flops(device_kind: str) -> float:
+    """Peak bf16 FLOP/s of one chip named by `jax.Device.device_kind` (`chip`); 0.0 when unknown (then no MFU is
+    reported)."""
+    key = chip(device_kind)
+    return PEAK_BF16.get(key, 0.0) if key else 0.0
 
 
 def token_linear_flops(cfg: ModelConfig) -> int:
